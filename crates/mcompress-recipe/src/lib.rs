@@ -1,1 +1,480 @@
-//! placeholder
+//! `recipe.toml`: schema, two-stage parsing and validation.
+//!
+//! # Overview
+//! Stage one deserializes the document into [`RawRecipe`] with `deny_unknown_fields` everywhere,
+//! keeping each `[[pass]]` as a table. Stage two, driven by the pass registry, deserializes each
+//! pass table into that pass's own config type through [`Recipe::pass_config`]. Both stages keep
+//! source spans, so every error reads `recipe.toml:LINE:COL: pass[1] quantize-rtn: unknown field
+//! `bitz`, expected one of ...`.
+//!
+//! # Example
+//! ```
+//! let src = "[model]\npath = \"m.safetensors\"\n[[pass]]\ntype = \"cast\"\ndtype = \"f16\"\n";
+//! let recipe = mcompress_recipe::Recipe::parse("r.toml".as_ref(), src.into()).unwrap();
+//! assert_eq!(recipe.passes[0].kind, "cast");
+//! ```
+#![deny(missing_docs)]
+
+mod size;
+
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+pub use size::ByteSize;
+
+/// Errors from reading and validating a recipe.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The recipe file could not be read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// Recipe path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A syntax or schema error at a position of the recipe.
+    #[error("{}:{line}:{col}: {context}{message}", path.display())]
+    At {
+        /// Recipe path.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        col: usize,
+        /// `pass[1] quantize-rtn: ` or empty.
+        context: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The recipe file as written (stage one). `mcompress recipe schema` prints its JSON schema,
+/// with each pass's own config schema filled in.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawRecipe {
+    /// The model to compress.
+    pub model: ModelSection,
+    /// Passes, run in order. Each table has a `type` (see `mcompress passes`) and that pass's settings.
+    #[serde(default)]
+    #[schemars(with = "Vec<serde_json::Map<String, serde_json::Value>>")]
+    pub pass: Vec<toml::Table>,
+    /// Accuracy check of the compressed model against the original.
+    pub eval: Option<EvalSection>,
+    /// Where bundles go.
+    #[serde(default)]
+    pub output: OutputSection,
+    /// Deployment targets; one bundle each. None given: one target named `default`.
+    #[serde(default)]
+    pub target: Vec<TargetSection>,
+}
+
+/// `[model]`.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ModelSection {
+    /// Model directory (config.json, model.safetensors or a sharded index, tokenizer files) or a
+    /// `.safetensors` file. Relative paths are relative to the recipe file.
+    pub path: PathBuf,
+}
+
+/// Metric computed by the eval.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, JsonSchema, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Metric {
+    /// Top-1 accuracy on a labelled classification set (higher is better).
+    Accuracy,
+    /// Perplexity on plain text (lower is better).
+    Perplexity,
+    /// Mean KL divergence of next-token distributions vs the reference (lower is better).
+    Kl,
+    /// Mean cosine similarity of embeddings vs the reference (higher is better).
+    Cosine,
+    /// Spearman correlation on a word/sentence similarity set (higher is better).
+    Spearman,
+}
+
+/// Compute backend for the eval.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, JsonSchema, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// A hardware GPU through wgpu when one exists, else the CPU.
+    #[default]
+    Auto,
+    /// wgpu (GPU kernels; Mesa llvmpipe where no GPU exists).
+    Wgpu,
+    /// CPU.
+    Cpu,
+}
+
+/// `[eval]`: validated here, executed by the eval runtime.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct EvalSection {
+    /// Eval set file, relative to the recipe file.
+    pub set: PathBuf,
+    /// Metric.
+    pub metric: Metric,
+    /// Backend.
+    #[serde(default)]
+    pub backend: Backend,
+    /// Gate: largest allowed drop, relative (`"0.5%"`) or absolute (`0.01`). Direction is known
+    /// per metric. Exceeded: exit 1 and FAIL in the report.
+    pub max_drop: Option<MaxDrop>,
+    /// Perplexity/KL: tokens per window.
+    pub window: Option<u32>,
+    /// Perplexity/KL: use only the first N tokens of the set.
+    pub max_tokens: Option<u32>,
+    /// Samples per batch.
+    pub batch_size: Option<u32>,
+}
+
+/// A gate threshold: `"0.5%"` (relative) or a number (absolute, in the metric's units).
+#[derive(Clone, Copy, Debug, PartialEq, JsonSchema, serde::Serialize)]
+#[serde(untagged)]
+pub enum MaxDrop {
+    /// Relative to the reference value, in percent.
+    #[schemars(with = "String")]
+    Percent(f64),
+    /// Absolute, in the metric's units.
+    Absolute(f64),
+}
+
+impl<'de> Deserialize<'de> for MaxDrop {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            S(String),
+            F(f64),
+            I(i64),
+        }
+        let bad = |s: &str| serde::de::Error::custom(format!("max-drop {s:?}: expected a percentage like \"0.5%\" or a non-negative number"));
+        match Raw::deserialize(d)? {
+            Raw::S(s) => {
+                let v: f64 = s.trim().strip_suffix('%').and_then(|p| p.trim().parse().ok()).ok_or_else(|| bad(&s))?;
+                if v.is_finite() && v >= 0.0 { Ok(MaxDrop::Percent(v)) } else { Err(bad(&s)) }
+            }
+            Raw::F(v) if v.is_finite() && v >= 0.0 => Ok(MaxDrop::Absolute(v)),
+            Raw::I(v) if v >= 0 => Ok(MaxDrop::Absolute(v as f64)),
+            Raw::F(v) => Err(bad(&v.to_string())),
+            Raw::I(v) => Err(bad(&v.to_string())),
+        }
+    }
+}
+
+/// `[output]`.
+#[derive(Clone, Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct OutputSection {
+    /// Directory that receives one bundle per target (`DIR/<target name>`). Relative paths are
+    /// relative to the working directory. Default: `dist/<recipe file stem>`.
+    pub dir: Option<PathBuf>,
+}
+
+/// `[[target]]`.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TargetSection {
+    /// Bundle directory name: letters, digits, `.`, `_`, `-`.
+    pub name: String,
+    /// Largest allowed bundle size (`"10MiB"`, `"1.5GB"`, or bytes). Exceeded: exit 1.
+    pub max_size: Option<ByteSize>,
+}
+
+/// One `[[pass]]` entry after stage one.
+#[derive(Clone, Debug)]
+pub struct PassSpec {
+    /// Position in the recipe (0-based, as in `pass[1]`).
+    pub index: usize,
+    /// The `type` key.
+    pub kind: String,
+    /// 1-based line of the pass table.
+    pub line: usize,
+    /// 1-based column.
+    pub col: usize,
+}
+
+/// A parsed, stage-one-validated recipe.
+#[derive(Debug)]
+pub struct Recipe {
+    /// Recipe file.
+    pub path: PathBuf,
+    /// Its text.
+    pub source: String,
+    /// Model path, resolved against the recipe's directory.
+    pub model_path: PathBuf,
+    /// Passes.
+    pub passes: Vec<PassSpec>,
+    /// Eval section with `set` resolved against the recipe's directory.
+    pub eval: Option<EvalSection>,
+    /// Output directory (not yet resolved against the working directory).
+    pub output_dir: PathBuf,
+    /// Targets (at least one).
+    pub targets: Vec<TargetSection>,
+}
+
+impl Recipe {
+    /// Reads and parses a recipe file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let source = fs_err::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
+        Self::parse(path, source)
+    }
+
+    /// Parses recipe text; `path` locates relative paths and names the file in errors.
+    pub fn parse(path: &Path, source: String) -> Result<Self> {
+        let at = |span: Option<std::ops::Range<usize>>, context: String, message: String| {
+            let (line, col) = line_col(&source, span.map_or(0, |s| s.start));
+            Error::At { path: path.into(), line, col, context, message }
+        };
+        let raw: RawRecipe =
+            toml::from_str(&source).map_err(|e| at(e.span(), String::new(), e.message().trim().to_string()))?;
+        let spans = pass_spans(&source);
+        let mut passes = Vec::with_capacity(raw.pass.len());
+        for (index, table) in raw.pass.iter().enumerate() {
+            let span = spans.get(index).cloned();
+            let kind = match table.get("type") {
+                Some(toml::Value::String(s)) => s.clone(),
+                Some(other) => {
+                    return Err(at(span, format!("pass[{index}]: "), format!("`type` must be a string, found {}", other.type_str())));
+                }
+                None => {
+                    return Err(at(span, format!("pass[{index}]: "), "missing `type` (see `mcompress passes`)".into()));
+                }
+            };
+            let (line, col) = line_col(&source, span.map_or(0, |s| s.start));
+            passes.push(PassSpec { index, kind, line, col });
+        }
+        let dir = path.parent().unwrap_or(Path::new(""));
+        let mut targets = raw.target;
+        if targets.is_empty() {
+            targets.push(TargetSection { name: "default".into(), max_size: None });
+        }
+        let target_spans = array_spans(&source, "target");
+        for (i, t) in targets.iter().enumerate() {
+            if !valid_target_name(&t.name) {
+                return Err(at(
+                    target_spans.get(i).cloned(),
+                    format!("target[{i}]: "),
+                    format!("name {:?} must be 1-64 letters, digits, '.', '_' or '-', and not '.' or '..'", t.name),
+                ));
+            }
+            if targets[..i].iter().any(|o| o.name == t.name) {
+                return Err(at(target_spans.get(i).cloned(), format!("target[{i}]: "), format!("duplicate target name {:?}", t.name)));
+            }
+        }
+        let stem = path.file_stem().map_or_else(|| "recipe".into(), |s| s.to_string_lossy().into_owned());
+        let output_dir = raw.output.dir.unwrap_or_else(|| Path::new("dist").join(stem));
+        let eval = raw.eval.map(|mut e| {
+            e.set = dir.join(&e.set);
+            e
+        });
+        Ok(Recipe { model_path: dir.join(&raw.model.path), path: path.into(), source, passes, eval, output_dir, targets })
+    }
+
+    /// Stage two: deserializes pass `index` (without its `type` key) into `T`. Errors carry the
+    /// position of the offending key or value and read `pass[1] quantize-rtn: ...`.
+    pub fn pass_config<T: DeserializeOwned>(&self, index: usize) -> Result<T> {
+        let spec = &self.passes[index];
+        let context = format!("pass[{index}] {}: ", spec.kind);
+        let err = |span: Option<std::ops::Range<usize>>, message: String| {
+            let (line, col) = span.map_or((spec.line, spec.col), |s| line_col(&self.source, s.start));
+            Error::At { path: self.path.clone(), line, col, context: context.clone(), message }
+        };
+        let doc = toml::de::DeTable::parse(&self.source).map_err(|e| err(e.span(), e.message().into()))?;
+        let item = doc
+            .get_ref()
+            .get("pass")
+            .and_then(|p| match p.get_ref() {
+                toml::de::DeValue::Array(a) => a.get(index).cloned(),
+                _ => None,
+            })
+            .ok_or_else(|| err(None, "pass table not found".into()))?;
+        let span = item.span();
+        let toml::de::DeValue::Table(mut table) = item.into_inner() else {
+            return Err(err(None, "pass must be a table".into()));
+        };
+        table.remove("type");
+        let value = toml::Spanned::new(span, toml::de::DeValue::Table(table));
+        T::deserialize(toml::de::ValueDeserializer::from(value)).map_err(|e| err(e.span(), e.message().trim().to_string()))
+    }
+
+    /// Builds an error at pass `index`'s position, for checks done after deserialization.
+    pub fn pass_error(&self, index: usize, message: impl Into<String>) -> Error {
+        let spec = &self.passes[index];
+        Error::At {
+            path: self.path.clone(),
+            line: spec.line,
+            col: spec.col,
+            context: format!("pass[{index}] {}: ", spec.kind),
+            message: message.into(),
+        }
+    }
+}
+
+fn valid_target_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n != "."
+        && n != ".."
+        && n.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Spans of each `[[pass]]` table, in order.
+fn pass_spans(source: &str) -> Vec<std::ops::Range<usize>> {
+    array_spans(source, "pass")
+}
+
+fn array_spans(source: &str, key: &str) -> Vec<std::ops::Range<usize>> {
+    let Ok(doc) = toml::de::DeTable::parse(source) else { return Vec::new() };
+    match doc.get_ref().get(key).map(toml::Spanned::get_ref) {
+        Some(toml::de::DeValue::Array(a)) => a.iter().map(toml::Spanned::span).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(source: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(source.len());
+    let before = source.get(..offset).unwrap_or(source);
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// JSON schema of the recipe, with `pass` items as a `oneOf` over the given
+/// `(type, summary, config schema)` triples.
+pub fn json_schema(passes: &[(&str, &str, schemars::Schema)]) -> serde_json::Value {
+    let mut root = serde_json::to_value(schemars::schema_for!(RawRecipe)).expect("schema is JSON");
+    let mut one_of = Vec::new();
+    for (name, summary, schema) in passes {
+        let mut s = serde_json::to_value(schema).expect("schema is JSON");
+        if let Some(obj) = s.as_object_mut() {
+            if let Some(defs) = obj.remove("$defs") {
+                let root_defs = root.as_object_mut().expect("object").entry("$defs").or_insert_with(|| serde_json::json!({}));
+                if let (Some(rd), Some(d)) = (root_defs.as_object_mut(), defs.as_object()) {
+                    rd.extend(d.clone());
+                }
+            }
+            obj.remove("$schema");
+            obj.insert("description".into(), serde_json::Value::String((*summary).into()));
+            let props = obj.entry("properties").or_insert_with(|| serde_json::json!({}));
+            props["type"] = serde_json::json!({"const": name});
+            let req = obj.entry("required").or_insert_with(|| serde_json::json!([]));
+            if let Some(r) = req.as_array_mut() {
+                r.insert(0, "type".into());
+            }
+        }
+        one_of.push(s);
+    }
+    root["properties"]["pass"]["items"] = serde_json::json!({ "oneOf": one_of });
+    root
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(src: &str) -> Result<Recipe> {
+        Recipe::parse(Path::new("dir/r.toml"), src.into())
+    }
+
+    #[test]
+    fn test_minimal_recipe_defaults() {
+        let r = parse("[model]\npath = \"m\"\n").unwrap();
+        assert_eq!(r.model_path, Path::new("dir/m"));
+        assert_eq!(r.output_dir, Path::new("dist/r"));
+        assert_eq!(r.targets[0].name, "default");
+    }
+
+    #[test]
+    fn test_unknown_top_level_field_has_position() {
+        let e = parse("[model]\npath = \"m\"\npth = 1\n").unwrap_err().to_string();
+        assert!(e.starts_with("dir/r.toml:3:1: unknown field `pth`"), "{e}");
+    }
+
+    #[test]
+    fn test_missing_model_path() {
+        let e = parse("[model]\n").unwrap_err().to_string();
+        assert!(e.contains("missing field `path`"), "{e}");
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "kebab-case")]
+    #[allow(dead_code)]
+    struct Cfg {
+        bits: u8,
+        #[serde(default)]
+        group_size: u32,
+    }
+
+    #[test]
+    fn test_pass_unknown_field_points_at_key() {
+        let src = "[model]\npath = \"m\"\n[[pass]]\ntype = \"cast\"\n[[pass]]\ntype = \"q\"\nbits = 8\nbitz = 4\n";
+        let r = parse(src).unwrap();
+        let e = r.pass_config::<Cfg>(1).unwrap_err().to_string();
+        assert!(e.starts_with("dir/r.toml:8:1: pass[1] q: unknown field `bitz`"), "{e}");
+    }
+
+    #[test]
+    fn test_pass_wrong_type_points_at_value() {
+        let src = "[model]\npath = \"m\"\n[[pass]]\ntype = \"q\"\nbits = \"eight\"\n";
+        let e = parse(src).unwrap().pass_config::<Cfg>(0).unwrap_err().to_string();
+        assert!(e.starts_with("dir/r.toml:5:8: pass[0] q: invalid type: string"), "{e}");
+        let ok: Cfg = parse("[model]\npath = \"m\"\n[[pass]]\ntype = \"q\"\nbits = 4\ngroup-size = 32\n").unwrap().pass_config(0).unwrap();
+        assert_eq!(ok.group_size, 32);
+    }
+
+    #[test]
+    fn test_pass_without_type() {
+        let e = parse("[model]\npath = \"m\"\n[[pass]]\nbits = 4\n").unwrap_err().to_string();
+        assert!(e.contains("pass[0]: missing `type`"), "{e}");
+    }
+
+    #[test]
+    fn test_target_names_cannot_escape() {
+        for bad in ["..", "a/b", "", "x y"] {
+            let src = format!("[model]\npath = \"m\"\n[[target]]\nname = {bad:?}\n");
+            let e = parse(&src).unwrap_err().to_string();
+            assert!(e.contains("target[0]"), "{e}");
+        }
+        let src = "[model]\npath = \"m\"\n[[target]]\nname = \"a\"\n[[target]]\nname = \"a\"\n";
+        assert!(parse(src).unwrap_err().to_string().contains("duplicate target"));
+    }
+
+    #[test]
+    fn test_eval_validation() {
+        let src = "[model]\npath = \"m\"\n[eval]\nset = \"d.csv\"\nmetric = \"accuracy\"\nmax-drop = \"1%\"\n";
+        let r = parse(src).unwrap();
+        let e = r.eval.unwrap();
+        assert_eq!(e.set, Path::new("dir/d.csv"));
+        assert_eq!(e.max_drop, Some(MaxDrop::Percent(1.0)));
+        let bad = "[model]\npath = \"m\"\n[eval]\nset = \"d\"\nmetric = \"acc\"\n";
+        assert!(parse(bad).unwrap_err().to_string().contains("unknown variant `acc`"));
+        let bad = "[model]\npath = \"m\"\n[eval]\nset = \"d\"\nmetric = \"kl\"\nmax-drop = \"lots\"\n";
+        assert!(parse(bad).unwrap_err().to_string().contains("max-drop"));
+    }
+
+    #[test]
+    fn test_max_size_parses() {
+        let src = "[model]\npath = \"m\"\n[[target]]\nname = \"a\"\nmax-size = \"10MiB\"\n";
+        assert_eq!(parse(src).unwrap().targets[0].max_size, Some(ByteSize(10 << 20)));
+        let src = "[model]\npath = \"m\"\n[[target]]\nname = \"a\"\nmax-size = \"ten\"\n";
+        assert!(parse(src).unwrap_err().to_string().contains("max-size"));
+    }
+
+    #[test]
+    fn test_syntax_error_has_position() {
+        let e = parse("[model\n").unwrap_err().to_string();
+        assert!(e.starts_with("dir/r.toml:1:"), "{e}");
+    }
+}
