@@ -1,1 +1,277 @@
-//! placeholder
+//! Compression passes for mcompress.
+//!
+//! # Overview
+//! A [`Pass`] rewrites the parameters its [`ParamSelector`] picks. Passes are data-free and
+//! tensor-local here, which lets [`pipeline::run`] stream a model one tensor at a time: every
+//! pass first *plans* its effect on each tensor's metadata (so the output file layout is known
+//! before any data is produced), then *applies* itself to each tensor as it streams by.
+//!
+//! The registry [`PASSES`] is a static table: `mcompress passes` prints it, recipes look pass
+//! types up in it, and `mcompress recipe schema` is generated from it.
+//!
+//! # Example
+//! ```
+//! let names: Vec<_> = mcompress_passes::PASSES.iter().map(|p| p.name).collect();
+//! assert!(names.contains(&"quantize-rtn"));
+//! ```
+#![deny(missing_docs)]
+
+pub mod cast;
+pub mod pipeline;
+pub mod quant;
+mod select;
+
+use std::borrow::Cow;
+use std::fmt;
+
+use mcompress_core::{DType, TensorEntry};
+use mcompress_recipe::Recipe;
+
+pub use quant::{QScheme, Quantized};
+pub use select::ParamSelector;
+
+/// Errors while running passes. Each names the pass and the tensor.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A recipe problem found while building passes.
+    #[error(transparent)]
+    Recipe(#[from] mcompress_recipe::Error),
+    /// Reading or writing tensors failed.
+    #[error(transparent)]
+    Core(#[from] mcompress_core::Error),
+    /// A pass could not process a tensor.
+    #[error("pass[{index}] {pass}: tensor {tensor:?}: {reason}")]
+    Tensor {
+        /// Pass position in the recipe.
+        index: usize,
+        /// Pass type.
+        pass: &'static str,
+        /// Tensor name.
+        tensor: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What a parameter is, without its data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ParamMeta {
+    /// A plain tensor.
+    Dense {
+        /// Element type.
+        dtype: DType,
+        /// Shape.
+        shape: Vec<usize>,
+    },
+    /// An integer-quantized matrix in the packed layout.
+    Quantized {
+        /// Scheme.
+        scheme: QScheme,
+        /// Original shape.
+        shape: Vec<usize>,
+        /// Scale dtype.
+        scale_dtype: DType,
+    },
+}
+
+impl ParamMeta {
+    /// Tensors this parameter is stored as, named after `name`.
+    pub fn entries(&self, name: &str) -> Vec<TensorEntry> {
+        match self {
+            ParamMeta::Dense { dtype, shape } => vec![TensorEntry { name: name.into(), dtype: *dtype, shape: shape.clone() }],
+            ParamMeta::Quantized { scheme, shape, scale_dtype } => {
+                let rows = shape[0];
+                let cols: usize = shape[1..].iter().product();
+                let groups = scheme.groups(cols);
+                let mut v = vec![
+                    TensorEntry { name: format!("{name}_packed"), dtype: scheme.packed_dtype(), shape: vec![rows, scheme.packed_cols(cols)] },
+                    TensorEntry { name: format!("{name}_scale"), dtype: *scale_dtype, shape: vec![rows, groups] },
+                    TensorEntry { name: format!("{name}_shape"), dtype: DType::I64, shape: vec![shape.len()] },
+                ];
+                if !scheme.symmetric {
+                    let zrows = if scheme.bits == 8 { rows } else { rows.div_ceil(scheme.pack_factor()) };
+                    v.push(TensorEntry { name: format!("{name}_zero_point"), dtype: scheme.packed_dtype(), shape: vec![zrows, groups] });
+                }
+                v
+            }
+        }
+    }
+
+    /// Shape of the parameter as the model sees it.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            ParamMeta::Dense { shape, .. } | ParamMeta::Quantized { shape, .. } => shape,
+        }
+    }
+}
+
+/// A parameter with its data. Dense data borrows from the input mapping until a pass rewrites it.
+#[derive(Clone, Debug)]
+pub enum Param<'a> {
+    /// A plain tensor.
+    Dense {
+        /// Element type.
+        dtype: DType,
+        /// Shape.
+        shape: Vec<usize>,
+        /// Little-endian bytes.
+        data: Cow<'a, [u8]>,
+    },
+    /// A quantized matrix.
+    Quantized(Quantized),
+}
+
+impl<'a> Param<'a> {
+    /// Metadata of this parameter.
+    pub fn meta(&self) -> ParamMeta {
+        match self {
+            Param::Dense { dtype, shape, .. } => ParamMeta::Dense { dtype: *dtype, shape: shape.clone() },
+            Param::Quantized(q) => ParamMeta::Quantized { scheme: q.scheme, shape: q.shape.clone(), scale_dtype: q.scale_dtype },
+        }
+    }
+
+    /// The stored tensors with their bytes, in the order of [`ParamMeta::entries`].
+    pub fn into_entries(self, name: &str) -> Vec<(TensorEntry, Cow<'a, [u8]>)> {
+        let entries = self.meta().entries(name);
+        match self {
+            Param::Dense { data, .. } => entries.into_iter().zip([data]).collect(),
+            Param::Quantized(q) => {
+                let scale = q.scale_dtype.encode_f32(&q.scale).expect("scale dtype is a float");
+                let shape: Vec<u8> = q.shape.iter().flat_map(|&d| (d as i64).to_le_bytes()).collect();
+                let mut data = vec![Cow::Owned(q.packed.clone()), Cow::Owned(scale), Cow::Owned(shape)];
+                if let Some((_, _, z)) = q.packed_zero_point() {
+                    data.push(Cow::Owned(z));
+                }
+                entries.into_iter().zip(data).collect()
+            }
+        }
+    }
+}
+
+/// What a pass will do to one parameter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// Not selected, or nothing to do.
+    Keep,
+    /// Rewritten into this.
+    Change(ParamMeta),
+    /// Selected explicitly by `targets` but not applicable; the reason goes into the report.
+    Skip(String),
+}
+
+/// Result of applying a pass to one parameter.
+#[derive(Debug)]
+pub struct Applied<'a> {
+    /// The new parameter.
+    pub param: Param<'a>,
+    /// Relative RMSE of the new values against the old (dequantized where quantized).
+    pub rel_rmse: Option<f64>,
+}
+
+/// A compression pass. Implementations are built from a recipe by their [`PassInfo`].
+pub trait Pass: fmt::Debug + Send + Sync {
+    /// Registry key (kebab-case).
+    fn name(&self) -> &'static str;
+    /// Resolved settings, defaults filled in, for the manifest and report.
+    fn settings(&self) -> serde_json::Value;
+    /// Planned effect on one parameter. Must agree with [`Pass::apply`] on the resulting metadata.
+    fn plan(&self, name: &str, meta: &ParamMeta) -> Plan;
+    /// Rewrites one parameter for which [`Pass::plan`] returned [`Plan::Change`].
+    fn apply<'a>(&self, name: &str, param: Param<'a>) -> std::result::Result<Applied<'a>, String>;
+}
+
+/// Maturity of a pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// Settings and output are stable.
+    Stable,
+    /// May change.
+    Preview,
+}
+
+/// A registry entry.
+pub struct PassInfo {
+    /// Registry key, the recipe's `type`.
+    pub name: &'static str,
+    /// One line.
+    pub summary: &'static str,
+    /// Markdown: what it does, when to use it, config, example, references.
+    pub docs: &'static str,
+    /// Maturity.
+    pub status: Status,
+    /// Builds the pass from `recipe.passes[index]`.
+    pub build: fn(&Recipe, usize) -> std::result::Result<Box<dyn Pass>, mcompress_recipe::Error>,
+    /// JSON schema of the config.
+    pub schema: fn() -> schemars::Schema,
+}
+
+impl fmt::Debug for PassInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PassInfo").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// Every pass, sorted by name.
+pub static PASSES: &[PassInfo] = &[cast::INFO, quant::RTN_INFO];
+
+/// Looks a pass up by name.
+pub fn lookup(name: &str) -> Option<&'static PassInfo> {
+    PASSES.iter().find(|p| p.name == name)
+}
+
+/// Builds every pass of a recipe. An unknown type lists the valid ones.
+pub fn build_passes(recipe: &Recipe) -> std::result::Result<Vec<Box<dyn Pass>>, mcompress_recipe::Error> {
+    recipe
+        .passes
+        .iter()
+        .map(|spec| match lookup(&spec.kind) {
+            Some(info) => (info.build)(recipe, spec.index),
+            None => {
+                let valid: Vec<&str> = PASSES.iter().map(|p| p.name).collect();
+                Err(recipe.pass_error(spec.index, format!("unknown pass type {:?}; valid types: {}", spec.kind, valid.join(", "))))
+            }
+        })
+        .collect()
+}
+
+/// The recipe JSON schema with every registered pass's config.
+pub fn recipe_schema() -> serde_json::Value {
+    let passes: Vec<_> = PASSES.iter().map(|p| (p.name, p.summary, (p.schema)())).collect();
+    mcompress_recipe::json_schema(&passes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_registry_sorted_and_unique() {
+        let names: Vec<_> = PASSES.iter().map(|p| p.name).collect();
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(names, sorted);
+    }
+
+    #[test]
+    fn test_unknown_pass_lists_valid_names() {
+        let src = "[model]\npath = \"m\"\n[[pass]]\ntype = \"quantize-rtm\"\n";
+        let r = Recipe::parse("r.toml".as_ref(), src.into()).unwrap();
+        let e = build_passes(&r).unwrap_err().to_string();
+        assert_eq!(e, "r.toml:3:1: pass[0] quantize-rtm: unknown pass type \"quantize-rtm\"; valid types: cast, quantize-rtn");
+    }
+
+    #[test]
+    fn test_schema_lists_passes() {
+        let s = recipe_schema();
+        let one_of = s["properties"]["pass"]["items"]["oneOf"].as_array().unwrap();
+        assert_eq!(one_of.len(), PASSES.len());
+        assert_eq!(one_of[1]["properties"]["type"]["const"], "quantize-rtn");
+        assert!(one_of[1]["properties"]["bits"].is_object());
+    }
+}

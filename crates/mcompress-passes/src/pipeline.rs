@@ -1,0 +1,260 @@
+//! Streams a model through passes into one safetensors file.
+//!
+//! 1. Plan: every pass plans its effect on every tensor's metadata, in order. The final metadata
+//!    fixes the output layout (header and offsets) before any data is produced.
+//! 2. Stream: tensors are visited in input file order (sequential reads through the mapping);
+//!    each is rewritten by the passes that planned a change, written at its offset, and its input
+//!    pages are released. Peak memory is the tensor in flight and its outputs.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use mcompress_core::{ModelSource, SafetensorsLayout, SafetensorsWriter, TensorRef};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::{Error, Param, ParamMeta, Pass, Plan, Result};
+
+/// One tensor's error after a pass.
+#[derive(Clone, Debug, Serialize)]
+pub struct TensorStat {
+    /// Tensor name (as in the input).
+    pub name: String,
+    /// Relative RMSE of the pass's output against its input (dequantized where quantized).
+    pub rel_rmse: f64,
+}
+
+/// A tensor a pass was told to touch but could not.
+#[derive(Clone, Debug, Serialize)]
+pub struct Skipped {
+    /// Tensor name.
+    pub name: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Per-pass results.
+#[derive(Clone, Debug, Serialize)]
+pub struct PassReport {
+    /// Position in the recipe.
+    pub index: usize,
+    /// Pass type.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Resolved settings.
+    pub settings: Value,
+    /// Wall seconds spent in this pass (measured; `None` in reproducible mode).
+    pub seconds: Option<f64>,
+    /// Tensors rewritten, with their error.
+    pub tensors: Vec<TensorStat>,
+    /// Largest relative RMSE.
+    pub rel_rmse_max: f64,
+    /// Mean relative RMSE over rewritten tensors.
+    pub rel_rmse_mean: f64,
+    /// Tensors selected explicitly but skipped.
+    pub skipped: Vec<Skipped>,
+}
+
+/// Progress of a run, for progress bars.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    /// Tensors done.
+    pub tensors_done: usize,
+    /// Tensors in all.
+    pub tensors_total: usize,
+    /// Input bytes done.
+    pub bytes_done: u64,
+    /// Input bytes in all.
+    pub bytes_total: u64,
+}
+
+/// The planned outcome of all passes.
+#[derive(Debug)]
+pub struct Planned {
+    /// Final metadata per input tensor, by name.
+    pub params: BTreeMap<String, ParamMeta>,
+    /// For each input tensor (in `model.tensors()` order): indices of passes that change it.
+    changes: Vec<Vec<usize>>,
+    skipped: Vec<Vec<Skipped>>,
+}
+
+/// Plans every pass over every tensor.
+pub fn plan(model: &ModelSource, passes: &[Box<dyn Pass>]) -> Planned {
+    let mut params = BTreeMap::new();
+    let mut changes = Vec::with_capacity(model.tensors().len());
+    let mut skipped = vec![Vec::new(); passes.len()];
+    for r in model.tensors() {
+        let info = model.info(r);
+        let mut meta = ParamMeta::Dense { dtype: info.dtype, shape: info.shape.clone() };
+        let mut mine = Vec::new();
+        for (i, p) in passes.iter().enumerate() {
+            match p.plan(&info.name, &meta) {
+                Plan::Keep => {}
+                Plan::Change(m) => {
+                    meta = m;
+                    mine.push(i);
+                }
+                Plan::Skip(reason) => skipped[i].push(Skipped { name: info.name.clone(), reason }),
+            }
+        }
+        changes.push(mine);
+        params.insert(info.name.clone(), meta);
+    }
+    Planned { params, changes, skipped }
+}
+
+/// Result of [`run`].
+#[derive(Debug)]
+pub struct Output {
+    /// Per-pass reports.
+    pub passes: Vec<PassReport>,
+    /// Final metadata per input tensor.
+    pub params: BTreeMap<String, ParamMeta>,
+    /// Size of the written file.
+    pub bytes: u64,
+}
+
+/// Runs `passes` over `model`, writing `out` (a `.safetensors` path).
+pub fn run(
+    model: &ModelSource,
+    passes: &[Box<dyn Pass>],
+    out: &Path,
+    measure_time: bool,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Output> {
+    let planned = plan(model, passes);
+    let entries = planned.params.iter().flat_map(|(name, m)| m.entries(name)).collect();
+    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    let layout = SafetensorsLayout::new(entries, &metadata)?;
+    let bytes = layout.total_bytes();
+    let mut writer = SafetensorsWriter::create(out, layout)?;
+
+    // Input file order: shard, then offset, so the mapping is read front to back.
+    let mut order: Vec<(usize, &TensorRef)> = model.tensors().iter().enumerate().collect();
+    order.sort_by_key(|(_, r)| {
+        let v = model.view(r);
+        (v.data.as_ptr() as usize, v.data.len())
+    });
+
+    let total = Progress {
+        tensors_done: 0,
+        tensors_total: order.len(),
+        bytes_done: 0,
+        bytes_total: model.tensors().iter().map(|r| model.info(r).nbytes() as u64).sum(),
+    };
+    let mut seconds = vec![0f64; passes.len()];
+    let mut stats: Vec<Vec<TensorStat>> = vec![Vec::new(); passes.len()];
+    let mut done = total;
+    for (i, r) in order {
+        let view = model.view(r);
+        let mut param = Param::Dense { dtype: view.dtype, shape: view.shape.to_vec(), data: Cow::Borrowed(view.data) };
+        for &pi in &planned.changes[i] {
+            let t0 = Instant::now();
+            let applied = passes[pi].apply(view.name, param).map_err(|reason| Error::Tensor {
+                index: pi,
+                pass: passes[pi].name(),
+                tensor: view.name.to_string(),
+                reason,
+            })?;
+            seconds[pi] += t0.elapsed().as_secs_f64();
+            param = applied.param;
+            if let Some(rel_rmse) = applied.rel_rmse {
+                stats[pi].push(TensorStat { name: view.name.to_string(), rel_rmse });
+            }
+        }
+        debug_assert_eq!(Some(&param.meta()), planned.params.get(view.name));
+        for (entry, data) in param.into_entries(view.name) {
+            writer.write_tensor(&entry.name, &data)?;
+        }
+        model.release(r);
+        done.tensors_done += 1;
+        done.bytes_done += view.data.len() as u64;
+        progress(done);
+    }
+    writer.finish()?;
+
+    let mut skipped = planned.skipped;
+    let reports = passes
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut tensors = std::mem::take(&mut stats[i]);
+            tensors.sort_by(|a, b| a.name.cmp(&b.name));
+            let max = tensors.iter().map(|t| t.rel_rmse).fold(0f64, f64::max);
+            let mean = if tensors.is_empty() { 0.0 } else { tensors.iter().map(|t| t.rel_rmse).sum::<f64>() / tensors.len() as f64 };
+            PassReport {
+                index: i,
+                kind: p.name(),
+                settings: p.settings(),
+                seconds: measure_time.then_some(seconds[i]),
+                tensors,
+                rel_rmse_max: max,
+                rel_rmse_mean: mean,
+                skipped: std::mem::take(&mut skipped[i]),
+            }
+        })
+        .collect();
+    Ok(Output { passes: reports, params: planned.params, bytes })
+}
+
+/// The compressed-tensors `quantization_config` for config.json, or `None` if nothing is
+/// quantized. One config group per scheme, listing its modules; matrices named `*.weight` that
+/// stayed dense are listed under `ignore`.
+pub fn quantization_config(params: &BTreeMap<String, ParamMeta>) -> Option<Value> {
+    let mut groups: BTreeMap<crate::QScheme, Vec<String>> = BTreeMap::new();
+    let mut ignore = Vec::new();
+    for (name, meta) in params {
+        let module = name.strip_suffix(".weight").unwrap_or(name).to_string();
+        match meta {
+            ParamMeta::Quantized { scheme, .. } => groups.entry(*scheme).or_default().push(module),
+            ParamMeta::Dense { shape, .. } if shape.len() >= 2 && name.ends_with(".weight") => ignore.push(module),
+            ParamMeta::Dense { .. } => {}
+        }
+    }
+    if groups.is_empty() {
+        return None;
+    }
+    let format_of = |s: &crate::QScheme| if s.bits == 8 { "int-quantized" } else { "pack-quantized" };
+    let formats: std::collections::BTreeSet<_> = groups.keys().map(format_of).collect();
+    let config_groups: serde_json::Map<String, Value> = groups
+        .iter()
+        .enumerate()
+        .map(|(i, (s, modules))| {
+            (
+                format!("group_{i}"),
+                json!({
+                    "targets": modules,
+                    "format": format_of(s),
+                    "weights": {
+                        "num_bits": s.bits,
+                        "type": "int",
+                        "symmetric": s.symmetric,
+                        "strategy": if s.group_size == 0 { "channel" } else { "group" },
+                        "group_size": if s.group_size == 0 { Value::Null } else { json!(s.group_size) },
+                        "dynamic": false,
+                        "observer": "minmax",
+                        "actorder": Value::Null,
+                    },
+                    "input_activations": Value::Null,
+                    "output_activations": Value::Null,
+                }),
+            )
+        })
+        .collect();
+    Some(json!({
+        "quant_method": "compressed-tensors",
+        "format": if formats.len() == 1 { formats.first().copied().unwrap_or_default() } else { "mixed-precision" },
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "ignore": ignore,
+        "kv_cache_scheme": Value::Null,
+        "mcompress_layout": {
+            "version": 1,
+            "doc": "docs/quantized-layout.md",
+            "int8_storage": "I8 codes in <name>_packed",
+            "packing": "codes + 2^(bits-1), 32/bits per little-endian int32, lowest bits first",
+        },
+    }))
+}

@@ -1,0 +1,459 @@
+//! Round-to-nearest quantization kernels: a plain reference ([`quantize_ref`]) and the fast,
+//! row-parallel one ([`quantize`]). Both produce the same bytes; a property test holds them to it.
+
+use mcompress_core::DType;
+use rayon::prelude::*;
+
+use super::scheme::{dequant_value, group_params, quant_value, scale_dtype, QScheme};
+
+/// A quantized tensor in the packed layout of [`super::scheme`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Quantized {
+    /// Scheme.
+    pub scheme: QScheme,
+    /// Original shape.
+    pub shape: Vec<usize>,
+    /// Rows (`shape[0]`).
+    pub rows: usize,
+    /// Columns (product of the remaining dims).
+    pub cols: usize,
+    /// Packed codes, little-endian `I8` or `I32` bytes, `rows × packed_row_bytes`.
+    pub packed: Vec<u8>,
+    /// Scales `rows × groups`, already rounded to `scale_dtype`.
+    pub scale: Vec<f32>,
+    /// Storage dtype of the scales.
+    pub scale_dtype: DType,
+    /// Zero points `rows × groups` (asymmetric only).
+    pub zero_point: Option<Vec<i8>>,
+    /// Σ (w - dequant(w))², for the relative RMSE.
+    pub err2: f64,
+    /// Σ w².
+    pub ref2: f64,
+}
+
+/// Why a tensor could not be quantized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuantError {
+    /// NaN or infinity in a row.
+    NonFinite {
+        /// First offending row.
+        row: usize,
+    },
+    /// The dtype is not F16/BF16/F32/F64, or the bytes do not match the shape.
+    BadInput(String),
+}
+
+impl Quantized {
+    /// Relative RMSE of the dequantized tensor: sqrt(Σ err² / Σ w²).
+    pub fn rel_rmse(&self) -> f64 {
+        if self.ref2 > 0.0 { (self.err2 / self.ref2).sqrt() } else if self.err2 > 0.0 { f64::INFINITY } else { 0.0 }
+    }
+
+    /// Code at (row, col), unpacked and signed.
+    pub fn code(&self, r: usize, c: usize) -> i32 {
+        let s = &self.scheme;
+        let row = &self.packed[r * s.packed_row_bytes(self.cols)..];
+        if s.bits == 8 {
+            i32::from(row[c] as i8)
+        } else {
+            let pf = s.pack_factor();
+            let o = (c / pf) * 4;
+            let word = u32::from_le_bytes([row[o], row[o + 1], row[o + 2], row[o + 3]]);
+            ((word >> ((c % pf) * s.bits as usize)) & ((1 << s.bits) - 1)) as i32 - s.offset()
+        }
+    }
+
+    /// Dequantizes to f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let groups = self.scheme.groups(self.cols);
+        let gl = self.scheme.group_len(self.cols);
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for r in 0..self.rows {
+            for c in 0..self.cols {
+                let g = r * groups + c / gl;
+                let zp = self.zero_point.as_ref().map_or(0, |z| i32::from(z[g]));
+                out.push(dequant_value(self.code(r, c), self.scale[g], zp));
+            }
+        }
+        out
+    }
+
+    /// Zero points packed the way they are stored: `I8 [rows, groups]` for 8-bit, else
+    /// `I32 [ceil(rows/pf), groups]` packed along dim 0.
+    pub fn packed_zero_point(&self) -> Option<(Vec<usize>, DType, Vec<u8>)> {
+        let zp = self.zero_point.as_ref()?;
+        let s = &self.scheme;
+        let groups = s.groups(self.cols);
+        if s.bits == 8 {
+            return Some((vec![self.rows, groups], DType::I8, zp.iter().map(|&z| z as u8).collect()));
+        }
+        let pf = s.pack_factor();
+        let prow = self.rows.div_ceil(pf);
+        let mut words = vec![0u32; prow * groups];
+        for r in 0..self.rows {
+            for g in 0..groups {
+                let u = (i32::from(zp[r * groups + g]) + s.offset()) as u32;
+                words[(r / pf) * groups + g] |= u << ((r % pf) * s.bits as usize);
+            }
+        }
+        Some((vec![prow, groups], DType::I32, words.iter().flat_map(|w| w.to_le_bytes()).collect()))
+    }
+}
+
+fn dims(shape: &[usize]) -> (usize, usize) {
+    let rows = shape.first().copied().unwrap_or(1);
+    let cols = shape.iter().skip(1).product::<usize>();
+    (rows, cols)
+}
+
+fn check_input(dtype: DType, shape: &[usize], data: &[u8]) -> Result<(usize, usize), QuantError> {
+    if !dtype.is_float() {
+        return Err(QuantError::BadInput(format!("dtype {dtype} is not a float type")));
+    }
+    if shape.len() < 2 {
+        return Err(QuantError::BadInput(format!("rank {} (needs a matrix)", shape.len())));
+    }
+    let (rows, cols) = dims(shape);
+    if rows == 0 || cols == 0 {
+        return Err(QuantError::BadInput("empty tensor".into()));
+    }
+    if dtype.bytes_for(rows * cols) != Some(data.len()) {
+        return Err(QuantError::BadInput("data length does not match shape".into()));
+    }
+    Ok((rows, cols))
+}
+
+/// Reference implementation: element by element, no parallelism, no tricks.
+pub fn quantize_ref(s: &QScheme, dtype: DType, shape: &[usize], data: &[u8]) -> Result<Quantized, QuantError> {
+    let (rows, cols) = check_input(dtype, shape, data)?;
+    let mut w = vec![0f32; rows * cols];
+    dtype.decode_f32(data, &mut w);
+    let sdt = scale_dtype(dtype);
+    let (qmin, qmax) = s.qrange();
+    let groups = s.groups(cols);
+    let gl = s.group_len(cols);
+    let mut codes = vec![0i32; rows * cols];
+    let mut scale = vec![0f32; rows * groups];
+    let mut zero = vec![0i8; rows * groups];
+    let (mut err2, mut ref2) = (0f64, 0f64);
+    for r in 0..rows {
+        let (mut e_row, mut r_row) = (0f64, 0f64);
+        for g in 0..groups {
+            let lo = g * gl;
+            let hi = ((g + 1) * gl).min(cols);
+            let vals = &w[r * cols + lo..r * cols + hi];
+            let (sc, zp) = group_params(s, vals, sdt).ok_or(QuantError::NonFinite { row: r })?;
+            scale[r * groups + g] = sc;
+            zero[r * groups + g] = zp as i8;
+            for (c, &x) in (lo..hi).zip(vals) {
+                let q = quant_value(x, sc, zp, qmin, qmax);
+                codes[r * cols + c] = q;
+                let d = f64::from(x - dequant_value(q, sc, zp));
+                e_row += d * d;
+                r_row += f64::from(x) * f64::from(x);
+            }
+        }
+        err2 += e_row;
+        ref2 += r_row;
+    }
+    let mut packed = Vec::new();
+    let pf = s.pack_factor();
+    for r in 0..rows {
+        let row = &codes[r * cols..(r + 1) * cols];
+        if s.bits == 8 {
+            packed.extend(row.iter().map(|&q| q as i8 as u8));
+        } else {
+            for chunk in row.chunks(pf) {
+                let mut word = 0u32;
+                for (i, &q) in chunk.iter().enumerate() {
+                    word |= ((q + s.offset()) as u32) << (i * s.bits as usize);
+                }
+                packed.extend_from_slice(&word.to_le_bytes());
+            }
+        }
+    }
+    Ok(Quantized {
+        scheme: *s,
+        shape: shape.to_vec(),
+        rows,
+        cols,
+        packed,
+        scale,
+        scale_dtype: sdt,
+        zero_point: (!s.symmetric).then_some(zero),
+        err2,
+        ref2,
+    })
+}
+
+/// Rows handled by one parallel task: about 256 KiB of f32 input, at least one row.
+fn rows_per_task(cols: usize) -> usize {
+    ((1 << 16) / cols.max(1)).max(1)
+}
+
+/// Fast implementation: rows split into fixed-size tasks across rayon's pool; each task decodes
+/// its rows into a scratch buffer, finds group ranges and writes codes straight into the packed
+/// output. Task boundaries depend only on the shape, and per-task error sums are added in task
+/// order, so the output is identical at any thread count.
+pub fn quantize(s: &QScheme, dtype: DType, shape: &[usize], data: &[u8]) -> Result<Quantized, QuantError> {
+    let (rows, cols) = check_input(dtype, shape, data)?;
+    let sdt = scale_dtype(dtype);
+    let groups = s.groups(cols);
+    let row_bytes = s.packed_row_bytes(cols);
+    let in_row = data.len() / rows.max(1);
+    let per = rows_per_task(cols);
+    let mut packed = vec![0u8; rows * row_bytes];
+    let mut scale = vec![0f32; rows * groups];
+    let mut zero = vec![0i8; if s.symmetric { 0 } else { rows * groups }];
+    let zero_chunks: Vec<&mut [i8]> = if s.symmetric {
+        (0..rows.div_ceil(per)).map(|_| <&mut [i8]>::default()).collect()
+    } else {
+        zero.chunks_mut(per * groups).collect()
+    };
+    let sums: Vec<Result<(f64, f64), QuantError>> = packed
+        .par_chunks_mut(per * row_bytes)
+        .zip(scale.par_chunks_mut(per * groups))
+        .zip(zero_chunks.into_par_iter())
+        .enumerate()
+        .map(|(t, ((out, sc), zp))| {
+            let r0 = t * per;
+            let n = out.len() / row_bytes.max(1);
+            let mut buf = vec![0f32; cols];
+            let mut codes = vec![0i8; cols];
+            let (mut e, mut w2) = (0f64, 0f64);
+            for i in 0..n {
+                let src = &data[(r0 + i) * in_row..(r0 + i + 1) * in_row];
+                dtype.decode_f32(src, &mut buf);
+                let zrow = if zp.is_empty() { None } else { Some(&mut zp[i * groups..(i + 1) * groups]) };
+                let (re, rw) = quantize_row(s, sdt, &buf, &mut codes, &mut sc[i * groups..(i + 1) * groups], zrow)
+                    .ok_or(QuantError::NonFinite { row: r0 + i })?;
+                e += re;
+                w2 += rw;
+                pack_row(s, &codes, &mut out[i * row_bytes..(i + 1) * row_bytes]);
+            }
+            Ok((e, w2))
+        })
+        .collect();
+    let (mut err2, mut ref2) = (0f64, 0f64);
+    for r in sums {
+        let (e, w) = r?;
+        err2 += e;
+        ref2 += w;
+    }
+    Ok(Quantized {
+        scheme: *s,
+        shape: shape.to_vec(),
+        rows,
+        cols,
+        packed,
+        scale,
+        scale_dtype: sdt,
+        zero_point: (!s.symmetric).then_some(zero),
+        err2,
+        ref2,
+    })
+}
+
+/// Quantizes one row; returns (Σ err², Σ w²) or `None` on NaN/inf.
+#[inline]
+fn quantize_row(
+    s: &QScheme,
+    sdt: DType,
+    row: &[f32],
+    codes: &mut [i8],
+    scales: &mut [f32],
+    mut zps: Option<&mut [i8]>,
+) -> Option<(f64, f64)> {
+    let (qmin, qmax) = s.qrange();
+    let gl = s.group_len(row.len());
+    let (mut e, mut w2) = (0f64, 0f64);
+    for (g, (vals, out)) in row.chunks(gl).zip(codes.chunks_mut(gl)).enumerate() {
+        let (sc, zp) = group_params(s, vals, sdt)?;
+        scales[g] = sc;
+        if let Some(z) = zps.as_deref_mut() {
+            z[g] = zp as i8;
+        }
+        // f32 partial sums per group keep the loop vectorisable; rows sum them in f64. The
+        // reference sums per element in f64, so only the codes are compared bit for bit.
+        let (mut ge, mut gw) = (0f32, 0f32);
+        for (&x, o) in vals.iter().zip(out.iter_mut()) {
+            let q = quant_value(x, sc, zp, qmin, qmax);
+            *o = q as i8;
+            let d = x - dequant_value(q, sc, zp);
+            ge += d * d;
+            gw += x * x;
+        }
+        e += f64::from(ge);
+        w2 += f64::from(gw);
+    }
+    Some((e, w2))
+}
+
+#[inline]
+fn pack_row(s: &QScheme, codes: &[i8], out: &mut [u8]) {
+    if s.bits == 8 {
+        for (o, &q) in out.iter_mut().zip(codes) {
+            *o = q as u8;
+        }
+        return;
+    }
+    let pf = s.pack_factor();
+    let bits = s.bits as usize;
+    let off = s.offset();
+    for (chunk, o) in codes.chunks(pf).zip(out.chunks_exact_mut(4)) {
+        let mut word = 0u32;
+        for (i, &q) in chunk.iter().enumerate() {
+            word |= ((i32::from(q) + off) as u32) << (i * bits);
+        }
+        o.copy_from_slice(&word.to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn bytes(dtype: DType, v: &[f32]) -> Vec<u8> {
+        dtype.encode_f32(v).unwrap()
+    }
+
+    fn arb_scheme() -> impl Strategy<Value = QScheme> {
+        (prop::sample::select(QScheme::BITS.to_vec()), prop::sample::select(vec![0usize, 1, 3, 8, 16, 32, 128]), any::<bool>())
+            .prop_map(|(bits, group_size, symmetric)| QScheme { bits, group_size, symmetric })
+    }
+
+    fn arb_shape() -> impl Strategy<Value = Vec<usize>> {
+        (1usize..24, 1usize..150).prop_map(|(r, c)| vec![r, c])
+    }
+
+    fn arb_dtype() -> impl Strategy<Value = DType> {
+        prop::sample::select(vec![DType::F32, DType::F16, DType::BF16])
+    }
+
+    /// Worst-case relative RMSE for a scheme on Gaussian-like data with per-group scaling:
+    /// half a quantization step over the group range, relative to the signal.
+    fn rmse_bound(s: &QScheme) -> f64 {
+        match s.bits {
+            8 => 0.02,
+            4 => 0.25,
+            3 => 0.5,
+            _ => 1.0,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn test_fast_matches_reference(s in arb_scheme(), shape in arb_shape(), dtype in arb_dtype(), seed in any::<u64>()) {
+            let n = shape[0] * shape[1];
+            let v = pseudo_normal(seed, n);
+            let b = bytes(dtype, &v);
+            let fast = quantize(&s, dtype, &shape, &b).unwrap();
+            let slow = quantize_ref(&s, dtype, &shape, &b).unwrap();
+            prop_assert_eq!(&fast.packed, &slow.packed);
+            prop_assert_eq!(&fast.scale, &slow.scale);
+            prop_assert_eq!(&fast.zero_point, &slow.zero_point);
+            prop_assert!((fast.rel_rmse() - slow.rel_rmse()).abs() <= 1e-4 * slow.rel_rmse().max(1e-3));
+        }
+
+        #[test]
+        fn test_error_within_scheme_bound(s in arb_scheme(), shape in arb_shape(), seed in any::<u64>()) {
+            let v = pseudo_normal(seed, shape[0] * shape[1]);
+            let q = quantize(&s, DType::F32, &shape, &bytes(DType::F32, &v)).unwrap();
+            let deq = q.dequantize();
+            let err: f64 = v.iter().zip(&deq).map(|(a, b)| f64::from(a - b).powi(2)).sum();
+            let sig: f64 = v.iter().map(|a| f64::from(*a).powi(2)).sum();
+            let rel = (err / sig).sqrt();
+            prop_assert!(rel <= rmse_bound(&s), "{} rel rmse {rel}", s.label());
+            prop_assert!((rel - q.rel_rmse()).abs() < 1e-3);
+            // Every value within half a step of its group (clamping aside, symmetric absmax never clamps).
+            if s.symmetric {
+                let gl = s.group_len(shape[1]);
+                for (i, (a, b)) in v.iter().zip(&deq).enumerate() {
+                    let g = (i / shape[1]) * s.groups(shape[1]) + (i % shape[1]) / gl;
+                    prop_assert!((a - b).abs() <= q.scale[g] * 0.5 + 1e-6, "value {a} -> {b}");
+                }
+            }
+        }
+
+        #[test]
+        fn test_requantizing_dequantized_is_stable(s in arb_scheme(), shape in arb_shape(), seed in any::<u64>()) {
+            // Symmetric absmax RTN: the dequantized tensor has the same absmax per group, so the
+            // same scales, and so the same codes.
+            let s = QScheme { symmetric: true, ..s };
+            let v = pseudo_normal(seed, shape[0] * shape[1]);
+            let q1 = quantize(&s, DType::F32, &shape, &bytes(DType::F32, &v)).unwrap();
+            let q2 = quantize(&s, DType::F32, &shape, &bytes(DType::F32, &q1.dequantize())).unwrap();
+            prop_assert_eq!(q1.packed, q2.packed);
+        }
+
+        #[test]
+        fn test_packed_lengths(s in arb_scheme(), shape in arb_shape()) {
+            let v = pseudo_normal(1, shape[0] * shape[1]);
+            let q = quantize(&s, DType::F32, &shape, &bytes(DType::F32, &v)).unwrap();
+            let pf = s.pack_factor();
+            let elem = if s.bits == 8 { 1 } else { 4 };
+            prop_assert_eq!(q.packed.len(), shape[0] * shape[1].div_ceil(pf) * elem);
+            prop_assert_eq!(q.scale.len(), shape[0] * s.groups(shape[1]));
+            if let Some((zshape, _, zbytes)) = q.packed_zero_point() {
+                prop_assert_eq!(zbytes.len(), zshape[0] * zshape[1] * elem);
+            }
+        }
+
+        #[test]
+        fn test_constant_and_zero_rows_are_finite(s in arb_scheme(), c in prop::sample::select(vec![0.0f32, 1.0, -3.5, 1e-30, 6e4]), shape in arb_shape()) {
+            let v = vec![c; shape[0] * shape[1]];
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let q = quantize(&s, dtype, &shape, &bytes(dtype, &v)).unwrap();
+                prop_assert!(q.scale.iter().all(|x| x.is_finite()));
+                prop_assert!(q.dequantize().iter().all(|x| x.is_finite()));
+                prop_assert!(q.rel_rmse().is_finite());
+            }
+        }
+    }
+
+    /// Deterministic roughly normal values (sum of uniforms) with a few outliers.
+    pub(crate) fn pseudo_normal(seed: u64, n: usize) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32
+        };
+        (0..n)
+            .map(|i| {
+                let v = (0..4).map(|_| next()).sum::<f32>() - 2.0;
+                if i % 97 == 5 { v * 4.0 } else { v }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn test_pack_layout_matches_compressed_tensors() {
+        // Codes -8..7 of one row, int4 symmetric has range [-7, 7]; use asymmetric to reach -8.
+        let s = QScheme { bits: 4, group_size: 0, symmetric: false };
+        let v: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let q = quantize_ref(&s, DType::F32, &[1, 8], &bytes(DType::F32, &v)).unwrap();
+        // lo = 0, hi = 7, scale = 7/15, zp = -8: codes are -8 + round(x / scale).
+        let word = u32::from_le_bytes(q.packed[..4].try_into().unwrap());
+        for i in 0..8 {
+            let code = ((word >> (4 * i)) & 0xf) as i32 - 8;
+            assert_eq!(code, q.code(0, i));
+            assert_eq!(code, (v[i] / q.scale[0]).round_ties_even() as i32 - 8);
+        }
+        assert_eq!(q.zero_point.as_ref().unwrap()[0], -8);
+    }
+
+    #[test]
+    fn test_nan_is_reported_with_row() {
+        let mut v = vec![1.0f32; 12];
+        v[7] = f32::NAN;
+        let s = QScheme { bits: 8, group_size: 0, symmetric: true };
+        assert_eq!(quantize(&s, DType::F32, &[3, 4], &bytes(DType::F32, &v)).unwrap_err(), QuantError::NonFinite { row: 1 });
+        v[7] = f32::INFINITY;
+        assert_eq!(quantize_ref(&s, DType::F32, &[3, 4], &bytes(DType::F32, &v)).unwrap_err(), QuantError::NonFinite { row: 1 });
+    }
+}

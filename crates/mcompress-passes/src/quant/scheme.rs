@@ -1,0 +1,146 @@
+//! Integer quantization scheme and the packed layout it is stored in.
+//!
+//! The layout follows compressed-tensors' naming (see docs/quantized-layout.md):
+//! - `<name>_packed`: 8-bit codes as `I8 [rows, cols]`; 2/3/4-bit codes offset to unsigned
+//!   (`q + 2^(bits-1)`) and packed `32 / bits` to an `I32`, lowest bits first, `[rows, ceil(cols / (32/bits))]`.
+//! - `<name>_scale`: `[rows, groups]` in the source float dtype (F64 sources use F32).
+//! - `<name>_zero_point` (asymmetric only): 8-bit as `I8 [rows, groups]`; fewer bits packed along
+//!   dim 0 like the codes, `I32 [ceil(rows / (32/bits)), groups]`.
+//! - `<name>_shape`: `I64 [ndim]`, the original shape. Tensors of rank > 2 are quantized as
+//!   `[shape[0], product of the rest]`.
+//!
+//! Dequantization: `w = (q - zero_point) * scale`, with the group of column `c` being `c / group_size`.
+
+use mcompress_core::DType;
+use serde::Serialize;
+
+/// Bits, grouping and symmetry of an integer quantizer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct QScheme {
+    /// 2, 3, 4 or 8.
+    pub bits: u8,
+    /// 0: one scale per row (output channel); N: groups of N along the input (last) dim.
+    pub group_size: usize,
+    /// Symmetric: zero point 0, codes in `[-(2^(b-1)-1), 2^(b-1)-1]`. Asymmetric: codes in
+    /// `[-2^(b-1), 2^(b-1)-1]` with a per-group zero point.
+    pub symmetric: bool,
+}
+
+impl QScheme {
+    /// Bit widths supported.
+    pub const BITS: [u8; 4] = [2, 3, 4, 8];
+
+    /// Smallest and largest code.
+    pub fn qrange(&self) -> (i32, i32) {
+        let half = 1i32 << (self.bits - 1);
+        if self.symmetric { (-(half - 1), half - 1) } else { (-half, half - 1) }
+    }
+
+    /// Offset added to a code before packing (compressed-tensors stores codes unsigned).
+    pub fn offset(&self) -> i32 {
+        1i32 << (self.bits - 1)
+    }
+
+    /// Codes per packed element: 1 for 8-bit (`I8`), `32 / bits` for the rest (`I32`).
+    pub fn pack_factor(&self) -> usize {
+        if self.bits == 8 { 1 } else { 32 / self.bits as usize }
+    }
+
+    /// Dtype of the packed codes.
+    pub fn packed_dtype(&self) -> DType {
+        if self.bits == 8 { DType::I8 } else { DType::I32 }
+    }
+
+    /// Columns in one group for a row of `cols` values.
+    pub fn group_len(&self, cols: usize) -> usize {
+        if self.group_size == 0 { cols.max(1) } else { self.group_size }
+    }
+
+    /// Groups per row.
+    pub fn groups(&self, cols: usize) -> usize {
+        cols.div_ceil(self.group_len(cols)).max(1)
+    }
+
+    /// Packed elements per row.
+    pub fn packed_cols(&self, cols: usize) -> usize {
+        cols.div_ceil(self.pack_factor())
+    }
+
+    /// Bytes of one packed row.
+    pub fn packed_row_bytes(&self, cols: usize) -> usize {
+        self.packed_cols(cols) * self.packed_dtype().bits() / 8
+    }
+
+    /// Short label: `int4-g128-sym`, `int8-channel-asym`.
+    pub fn label(&self) -> String {
+        let g = if self.group_size == 0 { "channel".to_string() } else { format!("g{}", self.group_size) };
+        format!("int{}-{g}-{}", self.bits, if self.symmetric { "sym" } else { "asym" })
+    }
+}
+
+/// Scale dtype for a source dtype: the same float type, F32 for F64.
+pub fn scale_dtype(src: DType) -> DType {
+    match src {
+        DType::F16 | DType::BF16 => src,
+        _ => DType::F32,
+    }
+}
+
+/// Scale and zero point for one group, the scale already rounded to its storage dtype (so codes
+/// are chosen against the value a reader will use). `None` if the group holds NaN or infinity.
+#[inline]
+pub fn group_params(s: &QScheme, vals: &[f32], sdt: DType) -> Option<(f32, i32)> {
+    let (qmin, qmax) = s.qrange();
+    let mut lo = 0f32;
+    let mut hi = 0f32;
+    let mut poison = 0f32;
+    for &v in vals {
+        lo = lo.min(v);
+        hi = hi.max(v);
+        poison += v * 0.0;
+    }
+    if poison.is_nan() {
+        return None;
+    }
+    let raw = if s.symmetric { hi.max(-lo) / qmax as f32 } else { (hi - lo) / (qmax - qmin) as f32 };
+    let mut scale = sdt.round_f32(raw);
+    if raw > 0.0 && (scale == 0.0 || !scale.is_finite()) {
+        // Out of the storage type's range: clamp to its extreme so codes saturate instead of
+        // dividing by zero or producing infinities.
+        scale = if scale == 0.0 { smallest_positive(sdt) } else { largest_finite(sdt) };
+    }
+    let zp = if s.symmetric || scale == 0.0 {
+        0
+    } else {
+        ((qmin as f32 - lo / scale).round_ties_even() as i32).clamp(qmin, qmax)
+    };
+    Some((scale, zp))
+}
+
+/// Code for one value.
+#[inline(always)]
+pub fn quant_value(x: f32, scale: f32, zp: i32, qmin: i32, qmax: i32) -> i32 {
+    if scale == 0.0 { zp } else { ((x / scale).round_ties_even() as i32 + zp).clamp(qmin, qmax) }
+}
+
+/// Dequantized value of one code.
+#[inline(always)]
+pub fn dequant_value(q: i32, scale: f32, zp: i32) -> f32 {
+    (q - zp) as f32 * scale
+}
+
+fn smallest_positive(d: DType) -> f32 {
+    match d {
+        DType::F16 => half::f16::from_bits(1).to_f32(),
+        DType::BF16 => half::bf16::from_bits(1).to_f32(),
+        _ => f32::from_bits(1),
+    }
+}
+
+fn largest_finite(d: DType) -> f32 {
+    match d {
+        DType::F16 => half::f16::MAX.to_f32(),
+        DType::BF16 => half::bf16::MAX.to_f32(),
+        _ => f32::MAX,
+    }
+}
