@@ -1,1 +1,294 @@
-//! placeholder
+//! Bundles: staging, manifest, reports, verification and inspection.
+//!
+//! # Overview
+//! [`run`] streams a model through a recipe's passes and writes one bundle per target:
+//! `<out>/<target>/` with `model.safetensors`, `config.json` (with `quantization_config`),
+//! the tokenizer files, `report.json`, `report.md` and `manifest.json` (written last). Each bundle
+//! is staged in a hidden temp dir beside its final place and renamed into place when complete, so
+//! a killed run never leaves a bundle that looks complete; stale temp dirs of dead runs are
+//! removed by the next run. [`verify`] re-hashes a bundle against its manifest.
+//!
+//! # Example
+//! ```no_run
+//! use mcompress_bundle::{run, RunOptions};
+//! let recipe = mcompress_recipe::Recipe::load("recipes/quickstart.toml".as_ref())?;
+//! let summary = run(&recipe, &RunOptions::default(), &mut |_| {})?;
+//! assert!(summary.targets.iter().all(|t| t.passed));
+//! # Ok::<(), mcompress_bundle::Error>(())
+//! ```
+#![deny(missing_docs)]
+
+mod inspect;
+mod manifest;
+mod report;
+mod verify;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use mcompress_core::{fsutil, ModelSource};
+use mcompress_passes::pipeline::{self, Progress};
+use mcompress_recipe::Recipe;
+use serde_json::Value;
+
+pub use inspect::{inspect, Inspection, InspectedTensor};
+pub use manifest::{FileEntry, Manifest, MANIFEST_SCHEMA};
+pub use report::{Gate, Report, REPORT_SCHEMA};
+pub use verify::{verify, Problem};
+
+/// Tool version written into manifests and reports.
+pub const TOOL_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Errors from building, verifying or inspecting bundles.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Recipe problem.
+    #[error(transparent)]
+    Recipe(#[from] mcompress_recipe::Error),
+    /// Pass problem.
+    #[error(transparent)]
+    Pass(#[from] mcompress_passes::Error),
+    /// Tensor I/O problem.
+    #[error(transparent)]
+    Core(#[from] mcompress_core::Error),
+    /// File system problem.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The output location would destroy or overlap the input.
+    #[error("output {}: {reason}", path.display())]
+    UnsafeOutput {
+        /// Bundle directory.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A bundle or manifest is malformed.
+    #[error("{}: {reason}", path.display())]
+    BadBundle {
+        /// Path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_path_buf(), source }
+}
+
+/// Options of [`run`] that do not come from the recipe.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Overrides the recipe's `[output] dir`.
+    pub out: Option<PathBuf>,
+    /// Leave wall-clock measurements out of the bundle (`seconds: null`), so two runs give
+    /// byte-identical bundles including reports and manifest.
+    pub reproducible: bool,
+}
+
+/// Outcome for one target.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TargetOutcome {
+    /// Target name.
+    pub name: String,
+    /// Bundle directory.
+    pub dir: PathBuf,
+    /// Bytes of the deployable files (everything but manifest and reports).
+    pub bundle_bytes: u64,
+    /// All gates passed.
+    pub passed: bool,
+    /// Gates evaluated.
+    pub gates: Vec<Gate>,
+}
+
+/// Outcome of a run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RunSummary {
+    /// Per target.
+    pub targets: Vec<TargetOutcome>,
+    /// Model parameters.
+    pub params: u64,
+    /// Input weight bytes.
+    pub model_bytes: u64,
+    /// Wall seconds of the whole run (measured even in reproducible mode; not written to bundles then).
+    pub seconds: f64,
+}
+
+/// Runs a recipe: passes, then one bundle per target.
+pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress)) -> Result<RunSummary> {
+    let started = Instant::now();
+    let passes = mcompress_passes::build_passes(recipe)?;
+    let model = ModelSource::open(&recipe.model_path)?;
+    let out_dir = opts.out.clone().unwrap_or_else(|| recipe.output_dir.clone());
+    fs_err::create_dir_all(&out_dir).map_err(io(&out_dir))?;
+    let out_dir = fs_err::canonicalize(&out_dir).map_err(io(&out_dir))?;
+    for t in &recipe.targets {
+        check_output_safe(&out_dir.join(&t.name), &model)?;
+    }
+    clean_stale(&out_dir);
+
+    let pid = std::process::id();
+    let stage = |name: &str| out_dir.join(format!(".{name}.mcompress-tmp-{pid}"));
+    let first = stage(&recipe.targets[0].name);
+    if first.exists() {
+        fs_err::remove_dir_all(&first).map_err(io(&first))?;
+    }
+    fs_err::create_dir_all(&first).map_err(io(&first))?;
+
+    let result = (|| {
+        // Hash the inputs on a second thread while the passes stream the weights.
+        let inputs = model.input_files();
+        let (hashes, output) = std::thread::scope(|s| {
+            let h = s.spawn(|| manifest::hash_inputs(&model, &inputs));
+            let out = pipeline::run(&model, &passes, &first.join("model.safetensors"), !opts.reproducible, progress);
+            (h.join().expect("hash thread does not panic"), out)
+        });
+        let (hashes, output) = (hashes?, output?);
+        write_payload(&model, &output, &first)?;
+
+        // The deployable files are the same for every target: hash them once.
+        let payload = manifest::hash_dir(&first)?;
+        let bundle_bytes: u64 = payload.values().map(|f| f.bytes).sum();
+        let mut targets = Vec::new();
+        for (i, t) in recipe.targets.iter().enumerate() {
+            let dir = if i == 0 { first.clone() } else { stage(&t.name) };
+            if i > 0 {
+                copy_payload(&first, &dir)?;
+            }
+            let mut gates = Vec::new();
+            if let Some(limit) = t.max_size {
+                gates.push(Gate::max_size(limit.0, bundle_bytes));
+            }
+            let passed = gates.iter().all(|g| g.passed);
+            let report = Report::new(recipe, &model, &output, t, bundle_bytes, &payload, gates.clone(), passed);
+            let mut files = payload.clone();
+            let report_json = serde_json::to_vec_pretty(&report).expect("report is JSON");
+            let report_md = report.to_markdown().into_bytes();
+            for (name, bytes) in [("report.json", &report_json), ("report.md", &report_md)] {
+                fsutil::write_atomic(&dir.join(name), bytes)?;
+                files.insert(name.into(), FileEntry { sha256: fsutil::sha256_bytes(bytes), bytes: bytes.len() as u64 });
+            }
+            let m = Manifest::new(recipe, &hashes, &passes, t, files, passed);
+            fsutil::write_atomic(&dir.join("manifest.json"), &serde_json::to_vec_pretty(&m).expect("manifest is JSON"))?;
+            targets.push((dir, TargetOutcome { name: t.name.clone(), dir: out_dir.join(&t.name), bundle_bytes, passed, gates }));
+        }
+        // Every bundle is complete: move them into place.
+        for (staged, t) in &targets {
+            replace_dir(staged, &t.dir)?;
+        }
+        Ok(targets.into_iter().map(|(_, t)| t).collect())
+    })();
+    let targets = match result {
+        Ok(t) => t,
+        Err(e) => {
+            for t in &recipe.targets {
+                let _ = fs_err::remove_dir_all(stage(&t.name));
+            }
+            return Err(e);
+        }
+    };
+    Ok(RunSummary { targets, params: model.params(), model_bytes: model.weight_bytes(), seconds: started.elapsed().as_secs_f64() })
+}
+
+/// config.json (with `quantization_config`) and auxiliary files beside the weights.
+fn write_payload(model: &ModelSource, output: &pipeline::Output, dir: &Path) -> Result<()> {
+    let qc = pipeline::quantization_config(&output.params);
+    let mut config = model.config().cloned();
+    if let Some(qc) = qc {
+        let c = config.get_or_insert_with(|| Value::Object(serde_json::Map::new()));
+        if let Some(obj) = c.as_object_mut() {
+            obj.insert("quantization_config".into(), qc);
+        }
+    }
+    if let Some(c) = config {
+        let mut text = serde_json::to_vec_pretty(&c).expect("config is JSON");
+        text.push(b'\n');
+        fsutil::write_atomic(&dir.join("config.json"), &text)?;
+    }
+    for f in model.aux_files() {
+        let name = f.file_name().expect("aux files have names");
+        fs_err::copy(f, dir.join(name)).map_err(io(f))?;
+    }
+    Ok(())
+}
+
+/// Copies the deployable files of one staged bundle into another.
+fn copy_payload(from: &Path, to: &Path) -> Result<()> {
+    if to.exists() {
+        fs_err::remove_dir_all(to).map_err(io(to))?;
+    }
+    fs_err::create_dir_all(to).map_err(io(to))?;
+    for e in fs_err::read_dir(from).map_err(io(from))? {
+        let e = e.map_err(io(from))?;
+        let name = e.file_name();
+        if matches!(name.to_str(), Some("report.json" | "report.md" | "manifest.json")) {
+            continue;
+        }
+        // Weights are immutable once written: a hard link saves the copy; copy where links fail.
+        if fs_err::hard_link(e.path(), to.join(&name)).is_err() {
+            fs_err::copy(e.path(), to.join(&name)).map_err(io(&e.path()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a bundle directory that is, contains, or sits inside the model's files.
+fn check_output_safe(bundle: &Path, model: &ModelSource) -> Result<()> {
+    let model_path = fs_err::canonicalize(model.path()).map_err(io(model.path()))?;
+    let model_dir = if model_path.is_dir() { model_path.clone() } else { model_path.parent().map(Path::to_path_buf).unwrap_or_default() };
+    for f in model.input_files() {
+        let f = fs_err::canonicalize(&f).map_err(io(&f))?;
+        if f.starts_with(bundle) {
+            return Err(Error::UnsafeOutput {
+                path: bundle.to_path_buf(),
+                reason: format!("would overwrite input file {} (choose an output dir outside the model)", f.display()),
+            });
+        }
+    }
+    if model_dir.starts_with(bundle) {
+        return Err(Error::UnsafeOutput {
+            path: bundle.to_path_buf(),
+            reason: format!("would replace the directory holding the model {}", model_dir.display()),
+        });
+    }
+    Ok(())
+}
+
+/// Removes temp dirs left by runs that are no longer alive.
+fn clean_stale(out_dir: &Path) {
+    let Ok(rd) = fs_err::read_dir(out_dir) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.rsplit_once(".mcompress-tmp-").or_else(|| name.rsplit_once(".mcompress-old-")).map(|(_, p)| p.to_string()) else {
+            continue;
+        };
+        let alive = pid.parse::<u32>().is_ok_and(|p| p != std::process::id() && Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            let _ = fs_err::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Moves `staged` to `dest`, replacing a previous bundle there.
+fn replace_dir(staged: &Path, dest: &Path) -> Result<()> {
+    if dest.exists() {
+        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let old = dest.with_file_name(format!(".{name}.mcompress-old-{}", std::process::id()));
+        fs_err::rename(dest, &old).map_err(io(dest))?;
+        fs_err::rename(staged, dest).map_err(io(dest))?;
+        fs_err::remove_dir_all(&old).map_err(io(&old))?;
+    } else {
+        fs_err::rename(staged, dest).map_err(io(dest))?;
+    }
+    Ok(())
+}

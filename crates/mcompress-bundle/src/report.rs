@@ -1,0 +1,193 @@
+//! `report.json` and `report.md`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use mcompress_core::ModelSource;
+use mcompress_passes::pipeline::{Output, PassReport};
+use mcompress_passes::ParamMeta;
+use mcompress_recipe::{ByteSize, Recipe, TargetSection};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::manifest::{recipe_named, FileEntry, FileNamed};
+use crate::TOOL_VERSION;
+
+/// Schema id of reports written by this version.
+pub const REPORT_SCHEMA: &str = "mcompress.report/v1";
+
+/// A pass/fail check on the run.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Gate {
+    /// `max-size`, later `max-drop`.
+    pub name: String,
+    /// Limit.
+    pub limit: f64,
+    /// Measured value.
+    pub value: f64,
+    /// Whether the value is within the limit.
+    pub passed: bool,
+    /// One line for humans.
+    pub detail: String,
+}
+
+impl Gate {
+    pub(crate) fn max_size(limit: u64, value: u64) -> Self {
+        let passed = value <= limit;
+        let detail = if passed {
+            format!("bundle {} ≤ max-size {}", ByteSize(value), ByteSize(limit))
+        } else {
+            format!("bundle {} exceeds max-size {} by {}", ByteSize(value), ByteSize(limit), ByteSize(value - limit))
+        };
+        Gate { name: "max-size".into(), limit: limit as f64, value: value as f64, passed, detail }
+    }
+}
+
+/// The model before compression.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelInfo {
+    /// Model directory or file name.
+    pub name: String,
+    /// Parameters (elements over all tensors).
+    pub params: u64,
+    /// Weight file bytes.
+    pub bytes: u64,
+    /// Tensors.
+    pub tensors: usize,
+    /// Tensor count per dtype.
+    pub dtypes: BTreeMap<String, usize>,
+}
+
+/// The bundle.
+#[derive(Clone, Debug, Serialize)]
+pub struct BundleInfo {
+    /// Bytes of the deployable files (weights, config, tokenizer; not manifest or reports).
+    pub bytes: u64,
+    /// Bytes of model.safetensors.
+    pub weights_bytes: u64,
+    /// model.bytes / weights_bytes.
+    pub compression_ratio: f64,
+    /// Weight bits per parameter.
+    pub bits_per_param: f64,
+    /// Parameters stored quantized.
+    pub params_quantized: u64,
+    /// Deployable files and their sizes.
+    pub files: BTreeMap<String, u64>,
+}
+
+/// `report.json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// [`REPORT_SCHEMA`].
+    pub schema: &'static str,
+    /// Tool name and version.
+    pub tool: BTreeMap<&'static str, &'static str>,
+    /// Recipe file and hash.
+    pub recipe: FileNamed,
+    /// Target.
+    pub target: Value,
+    /// Input model.
+    pub model: ModelInfo,
+    /// Output bundle.
+    pub bundle: BundleInfo,
+    /// Passes with timings and per-tensor errors.
+    pub passes: Vec<PassReport>,
+    /// Eval results (filled by the eval runtime; `null` without `[eval]`).
+    pub eval: Option<Value>,
+    /// Gates.
+    pub gates: Vec<Gate>,
+    /// Every gate passed.
+    pub passed: bool,
+}
+
+impl Report {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        recipe: &Recipe,
+        model: &ModelSource,
+        output: &Output,
+        target: &TargetSection,
+        bundle_bytes: u64,
+        files: &BTreeMap<String, FileEntry>,
+        gates: Vec<Gate>,
+        passed: bool,
+    ) -> Self {
+        let mut dtypes = BTreeMap::new();
+        for r in model.tensors() {
+            *dtypes.entry(model.info(r).dtype.to_string()).or_insert(0) += 1;
+        }
+        let params = model.params();
+        let params_quantized = output
+            .params
+            .values()
+            .filter_map(|m| match m {
+                ParamMeta::Quantized { shape, .. } => Some(shape.iter().product::<usize>() as u64),
+                ParamMeta::Dense { .. } => None,
+            })
+            .sum();
+        let weights_bytes = output.bytes;
+        let name = model.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        Report {
+            schema: REPORT_SCHEMA,
+            tool: BTreeMap::from([("name", "mcompress"), ("version", TOOL_VERSION)]),
+            recipe: recipe_named(recipe),
+            target: serde_json::json!({"name": target.name, "max_size": target.max_size.map(|s| s.0)}),
+            model: ModelInfo { name, params, bytes: model.weight_bytes(), tensors: model.tensors().len(), dtypes },
+            bundle: BundleInfo {
+                bytes: bundle_bytes,
+                weights_bytes,
+                compression_ratio: round6(model.weight_bytes() as f64 / weights_bytes.max(1) as f64),
+                bits_per_param: round6(weights_bytes as f64 * 8.0 / params.max(1) as f64),
+                params_quantized,
+                files: files.iter().map(|(k, v)| (k.clone(), v.bytes)).collect(),
+            },
+            passes: output.passes.clone(),
+            eval: None,
+            gates,
+            passed,
+        }
+    }
+
+    /// Human-readable Markdown.
+    pub fn to_markdown(&self) -> String {
+        let mut s = String::new();
+        let status = if self.passed { "PASS" } else { "FAIL" };
+        let _ = writeln!(s, "# mcompress report: {} → {} ({status})\n", self.model.name, self.target["name"].as_str().unwrap_or(""));
+        let _ = writeln!(s, "Recipe `{}` (sha256 `{}`), mcompress {}.\n", self.recipe.file, &self.recipe.sha256[..12], TOOL_VERSION);
+        let _ = writeln!(s, "| | model | bundle |\n|---|---:|---:|");
+        let _ = writeln!(s, "| weights | {} | {} |", ByteSize(self.model.bytes), ByteSize(self.bundle.weights_bytes));
+        let _ = writeln!(s, "| deployable files | | {} |", ByteSize(self.bundle.bytes));
+        let _ = writeln!(s, "| parameters | {} | {} quantized |", self.model.params, self.bundle.params_quantized);
+        let _ = writeln!(s, "| bits / parameter | {:.2} | {:.2} |", self.model.bytes as f64 * 8.0 / self.model.params.max(1) as f64, self.bundle.bits_per_param);
+        let _ = writeln!(s, "| compression | | {:.2}× |\n", self.bundle.compression_ratio);
+        if !self.gates.is_empty() {
+            let _ = writeln!(s, "## Gates\n\n| gate | result | detail |\n|---|---|---|");
+            for g in &self.gates {
+                let _ = writeln!(s, "| {} | {} | {} |", g.name, if g.passed { "PASS" } else { "FAIL" }, g.detail);
+            }
+            s.push('\n');
+        }
+        let _ = writeln!(s, "## Passes\n\n| # | pass | tensors | rel. RMSE mean | rel. RMSE max | seconds |\n|---|---|---:|---:|---:|---:|");
+        for p in &self.passes {
+            let secs = p.seconds.map_or_else(|| "–".to_string(), |t| format!("{t:.4}"));
+            let _ = writeln!(s, "| {} | {} | {} | {:.3e} | {:.3e} | {secs} |", p.index, p.kind, p.tensors.len(), p.rel_rmse_mean, p.rel_rmse_max);
+        }
+        for p in &self.passes {
+            if p.tensors.is_empty() && p.skipped.is_empty() {
+                continue;
+            }
+            let _ = writeln!(s, "\n### pass[{}] {}\n\n| tensor | rel. RMSE |\n|---|---:|", p.index, p.kind);
+            for t in &p.tensors {
+                let _ = writeln!(s, "| `{}` | {:.3e} |", t.name, t.rel_rmse);
+            }
+            for t in &p.skipped {
+                let _ = writeln!(s, "| `{}` | skipped: {} |", t.name, t.reason);
+            }
+        }
+        s
+    }
+}
+
+fn round6(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
+}

@@ -1,0 +1,274 @@
+//! Command-line interface: clap definitions, commands, exit codes.
+//!
+//! Exit codes: 0 ok, 1 a gate failed (or `verify` found a difference), 2 bad input or any error.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use mcompress_bundle::{RunOptions, RunSummary};
+use mcompress_passes::pipeline::Progress;
+
+#[derive(Parser, Debug)]
+#[command(name = "mcompress", version, about = "Compress a model per recipe.toml, verify it, and write one deployment bundle per target.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a recipe: passes, gates, and one bundle per target.
+    Run {
+        /// The recipe file.
+        recipe: PathBuf,
+        /// Output directory (overrides `[output] dir`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Worker threads (default: all cores). Output does not depend on it.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print the run summary as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// No progress output.
+        #[arg(long, short)]
+        quiet: bool,
+        /// Leave wall-clock timings out of reports so reruns give byte-identical bundles
+        /// (also enabled by the SOURCE_DATE_EPOCH environment variable).
+        #[arg(long)]
+        reproducible: bool,
+    },
+    /// Show the tensors, dtypes, shapes, parameters and bytes of a model, file or bundle.
+    Inspect {
+        /// A `.safetensors` file, a model directory or a bundle.
+        path: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash a bundle against its manifest; exit 1 on any difference.
+    Verify {
+        /// Bundle directory.
+        bundle: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the passes a recipe can use, or show one pass's documentation.
+    Passes {
+        /// Show the full documentation of this pass.
+        name: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recipe utilities.
+    Recipe {
+        #[command(subcommand)]
+        command: RecipeCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RecipeCommand {
+    /// Print the recipe JSON schema, generated from the code.
+    Schema,
+}
+
+/// Exit status of a command that ran to completion.
+enum Status {
+    Ok,
+    GateFailed,
+}
+
+pub(crate) fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match dispatch(cli) {
+        Ok(Status::Ok) => ExitCode::SUCCESS,
+        Ok(Status::GateFailed) => ExitCode::from(1),
+        Err(e) => {
+            if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
+                return ExitCode::SUCCESS;
+            }
+            let mut msg = format!("error: {e}");
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg.push_str(&format!("\n  caused by: {c}"));
+                }
+            }
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("{msg}");
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<Status> {
+    let mut out = std::io::stdout().lock();
+    match cli.command {
+        Command::Run { recipe, out: out_dir, threads, json, quiet, reproducible } => {
+            if let Some(n) = threads {
+                anyhow::ensure!(n > 0, "--threads must be at least 1");
+                rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("configuring the thread pool")?;
+            }
+            let reproducible = reproducible || std::env::var_os("SOURCE_DATE_EPOCH").is_some();
+            let loaded = mcompress_recipe::Recipe::load(&recipe)?;
+            let opts = RunOptions { out: out_dir, reproducible };
+            let mut progress = ProgressOut::new(quiet || json);
+            let summary = mcompress_bundle::run(&loaded, &opts, &mut |p| progress.update(p))?;
+            progress.finish();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &summary)?;
+                writeln!(out)?;
+            } else {
+                print_summary(&mut out, &summary)?;
+            }
+            Ok(if summary.targets.iter().all(|t| t.passed) { Status::Ok } else { Status::GateFailed })
+        }
+        Command::Inspect { path, json } => {
+            let i = mcompress_bundle::inspect(&path)?;
+            if json {
+                serde_json::to_writer_pretty(&mut out, &i)?;
+                writeln!(out)?;
+                return Ok(Status::Ok);
+            }
+            writeln!(out, "{} ({})", i.path.display(), i.kind)?;
+            let w = i.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
+            writeln!(out, "{:w$}  {:6}  {:>14}  {:>12}  {}", "name", "dtype", "shape", "bytes", "quantized")?;
+            for t in &i.tensors {
+                let shape = format!("{:?}", t.shape);
+                writeln!(out, "{:w$}  {:6}  {:>14}  {:>12}  {}", t.name, t.dtype, shape, t.bytes, t.quantized.as_deref().unwrap_or("-"))?;
+            }
+            writeln!(out, "\n{} tensors, {} parameters, {} bytes", i.tensors.len(), i.params, i.bytes)?;
+            for (d, b) in &i.bytes_by_dtype {
+                writeln!(out, "  {d:6} {b:>12} bytes")?;
+            }
+            Ok(Status::Ok)
+        }
+        Command::Verify { bundle, json } => {
+            let (manifest, problems) = mcompress_bundle::verify(&bundle)?;
+            if json {
+                serde_json::to_writer_pretty(&mut out, &serde_json::json!({"bundle": bundle, "ok": problems.is_empty(), "files": manifest.files.len(), "status": manifest.status, "problems": problems}))?;
+                writeln!(out)?;
+            } else if problems.is_empty() {
+                writeln!(out, "ok: {} files match {} (bundle status: {})", manifest.files.len(), bundle.join("manifest.json").display(), manifest.status)?;
+            } else {
+                for p in &problems {
+                    writeln!(out, "FAIL {p}")?;
+                }
+                writeln!(out, "{}: {} problem(s)", bundle.display(), problems.len())?;
+            }
+            Ok(if problems.is_empty() { Status::Ok } else { Status::GateFailed })
+        }
+        Command::Passes { name, json } => {
+            let passes = mcompress_passes::PASSES;
+            if let Some(name) = name {
+                let Some(p) = mcompress_passes::lookup(&name) else {
+                    let valid: Vec<_> = passes.iter().map(|p| p.name).collect();
+                    anyhow::bail!("unknown pass {name:?}; valid passes: {}", valid.join(", "));
+                };
+                writeln!(out, "# {}\n\n{}\n\n{}", p.name, p.summary, p.docs.trim_end())?;
+                return Ok(Status::Ok);
+            }
+            if json {
+                let v: Vec<_> = passes.iter().map(|p| serde_json::json!({"name": p.name, "summary": p.summary, "status": p.status, "docs": p.docs, "schema": (p.schema)()})).collect();
+                serde_json::to_writer_pretty(&mut out, &v)?;
+                writeln!(out)?;
+                return Ok(Status::Ok);
+            }
+            for p in passes {
+                writeln!(out, "{:14} {}", p.name, p.summary)?;
+            }
+            writeln!(out, "\n`mcompress passes NAME` shows a pass's documentation.")?;
+            Ok(Status::Ok)
+        }
+        Command::Recipe { command: RecipeCommand::Schema } => {
+            serde_json::to_writer_pretty(&mut out, &mcompress_passes::recipe_schema())?;
+            writeln!(out)?;
+            Ok(Status::Ok)
+        }
+    }
+}
+
+fn print_summary(out: &mut impl Write, s: &RunSummary) -> Result<()> {
+    for t in &s.targets {
+        writeln!(
+            out,
+            "{} {}  {}  {} bytes ({:.2}x smaller than {} bytes of weights)",
+            if t.passed { "PASS" } else { "FAIL" },
+            t.name,
+            t.dir.display(),
+            t.bundle_bytes,
+            s.model_bytes as f64 / t.bundle_bytes.max(1) as f64,
+            s.model_bytes
+        )?;
+        for g in t.gates.iter().filter(|g| !g.passed) {
+            writeln!(out, "  gate {} failed: {}", g.name, g.detail)?;
+        }
+    }
+    Ok(())
+}
+
+/// Progress on stderr: a bar on a terminal, a few plain lines otherwise.
+struct ProgressOut {
+    bar: Option<indicatif::ProgressBar>,
+    plain: bool,
+    next_tenth: u64,
+    started: std::time::Instant,
+}
+
+impl ProgressOut {
+    fn new(quiet: bool) -> Self {
+        let tty = std::io::stderr().is_terminal();
+        let bar = (!quiet && tty).then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} tensors  {msg}  {elapsed}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            b
+        });
+        Self { bar, plain: !quiet && !tty, next_tenth: 1, started: std::time::Instant::now() }
+    }
+
+    fn update(&mut self, p: Progress) {
+        let rate = p.bytes_done as f64 / self.started.elapsed().as_secs_f64().max(1e-9) / 1e6;
+        if let Some(b) = &self.bar {
+            b.set_length(p.tensors_total as u64);
+            b.set_position(p.tensors_done as u64);
+            b.set_message(format!("{:.1}/{:.1} MB  {rate:.0} MB/s", p.bytes_done as f64 / 1e6, p.bytes_total as f64 / 1e6));
+        } else if self.plain && p.bytes_total > 0 && p.bytes_done * 10 >= self.next_tenth * p.bytes_total {
+            self.next_tenth = p.bytes_done * 10 / p.bytes_total + 1;
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!(
+                    "{}/{} tensors, {:.1}/{:.1} MB, {rate:.0} MB/s",
+                    p.tensors_done,
+                    p.tensors_total,
+                    p.bytes_done as f64 / 1e6,
+                    p.bytes_total as f64 / 1e6
+                );
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
