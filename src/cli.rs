@@ -57,6 +57,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a bundle's weights as a dense safetensors file (quantized matrices dequantized).
+    Dequantize {
+        /// Bundle directory (or model).
+        bundle: PathBuf,
+        /// Output `.safetensors` file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Float type of the dequantized matrices: f32, f16 or bf16.
+        #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+        dtype: String,
+    },
     /// List the passes a recipe can use, or show one pass's documentation.
     Passes {
         /// Show the full documentation of this pass.
@@ -172,6 +183,16 @@ fn dispatch(cli: Cli) -> Result<Status> {
                 writeln!(out, "{}: {} problem(s)", bundle.display(), problems.len())?;
             }
             Ok(if problems.is_empty() { Status::Ok } else { Status::GateFailed })
+        }
+        Command::Dequantize { bundle, out: path, dtype } => {
+            let dtype = match dtype.as_str() {
+                "f16" => mcompress_core::DType::F16,
+                "bf16" => mcompress_core::DType::BF16,
+                _ => mcompress_core::DType::F32,
+            };
+            let n = mcompress_bundle::dequantize(&bundle, &path, dtype)?;
+            writeln!(out, "wrote {} ({n} matrices dequantized to {dtype})", path.display())?;
+            Ok(Status::Ok)
         }
         Command::Passes { name, json } => {
             let passes = mcompress_passes::PASSES;

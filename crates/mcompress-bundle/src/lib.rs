@@ -18,6 +18,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod dequantize;
 mod inspect;
 mod manifest;
 mod report;
@@ -31,6 +32,7 @@ use mcompress_passes::pipeline::{self, Progress};
 use mcompress_recipe::Recipe;
 use serde_json::Value;
 
+pub use dequantize::dequantize;
 pub use inspect::{inspect, Inspection, InspectedTensor};
 pub use manifest::{FileEntry, Manifest, MANIFEST_SCHEMA};
 pub use report::{Gate, Report, REPORT_SCHEMA};

@@ -15,6 +15,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod expand;
 mod size;
 
 use std::path::{Path, PathBuf};
@@ -272,13 +273,24 @@ impl Recipe {
                 return Err(at(target_spans.get(i).cloned(), format!("target[{i}]: "), format!("duplicate target name {:?}", t.name)));
             }
         }
+        let env = |name: &str| std::env::var(name).ok();
+        let expand_path = |p: &Path, field: &str| -> Result<PathBuf> {
+            let s = p.to_string_lossy();
+            let span = key_span(&source, field);
+            expand::expand(&s, &env).map(PathBuf::from).map_err(|m| at(span, String::new(), format!("{field}: {m}")))
+        };
+        let model_path = dir.join(expand_path(&raw.model.path, "model.path")?);
+        let eval = match raw.eval {
+            Some(mut e) => {
+                e.set = dir.join(expand_path(&e.set, "eval.set")?);
+                Some(e)
+            }
+            None => None,
+        };
+        let output_dir = raw.output.dir.as_deref().map(|d| expand_path(d, "output.dir")).transpose()?;
         let stem = path.file_stem().map_or_else(|| "recipe".into(), |s| s.to_string_lossy().into_owned());
-        let output_dir = raw.output.dir.unwrap_or_else(|| Path::new("dist").join(stem));
-        let eval = raw.eval.map(|mut e| {
-            e.set = dir.join(&e.set);
-            e
-        });
-        Ok(Recipe { model_path: dir.join(&raw.model.path), path: path.into(), source, passes, eval, output_dir, targets })
+        let output_dir = output_dir.unwrap_or_else(|| Path::new("dist").join(stem));
+        Ok(Recipe { model_path, path: path.into(), source, passes, eval, output_dir, targets })
     }
 
     /// Stage two: deserializes pass `index` (without its `type` key) into `T`. Errors carry the
@@ -319,6 +331,14 @@ impl Recipe {
             message: message.into(),
         }
     }
+}
+
+/// Span of `section.key` (e.g. `model.path`) in the document, for error positions.
+fn key_span(source: &str, dotted: &str) -> Option<std::ops::Range<usize>> {
+    let doc = toml::de::DeTable::parse(source).ok()?;
+    let (section, key) = dotted.split_once('.')?;
+    let toml::de::DeValue::Table(t) = doc.get_ref().get(section)?.get_ref() else { return None };
+    t.get(key).map(toml::Spanned::span)
 }
 
 fn valid_target_name(n: &str) -> bool {

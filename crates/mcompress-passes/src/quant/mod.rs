@@ -1,5 +1,6 @@
 //! Quantization passes.
 
+pub mod load;
 pub mod rtn;
 pub mod scheme;
 
@@ -7,6 +8,7 @@ use mcompress_recipe::Recipe;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use load::{load_quantized, schemes_from_config};
 pub use rtn::{quantize, quantize_ref, QuantError, Quantized};
 pub use scheme::QScheme;
 

