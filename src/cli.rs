@@ -2,6 +2,7 @@
 //!
 //! Exit codes: 0 ok, 1 a gate failed (or `verify` found a difference), 2 bad input or any error.
 
+use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,7 +13,11 @@ use mcompress_bundle::{RunOptions, RunSummary};
 use mcompress_passes::pipeline::Progress;
 
 #[derive(Parser, Debug)]
-#[command(name = "mcompress", version, about = "Compress a model per recipe.toml, verify it, and write one deployment bundle per target.")]
+#[command(
+    name = "mcompress",
+    version,
+    about = "Compress a model per recipe.toml, verify it, and write one deployment bundle per target."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -108,14 +113,17 @@ pub(crate) fn main() -> ExitCode {
         Ok(Status::Ok) => ExitCode::SUCCESS,
         Ok(Status::GateFailed) => ExitCode::from(1),
         Err(e) => {
-            if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
                 return ExitCode::SUCCESS;
             }
             let mut msg = format!("error: {e}");
             for cause in e.chain().skip(1) {
                 let c = cause.to_string();
                 if !msg.contains(&c) {
-                    msg.push_str(&format!("\n  caused by: {c}"));
+                    let _ = write!(msg, "\n  caused by: {c}");
                 }
             }
             #[allow(clippy::print_stderr)]
@@ -130,14 +138,27 @@ pub(crate) fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> Result<Status> {
     let mut out = std::io::stdout().lock();
     match cli.command {
-        Command::Run { recipe, out: out_dir, threads, json, quiet, reproducible } => {
+        Command::Run {
+            recipe,
+            out: out_dir,
+            threads,
+            json,
+            quiet,
+            reproducible,
+        } => {
             if let Some(n) = threads {
                 anyhow::ensure!(n > 0, "--threads must be at least 1");
-                rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("configuring the thread pool")?;
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build_global()
+                    .context("configuring the thread pool")?;
             }
             let reproducible = reproducible || std::env::var_os("SOURCE_DATE_EPOCH").is_some();
             let loaded = mcompress_recipe::Recipe::load(&recipe)?;
-            let opts = RunOptions { out: out_dir, reproducible };
+            let opts = RunOptions {
+                out: out_dir,
+                reproducible,
+            };
             let mut progress = ProgressOut::new(quiet || json);
             let summary = mcompress_bundle::run(&loaded, &opts, &mut |p| progress.update(p))?;
             progress.finish();
@@ -147,7 +168,11 @@ fn dispatch(cli: Cli) -> Result<Status> {
             } else {
                 print_summary(&mut out, &summary)?;
             }
-            Ok(if summary.targets.iter().all(|t| t.passed) { Status::Ok } else { Status::GateFailed })
+            Ok(if summary.targets.iter().all(|t| t.passed) {
+                Status::Ok
+            } else {
+                Status::GateFailed
+            })
         }
         Command::Inspect { path, json } => {
             let i = mcompress_bundle::inspect(&path)?;
@@ -157,13 +182,37 @@ fn dispatch(cli: Cli) -> Result<Status> {
                 return Ok(Status::Ok);
             }
             writeln!(out, "{} ({})", i.path.display(), i.kind)?;
-            let w = i.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
-            writeln!(out, "{:w$}  {:6}  {:>14}  {:>12}  {}", "name", "dtype", "shape", "bytes", "quantized")?;
+            let w = i
+                .tensors
+                .iter()
+                .map(|t| t.name.len())
+                .max()
+                .unwrap_or(4)
+                .max(4);
+            writeln!(
+                out,
+                "{:w$}  {:6}  {:>14}  {:>12}  quantized",
+                "name", "dtype", "shape", "bytes"
+            )?;
             for t in &i.tensors {
                 let shape = format!("{:?}", t.shape);
-                writeln!(out, "{:w$}  {:6}  {:>14}  {:>12}  {}", t.name, t.dtype, shape, t.bytes, t.quantized.as_deref().unwrap_or("-"))?;
+                writeln!(
+                    out,
+                    "{:w$}  {:6}  {:>14}  {:>12}  {}",
+                    t.name,
+                    t.dtype,
+                    shape,
+                    t.bytes,
+                    t.quantized.as_deref().unwrap_or("-")
+                )?;
             }
-            writeln!(out, "\n{} tensors, {} parameters, {} bytes", i.tensors.len(), i.params, i.bytes)?;
+            writeln!(
+                out,
+                "\n{} tensors, {} parameters, {} bytes",
+                i.tensors.len(),
+                i.params,
+                i.bytes
+            )?;
             for (d, b) in &i.bytes_by_dtype {
                 writeln!(out, "  {d:6} {b:>12} bytes")?;
             }
@@ -172,26 +221,47 @@ fn dispatch(cli: Cli) -> Result<Status> {
         Command::Verify { bundle, json } => {
             let (manifest, problems) = mcompress_bundle::verify(&bundle)?;
             if json {
-                serde_json::to_writer_pretty(&mut out, &serde_json::json!({"bundle": bundle, "ok": problems.is_empty(), "files": manifest.files.len(), "status": manifest.status, "problems": problems}))?;
+                serde_json::to_writer_pretty(
+                    &mut out,
+                    &serde_json::json!({"bundle": bundle, "ok": problems.is_empty(), "files": manifest.files.len(), "status": manifest.status, "problems": problems}),
+                )?;
                 writeln!(out)?;
             } else if problems.is_empty() {
-                writeln!(out, "ok: {} files match {} (bundle status: {})", manifest.files.len(), bundle.join("manifest.json").display(), manifest.status)?;
+                writeln!(
+                    out,
+                    "ok: {} files match {} (bundle status: {})",
+                    manifest.files.len(),
+                    bundle.join("manifest.json").display(),
+                    manifest.status
+                )?;
             } else {
                 for p in &problems {
                     writeln!(out, "FAIL {p}")?;
                 }
                 writeln!(out, "{}: {} problem(s)", bundle.display(), problems.len())?;
             }
-            Ok(if problems.is_empty() { Status::Ok } else { Status::GateFailed })
+            Ok(if problems.is_empty() {
+                Status::Ok
+            } else {
+                Status::GateFailed
+            })
         }
-        Command::Dequantize { bundle, out: path, dtype } => {
+        Command::Dequantize {
+            bundle,
+            out: path,
+            dtype,
+        } => {
             let dtype = match dtype.as_str() {
                 "f16" => mcompress_core::DType::F16,
                 "bf16" => mcompress_core::DType::BF16,
                 _ => mcompress_core::DType::F32,
             };
             let n = mcompress_bundle::dequantize(&bundle, &path, dtype)?;
-            writeln!(out, "wrote {} ({n} matrices dequantized to {dtype})", path.display())?;
+            writeln!(
+                out,
+                "wrote {} ({n} matrices dequantized to {dtype})",
+                path.display()
+            )?;
             Ok(Status::Ok)
         }
         Command::Passes { name, json } => {
@@ -201,7 +271,13 @@ fn dispatch(cli: Cli) -> Result<Status> {
                     let valid: Vec<_> = passes.iter().map(|p| p.name).collect();
                     anyhow::bail!("unknown pass {name:?}; valid passes: {}", valid.join(", "));
                 };
-                writeln!(out, "# {}\n\n{}\n\n{}", p.name, p.summary, p.docs.trim_end())?;
+                writeln!(
+                    out,
+                    "# {}\n\n{}\n\n{}",
+                    p.name,
+                    p.summary,
+                    p.docs.trim_end()
+                )?;
                 return Ok(Status::Ok);
             }
             if json {
@@ -213,10 +289,15 @@ fn dispatch(cli: Cli) -> Result<Status> {
             for p in passes {
                 writeln!(out, "{:14} {}", p.name, p.summary)?;
             }
-            writeln!(out, "\n`mcompress passes NAME` shows a pass's documentation.")?;
+            writeln!(
+                out,
+                "\n`mcompress passes NAME` shows a pass's documentation."
+            )?;
             Ok(Status::Ok)
         }
-        Command::Recipe { command: RecipeCommand::Schema } => {
+        Command::Recipe {
+            command: RecipeCommand::Schema,
+        } => {
             serde_json::to_writer_pretty(&mut out, &mcompress_passes::recipe_schema())?;
             writeln!(out)?;
             Ok(Status::Ok)
@@ -257,13 +338,20 @@ impl ProgressOut {
         let bar = (!quiet && tty).then(|| {
             let b = indicatif::ProgressBar::new(0);
             b.set_style(
-                indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} tensors  {msg}  {elapsed}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{bar:30}] {pos}/{len} tensors  {msg}  {elapsed}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
             );
             b
         });
-        Self { bar, plain: !quiet && !tty, next_tenth: 1, started: std::time::Instant::now() }
+        Self {
+            bar,
+            plain: !quiet && !tty,
+            next_tenth: 1,
+            started: std::time::Instant::now(),
+        }
     }
 
     fn update(&mut self, p: Progress) {
@@ -271,8 +359,15 @@ impl ProgressOut {
         if let Some(b) = &self.bar {
             b.set_length(p.tensors_total as u64);
             b.set_position(p.tensors_done as u64);
-            b.set_message(format!("{:.1}/{:.1} MB  {rate:.0} MB/s", p.bytes_done as f64 / 1e6, p.bytes_total as f64 / 1e6));
-        } else if self.plain && p.bytes_total > 0 && p.bytes_done * 10 >= self.next_tenth * p.bytes_total {
+            b.set_message(format!(
+                "{:.1}/{:.1} MB  {rate:.0} MB/s",
+                p.bytes_done as f64 / 1e6,
+                p.bytes_total as f64 / 1e6
+            ));
+        } else if self.plain
+            && p.bytes_total > 0
+            && p.bytes_done * 10 >= self.next_tenth * p.bytes_total
+        {
             self.next_tenth = p.bytes_done * 10 / p.bytes_total + 1;
             #[allow(clippy::print_stderr)]
             {

@@ -9,19 +9,34 @@ fn test_quickstart_recipe_writes_verified_bundle() {
     let t = tmp();
     let out = t.path().join("dist");
     let (code, stdout, stderr) = mcompress(
-        &["run", repo().join("recipes/quickstart.toml").to_str().unwrap(), "--out", out.to_str().unwrap()],
+        &[
+            "run",
+            repo().join("recipes/quickstart.toml").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
         t.path(),
     );
     assert_eq!(code, 0, "{stdout}{stderr}");
     let b = out.join("default");
-    for f in ["model.safetensors", "config.json", "manifest.json", "report.json", "report.md"] {
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "manifest.json",
+        "report.json",
+        "report.md",
+    ] {
         assert!(b.join(f).is_file(), "{f} missing");
     }
-    let report: Value = serde_json::from_slice(&std::fs::read(b.join("report.json")).unwrap()).unwrap();
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(b.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["schema"], "mcompress.report/v1");
     assert_eq!(report["tool"]["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(report["model"]["params"], 17226);
-    assert!(report["bundle"]["bytes"].as_u64().unwrap() < report["model"]["bytes"].as_u64().unwrap() / 3);
+    assert!(
+        report["bundle"]["bytes"].as_u64().unwrap()
+            < report["model"]["bytes"].as_u64().unwrap() / 3
+    );
     let rtn = &report["passes"][0];
     assert_eq!(rtn["type"], "quantize-rtn");
     assert!(rtn["seconds"].as_f64().is_some());
@@ -30,9 +45,16 @@ fn test_quickstart_recipe_writes_verified_bundle() {
     let max = rtn["rel_rmse_max"].as_f64().unwrap();
     assert!(max > 1e-3 && max < 1e-2, "{max}");
     assert!(rtn["rel_rmse_mean"].as_f64().unwrap() <= max);
-    let config: Value = serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap();
-    assert_eq!(config["quantization_config"]["quant_method"], "compressed-tensors");
-    assert_eq!(config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"], 8);
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["quantization_config"]["quant_method"],
+        "compressed-tensors"
+    );
+    assert_eq!(
+        config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"],
+        8
+    );
     assert_eq!(config["model_type"], "mlp");
 
     let (code, stdout, _) = mcompress(&["verify", b.to_str().unwrap()], t.path());
@@ -44,7 +66,12 @@ fn test_quickstart_recipe_writes_verified_bundle() {
     let i: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(i["kind"], "bundle");
     assert_eq!(i["params"], 17226);
-    let w0 = i["tensors"].as_array().unwrap().iter().find(|t| t["name"] == "layers.0.weight").unwrap();
+    let w0 = i["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "layers.0.weight")
+        .unwrap();
     assert_eq!(w0["quantized"], "int8-channel-sym");
     assert_eq!(w0["shape"], serde_json::json!([128, 64]));
 }
@@ -54,7 +81,10 @@ fn test_verify_detects_flipped_byte_added_and_removed_files() {
     let t = tmp();
     let out = t.path().join("dist");
     let r = recipe(t.path(), &repo().join("fixtures/digits-mlp"), &out, "");
-    assert_eq!(mcompress(&["run", "-q", r.to_str().unwrap()], t.path()).0, 0);
+    assert_eq!(
+        mcompress(&["run", "-q", r.to_str().unwrap()], t.path()).0,
+        0
+    );
     let b = out.join("default");
     let weights = b.join("model.safetensors");
     let mut bytes = std::fs::read(&weights).unwrap();
@@ -96,16 +126,24 @@ fn test_size_gate_fails_with_exit_1_and_marks_bundle() {
     assert!(stdout.contains("FAIL tiny"), "{stdout}");
     assert!(stdout.contains("PASS roomy"), "{stdout}");
     assert!(stdout.contains("exceeds max-size 1.0 KiB"), "{stdout}");
-    let report: Value = serde_json::from_slice(&std::fs::read(out.join("tiny/report.json")).unwrap()).unwrap();
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(out.join("tiny/report.json")).unwrap()).unwrap();
     assert_eq!(report["passed"], false);
     assert_eq!(report["gates"][0]["name"], "max-size");
     assert_eq!(report["gates"][0]["passed"], false);
     let md = std::fs::read_to_string(out.join("tiny/report.md")).unwrap();
-    assert!(md.contains("(FAIL)") && md.contains("| max-size | FAIL |"), "{md}");
-    let manifest: Value = serde_json::from_slice(&std::fs::read(out.join("tiny/manifest.json")).unwrap()).unwrap();
+    assert!(
+        md.contains("(FAIL)") && md.contains("| max-size | FAIL |"),
+        "{md}"
+    );
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(out.join("tiny/manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["status"], "failed");
     // The failed bundle is still complete and intact; the other target is identical in weights.
-    assert_eq!(mcompress(&["verify", out.join("tiny").to_str().unwrap()], t.path()).0, 0);
+    assert_eq!(
+        mcompress(&["verify", out.join("tiny").to_str().unwrap()], t.path()).0,
+        0
+    );
     assert_eq!(
         std::fs::read(out.join("tiny/model.safetensors")).unwrap(),
         std::fs::read(out.join("roomy/model.safetensors")).unwrap()
@@ -120,7 +158,16 @@ fn test_bundles_are_byte_identical_across_runs_and_threads() {
     let r = recipe(t.path(), &model, &t.path().join("unused"), "");
     for (i, threads) in ["1", "2", "2"].iter().enumerate() {
         let out = t.path().join(format!("out{i}"));
-        let args = ["run", "-q", "--reproducible", "--threads", threads, "--out", out.to_str().unwrap(), r.to_str().unwrap()];
+        let args = [
+            "run",
+            "-q",
+            "--reproducible",
+            "--threads",
+            threads,
+            "--out",
+            out.to_str().unwrap(),
+            r.to_str().unwrap(),
+        ];
         let (code, so, se) = mcompress(&args, t.path());
         assert_eq!(code, 0, "{so}{se}");
         snaps.push(snapshot(&out.join("default")));
@@ -133,7 +180,20 @@ fn test_bundles_are_byte_identical_across_runs_and_threads() {
 
     // Without --reproducible the timings differ but the weights and config do not.
     let out = t.path().join("timed");
-    assert_eq!(mcompress(&["run", "-q", "--out", out.to_str().unwrap(), r.to_str().unwrap()], t.path()).0, 0);
+    assert_eq!(
+        mcompress(
+            &[
+                "run",
+                "-q",
+                "--out",
+                out.to_str().unwrap(),
+                r.to_str().unwrap()
+            ],
+            t.path()
+        )
+        .0,
+        0
+    );
     let timed = snapshot(&out.join("default"));
     for name in ["model.safetensors", "config.json"] {
         let a = snaps[0].iter().find(|(n, _)| n == name).unwrap();
@@ -155,13 +215,29 @@ fn test_rerun_replaces_bundle_and_cleans_stale_temp_dirs() {
     let t = tmp();
     let out = t.path().join("dist");
     std::fs::create_dir_all(out.join(".default.mcompress-tmp-999999999")).unwrap();
-    std::fs::write(out.join(".default.mcompress-tmp-999999999/model.safetensors"), b"partial").unwrap();
+    std::fs::write(
+        out.join(".default.mcompress-tmp-999999999/model.safetensors"),
+        b"partial",
+    )
+    .unwrap();
     let r = recipe(t.path(), &repo().join("fixtures/digits-mlp"), &out, "");
-    assert_eq!(mcompress(&["run", "-q", r.to_str().unwrap()], t.path()).0, 0);
-    assert_eq!(mcompress(&["run", "-q", r.to_str().unwrap()], t.path()).0, 0);
-    let names: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(
+        mcompress(&["run", "-q", r.to_str().unwrap()], t.path()).0,
+        0
+    );
+    assert_eq!(
+        mcompress(&["run", "-q", r.to_str().unwrap()], t.path()).0,
+        0
+    );
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     assert_eq!(names, ["default"]);
-    assert_eq!(mcompress(&["verify", out.join("default").to_str().unwrap()], t.path()).0, 0);
+    assert_eq!(
+        mcompress(&["verify", out.join("default").to_str().unwrap()], t.path()).0,
+        0
+    );
 }
 
 #[test]
@@ -169,19 +245,33 @@ fn test_passes_and_schema_commands() {
     let t = tmp();
     let (code, stdout, _) = mcompress(&["passes"], t.path());
     assert_eq!(code, 0);
-    assert!(stdout.contains("quantize-rtn") && stdout.contains("cast"), "{stdout}");
+    assert!(
+        stdout.contains("quantize-rtn") && stdout.contains("cast"),
+        "{stdout}"
+    );
     let (code, stdout, _) = mcompress(&["passes", "quantize-rtn"], t.path());
     assert_eq!(code, 0);
-    assert!(stdout.contains("## What it does") && stdout.contains("group-size"), "{stdout}");
+    assert!(
+        stdout.contains("## What it does") && stdout.contains("group-size"),
+        "{stdout}"
+    );
     let (code, _, stderr) = mcompress(&["passes", "nope"], t.path());
     assert_eq!(code, 2);
-    assert!(stderr.contains("valid passes: cast, quantize-rtn"), "{stderr}");
+    assert!(
+        stderr.contains("valid passes: cast, quantize-rtn"),
+        "{stderr}"
+    );
     let (code, stdout, _) = mcompress(&["recipe", "schema"], t.path());
     assert_eq!(code, 0);
     let s: Value = serde_json::from_str(&stdout).unwrap();
     // The checked-in schema is what the code generates.
-    let committed: Value = serde_json::from_slice(&std::fs::read(repo().join("recipes/recipe.schema.json")).unwrap()).unwrap();
-    assert_eq!(s, committed, "recipes/recipe.schema.json is stale: run `mcompress recipe schema > recipes/recipe.schema.json`");
+    let committed: Value =
+        serde_json::from_slice(&std::fs::read(repo().join("recipes/recipe.schema.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        s, committed,
+        "recipes/recipe.schema.json is stale: run `mcompress recipe schema > recipes/recipe.schema.json`"
+    );
 }
 
 #[test]
@@ -199,7 +289,16 @@ fn mcompress_recipe_parse(p: &std::path::Path) -> Result<(), String> {
     // `run` on a recipe whose model is missing fails at the model, after the recipe parsed and
     // every pass was built, so a recipe error here is a real recipe error.
     let t = tmp();
-    let (code, so, se) = mcompress(&["run", "-q", "--out", t.path().join("o").to_str().unwrap(), p.to_str().unwrap()], t.path());
+    let (code, so, se) = mcompress(
+        &[
+            "run",
+            "-q",
+            "--out",
+            t.path().join("o").to_str().unwrap(),
+            p.to_str().unwrap(),
+        ],
+        t.path(),
+    );
     if code == 0 || !se.contains(".toml:") {
         Ok(())
     } else {

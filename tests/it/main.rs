@@ -1,4 +1,5 @@
 //! Integration tests: the `mcompress` binary run as a user runs it.
+#![allow(clippy::print_stderr)]
 
 mod bad_input;
 mod bundle;

@@ -1,12 +1,12 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-pub fn repo() -> PathBuf {
+pub(crate) fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// Runs the binary; returns (exit code, stdout, stderr).
-pub fn mcompress(args: &[&str], cwd: &Path) -> (i32, String, String) {
+pub(crate) fn mcompress(args: &[&str], cwd: &Path) -> (i32, String, String) {
     let out: Output = Command::new(env!("CARGO_BIN_EXE_mcompress"))
         .args(args)
         .current_dir(cwd)
@@ -21,12 +21,12 @@ pub fn mcompress(args: &[&str], cwd: &Path) -> (i32, String, String) {
 }
 
 /// A fresh temp dir per test.
-pub fn tmp() -> tempfile::TempDir {
+pub(crate) fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
 }
 
 /// Quickstart-like recipe over `model` writing to `out`.
-pub fn recipe(dir: &Path, model: &Path, out: &Path, extra: &str) -> PathBuf {
+pub(crate) fn recipe(dir: &Path, model: &Path, out: &Path, extra: &str) -> PathBuf {
     let text = format!(
         "[model]\npath = {:?}\n\n[[pass]]\ntype = \"quantize-rtn\"\nbits = 4\ngroup-size = 32\nsymmetric = false\n\n[[pass]]\ntype = \"cast\"\ndtype = \"bf16\"\n\n[output]\ndir = {:?}\n{extra}",
         model.display().to_string(),
@@ -38,18 +38,21 @@ pub fn recipe(dir: &Path, model: &Path, out: &Path, extra: &str) -> PathBuf {
 }
 
 /// Every file under `dir` with its bytes, sorted.
-pub fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+pub(crate) fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut v = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let e = e.unwrap();
-        v.push((e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()));
+        v.push((
+            e.file_name().to_string_lossy().into_owned(),
+            std::fs::read(e.path()).unwrap(),
+        ));
     }
     v.sort();
     v
 }
 
 /// Raw safetensors bytes from a header and data.
-pub fn raw_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
+pub(crate) fn raw_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
     let mut v = (header.len() as u64).to_le_bytes().to_vec();
     v.extend_from_slice(header.as_bytes());
     v.extend_from_slice(data);
@@ -57,15 +60,19 @@ pub fn raw_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
 }
 
 /// Directory of the MiniLM fixture, fetched with scripts/fetch-fixtures.sh. In CI it must exist.
-pub fn minilm() -> Option<PathBuf> {
-    let base = std::env::var_os("MCOMPRESS_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/mcompress/fixtures"));
+pub(crate) fn minilm() -> Option<PathBuf> {
+    let base = std::env::var_os("MCOMPRESS_FIXTURES").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/mcompress/fixtures"),
+        PathBuf::from,
+    );
     let p = base.join("all-MiniLM-L6-v2");
     if p.join("model.safetensors").is_file() {
         return Some(p);
     }
-    assert!(std::env::var_os("CI").is_none(), "CI must fetch the MiniLM fixture first (scripts/fetch-fixtures.sh)");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must fetch the MiniLM fixture first (scripts/fetch-fixtures.sh)"
+    );
     eprintln!("skipping: MiniLM fixture not fetched (run scripts/fetch-fixtures.sh)");
     None
 }

@@ -4,14 +4,14 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use mcompress_core::ModelSource;
-use mcompress_passes::pipeline::{Output, PassReport};
 use mcompress_passes::ParamMeta;
+use mcompress_passes::pipeline::{Output, PassReport};
 use mcompress_recipe::{ByteSize, Recipe, TargetSection};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::manifest::{recipe_named, FileEntry, FileNamed};
 use crate::TOOL_VERSION;
+use crate::manifest::{FileEntry, FileNamed, recipe_named};
 
 /// Schema id of reports written by this version.
 pub const REPORT_SCHEMA: &str = "mcompress.report/v1";
@@ -37,9 +37,20 @@ impl Gate {
         let detail = if passed {
             format!("bundle {} ≤ max-size {}", ByteSize(value), ByteSize(limit))
         } else {
-            format!("bundle {} exceeds max-size {} by {}", ByteSize(value), ByteSize(limit), ByteSize(value - limit))
+            format!(
+                "bundle {} exceeds max-size {} by {}",
+                ByteSize(value),
+                ByteSize(limit),
+                ByteSize(value - limit)
+            )
         };
-        Gate { name: "max-size".into(), limit: limit as f64, value: value as f64, passed, detail }
+        Gate {
+            name: "max-size".into(),
+            limit: limit as f64,
+            value: value as f64,
+            passed,
+            detail,
+        }
     }
 }
 
@@ -126,17 +137,29 @@ impl Report {
             })
             .sum();
         let weights_bytes = output.bytes;
-        let name = model.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = model
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         Report {
             schema: REPORT_SCHEMA,
             tool: BTreeMap::from([("name", "mcompress"), ("version", TOOL_VERSION)]),
             recipe: recipe_named(recipe),
             target: serde_json::json!({"name": target.name, "max_size": target.max_size.map(|s| s.0)}),
-            model: ModelInfo { name, params, bytes: model.weight_bytes(), tensors: model.tensors().len(), dtypes },
+            model: ModelInfo {
+                name,
+                params,
+                bytes: model.weight_bytes(),
+                tensors: model.tensors().len(),
+                dtypes,
+            },
             bundle: BundleInfo {
                 bytes: bundle_bytes,
                 weights_bytes,
-                compression_ratio: round6(model.weight_bytes() as f64 / weights_bytes.max(1) as f64),
+                compression_ratio: round6(
+                    model.weight_bytes() as f64 / weights_bytes.max(1) as f64,
+                ),
                 bits_per_param: round6(weights_bytes as f64 * 8.0 / params.max(1) as f64),
                 params_quantized,
                 files: files.iter().map(|(k, v)| (k.clone(), v.bytes)).collect(),
@@ -152,31 +175,87 @@ impl Report {
     pub fn to_markdown(&self) -> String {
         let mut s = String::new();
         let status = if self.passed { "PASS" } else { "FAIL" };
-        let _ = writeln!(s, "# mcompress report: {} → {} ({status})\n", self.model.name, self.target["name"].as_str().unwrap_or(""));
-        let _ = writeln!(s, "Recipe `{}` (sha256 `{}`), mcompress {}.\n", self.recipe.file, &self.recipe.sha256[..12], TOOL_VERSION);
+        let _ = writeln!(
+            s,
+            "# mcompress report: {} → {} ({status})\n",
+            self.model.name,
+            self.target["name"].as_str().unwrap_or("")
+        );
+        let _ = writeln!(
+            s,
+            "Recipe `{}` (sha256 `{}`), mcompress {}.\n",
+            self.recipe.file,
+            &self.recipe.sha256[..12],
+            TOOL_VERSION
+        );
         let _ = writeln!(s, "| | model | bundle |\n|---|---:|---:|");
-        let _ = writeln!(s, "| weights | {} | {} |", ByteSize(self.model.bytes), ByteSize(self.bundle.weights_bytes));
-        let _ = writeln!(s, "| deployable files | | {} |", ByteSize(self.bundle.bytes));
-        let _ = writeln!(s, "| parameters | {} | {} quantized |", self.model.params, self.bundle.params_quantized);
-        let _ = writeln!(s, "| bits / parameter | {:.2} | {:.2} |", self.model.bytes as f64 * 8.0 / self.model.params.max(1) as f64, self.bundle.bits_per_param);
-        let _ = writeln!(s, "| compression | | {:.2}× |\n", self.bundle.compression_ratio);
+        let _ = writeln!(
+            s,
+            "| weights | {} | {} |",
+            ByteSize(self.model.bytes),
+            ByteSize(self.bundle.weights_bytes)
+        );
+        let _ = writeln!(
+            s,
+            "| deployable files | | {} |",
+            ByteSize(self.bundle.bytes)
+        );
+        let _ = writeln!(
+            s,
+            "| parameters | {} | {} quantized |",
+            self.model.params, self.bundle.params_quantized
+        );
+        let _ = writeln!(
+            s,
+            "| bits / parameter | {:.2} | {:.2} |",
+            self.model.bytes as f64 * 8.0 / self.model.params.max(1) as f64,
+            self.bundle.bits_per_param
+        );
+        let _ = writeln!(
+            s,
+            "| compression | | {:.2}× |\n",
+            self.bundle.compression_ratio
+        );
         if !self.gates.is_empty() {
             let _ = writeln!(s, "## Gates\n\n| gate | result | detail |\n|---|---|---|");
             for g in &self.gates {
-                let _ = writeln!(s, "| {} | {} | {} |", g.name, if g.passed { "PASS" } else { "FAIL" }, g.detail);
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} |",
+                    g.name,
+                    if g.passed { "PASS" } else { "FAIL" },
+                    g.detail
+                );
             }
             s.push('\n');
         }
-        let _ = writeln!(s, "## Passes\n\n| # | pass | tensors | rel. RMSE mean | rel. RMSE max | seconds |\n|---|---|---:|---:|---:|---:|");
+        let _ = writeln!(
+            s,
+            "## Passes\n\n| # | pass | tensors | rel. RMSE mean | rel. RMSE max | seconds |\n|---|---|---:|---:|---:|---:|"
+        );
         for p in &self.passes {
-            let secs = p.seconds.map_or_else(|| "–".to_string(), |t| format!("{t:.4}"));
-            let _ = writeln!(s, "| {} | {} | {} | {:.3e} | {:.3e} | {secs} |", p.index, p.kind, p.tensors.len(), p.rel_rmse_mean, p.rel_rmse_max);
+            let secs = p
+                .seconds
+                .map_or_else(|| "–".to_string(), |t| format!("{t:.4}"));
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.3e} | {:.3e} | {secs} |",
+                p.index,
+                p.kind,
+                p.tensors.len(),
+                p.rel_rmse_mean,
+                p.rel_rmse_max
+            );
         }
         for p in &self.passes {
             if p.tensors.is_empty() && p.skipped.is_empty() {
                 continue;
             }
-            let _ = writeln!(s, "\n### pass[{}] {}\n\n| tensor | rel. RMSE |\n|---|---:|", p.index, p.kind);
+            let _ = writeln!(
+                s,
+                "\n### pass[{}] {}\n\n| tensor | rel. RMSE |\n|---|---:|",
+                p.index, p.kind
+            );
             for t in &p.tensors {
                 let _ = writeln!(s, "| `{}` | {:.3e} |", t.name, t.rel_rmse);
             }

@@ -3,8 +3,8 @@
 use std::fmt;
 use std::path::Path;
 
-use crate::manifest::{hash_dir, Manifest};
-use crate::{io, Error, Result, MANIFEST_SCHEMA};
+use crate::manifest::{Manifest, hash_dir};
+use crate::{Error, MANIFEST_SCHEMA, Result, io};
 
 /// A difference between a bundle and its manifest.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -36,8 +36,15 @@ impl fmt::Display for Problem {
         match self {
             Problem::Missing { file } => write!(f, "{file}: missing (listed in manifest.json)"),
             Problem::Unexpected { file } => write!(f, "{file}: not listed in manifest.json"),
-            Problem::Modified { file, expected, actual } => {
-                write!(f, "{file}: sha256 {actual} does not match manifest {expected}")
+            Problem::Modified {
+                file,
+                expected,
+                actual,
+            } => {
+                write!(
+                    f,
+                    "{file}: sha256 {actual} does not match manifest {expected}"
+                )
             }
         }
     }
@@ -48,13 +55,21 @@ impl fmt::Display for Problem {
 pub fn verify(dir: &Path) -> Result<(Manifest, Vec<Problem>)> {
     let mpath = dir.join("manifest.json");
     if !dir.is_dir() {
-        return Err(Error::BadBundle { path: dir.into(), reason: "not a directory".into() });
+        return Err(Error::BadBundle {
+            path: dir.into(),
+            reason: "not a directory".into(),
+        });
     }
     let text = fs_err::read(&mpath).map_err(io(&mpath))?;
-    let manifest: Manifest = serde_json::from_slice(&text)
-        .map_err(|e| Error::BadBundle { path: mpath.clone(), reason: format!("not a valid manifest: {e}") })?;
+    let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| Error::BadBundle {
+        path: mpath.clone(),
+        reason: format!("not a valid manifest: {e}"),
+    })?;
     if manifest.schema != MANIFEST_SCHEMA {
-        return Err(Error::BadBundle { path: mpath, reason: format!("unknown manifest schema {:?}", manifest.schema) });
+        return Err(Error::BadBundle {
+            path: mpath,
+            reason: format!("unknown manifest schema {:?}", manifest.schema),
+        });
     }
     let actual = hash_dir(dir)?;
     let mut problems = Vec::new();

@@ -33,6 +33,6 @@ mod writer;
 
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use model::{ModelSource, TensorRef, AUX_FILES};
-pub use safetensors::{SafetensorsFile, TensorInfo, TensorView, MAX_HEADER_SIZE};
+pub use model::{AUX_FILES, ModelSource, TensorRef};
+pub use safetensors::{MAX_HEADER_SIZE, SafetensorsFile, TensorInfo, TensorView};
 pub use writer::{SafetensorsLayout, SafetensorsWriter, TensorEntry};

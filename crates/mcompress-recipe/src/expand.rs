@@ -40,7 +40,11 @@ pub(crate) fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result
         match (lookup(name).filter(|v| !v.is_empty()), default) {
             (Some(v), _) => out.push_str(&v),
             (None, Some(d)) => out.push_str(&expand(d, lookup)?),
-            (None, None) => return Err(format!("environment variable {name} is not set (used in {s:?}; write ${{{name}:-default}} for a fallback)")),
+            (None, None) => {
+                return Err(format!(
+                    "environment variable {name} is not set (used in {s:?}; write ${{{name}:-default}} for a fallback)"
+                ));
+            }
         }
         rest = &rest[end + 1..];
     }
@@ -64,9 +68,16 @@ mod tests {
     fn test_expansion() {
         assert_eq!(expand("a/b", &env).unwrap(), "a/b");
         assert_eq!(expand("${HOME}/x", &env).unwrap(), "/home/u/x");
-        assert_eq!(expand("${FIX:-${HOME}/.cache}/m", &env).unwrap(), "/home/u/.cache/m");
+        assert_eq!(
+            expand("${FIX:-${HOME}/.cache}/m", &env).unwrap(),
+            "/home/u/.cache/m"
+        );
         assert_eq!(expand("${EMPTY:-d}", &env).unwrap(), "d");
-        assert!(expand("${NOPE}/m", &env).unwrap_err().contains("NOPE is not set"));
+        assert!(
+            expand("${NOPE}/m", &env)
+                .unwrap_err()
+                .contains("NOPE is not set")
+        );
         assert!(expand("${HOME", &env).unwrap_err().contains("unclosed"));
         assert!(expand("${a b}", &env).unwrap_err().contains("bad variable"));
     }

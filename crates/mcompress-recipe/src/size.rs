@@ -15,7 +15,9 @@ impl ByteSize {
     /// (kB/KB, MB, GB, TB) units; `B` optional.
     pub fn parse(s: &str) -> Option<Self> {
         let s = s.trim();
-        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
         let num: f64 = num.parse().ok()?;
         let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
@@ -31,7 +33,7 @@ impl ByteSize {
             _ => return None,
         };
         let v = (num * mult).round();
-        (v.is_finite() && v >= 0.0 && v < 1.8e19).then(|| ByteSize(v as u64))
+        (v.is_finite() && (0.0..1.8e19).contains(&v)).then_some(ByteSize(v as u64))
     }
 }
 

@@ -9,7 +9,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use load::{load_quantized, schemes_from_config};
-pub use rtn::{quantize, quantize_ref, QuantError, Quantized};
+pub use rtn::{QuantError, Quantized, quantize, quantize_ref};
 pub use scheme::QScheme;
 
 use crate::{Applied, Param, ParamMeta, ParamSelector, Pass, PassInfo, Plan, Status};
@@ -50,17 +50,30 @@ impl Rtn {
     /// Validates a config.
     pub fn new(config: RtnConfig) -> Result<Self, String> {
         if !QScheme::BITS.contains(&config.bits) {
-            return Err(format!("bits = {}: supported values are 8, 4, 3 and 2", config.bits));
+            return Err(format!(
+                "bits = {}: supported values are 8, 4, 3 and 2",
+                config.bits
+            ));
         }
         let selector = ParamSelector::new(config.targets.as_deref(), &config.ignore)?;
-        let scheme = QScheme { bits: config.bits, group_size: config.group_size, symmetric: config.symmetric };
-        Ok(Self { config, scheme, selector })
+        let scheme = QScheme {
+            bits: config.bits,
+            group_size: config.group_size,
+            symmetric: config.symmetric,
+        };
+        Ok(Self {
+            config,
+            scheme,
+            selector,
+        })
     }
 }
 
 fn build_rtn(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
     let config: RtnConfig = recipe.pass_config(index)?;
-    Rtn::new(config).map(|p| Box::new(p) as Box<dyn Pass>).map_err(|e| recipe.pass_error(index, e))
+    Rtn::new(config)
+        .map(|p| Box::new(p) as Box<dyn Pass>)
+        .map_err(|e| recipe.pass_error(index, e))
 }
 
 /// Registry entry of `quantize-rtn`.
@@ -84,17 +97,26 @@ impl Pass for Rtn {
 
     fn plan(&self, name: &str, meta: &ParamMeta) -> Plan {
         let ParamMeta::Dense { dtype, shape } = meta else {
-            return if self.selector.select(name, false) == Some(true) { Plan::Skip("already quantized".into()) } else { Plan::Keep };
+            return if self.selector.select(name, false) == Some(true) {
+                Plan::Skip("already quantized".into())
+            } else {
+                Plan::Keep
+            };
         };
         let eligible = dtype.is_float() && shape.len() >= 2 && shape.iter().all(|&d| d > 0);
         let default = eligible && name.ends_with("weight");
         match self.selector.select(name, default) {
             None => Plan::Keep,
-            Some(_) if eligible => {
-                Plan::Change(ParamMeta::Quantized { scheme: self.scheme, shape: shape.clone(), scale_dtype: scheme::scale_dtype(*dtype) })
-            }
+            Some(_) if eligible => Plan::Change(ParamMeta::Quantized {
+                scheme: self.scheme,
+                shape: shape.clone(),
+                scale_dtype: scheme::scale_dtype(*dtype),
+            }),
             Some(_) => Plan::Skip(if dtype.is_float() {
-                format!("rank {} tensor {shape:?}: only matrices are quantized", shape.len())
+                format!(
+                    "rank {} tensor {shape:?}: only matrices are quantized",
+                    shape.len()
+                )
             } else {
                 format!("dtype {dtype} is not a float type")
             }),
@@ -110,6 +132,9 @@ impl Pass for Rtn {
             QuantError::BadInput(m) => m,
         })?;
         let rel = q.rel_rmse();
-        Ok(Applied { param: Param::Quantized(q), rel_rmse: Some(rel) })
+        Ok(Applied {
+            param: Param::Quantized(q),
+            rel_rmse: Some(rel),
+        })
     }
 }

@@ -4,7 +4,7 @@
 use mcompress_core::DType;
 use rayon::prelude::*;
 
-use super::scheme::{dequant_value, group_params, quant_value, scale_dtype, QScheme};
+use super::scheme::{QScheme, dequant_value, group_params, quant_value, scale_dtype};
 
 /// A quantized tensor in the packed layout of [`super::scheme`].
 #[derive(Clone, Debug, PartialEq)]
@@ -46,7 +46,13 @@ pub enum QuantError {
 impl Quantized {
     /// Relative RMSE of the dequantized tensor: sqrt(Σ err² / Σ w²).
     pub fn rel_rmse(&self) -> f64 {
-        if self.ref2 > 0.0 { (self.err2 / self.ref2).sqrt() } else if self.err2 > 0.0 { f64::INFINITY } else { 0.0 }
+        if self.ref2 > 0.0 {
+            (self.err2 / self.ref2).sqrt()
+        } else if self.err2 > 0.0 {
+            f64::INFINITY
+        } else {
+            0.0
+        }
     }
 
     /// Code at (row, col), unpacked and signed.
@@ -85,7 +91,11 @@ impl Quantized {
         let s = &self.scheme;
         let groups = s.groups(self.cols);
         if s.bits == 8 {
-            return Some((vec![self.rows, groups], DType::I8, zp.iter().map(|&z| z as u8).collect()));
+            return Some((
+                vec![self.rows, groups],
+                DType::I8,
+                zp.iter().map(|&z| z as u8).collect(),
+            ));
         }
         let pf = s.pack_factor();
         let prow = self.rows.div_ceil(pf);
@@ -96,7 +106,11 @@ impl Quantized {
                 words[(r / pf) * groups + g] |= u << ((r % pf) * s.bits as usize);
             }
         }
-        Some((vec![prow, groups], DType::I32, words.iter().flat_map(|w| w.to_le_bytes()).collect()))
+        Some((
+            vec![prow, groups],
+            DType::I32,
+            words.iter().flat_map(|w| w.to_le_bytes()).collect(),
+        ))
     }
 }
 
@@ -108,23 +122,35 @@ fn dims(shape: &[usize]) -> (usize, usize) {
 
 fn check_input(dtype: DType, shape: &[usize], data: &[u8]) -> Result<(usize, usize), QuantError> {
     if !dtype.is_float() {
-        return Err(QuantError::BadInput(format!("dtype {dtype} is not a float type")));
+        return Err(QuantError::BadInput(format!(
+            "dtype {dtype} is not a float type"
+        )));
     }
     if shape.len() < 2 {
-        return Err(QuantError::BadInput(format!("rank {} (needs a matrix)", shape.len())));
+        return Err(QuantError::BadInput(format!(
+            "rank {} (needs a matrix)",
+            shape.len()
+        )));
     }
     let (rows, cols) = dims(shape);
     if rows == 0 || cols == 0 {
         return Err(QuantError::BadInput("empty tensor".into()));
     }
     if dtype.bytes_for(rows * cols) != Some(data.len()) {
-        return Err(QuantError::BadInput("data length does not match shape".into()));
+        return Err(QuantError::BadInput(
+            "data length does not match shape".into(),
+        ));
     }
     Ok((rows, cols))
 }
 
 /// Reference implementation: element by element, no parallelism, no tricks.
-pub fn quantize_ref(s: &QScheme, dtype: DType, shape: &[usize], data: &[u8]) -> Result<Quantized, QuantError> {
+pub fn quantize_ref(
+    s: &QScheme,
+    dtype: DType,
+    shape: &[usize],
+    data: &[u8],
+) -> Result<Quantized, QuantError> {
     let (rows, cols) = check_input(dtype, shape, data)?;
     let mut w = vec![0f32; rows * cols];
     dtype.decode_f32(data, &mut w);
@@ -195,7 +221,12 @@ fn rows_per_task(cols: usize) -> usize {
 /// its rows into a scratch buffer, finds group ranges and writes codes straight into the packed
 /// output. Task boundaries depend only on the shape, and per-task error sums are added in task
 /// order, so the output is identical at any thread count.
-pub fn quantize(s: &QScheme, dtype: DType, shape: &[usize], data: &[u8]) -> Result<Quantized, QuantError> {
+pub fn quantize(
+    s: &QScheme,
+    dtype: DType,
+    shape: &[usize],
+    data: &[u8],
+) -> Result<Quantized, QuantError> {
     let (rows, cols) = check_input(dtype, shape, data)?;
     let sdt = scale_dtype(dtype);
     let groups = s.groups(cols);
@@ -206,7 +237,9 @@ pub fn quantize(s: &QScheme, dtype: DType, shape: &[usize], data: &[u8]) -> Resu
     let mut scale = vec![0f32; rows * groups];
     let mut zero = vec![0i8; if s.symmetric { 0 } else { rows * groups }];
     let zero_chunks: Vec<&mut [i8]> = if s.symmetric {
-        (0..rows.div_ceil(per)).map(|_| <&mut [i8]>::default()).collect()
+        (0..rows.div_ceil(per))
+            .map(|_| <&mut [i8]>::default())
+            .collect()
     } else {
         zero.chunks_mut(per * groups).collect()
     };
@@ -224,9 +257,20 @@ pub fn quantize(s: &QScheme, dtype: DType, shape: &[usize], data: &[u8]) -> Resu
             for i in 0..n {
                 let src = &data[(r0 + i) * in_row..(r0 + i + 1) * in_row];
                 dtype.decode_f32(src, &mut buf);
-                let zrow = if zp.is_empty() { None } else { Some(&mut zp[i * groups..(i + 1) * groups]) };
-                let (re, rw) = quantize_row(s, sdt, &buf, &mut codes, &mut sc[i * groups..(i + 1) * groups], zrow)
-                    .ok_or(QuantError::NonFinite { row: r0 + i })?;
+                let zrow = if zp.is_empty() {
+                    None
+                } else {
+                    Some(&mut zp[i * groups..(i + 1) * groups])
+                };
+                let (re, rw) = quantize_row(
+                    s,
+                    sdt,
+                    &buf,
+                    &mut codes,
+                    &mut sc[i * groups..(i + 1) * groups],
+                    zrow,
+                )
+                .ok_or(QuantError::NonFinite { row: r0 + i })?;
                 e += re;
                 w2 += rw;
                 pack_row(s, &codes, &mut out[i * row_bytes..(i + 1) * row_bytes]);
@@ -319,8 +363,16 @@ mod tests {
     }
 
     fn arb_scheme() -> impl Strategy<Value = QScheme> {
-        (prop::sample::select(QScheme::BITS.to_vec()), prop::sample::select(vec![0usize, 1, 3, 8, 16, 32, 128]), any::<bool>())
-            .prop_map(|(bits, group_size, symmetric)| QScheme { bits, group_size, symmetric })
+        (
+            prop::sample::select(QScheme::BITS.to_vec()),
+            prop::sample::select(vec![0usize, 1, 3, 8, 16, 32, 128]),
+            any::<bool>(),
+        )
+            .prop_map(|(bits, group_size, symmetric)| QScheme {
+                bits,
+                group_size,
+                symmetric,
+            })
     }
 
     fn arb_shape() -> impl Strategy<Value = Vec<usize>> {
@@ -416,7 +468,10 @@ mod tests {
 
     /// Deterministic roughly normal values (sum of uniforms) with a few outliers.
     pub(crate) fn pseudo_normal(seed: u64, n: usize) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+        let mut x = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407)
+            | 1;
         let mut next = || {
             x ^= x << 13;
             x ^= x >> 7;
@@ -434,15 +489,19 @@ mod tests {
     #[test]
     fn test_pack_layout_matches_compressed_tensors() {
         // Codes -8..7 of one row, int4 symmetric has range [-7, 7]; use asymmetric to reach -8.
-        let s = QScheme { bits: 4, group_size: 0, symmetric: false };
+        let s = QScheme {
+            bits: 4,
+            group_size: 0,
+            symmetric: false,
+        };
         let v: Vec<f32> = (0..8).map(|i| i as f32).collect();
         let q = quantize_ref(&s, DType::F32, &[1, 8], &bytes(DType::F32, &v)).unwrap();
         // lo = 0, hi = 7, scale = 7/15, zp = -8: codes are -8 + round(x / scale).
         let word = u32::from_le_bytes(q.packed[..4].try_into().unwrap());
-        for i in 0..8 {
+        for (i, x) in v.iter().enumerate() {
             let code = ((word >> (4 * i)) & 0xf) as i32 - 8;
             assert_eq!(code, q.code(0, i));
-            assert_eq!(code, (v[i] / q.scale[0]).round_ties_even() as i32 - 8);
+            assert_eq!(code, (x / q.scale[0]).round_ties_even() as i32 - 8);
         }
         assert_eq!(q.zero_point.as_ref().unwrap()[0], -8);
     }
@@ -451,9 +510,19 @@ mod tests {
     fn test_nan_is_reported_with_row() {
         let mut v = vec![1.0f32; 12];
         v[7] = f32::NAN;
-        let s = QScheme { bits: 8, group_size: 0, symmetric: true };
-        assert_eq!(quantize(&s, DType::F32, &[3, 4], &bytes(DType::F32, &v)).unwrap_err(), QuantError::NonFinite { row: 1 });
+        let s = QScheme {
+            bits: 8,
+            group_size: 0,
+            symmetric: true,
+        };
+        assert_eq!(
+            quantize(&s, DType::F32, &[3, 4], &bytes(DType::F32, &v)).unwrap_err(),
+            QuantError::NonFinite { row: 1 }
+        );
         v[7] = f32::INFINITY;
-        assert_eq!(quantize_ref(&s, DType::F32, &[3, 4], &bytes(DType::F32, &v)).unwrap_err(), QuantError::NonFinite { row: 1 });
+        assert_eq!(
+            quantize_ref(&s, DType::F32, &[3, 4], &bytes(DType::F32, &v)).unwrap_err(),
+            QuantError::NonFinite { row: 1 }
+        );
     }
 }
