@@ -125,6 +125,8 @@ impl DType {
 
     /// Decodes little-endian `bytes` of this dtype into `out` as f32. Returns `false` when this
     /// dtype does not convert (non-float types) or the lengths do not agree.
+    #[inline(always)]
+    #[allow(clippy::inline_always)] // inlined into callers compiled for wider vector units
     pub fn decode_f32(self, bytes: &[u8], out: &mut [f32]) -> bool {
         let w = match self {
             DType::F32 | DType::F16 | DType::BF16 | DType::F64 => self.bits() / 8,

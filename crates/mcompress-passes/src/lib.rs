@@ -184,14 +184,9 @@ impl<'a> Param<'a> {
                     .iter()
                     .flat_map(|&d| (d as i64).to_le_bytes())
                     .collect();
-                let mut data = vec![
-                    Cow::Owned(q.packed.clone()),
-                    Cow::Owned(scale),
-                    Cow::Owned(shape),
-                ];
-                if let Some((_, _, z)) = q.packed_zero_point() {
-                    data.push(Cow::Owned(z));
-                }
+                let zero = q.packed_zero_point().map(|(_, _, z)| Cow::Owned(z));
+                let mut data = vec![Cow::Owned(q.packed), Cow::Owned(scale), Cow::Owned(shape)];
+                data.extend(zero);
                 entries.into_iter().zip(data).collect()
             }
         }

@@ -4,7 +4,9 @@
 use mcompress_core::DType;
 use rayon::prelude::*;
 
-use super::scheme::{QScheme, dequant_value, group_params, quant_value, scale_dtype};
+use super::scheme::{
+    QScheme, dequant_value, group_params, quant_value, scale_and_zero, scale_dtype,
+};
 
 /// A quantized tensor in the packed layout of [`super::scheme`].
 #[derive(Clone, Debug, PartialEq)]
@@ -250,32 +252,10 @@ pub fn quantize(
         .enumerate()
         .map(|(t, ((out, sc), zp))| {
             let r0 = t * per;
-            let n = out.len() / row_bytes.max(1);
-            let mut buf = vec![0f32; cols];
-            let mut codes = vec![0i8; cols];
-            let (mut e, mut w2) = (0f64, 0f64);
-            for i in 0..n {
-                let src = &data[(r0 + i) * in_row..(r0 + i + 1) * in_row];
-                dtype.decode_f32(src, &mut buf);
-                let zrow = if zp.is_empty() {
-                    None
-                } else {
-                    Some(&mut zp[i * groups..(i + 1) * groups])
-                };
-                let (re, rw) = quantize_row(
-                    s,
-                    sdt,
-                    &buf,
-                    &mut codes,
-                    &mut sc[i * groups..(i + 1) * groups],
-                    zrow,
-                )
-                .ok_or(QuantError::NonFinite { row: r0 + i })?;
-                e += re;
-                w2 += rw;
-                pack_row(s, &codes, &mut out[i * row_bytes..(i + 1) * row_bytes]);
-            }
-            Ok((e, w2))
+            let rows_here = out.len() / row_bytes.max(1);
+            let src = &data[r0 * in_row..(r0 + rows_here) * in_row];
+            quantize_task(s, dtype, sdt, src, out, sc, zp, cols)
+                .map_err(|row| QuantError::NonFinite { row: r0 + row })
         })
         .collect();
     let (mut err2, mut ref2) = (0f64, 0f64);
@@ -298,13 +278,105 @@ pub fn quantize(
     })
 }
 
+/// Lanes of the vectorised loops. Independent accumulators per lane let the compiler keep
+/// min/max and error sums in vector registers; the order of additions is fixed, so results do
+/// not depend on threads.
+const LANES: usize = 8;
+
+/// 1.5 · 2^23: adding it to |v| < 2^22 rounds v to an integer (half to even), stored in the low
+/// mantissa bits.
+const MAGIC: f32 = 12_582_912.0;
+const MAGIC_BITS: i32 = 0x4B40_0000;
+
+/// (min(v, 0), max(v, 0)) of a group, or `None` if it holds NaN or infinity.
+#[inline(always)]
+#[allow(clippy::inline_always)] // must inline into the AVX2 copy of `quantize_task`
+fn group_range(vals: &[f32]) -> Option<(f32, f32)> {
+    let mut lo = [0f32; LANES];
+    let mut hi = [0f32; LANES];
+    let mut poison = [0f32; LANES];
+    let chunks = vals.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            lo[i] = if c[i] < lo[i] { c[i] } else { lo[i] };
+            hi[i] = if c[i] > hi[i] { c[i] } else { hi[i] };
+            poison[i] += c[i] * 0.0;
+        }
+    }
+    for (i, &v) in tail.iter().enumerate() {
+        lo[i] = if v < lo[i] { v } else { lo[i] };
+        hi[i] = if v > hi[i] { v } else { hi[i] };
+        poison[i] += v * 0.0;
+    }
+    if poison.iter().any(|p| p.is_nan()) {
+        return None;
+    }
+    Some((
+        lo.iter().copied().fold(0f32, f32::min),
+        hi.iter().copied().fold(0f32, f32::max),
+    ))
+}
+
+/// Quantizes a run of rows (one parallel task): decode, quantize, pack. Compiled for AVX2 as
+/// well as baseline x86-64 and picked at run time; every operation is exact IEEE arithmetic in a
+/// fixed order, so both versions produce identical bytes. `Err(row)` names a row with NaN/inf.
+#[multiversion::multiversion(targets("x86_64+avx+avx2"))]
+#[allow(clippy::too_many_arguments)]
+fn quantize_task(
+    s: &QScheme,
+    dtype: DType,
+    sdt: DType,
+    src: &[u8],
+    out: &mut [u8],
+    scales: &mut [f32],
+    zps: &mut [i8],
+    cols: usize,
+) -> Result<(f64, f64), usize> {
+    let row_bytes = s.packed_row_bytes(cols);
+    let groups = s.groups(cols);
+    let in_row = src.len() / (out.len() / row_bytes.max(1)).max(1);
+    let mut buf = vec![0f32; cols];
+    let mut codes = vec![0i8; cols];
+    let mut rounded = vec![0f32; s.group_len(cols).min(cols)];
+    let (mut e, mut w2) = (0f64, 0f64);
+    for (i, (row, o)) in src
+        .chunks_exact(in_row)
+        .zip(out.chunks_exact_mut(row_bytes))
+        .enumerate()
+    {
+        dtype.decode_f32(row, &mut buf);
+        let zrow = if zps.is_empty() {
+            None
+        } else {
+            Some(&mut zps[i * groups..(i + 1) * groups])
+        };
+        let (re, rw) = quantize_row(
+            s,
+            sdt,
+            &buf,
+            &mut codes,
+            &mut rounded,
+            &mut scales[i * groups..(i + 1) * groups],
+            zrow,
+        )
+        .ok_or(i)?;
+        e += re;
+        w2 += rw;
+        pack_row(s, &codes, o);
+    }
+    Ok((e, w2))
+}
+
 /// Quantizes one row; returns (Σ err², Σ w²) or `None` on NaN/inf.
-#[inline]
+#[inline(always)]
+#[allow(clippy::inline_always)] // must inline into the AVX2 copy of `quantize_task`
 fn quantize_row(
     s: &QScheme,
     sdt: DType,
     row: &[f32],
     codes: &mut [i8],
+    rounded: &mut [f32],
     scales: &mut [f32],
     mut zps: Option<&mut [i8]>,
 ) -> Option<(f64, f64)> {
@@ -312,44 +384,97 @@ fn quantize_row(
     let gl = s.group_len(row.len());
     let (mut e, mut w2) = (0f64, 0f64);
     for (g, (vals, out)) in row.chunks(gl).zip(codes.chunks_mut(gl)).enumerate() {
-        let (sc, zp) = group_params(s, vals, sdt)?;
+        let (lo, hi) = group_range(vals)?;
+        let (sc, zp) = scale_and_zero(s, lo, hi, sdt);
         scales[g] = sc;
         if let Some(z) = zps.as_deref_mut() {
             z[g] = zp as i8;
         }
-        // f32 partial sums per group keep the loop vectorisable; rows sum them in f64. The
-        // reference sums per element in f64, so only the codes are compared bit for bit.
-        let (mut ge, mut gw) = (0f32, 0f32);
-        for (&x, o) in vals.iter().zip(out.iter_mut()) {
-            let q = quant_value(x, sc, zp, qmin, qmax);
-            *o = q as i8;
-            let d = x - dequant_value(q, sc, zp);
-            ge += d * d;
-            gw += x * x;
+        let mut ge = [0f32; LANES];
+        let mut gw = [0f32; LANES];
+        if sc == 0.0 {
+            // An all-zero group: every code is the zero point and dequantizes to 0.
+            out.fill(zp as i8);
+            for (i, &x) in vals.iter().enumerate() {
+                ge[i % LANES] += x * x;
+                gw[i % LANES] += x * x;
+            }
+        } else {
+            // Clamping x/scale to [qmin - zp, qmax - zp] before rounding equals clamping the
+            // rounded code (the bounds are integers). Adding 1.5·2^23 then rounds half to even in
+            // the FPU and leaves the integer in the low mantissa bits: no libm call and no
+            // saturating float-to-int conversion, so the loop stays in vector registers.
+            let (lo_c, hi_c) = ((qmin - zp) as f32, (qmax - zp) as f32);
+            // Three simple passes over the group, each a straight vector loop: rounded values
+            // (compare-and-select clamps; `f32::clamp`'s assertion would keep it scalar), codes
+            // from their mantissa bits, then the error sums.
+            let r = &mut rounded[..vals.len()];
+            for (t, &x) in r.iter_mut().zip(vals) {
+                let v = x / sc;
+                let v = if v < lo_c { lo_c } else { v };
+                let v = if v > hi_c { hi_c } else { v };
+                *t = v + MAGIC;
+            }
+            for (o, t) in out.iter_mut().zip(r.iter()) {
+                *o = ((t.to_bits() as i32).wrapping_sub(MAGIC_BITS) + zp) as i8;
+            }
+            let (vc, vtail) = vals.as_chunks::<LANES>();
+            let (rc, rtail) = r.as_chunks::<LANES>();
+            for (c, t) in vc.iter().zip(rc) {
+                for i in 0..LANES {
+                    let d = c[i] - (t[i] - MAGIC) * sc;
+                    ge[i] += d * d;
+                    gw[i] += c[i] * c[i];
+                }
+            }
+            for (i, (&x, &t)) in vtail.iter().zip(rtail).enumerate() {
+                let d = x - (t - MAGIC) * sc;
+                ge[i] += d * d;
+                gw[i] += x * x;
+            }
         }
-        e += f64::from(ge);
-        w2 += f64::from(gw);
+        e += ge.iter().map(|&v| f64::from(v)).sum::<f64>();
+        w2 += gw.iter().map(|&v| f64::from(v)).sum::<f64>();
     }
     Some((e, w2))
 }
 
-#[inline]
+#[inline(always)]
+#[allow(clippy::inline_always)] // must inline into the AVX2 copy of `quantize_task`
 fn pack_row(s: &QScheme, codes: &[i8], out: &mut [u8]) {
-    if s.bits == 8 {
-        for (o, &q) in out.iter_mut().zip(codes) {
-            *o = q as u8;
+    match s.bits {
+        8 => {
+            for (o, &q) in out.iter_mut().zip(codes) {
+                *o = q as u8;
+            }
         }
-        return;
+        4 => pack_words::<4>(codes, out),
+        3 => pack_words::<3>(codes, out),
+        _ => pack_words::<2>(codes, out),
     }
-    let pf = s.pack_factor();
-    let bits = s.bits as usize;
-    let off = s.offset();
-    for (chunk, o) in codes.chunks(pf).zip(out.chunks_exact_mut(4)) {
+}
+
+/// Packs `32 / B` codes per little-endian u32, lowest first. A constant `B` turns the shifts
+/// into immediates, which the compiler unrolls and vectorises.
+#[inline(always)]
+#[allow(clippy::inline_always)] // must inline into the AVX2 copy of `quantize_task`
+fn pack_words<const B: usize>(codes: &[i8], out: &mut [u8]) {
+    let pf = 32 / B;
+    let off = 1i32 << (B - 1);
+    let pack = |chunk: &[i8]| {
         let mut word = 0u32;
         for (i, &q) in chunk.iter().enumerate() {
-            word |= ((i32::from(q) + off) as u32) << (i * bits);
+            word |= ((i32::from(q) + off) as u32) << (i * B);
         }
-        o.copy_from_slice(&word.to_le_bytes());
+        word
+    };
+    let mut full = codes.chunks_exact(pf);
+    let mut words = out.chunks_exact_mut(4);
+    for (chunk, o) in (&mut full).zip(&mut words) {
+        o.copy_from_slice(&pack(chunk).to_le_bytes());
+    }
+    if let Some(o) = words.next() {
+        o.copy_from_slice(&pack(full.remainder()).to_le_bytes());
     }
 }
 

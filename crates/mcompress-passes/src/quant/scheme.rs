@@ -114,7 +114,6 @@ pub fn scale_dtype(src: DType) -> DType {
 /// are chosen against the value a reader will use). `None` if the group holds NaN or infinity.
 #[inline]
 pub fn group_params(s: &QScheme, vals: &[f32], sdt: DType) -> Option<(f32, i32)> {
-    let (qmin, qmax) = s.qrange();
     let mut lo = 0f32;
     let mut hi = 0f32;
     let mut poison = 0f32;
@@ -126,6 +125,13 @@ pub fn group_params(s: &QScheme, vals: &[f32], sdt: DType) -> Option<(f32, i32)>
     if poison.is_nan() {
         return None;
     }
+    Some(scale_and_zero(s, lo, hi, sdt))
+}
+
+/// Scale and zero point from a group's range `lo = min(w, 0)`, `hi = max(w, 0)`.
+#[inline]
+pub fn scale_and_zero(s: &QScheme, lo: f32, hi: f32, sdt: DType) -> (f32, i32) {
+    let (qmin, qmax) = s.qrange();
     let raw = if s.symmetric {
         hi.max(-lo) / qmax as f32
     } else {
@@ -146,10 +152,10 @@ pub fn group_params(s: &QScheme, vals: &[f32], sdt: DType) -> Option<(f32, i32)>
     } else {
         ((qmin as f32 - lo / scale).round_ties_even() as i32).clamp(qmin, qmax)
     };
-    Some((scale, zp))
+    (scale, zp)
 }
 
-/// Code for one value.
+/// Code for one value: `clamp(round_half_even(x / scale) + zp, qmin, qmax)`; `zp` for a zero scale.
 #[inline]
 pub fn quant_value(x: f32, scale: f32, zp: i32, qmin: i32, qmax: i32) -> i32 {
     if scale == 0.0 {

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Write a synthetic BF16 llama-shaped model for benchmarks (no download needed).
+
+    gen_synthetic.py OUT_DIR [--preset tinyllama-1.1b|llama-7b]
+
+tinyllama-1.1b: hidden 2048, intermediate 5632, 22 layers, 32 heads / 4 KV heads, vocab 32000
+(1.1B parameters, ~2.2 GB). llama-7b: hidden 4096, intermediate 11008, 32 layers, vocab 32000
+(6.7B, ~13.5 GB). Weights are N(0, 0.02) with a few outliers, written tensor by tensor (memory
+stays at one tensor), seeded, as model.safetensors + config.json.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+
+PRESETS = {
+    "tinyllama-1.1b": dict(hidden=2048, inter=5632, layers=22, heads=32, kv=4, vocab=32000),
+    "llama-7b": dict(hidden=4096, inter=11008, layers=32, heads=32, kv=32, vocab=32000),
+}
+
+
+def tensors(p):
+    h, i, hd = p["hidden"], p["inter"], p["hidden"] // p["heads"]
+    yield "model.embed_tokens.weight", (p["vocab"], h)
+    for l in range(p["layers"]):
+        pre = f"model.layers.{l}."
+        yield pre + "input_layernorm.weight", (h,)
+        yield pre + "self_attn.q_proj.weight", (h, h)
+        yield pre + "self_attn.k_proj.weight", (p["kv"] * hd, h)
+        yield pre + "self_attn.v_proj.weight", (p["kv"] * hd, h)
+        yield pre + "self_attn.o_proj.weight", (h, h)
+        yield pre + "post_attention_layernorm.weight", (h,)
+        yield pre + "mlp.gate_proj.weight", (i, h)
+        yield pre + "mlp.up_proj.weight", (i, h)
+        yield pre + "mlp.down_proj.weight", (h, i)
+    yield "model.norm.weight", (h,)
+    yield "lm_head.weight", (p["vocab"], h)
+
+
+def main():
+    out = sys.argv[1]
+    preset = sys.argv[3] if len(sys.argv) > 3 and sys.argv[2] == "--preset" else "tinyllama-1.1b"
+    p = PRESETS[preset]
+    os.makedirs(out, exist_ok=True)
+    entries, offset = {}, 0
+    specs = list(tensors(p))
+    for name, shape in specs:
+        n = int(np.prod(shape)) * 2
+        entries[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+    header += b" " * (-(8 + len(header)) % 8)
+    rng = np.random.default_rng(7)
+    tmp = os.path.join(out, "model.safetensors.partial")
+    with open(tmp, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        for name, shape in specs:
+            rows = shape[0]
+            step = max(1, (1 << 24) // int(np.prod(shape[1:]) or 1))
+            for r in range(0, rows, step):
+                sub = (min(step, rows - r),) + tuple(shape[1:])
+                if len(shape) == 1:
+                    x = 1.0 + 0.05 * rng.standard_normal(sub, dtype=np.float32)
+                else:
+                    x = 0.02 * rng.standard_normal(sub, dtype=np.float32)
+                    x.reshape(-1)[::997] *= 8.0
+                f.write((x.view(np.uint32) >> 16).astype(np.uint16).tobytes())
+    os.replace(tmp, os.path.join(out, "model.safetensors"))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": p["hidden"],
+        "intermediate_size": p["inter"], "num_hidden_layers": p["layers"], "num_attention_heads": p["heads"],
+        "num_key_value_heads": p["kv"], "vocab_size": p["vocab"], "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "synthetic": preset,
+    }
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    print(f"{out}: {sum(int(np.prod(s)) for _, s in specs):,} parameters, {offset + 8 + len(header):,} bytes")
+
+
+if __name__ == "__main__":
+    main()
