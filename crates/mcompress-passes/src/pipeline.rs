@@ -245,7 +245,7 @@ pub fn quantization_config(params: &BTreeMap<String, ParamMeta>) -> Option<Value
         match meta {
             ParamMeta::Quantized { scheme, .. } => groups.entry(*scheme).or_default().push(module),
             ParamMeta::Dense { shape, .. } if shape.len() >= 2 && name.ends_with(".weight") => {
-                ignore.push(module)
+                ignore.push(module);
             }
             ParamMeta::Dense { .. } => {}
         }
