@@ -54,10 +54,10 @@ fn bench(c: &mut Criterion) {
         ),
     ] {
         g.bench_function(format!("fast/{label}"), |b| {
-            b.iter(|| quantize(&s, DType::BF16, &shape, &data).unwrap())
+            b.iter(|| quantize(&s, DType::BF16, &shape, &data).unwrap());
         });
         g.bench_function(format!("reference/{label}"), |b| {
-            b.iter(|| quantize_ref(&s, DType::BF16, &shape, &data).unwrap())
+            b.iter(|| quantize_ref(&s, DType::BF16, &shape, &data).unwrap());
         });
     }
     g.finish();
