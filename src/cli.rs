@@ -45,6 +45,9 @@ enum Command {
         /// (also enabled by the SOURCE_DATE_EPOCH environment variable).
         #[arg(long)]
         reproducible: bool,
+        /// Sign each bundle's manifest with this Ed25519 secret key (PKCS#8 PEM from `keygen`).
+        #[arg(long, value_name = "KEY")]
+        sign: Option<PathBuf>,
     },
     /// Show the tensors, dtypes, shapes, parameters and bytes of a model, file or bundle.
     Inspect {
@@ -58,9 +61,18 @@ enum Command {
     Verify {
         /// Bundle directory.
         bundle: PathBuf,
+        /// Also check `manifest.sig` with this Ed25519 public key (SPKI PEM).
+        #[arg(long, value_name = "PUB")]
+        key: Option<PathBuf>,
         /// JSON output.
         #[arg(long)]
         json: bool,
+    },
+    /// Generate an Ed25519 key pair for signing bundles: KEY (secret) and KEY.pub.
+    Keygen {
+        /// Secret key file to create.
+        #[arg(long, value_name = "KEY")]
+        out: PathBuf,
     },
     /// Write a bundle's weights as a dense safetensors file (quantized matrices dequantized).
     Dequantize {
@@ -114,8 +126,7 @@ pub(crate) fn main() -> ExitCode {
         Ok(Status::GateFailed) => ExitCode::from(1),
         Err(e) => {
             if e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+                c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
             }) {
                 return ExitCode::SUCCESS;
             }
@@ -138,27 +149,15 @@ pub(crate) fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> Result<Status> {
     let mut out = std::io::stdout().lock();
     match cli.command {
-        Command::Run {
-            recipe,
-            out: out_dir,
-            threads,
-            json,
-            quiet,
-            reproducible,
-        } => {
+        Command::Run { recipe, out: out_dir, threads, json, quiet, reproducible, sign } => {
             if let Some(n) = threads {
                 anyhow::ensure!(n > 0, "--threads must be at least 1");
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n)
-                    .build_global()
-                    .context("configuring the thread pool")?;
+                rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("configuring the thread pool")?;
             }
             let reproducible = reproducible || std::env::var_os("SOURCE_DATE_EPOCH").is_some();
             let loaded = mcompress_recipe::Recipe::load(&recipe)?;
-            let opts = RunOptions {
-                out: out_dir,
-                reproducible,
-            };
+            let sign = sign.map(|k| mcompress_bundle::load_signing_key(&k)).transpose()?;
+            let opts = RunOptions { out: out_dir, reproducible, sign };
             let mut progress = ProgressOut::new(quiet || json);
             let summary = mcompress_bundle::run(&loaded, &opts, &mut |p| progress.update(p))?;
             progress.finish();
@@ -168,11 +167,7 @@ fn dispatch(cli: Cli) -> Result<Status> {
             } else {
                 print_summary(&mut out, &summary)?;
             }
-            Ok(if summary.targets.iter().all(|t| t.passed) {
-                Status::Ok
-            } else {
-                Status::GateFailed
-            })
+            Ok(if summary.targets.iter().all(|t| t.passed) { Status::Ok } else { Status::GateFailed })
         }
         Command::Inspect { path, json } => {
             let i = mcompress_bundle::inspect(&path)?;
@@ -182,18 +177,8 @@ fn dispatch(cli: Cli) -> Result<Status> {
                 return Ok(Status::Ok);
             }
             writeln!(out, "{} ({})", i.path.display(), i.kind)?;
-            let w = i
-                .tensors
-                .iter()
-                .map(|t| t.name.len())
-                .max()
-                .unwrap_or(4)
-                .max(4);
-            writeln!(
-                out,
-                "{:w$}  {:6}  {:>14}  {:>12}  quantized",
-                "name", "dtype", "shape", "bytes"
-            )?;
+            let w = i.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
+            writeln!(out, "{:w$}  {:6}  {:>14}  {:>12}  quantized", "name", "dtype", "shape", "bytes")?;
             for t in &i.tensors {
                 let shape = format!("{:?}", t.shape);
                 writeln!(
@@ -206,20 +191,25 @@ fn dispatch(cli: Cli) -> Result<Status> {
                     t.quantized.as_deref().unwrap_or("-")
                 )?;
             }
-            writeln!(
-                out,
-                "\n{} tensors, {} parameters, {} bytes",
-                i.tensors.len(),
-                i.params,
-                i.bytes
-            )?;
+            writeln!(out, "\n{} tensors, {} parameters, {} bytes", i.tensors.len(), i.params, i.bytes)?;
             for (d, b) in &i.bytes_by_dtype {
                 writeln!(out, "  {d:6} {b:>12} bytes")?;
             }
             Ok(Status::Ok)
         }
-        Command::Verify { bundle, json } => {
-            let (manifest, problems) = mcompress_bundle::verify(&bundle)?;
+        Command::Keygen { out: path } => {
+            let public = mcompress_bundle::keygen(&path)?;
+            writeln!(out, "wrote {} (secret, mode 0600) and {} (public)", path.display(), public.display())?;
+            Ok(Status::Ok)
+        }
+        Command::Verify { bundle, key, json } => {
+            let key = key.map(|k| mcompress_bundle::load_verifying_key(&k)).transpose()?;
+            let (manifest, mut problems) = mcompress_bundle::verify(&bundle)?;
+            if let Some(key) = &key
+                && let Some(reason) = mcompress_bundle::check_signature(&bundle, key)?
+            {
+                problems.insert(0, mcompress_bundle::Problem::Signature { reason });
+            }
             if json {
                 serde_json::to_writer_pretty(
                     &mut out,
@@ -240,28 +230,16 @@ fn dispatch(cli: Cli) -> Result<Status> {
                 }
                 writeln!(out, "{}: {} problem(s)", bundle.display(), problems.len())?;
             }
-            Ok(if problems.is_empty() {
-                Status::Ok
-            } else {
-                Status::GateFailed
-            })
+            Ok(if problems.is_empty() { Status::Ok } else { Status::GateFailed })
         }
-        Command::Dequantize {
-            bundle,
-            out: path,
-            dtype,
-        } => {
+        Command::Dequantize { bundle, out: path, dtype } => {
             let dtype = match dtype.as_str() {
                 "f16" => mcompress_core::DType::F16,
                 "bf16" => mcompress_core::DType::BF16,
                 _ => mcompress_core::DType::F32,
             };
             let n = mcompress_bundle::dequantize(&bundle, &path, dtype)?;
-            writeln!(
-                out,
-                "wrote {} ({n} matrices dequantized to {dtype})",
-                path.display()
-            )?;
+            writeln!(out, "wrote {} ({n} matrices dequantized to {dtype})", path.display())?;
             Ok(Status::Ok)
         }
         Command::Passes { name, json } => {
@@ -271,13 +249,7 @@ fn dispatch(cli: Cli) -> Result<Status> {
                     let valid: Vec<_> = passes.iter().map(|p| p.name).collect();
                     anyhow::bail!("unknown pass {name:?}; valid passes: {}", valid.join(", "));
                 };
-                writeln!(
-                    out,
-                    "# {}\n\n{}\n\n{}",
-                    p.name,
-                    p.summary,
-                    p.docs.trim_end()
-                )?;
+                writeln!(out, "# {}\n\n{}\n\n{}", p.name, p.summary, p.docs.trim_end())?;
                 return Ok(Status::Ok);
             }
             if json {
@@ -289,15 +261,10 @@ fn dispatch(cli: Cli) -> Result<Status> {
             for p in passes {
                 writeln!(out, "{:14} {}", p.name, p.summary)?;
             }
-            writeln!(
-                out,
-                "\n`mcompress passes NAME` shows a pass's documentation."
-            )?;
+            writeln!(out, "\n`mcompress passes NAME` shows a pass's documentation.")?;
             Ok(Status::Ok)
         }
-        Command::Recipe {
-            command: RecipeCommand::Schema,
-        } => {
+        Command::Recipe { command: RecipeCommand::Schema } => {
             serde_json::to_writer_pretty(&mut out, &mcompress_passes::recipe_schema())?;
             writeln!(out)?;
             Ok(Status::Ok)
@@ -338,20 +305,13 @@ impl ProgressOut {
         let bar = (!quiet && tty).then(|| {
             let b = indicatif::ProgressBar::new(0);
             b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{spinner} [{bar:30}] {pos}/{len} tensors  {msg}  {elapsed}",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
+                indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} tensors  {msg}  {elapsed}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
             );
             b
         });
-        Self {
-            bar,
-            plain: !quiet && !tty,
-            next_tenth: 1,
-            started: std::time::Instant::now(),
-        }
+        Self { bar, plain: !quiet && !tty, next_tenth: 1, started: std::time::Instant::now() }
     }
 
     fn update(&mut self, p: Progress) {
@@ -364,10 +324,7 @@ impl ProgressOut {
                 p.bytes_done as f64 / 1e6,
                 p.bytes_total as f64 / 1e6
             ));
-        } else if self.plain
-            && p.bytes_total > 0
-            && p.bytes_done * 10 >= self.next_tenth * p.bytes_total
-        {
+        } else if self.plain && p.bytes_total > 0 && p.bytes_done * 10 >= self.next_tenth * p.bytes_total {
             self.next_tenth = p.bytes_done * 10 / p.bytes_total + 1;
             #[allow(clippy::print_stderr)]
             {

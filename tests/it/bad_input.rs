@@ -15,28 +15,19 @@ fn assert_rejected(weights: &[u8], needle: &str) {
     let r = recipe(t.path(), &model, &out, "");
     let (code, stdout, stderr) = mcompress(&["run", "-q", r.to_str().unwrap()], t.path());
     assert_eq!(code, 2, "{stdout}{stderr}");
-    assert!(
-        stderr.contains("model.safetensors"),
-        "names the file: {stderr}"
-    );
+    assert!(stderr.contains("model.safetensors"), "names the file: {stderr}");
     assert!(stderr.contains(needle), "expected {needle:?} in {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_nothing_written(&out);
     // `inspect` refuses it the same way.
-    let (code, _, stderr) = mcompress(
-        &["inspect", model.join("model.safetensors").to_str().unwrap()],
-        t.path(),
-    );
+    let (code, _, stderr) = mcompress(&["inspect", model.join("model.safetensors").to_str().unwrap()], t.path());
     assert_eq!(code, 2);
     assert!(stderr.contains(needle), "{stderr}");
 }
 
 fn assert_nothing_written(out: &Path) {
     if out.exists() {
-        let left: Vec<_> = std::fs::read_dir(out)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let left: Vec<_> = std::fs::read_dir(out).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert!(left.is_empty(), "left behind: {left:?}");
     }
 }
@@ -98,10 +89,7 @@ fn test_non_utf8_header() {
 
 #[test]
 fn test_non_json_header() {
-    assert_rejected(
-        &raw_safetensors("{\"w\": nope}", &[]),
-        "not valid safetensors JSON",
-    );
+    assert_rejected(&raw_safetensors("{\"w\": nope}", &[]), "not valid safetensors JSON");
 }
 
 #[test]
@@ -124,10 +112,7 @@ fn test_nan_weights_name_tensor_and_pass() {
     let r = recipe(t.path(), &model, &out, "");
     let (code, _, stderr) = mcompress(&["run", "-q", r.to_str().unwrap()], t.path());
     assert_eq!(code, 2, "{stderr}");
-    assert!(
-        stderr.contains("pass[0] quantize-rtn: tensor \"w.weight\": row 1 contains NaN"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("pass[0] quantize-rtn: tensor \"w.weight\": row 1 contains NaN"), "{stderr}");
     assert_nothing_written(&out);
 }
 
@@ -135,24 +120,9 @@ fn test_nan_weights_name_tensor_and_pass() {
 fn run_recipe_text(text: &str) -> (i32, String) {
     let t = tmp();
     let p = t.path().join("recipe.toml");
-    std::fs::write(
-        &p,
-        text.replace(
-            "MODEL",
-            &repo().join("fixtures/digits-mlp").display().to_string(),
-        ),
-    )
-    .unwrap();
-    let (code, _, stderr) = mcompress(
-        &[
-            "run",
-            "-q",
-            "--out",
-            t.path().join("o").to_str().unwrap(),
-            p.to_str().unwrap(),
-        ],
-        t.path(),
-    );
+    std::fs::write(&p, text.replace("MODEL", &repo().join("fixtures/digits-mlp").display().to_string())).unwrap();
+    let (code, _, stderr) =
+        mcompress(&["run", "-q", "--out", t.path().join("o").to_str().unwrap(), p.to_str().unwrap()], t.path());
     assert!(!t.path().join("o").join("default").exists());
     (code, stderr)
 }
@@ -163,38 +133,29 @@ fn test_recipe_typo_names_file_line_pass_and_field() {
         "[model]\npath = \"MODEL\"\n\n[[pass]]\ntype = \"cast\"\ndtype = \"f16\"\n\n[[pass]]\ntype = \"quantize-rtn\"\nbitz = 8\n",
     );
     assert_eq!(code, 2);
-    assert!(
-        e.contains(
-            "recipe.toml:10:1: pass[1] quantize-rtn: unknown field `bitz`, expected one of `bits`"
-        ),
-        "{e}"
-    );
+    assert!(e.contains("recipe.toml:10:1: pass[1] quantize-rtn: unknown field `bitz`, expected one of `bits`"), "{e}");
 }
 
 #[test]
 fn test_recipe_wrong_type() {
-    let (code, e) = run_recipe_text(
-        "[model]\npath = \"MODEL\"\n[[pass]]\ntype = \"quantize-rtn\"\nbits = \"8\"\n",
-    );
+    let (code, e) = run_recipe_text("[model]\npath = \"MODEL\"\n[[pass]]\ntype = \"quantize-rtn\"\nbits = \"8\"\n");
     assert_eq!(code, 2);
-    assert!(
-        e.contains("recipe.toml:5:8: pass[0] quantize-rtn: invalid type: string \"8\""),
-        "{e}"
-    );
-    let (code, e) =
-        run_recipe_text("[model]\npath = \"MODEL\"\n[[pass]]\ntype = \"quantize-rtn\"\nbits = 5\n");
+    assert!(e.contains("recipe.toml:5:8: pass[0] quantize-rtn: invalid type: string \"8\""), "{e}");
+    let (code, e) = run_recipe_text("[model]\npath = \"MODEL\"\n[[pass]]\ntype = \"quantize-rtn\"\nbits = 5\n");
     assert_eq!(code, 2);
-    assert!(
-        e.contains("pass[0] quantize-rtn: bits = 5: supported values are 8, 4, 3 and 2"),
-        "{e}"
-    );
+    assert!(e.contains("pass[0] quantize-rtn: bits = 5: supported values are 8, 4, 3 and 2"), "{e}");
 }
 
 #[test]
 fn test_recipe_unknown_pass_type() {
     let (code, e) = run_recipe_text("[model]\npath = \"MODEL\"\n[[pass]]\ntype = \"quantise\"\n");
     assert_eq!(code, 2);
-    assert!(e.contains("recipe.toml:3:1: pass[0] quantise: unknown pass type \"quantise\"; valid types: cast, quantize-rtn"), "{e}");
+    assert!(
+        e.contains(
+            "recipe.toml:3:1: pass[0] quantise: unknown pass type \"quantise\"; valid types: cast, quantize-rtn"
+        ),
+        "{e}"
+    );
 }
 
 #[test]
@@ -202,8 +163,7 @@ fn test_recipe_unknown_section_and_bad_target() {
     let (code, e) = run_recipe_text("[model]\npath = \"MODEL\"\n[outptu]\ndir = \"x\"\n");
     assert_eq!(code, 2);
     assert!(e.contains("recipe.toml:3:2: unknown field `outptu`"), "{e}");
-    let (code, e) =
-        run_recipe_text("[model]\npath = \"MODEL\"\n[[target]]\nname = \"../escape\"\n");
+    let (code, e) = run_recipe_text("[model]\npath = \"MODEL\"\n[[target]]\nname = \"../escape\"\n");
     assert_eq!(code, 2);
     assert!(e.contains("target[0]: name \"../escape\""), "{e}");
 }
@@ -212,24 +172,13 @@ fn test_recipe_unknown_section_and_bad_target() {
 fn test_missing_model_path() {
     let (code, e) = run_recipe_text("[model]\npath = \"MODEL/../does-not-exist\"\n");
     assert_eq!(code, 2);
-    assert!(
-        e.contains("does-not-exist") && e.contains("No such file"),
-        "{e}"
-    );
+    assert!(e.contains("does-not-exist") && e.contains("No such file"), "{e}");
     let (code, e) = run_recipe_text("[model]\nfile = \"x\"\n");
     assert_eq!(code, 2);
-    assert!(
-        e.contains("recipe.toml:2:1: unknown field `file`, expected `path`"),
-        "{e}"
-    );
+    assert!(e.contains("recipe.toml:2:1: unknown field `file`, expected `path`"), "{e}");
     let (code, e) = run_recipe_text("[model]\npath = \"${MCOMPRESS_NO_SUCH_VAR}/m\"\n");
     assert_eq!(code, 2);
-    assert!(
-        e.contains(
-            "recipe.toml:2:8: model.path: environment variable MCOMPRESS_NO_SUCH_VAR is not set"
-        ),
-        "{e}"
-    );
+    assert!(e.contains("recipe.toml:2:8: model.path: environment variable MCOMPRESS_NO_SUCH_VAR is not set"), "{e}");
 }
 
 #[test]
@@ -246,15 +195,8 @@ fn test_output_over_input_is_refused() {
     let (code, _, stderr) = mcompress(&["run", "-q", r.to_str().unwrap()], t.path());
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("would overwrite input file"), "{stderr}");
-    assert_eq!(
-        std::fs::read(model.join("model.safetensors")).unwrap(),
-        before,
-        "input untouched"
-    );
+    assert_eq!(std::fs::read(model.join("model.safetensors")).unwrap(), before, "input untouched");
     // An output dir inside the model dir that overwrites nothing is fine.
     let r = recipe(t.path(), &model, &model.join("out"), "");
-    assert_eq!(
-        mcompress(&["run", "-q", r.to_str().unwrap()], t.path()).0,
-        0
-    );
+    assert_eq!(mcompress(&["run", "-q", r.to_str().unwrap()], t.path()).0, 0);
 }

@@ -9,34 +9,19 @@ fn test_quickstart_recipe_writes_verified_bundle() {
     let t = tmp();
     let out = t.path().join("dist");
     let (code, stdout, stderr) = mcompress(
-        &[
-            "run",
-            repo().join("recipes/quickstart.toml").to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
+        &["run", repo().join("recipes/quickstart.toml").to_str().unwrap(), "--out", out.to_str().unwrap()],
         t.path(),
     );
     assert_eq!(code, 0, "{stdout}{stderr}");
     let b = out.join("default");
-    for f in [
-        "model.safetensors",
-        "config.json",
-        "manifest.json",
-        "report.json",
-        "report.md",
-    ] {
+    for f in ["model.safetensors", "config.json", "manifest.json", "report.json", "report.md"] {
         assert!(b.join(f).is_file(), "{f} missing");
     }
-    let report: Value =
-        serde_json::from_slice(&std::fs::read(b.join("report.json")).unwrap()).unwrap();
+    let report: Value = serde_json::from_slice(&std::fs::read(b.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["schema"], "mcompress.report/v1");
     assert_eq!(report["tool"]["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(report["model"]["params"], 17226);
-    assert!(
-        report["bundle"]["bytes"].as_u64().unwrap()
-            < report["model"]["bytes"].as_u64().unwrap() / 3
-    );
+    assert!(report["bundle"]["bytes"].as_u64().unwrap() < report["model"]["bytes"].as_u64().unwrap() / 3);
     let rtn = &report["passes"][0];
     assert_eq!(rtn["type"], "quantize-rtn");
     assert!(rtn["seconds"].as_f64().is_some());
@@ -45,16 +30,9 @@ fn test_quickstart_recipe_writes_verified_bundle() {
     let max = rtn["rel_rmse_max"].as_f64().unwrap();
     assert!(max > 1e-3 && max < 1e-2, "{max}");
     assert!(rtn["rel_rmse_mean"].as_f64().unwrap() <= max);
-    let config: Value =
-        serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap();
-    assert_eq!(
-        config["quantization_config"]["quant_method"],
-        "compressed-tensors"
-    );
-    assert_eq!(
-        config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"],
-        8
-    );
+    let config: Value = serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["quantization_config"]["quant_method"], "compressed-tensors");
+    assert_eq!(config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"], 8);
     assert_eq!(config["model_type"], "mlp");
 
     let (code, stdout, _) = mcompress(&["verify", b.to_str().unwrap()], t.path());
@@ -66,12 +44,7 @@ fn test_quickstart_recipe_writes_verified_bundle() {
     let i: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(i["kind"], "bundle");
     assert_eq!(i["params"], 17226);
-    let w0 = i["tensors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == "layers.0.weight")
-        .unwrap();
+    let w0 = i["tensors"].as_array().unwrap().iter().find(|t| t["name"] == "layers.0.weight").unwrap();
     assert_eq!(w0["quantized"], "int8-channel-sym");
     assert_eq!(w0["shape"], serde_json::json!([128, 64]));
 }
@@ -81,10 +54,7 @@ fn test_verify_detects_flipped_byte_added_and_removed_files() {
     let t = tmp();
     let out = t.path().join("dist");
     let r = recipe(t.path(), &repo().join("fixtures/digits-mlp"), &out, "");
-    assert_eq!(
-        mcompress(&["run", "-q", r.to_str().unwrap()], t.path()).0,
-        0
-    );
+    assert_eq!(mcompress(&["run", "-q", r.to_str().unwrap()], t.path()).0, 0);
     let b = out.join("default");
     let weights = b.join("model.safetensors");
     let mut bytes = std::fs::read(&weights).unwrap();
@@ -119,31 +89,24 @@ fn test_verify_detects_flipped_byte_added_and_removed_files() {
 fn test_size_gate_fails_with_exit_1_and_marks_bundle() {
     let t = tmp();
     let out = t.path().join("dist");
-    let extra = "\n[[target]]\nname = \"tiny\"\nmax-size = \"1KiB\"\n\n[[target]]\nname = \"roomy\"\nmax-size = \"1MiB\"\n";
+    let extra =
+        "\n[[target]]\nname = \"tiny\"\nmax-size = \"1KiB\"\n\n[[target]]\nname = \"roomy\"\nmax-size = \"1MiB\"\n";
     let r = recipe(t.path(), &repo().join("fixtures/digits-mlp"), &out, extra);
     let (code, stdout, stderr) = mcompress(&["run", r.to_str().unwrap()], t.path());
     assert_eq!(code, 1, "{stdout}{stderr}");
     assert!(stdout.contains("FAIL tiny"), "{stdout}");
     assert!(stdout.contains("PASS roomy"), "{stdout}");
     assert!(stdout.contains("exceeds max-size 1.0 KiB"), "{stdout}");
-    let report: Value =
-        serde_json::from_slice(&std::fs::read(out.join("tiny/report.json")).unwrap()).unwrap();
+    let report: Value = serde_json::from_slice(&std::fs::read(out.join("tiny/report.json")).unwrap()).unwrap();
     assert_eq!(report["passed"], false);
     assert_eq!(report["gates"][0]["name"], "max-size");
     assert_eq!(report["gates"][0]["passed"], false);
     let md = std::fs::read_to_string(out.join("tiny/report.md")).unwrap();
-    assert!(
-        md.contains("(FAIL)") && md.contains("| max-size | FAIL |"),
-        "{md}"
-    );
-    let manifest: Value =
-        serde_json::from_slice(&std::fs::read(out.join("tiny/manifest.json")).unwrap()).unwrap();
+    assert!(md.contains("(FAIL)") && md.contains("| max-size | FAIL |"), "{md}");
+    let manifest: Value = serde_json::from_slice(&std::fs::read(out.join("tiny/manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["status"], "failed");
     // The failed bundle is still complete and intact; the other target is identical in weights.
-    assert_eq!(
-        mcompress(&["verify", out.join("tiny").to_str().unwrap()], t.path()).0,
-        0
-    );
+    assert_eq!(mcompress(&["verify", out.join("tiny").to_str().unwrap()], t.path()).0, 0);
     assert_eq!(
         std::fs::read(out.join("tiny/model.safetensors")).unwrap(),
         std::fs::read(out.join("roomy/model.safetensors")).unwrap()
@@ -158,16 +121,8 @@ fn test_bundles_are_byte_identical_across_runs_and_threads() {
     let r = recipe(t.path(), &model, &t.path().join("unused"), "");
     for (i, threads) in ["1", "2", "2"].iter().enumerate() {
         let out = t.path().join(format!("out{i}"));
-        let args = [
-            "run",
-            "-q",
-            "--reproducible",
-            "--threads",
-            threads,
-            "--out",
-            out.to_str().unwrap(),
-            r.to_str().unwrap(),
-        ];
+        let args =
+            ["run", "-q", "--reproducible", "--threads", threads, "--out", out.to_str().unwrap(), r.to_str().unwrap()];
         let (code, so, se) = mcompress(&args, t.path());
         assert_eq!(code, 0, "{so}{se}");
         snaps.push(snapshot(&out.join("default")));
@@ -180,20 +135,7 @@ fn test_bundles_are_byte_identical_across_runs_and_threads() {
 
     // Without --reproducible the timings differ but the weights and config do not.
     let out = t.path().join("timed");
-    assert_eq!(
-        mcompress(
-            &[
-                "run",
-                "-q",
-                "--out",
-                out.to_str().unwrap(),
-                r.to_str().unwrap()
-            ],
-            t.path()
-        )
-        .0,
-        0
-    );
+    assert_eq!(mcompress(&["run", "-q", "--out", out.to_str().unwrap(), r.to_str().unwrap()], t.path()).0, 0);
     let timed = snapshot(&out.join("default"));
     for name in ["model.safetensors", "config.json"] {
         let a = snaps[0].iter().find(|(n, _)| n == name).unwrap();
@@ -215,29 +157,14 @@ fn test_rerun_replaces_bundle_and_cleans_stale_temp_dirs() {
     let t = tmp();
     let out = t.path().join("dist");
     std::fs::create_dir_all(out.join(".default.mcompress-tmp-999999999")).unwrap();
-    std::fs::write(
-        out.join(".default.mcompress-tmp-999999999/model.safetensors"),
-        b"partial",
-    )
-    .unwrap();
+    std::fs::write(out.join(".default.mcompress-tmp-999999999/model.safetensors"), b"partial").unwrap();
     let r = recipe(t.path(), &repo().join("fixtures/digits-mlp"), &out, "");
-    assert_eq!(
-        mcompress(&["run", "-q", r.to_str().unwrap()], t.path()).0,
-        0
-    );
-    assert_eq!(
-        mcompress(&["run", "-q", r.to_str().unwrap()], t.path()).0,
-        0
-    );
-    let names: Vec<String> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    assert_eq!(mcompress(&["run", "-q", r.to_str().unwrap()], t.path()).0, 0);
+    assert_eq!(mcompress(&["run", "-q", r.to_str().unwrap()], t.path()).0, 0);
+    let names: Vec<String> =
+        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(names, ["default"]);
-    assert_eq!(
-        mcompress(&["verify", out.join("default").to_str().unwrap()], t.path()).0,
-        0
-    );
+    assert_eq!(mcompress(&["verify", out.join("default").to_str().unwrap()], t.path()).0, 0);
 }
 
 #[test]
@@ -245,29 +172,19 @@ fn test_passes_and_schema_commands() {
     let t = tmp();
     let (code, stdout, _) = mcompress(&["passes"], t.path());
     assert_eq!(code, 0);
-    assert!(
-        stdout.contains("quantize-rtn") && stdout.contains("cast"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("quantize-rtn") && stdout.contains("cast"), "{stdout}");
     let (code, stdout, _) = mcompress(&["passes", "quantize-rtn"], t.path());
     assert_eq!(code, 0);
-    assert!(
-        stdout.contains("## What it does") && stdout.contains("group-size"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("## What it does") && stdout.contains("group-size"), "{stdout}");
     let (code, _, stderr) = mcompress(&["passes", "nope"], t.path());
     assert_eq!(code, 2);
-    assert!(
-        stderr.contains("valid passes: cast, quantize-rtn"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("valid passes: cast, quantize-rtn"), "{stderr}");
     let (code, stdout, _) = mcompress(&["recipe", "schema"], t.path());
     assert_eq!(code, 0);
     let s: Value = serde_json::from_str(&stdout).unwrap();
     // The checked-in schema is what the code generates.
     let committed: Value =
-        serde_json::from_slice(&std::fs::read(repo().join("recipes/recipe.schema.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(repo().join("recipes/recipe.schema.json")).unwrap()).unwrap();
     assert_eq!(
         s, committed,
         "recipes/recipe.schema.json is stale: run `mcompress recipe schema > recipes/recipe.schema.json`"
@@ -289,19 +206,78 @@ fn mcompress_recipe_parse(p: &std::path::Path) -> Result<(), String> {
     // `run` on a recipe whose model is missing fails at the model, after the recipe parsed and
     // every pass was built, so a recipe error here is a real recipe error.
     let t = tmp();
-    let (code, so, se) = mcompress(
-        &[
-            "run",
-            "-q",
-            "--out",
-            t.path().join("o").to_str().unwrap(),
-            p.to_str().unwrap(),
-        ],
-        t.path(),
-    );
-    if code == 0 || !se.contains(".toml:") {
-        Ok(())
-    } else {
-        Err(format!("exit {code}: {so}{se}"))
+    let (code, so, se) =
+        mcompress(&["run", "-q", "--out", t.path().join("o").to_str().unwrap(), p.to_str().unwrap()], t.path());
+    if code == 0 || !se.contains(".toml:") { Ok(()) } else { Err(format!("exit {code}: {so}{se}")) }
+}
+
+/// Splits the digits MLP into two shards with an index, as large HF checkpoints ship.
+fn sharded_digits(dir: &std::path::Path) {
+    let src = std::fs::read(repo().join("fixtures/digits-mlp/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&src).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(repo().join("fixtures/digits-mlp/config.json"), dir.join("config.json")).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in names.chunks(3).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+            part.iter().map(|n| (n.clone(), st.tensor(n).unwrap())).collect();
+        safetensors::serialize_to_file(views, None, &dir.join(&file)).unwrap();
+        for n in part {
+            weight_map.insert(n.clone(), Value::String(file.clone()));
+        }
     }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+}
+
+#[test]
+fn test_sharded_model_gives_same_weights_as_single_file() {
+    let t = tmp();
+    let sharded = t.path().join("sharded");
+    sharded_digits(&sharded);
+    let r = recipe(t.path(), &repo().join("fixtures/digits-mlp"), &t.path().join("unused"), "");
+    let a = t.path().join("a");
+    let b = t.path().join("b");
+    assert_eq!(mcompress(&["run", "-q", "--out", a.to_str().unwrap(), r.to_str().unwrap()], t.path()).0, 0);
+    let r2 = recipe(t.path(), &sharded, &t.path().join("unused"), "");
+    let (code, so, se) = mcompress(&["run", "-q", "--out", b.to_str().unwrap(), r2.to_str().unwrap()], t.path());
+    assert_eq!(code, 0, "{so}{se}");
+    assert!(
+        std::fs::read(a.join("default/model.safetensors")).unwrap()
+            == std::fs::read(b.join("default/model.safetensors")).unwrap(),
+        "sharded and single-file inputs give the same weights"
+    );
+    let manifest: Value = serde_json::from_slice(&std::fs::read(b.join("default/manifest.json")).unwrap()).unwrap();
+    let inputs: Vec<&String> = manifest["inputs"].as_object().unwrap().keys().collect();
+    assert_eq!(
+        inputs,
+        [
+            "config.json",
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json"
+        ]
+    );
+}
+
+#[test]
+fn test_sharded_index_that_lies_is_rejected() {
+    let t = tmp();
+    let sharded = t.path().join("sharded");
+    sharded_digits(&sharded);
+    let index_path = sharded.join("model.safetensors.index.json");
+    let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    index["weight_map"]["layers.0.bias"] = Value::String("model-00002-of-00002.safetensors".into());
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    let (code, _, stderr) = mcompress(&["inspect", sharded.to_str().unwrap()], t.path());
+    assert_eq!(code, 2);
+    assert!(stderr.contains("model.safetensors.index.json") && stderr.contains("\"layers.0.bias\""), "{stderr}");
+    index["weight_map"]["layers.0.bias"] = Value::String("../escape.safetensors".into());
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    let (code, _, stderr) = mcompress(&["inspect", sharded.to_str().unwrap()], t.path());
+    assert_eq!(code, 2);
+    assert!(stderr.contains("must be a plain file name"), "{stderr}");
 }

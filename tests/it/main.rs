@@ -4,4 +4,5 @@
 mod bad_input;
 mod bundle;
 mod minilm;
+mod sign;
 mod util;

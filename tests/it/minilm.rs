@@ -19,66 +19,38 @@ fn test_minilm_recipes_bundle_and_external_client_agrees() {
                 "-q",
                 "--out",
                 out.to_str().unwrap(),
-                repo()
-                    .join(format!("recipes/{recipe}.toml"))
-                    .to_str()
-                    .unwrap(),
+                repo().join(format!("recipes/{recipe}.toml")).to_str().unwrap(),
             ],
             t.path(),
         );
         assert_eq!(code, 0, "{so}{se}");
         let b = out.join(target);
         assert_eq!(mcompress(&["verify", b.to_str().unwrap()], t.path()).0, 0);
-        let report: Value =
-            serde_json::from_slice(&std::fs::read(b.join("report.json")).unwrap()).unwrap();
+        let report: Value = serde_json::from_slice(&std::fs::read(b.join("report.json")).unwrap()).unwrap();
         assert_eq!(report["model"]["params"], 22_713_728);
         let q = &report["passes"][0];
         // 6 layers × 6 Linear + the pooler.
         assert_eq!(q["tensors"].as_array().unwrap().len(), 37);
         let rel = q["rel_rmse_max"].as_f64().unwrap();
         assert!(rel < max_rel, "{recipe}: {rel}");
-        for f in [
-            "tokenizer.json",
-            "vocab.txt",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-        ] {
-            assert_eq!(
-                std::fs::read(b.join(f)).unwrap(),
-                std::fs::read(model.join(f)).unwrap(),
-                "{f} copied"
-            );
+        for f in ["tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"] {
+            assert_eq!(std::fs::read(b.join(f)).unwrap(), std::fs::read(model.join(f)).unwrap(), "{f} copied");
         }
 
         let deq = t.path().join(format!("{recipe}.deq.safetensors"));
-        let (code, so, se) = mcompress(
-            &[
-                "dequantize",
-                b.to_str().unwrap(),
-                "--out",
-                deq.to_str().unwrap(),
-            ],
-            t.path(),
-        );
+        let (code, so, se) = mcompress(&["dequantize", b.to_str().unwrap(), "--out", deq.to_str().unwrap()], t.path());
         assert_eq!(code, 0, "{so}{se}");
         let py = Command::new("python3")
             .arg(repo().join("tests/python/check_bundle.py"))
             .args([&b, &model.join("model.safetensors"), &deq])
             .output()
             .expect("python3 runs");
-        let text =
-            String::from_utf8_lossy(&py.stdout).into_owned() + &String::from_utf8_lossy(&py.stderr);
-        if !py.status.success()
-            && text.contains("ModuleNotFoundError")
-            && std::env::var_os("CI").is_none()
-        {
+        let text = String::from_utf8_lossy(&py.stdout).into_owned() + &String::from_utf8_lossy(&py.stderr);
+        if !py.status.success() && text.contains("ModuleNotFoundError") && std::env::var_os("CI").is_none() {
             eprintln!("skipping external client: {text}");
             continue;
         }
         assert!(py.status.success(), "{text}");
-        assert!(
-            text.contains("37 quantized matrices, 0 failure(s)"),
-            "{text}"
-        );
+        assert!(text.contains("37 quantized matrices, 0 failure(s)"), "{text}");
     }
 }

@@ -42,10 +42,7 @@ pub(crate) fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut v = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let e = e.unwrap();
-        v.push((
-            e.file_name().to_string_lossy().into_owned(),
-            std::fs::read(e.path()).unwrap(),
-        ));
+        v.push((e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()));
     }
     v.sort();
     v
@@ -69,10 +66,7 @@ pub(crate) fn minilm() -> Option<PathBuf> {
     if p.join("model.safetensors").is_file() {
         return Some(p);
     }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must fetch the MiniLM fixture first (scripts/fetch-fixtures.sh)"
-    );
+    assert!(std::env::var_os("CI").is_none(), "CI must fetch the MiniLM fixture first (scripts/fetch-fixtures.sh)");
     eprintln!("skipping: MiniLM fixture not fetched (run scripts/fetch-fixtures.sh)");
     None
 }

@@ -14,19 +14,13 @@ use crate::{Error, Result};
 /// are copied unchanged. Returns the number of matrices dequantized.
 pub fn dequantize(src: &Path, out: &Path, dtype: DType) -> Result<usize> {
     let model = ModelSource::open(src)?;
-    let bad = |reason: String| Error::BadBundle {
-        path: src.to_path_buf(),
-        reason,
-    };
+    let bad = |reason: String| Error::BadBundle { path: src.to_path_buf(), reason };
     let schemes = match model.config() {
         Some(c) => schemes_from_config(c).map_err(|e| bad(format!("config.json: {e}")))?,
         None => BTreeMap::new(),
     };
-    let names: std::collections::BTreeSet<String> = model
-        .tensors()
-        .iter()
-        .map(|r| model.info(r).name.clone())
-        .collect();
+    let names: std::collections::BTreeSet<String> =
+        model.tensors().iter().map(|r| model.info(r).name.clone()).collect();
     let mut quantized = BTreeMap::new();
     for (module, scheme) in &schemes {
         let name = if names.contains(&format!("{module}.weight_packed")) {
@@ -46,19 +40,11 @@ pub fn dequantize(src: &Path, out: &Path, dtype: DType) -> Result<usize> {
     for r in model.tensors() {
         let i = model.info(r);
         if !part_of_quantized(&i.name) {
-            entries.push(TensorEntry {
-                name: i.name.clone(),
-                dtype: i.dtype,
-                shape: i.shape.clone(),
-            });
+            entries.push(TensorEntry { name: i.name.clone(), dtype: i.dtype, shape: i.shape.clone() });
         }
     }
     for (name, q) in &quantized {
-        entries.push(TensorEntry {
-            name: name.clone(),
-            dtype,
-            shape: q.shape.clone(),
-        });
+        entries.push(TensorEntry { name: name.clone(), dtype, shape: q.shape.clone() });
     }
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let tmp = out.with_extension("safetensors.tmp");
@@ -70,9 +56,8 @@ pub fn dequantize(src: &Path, out: &Path, dtype: DType) -> Result<usize> {
         }
     }
     for (name, q) in &quantized {
-        let bytes = dtype
-            .encode_f32(&q.dequantize())
-            .ok_or_else(|| bad(format!("--dtype {dtype} is not a float type")))?;
+        let bytes =
+            dtype.encode_f32(&q.dequantize()).ok_or_else(|| bad(format!("--dtype {dtype} is not a float type")))?;
         w.write_tensor(name, &bytes)?;
     }
     w.finish()?;

@@ -55,31 +55,18 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
     };
     // module -> scheme label, from config.json's quantization_config.
     let mut labels: BTreeMap<String, String> = BTreeMap::new();
-    if let Some(groups) = model
-        .config()
-        .and_then(|c| c.pointer("/quantization_config/config_groups"))
-        .and_then(|g| g.as_object())
+    if let Some(groups) =
+        model.config().and_then(|c| c.pointer("/quantization_config/config_groups")).and_then(|g| g.as_object())
     {
         for g in groups.values() {
             let w = &g["weights"];
             let label = format!(
                 "int{}-{}-{}",
                 w["num_bits"],
-                w["group_size"]
-                    .as_u64()
-                    .map_or_else(|| "channel".to_string(), |n| format!("g{n}")),
-                if w["symmetric"].as_bool().unwrap_or(true) {
-                    "sym"
-                } else {
-                    "asym"
-                }
+                w["group_size"].as_u64().map_or_else(|| "channel".to_string(), |n| format!("g{n}")),
+                if w["symmetric"].as_bool().unwrap_or(true) { "sym" } else { "asym" }
             );
-            for t in g["targets"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|t| t.as_str())
-            {
+            for t in g["targets"].as_array().into_iter().flatten().filter_map(|t| t.as_str()) {
                 labels.insert(t.to_string(), label.clone());
             }
         }
@@ -90,19 +77,9 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
     for r in model.tensors() {
         let v = model.view(r);
         *bytes_by_dtype.entry(v.dtype.to_string()).or_insert(0) += v.data.len() as u64;
-        let shape_vals = (v.dtype == DType::I64 && v.name.ends_with("_shape")).then(|| {
-            v.data
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
-                .collect()
-        });
-        stored.push((
-            v.name.to_string(),
-            v.dtype,
-            v.shape.to_vec(),
-            v.data.len() as u64,
-            shape_vals,
-        ));
+        let shape_vals = (v.dtype == DType::I64 && v.name.ends_with("_shape"))
+            .then(|| v.data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect());
+        stored.push((v.name.to_string(), v.dtype, v.shape.to_vec(), v.data.len() as u64, shape_vals));
     }
     let names: std::collections::BTreeSet<&str> = stored.iter().map(|s| s.0.as_str()).collect();
     for (name, dtype, shape, bytes, _) in &stored {
@@ -114,53 +91,29 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
                     .map(|b| (b.to_string(), *suf))
             })
             .unwrap_or_else(|| (name.clone(), ""));
-        let entry = by_name
-            .entry(base.clone())
-            .or_insert_with(|| InspectedTensor {
-                name: base.clone(),
-                dtype: dtype.to_string(),
-                shape: shape.clone(),
-                bytes: 0,
-                quantized: None,
-            });
+        let entry = by_name.entry(base.clone()).or_insert_with(|| InspectedTensor {
+            name: base.clone(),
+            dtype: dtype.to_string(),
+            shape: shape.clone(),
+            bytes: 0,
+            quantized: None,
+        });
         entry.bytes += bytes;
         match part {
             "_packed" => {
                 entry.dtype = dtype.to_string();
                 let module = base.strip_suffix(".weight").unwrap_or(&base);
-                entry.quantized = Some(
-                    labels
-                        .get(module)
-                        .cloned()
-                        .unwrap_or_else(|| "quantized".into()),
-                );
+                entry.quantized = Some(labels.get(module).cloned().unwrap_or_else(|| "quantized".into()));
             }
             "_shape" => {
-                if let Some(vals) = stored
-                    .iter()
-                    .find(|s| &s.0 == name)
-                    .and_then(|s| s.4.clone())
-                {
-                    entry.shape = vals
-                        .iter()
-                        .map(|&d| usize::try_from(d).unwrap_or(0))
-                        .collect();
+                if let Some(vals) = stored.iter().find(|s| &s.0 == name).and_then(|s| s.4.clone()) {
+                    entry.shape = vals.iter().map(|&d| usize::try_from(d).unwrap_or(0)).collect();
                 }
             }
             _ => {}
         }
     }
     let tensors: Vec<InspectedTensor> = by_name.into_values().collect();
-    let params = tensors
-        .iter()
-        .map(|t| t.shape.iter().product::<usize>() as u64)
-        .sum();
-    Ok(Inspection {
-        path: path.into(),
-        kind,
-        tensors,
-        params,
-        bytes: model.weight_bytes(),
-        bytes_by_dtype,
-    })
+    let params = tensors.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
+    Ok(Inspection { path: path.into(), kind, tensors, params, bytes: model.weight_bytes(), bytes_by_dtype })
 }

@@ -22,6 +22,7 @@ mod dequantize;
 mod inspect;
 mod manifest;
 mod report;
+mod sign;
 mod verify;
 
 use std::path::{Path, PathBuf};
@@ -36,6 +37,7 @@ pub use dequantize::dequantize;
 pub use inspect::{InspectedTensor, Inspection, inspect};
 pub use manifest::{FileEntry, MANIFEST_SCHEMA, Manifest};
 pub use report::{Gate, REPORT_SCHEMA, Report};
+pub use sign::{SIGNATURE_FILE, check_signature, keygen, load_signing_key, load_verifying_key};
 pub use verify::{Problem, verify};
 
 /// Tool version written into manifests and reports.
@@ -85,20 +87,19 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| Error::Io { path: path.to_path_buf(), source }
 }
 
 /// Options of [`run`] that do not come from the recipe.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct RunOptions {
     /// Overrides the recipe's `[output] dir`.
     pub out: Option<PathBuf>,
     /// Leave wall-clock measurements out of the bundle (`seconds: null`), so two runs give
     /// byte-identical bundles including reports and manifest.
     pub reproducible: bool,
+    /// Sign each bundle's manifest with this Ed25519 key (`manifest.sig`).
+    pub sign: Option<ed25519_dalek::SigningKey>,
 }
 
 /// Outcome for one target.
@@ -130,18 +131,11 @@ pub struct RunSummary {
 }
 
 /// Runs a recipe: passes, then one bundle per target.
-pub fn run(
-    recipe: &Recipe,
-    opts: &RunOptions,
-    progress: &mut dyn FnMut(Progress),
-) -> Result<RunSummary> {
+pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress)) -> Result<RunSummary> {
     let started = Instant::now();
     let passes = mcompress_passes::build_passes(recipe)?;
     let model = ModelSource::open(&recipe.model_path)?;
-    let out_dir = opts
-        .out
-        .clone()
-        .unwrap_or_else(|| recipe.output_dir.clone());
+    let out_dir = opts.out.clone().unwrap_or_else(|| recipe.output_dir.clone());
     fs_err::create_dir_all(&out_dir).map_err(io(&out_dir))?;
     let out_dir = fs_err::canonicalize(&out_dir).map_err(io(&out_dir))?;
     for t in &recipe.targets {
@@ -162,13 +156,7 @@ pub fn run(
         let inputs = model.input_files();
         let (hashes, output) = std::thread::scope(|s| {
             let h = s.spawn(|| manifest::hash_inputs(&model, &inputs));
-            let out = pipeline::run(
-                &model,
-                &passes,
-                &first.join("model.safetensors"),
-                !opts.reproducible,
-                progress,
-            );
+            let out = pipeline::run(&model, &passes, &first.join("model.safetensors"), !opts.reproducible, progress);
             (h.join().expect("hash thread does not panic"), out)
         });
         let (hashes, output) = (hashes?, output?);
@@ -179,11 +167,7 @@ pub fn run(
         let bundle_bytes: u64 = payload.values().map(|f| f.bytes).sum();
         let mut targets = Vec::new();
         for (i, t) in recipe.targets.iter().enumerate() {
-            let dir = if i == 0 {
-                first.clone()
-            } else {
-                stage(&t.name)
-            };
+            let dir = if i == 0 { first.clone() } else { stage(&t.name) };
             if i > 0 {
                 copy_payload(&first, &dir)?;
             }
@@ -192,43 +176,25 @@ pub fn run(
                 gates.push(Gate::max_size(limit.0, bundle_bytes));
             }
             let passed = gates.iter().all(|g| g.passed);
-            let report = Report::new(
-                recipe,
-                &model,
-                &output,
-                t,
-                bundle_bytes,
-                &payload,
-                gates.clone(),
-                passed,
-            );
+            let report = Report::new(recipe, &model, &output, t, bundle_bytes, &payload, gates.clone(), passed);
             let mut files = payload.clone();
             let report_json = serde_json::to_vec_pretty(&report).expect("report is JSON");
             let report_md = report.to_markdown().into_bytes();
             for (name, bytes) in [("report.json", &report_json), ("report.md", &report_md)] {
                 fsutil::write_atomic(&dir.join(name), bytes)?;
-                files.insert(
-                    name.into(),
-                    FileEntry {
-                        sha256: fsutil::sha256_bytes(bytes),
-                        bytes: bytes.len() as u64,
-                    },
-                );
+                files.insert(name.into(), FileEntry { sha256: fsutil::sha256_bytes(bytes), bytes: bytes.len() as u64 });
             }
             let m = Manifest::new(recipe, &hashes, &passes, t, files, passed);
             fsutil::write_atomic(
                 &dir.join("manifest.json"),
                 &serde_json::to_vec_pretty(&m).expect("manifest is JSON"),
             )?;
+            if let Some(key) = &opts.sign {
+                sign::sign_bundle(&dir, key)?;
+            }
             targets.push((
                 dir,
-                TargetOutcome {
-                    name: t.name.clone(),
-                    dir: out_dir.join(&t.name),
-                    bundle_bytes,
-                    passed,
-                    gates,
-                },
+                TargetOutcome { name: t.name.clone(), dir: out_dir.join(&t.name), bundle_bytes, passed, gates },
             ));
         }
         // Every bundle is complete: move them into place.
@@ -285,10 +251,7 @@ fn copy_payload(from: &Path, to: &Path) -> Result<()> {
     for e in fs_err::read_dir(from).map_err(io(from))? {
         let e = e.map_err(io(from))?;
         let name = e.file_name();
-        if matches!(
-            name.to_str(),
-            Some("report.json" | "report.md" | "manifest.json")
-        ) {
+        if matches!(name.to_str(), Some("report.json" | "report.md" | "manifest.json" | "manifest.sig")) {
             continue;
         }
         // Weights are immutable once written: a hard link saves the copy; copy where links fail.
@@ -305,30 +268,21 @@ fn check_output_safe(bundle: &Path, model: &ModelSource) -> Result<()> {
     let model_dir = if model_path.is_dir() {
         model_path.clone()
     } else {
-        model_path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default()
+        model_path.parent().map(Path::to_path_buf).unwrap_or_default()
     };
     for f in model.input_files() {
         let f = fs_err::canonicalize(&f).map_err(io(&f))?;
         if f.starts_with(bundle) {
             return Err(Error::UnsafeOutput {
                 path: bundle.to_path_buf(),
-                reason: format!(
-                    "would overwrite input file {} (choose an output dir outside the model)",
-                    f.display()
-                ),
+                reason: format!("would overwrite input file {} (choose an output dir outside the model)", f.display()),
             });
         }
     }
     if model_dir.starts_with(bundle) {
         return Err(Error::UnsafeOutput {
             path: bundle.to_path_buf(),
-            reason: format!(
-                "would replace the directory holding the model {}",
-                model_dir.display()
-            ),
+            reason: format!("would replace the directory holding the model {}", model_dir.display()),
         });
     }
     Ok(())
@@ -348,9 +302,8 @@ fn clean_stale(out_dir: &Path) {
         else {
             continue;
         };
-        let alive = pid
-            .parse::<u32>()
-            .is_ok_and(|p| p != std::process::id() && Path::new(&format!("/proc/{p}")).exists());
+        let alive =
+            pid.parse::<u32>().is_ok_and(|p| p != std::process::id() && Path::new(&format!("/proc/{p}")).exists());
         if !alive {
             let _ = fs_err::remove_dir_all(e.path());
         }
@@ -360,10 +313,7 @@ fn clean_stale(out_dir: &Path) {
 /// Moves `staged` to `dest`, replacing a previous bundle there.
 fn replace_dir(staged: &Path, dest: &Path) -> Result<()> {
     if dest.exists() {
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let old = dest.with_file_name(format!(".{name}.mcompress-old-{}", std::process::id()));
         fs_err::rename(dest, &old).map_err(io(dest))?;
         fs_err::rename(staged, dest).map_err(io(dest))?;

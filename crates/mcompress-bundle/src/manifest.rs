@@ -74,19 +74,10 @@ impl Manifest {
     ) -> Self {
         Manifest {
             schema: MANIFEST_SCHEMA.into(),
-            tool: BTreeMap::from([
-                ("name".into(), "mcompress".into()),
-                ("version".into(), TOOL_VERSION.into()),
-            ]),
+            tool: BTreeMap::from([("name".into(), "mcompress".into()), ("version".into(), TOOL_VERSION.into())]),
             recipe: recipe_named(recipe),
             inputs: inputs.clone(),
-            passes: passes
-                .iter()
-                .map(|p| PassEntry {
-                    kind: p.name().into(),
-                    settings: p.settings(),
-                })
-                .collect(),
+            passes: passes.iter().map(|p| PassEntry { kind: p.name().into(), settings: p.settings() }).collect(),
             target: serde_json::json!({"name": target.name, "max_size": target.max_size.map(|s| s.0)}),
             status: if passed { "passed" } else { "failed" }.into(),
             files,
@@ -96,41 +87,20 @@ impl Manifest {
 
 pub(crate) fn recipe_named(recipe: &Recipe) -> FileNamed {
     FileNamed {
-        file: recipe
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        file: recipe.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         sha256: fsutil::sha256_bytes(recipe.source.as_bytes()),
     }
 }
 
 /// Hashes the model's input files; keys are paths relative to the model directory.
-pub(crate) fn hash_inputs(
-    model: &ModelSource,
-    files: &[PathBuf],
-) -> Result<BTreeMap<String, FileEntry>> {
-    let base = if model.path().is_dir() {
-        model.path()
-    } else {
-        model.path().parent().unwrap_or(Path::new(""))
-    };
+pub(crate) fn hash_inputs(model: &ModelSource, files: &[PathBuf]) -> Result<BTreeMap<String, FileEntry>> {
+    let base = if model.path().is_dir() { model.path() } else { model.path().parent().unwrap_or(Path::new("")) };
     files
         .iter()
         .map(|f| {
-            let key = f
-                .strip_prefix(base)
-                .unwrap_or(f)
-                .to_string_lossy()
-                .into_owned();
+            let key = f.strip_prefix(base).unwrap_or(f).to_string_lossy().into_owned();
             let bytes = fs_err::metadata(f).map_err(io(f))?.len();
-            Ok((
-                key,
-                FileEntry {
-                    sha256: fsutil::sha256_file(f)?,
-                    bytes,
-                },
-            ))
+            Ok((key, FileEntry { sha256: fsutil::sha256_file(f)?, bytes }))
         })
         .collect()
 }
@@ -148,11 +118,7 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, FileEntry>) -> Resul
         let e = e.map_err(io(dir))?;
         let path = e.path();
         let ft = e.file_type().map_err(io(&path))?;
-        let rel = path
-            .strip_prefix(root)
-            .unwrap_or(&path)
-            .to_string_lossy()
-            .replace('\\', "/");
+        let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().replace('\\', "/");
         if ft.is_dir() {
             walk(root, &path, out)?;
         } else if ft.is_file() {
@@ -160,13 +126,7 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, FileEntry>) -> Resul
                 continue;
             }
             let bytes = e.metadata().map_err(io(&path))?.len();
-            out.insert(
-                rel,
-                FileEntry {
-                    sha256: fsutil::sha256_file(&path)?,
-                    bytes,
-                },
-            );
+            out.insert(rel, FileEntry { sha256: fsutil::sha256_file(&path)?, bytes });
         } else {
             return Err(crate::Error::BadBundle {
                 path,

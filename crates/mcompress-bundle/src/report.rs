@@ -37,20 +37,9 @@ impl Gate {
         let detail = if passed {
             format!("bundle {} ≤ max-size {}", ByteSize(value), ByteSize(limit))
         } else {
-            format!(
-                "bundle {} exceeds max-size {} by {}",
-                ByteSize(value),
-                ByteSize(limit),
-                ByteSize(value - limit)
-            )
+            format!("bundle {} exceeds max-size {} by {}", ByteSize(value), ByteSize(limit), ByteSize(value - limit))
         };
-        Gate {
-            name: "max-size".into(),
-            limit: limit as f64,
-            value: value as f64,
-            passed,
-            detail,
-        }
+        Gate { name: "max-size".into(), limit: limit as f64, value: value as f64, passed, detail }
     }
 }
 
@@ -137,29 +126,17 @@ impl Report {
             })
             .sum();
         let weights_bytes = output.bytes;
-        let name = model
-            .path()
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = model.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         Report {
             schema: REPORT_SCHEMA,
             tool: BTreeMap::from([("name", "mcompress"), ("version", TOOL_VERSION)]),
             recipe: recipe_named(recipe),
             target: serde_json::json!({"name": target.name, "max_size": target.max_size.map(|s| s.0)}),
-            model: ModelInfo {
-                name,
-                params,
-                bytes: model.weight_bytes(),
-                tensors: model.tensors().len(),
-                dtypes,
-            },
+            model: ModelInfo { name, params, bytes: model.weight_bytes(), tensors: model.tensors().len(), dtypes },
             bundle: BundleInfo {
                 bytes: bundle_bytes,
                 weights_bytes,
-                compression_ratio: round6(
-                    model.weight_bytes() as f64 / weights_bytes.max(1) as f64,
-                ),
+                compression_ratio: round6(model.weight_bytes() as f64 / weights_bytes.max(1) as f64),
                 bits_per_param: round6(weights_bytes as f64 * 8.0 / params.max(1) as f64),
                 params_quantized,
                 files: files.iter().map(|(k, v)| (k.clone(), v.bytes)).collect(),
@@ -189,43 +166,20 @@ impl Report {
             TOOL_VERSION
         );
         let _ = writeln!(s, "| | model | bundle |\n|---|---:|---:|");
-        let _ = writeln!(
-            s,
-            "| weights | {} | {} |",
-            ByteSize(self.model.bytes),
-            ByteSize(self.bundle.weights_bytes)
-        );
-        let _ = writeln!(
-            s,
-            "| deployable files | | {} |",
-            ByteSize(self.bundle.bytes)
-        );
-        let _ = writeln!(
-            s,
-            "| parameters | {} | {} quantized |",
-            self.model.params, self.bundle.params_quantized
-        );
+        let _ = writeln!(s, "| weights | {} | {} |", ByteSize(self.model.bytes), ByteSize(self.bundle.weights_bytes));
+        let _ = writeln!(s, "| deployable files | | {} |", ByteSize(self.bundle.bytes));
+        let _ = writeln!(s, "| parameters | {} | {} quantized |", self.model.params, self.bundle.params_quantized);
         let _ = writeln!(
             s,
             "| bits / parameter | {:.2} | {:.2} |",
             self.model.bytes as f64 * 8.0 / self.model.params.max(1) as f64,
             self.bundle.bits_per_param
         );
-        let _ = writeln!(
-            s,
-            "| compression | | {:.2}× |\n",
-            self.bundle.compression_ratio
-        );
+        let _ = writeln!(s, "| compression | | {:.2}× |\n", self.bundle.compression_ratio);
         if !self.gates.is_empty() {
             let _ = writeln!(s, "## Gates\n\n| gate | result | detail |\n|---|---|---|");
             for g in &self.gates {
-                let _ = writeln!(
-                    s,
-                    "| {} | {} | {} |",
-                    g.name,
-                    if g.passed { "PASS" } else { "FAIL" },
-                    g.detail
-                );
+                let _ = writeln!(s, "| {} | {} | {} |", g.name, if g.passed { "PASS" } else { "FAIL" }, g.detail);
             }
             s.push('\n');
         }
@@ -234,9 +188,7 @@ impl Report {
             "## Passes\n\n| # | pass | tensors | rel. RMSE mean | rel. RMSE max | seconds |\n|---|---|---:|---:|---:|---:|"
         );
         for p in &self.passes {
-            let secs = p
-                .seconds
-                .map_or_else(|| "–".to_string(), |t| format!("{t:.4}"));
+            let secs = p.seconds.map_or_else(|| "–".to_string(), |t| format!("{t:.4}"));
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {:.3e} | {:.3e} | {secs} |",
@@ -251,11 +203,7 @@ impl Report {
             if p.tensors.is_empty() && p.skipped.is_empty() {
                 continue;
             }
-            let _ = writeln!(
-                s,
-                "\n### pass[{}] {}\n\n| tensor | rel. RMSE |\n|---|---:|",
-                p.index, p.kind
-            );
+            let _ = writeln!(s, "\n### pass[{}] {}\n\n| tensor | rel. RMSE |\n|---|---:|", p.index, p.kind);
             for t in &p.tensors {
                 let _ = writeln!(s, "| `{}` | {:.3e} |", t.name, t.rel_rmse);
             }

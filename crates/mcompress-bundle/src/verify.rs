@@ -20,6 +20,11 @@ pub enum Problem {
         /// File.
         file: String,
     },
+    /// `manifest.sig` is missing or does not verify with the given key.
+    Signature {
+        /// Why.
+        reason: String,
+    },
     /// Content differs.
     Modified {
         /// File.
@@ -36,15 +41,9 @@ impl fmt::Display for Problem {
         match self {
             Problem::Missing { file } => write!(f, "{file}: missing (listed in manifest.json)"),
             Problem::Unexpected { file } => write!(f, "{file}: not listed in manifest.json"),
-            Problem::Modified {
-                file,
-                expected,
-                actual,
-            } => {
-                write!(
-                    f,
-                    "{file}: sha256 {actual} does not match manifest {expected}"
-                )
+            Problem::Signature { reason } => f.write_str(reason),
+            Problem::Modified { file, expected, actual } => {
+                write!(f, "{file}: sha256 {actual} does not match manifest {expected}")
             }
         }
     }
@@ -55,21 +54,13 @@ impl fmt::Display for Problem {
 pub fn verify(dir: &Path) -> Result<(Manifest, Vec<Problem>)> {
     let mpath = dir.join("manifest.json");
     if !dir.is_dir() {
-        return Err(Error::BadBundle {
-            path: dir.into(),
-            reason: "not a directory".into(),
-        });
+        return Err(Error::BadBundle { path: dir.into(), reason: "not a directory".into() });
     }
     let text = fs_err::read(&mpath).map_err(io(&mpath))?;
-    let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| Error::BadBundle {
-        path: mpath.clone(),
-        reason: format!("not a valid manifest: {e}"),
-    })?;
+    let manifest: Manifest = serde_json::from_slice(&text)
+        .map_err(|e| Error::BadBundle { path: mpath.clone(), reason: format!("not a valid manifest: {e}") })?;
     if manifest.schema != MANIFEST_SCHEMA {
-        return Err(Error::BadBundle {
-            path: mpath,
-            reason: format!("unknown manifest schema {:?}", manifest.schema),
-        });
+        return Err(Error::BadBundle { path: mpath, reason: format!("unknown manifest schema {:?}", manifest.schema) });
     }
     let actual = hash_dir(dir)?;
     let mut problems = Vec::new();

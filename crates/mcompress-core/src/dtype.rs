@@ -169,18 +169,10 @@ impl DType {
     pub fn encode_f32(self, values: &[f32]) -> Option<Vec<u8>> {
         let mut out = Vec::with_capacity(values.len() * self.bits() / 8);
         match self {
-            DType::F32 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            DType::F16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
-            DType::BF16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
-            DType::F64 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&f64::from(*v).to_le_bytes())),
+            DType::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            DType::F16 => values.iter().for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+            DType::BF16 => values.iter().for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+            DType::F64 => values.iter().for_each(|v| out.extend_from_slice(&f64::from(*v).to_le_bytes())),
             _ => return None,
         }
         Some(out)
@@ -205,11 +197,7 @@ impl fmt::Display for DType {
 impl FromStr for DType {
     type Err = ();
     fn from_str(s: &str) -> Result<Self, ()> {
-        DType::ALL
-            .iter()
-            .copied()
-            .find(|d| d.as_str() == s)
-            .ok_or(())
+        DType::ALL.iter().copied().find(|d| d.as_str() == s).ok_or(())
     }
 }
 

@@ -30,10 +30,7 @@ pub fn sha256_bytes(bytes: &[u8]) -> String {
 /// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it into place, so a
 /// reader never sees a half-written file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let io = |e| Error::io(path, e);
     {

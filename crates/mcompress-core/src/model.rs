@@ -57,18 +57,13 @@ impl ModelSource {
         }
         let config_path = path.join("config.json");
         let (config_path, config) = if config_path.is_file() {
-            let text =
-                fs_err::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-            let value: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::InvalidModel {
-                    path: config_path.clone(),
-                    reason: format!("not valid JSON: {e}"),
-                })?;
+            let text = fs_err::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+            let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::InvalidModel {
+                path: config_path.clone(),
+                reason: format!("not valid JSON: {e}"),
+            })?;
             if !value.is_object() {
-                return Err(Error::InvalidModel {
-                    path: config_path,
-                    reason: "must be a JSON object".into(),
-                });
+                return Err(Error::InvalidModel { path: config_path, reason: "must be a JSON object".into() });
             }
             (Some(config_path), Some(value))
         } else {
@@ -77,8 +72,7 @@ impl ModelSource {
         let index_path = path.join("model.safetensors.index.json");
         let single = path.join("model.safetensors");
         let (index_path, shards) = if index_path.is_file() {
-            let text =
-                fs_err::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let text = fs_err::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
             let index: Index = serde_json::from_str(&text).map_err(|e| Error::InvalidModel {
                 path: index_path.clone(),
                 reason: format!("not a valid safetensors index: {e}"),
@@ -89,25 +83,18 @@ impl ModelSource {
                 if f.contains('/') || f.contains('\\') || f.as_str() == ".." {
                     return Err(Error::InvalidModel {
                         path: index_path.clone(),
-                        reason: format!(
-                            "shard file name {f:?} must be a plain file name in the model directory"
-                        ),
+                        reason: format!("shard file name {f:?} must be a plain file name in the model directory"),
                     });
                 }
                 shards.push(SafetensorsFile::open(&path.join(f))?);
             }
             // Every mapped tensor must be in its shard, and every shard tensor must be mapped.
             for (name, file) in &index.weight_map {
-                let si = files
-                    .iter()
-                    .position(|f| *f == file)
-                    .expect("from the same map");
+                let si = files.iter().position(|f| *f == file).expect("from the same map");
                 if shards[si].get(name).is_none() {
                     return Err(Error::InvalidModel {
                         path: index_path.clone(),
-                        reason: format!(
-                            "tensor {name:?} is mapped to {file} but that shard does not contain it"
-                        ),
+                        reason: format!("tensor {name:?} is mapped to {file} but that shard does not contain it"),
                     });
                 }
             }
@@ -116,11 +103,7 @@ impl ModelSource {
                     if !index.weight_map.contains_key(&t.name) {
                         return Err(Error::InvalidModel {
                             path: index_path.clone(),
-                            reason: format!(
-                                "tensor {:?} of {} is missing from weight_map",
-                                t.name,
-                                s.path().display()
-                            ),
+                            reason: format!("tensor {:?} of {} is missing from weight_map", t.name, s.path().display()),
                         });
                     }
                 }
@@ -131,15 +114,10 @@ impl ModelSource {
         } else {
             return Err(Error::InvalidModel {
                 path: path.to_path_buf(),
-                reason: "no model.safetensors or model.safetensors.index.json in this directory"
-                    .into(),
+                reason: "no model.safetensors or model.safetensors.index.json in this directory".into(),
             });
         };
-        let aux = AUX_FILES
-            .iter()
-            .map(|f| path.join(f))
-            .filter(|p| p.is_file())
-            .collect();
+        let aux = AUX_FILES.iter().map(|f| path.join(f)).filter(|p| p.is_file()).collect();
         Self::assemble(path, config_path, config, index_path, shards, aux)
     }
 
@@ -169,15 +147,7 @@ impl ModelSource {
                 ),
             });
         }
-        Ok(Self {
-            path: path.to_path_buf(),
-            config_path,
-            config,
-            index_path,
-            shards,
-            tensors,
-            aux,
-        })
+        Ok(Self { path: path.to_path_buf(), config_path, config, index_path, shards, tensors, aux })
     }
 
     /// The path this model was opened from.
@@ -224,12 +194,7 @@ impl ModelSource {
 
     /// Every input file read, for hashing into a manifest: config, index, shards, aux files.
     pub fn input_files(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = self
-            .config_path
-            .iter()
-            .chain(self.index_path.iter())
-            .cloned()
-            .collect();
+        let mut v: Vec<PathBuf> = self.config_path.iter().chain(self.index_path.iter()).cloned().collect();
         v.extend(self.shards.iter().map(|s| s.path().to_path_buf()));
         v.extend(self.aux.iter().cloned());
         v.sort();
@@ -238,10 +203,7 @@ impl ModelSource {
 
     /// Total number of elements over all tensors.
     pub fn params(&self) -> u64 {
-        self.tensors
-            .iter()
-            .map(|r| self.info(r).numel() as u64)
-            .sum()
+        self.tensors.iter().map(|r| self.info(r).numel() as u64).sum()
     }
 
     /// Total size of the weight files in bytes.

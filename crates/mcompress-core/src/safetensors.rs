@@ -109,8 +109,7 @@ impl SafetensorsFile {
             // process is outside our contract (as for every mmap-based reader); header
             // validation happens on the mapped bytes, so a torn file is caught, not trusted.
             #[allow(unsafe_code)]
-            let map = unsafe { memmap2::MmapOptions::new().map(file.file()) }
-                .map_err(|e| Error::io(path, e))?;
+            let map = unsafe { memmap2::MmapOptions::new().map(file.file()) }.map_err(|e| Error::io(path, e))?;
             Bytes::Mmap(map)
         };
         Self::from_parts(path.to_path_buf(), bytes)
@@ -123,13 +122,7 @@ impl SafetensorsFile {
 
     fn from_parts(path: PathBuf, bytes: Bytes) -> Result<Self> {
         let (data_start, tensors, metadata) = parse(&path, &bytes)?;
-        Ok(Self {
-            path,
-            bytes,
-            data_start,
-            tensors,
-            metadata,
-        })
+        Ok(Self { path, bytes, data_start, tensors, metadata })
     }
 
     /// File path.
@@ -144,10 +137,7 @@ impl SafetensorsFile {
 
     /// Looks a tensor up by name.
     pub fn get(&self, name: &str) -> Option<&TensorInfo> {
-        self.tensors
-            .binary_search_by(|t| t.name.as_str().cmp(name))
-            .ok()
-            .map(|i| &self.tensors[i])
+        self.tensors.binary_search_by(|t| t.name.as_str().cmp(name)).ok().map(|i| &self.tensors[i])
     }
 
     /// `__metadata__` of the header.
@@ -189,13 +179,7 @@ impl SafetensorsFile {
                 // No reference into the range outlives this call in a way that could observe
                 // different bytes: the file content is unchanged.
                 #[allow(unsafe_code)]
-                let _ = unsafe {
-                    map.unchecked_advise_range(
-                        memmap2::UncheckedAdvice::DontNeed,
-                        start,
-                        end - start,
-                    )
-                };
+                let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
             }
         }
     }
@@ -219,10 +203,7 @@ impl<'de> Deserialize<'de> for Entries {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON object of tensor entries")
             }
-            fn visit_map<A: MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> std::result::Result<Entries, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Entries, A::Error> {
                 let mut out = Vec::new();
                 while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
                     out.push((k, v));
@@ -239,37 +220,23 @@ type Parsed = (usize, Vec<TensorInfo>, BTreeMap<String, String>);
 fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     let p = || path.to_path_buf();
     let Some(prefix) = bytes.get(..8) else {
-        return Err(Error::Truncated {
-            path: p(),
-            len: bytes.len() as u64,
-        });
+        return Err(Error::Truncated { path: p(), len: bytes.len() as u64 });
     };
     let mut b = [0u8; 8];
     b.copy_from_slice(prefix);
     let header_len = u64::from_le_bytes(b);
     let available = bytes.len() as u64 - 8;
     if header_len > MAX_HEADER_SIZE {
-        return Err(Error::HeaderTooLarge {
-            path: p(),
-            header_len,
-            max: MAX_HEADER_SIZE,
-        });
+        return Err(Error::HeaderTooLarge { path: p(), header_len, max: MAX_HEADER_SIZE });
     }
     if header_len > available {
-        return Err(Error::HeaderPastEnd {
-            path: p(),
-            header_len,
-            available,
-        });
+        return Err(Error::HeaderPastEnd { path: p(), header_len, available });
     }
     let data_start = 8 + header_len as usize;
     let header = &bytes[8..data_start];
-    let text = std::str::from_utf8(header).map_err(|e| Error::HeaderNotUtf8 {
-        path: p(),
-        valid_up_to: e.valid_up_to(),
-    })?;
-    let entries: Entries =
-        serde_json::from_str(text).map_err(|source| Error::HeaderNotJson { path: p(), source })?;
+    let text =
+        std::str::from_utf8(header).map_err(|e| Error::HeaderNotUtf8 { path: p(), valid_up_to: e.valid_up_to() })?;
+    let entries: Entries = serde_json::from_str(text).map_err(|source| Error::HeaderNotJson { path: p(), source })?;
     let data_len = bytes.len() - data_start;
 
     let mut metadata = BTreeMap::new();
@@ -280,8 +247,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
             return Err(Error::DuplicateTensor { path: p(), name });
         }
         if name == "__metadata__" {
-            metadata = serde_json::from_value(value)
-                .map_err(|source| Error::HeaderNotJson { path: p(), source })?;
+            metadata = serde_json::from_value(value).map_err(|source| Error::HeaderNotJson { path: p(), source })?;
             continue;
         }
         let raw: RawEntry = serde_json::from_value(value).map_err(|e| Error::HeaderNotJson {
@@ -289,28 +255,15 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
             source: de::Error::custom(format!("tensor {name:?}: {e}")),
         })?;
         let Ok(dtype) = DType::from_str(&raw.dtype) else {
-            return Err(Error::UnknownDtype {
-                path: p(),
-                name,
-                dtype: raw.dtype,
-            });
+            return Err(Error::UnknownDtype { path: p(), name, dtype: raw.dtype });
         };
         let (start, end) = raw.data_offsets;
         if start > end || end > data_len as u64 {
-            return Err(Error::OffsetsOutOfBounds {
-                path: p(),
-                name,
-                start,
-                end,
-                data_len,
-            });
+            return Err(Error::OffsetsOutOfBounds { path: p(), name, start, end, data_len });
         }
         let (start, end) = (start as usize, end as usize);
-        let shape: Option<Vec<usize>> =
-            raw.shape.iter().map(|&d| usize::try_from(d).ok()).collect();
-        let numel = shape
-            .as_ref()
-            .and_then(|s| s.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)));
+        let shape: Option<Vec<usize>> = raw.shape.iter().map(|&d| usize::try_from(d).ok()).collect();
+        let numel = shape.as_ref().and_then(|s| s.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)));
         let expected = numel.and_then(|n| dtype.bytes_for(n));
         if expected != Some(end - start) {
             return Err(Error::ShapeMismatch {
@@ -318,17 +271,11 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
                 name,
                 dtype,
                 shape: raw.shape.iter().map(|&d| d as usize).collect(),
-                expected: expected
-                    .map_or_else(|| "an unrepresentable number of".into(), |e| e.to_string()),
+                expected: expected.map_or_else(|| "an unrepresentable number of".into(), |e| e.to_string()),
                 actual: end - start,
             });
         }
-        tensors.push(TensorInfo {
-            name,
-            dtype,
-            shape: shape.unwrap_or_default(),
-            data_offsets: (start, end),
-        });
+        tensors.push(TensorInfo { name, dtype, shape: shape.unwrap_or_default(), data_offsets: (start, end) });
     }
 
     // Offsets must tile the data section exactly: sorted by start, each begins where the last ended.
@@ -340,19 +287,12 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
         let (s, e) = t.data_offsets;
         if s < cursor {
             let first = prev.map(|p| p.name.clone()).unwrap_or_default();
-            return Err(Error::OverlappingTensors {
-                path: p(),
-                first,
-                second: t.name.clone(),
-            });
+            return Err(Error::OverlappingTensors { path: p(), first, second: t.name.clone() });
         }
         if s > cursor {
             return Err(Error::UncoveredData {
                 path: p(),
-                detail: format!(
-                    "bytes [{cursor}, {s}) before tensor {:?} belong to no tensor",
-                    t.name
-                ),
+                detail: format!("bytes [{cursor}, {s}) before tensor {:?} belong to no tensor", t.name),
             });
         }
         cursor = e;
@@ -397,13 +337,7 @@ mod tests {
         data.extend_from_slice(&half::f16::from_f32(3.0).to_le_bytes());
         data.extend_from_slice(&half::f16::from_f32(4.0).to_le_bytes());
         let f = open(file(h, &data)).unwrap();
-        assert_eq!(
-            f.tensors()
-                .iter()
-                .map(|t| t.name.as_str())
-                .collect::<Vec<_>>(),
-            ["a", "b"]
-        );
+        assert_eq!(f.tensors().iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
         assert_eq!(f.metadata()["format"], "pt");
         assert_eq!(f.view(f.get("b").unwrap()).to_f32().unwrap(), [3.0, 4.0]);
     }
@@ -438,89 +372,53 @@ mod tests {
 
     #[test]
     fn test_not_json() {
-        assert!(matches!(
-            open(file("{nope", &[])),
-            Err(Error::HeaderNotJson { .. })
-        ));
-        assert!(matches!(
-            open(file("[1,2]", &[])),
-            Err(Error::HeaderNotJson { .. })
-        ));
+        assert!(matches!(open(file("{nope", &[])), Err(Error::HeaderNotJson { .. })));
+        assert!(matches!(open(file("[1,2]", &[])), Err(Error::HeaderNotJson { .. })));
         let h = r#"{"a":{"dtype":"F32","shape":"x","data_offsets":[0,0]}}"#;
-        assert!(matches!(
-            open(file(h, &[])),
-            Err(Error::HeaderNotJson { .. })
-        ));
+        assert!(matches!(open(file(h, &[])), Err(Error::HeaderNotJson { .. })));
     }
 
     #[test]
     fn test_duplicate_names() {
         let h = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#;
         let e = open(file(h, &[0, 0])).unwrap_err();
-        assert!(
-            matches!(e, Error::DuplicateTensor { ref name, .. } if name == "a"),
-            "{e}"
-        );
+        assert!(matches!(e, Error::DuplicateTensor { ref name, .. } if name == "a"), "{e}");
     }
 
     #[test]
     fn test_unknown_dtype() {
         let h = r#"{"a":{"dtype":"F33","shape":[1],"data_offsets":[0,4]}}"#;
-        assert!(matches!(
-            open(file(h, &[0; 4])),
-            Err(Error::UnknownDtype { .. })
-        ));
+        assert!(matches!(open(file(h, &[0; 4])), Err(Error::UnknownDtype { .. })));
     }
 
     #[test]
     fn test_shape_mismatch() {
         let h = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#;
-        assert!(matches!(
-            open(file(h, &[0; 4])),
-            Err(Error::ShapeMismatch { .. })
-        ));
+        assert!(matches!(open(file(h, &[0; 4])), Err(Error::ShapeMismatch { .. })));
         let h = r#"{"a":{"dtype":"F32","shape":[18446744073709551615, 2],"data_offsets":[0,4]}}"#;
-        assert!(matches!(
-            open(file(h, &[0; 4])),
-            Err(Error::ShapeMismatch { .. })
-        ));
+        assert!(matches!(open(file(h, &[0; 4])), Err(Error::ShapeMismatch { .. })));
     }
 
     #[test]
     fn test_offsets_out_of_bounds() {
         let h = r#"{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]}}"#;
-        assert!(matches!(
-            open(file(h, &[0; 4])),
-            Err(Error::OffsetsOutOfBounds { .. })
-        ));
+        assert!(matches!(open(file(h, &[0; 4])), Err(Error::OffsetsOutOfBounds { .. })));
         let h = r#"{"a":{"dtype":"U8","shape":[0],"data_offsets":[4,0]}}"#;
-        assert!(matches!(
-            open(file(h, &[0; 4])),
-            Err(Error::OffsetsOutOfBounds { .. })
-        ));
+        assert!(matches!(open(file(h, &[0; 4])), Err(Error::OffsetsOutOfBounds { .. })));
     }
 
     #[test]
     fn test_overlap() {
         let h = r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}"#;
-        assert!(matches!(
-            open(file(h, &[0; 4])),
-            Err(Error::OverlappingTensors { .. })
-        ));
+        assert!(matches!(open(file(h, &[0; 4])), Err(Error::OverlappingTensors { .. })));
     }
 
     #[test]
     fn test_gap_and_trailing_bytes() {
         let h = r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}"#;
-        assert!(matches!(
-            open(file(h, &[0; 4])),
-            Err(Error::UncoveredData { .. })
-        ));
+        assert!(matches!(open(file(h, &[0; 4])), Err(Error::UncoveredData { .. })));
         let h = r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#;
-        assert!(matches!(
-            open(file(h, &[0; 4])),
-            Err(Error::UncoveredData { .. })
-        ));
+        assert!(matches!(open(file(h, &[0; 4])), Err(Error::UncoveredData { .. })));
     }
 
     proptest::proptest! {

@@ -28,10 +28,7 @@ pub struct TensorEntry {
 impl TensorEntry {
     /// Bytes of data for this entry (`None` on overflow or a sub-byte remainder).
     pub fn nbytes(&self) -> Option<usize> {
-        let numel = self
-            .shape
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))?;
+        let numel = self.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
         self.dtype.bytes_for(numel)
     }
 }
@@ -49,12 +46,7 @@ pub struct SafetensorsLayout {
 impl SafetensorsLayout {
     /// Computes the layout. Names must be unique.
     pub fn new(mut entries: Vec<TensorEntry>, metadata: &BTreeMap<String, String>) -> Result<Self> {
-        entries.sort_by(|a, b| {
-            b.dtype
-                .alignment()
-                .cmp(&a.dtype.alignment())
-                .then_with(|| a.name.cmp(&b.name))
-        });
+        entries.sort_by(|a, b| b.dtype.alignment().cmp(&a.dtype.alignment()).then_with(|| a.name.cmp(&b.name)));
         let mut header = Map::new();
         if !metadata.is_empty() {
             header.insert("__metadata__".into(), json!(metadata));
@@ -65,10 +57,7 @@ impl SafetensorsLayout {
             let n = e.nbytes().ok_or_else(|| Error::WriteMismatch {
                 path: PathBuf::new(),
                 name: e.name.clone(),
-                reason: format!(
-                    "shape {:?} of {} has no whole byte length",
-                    e.shape, e.dtype
-                ),
+                reason: format!("shape {:?} of {} has no whole byte length", e.shape, e.dtype),
             })?;
             if header.contains_key(&e.name) || e.name == "__metadata__" {
                 return Err(Error::WriteMismatch {
@@ -84,29 +73,15 @@ impl SafetensorsLayout {
             ranges.push((offset, n));
             offset += n;
         }
-        let mut header =
-            serde_json::to_vec(&Value::Object(header)).expect("JSON of strings and numbers");
+        let mut header = serde_json::to_vec(&Value::Object(header)).expect("JSON of strings and numbers");
         // Pad with spaces so the data section starts 8-byte aligned.
         while !(8 + header.len()).is_multiple_of(8) {
             header.push(b' ');
         }
         let data_start = 8 + header.len() as u64;
-        let slots: Vec<_> = entries
-            .into_iter()
-            .zip(ranges)
-            .map(|(e, (o, n))| (e, data_start + o as u64, n))
-            .collect();
-        let index = slots
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.0.name.clone(), i))
-            .collect();
-        Ok(Self {
-            header,
-            slots,
-            index,
-            total: data_start + offset as u64,
-        })
+        let slots: Vec<_> = entries.into_iter().zip(ranges).map(|(e, (o, n))| (e, data_start + o as u64, n)).collect();
+        let index = slots.iter().enumerate().map(|(i, s)| (s.0.name.clone(), i)).collect();
+        Ok(Self { header, slots, index, total: data_start + offset as u64 })
     }
 
     /// Total file size in bytes.
@@ -139,38 +114,23 @@ impl SafetensorsWriter {
         file.file().write_all_at(&prefix, 0).map_err(io)?;
         file.set_len(layout.total).map_err(io)?;
         let written = vec![false; layout.slots.len()];
-        Ok(Self {
-            path: path.to_path_buf(),
-            file,
-            layout,
-            written,
-        })
+        Ok(Self { path: path.to_path_buf(), file, layout, written })
     }
 
     /// Writes one planned tensor's bytes at its offset.
     pub fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
-        let mismatch = |reason: String| Error::WriteMismatch {
-            path: self.path.clone(),
-            name: name.into(),
-            reason,
-        };
+        let mismatch = |reason: String| Error::WriteMismatch { path: self.path.clone(), name: name.into(), reason };
         let Some(&i) = self.layout.index.get(name) else {
             return Err(mismatch("not in the planned layout".into()));
         };
         let (_, start, len) = &self.layout.slots[i];
         if bytes.len() != *len {
-            return Err(mismatch(format!(
-                "{} bytes produced, {len} planned",
-                bytes.len()
-            )));
+            return Err(mismatch(format!("{} bytes produced, {len} planned", bytes.len())));
         }
         if std::mem::replace(&mut self.written[i], true) {
             return Err(mismatch("written twice".into()));
         }
-        self.file
-            .file()
-            .write_all_at(bytes, *start)
-            .map_err(|e| Error::io(&self.path, e))
+        self.file.file().write_all_at(bytes, *start).map_err(|e| Error::io(&self.path, e))
     }
 
     /// Checks every tensor was written and flushes the file to disk.
@@ -195,21 +155,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("o.safetensors");
         let entries = vec![
-            TensorEntry {
-                name: "z".into(),
-                dtype: DType::I8,
-                shape: vec![3],
-            },
-            TensorEntry {
-                name: "a".into(),
-                dtype: DType::F16,
-                shape: vec![1],
-            },
-            TensorEntry {
-                name: "m".into(),
-                dtype: DType::F32,
-                shape: vec![2],
-            },
+            TensorEntry { name: "z".into(), dtype: DType::I8, shape: vec![3] },
+            TensorEntry { name: "a".into(), dtype: DType::F16, shape: vec![1] },
+            TensorEntry { name: "m".into(), dtype: DType::F32, shape: vec![2] },
         ];
         let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
         let layout = SafetensorsLayout::new(entries, &meta).unwrap();
@@ -235,11 +183,7 @@ mod tests {
     fn test_unwritten_tensor_fails_finish() {
         let dir = tempfile::tempdir().unwrap();
         let layout = SafetensorsLayout::new(
-            vec![TensorEntry {
-                name: "a".into(),
-                dtype: DType::U8,
-                shape: vec![1],
-            }],
+            vec![TensorEntry { name: "a".into(), dtype: DType::U8, shape: vec![1] }],
             &BTreeMap::new(),
         )
         .unwrap();

@@ -53,8 +53,8 @@ pub struct Cast {
 
 fn build(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
     let config: CastConfig = recipe.pass_config(index)?;
-    let selector = ParamSelector::new(config.targets.as_deref(), &config.ignore)
-        .map_err(|e| recipe.pass_error(index, e))?;
+    let selector =
+        ParamSelector::new(config.targets.as_deref(), &config.ignore).map_err(|e| recipe.pass_error(index, e))?;
     Ok(Box::new(Cast { config, selector }))
 }
 
@@ -80,17 +80,11 @@ impl Pass for Cast {
     fn plan(&self, name: &str, meta: &ParamMeta) -> Plan {
         let to = self.config.dtype.dtype();
         match meta {
-            ParamMeta::Dense { dtype, shape } => match self.selector.select(name, dtype.is_float())
-            {
+            ParamMeta::Dense { dtype, shape } => match self.selector.select(name, dtype.is_float()) {
                 None => Plan::Keep,
-                Some(_) if !dtype.is_float() => {
-                    Plan::Skip(format!("dtype {dtype} is not a float type"))
-                }
+                Some(_) if !dtype.is_float() => Plan::Skip(format!("dtype {dtype} is not a float type")),
                 Some(_) if *dtype == to => Plan::Keep,
-                Some(_) => Plan::Change(ParamMeta::Dense {
-                    dtype: to,
-                    shape: shape.clone(),
-                }),
+                Some(_) => Plan::Change(ParamMeta::Dense { dtype: to, shape: shape.clone() }),
             },
             ParamMeta::Quantized { .. } => match self.selector.select(name, false) {
                 Some(true) => Plan::Skip("quantized tensors keep their scale dtype".into()),
@@ -116,13 +110,6 @@ impl Pass for Cast {
         }
         let bytes = to.encode_f32(&v).expect("float dtype");
         let rel = if w > 0.0 { (e / w).sqrt() } else { 0.0 };
-        Ok(Applied {
-            param: Param::Dense {
-                dtype: to,
-                shape,
-                data: Cow::Owned(bytes),
-            },
-            rel_rmse: Some(rel),
-        })
+        Ok(Applied { param: Param::Dense { dtype: to, shape, data: Cow::Owned(bytes) }, rel_rmse: Some(rel) })
     }
 }

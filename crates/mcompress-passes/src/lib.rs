@@ -82,16 +82,10 @@ impl ParamMeta {
     /// Tensors this parameter is stored as, named after `name`.
     pub fn entries(&self, name: &str) -> Vec<TensorEntry> {
         match self {
-            ParamMeta::Dense { dtype, shape } => vec![TensorEntry {
-                name: name.into(),
-                dtype: *dtype,
-                shape: shape.clone(),
-            }],
-            ParamMeta::Quantized {
-                scheme,
-                shape,
-                scale_dtype,
-            } => {
+            ParamMeta::Dense { dtype, shape } => {
+                vec![TensorEntry { name: name.into(), dtype: *dtype, shape: shape.clone() }]
+            }
+            ParamMeta::Quantized { scheme, shape, scale_dtype } => {
                 let rows = shape[0];
                 let cols: usize = shape[1..].iter().product();
                 let groups = scheme.groups(cols);
@@ -101,23 +95,11 @@ impl ParamMeta {
                         dtype: scheme.packed_dtype(),
                         shape: vec![rows, scheme.packed_cols(cols)],
                     },
-                    TensorEntry {
-                        name: format!("{name}_scale"),
-                        dtype: *scale_dtype,
-                        shape: vec![rows, groups],
-                    },
-                    TensorEntry {
-                        name: format!("{name}_shape"),
-                        dtype: DType::I64,
-                        shape: vec![shape.len()],
-                    },
+                    TensorEntry { name: format!("{name}_scale"), dtype: *scale_dtype, shape: vec![rows, groups] },
+                    TensorEntry { name: format!("{name}_shape"), dtype: DType::I64, shape: vec![shape.len()] },
                 ];
                 if !scheme.symmetric {
-                    let zrows = if scheme.bits == 8 {
-                        rows
-                    } else {
-                        rows.div_ceil(scheme.pack_factor())
-                    };
+                    let zrows = if scheme.bits == 8 { rows } else { rows.div_ceil(scheme.pack_factor()) };
                     v.push(TensorEntry {
                         name: format!("{name}_zero_point"),
                         dtype: scheme.packed_dtype(),
@@ -157,15 +139,10 @@ impl<'a> Param<'a> {
     /// Metadata of this parameter.
     pub fn meta(&self) -> ParamMeta {
         match self {
-            Param::Dense { dtype, shape, .. } => ParamMeta::Dense {
-                dtype: *dtype,
-                shape: shape.clone(),
-            },
-            Param::Quantized(q) => ParamMeta::Quantized {
-                scheme: q.scheme,
-                shape: q.shape.clone(),
-                scale_dtype: q.scale_dtype,
-            },
+            Param::Dense { dtype, shape, .. } => ParamMeta::Dense { dtype: *dtype, shape: shape.clone() },
+            Param::Quantized(q) => {
+                ParamMeta::Quantized { scheme: q.scheme, shape: q.shape.clone(), scale_dtype: q.scale_dtype }
+            }
         }
     }
 
@@ -175,15 +152,8 @@ impl<'a> Param<'a> {
         match self {
             Param::Dense { data, .. } => entries.into_iter().zip([data]).collect(),
             Param::Quantized(q) => {
-                let scale = q
-                    .scale_dtype
-                    .encode_f32(&q.scale)
-                    .expect("scale dtype is a float");
-                let shape: Vec<u8> = q
-                    .shape
-                    .iter()
-                    .flat_map(|&d| (d as i64).to_le_bytes())
-                    .collect();
+                let scale = q.scale_dtype.encode_f32(&q.scale).expect("scale dtype is a float");
+                let shape: Vec<u8> = q.shape.iter().flat_map(|&d| (d as i64).to_le_bytes()).collect();
                 let zero = q.packed_zero_point().map(|(_, _, z)| Cow::Owned(z));
                 let mut data = vec![Cow::Owned(q.packed), Cow::Owned(scale), Cow::Owned(shape)];
                 data.extend(zero);
@@ -236,8 +206,7 @@ pub enum Status {
 }
 
 /// Builds a pass from `recipe.passes[index]`.
-pub type BuildFn =
-    fn(&Recipe, usize) -> std::result::Result<Box<dyn Pass>, mcompress_recipe::Error>;
+pub type BuildFn = fn(&Recipe, usize) -> std::result::Result<Box<dyn Pass>, mcompress_recipe::Error>;
 
 /// A registry entry.
 pub struct PassInfo {
@@ -257,9 +226,7 @@ pub struct PassInfo {
 
 impl fmt::Debug for PassInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PassInfo")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
+        f.debug_struct("PassInfo").field("name", &self.name).finish_non_exhaustive()
     }
 }
 
@@ -272,9 +239,7 @@ pub fn lookup(name: &str) -> Option<&'static PassInfo> {
 }
 
 /// Builds every pass of a recipe. An unknown type lists the valid ones.
-pub fn build_passes(
-    recipe: &Recipe,
-) -> std::result::Result<Vec<Box<dyn Pass>>, mcompress_recipe::Error> {
+pub fn build_passes(recipe: &Recipe) -> std::result::Result<Vec<Box<dyn Pass>>, mcompress_recipe::Error> {
     recipe
         .passes
         .iter()
@@ -285,11 +250,7 @@ pub fn build_passes(
                 let valid: Vec<&str> = PASSES.iter().map(|p| p.name).collect();
                 Err(recipe.pass_error(
                     spec.index,
-                    format!(
-                        "unknown pass type {:?}; valid types: {}",
-                        spec.kind,
-                        valid.join(", ")
-                    ),
+                    format!("unknown pass type {:?}; valid types: {}", spec.kind, valid.join(", ")),
                 ))
             }
         })
@@ -298,10 +259,7 @@ pub fn build_passes(
 
 /// The recipe JSON schema with every registered pass's config.
 pub fn recipe_schema() -> serde_json::Value {
-    let passes: Vec<_> = PASSES
-        .iter()
-        .map(|p| (p.name, p.summary, (p.schema)()))
-        .collect();
+    let passes: Vec<_> = PASSES.iter().map(|p| (p.name, p.summary, (p.schema)())).collect();
     mcompress_recipe::json_schema(&passes)
 }
 
@@ -332,9 +290,7 @@ mod tests {
     #[test]
     fn test_schema_lists_passes() {
         let s = recipe_schema();
-        let one_of = s["properties"]["pass"]["items"]["oneOf"]
-            .as_array()
-            .unwrap();
+        let one_of = s["properties"]["pass"]["items"]["oneOf"].as_array().unwrap();
         assert_eq!(one_of.len(), PASSES.len());
         assert_eq!(one_of[1]["properties"]["type"]["const"], "quantize-rtn");
         assert!(one_of[1]["properties"]["bits"].is_object());

@@ -87,10 +87,7 @@ pub fn plan(model: &ModelSource, passes: &[Box<dyn Pass>]) -> Planned {
     let mut skipped = vec![Vec::new(); passes.len()];
     for r in model.tensors() {
         let info = model.info(r);
-        let mut meta = ParamMeta::Dense {
-            dtype: info.dtype,
-            shape: info.shape.clone(),
-        };
+        let mut meta = ParamMeta::Dense { dtype: info.dtype, shape: info.shape.clone() };
         let mut mine = Vec::new();
         for (i, p) in passes.iter().enumerate() {
             match p.plan(&info.name, &meta) {
@@ -99,20 +96,13 @@ pub fn plan(model: &ModelSource, passes: &[Box<dyn Pass>]) -> Planned {
                     meta = m;
                     mine.push(i);
                 }
-                Plan::Skip(reason) => skipped[i].push(Skipped {
-                    name: info.name.clone(),
-                    reason,
-                }),
+                Plan::Skip(reason) => skipped[i].push(Skipped { name: info.name.clone(), reason }),
             }
         }
         changes.push(mine);
         params.insert(info.name.clone(), meta);
     }
-    Planned {
-        params,
-        changes,
-        skipped,
-    }
+    Planned { params, changes, skipped }
 }
 
 /// Result of [`run`].
@@ -135,11 +125,7 @@ pub fn run(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Output> {
     let planned = plan(model, passes);
-    let entries = planned
-        .params
-        .iter()
-        .flat_map(|(name, m)| m.entries(name))
-        .collect();
+    let entries = planned.params.iter().flat_map(|(name, m)| m.entries(name)).collect();
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let layout = SafetensorsLayout::new(entries, &metadata)?;
     let bytes = layout.total_bytes();
@@ -156,39 +142,26 @@ pub fn run(
         tensors_done: 0,
         tensors_total: order.len(),
         bytes_done: 0,
-        bytes_total: model
-            .tensors()
-            .iter()
-            .map(|r| model.info(r).nbytes() as u64)
-            .sum(),
+        bytes_total: model.tensors().iter().map(|r| model.info(r).nbytes() as u64).sum(),
     };
     let mut seconds = vec![0f64; passes.len()];
     let mut stats: Vec<Vec<TensorStat>> = vec![Vec::new(); passes.len()];
     let mut done = total;
     for (i, r) in order {
         let view = model.view(r);
-        let mut param = Param::Dense {
-            dtype: view.dtype,
-            shape: view.shape.to_vec(),
-            data: Cow::Borrowed(view.data),
-        };
+        let mut param = Param::Dense { dtype: view.dtype, shape: view.shape.to_vec(), data: Cow::Borrowed(view.data) };
         for &pi in &planned.changes[i] {
             let t0 = Instant::now();
-            let applied = passes[pi]
-                .apply(view.name, param)
-                .map_err(|reason| Error::Tensor {
-                    index: pi,
-                    pass: passes[pi].name(),
-                    tensor: view.name.to_string(),
-                    reason,
-                })?;
+            let applied = passes[pi].apply(view.name, param).map_err(|reason| Error::Tensor {
+                index: pi,
+                pass: passes[pi].name(),
+                tensor: view.name.to_string(),
+                reason,
+            })?;
             seconds[pi] += t0.elapsed().as_secs_f64();
             param = applied.param;
             if let Some(rel_rmse) = applied.rel_rmse {
-                stats[pi].push(TensorStat {
-                    name: view.name.to_string(),
-                    rel_rmse,
-                });
+                stats[pi].push(TensorStat { name: view.name.to_string(), rel_rmse });
             }
         }
         debug_assert_eq!(Some(&param.meta()), planned.params.get(view.name));
@@ -227,11 +200,7 @@ pub fn run(
             }
         })
         .collect();
-    Ok(Output {
-        passes: reports,
-        params: planned.params,
-        bytes,
-    })
+    Ok(Output { passes: reports, params: planned.params, bytes })
 }
 
 /// The compressed-tensors `quantization_config` for config.json, or `None` if nothing is
@@ -254,11 +223,7 @@ pub fn quantization_config(params: &BTreeMap<String, ParamMeta>) -> Option<Value
         return None;
     }
     let format_of = |s: &crate::QScheme| {
-        if s.bits == 8 {
-            "int-quantized"
-        } else {
-            "pack-quantized"
-        }
+        if s.bits == 8 { "int-quantized" } else { "pack-quantized" }
     };
     let formats: std::collections::BTreeSet<_> = groups.keys().map(format_of).collect();
     let config_groups: serde_json::Map<String, Value> = groups

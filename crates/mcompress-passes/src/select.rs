@@ -17,9 +17,7 @@ enum Pattern {
 impl Pattern {
     fn parse(p: &str) -> Result<Self, String> {
         if let Some(re) = p.strip_prefix("re:") {
-            Regex::new(&format!("^(?:{re})$"))
-                .map(Pattern::Re)
-                .map_err(|e| format!("bad regex {p:?}: {e}"))
+            Regex::new(&format!("^(?:{re})$")).map(Pattern::Re).map_err(|e| format!("bad regex {p:?}: {e}"))
         } else {
             GlobBuilder::new(p)
                 .literal_separator(false)
@@ -49,15 +47,11 @@ impl ParamSelector {
     pub fn new(targets: Option<&[String]>, ignore: &[String]) -> Result<Self, String> {
         let targets = targets
             .map(|t| {
-                t.iter()
-                    .map(|p| Pattern::parse(p).map_err(|e| format!("targets: {e}")))
-                    .collect::<Result<Vec<_>, _>>()
+                t.iter().map(|p| Pattern::parse(p).map_err(|e| format!("targets: {e}"))).collect::<Result<Vec<_>, _>>()
             })
             .transpose()?;
-        let ignore = ignore
-            .iter()
-            .map(|p| Pattern::parse(p).map_err(|e| format!("ignore: {e}")))
-            .collect::<Result<_, _>>()?;
+        let ignore =
+            ignore.iter().map(|p| Pattern::parse(p).map_err(|e| format!("ignore: {e}"))).collect::<Result<_, _>>()?;
         Ok(Self { targets, ignore })
     }
 
@@ -80,11 +74,7 @@ mod tests {
 
     #[test]
     fn test_glob_regex_and_ignore() {
-        let s = ParamSelector::new(
-            Some(&["re:.*weight$".into(), "*.bias".into()]),
-            &["lm_head*".into()],
-        )
-        .unwrap();
+        let s = ParamSelector::new(Some(&["re:.*weight$".into(), "*.bias".into()]), &["lm_head*".into()]).unwrap();
         assert_eq!(s.select("fc1.weight", false), Some(true));
         assert_eq!(s.select("fc1.bias", false), Some(true));
         assert_eq!(s.select("lm_head.weight", true), None);
@@ -96,15 +86,7 @@ mod tests {
 
     #[test]
     fn test_bad_patterns_name_field() {
-        assert!(
-            ParamSelector::new(Some(&["re:(".into()]), &[])
-                .unwrap_err()
-                .starts_with("targets: bad regex")
-        );
-        assert!(
-            ParamSelector::new(None, &["a[".into()])
-                .unwrap_err()
-                .starts_with("ignore: bad glob")
-        );
+        assert!(ParamSelector::new(Some(&["re:(".into()]), &[]).unwrap_err().starts_with("targets: bad regex"));
+        assert!(ParamSelector::new(None, &["a[".into()]).unwrap_err().starts_with("ignore: bad glob"));
     }
 }

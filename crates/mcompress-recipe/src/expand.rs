@@ -68,16 +68,9 @@ mod tests {
     fn test_expansion() {
         assert_eq!(expand("a/b", &env).unwrap(), "a/b");
         assert_eq!(expand("${HOME}/x", &env).unwrap(), "/home/u/x");
-        assert_eq!(
-            expand("${FIX:-${HOME}/.cache}/m", &env).unwrap(),
-            "/home/u/.cache/m"
-        );
+        assert_eq!(expand("${FIX:-${HOME}/.cache}/m", &env).unwrap(), "/home/u/.cache/m");
         assert_eq!(expand("${EMPTY:-d}", &env).unwrap(), "d");
-        assert!(
-            expand("${NOPE}/m", &env)
-                .unwrap_err()
-                .contains("NOPE is not set")
-        );
+        assert!(expand("${NOPE}/m", &env).unwrap_err().contains("NOPE is not set"));
         assert!(expand("${HOME", &env).unwrap_err().contains("unclosed"));
         assert!(expand("${a b}", &env).unwrap_err().contains("bad variable"));
     }

@@ -166,16 +166,8 @@ impl<'de> Deserialize<'de> for MaxDrop {
         };
         match Raw::deserialize(d)? {
             Raw::S(s) => {
-                let v: f64 = s
-                    .trim()
-                    .strip_suffix('%')
-                    .and_then(|p| p.trim().parse().ok())
-                    .ok_or_else(|| bad(&s))?;
-                if v.is_finite() && v >= 0.0 {
-                    Ok(MaxDrop::Percent(v))
-                } else {
-                    Err(bad(&s))
-                }
+                let v: f64 = s.trim().strip_suffix('%').and_then(|p| p.trim().parse().ok()).ok_or_else(|| bad(&s))?;
+                if v.is_finite() && v >= 0.0 { Ok(MaxDrop::Percent(v)) } else { Err(bad(&s)) }
             }
             Raw::F(v) if v.is_finite() && v >= 0.0 => Ok(MaxDrop::Absolute(v)),
             Raw::I(v) if v >= 0 => Ok(MaxDrop::Absolute(v as f64)),
@@ -239,10 +231,7 @@ pub struct Recipe {
 impl Recipe {
     /// Reads and parses a recipe file.
     pub fn load(path: &Path) -> Result<Self> {
-        let source = fs_err::read_to_string(path).map_err(|source| Error::Io {
-            path: path.into(),
-            source,
-        })?;
+        let source = fs_err::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
         Self::parse(path, source)
     }
 
@@ -250,16 +239,10 @@ impl Recipe {
     pub fn parse(path: &Path, source: String) -> Result<Self> {
         let at = |span: Option<std::ops::Range<usize>>, context: String, message: String| {
             let (line, col) = line_col(&source, span.map_or(0, |s| s.start));
-            Error::At {
-                path: path.into(),
-                line,
-                col,
-                context,
-                message,
-            }
+            Error::At { path: path.into(), line, col, context, message }
         };
-        let raw: RawRecipe = toml::from_str(&source)
-            .map_err(|e| at(e.span(), String::new(), e.message().trim().to_string()))?;
+        let raw: RawRecipe =
+            toml::from_str(&source).map_err(|e| at(e.span(), String::new(), e.message().trim().to_string()))?;
         let spans = pass_spans(&source);
         let mut passes = Vec::with_capacity(raw.pass.len());
         for (index, table) in raw.pass.iter().enumerate() {
@@ -274,28 +257,16 @@ impl Recipe {
                     ));
                 }
                 None => {
-                    return Err(at(
-                        span,
-                        format!("pass[{index}]: "),
-                        "missing `type` (see `mcompress passes`)".into(),
-                    ));
+                    return Err(at(span, format!("pass[{index}]: "), "missing `type` (see `mcompress passes`)".into()));
                 }
             };
             let (line, col) = line_col(&source, span.map_or(0, |s| s.start));
-            passes.push(PassSpec {
-                index,
-                kind,
-                line,
-                col,
-            });
+            passes.push(PassSpec { index, kind, line, col });
         }
         let dir = path.parent().unwrap_or(Path::new(""));
         let mut targets = raw.target;
         if targets.is_empty() {
-            targets.push(TargetSection {
-                name: "default".into(),
-                max_size: None,
-            });
+            targets.push(TargetSection { name: "default".into(), max_size: None });
         }
         let target_spans = array_spans(&source, "target");
         for (i, t) in targets.iter().enumerate() {
@@ -303,10 +274,7 @@ impl Recipe {
                 return Err(at(
                     target_spans.get(i).cloned(),
                     format!("target[{i}]: "),
-                    format!(
-                        "name {:?} must be 1-64 letters, digits, '.', '_' or '-', and not '.' or '..'",
-                        t.name
-                    ),
+                    format!("name {:?} must be 1-64 letters, digits, '.', '_' or '-', and not '.' or '..'", t.name),
                 ));
             }
             if targets[..i].iter().any(|o| o.name == t.name) {
@@ -321,9 +289,7 @@ impl Recipe {
         let expand_path = |p: &Path, field: &str| -> Result<PathBuf> {
             let s = p.to_string_lossy();
             let span = key_span(&source, field);
-            expand::expand(&s, &env)
-                .map(PathBuf::from)
-                .map_err(|m| at(span, String::new(), format!("{field}: {m}")))
+            expand::expand(&s, &env).map(PathBuf::from).map_err(|m| at(span, String::new(), format!("{field}: {m}")))
         };
         let model_path = dir.join(expand_path(&raw.model.path, "model.path")?);
         let eval = match raw.eval {
@@ -333,25 +299,10 @@ impl Recipe {
             }
             None => None,
         };
-        let output_dir = raw
-            .output
-            .dir
-            .as_deref()
-            .map(|d| expand_path(d, "output.dir"))
-            .transpose()?;
-        let stem = path
-            .file_stem()
-            .map_or_else(|| "recipe".into(), |s| s.to_string_lossy().into_owned());
+        let output_dir = raw.output.dir.as_deref().map(|d| expand_path(d, "output.dir")).transpose()?;
+        let stem = path.file_stem().map_or_else(|| "recipe".into(), |s| s.to_string_lossy().into_owned());
         let output_dir = output_dir.unwrap_or_else(|| Path::new("dist").join(stem));
-        Ok(Recipe {
-            model_path,
-            path: path.into(),
-            source,
-            passes,
-            eval,
-            output_dir,
-            targets,
-        })
+        Ok(Recipe { model_path, path: path.into(), source, passes, eval, output_dir, targets })
     }
 
     /// Stage two: deserializes pass `index` (without its `type` key) into `T`. Errors carry the
@@ -360,18 +311,10 @@ impl Recipe {
         let spec = &self.passes[index];
         let context = format!("pass[{index}] {}: ", spec.kind);
         let err = |span: Option<std::ops::Range<usize>>, message: String| {
-            let (line, col) =
-                span.map_or((spec.line, spec.col), |s| line_col(&self.source, s.start));
-            Error::At {
-                path: self.path.clone(),
-                line,
-                col,
-                context: context.clone(),
-                message,
-            }
+            let (line, col) = span.map_or((spec.line, spec.col), |s| line_col(&self.source, s.start));
+            Error::At { path: self.path.clone(), line, col, context: context.clone(), message }
         };
-        let doc = toml::de::DeTable::parse(&self.source)
-            .map_err(|e| err(e.span(), e.message().into()))?;
+        let doc = toml::de::DeTable::parse(&self.source).map_err(|e| err(e.span(), e.message().into()))?;
         let item = doc
             .get_ref()
             .get("pass")
@@ -418,8 +361,7 @@ fn valid_target_name(n: &str) -> bool {
         && n.len() <= 64
         && n != "."
         && n != ".."
-        && n.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && n.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 /// Spans of each `[[pass]]` table, in order.
@@ -455,27 +397,17 @@ pub fn json_schema(passes: &[(&str, &str, schemars::Schema)]) -> serde_json::Val
         let mut s = serde_json::to_value(schema).expect("schema is JSON");
         if let Some(obj) = s.as_object_mut() {
             if let Some(defs) = obj.remove("$defs") {
-                let root_defs = root
-                    .as_object_mut()
-                    .expect("object")
-                    .entry("$defs")
-                    .or_insert_with(|| serde_json::json!({}));
+                let root_defs =
+                    root.as_object_mut().expect("object").entry("$defs").or_insert_with(|| serde_json::json!({}));
                 if let (Some(rd), Some(d)) = (root_defs.as_object_mut(), defs.as_object()) {
                     rd.extend(d.clone());
                 }
             }
             obj.remove("$schema");
-            obj.insert(
-                "description".into(),
-                serde_json::Value::String((*summary).into()),
-            );
-            let props = obj
-                .entry("properties")
-                .or_insert_with(|| serde_json::json!({}));
+            obj.insert("description".into(), serde_json::Value::String((*summary).into()));
+            let props = obj.entry("properties").or_insert_with(|| serde_json::json!({}));
             props["type"] = serde_json::json!({"const": name});
-            let req = obj
-                .entry("required")
-                .or_insert_with(|| serde_json::json!([]));
+            let req = obj.entry("required").or_insert_with(|| serde_json::json!([]));
             if let Some(r) = req.as_array_mut() {
                 r.insert(0, "type".into());
             }
@@ -504,9 +436,7 @@ mod tests {
 
     #[test]
     fn test_unknown_top_level_field_has_position() {
-        let e = parse("[model]\npath = \"m\"\npth = 1\n")
-            .unwrap_err()
-            .to_string();
+        let e = parse("[model]\npath = \"m\"\npth = 1\n").unwrap_err().to_string();
         assert!(e.starts_with("dir/r.toml:3:1: unknown field `pth`"), "{e}");
     }
 
@@ -530,37 +460,24 @@ mod tests {
         let src = "[model]\npath = \"m\"\n[[pass]]\ntype = \"cast\"\n[[pass]]\ntype = \"q\"\nbits = 8\nbitz = 4\n";
         let r = parse(src).unwrap();
         let e = r.pass_config::<Cfg>(1).unwrap_err().to_string();
-        assert!(
-            e.starts_with("dir/r.toml:8:1: pass[1] q: unknown field `bitz`"),
-            "{e}"
-        );
+        assert!(e.starts_with("dir/r.toml:8:1: pass[1] q: unknown field `bitz`"), "{e}");
     }
 
     #[test]
     fn test_pass_wrong_type_points_at_value() {
         let src = "[model]\npath = \"m\"\n[[pass]]\ntype = \"q\"\nbits = \"eight\"\n";
-        let e = parse(src)
+        let e = parse(src).unwrap().pass_config::<Cfg>(0).unwrap_err().to_string();
+        assert!(e.starts_with("dir/r.toml:5:8: pass[0] q: invalid type: string"), "{e}");
+        let ok: Cfg = parse("[model]\npath = \"m\"\n[[pass]]\ntype = \"q\"\nbits = 4\ngroup-size = 32\n")
             .unwrap()
-            .pass_config::<Cfg>(0)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.starts_with("dir/r.toml:5:8: pass[0] q: invalid type: string"),
-            "{e}"
-        );
-        let ok: Cfg =
-            parse("[model]\npath = \"m\"\n[[pass]]\ntype = \"q\"\nbits = 4\ngroup-size = 32\n")
-                .unwrap()
-                .pass_config(0)
-                .unwrap();
+            .pass_config(0)
+            .unwrap();
         assert_eq!(ok.group_size, 32);
     }
 
     #[test]
     fn test_pass_without_type() {
-        let e = parse("[model]\npath = \"m\"\n[[pass]]\nbits = 4\n")
-            .unwrap_err()
-            .to_string();
+        let e = parse("[model]\npath = \"m\"\n[[pass]]\nbits = 4\n").unwrap_err().to_string();
         assert!(e.contains("pass[0]: missing `type`"), "{e}");
     }
 
@@ -572,12 +489,7 @@ mod tests {
             assert!(e.contains("target[0]"), "{e}");
         }
         let src = "[model]\npath = \"m\"\n[[target]]\nname = \"a\"\n[[target]]\nname = \"a\"\n";
-        assert!(
-            parse(src)
-                .unwrap_err()
-                .to_string()
-                .contains("duplicate target")
-        );
+        assert!(parse(src).unwrap_err().to_string().contains("duplicate target"));
     }
 
     #[test]
@@ -588,24 +500,15 @@ mod tests {
         assert_eq!(e.set, Path::new("dir/d.csv"));
         assert_eq!(e.max_drop, Some(MaxDrop::Percent(1.0)));
         let bad = "[model]\npath = \"m\"\n[eval]\nset = \"d\"\nmetric = \"acc\"\n";
-        assert!(
-            parse(bad)
-                .unwrap_err()
-                .to_string()
-                .contains("unknown variant `acc`")
-        );
-        let bad =
-            "[model]\npath = \"m\"\n[eval]\nset = \"d\"\nmetric = \"kl\"\nmax-drop = \"lots\"\n";
+        assert!(parse(bad).unwrap_err().to_string().contains("unknown variant `acc`"));
+        let bad = "[model]\npath = \"m\"\n[eval]\nset = \"d\"\nmetric = \"kl\"\nmax-drop = \"lots\"\n";
         assert!(parse(bad).unwrap_err().to_string().contains("max-drop"));
     }
 
     #[test]
     fn test_max_size_parses() {
         let src = "[model]\npath = \"m\"\n[[target]]\nname = \"a\"\nmax-size = \"10MiB\"\n";
-        assert_eq!(
-            parse(src).unwrap().targets[0].max_size,
-            Some(ByteSize(10 << 20))
-        );
+        assert_eq!(parse(src).unwrap().targets[0].max_size, Some(ByteSize(10 << 20)));
         let src = "[model]\npath = \"m\"\n[[target]]\nname = \"a\"\nmax-size = \"ten\"\n";
         assert!(parse(src).unwrap_err().to_string().contains("max-size"));
     }

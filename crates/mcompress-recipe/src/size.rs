@@ -15,9 +15,7 @@ impl ByteSize {
     /// (kB/KB, MB, GB, TB) units; `B` optional.
     pub fn parse(s: &str) -> Option<Self> {
         let s = s.trim();
-        let split = s
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(s.len());
+        let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
         let num: f64 = num.parse().ok()?;
         let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {

@@ -8,49 +8,30 @@ use mcompress_core::{DType, ModelSource, TensorView};
 use super::{QScheme, Quantized};
 
 /// Quantization schemes by module name, read from a config.json `quantization_config`.
-pub fn schemes_from_config(
-    config: &serde_json::Value,
-) -> Result<BTreeMap<String, QScheme>, String> {
+pub fn schemes_from_config(config: &serde_json::Value) -> Result<BTreeMap<String, QScheme>, String> {
     let mut out = BTreeMap::new();
     let Some(groups) = config.pointer("/quantization_config/config_groups") else {
         return Ok(out);
     };
-    let groups = groups
-        .as_object()
-        .ok_or("quantization_config.config_groups must be an object")?;
+    let groups = groups.as_object().ok_or("quantization_config.config_groups must be an object")?;
     for (gname, g) in groups {
         let w = &g["weights"];
-        let bits = w["num_bits"]
-            .as_u64()
-            .and_then(|b| u8::try_from(b).ok())
-            .filter(|b| QScheme::BITS.contains(b));
-        let bits = bits.ok_or_else(|| {
-            format!("config_groups.{gname}.weights.num_bits must be 2, 3, 4 or 8")
-        })?;
+        let bits = w["num_bits"].as_u64().and_then(|b| u8::try_from(b).ok()).filter(|b| QScheme::BITS.contains(b));
+        let bits = bits.ok_or_else(|| format!("config_groups.{gname}.weights.num_bits must be 2, 3, 4 or 8"))?;
         let group_size = match &w["group_size"] {
             serde_json::Value::Null => 0,
-            v => v.as_u64().ok_or_else(|| {
-                format!("config_groups.{gname}.weights.group_size must be a number or null")
-            })? as usize,
+            v => v
+                .as_u64()
+                .ok_or_else(|| format!("config_groups.{gname}.weights.group_size must be a number or null"))?
+                as usize,
         };
         let symmetric = w["symmetric"]
             .as_bool()
             .ok_or_else(|| format!("config_groups.{gname}.weights.symmetric must be a boolean"))?;
-        let targets = g["targets"]
-            .as_array()
-            .ok_or_else(|| format!("config_groups.{gname}.targets must be a list"))?;
+        let targets = g["targets"].as_array().ok_or_else(|| format!("config_groups.{gname}.targets must be a list"))?;
         for t in targets {
-            let t = t
-                .as_str()
-                .ok_or_else(|| format!("config_groups.{gname}.targets must hold strings"))?;
-            out.insert(
-                t.to_string(),
-                QScheme {
-                    bits,
-                    group_size,
-                    symmetric,
-                },
-            );
+            let t = t.as_str().ok_or_else(|| format!("config_groups.{gname}.targets must hold strings"))?;
+            out.insert(t.to_string(), QScheme { bits, group_size, symmetric });
         }
     }
     Ok(out)
@@ -67,20 +48,13 @@ fn tensor<'a>(model: &'a ModelSource, name: &str) -> Result<TensorView<'a>, Stri
 
 fn expect(v: &TensorView<'_>, dtype: DType, shape: &[usize]) -> Result<(), String> {
     if v.dtype != dtype || v.shape != shape {
-        return Err(format!(
-            "tensor {:?} is {} {:?}, expected {dtype} {shape:?}",
-            v.name, v.dtype, v.shape
-        ));
+        return Err(format!("tensor {:?} is {} {:?}, expected {dtype} {shape:?}", v.name, v.dtype, v.shape));
     }
     Ok(())
 }
 
 /// Loads the quantized parameter stored under `name` (`<name>_packed`, ...).
-pub fn load_quantized(
-    model: &ModelSource,
-    name: &str,
-    scheme: QScheme,
-) -> Result<Quantized, String> {
+pub fn load_quantized(model: &ModelSource, name: &str, scheme: QScheme) -> Result<Quantized, String> {
     let shape_t = tensor(model, &format!("{name}_shape"))?;
     if shape_t.dtype != DType::I64 || shape_t.shape.len() != 1 || shape_t.shape[0] < 2 {
         return Err(format!("tensor {name}_shape must be I64 [rank ≥ 2]"));
@@ -88,11 +62,7 @@ pub fn load_quantized(
     let shape: Vec<usize> = shape_t
         .data
         .chunks_exact(8)
-        .map(|c| {
-            usize::try_from(i64::from_le_bytes(c.try_into().expect("8 bytes")))
-                .ok()
-                .filter(|&d| d > 0)
-        })
+        .map(|c| usize::try_from(i64::from_le_bytes(c.try_into().expect("8 bytes"))).ok().filter(|&d| d > 0))
         .collect::<Option<_>>()
         .ok_or_else(|| format!("tensor {name}_shape holds a non-positive dimension"))?;
     let rows = shape[0];
@@ -100,15 +70,10 @@ pub fn load_quantized(
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| format!("{name}_shape overflows"))?;
-    rows.checked_mul(cols)
-        .ok_or_else(|| format!("{name}_shape overflows"))?;
+    rows.checked_mul(cols).ok_or_else(|| format!("{name}_shape overflows"))?;
     let groups = scheme.groups(cols);
     let packed = tensor(model, &format!("{name}_packed"))?;
-    expect(
-        &packed,
-        scheme.packed_dtype(),
-        &[rows, scheme.packed_cols(cols)],
-    )?;
+    expect(&packed, scheme.packed_dtype(), &[rows, scheme.packed_cols(cols)])?;
     let scale_t = tensor(model, &format!("{name}_scale"))?;
     if !scale_t.dtype.is_float() || scale_t.shape != [rows, groups] {
         return Err(format!(
@@ -128,17 +93,13 @@ pub fn load_quantized(
         } else {
             let pf = scheme.pack_factor();
             expect(&z, DType::I32, &[rows.div_ceil(pf), groups])?;
-            let words: Vec<u32> = z
-                .data
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
-                .collect();
+            let words: Vec<u32> =
+                z.data.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
             let mask = (1u32 << scheme.bits) - 1;
             let mut zp = vec![0i8; rows * groups];
             for r in 0..rows {
                 for g in 0..groups {
-                    let u =
-                        (words[(r / pf) * groups + g] >> ((r % pf) * scheme.bits as usize)) & mask;
+                    let u = (words[(r / pf) * groups + g] >> ((r % pf) * scheme.bits as usize)) & mask;
                     zp[r * groups + g] = (u as i32 - scheme.offset()) as i8;
                 }
             }

@@ -50,30 +50,17 @@ impl Rtn {
     /// Validates a config.
     pub fn new(config: RtnConfig) -> Result<Self, String> {
         if !QScheme::BITS.contains(&config.bits) {
-            return Err(format!(
-                "bits = {}: supported values are 8, 4, 3 and 2",
-                config.bits
-            ));
+            return Err(format!("bits = {}: supported values are 8, 4, 3 and 2", config.bits));
         }
         let selector = ParamSelector::new(config.targets.as_deref(), &config.ignore)?;
-        let scheme = QScheme {
-            bits: config.bits,
-            group_size: config.group_size,
-            symmetric: config.symmetric,
-        };
-        Ok(Self {
-            config,
-            scheme,
-            selector,
-        })
+        let scheme = QScheme { bits: config.bits, group_size: config.group_size, symmetric: config.symmetric };
+        Ok(Self { config, scheme, selector })
     }
 }
 
 fn build_rtn(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
     let config: RtnConfig = recipe.pass_config(index)?;
-    Rtn::new(config)
-        .map(|p| Box::new(p) as Box<dyn Pass>)
-        .map_err(|e| recipe.pass_error(index, e))
+    Rtn::new(config).map(|p| Box::new(p) as Box<dyn Pass>).map_err(|e| recipe.pass_error(index, e))
 }
 
 /// Registry entry of `quantize-rtn`.
@@ -113,10 +100,7 @@ impl Pass for Rtn {
                 scale_dtype: scheme::scale_dtype(*dtype),
             }),
             Some(_) => Plan::Skip(if dtype.is_float() {
-                format!(
-                    "rank {} tensor {shape:?}: only matrices are quantized",
-                    shape.len()
-                )
+                format!("rank {} tensor {shape:?}: only matrices are quantized", shape.len())
             } else {
                 format!("dtype {dtype} is not a float type")
             }),
@@ -132,9 +116,6 @@ impl Pass for Rtn {
             QuantError::BadInput(m) => m,
         })?;
         let rel = q.rel_rmse();
-        Ok(Applied {
-            param: Param::Quantized(q),
-            rel_rmse: Some(rel),
-        })
+        Ok(Applied { param: Param::Quantized(q), rel_rmse: Some(rel) })
     }
 }

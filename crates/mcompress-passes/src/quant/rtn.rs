@@ -4,9 +4,7 @@
 use mcompress_core::DType;
 use rayon::prelude::*;
 
-use super::scheme::{
-    QScheme, dequant_value, group_params, quant_value, scale_and_zero, scale_dtype,
-};
+use super::scheme::{QScheme, dequant_value, group_params, quant_value, scale_and_zero, scale_dtype};
 
 /// A quantized tensor in the packed layout of [`super::scheme`].
 #[derive(Clone, Debug, PartialEq)]
@@ -93,11 +91,7 @@ impl Quantized {
         let s = &self.scheme;
         let groups = s.groups(self.cols);
         if s.bits == 8 {
-            return Some((
-                vec![self.rows, groups],
-                DType::I8,
-                zp.iter().map(|&z| z as u8).collect(),
-            ));
+            return Some((vec![self.rows, groups], DType::I8, zp.iter().map(|&z| z as u8).collect()));
         }
         let pf = s.pack_factor();
         let prow = self.rows.div_ceil(pf);
@@ -108,11 +102,7 @@ impl Quantized {
                 words[(r / pf) * groups + g] |= u << ((r % pf) * s.bits as usize);
             }
         }
-        Some((
-            vec![prow, groups],
-            DType::I32,
-            words.iter().flat_map(|w| w.to_le_bytes()).collect(),
-        ))
+        Some((vec![prow, groups], DType::I32, words.iter().flat_map(|w| w.to_le_bytes()).collect()))
     }
 }
 
@@ -124,35 +114,23 @@ fn dims(shape: &[usize]) -> (usize, usize) {
 
 fn check_input(dtype: DType, shape: &[usize], data: &[u8]) -> Result<(usize, usize), QuantError> {
     if !dtype.is_float() {
-        return Err(QuantError::BadInput(format!(
-            "dtype {dtype} is not a float type"
-        )));
+        return Err(QuantError::BadInput(format!("dtype {dtype} is not a float type")));
     }
     if shape.len() < 2 {
-        return Err(QuantError::BadInput(format!(
-            "rank {} (needs a matrix)",
-            shape.len()
-        )));
+        return Err(QuantError::BadInput(format!("rank {} (needs a matrix)", shape.len())));
     }
     let (rows, cols) = dims(shape);
     if rows == 0 || cols == 0 {
         return Err(QuantError::BadInput("empty tensor".into()));
     }
     if dtype.bytes_for(rows * cols) != Some(data.len()) {
-        return Err(QuantError::BadInput(
-            "data length does not match shape".into(),
-        ));
+        return Err(QuantError::BadInput("data length does not match shape".into()));
     }
     Ok((rows, cols))
 }
 
 /// Reference implementation: element by element, no parallelism, no tricks.
-pub fn quantize_ref(
-    s: &QScheme,
-    dtype: DType,
-    shape: &[usize],
-    data: &[u8],
-) -> Result<Quantized, QuantError> {
+pub fn quantize_ref(s: &QScheme, dtype: DType, shape: &[usize], data: &[u8]) -> Result<Quantized, QuantError> {
     let (rows, cols) = check_input(dtype, shape, data)?;
     let mut w = vec![0f32; rows * cols];
     dtype.decode_f32(data, &mut w);
@@ -223,12 +201,7 @@ fn rows_per_task(cols: usize) -> usize {
 /// its rows into a scratch buffer, finds group ranges and writes codes straight into the packed
 /// output. Task boundaries depend only on the shape, and per-task error sums are added in task
 /// order, so the output is identical at any thread count.
-pub fn quantize(
-    s: &QScheme,
-    dtype: DType,
-    shape: &[usize],
-    data: &[u8],
-) -> Result<Quantized, QuantError> {
+pub fn quantize(s: &QScheme, dtype: DType, shape: &[usize], data: &[u8]) -> Result<Quantized, QuantError> {
     let (rows, cols) = check_input(dtype, shape, data)?;
     let sdt = scale_dtype(dtype);
     let groups = s.groups(cols);
@@ -239,9 +212,7 @@ pub fn quantize(
     let mut scale = vec![0f32; rows * groups];
     let mut zero = vec![0i8; if s.symmetric { 0 } else { rows * groups }];
     let zero_chunks: Vec<&mut [i8]> = if s.symmetric {
-        (0..rows.div_ceil(per))
-            .map(|_| <&mut [i8]>::default())
-            .collect()
+        (0..rows.div_ceil(per)).map(|_| <&mut [i8]>::default()).collect()
     } else {
         zero.chunks_mut(per * groups).collect()
     };
@@ -254,8 +225,7 @@ pub fn quantize(
             let r0 = t * per;
             let rows_here = out.len() / row_bytes.max(1);
             let src = &data[r0 * in_row..(r0 + rows_here) * in_row];
-            quantize_task(s, dtype, sdt, src, out, sc, zp, cols)
-                .map_err(|row| QuantError::NonFinite { row: r0 + row })
+            quantize_task(s, dtype, sdt, src, out, sc, zp, cols).map_err(|row| QuantError::NonFinite { row: r0 + row })
         })
         .collect();
     let (mut err2, mut ref2) = (0f64, 0f64);
@@ -312,10 +282,7 @@ fn group_range(vals: &[f32]) -> Option<(f32, f32)> {
     if poison.iter().any(|p| p.is_nan()) {
         return None;
     }
-    Some((
-        lo.iter().copied().fold(0f32, f32::min),
-        hi.iter().copied().fold(0f32, f32::max),
-    ))
+    Some((lo.iter().copied().fold(0f32, f32::min), hi.iter().copied().fold(0f32, f32::max)))
 }
 
 /// Quantizes a run of rows (one parallel task): decode, quantize, pack. Compiled for AVX2 as
@@ -340,27 +307,12 @@ fn quantize_task(
     let mut codes = vec![0i8; cols];
     let mut rounded = vec![0f32; s.group_len(cols).min(cols)];
     let (mut e, mut w2) = (0f64, 0f64);
-    for (i, (row, o)) in src
-        .chunks_exact(in_row)
-        .zip(out.chunks_exact_mut(row_bytes))
-        .enumerate()
-    {
+    for (i, (row, o)) in src.chunks_exact(in_row).zip(out.chunks_exact_mut(row_bytes)).enumerate() {
         dtype.decode_f32(row, &mut buf);
-        let zrow = if zps.is_empty() {
-            None
-        } else {
-            Some(&mut zps[i * groups..(i + 1) * groups])
-        };
-        let (re, rw) = quantize_row(
-            s,
-            sdt,
-            &buf,
-            &mut codes,
-            &mut rounded,
-            &mut scales[i * groups..(i + 1) * groups],
-            zrow,
-        )
-        .ok_or(i)?;
+        let zrow = if zps.is_empty() { None } else { Some(&mut zps[i * groups..(i + 1) * groups]) };
+        let (re, rw) =
+            quantize_row(s, sdt, &buf, &mut codes, &mut rounded, &mut scales[i * groups..(i + 1) * groups], zrow)
+                .ok_or(i)?;
         e += re;
         w2 += rw;
         pack_row(s, &codes, o);
@@ -493,11 +445,7 @@ mod tests {
             prop::sample::select(vec![0usize, 1, 3, 8, 16, 32, 128]),
             any::<bool>(),
         )
-            .prop_map(|(bits, group_size, symmetric)| QScheme {
-                bits,
-                group_size,
-                symmetric,
-            })
+            .prop_map(|(bits, group_size, symmetric)| QScheme { bits, group_size, symmetric })
     }
 
     fn arb_shape() -> impl Strategy<Value = Vec<usize>> {
@@ -593,10 +541,7 @@ mod tests {
 
     /// Deterministic roughly normal values (sum of uniforms) with a few outliers.
     pub(crate) fn pseudo_normal(seed: u64, n: usize) -> Vec<f32> {
-        let mut x = seed
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407)
-            | 1;
+        let mut x = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407) | 1;
         let mut next = || {
             x ^= x << 13;
             x ^= x >> 7;
@@ -614,11 +559,7 @@ mod tests {
     #[test]
     fn test_pack_layout_matches_compressed_tensors() {
         // Codes -8..7 of one row, int4 symmetric has range [-7, 7]; use asymmetric to reach -8.
-        let s = QScheme {
-            bits: 4,
-            group_size: 0,
-            symmetric: false,
-        };
+        let s = QScheme { bits: 4, group_size: 0, symmetric: false };
         let v: Vec<f32> = (0..8).map(|i| i as f32).collect();
         let q = quantize_ref(&s, DType::F32, &[1, 8], &bytes(DType::F32, &v)).unwrap();
         // lo = 0, hi = 7, scale = 7/15, zp = -8: codes are -8 + round(x / scale).
@@ -635,11 +576,7 @@ mod tests {
     fn test_nan_is_reported_with_row() {
         let mut v = vec![1.0f32; 12];
         v[7] = f32::NAN;
-        let s = QScheme {
-            bits: 8,
-            group_size: 0,
-            symmetric: true,
-        };
+        let s = QScheme { bits: 8, group_size: 0, symmetric: true };
         assert_eq!(
             quantize(&s, DType::F32, &[3, 4], &bytes(DType::F32, &v)).unwrap_err(),
             QuantError::NonFinite { row: 1 }

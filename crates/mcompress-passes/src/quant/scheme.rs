@@ -33,11 +33,7 @@ impl QScheme {
     /// Smallest and largest code.
     pub fn qrange(&self) -> (i32, i32) {
         let half = 1i32 << (self.bits - 1);
-        if self.symmetric {
-            (-(half - 1), half - 1)
-        } else {
-            (-half, half - 1)
-        }
+        if self.symmetric { (-(half - 1), half - 1) } else { (-half, half - 1) }
     }
 
     /// Offset added to a code before packing (compressed-tensors stores codes unsigned).
@@ -47,29 +43,17 @@ impl QScheme {
 
     /// Codes per packed element: 1 for 8-bit (`I8`), `32 / bits` for the rest (`I32`).
     pub fn pack_factor(&self) -> usize {
-        if self.bits == 8 {
-            1
-        } else {
-            32 / self.bits as usize
-        }
+        if self.bits == 8 { 1 } else { 32 / self.bits as usize }
     }
 
     /// Dtype of the packed codes.
     pub fn packed_dtype(&self) -> DType {
-        if self.bits == 8 {
-            DType::I8
-        } else {
-            DType::I32
-        }
+        if self.bits == 8 { DType::I8 } else { DType::I32 }
     }
 
     /// Columns in one group for a row of `cols` values.
     pub fn group_len(&self, cols: usize) -> usize {
-        if self.group_size == 0 {
-            cols.max(1)
-        } else {
-            self.group_size
-        }
+        if self.group_size == 0 { cols.max(1) } else { self.group_size }
     }
 
     /// Groups per row.
@@ -89,16 +73,8 @@ impl QScheme {
 
     /// Short label: `int4-g128-sym`, `int8-channel-asym`.
     pub fn label(&self) -> String {
-        let g = if self.group_size == 0 {
-            "channel".to_string()
-        } else {
-            format!("g{}", self.group_size)
-        };
-        format!(
-            "int{}-{g}-{}",
-            self.bits,
-            if self.symmetric { "sym" } else { "asym" }
-        )
+        let g = if self.group_size == 0 { "channel".to_string() } else { format!("g{}", self.group_size) };
+        format!("int{}-{g}-{}", self.bits, if self.symmetric { "sym" } else { "asym" })
     }
 }
 
@@ -132,20 +108,12 @@ pub fn group_params(s: &QScheme, vals: &[f32], sdt: DType) -> Option<(f32, i32)>
 #[inline]
 pub fn scale_and_zero(s: &QScheme, lo: f32, hi: f32, sdt: DType) -> (f32, i32) {
     let (qmin, qmax) = s.qrange();
-    let raw = if s.symmetric {
-        hi.max(-lo) / qmax as f32
-    } else {
-        (hi - lo) / (qmax - qmin) as f32
-    };
+    let raw = if s.symmetric { hi.max(-lo) / qmax as f32 } else { (hi - lo) / (qmax - qmin) as f32 };
     let mut scale = sdt.round_f32(raw);
     if raw > 0.0 && (scale == 0.0 || !scale.is_finite()) {
         // Out of the storage type's range: clamp to its extreme so codes saturate instead of
         // dividing by zero or producing infinities.
-        scale = if scale == 0.0 {
-            smallest_positive(sdt)
-        } else {
-            largest_finite(sdt)
-        };
+        scale = if scale == 0.0 { smallest_positive(sdt) } else { largest_finite(sdt) };
     }
     let zp = if s.symmetric || scale == 0.0 {
         0
@@ -158,11 +126,7 @@ pub fn scale_and_zero(s: &QScheme, lo: f32, hi: f32, sdt: DType) -> (f32, i32) {
 /// Code for one value: `clamp(round_half_even(x / scale) + zp, qmin, qmax)`; `zp` for a zero scale.
 #[inline]
 pub fn quant_value(x: f32, scale: f32, zp: i32, qmin: i32, qmax: i32) -> i32 {
-    if scale == 0.0 {
-        zp
-    } else {
-        ((x / scale).round_ties_even() as i32 + zp).clamp(qmin, qmax)
-    }
+    if scale == 0.0 { zp } else { ((x / scale).round_ties_even() as i32 + zp).clamp(qmin, qmax) }
 }
 
 /// Dequantized value of one code.
