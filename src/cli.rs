@@ -45,6 +45,9 @@ enum Command {
         /// (also enabled by the SOURCE_DATE_EPOCH environment variable).
         #[arg(long)]
         reproducible: bool,
+        /// Run only this target of the recipe (fan a CI matrix out over targets).
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
         /// Sign each bundle's manifest with this Ed25519 secret key (PKCS#8 PEM from `keygen`).
         #[arg(long, value_name = "KEY")]
         sign: Option<PathBuf>,
@@ -90,6 +93,12 @@ enum Command {
         /// Show the full documentation of this pass.
         name: Option<String>,
         /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the built-in target catalog (hardware, bandwidth, compute, prices, sources).
+    Targets {
+        /// JSON output (the full catalog with sources).
         #[arg(long)]
         json: bool,
     },
@@ -149,13 +158,16 @@ pub(crate) fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> Result<Status> {
     let mut out = std::io::stdout().lock();
     match cli.command {
-        Command::Run { recipe, out: out_dir, threads, json, quiet, reproducible, sign } => {
+        Command::Run { recipe, out: out_dir, threads, json, quiet, reproducible, target, sign } => {
             if let Some(n) = threads {
                 anyhow::ensure!(n > 0, "--threads must be at least 1");
                 rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("configuring the thread pool")?;
             }
             let reproducible = reproducible || std::env::var_os("SOURCE_DATE_EPOCH").is_some();
-            let loaded = mcompress_recipe::Recipe::load(&recipe)?;
+            let mut loaded = mcompress_recipe::Recipe::load(&recipe)?;
+            if let Some(name) = &target {
+                loaded.select_target(name)?;
+            }
             let sign = sign.map(|k| mcompress_bundle::load_signing_key(&k)).transpose()?;
             let opts = RunOptions { out: out_dir, reproducible, sign };
             let mut progress = ProgressOut::new(quiet || json);
@@ -262,6 +274,36 @@ fn dispatch(cli: Cli) -> Result<Status> {
                 writeln!(out, "{:14} {}", p.name, p.summary)?;
             }
             writeln!(out, "\n`mcompress passes NAME` shows a pass's documentation.")?;
+            Ok(Status::Ok)
+        }
+        Command::Targets { json } => {
+            let c = mcompress_bundle::targets::catalog();
+            if json {
+                serde_json::to_writer_pretty(&mut out, c)?;
+                writeln!(out)?;
+                return Ok(Status::Ok);
+            }
+            writeln!(
+                out,
+                "{:22} {:>8} {:>9} {:>10} {:>9} {:>11}  name",
+                "id", "memory", "GB/s", "f16 TF/s", "$/h", "own $/h"
+            )?;
+            for p in c {
+                let f16 = p.tflops.get("f16").or(p.tflops.get("f32")).copied().unwrap_or(0.0);
+                let money = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.3}"));
+                writeln!(
+                    out,
+                    "{:22} {:>6.0}Gi {:>9.1} {:>10.1} {:>9} {:>11}  {}",
+                    p.id,
+                    p.memory_gib,
+                    p.bandwidth_gbs,
+                    f16,
+                    money(p.price_per_hour),
+                    money(p.self_hosted_per_hour),
+                    p.name
+                )?;
+            }
+            writeln!(out, "\nSources: `mcompress targets --json`; estimate model: docs/targets.md")?;
             Ok(Status::Ok)
         }
         Command::Recipe { command: RecipeCommand::Schema } => {

@@ -14,7 +14,7 @@ fn test_quickstart_recipe_writes_verified_bundle() {
     );
     assert_eq!(code, 0, "{stdout}{stderr}");
     let b = out.join("default");
-    for f in ["model.safetensors", "config.json", "manifest.json", "report.json", "report.md"] {
+    for f in ["model.safetensors", "config.json", "manifest.json", "report.json", "report.md", "report.html"] {
         assert!(b.join(f).is_file(), "{f} missing");
     }
     let report: Value = serde_json::from_slice(&std::fs::read(b.join("report.json")).unwrap()).unwrap();
@@ -37,7 +37,7 @@ fn test_quickstart_recipe_writes_verified_bundle() {
 
     let (code, stdout, _) = mcompress(&["verify", b.to_str().unwrap()], t.path());
     assert_eq!(code, 0, "{stdout}");
-    assert!(stdout.starts_with("ok: 4 files"), "{stdout}");
+    assert!(stdout.starts_with("ok: 5 files"), "{stdout}");
 
     let (code, stdout, _) = mcompress(&["inspect", b.to_str().unwrap(), "--json"], t.path());
     assert_eq!(code, 0);

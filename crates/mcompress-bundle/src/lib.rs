@@ -19,10 +19,12 @@
 #![deny(missing_docs)]
 
 mod dequantize;
+mod html;
 mod inspect;
 mod manifest;
 mod report;
 mod sign;
+pub mod targets;
 mod verify;
 
 use std::path::{Path, PathBuf};
@@ -30,13 +32,13 @@ use std::time::Instant;
 
 use mcompress_core::{ModelSource, fsutil};
 use mcompress_passes::pipeline::{self, Progress};
-use mcompress_recipe::Recipe;
+use mcompress_recipe::{MaxSize, Recipe};
 use serde_json::Value;
 
 pub use dequantize::dequantize;
 pub use inspect::{InspectedTensor, Inspection, inspect};
 pub use manifest::{FileEntry, MANIFEST_SCHEMA, Manifest};
-pub use report::{Gate, REPORT_SCHEMA, Report};
+pub use report::{Gate, REPORT_SCHEMA, Report, TargetReport};
 pub use sign::{SIGNATURE_FILE, check_signature, keygen, load_signing_key, load_verifying_key};
 pub use verify::{Problem, verify};
 
@@ -134,6 +136,7 @@ pub struct RunSummary {
 pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress)) -> Result<RunSummary> {
     let started = Instant::now();
     let passes = mcompress_passes::build_passes(recipe)?;
+    let resolved = targets::resolve(recipe)?;
     let model = ModelSource::open(&recipe.model_path)?;
     let out_dir = opts.out.clone().unwrap_or_else(|| recipe.output_dir.clone());
     fs_err::create_dir_all(&out_dir).map_err(io(&out_dir))?;
@@ -165,6 +168,18 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         // The deployable files are the same for every target: hash them once.
         let payload = manifest::hash_dir(&first)?;
         let bundle_bytes: u64 = payload.values().map(|f| f.bytes).sum();
+        // Where the bundle fits and what it would cost, for every target of the run.
+        let dtypes = targets::weight_dtypes(&output.params);
+        let kv = targets::KvGeometry::from_config(model.config());
+        let reports: Vec<TargetReport> = resolved
+            .iter()
+            .map(|r| TargetReport {
+                name: r.name.clone(),
+                hardware: r.clone(),
+                fit: targets::fit(r, output.bytes, &dtypes, &["safetensors"], kv),
+                estimates: targets::estimate(r, output.bytes, model.params(), &dtypes, kv),
+            })
+            .collect();
         let mut targets = Vec::new();
         for (i, t) in recipe.targets.iter().enumerate() {
             let dir = if i == 0 { first.clone() } else { stage(&t.name) };
@@ -172,15 +187,30 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
                 copy_payload(&first, &dir)?;
             }
             let mut gates = Vec::new();
-            if let Some(limit) = t.max_size {
-                gates.push(Gate::max_size(limit.0, bundle_bytes));
+            match t.max_size {
+                Some(MaxSize::Bytes(limit)) => gates.push(Gate::max_size(limit.0, bundle_bytes)),
+                Some(MaxSize::Auto) => gates.push(Gate::fit(&reports[i].fit, output.bytes)),
+                None => {}
             }
             let passed = gates.iter().all(|g| g.passed);
-            let report = Report::new(recipe, &model, &output, t, bundle_bytes, &payload, gates.clone(), passed);
+            let report = Report::new(
+                recipe,
+                &model,
+                &output,
+                &reports[i],
+                &reports,
+                bundle_bytes,
+                &payload,
+                gates.clone(),
+                passed,
+            );
             let mut files = payload.clone();
             let report_json = serde_json::to_vec_pretty(&report).expect("report is JSON");
             let report_md = report.to_markdown().into_bytes();
-            for (name, bytes) in [("report.json", &report_json), ("report.md", &report_md)] {
+            let report_html = report.to_html().into_bytes();
+            for (name, bytes) in
+                [("report.json", &report_json), ("report.md", &report_md), ("report.html", &report_html)]
+            {
                 fsutil::write_atomic(&dir.join(name), bytes)?;
                 files.insert(name.into(), FileEntry { sha256: fsutil::sha256_bytes(bytes), bytes: bytes.len() as u64 });
             }
@@ -251,7 +281,8 @@ fn copy_payload(from: &Path, to: &Path) -> Result<()> {
     for e in fs_err::read_dir(from).map_err(io(from))? {
         let e = e.map_err(io(from))?;
         let name = e.file_name();
-        if matches!(name.to_str(), Some("report.json" | "report.md" | "manifest.json" | "manifest.sig")) {
+        if matches!(name.to_str(), Some("report.json" | "report.md" | "report.html" | "manifest.json" | "manifest.sig"))
+        {
             continue;
         }
         // Weights are immutable once written: a hard link saves the copy; copy where links fail.

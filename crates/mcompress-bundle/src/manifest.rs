@@ -78,7 +78,7 @@ impl Manifest {
             recipe: recipe_named(recipe),
             inputs: inputs.clone(),
             passes: passes.iter().map(|p| PassEntry { kind: p.name().into(), settings: p.settings() }).collect(),
-            target: serde_json::json!({"name": target.name, "max_size": target.max_size.map(|s| s.0)}),
+            target: serde_json::json!({"name": target.name, "profile": target.profile, "max_size": target.max_size}),
             status: if passed { "passed" } else { "failed" }.into(),
             files,
         }

@@ -6,7 +6,9 @@ use std::fmt::Write as _;
 use mcompress_core::ModelSource;
 use mcompress_passes::ParamMeta;
 use mcompress_passes::pipeline::{Output, PassReport};
-use mcompress_recipe::{ByteSize, Recipe, TargetSection};
+use mcompress_recipe::{ByteSize, Recipe};
+
+use crate::targets::{Estimates, Fit, ResolvedTarget};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -32,6 +34,16 @@ pub struct Gate {
 }
 
 impl Gate {
+    pub(crate) fn fit(fit: &Fit, weights_bytes: u64) -> Self {
+        let limit = fit.weights_budget_bytes.unwrap_or(0);
+        let detail = if fit.fits {
+            format!("weights {} fit the {} left for weights", ByteSize(weights_bytes), ByteSize(limit))
+        } else {
+            fit.reasons.join("; ")
+        };
+        Gate { name: "fit".into(), limit: limit as f64, value: weights_bytes as f64, passed: fit.fits, detail }
+    }
+
     pub(crate) fn max_size(limit: u64, value: u64) -> Self {
         let passed = value <= limit;
         let detail = if passed {
@@ -41,6 +53,19 @@ impl Gate {
         };
         Gate { name: "max-size".into(), limit: limit as f64, value: value as f64, passed, detail }
     }
+}
+
+/// One target in a report: its resolved hardware, whether the bundle fits, and estimates.
+#[derive(Clone, Debug, Serialize)]
+pub struct TargetReport {
+    /// Target name.
+    pub name: String,
+    /// Hardware figures after profile and overrides.
+    pub hardware: ResolvedTarget,
+    /// Fit.
+    pub fit: Fit,
+    /// Speed and cost estimates (`null` without bandwidth/compute figures).
+    pub estimates: Option<Estimates>,
 }
 
 /// The model before compression.
@@ -84,8 +109,12 @@ pub struct Report {
     pub tool: BTreeMap<&'static str, &'static str>,
     /// Recipe file and hash.
     pub recipe: FileNamed,
-    /// Target.
-    pub target: Value,
+    /// This bundle's target: hardware, fit and estimates.
+    pub target: TargetReport,
+    /// Every target of the run, for comparing where to host.
+    pub targets: Vec<TargetReport>,
+    /// How estimates are computed.
+    pub estimate_model: &'static str,
     /// Input model.
     pub model: ModelInfo,
     /// Output bundle.
@@ -106,7 +135,8 @@ impl Report {
         recipe: &Recipe,
         model: &ModelSource,
         output: &Output,
-        target: &TargetSection,
+        target: &TargetReport,
+        targets: &[TargetReport],
         bundle_bytes: u64,
         files: &BTreeMap<String, FileEntry>,
         gates: Vec<Gate>,
@@ -131,7 +161,9 @@ impl Report {
             schema: REPORT_SCHEMA,
             tool: BTreeMap::from([("name", "mcompress"), ("version", TOOL_VERSION)]),
             recipe: recipe_named(recipe),
-            target: serde_json::json!({"name": target.name, "max_size": target.max_size.map(|s| s.0)}),
+            target: target.clone(),
+            targets: targets.to_vec(),
+            estimate_model: crate::targets::ESTIMATE_MODEL,
             model: ModelInfo { name, params, bytes: model.weight_bytes(), tensors: model.tensors().len(), dtypes },
             bundle: BundleInfo {
                 bytes: bundle_bytes,
@@ -152,12 +184,7 @@ impl Report {
     pub fn to_markdown(&self) -> String {
         let mut s = String::new();
         let status = if self.passed { "PASS" } else { "FAIL" };
-        let _ = writeln!(
-            s,
-            "# mcompress report: {} → {} ({status})\n",
-            self.model.name,
-            self.target["name"].as_str().unwrap_or("")
-        );
+        let _ = writeln!(s, "# mcompress report: {} → {} ({status})\n", self.model.name, self.target.name);
         let _ = writeln!(
             s,
             "Recipe `{}` (sha256 `{}`), mcompress {}.\n",
@@ -183,6 +210,38 @@ impl Report {
             }
             s.push('\n');
         }
+        let _ = writeln!(s, "## Targets\n");
+        let _ = writeln!(
+            s,
+            "| target | hardware | fits | memory use | decode tok/s (bound) | prefill tok/s | $/1M tok managed | $/1M tok self-hosted |\n|---|---|---|---:|---:|---:|---:|---:|"
+        );
+        for t in &self.targets {
+            let money = |v: Option<f64>| v.map_or_else(|| "–".to_string(), |v| format!("${v:.3}"));
+            let (dec, pre, man, own) = t.estimates.as_ref().map_or_else(
+                || ("–".to_string(), "–".to_string(), "–".to_string(), "–".to_string()),
+                |e| {
+                    (
+                        format!("{:.1} ({})", e.decode_tokens_per_s, e.decode_bound),
+                        format!("{:.0}", e.prefill_tokens_per_s),
+                        money(e.usd_per_million_tokens_managed),
+                        money(e.usd_per_million_tokens_self_hosted),
+                    )
+                },
+            );
+            let mem = t.fit.memory_bytes.map_or_else(
+                || ByteSize(t.fit.memory_use_bytes).to_string(),
+                |m| format!("{} of {}", ByteSize(t.fit.memory_use_bytes), ByteSize(m)),
+            );
+            let fits = if t.fit.fits { "yes".to_string() } else { format!("**no**: {}", t.fit.reasons.join("; ")) };
+            let _ = writeln!(
+                s,
+                "| {}{} | {} | {fits} | {mem} | {dec} | {pre} | {man} | {own} |",
+                t.name,
+                if t.name == self.target.name { " (this bundle)" } else { "" },
+                t.hardware.hardware.as_deref().unwrap_or("custom"),
+            );
+        }
+        let _ = writeln!(s, "\nEstimates: {}\n", self.estimate_model);
         let _ = writeln!(
             s,
             "## Passes\n\n| # | pass | tensors | rel. RMSE mean | rel. RMSE max | seconds |\n|---|---|---:|---:|---:|---:|"

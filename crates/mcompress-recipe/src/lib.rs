@@ -186,14 +186,78 @@ pub struct OutputSection {
     pub dir: Option<PathBuf>,
 }
 
-/// `[[target]]`.
-#[derive(Clone, Debug, Deserialize, JsonSchema)]
+/// `[[target]]`: where a bundle is meant to run. Name a catalog `profile` (`mcompress targets`)
+/// and override any of its fields, or describe the hardware inline.
+#[derive(Clone, Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TargetSection {
     /// Bundle directory name: letters, digits, `.`, `_`, `-`.
     pub name: String,
-    /// Largest allowed bundle size (`"10MiB"`, `"1.5GB"`, or bytes). Exceeded: exit 1.
-    pub max_size: Option<ByteSize>,
+    /// Catalog id, e.g. `"l4-24gb"` or `"jetson-orin-nano-8gb"`.
+    pub profile: Option<String>,
+    /// Largest allowed bundle size (`"10MiB"`, `"1.5GB"`, bytes) or `"auto"`: what fits in the
+    /// target's memory beside runtime overhead and the KV cache. Exceeded: exit 1.
+    pub max_size: Option<MaxSize>,
+    /// Tokens of context the KV cache must hold (decoders; default 2048).
+    pub context: Option<u32>,
+    /// Concurrent sequences (default 1).
+    pub batch: Option<u32>,
+    /// Memory available to the model (overrides the profile).
+    pub memory: Option<ByteSize>,
+    /// Peak memory bandwidth in GB/s (overrides the profile).
+    pub bandwidth_gbs: Option<f64>,
+    /// Peak dense TFLOP/s per dtype (`{ f16 = 121.0 }`), merged over the profile's.
+    pub tflops: Option<std::collections::BTreeMap<String, f64>>,
+    /// Memory kept for the runtime and activations (overrides the profile).
+    pub overhead: Option<ByteSize>,
+    /// Weight dtypes the target's runtimes execute (`f32`, `f16`, `bf16`, `int8`, `int4`, ...).
+    pub weight_dtypes: Option<Vec<String>>,
+    /// Bundle formats the target's runtimes load (`safetensors`, `gguf`).
+    pub formats: Option<Vec<String>>,
+    /// Managed on-demand price, $/hour.
+    pub price_per_hour: Option<f64>,
+    /// Self-hosted amortised cost, $/hour.
+    pub self_hosted_per_hour: Option<f64>,
+}
+
+/// `max-size`: a fixed size or `"auto"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(untagged)]
+pub enum MaxSize {
+    /// Derived from the target's memory.
+    #[schemars(with = "String")]
+    Auto,
+    /// A fixed number of bytes.
+    Bytes(ByteSize),
+}
+
+impl serde::Serialize for MaxSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            MaxSize::Auto => s.serialize_str("auto"),
+            MaxSize::Bytes(b) => s.serialize_u64(b.0),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MaxSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            S(String),
+            I(u64),
+        }
+        match Raw::deserialize(d)? {
+            Raw::S(s) if s == "auto" => Ok(MaxSize::Auto),
+            Raw::S(s) => ByteSize::parse(&s).map(MaxSize::Bytes).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "max-size {s:?}: expected \"auto\", a size like \"10MiB\" or \"1.5GB\", or a number of bytes"
+                ))
+            }),
+            Raw::I(v) => Ok(MaxSize::Bytes(ByteSize(v))),
+        }
+    }
 }
 
 /// One `[[pass]]` entry after stage one.
@@ -226,6 +290,8 @@ pub struct Recipe {
     pub output_dir: PathBuf,
     /// Targets (at least one).
     pub targets: Vec<TargetSection>,
+    /// 1-based (line, column) of each `[[target]]` table, for errors.
+    pub target_positions: Vec<(usize, usize)>,
 }
 
 impl Recipe {
@@ -266,7 +332,7 @@ impl Recipe {
         let dir = path.parent().unwrap_or(Path::new(""));
         let mut targets = raw.target;
         if targets.is_empty() {
-            targets.push(TargetSection { name: "default".into(), max_size: None });
+            targets.push(TargetSection { name: "default".into(), ..TargetSection::default() });
         }
         let target_spans = array_spans(&source, "target");
         for (i, t) in targets.iter().enumerate() {
@@ -302,7 +368,9 @@ impl Recipe {
         let output_dir = raw.output.dir.as_deref().map(|d| expand_path(d, "output.dir")).transpose()?;
         let stem = path.file_stem().map_or_else(|| "recipe".into(), |s| s.to_string_lossy().into_owned());
         let output_dir = output_dir.unwrap_or_else(|| Path::new("dist").join(stem));
-        Ok(Recipe { model_path, path: path.into(), source, passes, eval, output_dir, targets })
+        let target_positions =
+            (0..targets.len()).map(|i| line_col(&source, target_spans.get(i).map_or(0, |s| s.start))).collect();
+        Ok(Recipe { model_path, path: path.into(), source, passes, eval, output_dir, targets, target_positions })
     }
 
     /// Stage two: deserializes pass `index` (without its `type` key) into `T`. Errors carry the
@@ -331,6 +399,37 @@ impl Recipe {
         let value = toml::Spanned::new(span, toml::de::DeValue::Table(table));
         T::deserialize(toml::de::ValueDeserializer::from(value))
             .map_err(|e| err(e.span(), e.message().trim().to_string()))
+    }
+
+    /// Builds an error at target `index`'s position, for checks done after parsing.
+    pub fn target_error(&self, index: usize, message: impl Into<String>) -> Error {
+        let (line, col) = self.target_positions.get(index).copied().unwrap_or((1, 1));
+        Error::At {
+            path: self.path.clone(),
+            line,
+            col,
+            context: format!("target[{index}] {}: ", self.targets[index].name),
+            message: message.into(),
+        }
+    }
+
+    /// Keeps only the target named `name` (`run --target`), or explains which names exist.
+    pub fn select_target(&mut self, name: &str) -> Result<()> {
+        let Some(i) = self.targets.iter().position(|t| t.name == name) else {
+            let names: Vec<&str> = self.targets.iter().map(|t| t.name.as_str()).collect();
+            return Err(Error::At {
+                path: self.path.clone(),
+                line: 1,
+                col: 1,
+                context: String::new(),
+                message: format!("--target {name:?}: no such target; the recipe defines {}", names.join(", ")),
+            });
+        };
+        let t = self.targets.swap_remove(i);
+        let p = self.target_positions.swap_remove(i);
+        self.targets = vec![t];
+        self.target_positions = vec![p];
+        Ok(())
     }
 
     /// Builds an error at pass `index`'s position, for checks done after deserialization.
@@ -508,7 +607,9 @@ mod tests {
     #[test]
     fn test_max_size_parses() {
         let src = "[model]\npath = \"m\"\n[[target]]\nname = \"a\"\nmax-size = \"10MiB\"\n";
-        assert_eq!(parse(src).unwrap().targets[0].max_size, Some(ByteSize(10 << 20)));
+        assert_eq!(parse(src).unwrap().targets[0].max_size, Some(MaxSize::Bytes(ByteSize(10 << 20))));
+        let src = "[model]\npath = \"m\"\n[[target]]\nname = \"a\"\nmax-size = \"auto\"\n";
+        assert_eq!(parse(src).unwrap().targets[0].max_size, Some(MaxSize::Auto));
         let src = "[model]\npath = \"m\"\n[[target]]\nname = \"a\"\nmax-size = \"ten\"\n";
         assert!(parse(src).unwrap_err().to_string().contains("max-size"));
     }
