@@ -96,6 +96,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare two runs (report.json files or bundle dirs) and fail on regressions: exit 1 when a
+    /// limit is exceeded, 2 on bad input. Prints a Markdown table (for a CI job summary) or JSON.
+    Compare {
+        /// The baseline (e.g. main's report).
+        old: PathBuf,
+        /// The candidate.
+        new: PathBuf,
+        /// Largest allowed bundle growth: "5%" or a size ("10MiB").
+        #[arg(long, value_parser = parse_threshold)]
+        max_size_growth: Option<mcompress_bundle::compare::Threshold>,
+        /// Largest allowed drop of the eval metric: "0.5%" or absolute ("0.01").
+        #[arg(long, value_parser = parse_threshold)]
+        max_accuracy_drop: Option<mcompress_bundle::compare::Threshold>,
+        /// Largest allowed latency growth: "10%" or absolute ms (measured eval p50, else the
+        /// estimated time per decoded token on each target).
+        #[arg(long, value_parser = parse_threshold)]
+        max_latency_growth: Option<mcompress_bundle::compare::Threshold>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the built-in target catalog (hardware, bandwidth, compute, prices, sources).
     Targets {
         /// JSON output (the full catalog with sources).
@@ -276,6 +297,17 @@ fn dispatch(cli: Cli) -> Result<Status> {
             writeln!(out, "\n`mcompress passes NAME` shows a pass's documentation.")?;
             Ok(Status::Ok)
         }
+        Command::Compare { old, new, max_size_growth, max_accuracy_drop, max_latency_growth, json } => {
+            let limits = mcompress_bundle::compare::Limits { max_size_growth, max_accuracy_drop, max_latency_growth };
+            let c = mcompress_bundle::compare::compare(&old, &new, &limits)?;
+            if json {
+                serde_json::to_writer_pretty(&mut out, &c)?;
+                writeln!(out)?;
+            } else {
+                write!(out, "{}", c.to_markdown())?;
+            }
+            Ok(if c.passed { Status::Ok } else { Status::GateFailed })
+        }
         Command::Targets { json } => {
             let c = mcompress_bundle::targets::catalog();
             if json {
@@ -312,6 +344,11 @@ fn dispatch(cli: Cli) -> Result<Status> {
             Ok(Status::Ok)
         }
     }
+}
+
+fn parse_threshold(s: &str) -> Result<mcompress_bundle::compare::Threshold, String> {
+    mcompress_bundle::compare::Threshold::parse(s)
+        .ok_or_else(|| format!("{s:?}: expected a percentage (\"5%\"), a number or a size (\"10MiB\")"))
 }
 
 fn print_summary(out: &mut impl Write, s: &RunSummary) -> Result<()> {

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod bundle;
+mod compare;
 mod html;
 mod minilm;
 mod sign;

@@ -18,6 +18,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod compare;
 mod dequantize;
 mod html;
 mod inspect;

@@ -1,0 +1,225 @@
+//! `mcompress compare OLD NEW`: diff two runs (report.json files or bundle dirs) and gate on
+//! regressions in size, accuracy and latency.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{Error, Result, io};
+
+/// A threshold: relative (`"5%"`) or absolute (a number, or a size like `"10MiB"` for sizes).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub enum Threshold {
+    /// Percent of the old value.
+    Percent(f64),
+    /// In the quantity's own unit.
+    Absolute(f64),
+}
+
+impl Threshold {
+    /// Parses `"5%"`, `"0.01"`, `"10MiB"`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        if let Some(p) = s.strip_suffix('%') {
+            return p.trim().parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0).map(Threshold::Percent);
+        }
+        if let Ok(v) = s.parse::<f64>() {
+            return (v.is_finite() && v >= 0.0).then_some(Threshold::Absolute(v));
+        }
+        mcompress_recipe::ByteSize::parse(s).map(|b| Threshold::Absolute(b.0 as f64))
+    }
+
+    fn allows(self, old: f64, worsening: f64) -> bool {
+        match self {
+            Threshold::Percent(p) => worsening <= old.abs() * p / 100.0 + 1e-12,
+            Threshold::Absolute(a) => worsening <= a + 1e-12,
+        }
+    }
+}
+
+/// Limits for [`compare`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Limits {
+    /// Largest allowed growth of the bundle size.
+    pub max_size_growth: Option<Threshold>,
+    /// Largest allowed accuracy drop (direction known per metric).
+    pub max_accuracy_drop: Option<Threshold>,
+    /// Largest allowed latency growth (measured eval p50, else estimated time per token per target).
+    pub max_latency_growth: Option<Threshold>,
+}
+
+/// One compared quantity.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    /// What.
+    pub quantity: String,
+    /// Old value.
+    pub old: Option<f64>,
+    /// New value.
+    pub new: Option<f64>,
+    /// new − old.
+    pub delta: Option<f64>,
+    /// Relative change in percent.
+    pub delta_percent: Option<f64>,
+    /// `PASS`/`FAIL` when a limit applies, else `-`.
+    pub check: String,
+    /// The limit applied.
+    pub limit: Option<String>,
+}
+
+/// Result of [`compare`].
+#[derive(Clone, Debug, Serialize)]
+pub struct Comparison {
+    /// Old report path.
+    pub old: PathBuf,
+    /// New report path.
+    pub new: PathBuf,
+    /// Rows.
+    pub rows: Vec<Row>,
+    /// No limit was exceeded.
+    pub passed: bool,
+}
+
+fn load(path: &Path) -> Result<(PathBuf, Value)> {
+    let file = if path.is_dir() { path.join("report.json") } else { path.to_path_buf() };
+    let text = fs_err::read(&file).map_err(io(&file))?;
+    let v: Value = serde_json::from_slice(&text)
+        .map_err(|e| Error::BadBundle { path: file.clone(), reason: format!("not JSON: {e}") })?;
+    if !v["schema"].as_str().is_some_and(|s| s.starts_with("mcompress.report/")) {
+        return Err(Error::BadBundle {
+            path: file,
+            reason: "not an mcompress report (no mcompress.report schema)".into(),
+        });
+    }
+    Ok((file, v))
+}
+
+fn higher_is_better(metric: &str) -> bool {
+    matches!(metric, "accuracy" | "cosine" | "spearman")
+}
+
+/// Compares two reports.
+#[allow(clippy::many_single_char_names)] // a/b: old/new report, o/n: old/new value
+pub fn compare(old: &Path, new: &Path, limits: &Limits) -> Result<Comparison> {
+    let (old_path, a) = load(old)?;
+    let (new_path, b) = load(new)?;
+    let mut rows = Vec::new();
+    let mut push = |quantity: String, o: Option<f64>, n: Option<f64>, limit: Option<(Threshold, bool)>| {
+        let delta = o.zip(n).map(|(o, n)| n - o);
+        let delta_percent = o.zip(delta).and_then(|(o, d)| (o != 0.0).then(|| d / o.abs() * 100.0));
+        let (check, lim) = match (limit, o, n) {
+            (Some((t, worse_if_up)), Some(o), Some(n)) => {
+                let worsening = if worse_if_up { n - o } else { o - n };
+                (if t.allows(o, worsening) { "PASS" } else { "FAIL" }.to_string(), Some(describe(t)))
+            }
+            (Some((t, _)), _, _) => ("n/a".to_string(), Some(describe(t))),
+            _ => ("-".to_string(), None),
+        };
+        rows.push(Row { quantity, old: o, new: n, delta, delta_percent, check, limit: lim });
+    };
+    let num = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_f64);
+    push(
+        "bundle bytes".into(),
+        num(&a, "/bundle/bytes"),
+        num(&b, "/bundle/bytes"),
+        limits.max_size_growth.map(|t| (t, true)),
+    );
+    push("weights bytes".into(), num(&a, "/bundle/weights_bytes"), num(&b, "/bundle/weights_bytes"), None);
+    push("bits per parameter".into(), num(&a, "/bundle/bits_per_param"), num(&b, "/bundle/bits_per_param"), None);
+    let metric =
+        b.pointer("/eval/metric").and_then(Value::as_str).or(a.pointer("/eval/metric").and_then(Value::as_str));
+    if let Some(m) = metric {
+        push(
+            format!("eval {m} (compressed)"),
+            num(&a, "/eval/compressed"),
+            num(&b, "/eval/compressed"),
+            limits.max_accuracy_drop.map(|t| (t, !higher_is_better(m))),
+        );
+        push(
+            "eval latency p50 ms".into(),
+            num(&a, "/eval/latency_ms/compressed/p50"),
+            num(&b, "/eval/latency_ms/compressed/p50"),
+            limits.max_latency_growth.map(|t| (t, true)),
+        );
+    } else if limits.max_accuracy_drop.is_some() {
+        push("eval (accuracy)".into(), None, None, limits.max_accuracy_drop.map(|t| (t, false)));
+    }
+    let measured_latency =
+        num(&a, "/eval/latency_ms/compressed/p50").is_some() && num(&b, "/eval/latency_ms/compressed/p50").is_some();
+    let targets = |v: &Value| v["targets"].as_array().cloned().unwrap_or_default();
+    for tb in targets(&b) {
+        let name = tb["name"].as_str().unwrap_or("").to_string();
+        let Some(ta) = targets(&a).into_iter().find(|t| t["name"] == tb["name"]) else { continue };
+        let ms = |t: &Value| {
+            t.pointer("/estimates/decode_tokens_per_s").and_then(Value::as_f64).filter(|v| *v > 0.0).map(|v| 1000.0 / v)
+        };
+        let lat_limit = if measured_latency { None } else { limits.max_latency_growth.map(|t| (t, true)) };
+        push(format!("{name}: est. ms per decoded token"), ms(&ta), ms(&tb), lat_limit);
+        push(
+            format!("{name}: est. $/1M tokens managed"),
+            ta.pointer("/estimates/usd_per_million_tokens_managed").and_then(Value::as_f64),
+            tb.pointer("/estimates/usd_per_million_tokens_managed").and_then(Value::as_f64),
+            None,
+        );
+        let fits = |t: &Value| t.pointer("/fit/fits").and_then(Value::as_bool).map(|f| if f { 1.0 } else { 0.0 });
+        // A target the old bundle fitted and the new one does not is always a regression.
+        push(format!("{name}: fits (1 yes, 0 no)"), fits(&ta), fits(&tb), Some((Threshold::Absolute(0.0), false)));
+    }
+    let passed = rows.iter().all(|r| r.check != "FAIL");
+    Ok(Comparison { old: old_path, new: new_path, rows, passed })
+}
+
+fn describe(t: Threshold) -> String {
+    match t {
+        Threshold::Percent(p) => format!("≤ {p}%"),
+        Threshold::Absolute(a) => format!("≤ {a}"),
+    }
+}
+
+impl Comparison {
+    /// Markdown for a CI job summary.
+    pub fn to_markdown(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "### mcompress compare: {}\n", if self.passed { "PASS" } else { "FAIL" });
+        let _ = writeln!(s, "`{}` → `{}`\n", self.old.display(), self.new.display());
+        let _ = writeln!(s, "| quantity | old | new | Δ | Δ % | limit | check |\n|---|---:|---:|---:|---:|---|---|");
+        let f = |v: Option<f64>| v.map_or_else(|| "–".to_string(), fmt_num);
+        for r in &self.rows {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                r.quantity,
+                f(r.old),
+                f(r.new),
+                f(r.delta),
+                r.delta_percent.map_or_else(|| "–".to_string(), |p| format!("{p:+.2}%")),
+                r.limit.as_deref().unwrap_or(""),
+                if r.check == "FAIL" { "**FAIL**" } else { &r.check }
+            );
+        }
+        s
+    }
+}
+
+fn fmt_num(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 { format!("{v:.0}") } else { format!("{v:.4}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_thresholds() {
+        assert_eq!(Threshold::parse("5%"), Some(Threshold::Percent(5.0)));
+        assert_eq!(Threshold::parse("0.01"), Some(Threshold::Absolute(0.01)));
+        assert_eq!(Threshold::parse("1KiB"), Some(Threshold::Absolute(1024.0)));
+        assert_eq!(Threshold::parse("-1%"), None);
+        assert_eq!(Threshold::parse("lots"), None);
+        assert!(Threshold::Percent(5.0).allows(100.0, 5.0));
+        assert!(!Threshold::Percent(5.0).allows(100.0, 5.1));
+        assert!(Threshold::Absolute(0.5).allows(10.0, -3.0));
+    }
+}
