@@ -5,9 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The external-client test reads bundles with Python's safetensors + numpy.
-python3 -c 'import numpy, safetensors' 2>/dev/null ||
-  python3 -m pip install --quiet --disable-pip-version-check 'numpy==2.4.6' 'safetensors==0.8.0'
+# The external-client test reads bundles with Python's safetensors + numpy; jsonschema checks
+# reports against docs/*.schema.json.
+python3 -c 'import numpy, safetensors, jsonschema' 2>/dev/null ||
+  python3 -m pip install --quiet --disable-pip-version-check 'numpy==2.4.6' 'safetensors==0.8.0' 'jsonschema==4.26.0'
 
 # report.html is rendered in headless Chromium (Debian's package).
 if ! command -v chromium >/dev/null 2>&1; then

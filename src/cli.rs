@@ -123,6 +123,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the JSON schema of recipes, reports or manifests, generated from the code.
+    Schema {
+        /// Which document.
+        #[arg(value_enum)]
+        kind: SchemaKind,
+    },
     /// Recipe utilities.
     Recipe {
         #[command(subcommand)]
@@ -134,6 +140,16 @@ enum Command {
 enum RecipeCommand {
     /// Print the recipe JSON schema, generated from the code.
     Schema,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum SchemaKind {
+    /// recipe.toml (also `mcompress recipe schema`).
+    Recipe,
+    /// report.json.
+    Report,
+    /// manifest.json.
+    Manifest,
 }
 
 /// Exit status of a command that ran to completion.
@@ -336,6 +352,16 @@ fn dispatch(cli: Cli) -> Result<Status> {
                 )?;
             }
             writeln!(out, "\nSources: `mcompress targets --json`; estimate model: docs/targets.md")?;
+            Ok(Status::Ok)
+        }
+        Command::Schema { kind } => {
+            let v = match kind {
+                SchemaKind::Recipe => mcompress_passes::recipe_schema(),
+                SchemaKind::Report => mcompress_bundle::report_schema(),
+                SchemaKind::Manifest => mcompress_bundle::manifest_schema(),
+            };
+            serde_json::to_writer_pretty(&mut out, &v)?;
+            writeln!(out)?;
             Ok(Status::Ok)
         }
         Command::Recipe { command: RecipeCommand::Schema } => {

@@ -43,6 +43,16 @@ pub use report::{Gate, REPORT_SCHEMA, Report, TargetReport};
 pub use sign::{SIGNATURE_FILE, check_signature, keygen, load_signing_key, load_verifying_key};
 pub use verify::{Problem, verify};
 
+/// JSON schema of `report.json` (checked in as docs/report.schema.json).
+pub fn report_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(Report)).expect("schema is JSON")
+}
+
+/// JSON schema of `manifest.json` (checked in as docs/manifest.schema.json).
+pub fn manifest_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(Manifest)).expect("schema is JSON")
+}
+
 /// Tool version written into manifests and reports.
 pub const TOOL_VERSION: &str = env!("CARGO_PKG_VERSION");
 

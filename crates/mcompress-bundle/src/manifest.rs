@@ -15,7 +15,7 @@ use crate::{Result, TOOL_VERSION, io};
 pub const MANIFEST_SCHEMA: &str = "mcompress.manifest/v1";
 
 /// Hash and size of one file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct FileEntry {
     /// Lowercase hex sha256.
     pub sha256: String,
@@ -24,7 +24,7 @@ pub struct FileEntry {
 }
 
 /// The manifest of a bundle.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Manifest {
     /// [`MANIFEST_SCHEMA`].
     pub schema: String,
@@ -45,7 +45,7 @@ pub struct Manifest {
 }
 
 /// A named file with its hash.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct FileNamed {
     /// File name.
     pub file: String,
@@ -54,7 +54,7 @@ pub struct FileNamed {
 }
 
 /// A pass and its settings.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PassEntry {
     /// Pass type.
     #[serde(rename = "type")]

@@ -19,7 +19,7 @@ use crate::manifest::{FileEntry, FileNamed, recipe_named};
 pub const REPORT_SCHEMA: &str = "mcompress.report/v1";
 
 /// A pass/fail check on the run.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct Gate {
     /// `max-size`, later `max-drop`.
     pub name: String,
@@ -56,7 +56,7 @@ impl Gate {
 }
 
 /// One target in a report: its resolved hardware, whether the bundle fits, and estimates.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
 pub struct TargetReport {
     /// Target name.
     pub name: String,
@@ -69,7 +69,7 @@ pub struct TargetReport {
 }
 
 /// The model before compression.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
 pub struct ModelInfo {
     /// Model directory or file name.
     pub name: String,
@@ -84,7 +84,7 @@ pub struct ModelInfo {
 }
 
 /// The bundle.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
 pub struct BundleInfo {
     /// Bytes of the deployable files (weights, config, tokenizer; not manifest or reports).
     pub bytes: u64,
@@ -101,7 +101,7 @@ pub struct BundleInfo {
 }
 
 /// `report.json`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
 pub struct Report {
     /// [`REPORT_SCHEMA`].
     pub schema: &'static str,

@@ -23,7 +23,7 @@ quantized or 16-bit weights, f32 TFLOP/s for f32 weights; tokens/s = B / time. P
 $/1M tokens = $/hour / (3600 × decode tokens/s) × 1e6. Fit: weights ≤ memory − overhead − KV cache at full context.";
 
 /// A catalog entry.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TargetProfile {
     /// Catalog id.
@@ -67,7 +67,7 @@ pub fn catalog() -> &'static [TargetProfile] {
 }
 
 /// A recipe target with its profile applied and overrides merged.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
 pub struct ResolvedTarget {
     /// Target name.
     pub name: String,
@@ -149,7 +149,7 @@ fn resolve_one(recipe: &Recipe, i: usize, t: &TargetSection) -> Result<ResolvedT
 }
 
 /// KV-cache geometry from a decoder's config.json.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, schemars::JsonSchema)]
 pub struct KvGeometry {
     /// Layers.
     pub layers: u64,
@@ -191,7 +191,7 @@ impl KvGeometry {
 }
 
 /// Whether and how a bundle fits a target.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
 pub struct Fit {
     /// Fits in memory and its dtypes/formats run there.
     pub fits: bool,
@@ -210,7 +210,7 @@ pub struct Fit {
 }
 
 /// Estimated speed and cost on a target.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
 pub struct Estimates {
     /// Decode tokens/s for the whole batch.
     pub decode_tokens_per_s: f64,

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use crate::{Error, Param, ParamMeta, Pass, Plan, Result};
 
 /// One tensor's error after a pass.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
 pub struct TensorStat {
     /// Tensor name (as in the input).
     pub name: String,
@@ -27,7 +27,7 @@ pub struct TensorStat {
 }
 
 /// A tensor a pass was told to touch but could not.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
 pub struct Skipped {
     /// Tensor name.
     pub name: String,
@@ -36,7 +36,7 @@ pub struct Skipped {
 }
 
 /// Per-pass results.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
 pub struct PassReport {
     /// Position in the recipe.
     pub index: usize,
