@@ -4,6 +4,7 @@
 mod bad_input;
 mod bundle;
 mod compare;
+mod crash;
 mod html;
 mod minilm;
 mod sign;
