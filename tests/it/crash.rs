@@ -1,6 +1,7 @@
 //! Crash safety: a run killed with SIGKILL at any moment leaves no bundle that `verify` accepts
 //! (and nothing that looks complete); the next run cleans up and succeeds.
 
+use std::fmt::Write as _;
 use std::process::Command;
 use std::time::Duration;
 
@@ -16,7 +17,8 @@ fn test_sigkill_mid_run_leaves_no_accepted_bundle() {
     let n = rows * cols * 4;
     let mut header = String::from("{");
     for i in 0..4 {
-        header += &format!(
+        let _ = write!(
+            header,
             "\"l{i}.weight\":{{\"dtype\":\"F32\",\"shape\":[{rows},{cols}],\"data_offsets\":[{},{}]}}",
             i * n,
             (i + 1) * n
