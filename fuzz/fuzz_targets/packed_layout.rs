@@ -1,0 +1,21 @@
+//! Any safetensors file read as a quantized bundle: loading the packed layout under every scheme
+//! validates shapes and dtypes and never panics; what loads also dequantizes.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use mcompress_passes::quant::{QScheme, load_quantized};
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&sel, rest)) = data.split_first() else { return };
+    let dir = std::env::temp_dir().join(format!("mcompress-fuzz-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join("model.safetensors");
+    if std::fs::write(&path, rest).is_err() {
+        return;
+    }
+    let Ok(model) = mcompress_core::ModelSource::open(&path) else { return };
+    let scheme = QScheme { bits: QScheme::BITS[usize::from(sel & 3)], group_size: usize::from(sel >> 3), symmetric: sel & 4 == 0 };
+    if let Ok(q) = load_quantized(&model, "w", scheme) {
+        let _ = q.dequantize();
+    }
+});
