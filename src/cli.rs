@@ -381,12 +381,15 @@ fn print_summary(out: &mut impl Write, s: &RunSummary) -> Result<()> {
     for t in &s.targets {
         writeln!(
             out,
-            "{} {}  {}  {} bytes ({:.2}x smaller than {} bytes of weights)",
+            "{} {}  {}  {} bytes ({} than {} bytes of weights)",
             if t.passed { "PASS" } else { "FAIL" },
             t.name,
             t.dir.display(),
             t.bundle_bytes,
-            s.model_bytes as f64 / t.bundle_bytes.max(1) as f64,
+            {
+                let r = s.model_bytes as f64 / t.bundle_bytes.max(1) as f64;
+                if r >= 1.0 { format!("{r:.2}x smaller") } else { format!("{:.2}x larger", 1.0 / r) }
+            },
             s.model_bytes
         )?;
         for g in t.gates.iter().filter(|g| !g.passed) {

@@ -5,6 +5,7 @@ mod bad_input;
 mod bundle;
 mod compare;
 mod crash;
+mod gguf;
 mod html;
 mod minilm;
 mod sign;

@@ -52,7 +52,7 @@ pub fn dequantize(src: &Path, out: &Path, dtype: DType) -> Result<usize> {
     for r in model.tensors() {
         let v = model.view(r);
         if !part_of_quantized(v.name) {
-            w.write_tensor(v.name, v.data)?;
+            w.write_tensor(v.name, &v.data)?;
         }
     }
     for (name, q) in &quantized {

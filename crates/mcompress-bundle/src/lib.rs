@@ -276,6 +276,9 @@ fn write_payload(model: &ModelSource, output: &pipeline::Output, dir: &Path) -> 
         text.push(b'\n');
         fsutil::write_atomic(&dir.join("config.json"), &text)?;
     }
+    for (name, bytes) in model.generated_files() {
+        fsutil::write_atomic(&dir.join(name), bytes)?;
+    }
     for f in model.aux_files() {
         let name = f.file_name().expect("aux files have names");
         fs_err::copy(f, dir.join(name)).map_err(io(f))?;

@@ -27,6 +27,7 @@
 mod dtype;
 mod error;
 pub mod fsutil;
+pub mod gguf;
 mod model;
 mod safetensors;
 mod writer;

@@ -1,9 +1,12 @@
-//! Model sources: a Hugging Face style directory or a single `.safetensors` file.
+//! Model sources: a Hugging Face style directory, a single `.safetensors` file, or a llama
+//! `.gguf` file (dequantized tensor by tensor to f32 under Hugging Face names, Q/K un-permuted,
+//! with a config.json and tokenizer.json derived from its metadata).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::{Error, Result, SafetensorsFile, TensorInfo, TensorView};
+use crate::gguf::{self, GgufFile};
+use crate::{DType, Error, Result, SafetensorsFile, TensorInfo, TensorView};
 
 /// Non-weight files of a model directory that a bundle carries along unchanged
 /// (tokenizers, generation and sentence-transformers settings).
@@ -37,8 +40,29 @@ pub struct ModelSource {
     config: Option<serde_json::Value>,
     index_path: Option<PathBuf>,
     shards: Vec<SafetensorsFile>,
+    gguf: Option<GgufSource>,
     tensors: Vec<TensorRef>,
     aux: Vec<PathBuf>,
+    generated: Vec<(String, Vec<u8>)>,
+}
+
+/// A GGUF file presented as Hugging Face-named f32 tensors.
+struct GgufSource {
+    path: PathBuf,
+    map: memmap2::Mmap,
+    file: GgufFile,
+    /// Per exposed tensor: its info (HF name, F32, row-major shape), the GGUF tensor index, and
+    /// the head count to un-permute Q/K rows with.
+    entries: Vec<(TensorInfo, usize, Option<usize>)>,
+}
+
+impl std::fmt::Debug for GgufSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufSource")
+            .field("path", &self.path)
+            .field("tensors", &self.entries.len())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -51,6 +75,9 @@ impl ModelSource {
     /// `model.safetensors.index.json` with its shards, tokenizer files) or a `.safetensors` file.
     pub fn open(path: &Path) -> Result<Self> {
         let meta = fs_err::metadata(path).map_err(|e| Error::io(path, e))?;
+        if !meta.is_dir() && path.extension().is_some_and(|e| e == "gguf") {
+            return Self::open_gguf(path);
+        }
         if !meta.is_dir() {
             let shard = SafetensorsFile::open(path)?;
             return Self::assemble(path, None, None, None, vec![shard], Vec::new());
@@ -147,7 +174,79 @@ impl ModelSource {
                 ),
             });
         }
-        Ok(Self { path: path.to_path_buf(), config_path, config, index_path, shards, tensors, aux })
+        Ok(Self {
+            path: path.to_path_buf(),
+            config_path,
+            config,
+            index_path,
+            shards,
+            gguf: None,
+            tensors,
+            aux,
+            generated: Vec::new(),
+        })
+    }
+
+    fn open_gguf(path: &Path) -> Result<Self> {
+        let file = fs_err::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: read-only private mapping; see `SafetensorsFile::open`.
+        #[allow(unsafe_code)]
+        let map = unsafe { memmap2::MmapOptions::new().map(file.file()) }.map_err(|e| Error::io(path, e))?;
+        let parsed = GgufFile::parse(path, &map)?;
+        let bad = |reason: String| Error::InvalidModel { path: path.to_path_buf(), reason };
+        let arch = parsed.get("general.architecture").and_then(gguf::GgufValue::as_str).unwrap_or("");
+        if arch != "llama" {
+            return Err(bad(format!("GGUF architecture {arch:?}: only llama models are read")));
+        }
+        let meta_u = |k: &str| {
+            parsed
+                .get(k)
+                .and_then(gguf::GgufValue::as_u64)
+                .ok_or_else(|| bad(format!("GGUF: missing or non-integer {k}")))
+        };
+        let n_head = meta_u("llama.attention.head_count")? as usize;
+        let n_kv = parsed
+            .get("llama.attention.head_count_kv")
+            .and_then(gguf::GgufValue::as_u64)
+            .map_or(n_head, |v| v as usize);
+        let mut entries = Vec::new();
+        for (i, t) in parsed.tensors.iter().enumerate() {
+            let (name, heads) = gguf::llama_hf_name(&t.name, n_head, n_kv)
+                .ok_or_else(|| bad(format!("GGUF: unexpected llama tensor {:?}", t.name)))?;
+            let shape = t.shape();
+            if let Some(h) = heads
+                && (shape.len() != 2 || !shape[0].is_multiple_of(2 * h.max(1)))
+            {
+                return Err(bad(format!(
+                    "GGUF: tensor {:?} of shape {shape:?} cannot be un-permuted over {h} heads",
+                    t.name
+                )));
+            }
+            let n = t.numel() * 4;
+            entries.push((TensorInfo { name, dtype: DType::F32, shape, data_offsets: (0, n) }, i, heads));
+        }
+        entries.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        if let Some(w) = entries.windows(2).find(|w| w[0].0.name == w[1].0.name) {
+            return Err(bad(format!("GGUF: two tensors map to {:?}", w[0].0.name)));
+        }
+        let config = gguf_config(&parsed, entries.iter().any(|e| e.0.name == "lm_head.weight")).map_err(bad)?;
+        let tokenizer = gguf_tokenizer(&parsed);
+        let tensors = (0..entries.len()).map(|idx| TensorRef { shard: 0, idx }).collect();
+        let mut generated = Vec::new();
+        if let Some(t) = tokenizer {
+            generated.push(("tokenizer.json".to_string(), t));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            config_path: None,
+            config: Some(config),
+            index_path: None,
+            shards: Vec::new(),
+            gguf: Some(GgufSource { path: path.to_path_buf(), map, file: parsed, entries }),
+            tensors,
+            aux: Vec::new(),
+            generated,
+        })
     }
 
     /// The path this model was opened from.
@@ -167,19 +266,75 @@ impl ModelSource {
 
     /// Metadata of one tensor.
     pub fn info(&self, r: &TensorRef) -> &TensorInfo {
-        &self.shards[r.shard].tensors()[r.idx]
+        match &self.gguf {
+            Some(g) => &g.entries[r.idx].0,
+            None => &self.shards[r.shard].tensors()[r.idx],
+        }
     }
 
-    /// Data of one tensor.
+    /// Data of one tensor. GGUF tensors are dequantized (and Q/K un-permuted) on each call.
+    #[allow(clippy::single_match_else)] // two backends; a match reads better than if-let-else here
     pub fn view(&self, r: &TensorRef) -> TensorView<'_> {
-        let s = &self.shards[r.shard];
-        s.view(&s.tensors()[r.idx])
+        match &self.gguf {
+            Some(g) => {
+                let (info, ti, heads) = &g.entries[r.idx];
+                let t = &g.file.tensors[*ti];
+                let mut v = Vec::with_capacity(t.numel());
+                gguf::dequantize(t.ggml_type, &g.map[t.range.0..t.range.1], &mut v);
+                if let Some(h) = heads {
+                    let cols = info.shape[1..].iter().product();
+                    v = gguf::unpermute_rows(&v, info.shape[0], cols, *h).expect("shape checked at open");
+                }
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                TensorView {
+                    name: &info.name,
+                    dtype: DType::F32,
+                    shape: &info.shape,
+                    data: std::borrow::Cow::Owned(bytes),
+                }
+            }
+            None => {
+                let s = &self.shards[r.shard];
+                s.view(&s.tensors()[r.idx])
+            }
+        }
     }
 
     /// Drops one tensor's pages from memory after use (see [`SafetensorsFile::release`]).
+    #[allow(clippy::single_match_else)] // two backends, as in `view`
     pub fn release(&self, r: &TensorRef) {
-        let s = &self.shards[r.shard];
-        s.release(&s.tensors()[r.idx]);
+        match &self.gguf {
+            Some(g) => {
+                let t = &g.file.tensors[g.entries[r.idx].1];
+                let page = 4096;
+                let (start, end) = (t.range.0.div_ceil(page) * page, t.range.1 / page * page);
+                if end > start {
+                    // SAFETY: as in `SafetensorsFile::release`: a private read-only mapping.
+                    #[allow(unsafe_code)]
+                    let _ =
+                        unsafe { g.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+                }
+            }
+            None => {
+                let s = &self.shards[r.shard];
+                s.release(&s.tensors()[r.idx]);
+            }
+        }
+    }
+
+    /// Tensors in the order their bytes lie in the input files, for sequential reading.
+    pub fn read_order(&self) -> Vec<TensorRef> {
+        let mut v = self.tensors.clone();
+        match &self.gguf {
+            Some(g) => v.sort_by_key(|r| g.file.tensors[g.entries[r.idx].1].range.0),
+            None => v.sort_by_key(|r| (r.shard, self.shards[r.shard].tensors()[r.idx].data_offsets.0)),
+        }
+        v
+    }
+
+    /// Files derived from the input rather than copied (a GGUF's tokenizer.json), as (name, bytes).
+    pub fn generated_files(&self) -> &[(String, Vec<u8>)] {
+        &self.generated
     }
 
     /// The safetensors files read.
@@ -196,6 +351,7 @@ impl ModelSource {
     pub fn input_files(&self) -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = self.config_path.iter().chain(self.index_path.iter()).cloned().collect();
         v.extend(self.shards.iter().map(|s| s.path().to_path_buf()));
+        v.extend(self.gguf.iter().map(|g| g.path.clone()));
         v.extend(self.aux.iter().cloned());
         v.sort();
         v
@@ -208,6 +364,73 @@ impl ModelSource {
 
     /// Total size of the weight files in bytes.
     pub fn weight_bytes(&self) -> u64 {
-        self.shards.iter().map(SafetensorsFile::len).sum()
+        self.shards.iter().map(SafetensorsFile::len).sum::<u64>() + self.gguf.as_ref().map_or(0, |g| g.map.len() as u64)
     }
+}
+
+/// config.json for a llama GGUF, from its metadata (the fields transformers' LlamaConfig reads).
+fn gguf_config(g: &GgufFile, has_lm_head: bool) -> std::result::Result<serde_json::Value, String> {
+    let u =
+        |k: &str| g.get(k).and_then(gguf::GgufValue::as_u64).ok_or_else(|| format!("GGUF: missing or non-integer {k}"));
+    let f = |k: &str| g.get(k).and_then(gguf::GgufValue::as_f64);
+    let vocab = match g.get("llama.vocab_size").and_then(gguf::GgufValue::as_u64) {
+        Some(v) => v,
+        None => g.get("tokenizer.ggml.tokens").and_then(gguf::GgufValue::as_array).map_or(0, |a| a.len() as u64),
+    };
+    let n_head = u("llama.attention.head_count")?;
+    Ok(serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": u("llama.embedding_length")?,
+        "intermediate_size": u("llama.feed_forward_length")?,
+        "num_hidden_layers": u("llama.block_count")?,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": g.get("llama.attention.head_count_kv").and_then(gguf::GgufValue::as_u64).unwrap_or(n_head),
+        "rms_norm_eps": f("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        "rope_theta": f("llama.rope.freq_base").unwrap_or(10000.0),
+        "max_position_embeddings": g.get("llama.context_length").and_then(gguf::GgufValue::as_u64).unwrap_or(2048),
+        "vocab_size": vocab,
+        "hidden_act": "silu",
+        "tie_word_embeddings": !has_lm_head,
+        "bos_token_id": g.get("tokenizer.ggml.bos_token_id").and_then(gguf::GgufValue::as_u64),
+        "eos_token_id": g.get("tokenizer.ggml.eos_token_id").and_then(gguf::GgufValue::as_u64),
+        "torch_dtype": "float32",
+    }))
+}
+
+/// tokenizer.json for a GGUF with a GPT-2 style BPE vocabulary (`tokenizer.ggml.model = "gpt2"`),
+/// as llama.cpp's "smollm"/default pre-tokenizer splits: digits one by one, then byte-level BPE.
+fn gguf_tokenizer(g: &GgufFile) -> Option<Vec<u8>> {
+    if g.get("tokenizer.ggml.model").and_then(gguf::GgufValue::as_str) != Some("gpt2") {
+        return None;
+    }
+    let tokens: Vec<&str> =
+        g.get("tokenizer.ggml.tokens")?.as_array()?.iter().map(gguf::GgufValue::as_str).collect::<Option<_>>()?;
+    let merges: Vec<&str> =
+        g.get("tokenizer.ggml.merges")?.as_array()?.iter().map(gguf::GgufValue::as_str).collect::<Option<_>>()?;
+    let types: Vec<u64> = g
+        .get("tokenizer.ggml.token_type")
+        .and_then(gguf::GgufValue::as_array)
+        .map(|a| a.iter().map(|t| t.as_u64().unwrap_or(1)).collect())
+        .unwrap_or_default();
+    let added: Vec<serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| types.get(*i) == Some(&3))
+        .map(|(i, s)| serde_json::json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        tokens.iter().enumerate().map(|(i, s)| ((*s).to_string(), serde_json::json!(i))).collect();
+    let tj = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "vocab": vocab, "merges": merges},
+    });
+    serde_json::to_vec(&tj).ok()
 }

@@ -43,8 +43,9 @@ impl TensorInfo {
     }
 }
 
-/// A borrowed tensor: metadata plus its bytes.
-#[derive(Clone, Copy, Debug)]
+/// A tensor: metadata plus its bytes (borrowed from the mapping, or owned when decoded from a
+/// quantized GGUF tensor).
+#[derive(Clone, Debug)]
 pub struct TensorView<'a> {
     /// Tensor name.
     pub name: &'a str,
@@ -53,14 +54,14 @@ pub struct TensorView<'a> {
     /// Shape.
     pub shape: &'a [usize],
     /// Little-endian element bytes.
-    pub data: &'a [u8],
+    pub data: std::borrow::Cow<'a, [u8]>,
 }
 
 impl TensorView<'_> {
     /// Converts float data (F32/F16/BF16/F64) to f32; `None` for other dtypes.
     pub fn to_f32(&self) -> Option<Vec<f32>> {
         let mut out = vec![0f32; self.shape.iter().product()];
-        self.dtype.decode_f32(self.data, &mut out).then_some(out)
+        self.dtype.decode_f32(&self.data, &mut out).then_some(out)
     }
 }
 
@@ -162,7 +163,7 @@ impl SafetensorsFile {
             name: &info.name,
             dtype: info.dtype,
             shape: &info.shape,
-            data: &self.bytes[self.data_start + s..self.data_start + e],
+            data: std::borrow::Cow::Borrowed(&self.bytes[self.data_start + s..self.data_start + e]),
         }
     }
 

@@ -6,7 +6,6 @@
 //!    each is rewritten by the passes that planned a change, written at its offset, and its input
 //!    pages are released. Peak memory is the tensor in flight and its outputs.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
@@ -131,12 +130,11 @@ pub fn run(
     let bytes = layout.total_bytes();
     let mut writer = SafetensorsWriter::create(out, layout)?;
 
-    // Input file order: shard, then offset, so the mapping is read front to back.
-    let mut order: Vec<(usize, &TensorRef)> = model.tensors().iter().enumerate().collect();
-    order.sort_by_key(|(_, r)| {
-        let v = model.view(r);
-        (v.data.as_ptr() as usize, v.data.len())
-    });
+    // Input file order, so the mapping is read front to back.
+    let index: std::collections::HashMap<String, usize> =
+        model.tensors().iter().enumerate().map(|(i, r)| (model.info(r).name.clone(), i)).collect();
+    let order: Vec<(usize, TensorRef)> =
+        model.read_order().into_iter().map(|r| (index[&model.info(&r).name], r)).collect();
 
     let total = Progress {
         tensors_done: 0,
@@ -147,9 +145,11 @@ pub fn run(
     let mut seconds = vec![0f64; passes.len()];
     let mut stats: Vec<Vec<TensorStat>> = vec![Vec::new(); passes.len()];
     let mut done = total;
-    for (i, r) in order {
+    for (i, r) in &order {
+        let (i, r) = (*i, r);
         let view = model.view(r);
-        let mut param = Param::Dense { dtype: view.dtype, shape: view.shape.to_vec(), data: Cow::Borrowed(view.data) };
+        let bytes_in = view.data.len() as u64;
+        let mut param = Param::Dense { dtype: view.dtype, shape: view.shape.to_vec(), data: view.data };
         for &pi in &planned.changes[i] {
             let t0 = Instant::now();
             let applied = passes[pi].apply(view.name, param).map_err(|reason| Error::Tensor {
@@ -170,7 +170,7 @@ pub fn run(
         }
         model.release(r);
         done.tensors_done += 1;
-        done.bytes_done += view.data.len() as u64;
+        done.bytes_done += bytes_in;
         progress(done);
     }
     writer.finish()?;

@@ -82,7 +82,7 @@ pub fn load_quantized(model: &ModelSource, name: &str, scheme: QScheme) -> Resul
         ));
     }
     let mut scale = vec![0f32; rows * groups];
-    scale_t.dtype.decode_f32(scale_t.data, &mut scale);
+    scale_t.dtype.decode_f32(&scale_t.data, &mut scale);
     let zero_point = if scheme.symmetric {
         None
     } else {

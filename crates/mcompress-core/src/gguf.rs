@@ -1,0 +1,529 @@
+//! GGUF (v2/v3) reading: header, metadata, tensor infos, alignment, and dequantization of
+//! F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 to f32. Every length and offset is checked
+//! against the file: untrusted bytes give an [`Error::InvalidModel`] naming the file and what is
+//! wrong, never a panic. Spec: ggml's docs/gguf.md; block layouts: ggml-common.h.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use half::{bf16, f16};
+
+use crate::{Error, Result};
+
+const MAGIC: &[u8; 4] = b"GGUF";
+/// Caps on counts declared in the header, far above real files, so a corrupt count cannot make
+/// us allocate gigabytes before the bounds checks catch it.
+const MAX_TENSORS: u64 = 1 << 20;
+const MAX_KV: u64 = 1 << 20;
+const MAX_ARRAY: u64 = 1 << 26;
+const MAX_DIMS: u32 = 8;
+
+/// A metadata value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GgufValue {
+    /// Any unsigned integer type.
+    U64(u64),
+    /// Any signed integer type.
+    I64(i64),
+    /// f32 or f64.
+    F64(f64),
+    /// bool.
+    Bool(bool),
+    /// string.
+    Str(String),
+    /// array.
+    Array(Vec<GgufValue>),
+}
+
+impl GgufValue {
+    /// As an unsigned integer.
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            GgufValue::U64(v) => Some(*v),
+            GgufValue::I64(v) => u64::try_from(*v).ok(),
+            _ => None,
+        }
+    }
+    /// As a float.
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            GgufValue::F64(v) => Some(*v),
+            GgufValue::U64(v) => Some(*v as f64),
+            GgufValue::I64(v) => Some(*v as f64),
+            _ => None,
+        }
+    }
+    /// As a string.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            GgufValue::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+    /// As an array.
+    pub fn as_array(&self) -> Option<&[GgufValue]> {
+        match self {
+            GgufValue::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// ggml tensor types this reader dequantizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(non_camel_case_types, missing_docs)]
+pub enum GgmlType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+}
+
+impl GgmlType {
+    fn from_id(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => GgmlType::F32,
+            1 => GgmlType::F16,
+            2 => GgmlType::Q4_0,
+            3 => GgmlType::Q4_1,
+            6 => GgmlType::Q5_0,
+            7 => GgmlType::Q5_1,
+            8 => GgmlType::Q8_0,
+            30 => GgmlType::BF16,
+            _ => return None,
+        })
+    }
+
+    /// (elements per block, bytes per block).
+    pub fn block(self) -> (usize, usize) {
+        match self {
+            GgmlType::F32 => (1, 4),
+            GgmlType::F16 | GgmlType::BF16 => (1, 2),
+            GgmlType::Q4_0 => (32, 18),
+            GgmlType::Q4_1 => (32, 20),
+            GgmlType::Q5_0 => (32, 22),
+            GgmlType::Q5_1 => (32, 24),
+            GgmlType::Q8_0 => (32, 34),
+        }
+    }
+
+    /// Name as ggml spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            GgmlType::F32 => "F32",
+            GgmlType::F16 => "F16",
+            GgmlType::BF16 => "BF16",
+            GgmlType::Q4_0 => "Q4_0",
+            GgmlType::Q4_1 => "Q4_1",
+            GgmlType::Q5_0 => "Q5_0",
+            GgmlType::Q5_1 => "Q5_1",
+            GgmlType::Q8_0 => "Q8_0",
+        }
+    }
+}
+
+/// One tensor's entry.
+#[derive(Clone, Debug)]
+pub struct GgufTensor {
+    /// Name in the file (`blk.0.attn_q.weight`).
+    pub name: String,
+    /// ggml dims, innermost first (`ne[0]` is the row length).
+    pub dims: Vec<u64>,
+    /// Type.
+    pub ggml_type: GgmlType,
+    /// Absolute byte range in the file.
+    pub range: (usize, usize),
+}
+
+impl GgufTensor {
+    /// Row-major shape (outermost first), as PyTorch and safetensors write it.
+    pub fn shape(&self) -> Vec<usize> {
+        self.dims.iter().rev().map(|&d| d as usize).collect()
+    }
+    /// Elements.
+    pub fn numel(&self) -> usize {
+        self.dims.iter().map(|&d| d as usize).product()
+    }
+}
+
+/// A parsed GGUF file (metadata and tensor directory; data stays in `bytes`).
+#[derive(Debug)]
+pub struct GgufFile {
+    /// GGUF version.
+    pub version: u32,
+    /// Metadata.
+    pub metadata: BTreeMap<String, GgufValue>,
+    /// Tensors in file order.
+    pub tensors: Vec<GgufTensor>,
+}
+
+struct Cursor<'a> {
+    path: &'a Path,
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn err(&self, what: impl std::fmt::Display) -> Error {
+        Error::InvalidModel { path: self.path.to_path_buf(), reason: format!("GGUF: {what} (at byte {})", self.pos) }
+    }
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| self.err(format!("truncated while reading {what}")))?;
+        let s = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("8 bytes")))
+    }
+    fn string(&mut self, what: &str) -> Result<String> {
+        let n = self.u64(what)?;
+        let n = usize::try_from(n).map_err(|_| self.err(format!("{what}: length {n} too large")))?;
+        let b = self.take(n, what)?;
+        String::from_utf8(b.to_vec()).map_err(|_| self.err(format!("{what} is not UTF-8")))
+    }
+    fn value(&mut self, ty: u32, key: &str, depth: u32) -> Result<GgufValue> {
+        let w = |c: &mut Self, n| c.take(n, key).map(<[u8]>::to_vec);
+        Ok(match ty {
+            0 => GgufValue::U64(u64::from(w(self, 1)?[0])),
+            1 => GgufValue::I64(i64::from(w(self, 1)?[0] as i8)),
+            2 => GgufValue::U64(u64::from(u16::from_le_bytes(w(self, 2)?.try_into().expect("2")))),
+            3 => GgufValue::I64(i64::from(i16::from_le_bytes(w(self, 2)?.try_into().expect("2")))),
+            4 => GgufValue::U64(u64::from(self.u32(key)?)),
+            5 => GgufValue::I64(i64::from(self.u32(key)? as i32)),
+            6 => GgufValue::F64(f64::from(f32::from_bits(self.u32(key)?))),
+            7 => match w(self, 1)?[0] {
+                0 => GgufValue::Bool(false),
+                1 => GgufValue::Bool(true),
+                b => return Err(self.err(format!("{key}: bool byte {b}"))),
+            },
+            8 => GgufValue::Str(self.string(key)?),
+            9 => {
+                if depth > 2 {
+                    return Err(self.err(format!("{key}: arrays nested too deep")));
+                }
+                let inner = self.u32(key)?;
+                let n = self.u64(key)?;
+                if n > MAX_ARRAY || n > (self.bytes.len() - self.pos) as u64 {
+                    return Err(self.err(format!("{key}: array length {n} exceeds the file")));
+                }
+                let mut v = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    v.push(self.value(inner, key, depth + 1)?);
+                }
+                GgufValue::Array(v)
+            }
+            10 => GgufValue::U64(self.u64(key)?),
+            11 => GgufValue::I64(self.u64(key)? as i64),
+            12 => GgufValue::F64(f64::from_bits(self.u64(key)?)),
+            t => return Err(self.err(format!("{key}: unknown metadata type {t}"))),
+        })
+    }
+}
+
+impl GgufFile {
+    /// Parses and validates `bytes` (the whole file); `path` names it in errors.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self> {
+        let mut c = Cursor { path, bytes, pos: 0 };
+        if c.take(4, "magic")? != MAGIC {
+            return Err(c.err("not a GGUF file (magic is not \"GGUF\")"));
+        }
+        let version = c.u32("version")?;
+        if !(2..=3).contains(&version) {
+            return Err(c.err(format!("unsupported version {version} (2 and 3 are read)")));
+        }
+        let n_tensors = c.u64("tensor count")?;
+        let n_kv = c.u64("metadata count")?;
+        if n_tensors > MAX_TENSORS || n_kv > MAX_KV {
+            return Err(c.err(format!("implausible counts: {n_tensors} tensors, {n_kv} metadata entries")));
+        }
+        let mut metadata = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = c.string("metadata key")?;
+            let ty = c.u32(&key)?;
+            let v = c.value(ty, &key, 0)?;
+            if metadata.insert(key.clone(), v).is_some() {
+                return Err(c.err(format!("duplicate metadata key {key:?}")));
+            }
+        }
+        let align = match metadata.get("general.alignment") {
+            Some(v) => v
+                .as_u64()
+                .filter(|a| *a > 0 && a.is_power_of_two() && *a <= 1 << 20)
+                .ok_or_else(|| c.err("general.alignment must be a power of two"))?,
+            None => 32,
+        } as usize;
+        let mut infos = Vec::with_capacity(n_tensors as usize);
+        for _ in 0..n_tensors {
+            let name = c.string("tensor name")?;
+            let nd = c.u32(&name)?;
+            if nd == 0 || nd > MAX_DIMS {
+                return Err(c.err(format!("tensor {name:?}: {nd} dimensions")));
+            }
+            let dims = (0..nd).map(|_| c.u64(&name)).collect::<Result<Vec<u64>>>()?;
+            let ty_id = c.u32(&name)?;
+            let ggml_type = GgmlType::from_id(ty_id).ok_or_else(|| {
+                c.err(format!(
+                    "tensor {name:?}: ggml type {ty_id} is not supported (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)"
+                ))
+            })?;
+            let offset = c.u64(&name)?;
+            infos.push((name, dims, ggml_type, offset));
+        }
+        let data_start = c.pos.div_ceil(align) * align;
+        let mut tensors = Vec::with_capacity(infos.len());
+        let mut seen = std::collections::BTreeSet::new();
+        for (name, dims, ggml_type, offset) in infos {
+            let bad = |m: String| Error::InvalidModel {
+                path: path.to_path_buf(),
+                reason: format!("GGUF: tensor {name:?}: {m}"),
+            };
+            if !seen.insert(name.clone()) {
+                return Err(bad("duplicate tensor name".into()));
+            }
+            let numel = dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| bad(format!("dims {dims:?} overflow")))?;
+            let (be, bb) = ggml_type.block();
+            if dims[0] % be as u64 != 0 {
+                return Err(bad(format!(
+                    "row length {} is not a multiple of the {}-element {} block",
+                    dims[0],
+                    be,
+                    ggml_type.name()
+                )));
+            }
+            let nbytes = (numel / be as u64).checked_mul(bb as u64).ok_or_else(|| bad("size overflows".into()))?;
+            if offset % align as u64 != 0 {
+                return Err(bad(format!("offset {offset} is not aligned to {align}")));
+            }
+            let start = (data_start as u64).checked_add(offset);
+            let end = start.and_then(|s| s.checked_add(nbytes));
+            let (Some(start), Some(end)) = (start, end) else { return Err(bad("offset overflows".into())) };
+            if end > bytes.len() as u64 {
+                return Err(bad(format!("data [{start}, {end}) runs past the end of the {}-byte file", bytes.len())));
+            }
+            tensors.push(GgufTensor { name, dims, ggml_type, range: (start as usize, end as usize) });
+        }
+        let mut by_start: Vec<&GgufTensor> = tensors.iter().collect();
+        by_start.sort_by_key(|t| t.range.0);
+        for w in by_start.windows(2) {
+            if w[1].range.0 < w[0].range.1 {
+                return Err(Error::InvalidModel {
+                    path: path.to_path_buf(),
+                    reason: format!("GGUF: tensors {:?} and {:?} overlap", w[0].name, w[1].name),
+                });
+            }
+        }
+        Ok(GgufFile { version, metadata, tensors })
+    }
+
+    /// Metadata value by key.
+    pub fn get(&self, key: &str) -> Option<&GgufValue> {
+        self.metadata.get(key)
+    }
+}
+
+/// Dequantizes one tensor's bytes to f32 (ggml's reference formulas, f32 arithmetic in the same
+/// order as ggml and gguf-py so results match bit for bit).
+pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut Vec<f32>) {
+    out.clear();
+    let h = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
+    match ty {
+        GgmlType::F32 => out.extend(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        GgmlType::F16 => out.extend(data.chunks_exact(2).map(h)),
+        GgmlType::BF16 => out.extend(data.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        GgmlType::Q8_0 => {
+            for b in data.chunks_exact(34) {
+                let d = h(b);
+                out.extend(b[2..].iter().map(|&q| f32::from(q as i8) * d));
+            }
+        }
+        GgmlType::Q4_0 => {
+            for b in data.chunks_exact(18) {
+                let d = h(b);
+                let qs = &b[2..];
+                out.extend(qs.iter().map(|&q| f32::from((q & 0x0f) as i8 - 8) * d));
+                out.extend(qs.iter().map(|&q| f32::from((q >> 4) as i8 - 8) * d));
+            }
+        }
+        GgmlType::Q4_1 => {
+            for b in data.chunks_exact(20) {
+                let (d, m) = (h(b), h(&b[2..]));
+                let qs = &b[4..];
+                out.extend(qs.iter().map(|&q| f32::from(q & 0x0f) * d + m));
+                out.extend(qs.iter().map(|&q| f32::from(q >> 4) * d + m));
+            }
+        }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            let q51 = ty == GgmlType::Q5_1;
+            let step = if q51 { 24 } else { 22 };
+            for b in data.chunks_exact(step) {
+                let d = h(b);
+                let (m, rest) = if q51 { (h(&b[2..]), &b[4..]) } else { (0.0, &b[2..]) };
+                let qh = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+                let qs = &rest[4..];
+                let val = |j: usize, hi: bool| {
+                    let (nib, bit) = if hi {
+                        (qs[j] >> 4, (qh >> (j + 12)) & 0x10)
+                    } else {
+                        (qs[j] & 0x0f, ((qh >> j) << 4) & 0x10)
+                    };
+                    let q = i32::from(nib) | bit as i32;
+                    if q51 { q as f32 * d + m } else { (q - 16) as f32 * d }
+                };
+                out.extend((0..16).map(|j| val(j, false)));
+                out.extend((0..16).map(|j| val(j, true)));
+            }
+        }
+    }
+}
+
+/// llama.cpp stores Q and K projections permuted for its rotary layout
+/// (convert_hf_to_gguf.py `LlamaModel.permute`); this is the inverse, giving the Hugging Face
+/// `rotate_half` layout. `w` is row-major `[rows, cols]`.
+pub fn unpermute_rows(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Option<Vec<f32>> {
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) || w.len() != rows * cols {
+        return None;
+    }
+    let half = rows / n_head / 2;
+    let mut out = vec![0f32; w.len()];
+    // w viewed as [n_head, half, 2, cols] → swap axes 1 and 2 → [n_head, 2, half, cols].
+    for h in 0..n_head {
+        for i in 0..half {
+            for two in 0..2 {
+                let src = ((h * half + i) * 2 + two) * cols;
+                let dst = ((h * 2 + two) * half + i) * cols;
+                out[dst..dst + cols].copy_from_slice(&w[src..src + cols]);
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Hugging Face name of a llama GGUF tensor, and the head count to un-permute it with (Q, K).
+pub fn llama_hf_name(name: &str, n_head: usize, n_kv_head: usize) -> Option<(String, Option<usize>)> {
+    Some(match name {
+        "token_embd.weight" => ("model.embed_tokens.weight".into(), None),
+        "output_norm.weight" => ("model.norm.weight".into(), None),
+        "output.weight" => ("lm_head.weight".into(), None),
+        _ => {
+            let rest = name.strip_prefix("blk.")?;
+            let (layer, rest) = rest.split_once('.')?;
+            let layer: usize = layer.parse().ok()?;
+            let kind = rest.strip_suffix(".weight")?;
+            let (hf, heads) = match kind {
+                "attn_norm" => ("input_layernorm", None),
+                "ffn_norm" => ("post_attention_layernorm", None),
+                "attn_q" => ("self_attn.q_proj", Some(n_head)),
+                "attn_k" => ("self_attn.k_proj", Some(n_kv_head)),
+                "attn_v" => ("self_attn.v_proj", None),
+                "attn_output" => ("self_attn.o_proj", None),
+                "ffn_gate" => ("mlp.gate_proj", None),
+                "ffn_up" => ("mlp.up_proj", None),
+                "ffn_down" => ("mlp.down_proj", None),
+                _ => return None,
+            };
+            (format!("model.layers.{layer}.{hf}.weight"), heads)
+        }
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::float_cmp)]
+mod tests {
+    use super::*;
+
+    fn s(v: &mut Vec<u8>, t: &str) {
+        v.extend_from_slice(&(t.len() as u64).to_le_bytes());
+        v.extend_from_slice(t.as_bytes());
+    }
+
+    /// A tiny GGUF with one Q8_0 tensor of 32 elements.
+    fn tiny(offset: u64, ty: u32) -> Vec<u8> {
+        let mut v = b"GGUF".to_vec();
+        v.extend_from_slice(&3u32.to_le_bytes());
+        v.extend_from_slice(&1u64.to_le_bytes());
+        v.extend_from_slice(&1u64.to_le_bytes());
+        s(&mut v, "general.architecture");
+        v.extend_from_slice(&8u32.to_le_bytes());
+        s(&mut v, "llama");
+        s(&mut v, "w");
+        v.extend_from_slice(&1u32.to_le_bytes());
+        v.extend_from_slice(&32u64.to_le_bytes());
+        v.extend_from_slice(&ty.to_le_bytes());
+        v.extend_from_slice(&offset.to_le_bytes());
+        while !v.len().is_multiple_of(32) {
+            v.push(0);
+        }
+        v.extend_from_slice(&f16::from_f32(0.5).to_le_bytes());
+        v.extend((0..32).map(|i: i32| (i - 16) as i8 as u8));
+        v
+    }
+
+    #[test]
+    fn test_reads_and_dequantizes_q8_0() {
+        let v = tiny(0, 8);
+        let g = GgufFile::parse(Path::new("t.gguf"), &v).unwrap();
+        assert_eq!(g.get("general.architecture").unwrap().as_str(), Some("llama"));
+        let t = &g.tensors[0];
+        let mut out = Vec::new();
+        dequantize(t.ggml_type, &v[t.range.0..t.range.1], &mut out);
+        assert_eq!(out[0], -8.0);
+        assert_eq!(out[31], 7.5);
+    }
+
+    #[test]
+    fn test_malformed_files_are_errors() {
+        let p = Path::new("t.gguf");
+        assert!(GgufFile::parse(p, b"GGML").unwrap_err().to_string().contains("not a GGUF file"));
+        let v = tiny(0, 8);
+        for cut in [3, 7, 20, 40, v.len() - 1] {
+            assert!(GgufFile::parse(p, &v[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(GgufFile::parse(p, &tiny(32, 8)).unwrap_err().to_string().contains("past the end"));
+        assert!(GgufFile::parse(p, &tiny(3, 8)).unwrap_err().to_string().contains("not aligned"));
+        assert!(GgufFile::parse(p, &tiny(0, 12)).unwrap_err().to_string().contains("not supported"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn test_arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let mut v = b"GGUF\x03\0\0\0".to_vec();
+            v.extend(bytes);
+            let _ = GgufFile::parse(Path::new("f.gguf"), &v);
+        }
+    }
+
+    #[test]
+    fn test_unpermute_inverts_llama_cpp_permute() {
+        // llama.cpp: w.reshape(n_head, 2, rows/n_head/2, cols).swapaxes(1, 2)
+        let (rows, cols, heads) = (8, 3, 2);
+        let hf: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let half = rows / heads / 2;
+        let mut gguf = vec![0f32; hf.len()];
+        for h in 0..heads {
+            for two in 0..2 {
+                for i in 0..half {
+                    let src = ((h * 2 + two) * half + i) * cols;
+                    let dst = ((h * half + i) * 2 + two) * cols;
+                    gguf[dst..dst + cols].copy_from_slice(&hf[src..src + cols]);
+                }
+            }
+        }
+        assert_eq!(unpermute_rows(&gguf, rows, cols, heads).unwrap(), hf);
+        assert!(unpermute_rows(&gguf, rows, cols, 3).is_none());
+    }
+}

