@@ -8,7 +8,12 @@ cd "$(dirname "$0")/../fuzz"
 secs=${1:-60}
 export RUSTC_BOOTSTRAP=1
 status=0
-for t in safetensors_header recipe packed_layout; do
+# Seed the GGUF target with the head of a real file when the fixture is fetched.
+gguf="${MCOMPRESS_FIXTURES:-$HOME/.cache/mcompress/fixtures}/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+if [ -f "$gguf" ] && [ ! -f corpus/gguf_header/smollm2-head ]; then
+  mkdir -p corpus/gguf_header && head -c 65536 "$gguf" > corpus/gguf_header/smollm2-head
+fi
+for t in safetensors_header gguf_header recipe packed_layout; do
   mkdir -p "corpus/$t"
   log=$(mktemp)
   if cargo fuzz run "$t" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=2048 >"$log" 2>&1; then
