@@ -100,7 +100,7 @@ pub(crate) fn hash_inputs(model: &ModelSource, files: &[PathBuf]) -> Result<BTre
         .map(|f| {
             let key = f.strip_prefix(base).unwrap_or(f).to_string_lossy().into_owned();
             let bytes = fs_err::metadata(f).map_err(io(f))?.len();
-            Ok((key, FileEntry { sha256: fsutil::sha256_file(f)?, bytes }))
+            Ok((key, FileEntry { sha256: fsutil::sha256_file_cached(f)?, bytes }))
         })
         .collect()
 }
