@@ -210,6 +210,12 @@ fn dispatch(cli: Cli) -> Result<Status> {
             let mut progress = ProgressOut::new(quiet || json);
             let summary = mcompress_bundle::run(&loaded, &opts, &mut |p| progress.update(p))?;
             progress.finish();
+            for w in &summary.warnings {
+                #[allow(clippy::print_stderr)]
+                {
+                    eprintln!("warning: {w}");
+                }
+            }
             if json {
                 serde_json::to_writer_pretty(&mut out, &summary)?;
                 writeln!(out)?;

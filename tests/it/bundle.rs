@@ -318,3 +318,44 @@ fn test_sharded_index_that_lies_is_rejected() {
     assert_eq!(code, 2);
     assert!(stderr.contains("must be a plain file name"), "{stderr}");
 }
+
+#[test]
+fn test_eval_section_is_validated_and_reported_as_not_run() {
+    let t = tmp();
+    let out = t.path().join("dist");
+    let set = repo().join("fixtures/digits/test.csv");
+    let extra = format!("\n[eval]\nset = {:?}\nmetric = \"accuracy\"\nmax-drop = \"1%\"\n", set.display().to_string());
+    let r = recipe(t.path(), &repo().join("fixtures/digits-mlp"), &out, &extra);
+    let (code, _, stderr) = mcompress(&["run", "-q", r.to_str().unwrap()], t.path());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("warning: [eval] was validated but not run"), "{stderr}");
+    let report: Value = serde_json::from_slice(&std::fs::read(out.join("default/report.json")).unwrap()).unwrap();
+    assert_eq!(report["eval"]["status"], "not-run");
+    assert_eq!(report["eval"]["metric"], "accuracy");
+    assert!(std::fs::read_to_string(out.join("default/report.md")).unwrap().contains("**Not run**"));
+
+    let extra = "\n[eval]\nset = \"missing.csv\"\nmetric = \"accuracy\"\n";
+    let r = recipe(t.path(), &repo().join("fixtures/digits-mlp"), &t.path().join("dist2"), extra);
+    let (code, _, stderr) = mcompress(&["run", "-q", r.to_str().unwrap()], t.path());
+    assert_eq!(code, 2);
+    assert!(stderr.contains("missing.csv") && stderr.contains("no such file"), "{stderr}");
+}
+
+#[test]
+fn test_run_one_target_for_ci_matrices() {
+    let t = tmp();
+    let out = t.path().join("dist");
+    let extra = "\n[[target]]\nname = \"a\"\n\n[[target]]\nname = \"b\"\nprofile = \"t4-16gb\"\n";
+    let r = recipe(t.path(), &repo().join("fixtures/digits-mlp"), &out, extra);
+    let (code, stdout, stderr) = mcompress(&["run", "--target", "b", r.to_str().unwrap()], t.path());
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let names: Vec<String> =
+        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, ["b"]);
+    let report: Value = serde_json::from_slice(&std::fs::read(out.join("b/report.json")).unwrap()).unwrap();
+    assert_eq!(report["target"]["hardware"]["profile"], "t4-16gb");
+    assert!(report["target"]["estimates"]["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    let (code, _, stderr) = mcompress(&["run", "--target", "c", r.to_str().unwrap()], t.path());
+    assert_eq!(code, 2);
+    assert!(stderr.contains("no such target; the recipe defines a, b"), "{stderr}");
+}

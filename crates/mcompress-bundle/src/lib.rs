@@ -141,6 +141,8 @@ pub struct RunSummary {
     pub model_bytes: u64,
     /// Wall seconds of the whole run (measured even in reproducible mode; not written to bundles then).
     pub seconds: f64,
+    /// Warnings for the user (e.g. an `[eval]` this version does not execute).
+    pub warnings: Vec<String>,
 }
 
 /// Runs a recipe: passes, then one bundle per target.
@@ -148,6 +150,11 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     let started = Instant::now();
     let passes = mcompress_passes::build_passes(recipe)?;
     let resolved = targets::resolve(recipe)?;
+    if let Some(e) = &recipe.eval
+        && !e.set.is_file()
+    {
+        return Err(Error::BadBundle { path: e.set.clone(), reason: "[eval] set: no such file".into() });
+    }
     let model = ModelSource::open(&recipe.model_path)?;
     let out_dir = opts.out.clone().unwrap_or_else(|| recipe.output_dir.clone());
     fs_err::create_dir_all(&out_dir).map_err(io(&out_dir))?;
@@ -253,7 +260,17 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
             return Err(e);
         }
     };
+    let warnings = recipe
+        .eval
+        .iter()
+        .map(|_| {
+            "[eval] was validated but not run: this version has no eval runtime yet, so no accuracy gate was applied \
+             (report.json eval.status = \"not-run\")"
+                .to_string()
+        })
+        .collect();
     Ok(RunSummary {
+        warnings,
         targets,
         params: model.params(),
         model_bytes: model.weight_bytes(),

@@ -174,7 +174,16 @@ impl Report {
                 files: files.iter().map(|(k, v)| (k.clone(), v.bytes)).collect(),
             },
             passes: output.passes.clone(),
-            eval: None,
+            eval: recipe.eval.as_ref().map(|e| {
+                serde_json::json!({
+                    "status": "not-run",
+                    "reason": "this version validates [eval] but has no eval runtime yet; no accuracy gate was applied",
+                    "metric": e.metric,
+                    "set": e.set.file_name().map(|n| n.to_string_lossy().into_owned()),
+                    "backend": e.backend,
+                    "max_drop": e.max_drop,
+                })
+            }),
             gates,
             passed,
         }
@@ -209,6 +218,11 @@ impl Report {
                 let _ = writeln!(s, "| {} | {} | {} |", g.name, if g.passed { "PASS" } else { "FAIL" }, g.detail);
             }
             s.push('\n');
+        }
+        if let Some(e) = &self.eval
+            && e["status"] == "not-run"
+        {
+            let _ = writeln!(s, "## Eval\n\n**Not run**: {}\n", e["reason"].as_str().unwrap_or(""));
         }
         let _ = writeln!(s, "## Targets\n");
         let _ = writeln!(
