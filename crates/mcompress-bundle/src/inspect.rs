@@ -28,7 +28,7 @@ pub struct InspectedTensor {
 pub struct Inspection {
     /// Path inspected.
     pub path: PathBuf,
-    /// `bundle`, `model-dir` or `safetensors`.
+    /// `bundle`, `model-dir`, `safetensors` or `gguf`.
     pub kind: &'static str,
     /// Logical tensors, sorted by name.
     pub tensors: Vec<InspectedTensor>,
@@ -41,12 +41,14 @@ pub struct Inspection {
 }
 
 /// (name, dtype, shape, bytes, values of an `I64 *_shape` tensor).
-type Stored = (String, DType, Vec<usize>, u64, Option<Vec<i64>>);
+type Stored = (String, String, Vec<usize>, u64, Option<Vec<i64>>);
 
 /// Inspects a `.safetensors` file, a model directory or a bundle.
 pub fn inspect(path: &Path) -> Result<Inspection> {
     let model = ModelSource::open(path)?;
-    let kind = if path.join("manifest.json").is_file() {
+    let kind = if path.extension().is_some_and(|e| e == "gguf") {
+        "gguf"
+    } else if path.join("manifest.json").is_file() {
         "bundle"
     } else if path.is_dir() {
         "model-dir"
@@ -75,11 +77,14 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
     let mut bytes_by_dtype = BTreeMap::new();
     let mut stored: Vec<Stored> = Vec::new();
     for r in model.tensors() {
-        let v = model.view(r);
-        *bytes_by_dtype.entry(v.dtype.to_string()).or_insert(0) += v.data.len() as u64;
-        let shape_vals = (v.dtype == DType::I64 && v.name.ends_with("_shape"))
-            .then(|| v.data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect());
-        stored.push((v.name.to_string(), v.dtype, v.shape.to_vec(), v.data.len() as u64, shape_vals));
+        let info = model.info(r);
+        let (dtype, bytes) = model.stored(r);
+        *bytes_by_dtype.entry(dtype.clone()).or_insert(0) += bytes;
+        // Only the small `*_shape` tensors are read; everything else comes from headers.
+        let shape_vals = (info.dtype == DType::I64 && info.name.ends_with("_shape")).then(|| {
+            model.view(r).data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
+        });
+        stored.push((info.name.clone(), dtype, info.shape.clone(), bytes, shape_vals));
     }
     let names: std::collections::BTreeSet<&str> = stored.iter().map(|s| s.0.as_str()).collect();
     for (name, dtype, shape, bytes, _) in &stored {
@@ -93,7 +98,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
             .unwrap_or_else(|| (name.clone(), ""));
         let entry = by_name.entry(base.clone()).or_insert_with(|| InspectedTensor {
             name: base.clone(),
-            dtype: dtype.to_string(),
+            dtype: dtype.clone(),
             shape: shape.clone(),
             bytes: 0,
             quantized: None,
@@ -101,7 +106,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         entry.bytes += bytes;
         match part {
             "_packed" => {
-                entry.dtype = dtype.to_string();
+                entry.dtype.clone_from(dtype);
                 let module = base.strip_suffix(".weight").unwrap_or(&base);
                 entry.quantized = Some(labels.get(module).cloned().unwrap_or_else(|| "quantized".into()));
             }

@@ -322,6 +322,21 @@ impl ModelSource {
         }
     }
 
+    /// How one tensor is stored in the input: its dtype as the file names it (`BF16`, or a GGUF
+    /// type like `Q4_1`) and its bytes there. Reads no tensor data.
+    pub fn stored(&self, r: &TensorRef) -> (String, u64) {
+        match &self.gguf {
+            Some(g) => {
+                let t = &g.file.tensors[g.entries[r.idx].1];
+                (t.ggml_type.name().to_string(), (t.range.1 - t.range.0) as u64)
+            }
+            None => {
+                let i = self.info(r);
+                (i.dtype.to_string(), i.nbytes() as u64)
+            }
+        }
+    }
+
     /// Tensors in the order their bytes lie in the input files, for sequential reading.
     pub fn read_order(&self) -> Vec<TensorRef> {
         let mut v = self.tensors.clone();
