@@ -324,6 +324,7 @@ impl ModelSource {
 
     /// How one tensor is stored in the input: its dtype as the file names it (`BF16`, or a GGUF
     /// type like `Q4_1`) and its bytes there. Reads no tensor data.
+    #[allow(clippy::single_match_else)] // two backends, as in `view`
     pub fn stored(&self, r: &TensorRef) -> (String, u64) {
         match &self.gguf {
             Some(g) => {
