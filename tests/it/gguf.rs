@@ -87,3 +87,34 @@ fn test_malformed_gguf_is_a_clear_error() {
     assert_eq!(code, 2);
     assert!(stderr.contains("not a GGUF file"), "{stderr}");
 }
+
+#[test]
+fn test_every_block_type_matches_gguf_py() {
+    // Random blocks of each supported type (Q4_0 … Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16, F32),
+    // written and dequantized by ggml's Python package; ours must agree bit for bit.
+    let t = tmp();
+    let o = Command::new("python3").arg(repo().join("tests/python/kquant_oracle.py")).arg(t.path()).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    if text.contains("No module named 'gguf'") && std::env::var_os("CI").is_none() {
+        eprintln!("skipping: {text}");
+        return;
+    }
+    assert!(o.status.success(), "{text}");
+    let ours = t.path().join("ours.safetensors");
+    let gguf = t.path().join("blocks.gguf");
+    let (code, so, se) = mcompress(&["dequantize", gguf.to_str().unwrap(), "--out", ours.to_str().unwrap()], t.path());
+    assert_eq!(code, 0, "{so}{se}");
+    let (code, stdout, _) = mcompress(&["inspect", gguf.to_str().unwrap()], t.path());
+    assert_eq!(code, 0);
+    for ty in ["Q4_K", "Q5_K", "Q6_K", "Q5_1", "BF16"] {
+        assert!(stdout.contains(ty), "{ty} listed: {stdout}");
+    }
+    let o = Command::new("python3")
+        .arg(repo().join("tests/python/compare_tensors.py"))
+        .arg(&ours)
+        .arg(t.path().join("reference.safetensors"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && text.contains("11 tensors, 16896 elements, 0 differ"), "{text}");
+}

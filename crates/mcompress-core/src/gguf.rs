@@ -1,5 +1,5 @@
 //! GGUF (v2/v3) reading: header, metadata, tensor infos, alignment, and dequantization of
-//! F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 to f32. Every length and offset is checked
+//! F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the k-quants Q4_K, Q5_K, Q6_K to f32. Every length and offset is checked
 //! against the file: untrusted bytes give an [`Error::InvalidModel`] naming the file and what is
 //! wrong, never a panic. Spec: ggml's docs/gguf.md; block layouts: ggml-common.h.
 
@@ -81,6 +81,9 @@ pub enum GgmlType {
     Q5_0,
     Q5_1,
     Q8_0,
+    Q4_K,
+    Q5_K,
+    Q6_K,
 }
 
 impl GgmlType {
@@ -93,6 +96,9 @@ impl GgmlType {
             6 => GgmlType::Q5_0,
             7 => GgmlType::Q5_1,
             8 => GgmlType::Q8_0,
+            12 => GgmlType::Q4_K,
+            13 => GgmlType::Q5_K,
+            14 => GgmlType::Q6_K,
             30 => GgmlType::BF16,
             _ => return None,
         })
@@ -108,6 +114,9 @@ impl GgmlType {
             GgmlType::Q5_0 => (32, 22),
             GgmlType::Q5_1 => (32, 24),
             GgmlType::Q8_0 => (32, 34),
+            GgmlType::Q4_K => (256, 144),
+            GgmlType::Q5_K => (256, 176),
+            GgmlType::Q6_K => (256, 210),
         }
     }
 
@@ -122,6 +131,9 @@ impl GgmlType {
             GgmlType::Q5_0 => "Q5_0",
             GgmlType::Q5_1 => "Q5_1",
             GgmlType::Q8_0 => "Q8_0",
+            GgmlType::Q4_K => "Q4_K",
+            GgmlType::Q5_K => "Q5_K",
+            GgmlType::Q6_K => "Q6_K",
         }
     }
 }
@@ -275,7 +287,7 @@ impl GgufFile {
             let ty_id = c.u32(&name)?;
             let ggml_type = GgmlType::from_id(ty_id).ok_or_else(|| {
                 c.err(format!(
-                    "tensor {name:?}: ggml type {ty_id} is not supported (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0)"
+                    "tensor {name:?}: ggml type {ty_id} is not supported (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)"
                 ))
             })?;
             let offset = c.u64(&name)?;
@@ -336,6 +348,7 @@ impl GgufFile {
     }
 }
 
+#[allow(clippy::many_single_char_names)] // ggml's names: d, q, l, y, ...
 /// Dequantizes one tensor's bytes to f32 (ggml's reference formulas, f32 arithmetic in the same
 /// order as ggml and gguf-py so results match bit for bit).
 pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut Vec<f32>) {
@@ -388,6 +401,60 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut Vec<f32>) {
                 out.extend((0..16).map(|j| val(j, true)));
             }
         }
+        GgmlType::Q4_K | GgmlType::Q5_K => {
+            // Super-blocks of 256: f16 d, f16 dmin, 12 bytes of packed 6-bit scales and mins,
+            // (Q5_K: 32 bytes of high bits), 128 bytes of low nibbles; 8 sub-blocks of 32.
+            let q5 = ty == GgmlType::Q5_K;
+            for b in data.chunks_exact(if q5 { 176 } else { 144 }) {
+                let (d, dmin) = (h(b), h(&b[2..]));
+                let scales = &b[4..16];
+                let (qh, ql) = if q5 { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
+                for j in 0..4 {
+                    let q = &ql[32 * j..32 * j + 32];
+                    for half in 0..2 {
+                        let (sc, m) = k_scale_min(2 * j + half, scales);
+                        let (d1, m1) = (d * f32::from(sc), dmin * f32::from(m));
+                        let bit = 1u8 << (2 * j + half);
+                        out.extend((0..32).map(|l| {
+                            let nib = if half == 0 { q[l] & 0x0f } else { q[l] >> 4 };
+                            let hi = if q5 && qh[l] & bit != 0 { 16 } else { 0 };
+                            d1 * f32::from(nib + hi) - m1
+                        }));
+                    }
+                }
+            }
+        }
+        GgmlType::Q6_K => {
+            // 128 bytes low nibbles, 64 bytes 2-bit highs, 16 i8 scales, f16 d (last).
+            for b in data.chunks_exact(210) {
+                let (ql, qh, sc) = (&b[..128], &b[128..192], &b[192..208]);
+                let d = h(&b[208..]);
+                let start = out.len();
+                out.resize(start + 256, 0.0);
+                let y = &mut out[start..];
+                for n in 0..2 {
+                    let (ql, qh, sc, y) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..], &mut y[128 * n..]);
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q = |low: u8, shift: u32| f32::from(((low | (((qh[l] >> shift) & 3) << 4)) as i8) - 32);
+                        let s = |k: usize| d * f32::from(sc[is + k] as i8);
+                        y[l] = s(0) * q(ql[l] & 0x0f, 0);
+                        y[l + 32] = s(2) * q(ql[l + 32] & 0x0f, 2);
+                        y[l + 64] = s(4) * q(ql[l] >> 4, 4);
+                        y[l + 96] = s(6) * q(ql[l + 32] >> 4, 6);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Scale and min of sub-block `j` of a Q4_K/Q5_K super-block (ggml's `get_scale_min_k4`).
+fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
     }
 }
 
