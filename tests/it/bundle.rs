@@ -320,25 +320,96 @@ fn test_sharded_index_that_lies_is_rejected() {
 }
 
 #[test]
-fn test_eval_section_is_validated_and_reported_as_not_run() {
+fn test_quickstart_accuracy_gate_passes_and_int2_fails_it() {
+    let t = tmp();
+    let out = t.path().join("dist");
+    let (code, _, stderr) = mcompress(
+        &["run", "-q", repo().join("recipes/quickstart.toml").to_str().unwrap(), "--out", out.to_str().unwrap()],
+        t.path(),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let report: Value = serde_json::from_slice(&std::fs::read(out.join("default/report.json")).unwrap()).unwrap();
+    let e = &report["eval"];
+    assert_eq!(e["status"], "ran");
+    assert_eq!(e["samples"], 450);
+    // 439 of 450: the figure fixtures/gen_digits_mlp.py printed with numpy, reproduced in Rust.
+    assert!((e["reference"].as_f64().unwrap() - 439.0 / 450.0).abs() < 1e-12, "{e}");
+    assert!(e["compressed"].as_f64().unwrap() >= 0.97, "{e}");
+    assert_eq!(e["passed"], true);
+    assert!(e["latency_ms"]["compressed"]["p50"].as_f64().unwrap() > 0.0);
+    assert!(e["throughput"]["reference"].as_f64().unwrap() > 0.0);
+    let gate = report["gates"].as_array().unwrap().iter().find(|g| g["name"] == "max-drop").unwrap().clone();
+    assert_eq!(gate["passed"], true);
+
+    // int2 per-channel destroys the MLP: the same gate fails, exit 1, bundle marked failed.
+    let extra = format!(
+        "\n[eval]\nset = {:?}\nmetric = \"accuracy\"\nmax-drop = \"1%\"\n",
+        repo().join("fixtures/digits/test.csv").display().to_string()
+    );
+    let p = t.path().join("int2.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[model]\npath = {:?}\n[[pass]]\ntype = \"quantize-rtn\"\nbits = 2\n{extra}",
+            repo().join("fixtures/digits-mlp").display().to_string()
+        ),
+    )
+    .unwrap();
+    let out2 = t.path().join("int2");
+    let (code, stdout, _) = mcompress(&["run", "-q", "--out", out2.to_str().unwrap(), p.to_str().unwrap()], t.path());
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("gate max-drop failed: accuracy: reference 0.9756"), "{stdout}");
+    let report: Value = serde_json::from_slice(&std::fs::read(out2.join("default/report.json")).unwrap()).unwrap();
+    assert_eq!(report["eval"]["passed"], false);
+    assert_eq!(report["passed"], false);
+    let md = std::fs::read_to_string(out2.join("default/report.md")).unwrap();
+    assert!(md.contains("| max-drop | FAIL |"), "{md}");
+    let manifest: Value = serde_json::from_slice(&std::fs::read(out2.join("default/manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["status"], "failed");
+}
+
+#[test]
+fn test_eval_not_supported_is_reported_not_skipped() {
     let t = tmp();
     let out = t.path().join("dist");
     let set = repo().join("fixtures/digits/test.csv");
-    let extra = format!("\n[eval]\nset = {:?}\nmetric = \"accuracy\"\nmax-drop = \"1%\"\n", set.display().to_string());
+    let extra =
+        format!("\n[eval]\nset = {:?}\nmetric = \"perplexity\"\nmax-drop = \"1%\"\n", set.display().to_string());
     let r = recipe(t.path(), &repo().join("fixtures/digits-mlp"), &out, &extra);
     let (code, _, stderr) = mcompress(&["run", "-q", r.to_str().unwrap()], t.path());
     assert_eq!(code, 0, "{stderr}");
-    assert!(stderr.contains("warning: [eval] was validated but not run"), "{stderr}");
+    assert!(stderr.contains("warning: [eval] not run: metric Perplexity is not implemented for MLPs"), "{stderr}");
     let report: Value = serde_json::from_slice(&std::fs::read(out.join("default/report.json")).unwrap()).unwrap();
     assert_eq!(report["eval"]["status"], "not-run");
-    assert_eq!(report["eval"]["metric"], "accuracy");
     assert!(std::fs::read_to_string(out.join("default/report.md")).unwrap().contains("**Not run**"));
+}
 
-    let extra = "\n[eval]\nset = \"missing.csv\"\nmetric = \"accuracy\"\n";
-    let r = recipe(t.path(), &repo().join("fixtures/digits-mlp"), &t.path().join("dist2"), extra);
-    let (code, _, stderr) = mcompress(&["run", "-q", r.to_str().unwrap()], t.path());
-    assert_eq!(code, 2);
-    assert!(stderr.contains("missing.csv") && stderr.contains("no such file"), "{stderr}");
+#[test]
+fn test_bad_eval_input_is_exit_2() {
+    let t = tmp();
+    let cases = [
+        ("missing.csv", None, "no such file"),
+        ("short.csv", Some("1,2,3\n"), "short.csv:1: 3 columns, expected 64 features and a label"),
+        (
+            "labels.csv",
+            Some(&*format!("{}12\n", "0,".repeat(64))),
+            "labels.csv:1: label 12 is out of range: the model has 10 labels",
+        ),
+        ("empty.csv", Some(""), "empty.csv: no samples"),
+    ];
+    for (name, content, needle) in cases {
+        let set = t.path().join(name);
+        if let Some(c) = content {
+            std::fs::write(&set, c).unwrap();
+        }
+        let extra = format!("\n[eval]\nset = {:?}\nmetric = \"accuracy\"\n", set.display().to_string());
+        let out = t.path().join(format!("out-{name}"));
+        let r = recipe(t.path(), &repo().join("fixtures/digits-mlp"), &out, &extra);
+        let (code, _, stderr) = mcompress(&["run", "-q", r.to_str().unwrap()], t.path());
+        assert_eq!(code, 2, "{name}: {stderr}");
+        assert!(stderr.contains(needle), "{name}: {stderr}");
+        assert!(!out.join("default").exists(), "{name}: no bundle");
+    }
 }
 
 #[test]

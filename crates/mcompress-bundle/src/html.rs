@@ -1,6 +1,6 @@
 //! `report.html`: one self-contained file (inline CSS and SVG, no scripts, no network) with
 //! charts of size per target, error vs size, decode speed and cost per target.
-#![allow(clippy::many_single_char_names)] // SVG geometry: x, y, w, h, s
+#![allow(clippy::many_single_char_names, clippy::single_match_else)] // SVG geometry: x, y, w, h, s
 
 use std::fmt::Write as _;
 
@@ -135,18 +135,44 @@ fn memory_chart(r: &Report) -> String {
     s
 }
 
-/// Error (or accuracy, once evals run) against size: the original model and this bundle.
+/// Accuracy against size when the eval ran (original model vs bundle); otherwise the weights'
+/// relative RMSE against size, labelled as such.
 fn error_vs_size(r: &Report) -> String {
     let mut s = String::new();
     let (w, h) = (W, 240.0);
+    let ran = r.eval.as_ref().filter(|e| e["status"] == "ran");
+    let (caption, ylabel, pts): (String, String, [(&str, f64, f64); 2]) = match ran {
+        Some(e) => {
+            let m = e["metric"].as_str().unwrap_or("metric").to_string();
+            (
+                format!(
+                    "{m} vs size: the original model and this bundle on {}",
+                    e["set"].as_str().unwrap_or("the eval set")
+                ),
+                m,
+                [
+                    ("original", r.model.bytes as f64, e["reference"].as_f64().unwrap_or(0.0)),
+                    ("bundle", r.bundle.weights_bytes as f64, e["compressed"].as_f64().unwrap_or(0.0)),
+                ],
+            )
+        }
+        None => {
+            let err: f64 = r.passes.iter().map(|p| p.rel_rmse_mean).fold(0.0, f64::max);
+            (
+                "Error vs size: mean relative RMSE of rewritten weights (0 for the original; no eval ran)".into(),
+                "rel. RMSE".into(),
+                [("original", r.model.bytes as f64, 0.0), ("bundle", r.bundle.weights_bytes as f64, err)],
+            )
+        }
+    };
     let _ = write!(
         s,
-        r#"<figure><figcaption>Error vs size: mean relative RMSE of rewritten weights (0 for the original)</figcaption><svg data-chart="accuracy-vs-size" role="img" aria-label="error vs size" viewBox="0 0 {w} {h}" width="{w}" height="{h}">"#
+        r#"<figure><figcaption>{}</figcaption><svg data-chart="accuracy-vs-size" role="img" aria-label="{}" viewBox="0 0 {w} {h}" width="{w}" height="{h}">"#,
+        esc(&caption),
+        esc(&caption)
     );
-    let err: f64 = r.passes.iter().map(|p| p.rel_rmse_mean).fold(0.0, f64::max);
-    let pts = [("original", r.model.bytes as f64, 0.0), ("bundle", r.bundle.weights_bytes as f64, err)];
-    let xmax = pts.iter().map(|p| p.1).fold(1.0, f64::max) * 1.1;
-    let ymax = (err * 1.25).max(1e-6);
+    let xmax = pts.iter().map(|p| p.1).fold(1.0, f64::max) * 1.3;
+    let ymax = pts.iter().map(|p| p.2).fold(0.0, f64::max).max(1e-6) * 1.25;
     let (x0, y0, pw, ph) = (70.0, 20.0, w - 110.0, h - 60.0);
     let _ = write!(
         s,
@@ -161,20 +187,22 @@ fn error_vs_size(r: &Report) -> String {
         let cy = y0 + ph - y / ymax * ph;
         let _ = write!(
             s,
-            r##"<circle cx="{cx:.1}" cy="{cy:.1}" r="6" fill="#3b6fb6"><title>{label}: {} , rel. RMSE {y:.4}</title></circle><text x="{:.1}" y="{:.1}" font-size="12">{label}</text>"##,
+            r##"<circle cx="{cx:.1}" cy="{cy:.1}" r="6" fill="#3b6fb6"><title>{label}: {}, {} {y:.4}</title></circle><text x="{:.1}" y="{:.1}" font-size="12">{label} ({y:.4})</text>"##,
             ByteSize(x as u64),
+            esc(&ylabel),
             cx + 9.0,
             cy - 6.0
         );
     }
     let _ = write!(
         s,
-        r##"<text x="{}" y="{}" font-size="11" fill="#666" text-anchor="middle">weight bytes (0 – {})</text><text x="14" y="{}" font-size="11" fill="#666" transform="rotate(-90 14 {})" text-anchor="middle">rel. RMSE (0 – {ymax:.3})</text></svg></figure>"##,
+        r##"<text x="{}" y="{}" font-size="11" fill="#666" text-anchor="middle">weight bytes (0 – {})</text><text x="14" y="{}" font-size="11" fill="#666" transform="rotate(-90 14 {})" text-anchor="middle">{} (0 – {ymax:.3})</text></svg></figure>"##,
         x0 + pw / 2.0,
         h - 12.0,
         ByteSize(xmax as u64),
         y0 + ph / 2.0,
-        y0 + ph / 2.0
+        y0 + ph / 2.0,
+        esc(&ylabel)
     );
     s
 }
@@ -227,6 +255,35 @@ figure{{margin:1.5em 0}} figcaption{{font-weight:600;margin-bottom:.4em}} code{{
                 );
             }
             s.push_str("</table>");
+        }
+        if let Some(e) = self.eval.as_ref() {
+            if e["status"] == "ran" {
+                let f = |v: &serde_json::Value| v.as_f64().map_or_else(|| "–".to_string(), |x| format!("{x:.4}"));
+                let _ = write!(
+                    s,
+                    r#"<h2>Eval</h2><p>{} on <code>{}</code> ({} samples), backend {} ({}); latency measured on this machine.</p><table><tr><th></th><th>reference</th><th>compressed</th></tr><tr><td>{}</td><td class="n">{}</td><td class="n">{}</td></tr><tr><td>latency p50 ms / batch</td><td class="n">{}</td><td class="n">{}</td></tr><tr><td>latency p95 ms / batch</td><td class="n">{}</td><td class="n">{}</td></tr><tr><td>samples/s</td><td class="n">{}</td><td class="n">{}</td></tr></table>"#,
+                    esc(e["metric"].as_str().unwrap_or("")),
+                    esc(e["set"].as_str().unwrap_or("")),
+                    e["samples"],
+                    esc(e["backend"].as_str().unwrap_or("")),
+                    esc(e["adapter"].as_str().unwrap_or("")),
+                    esc(e["metric"].as_str().unwrap_or("")),
+                    f(&e["reference"]),
+                    f(&e["compressed"]),
+                    f(&e["latency_ms"]["reference"]["p50"]),
+                    f(&e["latency_ms"]["compressed"]["p50"]),
+                    f(&e["latency_ms"]["reference"]["p95"]),
+                    f(&e["latency_ms"]["compressed"]["p95"]),
+                    f(&e["throughput"]["reference"]),
+                    f(&e["throughput"]["compressed"]),
+                );
+            } else {
+                let _ = write!(
+                    s,
+                    "<h2>Eval</h2><p><strong>Not run</strong>: {}</p>",
+                    esc(e["reason"].as_str().unwrap_or(""))
+                );
+            }
         }
         s.push_str("<h2>Where it runs</h2>");
         s.push_str(&memory_chart(self));

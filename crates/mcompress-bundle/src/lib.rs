@@ -86,6 +86,9 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The eval failed (bad eval set, weights that do not fit the architecture).
+    #[error("[eval] {0}")]
+    Eval(String),
     /// A bundle or manifest is malformed.
     #[error("{}: {reason}", path.display())]
     BadBundle {
@@ -185,6 +188,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
 
         // The deployable files are the same for every target: hash them once.
         let payload = manifest::hash_dir(&first)?;
+        let (eval_json, eval_gate, warnings) = run_eval(recipe, &model, &first, opts.reproducible)?;
         let bundle_bytes: u64 = payload.values().map(|f| f.bytes).sum();
         // Where the bundle fits and what it would cost, for every target of the run.
         let dtypes = targets::weight_dtypes(&output.params);
@@ -210,6 +214,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
                 Some(MaxSize::Auto) => gates.push(Gate::fit(&reports[i].fit, output.bytes)),
                 None => {}
             }
+            gates.extend(eval_gate.clone());
             let passed = gates.iter().all(|g| g.passed);
             let report = Report::new(
                 recipe,
@@ -221,6 +226,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
                 &payload,
                 gates.clone(),
                 passed,
+                eval_json.clone(),
             );
             let mut files = payload.clone();
             let report_json = serde_json::to_vec_pretty(&report).expect("report is JSON");
@@ -249,9 +255,9 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         for (staged, t) in &targets {
             replace_dir(staged, &t.dir)?;
         }
-        Ok(targets.into_iter().map(|(_, t)| t).collect())
+        Ok((targets.into_iter().map(|(_, t)| t).collect(), warnings))
     })();
-    let targets = match result {
+    let (targets, warnings) = match result {
         Ok(t) => t,
         Err(e) => {
             for t in &recipe.targets {
@@ -260,15 +266,6 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
             return Err(e);
         }
     };
-    let warnings = recipe
-        .eval
-        .iter()
-        .map(|_| {
-            "[eval] was validated but not run: this version has no eval runtime yet, so no accuracy gate was applied \
-             (report.json eval.status = \"not-run\")"
-                .to_string()
-        })
-        .collect();
     Ok(RunSummary {
         warnings,
         targets,
@@ -276,6 +273,50 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         model_bytes: model.weight_bytes(),
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Runs `[eval]` on the reference model and the staged bundle: the report's `eval` object, the
+/// `max-drop` gate, and warnings (an eval this version cannot run is reported as not run, never
+/// silently skipped).
+fn run_eval(
+    recipe: &Recipe,
+    model: &ModelSource,
+    staged: &Path,
+    reproducible: bool,
+) -> Result<(Option<Value>, Option<Gate>, Vec<String>)> {
+    let Some(section) = &recipe.eval else { return Ok((None, None, Vec::new())) };
+    let set = section.set.file_name().map(|n| n.to_string_lossy().into_owned());
+    match mcompress_eval::evaluate(section, model, staged).map_err(|e| Error::Eval(e.to_string()))? {
+        mcompress_eval::Outcome::Unsupported(reason) => {
+            let json = serde_json::json!({
+                "status": "not-run", "reason": reason, "metric": section.metric, "set": set,
+                "backend": section.backend, "max_drop": section.max_drop,
+            });
+            let warning = format!(
+                "[eval] not run: {reason}; no accuracy gate was applied (report.json eval.status = \"not-run\")"
+            );
+            Ok((Some(json), None, vec![warning]))
+        }
+        mcompress_eval::Outcome::Ran(r) => {
+            let higher = mcompress_eval::higher_is_better(r.metric);
+            let drop = if higher { r.reference - r.compressed } else { r.compressed - r.reference };
+            let drop_percent = if r.reference == 0.0 { 0.0 } else { drop / r.reference.abs() * 100.0 };
+            let gate =
+                section.max_drop.map(|m| Gate::max_drop(r.metric, r.reference, r.compressed, drop, drop_percent, m));
+            let mut json = serde_json::to_value(&r).expect("eval result is JSON");
+            let obj = json.as_object_mut().expect("object");
+            obj.insert("status".into(), "ran".into());
+            obj.insert("drop".into(), drop.into());
+            obj.insert("drop_percent".into(), drop_percent.into());
+            obj.insert("max_drop".into(), serde_json::to_value(section.max_drop).expect("JSON"));
+            obj.insert("passed".into(), gate.as_ref().is_none_or(|g| g.passed).into());
+            if reproducible {
+                obj.insert("latency_ms".into(), Value::Null);
+                obj.insert("throughput".into(), Value::Null);
+            }
+            Ok((Some(json), gate, Vec::new()))
+        }
+    }
 }
 
 /// config.json (with `quantization_config`) and auxiliary files beside the weights.

@@ -44,6 +44,26 @@ impl Gate {
         Gate { name: "fit".into(), limit: limit as f64, value: weights_bytes as f64, passed: fit.fits, detail }
     }
 
+    pub(crate) fn max_drop(
+        metric: mcompress_recipe::Metric,
+        reference: f64,
+        compressed: f64,
+        drop: f64,
+        drop_percent: f64,
+        max: mcompress_recipe::MaxDrop,
+    ) -> Self {
+        let (passed, limit, value, unit) = match max {
+            mcompress_recipe::MaxDrop::Percent(p) => (drop_percent <= p + 1e-12, p, drop_percent, "%"),
+            mcompress_recipe::MaxDrop::Absolute(a) => (drop <= a + 1e-12, a, drop, ""),
+        };
+        let name = serde_json::to_value(metric).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        let detail = format!(
+            "{name}: reference {reference:.4}, compressed {compressed:.4}, drop {value:.4}{unit} {} max-drop {limit}{unit}",
+            if passed { "≤" } else { "exceeds" }
+        );
+        Gate { name: "max-drop".into(), limit, value, passed, detail }
+    }
+
     pub(crate) fn max_size(limit: u64, value: u64) -> Self {
         let passed = value <= limit;
         let detail = if passed {
@@ -141,6 +161,7 @@ impl Report {
         files: &BTreeMap<String, FileEntry>,
         gates: Vec<Gate>,
         passed: bool,
+        eval: Option<Value>,
     ) -> Self {
         let mut dtypes = BTreeMap::new();
         for r in model.tensors() {
@@ -174,16 +195,7 @@ impl Report {
                 files: files.iter().map(|(k, v)| (k.clone(), v.bytes)).collect(),
             },
             passes: output.passes.clone(),
-            eval: recipe.eval.as_ref().map(|e| {
-                serde_json::json!({
-                    "status": "not-run",
-                    "reason": "this version validates [eval] but has no eval runtime yet; no accuracy gate was applied",
-                    "metric": e.metric,
-                    "set": e.set.file_name().map(|n| n.to_string_lossy().into_owned()),
-                    "backend": e.backend,
-                    "max_drop": e.max_drop,
-                })
-            }),
+            eval,
             gates,
             passed,
         }
@@ -219,10 +231,43 @@ impl Report {
             }
             s.push('\n');
         }
-        if let Some(e) = &self.eval
-            && e["status"] == "not-run"
-        {
-            let _ = writeln!(s, "## Eval\n\n**Not run**: {}\n", e["reason"].as_str().unwrap_or(""));
+        if let Some(e) = &self.eval {
+            if e["status"] == "ran" {
+                let _ = writeln!(
+                    s,
+                    "## Eval\n\n{} on `{}` ({} samples), backend {} ({})\n\n| | reference | compressed |\n|---|---:|---:|",
+                    e["metric"].as_str().unwrap_or(""),
+                    e["set"].as_str().unwrap_or(""),
+                    e["samples"],
+                    e["backend"].as_str().unwrap_or(""),
+                    e["adapter"].as_str().unwrap_or("")
+                );
+                let f = |v: &Value| v.as_f64().map_or_else(|| "–".to_string(), |x| format!("{x:.4}"));
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} |",
+                    e["metric"].as_str().unwrap_or(""),
+                    f(&e["reference"]),
+                    f(&e["compressed"])
+                );
+                for q in ["p50", "p95"] {
+                    let _ = writeln!(
+                        s,
+                        "| latency {q} ms / batch of {} | {} | {} |",
+                        e["batch_size"],
+                        f(&e["latency_ms"]["reference"][q]),
+                        f(&e["latency_ms"]["compressed"][q])
+                    );
+                }
+                let _ = writeln!(
+                    s,
+                    "| samples/s | {} | {} |\n",
+                    f(&e["throughput"]["reference"]),
+                    f(&e["throughput"]["compressed"])
+                );
+            } else {
+                let _ = writeln!(s, "## Eval\n\n**Not run**: {}\n", e["reason"].as_str().unwrap_or(""));
+            }
         }
         let _ = writeln!(s, "## Targets\n");
         let _ = writeln!(
