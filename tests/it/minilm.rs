@@ -28,6 +28,12 @@ fn test_minilm_recipes_bundle_and_external_client_agrees() {
         assert_eq!(mcompress(&["verify", b.to_str().unwrap()], t.path()).0, 0);
         let report: Value = serde_json::from_slice(&std::fs::read(b.join("report.json")).unwrap()).unwrap();
         assert_eq!(report["model"]["params"], 22_713_728);
+        // Embedding fidelity on fixtures/sentences.txt, reference vs bundle, gated by the recipe.
+        assert_eq!(report["eval"]["status"], "ran", "{}", report["eval"]);
+        assert_eq!(report["eval"]["samples"], 30);
+        let fidelity = report["eval"]["compressed"].as_f64().unwrap();
+        assert!(fidelity > 0.95 && fidelity < 1.0, "{recipe}: mean cosine {fidelity}");
+        assert_eq!(report["eval"]["passed"], true);
         let q = &report["passes"][0];
         // 6 layers × 6 Linear + the pooler.
         assert_eq!(q["tensors"].as_array().unwrap().len(), 37);
@@ -52,5 +58,23 @@ fn test_minilm_recipes_bundle_and_external_client_agrees() {
         }
         assert!(py.status.success(), "{text}");
         assert!(text.contains("37 quantized matrices, 0 failure(s)"), "{text}");
+    }
+}
+
+#[test]
+fn test_minilm_reference_embeddings_match_sentence_transformers() {
+    // The sentence-transformers README example: cosines 0.6660 / 0.1046 / 0.1411.
+    let Some(model) = minilm() else { return };
+    let src = mcompress_core::ModelSource::open(&model).unwrap();
+    let bert =
+        mcompress_eval::bert::Bert::load(src.config().unwrap(), &mcompress_eval::weights::from_model(&src)).unwrap();
+    let tok = mcompress_eval::load_tokenizer(&model.join("tokenizer.json")).unwrap();
+    let e: Vec<Vec<f32>> = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
+        .iter()
+        .map(|s| bert.embed(tok.encode(*s, true).unwrap().get_ids()).unwrap())
+        .collect();
+    let cos = |i: usize, j: usize| mcompress_eval::bert::cosine(&e[i], &e[j]);
+    for (got, want) in [(cos(0, 1), 0.6660), (cos(0, 2), 0.1046), (cos(1, 2), 0.1411)] {
+        assert!((got - want).abs() < 1e-3, "cosine {got:.4}, sentence-transformers {want}");
     }
 }

@@ -23,6 +23,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod bert;
 pub mod mlp;
 pub mod sets;
 pub mod weights;
@@ -103,40 +104,109 @@ pub fn higher_is_better(metric: Metric) -> bool {
 /// Runs the eval of `section` on the reference `model` and the bundle in `bundle_dir`.
 pub fn evaluate(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -> Result<Outcome> {
     let model_type = model.config().and_then(|c| c["model_type"].as_str()).unwrap_or("");
-    if model_type != "mlp" {
-        return Ok(Outcome::Unsupported(format!(
-            "eval for model_type {model_type:?} is not implemented yet (the MLP architecture is; BERT and llama come with the burn runtime)"
-        )));
-    }
-    if section.metric != Metric::Accuracy {
-        return Ok(Outcome::Unsupported(format!(
-            "metric {:?} is not implemented for MLPs (accuracy is)",
-            section.metric
-        )));
-    }
     if section.backend == mcompress_recipe::Backend::Wgpu {
         return Ok(Outcome::Unsupported("backend wgpu is not built into this version (cpu is)".into()));
     }
+    match (model_type, section.metric) {
+        ("mlp", Metric::Accuracy) => eval_mlp_accuracy(section, model, bundle_dir).map(Outcome::Ran),
+        ("bert", Metric::Cosine) => eval_bert_cosine(section, model, bundle_dir).map(Outcome::Ran),
+        ("mlp" | "bert", m) => Ok(Outcome::Unsupported(format!(
+            "metric {m:?} is not implemented for {model_type} models (mlp: accuracy; bert: cosine)"
+        ))),
+        _ => Ok(Outcome::Unsupported(format!(
+            "eval for model_type {model_type:?} is not implemented yet (mlp and bert are; llama comes with the burn runtime)"
+        ))),
+    }
+}
+
+fn result(
+    section: &EvalSection,
+    samples: usize,
+    batch: usize,
+    (reference, lat_ref, tput_ref): (f64, Latency, f64),
+    (compressed, lat_new, tput_new): (f64, Latency, f64),
+) -> EvalResult {
+    EvalResult {
+        metric: section.metric,
+        set: section.set.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        samples,
+        backend: "cpu-reference".into(),
+        adapter: format!("CPU, {} rayon threads, f32", rayon::current_num_threads()),
+        reference,
+        compressed,
+        latency_ms: [("reference".to_string(), lat_ref), ("compressed".to_string(), lat_new)].into(),
+        throughput: [("reference".to_string(), tput_ref), ("compressed".to_string(), tput_new)].into(),
+        batch_size: batch,
+    }
+}
+
+fn eval_mlp_accuracy(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -> Result<EvalResult> {
     let config = model.config().cloned().unwrap_or_default();
     let reference = mlp::Mlp::load(&config, &weights::from_model(model))?;
     let bundle = ModelSource::open(bundle_dir)?;
     let compressed = mlp::Mlp::load(&config, &weights::from_bundle(&bundle)?)?;
     let set = sets::LabelledSet::load_csv(&section.set, reference.input_size(), reference.num_labels())?;
     let batch = section.batch_size.map_or(64, |b| b.max(1) as usize);
-    let (acc_ref, lat_ref, tput_ref) = run_accuracy(&reference, &set, batch);
-    let (acc_new, lat_new, tput_new) = run_accuracy(&compressed, &set, batch);
-    Ok(Outcome::Ran(EvalResult {
-        metric: section.metric,
-        set: section.set.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-        samples: set.len(),
-        backend: "cpu-reference".into(),
-        adapter: format!("CPU, {} rayon threads, f32", rayon::current_num_threads()),
-        reference: acc_ref,
-        compressed: acc_new,
-        latency_ms: [("reference".to_string(), lat_ref), ("compressed".to_string(), lat_new)].into(),
-        throughput: [("reference".to_string(), tput_ref), ("compressed".to_string(), tput_new)].into(),
-        batch_size: batch,
-    }))
+    let r = run_accuracy(&reference, &set, batch);
+    let c = run_accuracy(&compressed, &set, batch);
+    Ok(result(section, set.len(), batch, r, c))
+}
+
+/// Embedding fidelity: mean cosine between the bundle's and the reference's sentence embeddings
+/// (the reference scores 1 by definition), one sentence per line of the set.
+fn eval_bert_cosine(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -> Result<EvalResult> {
+    let config = model.config().cloned().unwrap_or_default();
+    let tok_path = model.path().join("tokenizer.json");
+    let tokenizer = load_tokenizer(&tok_path)?;
+    let sentences = sets::load_lines(&section.set)?;
+    let ids: Vec<Vec<u32>> = sentences
+        .iter()
+        .map(|s| tokenizer.encode(s.as_str(), true).map(|e| e.get_ids().to_vec()))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::Set(format!("{}: tokenizing: {e}", section.set.display())))?;
+    let reference = bert::Bert::load(&config, &weights::from_model(model))?;
+    let bundle = ModelSource::open(bundle_dir)?;
+    let compressed = bert::Bert::load(&config, &weights::from_bundle(&bundle)?)?;
+    let (e_ref, l_ref, t_ref) = embed_all(&reference, &ids)?;
+    let (e_new, l_new, t_new) = embed_all(&compressed, &ids)?;
+    let fidelity = e_ref.iter().zip(&e_new).map(|(a, b)| bert::cosine(a, b)).sum::<f64>() / ids.len() as f64;
+    Ok(result(section, ids.len(), 1, (1.0, l_ref, t_ref), (fidelity, l_new, t_new)))
+}
+
+/// Loads a Hugging Face tokenizer.json with padding and truncation off (MiniLM's pads to 128).
+pub fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
+    if !path.is_file() {
+        return Err(Error::Set(format!(
+            "{}: tokenizer missing (the eval needs the model's tokenizer.json)",
+            path.display()
+        )));
+    }
+    let mut t = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Set(format!("{}: {e}", path.display())))?;
+    t.with_padding(None);
+    t.with_truncation(None).map_err(|e| Error::Set(format!("{}: {e}", path.display())))?;
+    Ok(t)
+}
+
+fn embed_all(model: &bert::Bert, ids: &[Vec<u32>]) -> Result<(Vec<Vec<f32>>, Latency, f64)> {
+    if let Some(first) = ids.first() {
+        model.embed(first)?; // warm-up
+    }
+    let mut times = Vec::with_capacity(ids.len());
+    let started = Instant::now();
+    let mut out = Vec::with_capacity(ids.len());
+    for s in ids {
+        let t0 = Instant::now();
+        out.push(model.embed(s)?);
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let total = started.elapsed().as_secs_f64();
+    Ok((out, percentiles(times), ids.len() as f64 / total.max(1e-9)))
+}
+
+fn percentiles(mut times: Vec<f64>) -> Latency {
+    times.sort_by(f64::total_cmp);
+    let pick = |q: f64| times.get(((times.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0.0);
+    Latency { p50: pick(0.5), p95: pick(0.95) }
 }
 
 /// Accuracy, per-batch latency after one warm-up batch, and samples/s.

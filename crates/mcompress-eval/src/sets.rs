@@ -73,6 +73,19 @@ impl LabelledSet {
     }
 }
 
+/// Plain text, one item per line (blank lines skipped). Errors on a missing, non-UTF-8 or
+/// empty file, naming it.
+pub fn load_lines(path: &Path) -> Result<Vec<String>> {
+    let bytes = fs_err::read(path).map_err(|e| Error::Set(e.to_string()))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| Error::Set(format!("{}: not UTF-8 (byte {})", path.display(), e.utf8_error().valid_up_to())))?;
+    let lines: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    if lines.is_empty() {
+        return Err(Error::Set(format!("{}: empty text set", path.display())));
+    }
+    Ok(lines)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

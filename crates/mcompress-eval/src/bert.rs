@@ -1,0 +1,217 @@
+//! BERT encoder with sentence-transformers mean pooling (`model_type = "bert"`, e.g.
+//! all-MiniLM-L6-v2): embeddings → LayerNorm → N × (self-attention, GELU MLP, post-LayerNorms)
+//! → mean over tokens (attention mask) → L2 normalisation. Plain f32 Rust, the CPU reference.
+#![allow(clippy::many_single_char_names)] // the usual names: q, k, v, h, n, x
+
+use rayon::prelude::*;
+
+use crate::weights::Weights;
+use crate::{Error, Result};
+
+/// A linear layer, PyTorch layout.
+#[derive(Clone, Debug)]
+struct Linear {
+    w: Vec<f32>,
+    b: Vec<f32>,
+    out: usize,
+    inp: usize,
+}
+
+impl Linear {
+    /// `x [n, inp] → [n, out]`.
+    fn apply(&self, x: &[f32]) -> Vec<f32> {
+        let n = x.len() / self.inp;
+        let mut y = vec![0f32; n * self.out];
+        y.par_chunks_mut(self.out).zip(x.par_chunks(self.inp)).for_each(|(yr, xr)| {
+            for (j, o) in yr.iter_mut().enumerate() {
+                let w = &self.w[j * self.inp..(j + 1) * self.inp];
+                *o = w.iter().zip(xr).map(|(a, b)| a * b).sum::<f32>() + self.b[j];
+            }
+        });
+        y
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Norm {
+    g: Vec<f32>,
+    b: Vec<f32>,
+    eps: f32,
+}
+
+impl Norm {
+    fn apply(&self, x: &mut [f32]) {
+        let h = self.g.len();
+        for r in x.chunks_mut(h) {
+            let mean = r.iter().sum::<f32>() / h as f32;
+            let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
+            let inv = 1.0 / (var + self.eps).sqrt();
+            for (i, v) in r.iter_mut().enumerate() {
+                *v = (*v - mean) * inv * self.g[i] + self.b[i];
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Layer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ln1: Norm,
+    up: Linear,
+    down: Linear,
+    ln2: Norm,
+}
+
+/// A loaded BERT sentence encoder.
+#[derive(Clone, Debug)]
+pub struct Bert {
+    word: Vec<f32>,
+    pos: Vec<f32>,
+    typ: Vec<f32>,
+    ln: Norm,
+    layers: Vec<Layer>,
+    hidden: usize,
+    heads: usize,
+    max_pos: usize,
+    vocab: usize,
+}
+
+impl Bert {
+    /// Builds the encoder from config.json and weights (names as in transformers' BertModel).
+    pub fn load(config: &serde_json::Value, w: &Weights) -> Result<Self> {
+        let bad = |m: String| Error::Model(format!("BERT: {m}"));
+        let u =
+            |k: &str| config[k].as_u64().map(|v| v as usize).ok_or_else(|| bad(format!("config.json: {k} missing")));
+        let (hidden, heads, n_layers) = (u("hidden_size")?, u("num_attention_heads")?, u("num_hidden_layers")?);
+        if heads == 0 || hidden % heads != 0 {
+            return Err(bad(format!("hidden_size {hidden} not divisible by {heads} heads")));
+        }
+        if config["hidden_act"].as_str().is_some_and(|a| a != "gelu") {
+            return Err(bad(format!("hidden_act {} is not supported (gelu is)", config["hidden_act"])));
+        }
+        let eps = config["layer_norm_eps"].as_f64().unwrap_or(1e-12) as f32;
+        let get = |n: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let (s, d) = w.get(n).ok_or_else(|| bad(format!("tensor {n} missing")))?;
+            if s.as_slice() != shape {
+                return Err(bad(format!("tensor {n} has shape {s:?}, expected {shape:?}")));
+            }
+            Ok(d.clone())
+        };
+        let lin = |p: &str, out: usize, inp: usize| -> Result<Linear> {
+            Ok(Linear { w: get(&format!("{p}.weight"), &[out, inp])?, b: get(&format!("{p}.bias"), &[out])?, out, inp })
+        };
+        let norm = |p: &str| -> Result<Norm> {
+            Ok(Norm { g: get(&format!("{p}.weight"), &[hidden])?, b: get(&format!("{p}.bias"), &[hidden])?, eps })
+        };
+        let inter = u("intermediate_size")?;
+        let (vocab, max_pos) = (u("vocab_size")?, u("max_position_embeddings")?);
+        let types = config["type_vocab_size"].as_u64().unwrap_or(2) as usize;
+        let layers = (0..n_layers)
+            .map(|i| {
+                let p = format!("encoder.layer.{i}");
+                Ok(Layer {
+                    q: lin(&format!("{p}.attention.self.query"), hidden, hidden)?,
+                    k: lin(&format!("{p}.attention.self.key"), hidden, hidden)?,
+                    v: lin(&format!("{p}.attention.self.value"), hidden, hidden)?,
+                    o: lin(&format!("{p}.attention.output.dense"), hidden, hidden)?,
+                    ln1: norm(&format!("{p}.attention.output.LayerNorm"))?,
+                    up: lin(&format!("{p}.intermediate.dense"), inter, hidden)?,
+                    down: lin(&format!("{p}.output.dense"), hidden, inter)?,
+                    ln2: norm(&format!("{p}.output.LayerNorm"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Bert {
+            word: get("embeddings.word_embeddings.weight", &[vocab, hidden])?,
+            pos: get("embeddings.position_embeddings.weight", &[max_pos, hidden])?,
+            typ: get("embeddings.token_type_embeddings.weight", &[types, hidden])?,
+            ln: norm("embeddings.LayerNorm")?,
+            layers,
+            hidden,
+            heads,
+            max_pos,
+            vocab,
+        })
+    }
+
+    /// The L2-normalised, mask-mean-pooled sentence embedding of one token sequence.
+    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let (h, n) = (self.hidden, ids.len());
+        if n == 0 || n > self.max_pos {
+            return Err(Error::Model(format!("BERT: {n} tokens (1 to {} supported)", self.max_pos)));
+        }
+        let mut x = vec![0f32; n * h];
+        for (t, &id) in ids.iter().enumerate() {
+            let id = id as usize;
+            if id >= self.vocab {
+                return Err(Error::Model(format!("BERT: token id {id} outside the vocabulary of {}", self.vocab)));
+            }
+            for d in 0..h {
+                x[t * h + d] = self.word[id * h + d] + self.pos[t * h + d] + self.typ[d];
+            }
+        }
+        self.ln.apply(&mut x);
+        let hd = h / self.heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        for l in &self.layers {
+            let (q, k, v) = (l.q.apply(&x), l.k.apply(&x), l.v.apply(&x));
+            let mut ctx = vec![0f32; n * h];
+            for head in 0..self.heads {
+                let off = head * hd;
+                for i in 0..n {
+                    let qi = &q[i * h + off..i * h + off + hd];
+                    let mut s: Vec<f32> = (0..n)
+                        .map(|j| {
+                            qi.iter().zip(&k[j * h + off..j * h + off + hd]).map(|(a, b)| a * b).sum::<f32>() * scale
+                        })
+                        .collect();
+                    let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut z = 0f32;
+                    for v in &mut s {
+                        *v = (*v - m).exp();
+                        z += *v;
+                    }
+                    for (j, p) in s.iter().enumerate() {
+                        let vj = &v[j * h + off..j * h + off + hd];
+                        for (c, vv) in ctx[i * h + off..i * h + off + hd].iter_mut().zip(vj) {
+                            *c += p / z * vv;
+                        }
+                    }
+                }
+            }
+            let mut a = l.o.apply(&ctx);
+            a.iter_mut().zip(&x).for_each(|(a, r)| *a += r);
+            l.ln1.apply(&mut a);
+            let mut f = l.up.apply(&a);
+            for v in &mut f {
+                // Exact GELU, as BERT's "gelu".
+                *v = 0.5 * *v * (1.0 + libm::erff(*v / std::f32::consts::SQRT_2));
+            }
+            let mut y = l.down.apply(&f);
+            y.iter_mut().zip(&a).for_each(|(y, r)| *y += r);
+            l.ln2.apply(&mut y);
+            x = y;
+        }
+        let mut e = vec![0f32; h];
+        for t in 0..n {
+            for d in 0..h {
+                e[d] += x[t * h + d];
+            }
+        }
+        // Mean over tokens (every token is real: no padding), then L2 normalisation; the 1/n of
+        // the mean cancels in the normalisation.
+        let norm = e.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+        Ok(e.iter().map(|v| v / norm).collect())
+    }
+}
+
+/// Cosine similarity of two vectors.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    if na == 0.0 || nb == 0.0 { 0.0 } else { dot / (na * nb) }
+}
