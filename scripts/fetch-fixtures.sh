@@ -77,13 +77,30 @@ smollm2() {
   check "$dest/SmolLM2-135M-Instruct.Q4_1.gguf" "$gguf_sha"
 }
 
+gensim() {
+  # Word-similarity sets (WordSim-353, SimLex-999) from gensim's test data; research terms:
+  # extracted into the cache, never committed. The wheel is pinned for CPython 3.11 x86-64.
+  local dest="$CACHE/gensim-test-data"
+  [ -f "$dest/wordsim353.tsv" ] && return
+  local w
+  w=$(ls "$CACHE/downloads"/gensim-4.4.0-cp311-*.whl 2>/dev/null | head -1 || true)
+  if [ -z "$w" ]; then
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --platform manylinux_2_28_x86_64 \
+      --python-version 3.11 --implementation cp --abi cp311 -d "$CACHE/downloads" gensim==4.4.0 >&2
+    w=$(ls "$CACHE/downloads"/gensim-4.4.0-cp311-*.whl | head -1)
+  fi
+  check "$w" 91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8
+  extract "$w" "$dest" gensim/test/test_data/
+}
+
 items=("$@")
-[ ${#items[@]} -eq 0 ] && items=(minilm smollm2)
+[ ${#items[@]} -eq 0 ] && items=(minilm smollm2 gensim)
 for item in "${items[@]}"; do
   case "$item" in
     minilm) minilm ;;
     smollm2) smollm2 ;;
-    *) echo "fetch-fixtures: unknown fixture '$item' (known: minilm, smollm2)" >&2; exit 2 ;;
+    gensim) gensim ;;
+    *) echo "fetch-fixtures: unknown fixture '$item' (known: minilm, smollm2, gensim)" >&2; exit 2 ;;
   esac
 done
 echo "$CACHE"

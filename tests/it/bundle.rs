@@ -378,7 +378,10 @@ fn test_eval_not_supported_is_reported_not_skipped() {
     let r = recipe(t.path(), &repo().join("fixtures/digits-mlp"), &out, &extra);
     let (code, _, stderr) = mcompress(&["run", "-q", r.to_str().unwrap()], t.path());
     assert_eq!(code, 0, "{stderr}");
-    assert!(stderr.contains("warning: [eval] not run: metric Perplexity is not implemented for mlp models"), "{stderr}");
+    assert!(
+        stderr.contains("warning: [eval] not run: metric Perplexity is not implemented for mlp models"),
+        "{stderr}"
+    );
     let report: Value = serde_json::from_slice(&std::fs::read(out.join("default/report.json")).unwrap()).unwrap();
     assert_eq!(report["eval"]["status"], "not-run");
     assert!(std::fs::read_to_string(out.join("default/report.md")).unwrap().contains("**Not run**"));

@@ -78,3 +78,38 @@ fn test_minilm_reference_embeddings_match_sentence_transformers() {
         assert!((got - want).abs() < 1e-3, "cosine {got:.4}, sentence-transformers {want}");
     }
 }
+
+#[test]
+fn test_minilm_wordsim353_spearman_and_gate() {
+    // Reference figure (numpy oracle, fixtures README): WordSim-353 Spearman 0.729.
+    let Some(model) = minilm() else { return };
+    let base = model.parent().unwrap().join("gensim-test-data/wordsim353.tsv");
+    if !base.is_file() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must fetch gensim's test data (scripts/fetch-fixtures.sh gensim)"
+        );
+        return;
+    }
+    let t = tmp();
+    let recipe = t.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "[model]\npath = {:?}\n[[pass]]\ntype = \"quantize-rtn\"\nbits = 8\ntargets = [\"re:encoder\\\\..*\\\\.weight\"]\n[eval]\nset = {:?}\nmetric = \"spearman\"\nmax-drop = 0.01\n",
+            model.display().to_string(),
+            base.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = t.path().join("dist");
+    let (code, so, se) = mcompress(&["run", "-q", "--out", out.to_str().unwrap(), recipe.to_str().unwrap()], t.path());
+    assert_eq!(code, 0, "{so}{se}");
+    let report: Value = serde_json::from_slice(&std::fs::read(out.join("default/report.json")).unwrap()).unwrap();
+    let e = &report["eval"];
+    assert_eq!(e["status"], "ran", "{e}");
+    assert_eq!(e["samples"], 353);
+    let reference = e["reference"].as_f64().unwrap();
+    assert!((reference - 0.729).abs() < 0.005, "WordSim-353 Spearman {reference}");
+    assert!((e["compressed"].as_f64().unwrap() - reference).abs() < 0.01, "{e}");
+}

@@ -110,8 +110,9 @@ pub fn evaluate(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -
     match (model_type, section.metric) {
         ("mlp", Metric::Accuracy) => eval_mlp_accuracy(section, model, bundle_dir).map(Outcome::Ran),
         ("bert", Metric::Cosine) => eval_bert_cosine(section, model, bundle_dir).map(Outcome::Ran),
+        ("bert", Metric::Spearman) => eval_bert_spearman(section, model, bundle_dir).map(Outcome::Ran),
         ("mlp" | "bert", m) => Ok(Outcome::Unsupported(format!(
-            "metric {m:?} is not implemented for {model_type} models (mlp: accuracy; bert: cosine)"
+            "metric {m:?} is not implemented for {model_type} models (mlp: accuracy; bert: cosine, spearman)"
         ))),
         _ => Ok(Outcome::Unsupported(format!(
             "eval for model_type {model_type:?} is not implemented yet (mlp and bert are; llama comes with the burn runtime)"
@@ -171,6 +172,34 @@ fn eval_bert_cosine(section: &EvalSection, model: &ModelSource, bundle_dir: &Pat
     let (e_new, l_new, t_new) = embed_all(&compressed, &ids)?;
     let fidelity = e_ref.iter().zip(&e_new).map(|(a, b)| bert::cosine(a, b)).sum::<f64>() / ids.len() as f64;
     Ok(result(section, ids.len(), 1, (1.0, l_ref, t_ref), (fidelity, l_new, t_new)))
+}
+
+/// Spearman correlation between the model's cosine similarity of each pair and the human scores,
+/// for the reference and for the bundle (WordSim-353, SimLex-999).
+fn eval_bert_spearman(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -> Result<EvalResult> {
+    let config = model.config().cloned().unwrap_or_default();
+    let tokenizer = load_tokenizer(&model.path().join("tokenizer.json"))?;
+    let pairs = sets::load_pairs(&section.set)?;
+    let mut items: Vec<&str> = pairs.iter().flat_map(|(a, b, _)| [a.as_str(), b.as_str()]).collect();
+    items.sort_unstable();
+    items.dedup();
+    let ids: Vec<Vec<u32>> = items
+        .iter()
+        .map(|s| tokenizer.encode(*s, true).map(|e| e.get_ids().to_vec()))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::Set(format!("{}: tokenizing: {e}", section.set.display())))?;
+    let human: Vec<f64> = pairs.iter().map(|p| p.2).collect();
+    let score = |emb: &[Vec<f32>]| {
+        let at = |w: &str| &emb[items.binary_search(&w).expect("every item was embedded")];
+        let cos: Vec<f64> = pairs.iter().map(|(a, b, _)| bert::cosine(at(a), at(b))).collect();
+        sets::spearman(&cos, &human)
+    };
+    let reference = bert::Bert::load(&config, &weights::from_model(model))?;
+    let bundle = ModelSource::open(bundle_dir)?;
+    let compressed = bert::Bert::load(&config, &weights::from_bundle(&bundle)?)?;
+    let (e_ref, l_ref, t_ref) = embed_all(&reference, &ids)?;
+    let (e_new, l_new, t_new) = embed_all(&compressed, &ids)?;
+    Ok(result(section, pairs.len(), 1, (score(&e_ref), l_ref, t_ref), (score(&e_new), l_new, t_new)))
 }
 
 /// Loads a Hugging Face tokenizer.json with padding and truncation off (MiniLM's pads to 128).

@@ -86,6 +86,67 @@ pub fn load_lines(path: &Path) -> Result<Vec<String>> {
     Ok(lines)
 }
 
+/// A word/sentence similarity set: `item1 <TAB> item2 <TAB> score` per line, `#` comments
+/// (WordSim-353 and SimLex-999 as gensim ships them; extra columns ignored).
+pub fn load_pairs(path: &Path) -> Result<Vec<(String, String, f64)>> {
+    let text = load_lines(path)?;
+    let mut out = Vec::new();
+    for (i, line) in text.iter().enumerate() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let cols: Vec<&str> = line.split('\t').map(str::trim).collect();
+        let bad = |m: &str| Error::Set(format!("{}: item {}: {m}: {line:?}", path.display(), i + 1));
+        if cols.len() < 3 {
+            return Err(bad("expected item1, item2 and a score separated by tabs"));
+        }
+        let Ok(score) = cols[2].parse::<f64>() else {
+            if out.is_empty() {
+                continue; // a header line without '#'
+            }
+            return Err(bad("score is not a number"));
+        };
+        out.push((cols[0].to_string(), cols[1].to_string(), score));
+    }
+    if out.len() < 3 {
+        return Err(Error::Set(format!(
+            "{}: {} pairs; a rank correlation needs at least 3",
+            path.display(),
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// Spearman rank correlation (average ranks for ties).
+pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
+    fn ranks(v: &[f64]) -> Vec<f64> {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|&i, &j| v[i].total_cmp(&v[j]));
+        let mut r = vec![0f64; v.len()];
+        let mut i = 0;
+        while i < idx.len() {
+            let mut j = i;
+            while j + 1 < idx.len() && v[idx[j + 1]].total_cmp(&v[idx[i]]).is_eq() {
+                j += 1;
+            }
+            let avg = (i + j) as f64 / 2.0 + 1.0;
+            for &k in &idx[i..=j] {
+                r[k] = avg;
+            }
+            i = j + 1;
+        }
+        r
+    }
+    let (ra, rb) = (ranks(a), ranks(b));
+    let n = ra.len() as f64;
+    let (ma, mb) = (ra.iter().sum::<f64>() / n, rb.iter().sum::<f64>() / n);
+    let cov: f64 = ra.iter().zip(&rb).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = ra.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = rb.iter().map(|y| (y - mb).powi(2)).sum();
+    if va == 0.0 || vb == 0.0 { 0.0 } else { cov / (va * vb).sqrt() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,6 +156,15 @@ mod tests {
         let p = dir.path().join("s.csv");
         std::fs::write(&p, text).unwrap();
         LabelledSet::load_csv(&p, 2, 3)
+    }
+
+    #[test]
+    #[allow(clippy::float_cmp)]
+    fn test_spearman_with_ties() {
+        assert_eq!(spearman(&[1.0, 2.0, 3.0], &[10.0, 20.0, 30.0]), 1.0);
+        assert_eq!(spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]), -1.0);
+        // scipy.stats.spearmanr([1, 2, 2, 3], [1, 3, 2, 4]) = 0.9486832980505138
+        assert!((spearman(&[1.0, 2.0, 2.0, 3.0], &[1.0, 3.0, 2.0, 4.0]) - 0.948_683_298_050_513_8).abs() < 1e-12);
     }
 
     #[test]
