@@ -140,6 +140,12 @@ enum Command {
 enum RecipeCommand {
     /// Print the recipe JSON schema, generated from the code.
     Schema,
+    /// Validate a recipe without running it: syntax, every pass config, targets and profiles,
+    /// model path and eval set existence. Exit 0 ok, 2 with the first problem.
+    Check {
+        /// The recipe file.
+        recipe: PathBuf,
+    },
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -368,6 +374,24 @@ fn dispatch(cli: Cli) -> Result<Status> {
             };
             serde_json::to_writer_pretty(&mut out, &v)?;
             writeln!(out)?;
+            Ok(Status::Ok)
+        }
+        Command::Recipe { command: RecipeCommand::Check { recipe } } => {
+            let loaded = mcompress_recipe::Recipe::load(&recipe)?;
+            let passes = mcompress_passes::build_passes(&loaded)?;
+            let targets = mcompress_bundle::targets::resolve(&loaded)?;
+            anyhow::ensure!(loaded.model_path.exists(), "{}: model path does not exist", loaded.model_path.display());
+            if let Some(e) = &loaded.eval {
+                anyhow::ensure!(e.set.is_file(), "{}: [eval] set does not exist", e.set.display());
+            }
+            writeln!(
+                out,
+                "ok: {} ({} passes, {} targets, eval: {})",
+                recipe.display(),
+                passes.len(),
+                targets.len(),
+                loaded.eval.as_ref().map_or("none".to_string(), |e| format!("{:?}", e.metric).to_lowercase())
+            )?;
             Ok(Status::Ok)
         }
         Command::Recipe { command: RecipeCommand::Schema } => {
