@@ -113,3 +113,30 @@ fn test_minilm_wordsim353_spearman_and_gate() {
     assert!((reference - 0.729).abs() < 0.005, "WordSim-353 Spearman {reference}");
     assert!((e["compressed"].as_f64().unwrap() - reference).abs() < 0.01, "{e}");
 }
+
+#[test]
+fn test_eval_without_tokenizer_is_exit_2() {
+    let Some(model) = minilm() else { return };
+    let t = tmp();
+    let copy = t.path().join("minilm-no-tokenizer");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(model.join(f), copy.join(f)).unwrap();
+    }
+    let recipe = t.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "[model]\npath = {:?}\n[[pass]]\ntype = \"cast\"\ndtype = \"f16\"\n[eval]\nset = {:?}\nmetric = \"cosine\"\n",
+            copy.display().to_string(),
+            repo().join("fixtures/sentences.txt").display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = t.path().join("dist");
+    let (code, _, stderr) =
+        mcompress(&["run", "-q", "--out", out.to_str().unwrap(), recipe.to_str().unwrap()], t.path());
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("tokenizer.json: tokenizer missing"), "{stderr}");
+    assert!(!out.join("default").exists());
+}
