@@ -456,15 +456,13 @@ mod tests {
         prop::sample::select(vec![DType::F32, DType::F16, DType::BF16])
     }
 
-    /// Worst-case relative RMSE for a scheme on Gaussian-like data with per-group scaling:
-    /// half a quantization step over the group range, relative to the signal.
-    fn rmse_bound(s: &QScheme) -> f64 {
-        match s.bits {
-            8 => 0.02,
-            4 => 0.25,
-            3 => 0.5,
-            _ => 1.0,
-        }
+    const INT8_MAX_REL_RMSE: f64 = 0.05;
+
+    /// Largest error of one value, in steps (`scale`) of its group. Symmetric absmax RTN never
+    /// clamps, so every value is within half a step. Asymmetric grids are shifted by the rounded
+    /// zero point (up to half a step), so the ends of the range may clamp: at most one step.
+    fn max_error_steps(s: &QScheme) -> f32 {
+        if s.symmetric { 0.5 } else { 1.0 }
     }
 
     proptest! {
@@ -488,18 +486,23 @@ mod tests {
             let v = pseudo_normal(seed, shape[0] * shape[1]);
             let q = quantize(&s, DType::F32, &shape, &bytes(DType::F32, &v)).unwrap();
             let deq = q.dequantize();
-            let err: f64 = v.iter().zip(&deq).map(|(a, b)| f64::from(a - b).powi(2)).sum();
+            let gl = s.group_len(shape[1]);
+            let (mut err, mut bound) = (0f64, 0f64);
+            for (i, (a, b)) in v.iter().zip(&deq).enumerate() {
+                let g = (i / shape[1]) * s.groups(shape[1]) + (i % shape[1]) / gl;
+                let limit = q.scale[g] * max_error_steps(&s);
+                prop_assert!((a - b).abs() <= limit * (1.0 + 1e-5) + 1e-7, "{}: value {a} -> {b}, step {}", s.label(), q.scale[g]);
+                err += f64::from(a - b).powi(2);
+                bound += f64::from(limit).powi(2);
+            }
             let sig: f64 = v.iter().map(|a| f64::from(*a).powi(2)).sum();
             let rel = (err / sig).sqrt();
-            prop_assert!(rel <= rmse_bound(&s), "{} rel rmse {rel}", s.label());
+            prop_assert!(rel <= (bound / sig).sqrt() * (1.0 + 1e-5) + 1e-9);
             prop_assert!((rel - q.rel_rmse()).abs() < 1e-3);
-            // Every value within half a step of its group (clamping aside, symmetric absmax never clamps).
-            if s.symmetric {
-                let gl = s.group_len(shape[1]);
-                for (i, (a, b)) in v.iter().zip(&deq).enumerate() {
-                    let g = (i / shape[1]) * s.groups(shape[1]) + (i % shape[1]) / gl;
-                    prop_assert!((a - b).abs() <= q.scale[g] * 0.5 + 1e-6, "value {a} -> {b}");
-                }
+            // 8 bits: a step is at most 1/127 of the group's absmax; with these rows' crest factor
+            // (outliers at 4x, absmax/rms up to ~13) that is under 5 % relative RMSE.
+            if s.bits == 8 {
+                prop_assert!(rel < INT8_MAX_REL_RMSE, "{} rel rmse {rel}", s.label());
             }
         }
 
