@@ -189,3 +189,38 @@ fn test_smollm2_hamlet_perplexity_reference_and_int8() {
     assert_eq!(code, 1, "{stdout}");
     assert!(stdout.contains("gate max-drop failed: perplexity"), "{stdout}");
 }
+
+#[test]
+fn test_smollm2_kl_and_top1_agreement() {
+    let (Some(gguf), Some(text)) = (smollm2(), hamlet()) else { return };
+    let t = tmp();
+    let recipe = t.path().join("r.toml");
+    let write = |max_drop: &str| {
+        std::fs::write(
+            &recipe,
+            format!(
+                "[model]\npath = {:?}\n[[pass]]\ntype = \"quantize-rtn\"\nbits = 8\n[eval]\nset = {:?}\nmetric = \"kl\"\nmax-tokens = 256\nwindow = 256\nmax-drop = {max_drop}\n",
+                gguf.display().to_string(),
+                text.display().to_string()
+            ),
+        )
+        .unwrap();
+    };
+    write("\"1%\"");
+    let (code, _, stderr) =
+        mcompress(&["run", "-q", "--out", t.path().join("x").to_str().unwrap(), recipe.to_str().unwrap()], t.path());
+    assert_eq!(code, 2);
+    assert!(stderr.contains("r.toml:11:12: eval.max-drop: kl is 0 for the reference"), "{stderr}");
+    write("0.05");
+    let out = t.path().join("dist");
+    let (code, so, se) = mcompress(&["run", "-q", "--out", out.to_str().unwrap(), recipe.to_str().unwrap()], t.path());
+    assert_eq!(code, 0, "{so}{se}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("default/report.json")).unwrap()).unwrap();
+    let e = &report["eval"];
+    assert_eq!(e["status"], "ran", "{e}");
+    assert_eq!(e["samples"], 256);
+    let kl = e["compressed"].as_f64().unwrap();
+    assert!(kl > 0.0 && kl < 0.05, "int8 KL {kl}");
+    assert!(e["extra"]["top1_agreement"].as_f64().unwrap() > 0.9, "{e}");
+}

@@ -87,6 +87,8 @@ pub struct EvalResult {
     pub throughput: std::collections::BTreeMap<String, f64>,
     /// Samples per batch.
     pub batch_size: usize,
+    /// Metric-specific extras (e.g. `top1_agreement` for `kl`).
+    pub extra: std::collections::BTreeMap<String, f64>,
 }
 
 /// What [`evaluate`] could do.
@@ -100,6 +102,7 @@ pub enum Outcome {
 
 /// Whether a larger value of `metric` is better.
 pub fn higher_is_better(metric: Metric) -> bool {
+    // Perplexity and KL are lower-is-better.
     matches!(metric, Metric::Accuracy | Metric::Cosine | Metric::Spearman)
 }
 
@@ -114,8 +117,9 @@ pub fn evaluate(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -
         ("bert", Metric::Cosine) => eval_bert_cosine(section, model, bundle_dir).map(Outcome::Ran),
         ("bert", Metric::Spearman) => eval_bert_spearman(section, model, bundle_dir).map(Outcome::Ran),
         ("llama", Metric::Perplexity) => eval_llama_perplexity(section, model, bundle_dir).map(Outcome::Ran),
+        ("llama", Metric::Kl) => eval_llama_kl(section, model, bundle_dir).map(Outcome::Ran),
         ("mlp" | "bert" | "llama", m) => Ok(Outcome::Unsupported(format!(
-            "metric {m:?} is not implemented for {model_type} models (mlp: accuracy; bert: cosine, spearman; llama: perplexity)"
+            "metric {m:?} is not implemented for {model_type} models (mlp: accuracy; bert: cosine, spearman; llama: perplexity, kl)"
         ))),
         _ => Ok(Outcome::Unsupported(format!(
             "eval for model_type {model_type:?} is not implemented yet (mlp, bert and llama are)"
@@ -141,6 +145,7 @@ fn result(
         latency_ms: [("reference".to_string(), lat_ref), ("compressed".to_string(), lat_new)].into(),
         throughput: [("reference".to_string(), tput_ref), ("compressed".to_string(), tput_new)].into(),
         batch_size: batch,
+        extra: std::collections::BTreeMap::new(),
     }
 }
 
@@ -248,6 +253,64 @@ fn eval_llama_perplexity(section: &EvalSection, model: &ModelSource, bundle_dir:
     let compressed = llama::Llama::load(&config, &weights::from_bundle(&bundle)?)?;
     let (ppl_new, l_new, t_new, _) = run(&compressed)?;
     Ok(result(section, n, window, (ppl_ref, l_ref, t_ref), (ppl_new, l_new, t_new)))
+}
+
+/// Mean KL divergence KL(reference ‖ bundle) of the next-token distributions over the same
+/// windows as perplexity (the reference scores 0), with top-1 agreement alongside in `extra`.
+fn eval_llama_kl(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -> Result<EvalResult> {
+    let config = model.config().cloned().unwrap_or_default();
+    let tokenizer = model_tokenizer(model)?;
+    let text = sets::load_text(&section.set)?;
+    let max_tokens = section.max_tokens.map_or(2048, |t| t as usize);
+    let window = section.window.map_or(512, |w| w as usize).max(2);
+    let enc = tokenizer
+        .encode(text.as_str(), false)
+        .map_err(|e| Error::Set(format!("{}: tokenizing: {e}", section.set.display())))?;
+    let ids: Vec<u32> = enc.get_ids().iter().copied().take(max_tokens).collect();
+    if ids.len() < 2 {
+        return Err(Error::Set(format!("{}: {} tokens; KL needs at least 2", section.set.display(), ids.len())));
+    }
+    let reference = llama::Llama::load(&config, &weights::from_model(model))?;
+    let bundle = ModelSource::open(bundle_dir)?;
+    let compressed = llama::Llama::load(&config, &weights::from_bundle(&bundle)?)?;
+    let vocab = reference.vocab();
+    let (mut kl, mut agree, mut n) = (0f64, 0usize, 0usize);
+    let (mut t_ref, mut t_new) = (Vec::new(), Vec::new());
+    let started = Instant::now();
+    for w in ids.chunks(window) {
+        let t0 = Instant::now();
+        let a = reference.logits(w)?;
+        t_ref.push(t0.elapsed().as_secs_f64() * 1e3);
+        let t0 = Instant::now();
+        let b = compressed.logits(w)?;
+        t_new.push(t0.elapsed().as_secs_f64() * 1e3);
+        for (ra, rb) in a.chunks(vocab).zip(b.chunks(vocab)) {
+            let (pa, pb) = (log_softmax(ra), log_softmax(rb));
+            kl += pa.iter().zip(&pb).map(|(la, lb)| la.exp() * (la - lb)).sum::<f64>();
+            agree += usize::from(argmax(ra) == argmax(rb));
+            n += 1;
+        }
+    }
+    let per_model = ids.len() as f64 / (started.elapsed().as_secs_f64() / 2.0).max(1e-9);
+    let mut r = result(
+        section,
+        n,
+        window,
+        (0.0, percentiles(t_ref), per_model),
+        (kl / n as f64, percentiles(t_new), per_model),
+    );
+    r.extra.insert("top1_agreement".into(), agree as f64 / n as f64);
+    Ok(r)
+}
+
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let z = row.iter().map(|v| f64::from(v - m).exp()).sum::<f64>().ln();
+    row.iter().map(|v| f64::from(v - m) - z).collect()
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i)
 }
 
 /// The model's tokenizer: its tokenizer.json, or the one derived from a GGUF's vocabulary.

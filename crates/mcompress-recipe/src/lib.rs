@@ -358,6 +358,16 @@ impl Recipe {
             expand::expand(&s, &env).map(PathBuf::from).map_err(|m| at(span, String::new(), format!("{field}: {m}")))
         };
         let model_path = dir.join(expand_path(&raw.model.path, "model.path")?);
+        if let Some(e) = &raw.eval
+            && e.metric == Metric::Kl
+            && matches!(e.max_drop, Some(MaxDrop::Percent(_)))
+        {
+            return Err(at(
+                key_span(&source, "eval.max-drop"),
+                String::new(),
+                "eval.max-drop: kl is 0 for the reference, so a percentage cannot bound it; give an absolute limit (e.g. 0.05)".into(),
+            ));
+        }
         let eval = match raw.eval {
             Some(mut e) => {
                 e.set = dir.join(expand_path(&e.set, "eval.set")?);
