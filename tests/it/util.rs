@@ -56,17 +56,22 @@ pub(crate) fn raw_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
     v
 }
 
-/// Directory of the MiniLM fixture, fetched with scripts/fetch-fixtures.sh. In CI it must exist.
-pub(crate) fn minilm() -> Option<PathBuf> {
+/// A fetched fixture under the cache (`scripts/fetch-fixtures.sh NAME`); in CI it must exist.
+pub(crate) fn fixture(rel: &str, fetch: &str) -> Option<PathBuf> {
     let base = std::env::var_os("MCOMPRESS_FIXTURES").map_or_else(
         || PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/mcompress/fixtures"),
         PathBuf::from,
     );
-    let p = base.join("all-MiniLM-L6-v2");
-    if p.join("model.safetensors").is_file() {
+    let p = base.join(rel);
+    if p.exists() {
         return Some(p);
     }
-    assert!(std::env::var_os("CI").is_none(), "CI must fetch the MiniLM fixture first (scripts/fetch-fixtures.sh)");
-    eprintln!("skipping: MiniLM fixture not fetched (run scripts/fetch-fixtures.sh)");
+    assert!(std::env::var_os("CI").is_none(), "CI must fetch {rel} first (scripts/fetch-fixtures.sh {fetch})");
+    eprintln!("skipping: {rel} not fetched (scripts/fetch-fixtures.sh {fetch})");
     None
+}
+
+/// Directory of the MiniLM fixture.
+pub(crate) fn minilm() -> Option<PathBuf> {
+    fixture("all-MiniLM-L6-v2/model.safetensors", "minilm").map(|p| p.parent().unwrap().to_path_buf())
 }

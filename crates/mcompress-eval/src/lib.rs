@@ -214,24 +214,7 @@ fn eval_bert_spearman(section: &EvalSection, model: &ModelSource, bundle_dir: &P
 /// a text, in non-overlapping windows of `window` tokens (default 512).
 fn eval_llama_perplexity(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -> Result<EvalResult> {
     let config = model.config().cloned().unwrap_or_default();
-    let tokenizer = model_tokenizer(model)?;
-    let text = sets::load_text(&section.set)?;
-    let max_tokens = section.max_tokens.map_or(2048, |t| t as usize);
-    let window = section.window.map_or(512, |w| w as usize);
-    if window < 2 {
-        return Err(Error::Set("[eval] window must be at least 2 tokens".into()));
-    }
-    let enc = tokenizer
-        .encode(text.as_str(), false)
-        .map_err(|e| Error::Set(format!("{}: tokenizing: {e}", section.set.display())))?;
-    let ids: Vec<u32> = enc.get_ids().iter().copied().take(max_tokens).collect();
-    if ids.len() < 2 {
-        return Err(Error::Set(format!(
-            "{}: {} tokens; perplexity needs at least 2",
-            section.set.display(),
-            ids.len()
-        )));
-    }
+    let (ids, window) = text_tokens(section, model)?;
     let reference = llama::Llama::load(&config, &weights::from_model(model))?;
     let run = |m: &llama::Llama| -> Result<(f64, Latency, f64, usize)> {
         let mut times = Vec::new();
@@ -259,17 +242,7 @@ fn eval_llama_perplexity(section: &EvalSection, model: &ModelSource, bundle_dir:
 /// windows as perplexity (the reference scores 0), with top-1 agreement alongside in `extra`.
 fn eval_llama_kl(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -> Result<EvalResult> {
     let config = model.config().cloned().unwrap_or_default();
-    let tokenizer = model_tokenizer(model)?;
-    let text = sets::load_text(&section.set)?;
-    let max_tokens = section.max_tokens.map_or(2048, |t| t as usize);
-    let window = section.window.map_or(512, |w| w as usize).max(2);
-    let enc = tokenizer
-        .encode(text.as_str(), false)
-        .map_err(|e| Error::Set(format!("{}: tokenizing: {e}", section.set.display())))?;
-    let ids: Vec<u32> = enc.get_ids().iter().copied().take(max_tokens).collect();
-    if ids.len() < 2 {
-        return Err(Error::Set(format!("{}: {} tokens; KL needs at least 2", section.set.display(), ids.len())));
-    }
+    let (ids, window) = text_tokens(section, model)?;
     let reference = llama::Llama::load(&config, &weights::from_model(model))?;
     let bundle = ModelSource::open(bundle_dir)?;
     let compressed = llama::Llama::load(&config, &weights::from_bundle(&bundle)?)?;
@@ -311,6 +284,25 @@ fn log_softmax(row: &[f32]) -> Vec<f64> {
 
 fn argmax(row: &[f32]) -> usize {
     row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i)
+}
+
+/// The first `max-tokens` tokens (default 2048) of a text set and the window (default 512).
+fn text_tokens(section: &EvalSection, model: &ModelSource) -> Result<(Vec<u32>, usize)> {
+    let tokenizer = model_tokenizer(model)?;
+    let text = sets::load_text(&section.set)?;
+    let max_tokens = section.max_tokens.map_or(2048, |t| t as usize);
+    let window = section.window.map_or(512, |w| w as usize);
+    if window < 2 {
+        return Err(Error::Set("[eval] window must be at least 2 tokens".into()));
+    }
+    let enc = tokenizer
+        .encode(text.as_str(), false)
+        .map_err(|e| Error::Set(format!("{}: tokenizing: {e}", section.set.display())))?;
+    let ids: Vec<u32> = enc.get_ids().iter().copied().take(max_tokens).collect();
+    if ids.len() < 2 {
+        return Err(Error::Set(format!("{}: {} tokens; at least 2 are needed", section.set.display(), ids.len())));
+    }
+    Ok((ids, window))
 }
 
 /// The model's tokenizer: its tokenizer.json, or the one derived from a GGUF's vocabulary.
