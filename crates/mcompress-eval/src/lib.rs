@@ -164,47 +164,49 @@ fn eval_mlp_accuracy(section: &EvalSection, model: &ModelSource, bundle_dir: &Pa
 /// Embedding fidelity: mean cosine between the bundle's and the reference's sentence embeddings
 /// (the reference scores 1 by definition), one sentence per line of the set.
 fn eval_bert_cosine(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -> Result<EvalResult> {
-    let config = model.config().cloned().unwrap_or_default();
-    let tok_path = model.path().join("tokenizer.json");
-    let tokenizer = load_tokenizer(&tok_path)?;
     let sentences = sets::load_lines(&section.set)?;
-    let ids: Vec<Vec<u32>> = sentences
-        .iter()
-        .map(|s| tokenizer.encode(s.as_str(), true).map(|e| e.get_ids().to_vec()))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| Error::Set(format!("{}: tokenizing: {e}", section.set.display())))?;
-    let reference = bert::Bert::load(&config, &weights::from_model(model))?;
-    let bundle = ModelSource::open(bundle_dir)?;
-    let compressed = bert::Bert::load(&config, &weights::from_bundle(&bundle)?)?;
+    let items: Vec<&str> = sentences.iter().map(String::as_str).collect();
+    let (ids, reference, compressed) = bert_inputs(section, model, bundle_dir, &items)?;
     let (e_ref, l_ref, t_ref) = embed_all(&reference, &ids)?;
     let (e_new, l_new, t_new) = embed_all(&compressed, &ids)?;
     let fidelity = e_ref.iter().zip(&e_new).map(|(a, b)| bert::cosine(a, b)).sum::<f64>() / ids.len() as f64;
     Ok(result(section, ids.len(), 1, (1.0, l_ref, t_ref), (fidelity, l_new, t_new)))
 }
 
-/// Spearman correlation between the model's cosine similarity of each pair and the human scores,
-/// for the reference and for the bundle (WordSim-353, SimLex-999).
-fn eval_bert_spearman(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -> Result<EvalResult> {
+/// Token ids of `items` and the reference and compressed BERT encoders, for the BERT metrics.
+fn bert_inputs(
+    section: &EvalSection,
+    model: &ModelSource,
+    bundle_dir: &Path,
+    items: &[&str],
+) -> Result<(Vec<Vec<u32>>, bert::Bert, bert::Bert)> {
     let config = model.config().cloned().unwrap_or_default();
-    let tokenizer = load_tokenizer(&model.path().join("tokenizer.json"))?;
-    let pairs = sets::load_pairs(&section.set)?;
-    let mut items: Vec<&str> = pairs.iter().flat_map(|(a, b, _)| [a.as_str(), b.as_str()]).collect();
-    items.sort_unstable();
-    items.dedup();
-    let ids: Vec<Vec<u32>> = items
+    let tokenizer = model_tokenizer(model)?;
+    let ids = items
         .iter()
         .map(|s| tokenizer.encode(*s, true).map(|e| e.get_ids().to_vec()))
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| Error::Set(format!("{}: tokenizing: {e}", section.set.display())))?;
+    let reference = bert::Bert::load(&config, &weights::from_model(model))?;
+    let bundle = ModelSource::open(bundle_dir)?;
+    let compressed = bert::Bert::load(&config, &weights::from_bundle(&bundle)?)?;
+    Ok((ids, reference, compressed))
+}
+
+/// Spearman correlation between the model's cosine similarity of each pair and the human scores,
+/// for the reference and for the bundle (WordSim-353, SimLex-999).
+fn eval_bert_spearman(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -> Result<EvalResult> {
+    let pairs = sets::load_pairs(&section.set)?;
+    let mut items: Vec<&str> = pairs.iter().flat_map(|(a, b, _)| [a.as_str(), b.as_str()]).collect();
+    items.sort_unstable();
+    items.dedup();
+    let (ids, reference, compressed) = bert_inputs(section, model, bundle_dir, &items)?;
     let human: Vec<f64> = pairs.iter().map(|p| p.2).collect();
     let score = |emb: &[Vec<f32>]| {
         let at = |w: &str| &emb[items.binary_search(&w).expect("every item was embedded")];
         let cos: Vec<f64> = pairs.iter().map(|(a, b, _)| bert::cosine(at(a), at(b))).collect();
         sets::spearman(&cos, &human)
     };
-    let reference = bert::Bert::load(&config, &weights::from_model(model))?;
-    let bundle = ModelSource::open(bundle_dir)?;
-    let compressed = bert::Bert::load(&config, &weights::from_bundle(&bundle)?)?;
     let (e_ref, l_ref, t_ref) = embed_all(&reference, &ids)?;
     let (e_new, l_new, t_new) = embed_all(&compressed, &ids)?;
     Ok(result(section, pairs.len(), 1, (score(&e_ref), l_ref, t_ref), (score(&e_new), l_new, t_new)))
