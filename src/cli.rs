@@ -51,6 +51,10 @@ enum Command {
         /// Sign each bundle's manifest with this Ed25519 secret key (PKCS#8 PEM from `keygen`).
         #[arg(long, value_name = "KEY")]
         sign: Option<PathBuf>,
+        /// Eval backend, overriding `[eval] backend`: auto (a hardware GPU if there is one, else
+        /// the CPU), wgpu (any wgpu adapter, Mesa's llvmpipe included) or cpu.
+        #[arg(long, value_enum)]
+        backend: Option<BackendArg>,
     },
     /// Show the tensors, dtypes, shapes, parameters and bytes of a model, file or bundle.
     Inspect {
@@ -201,7 +205,7 @@ pub(crate) fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> Result<Status> {
     let mut out = std::io::stdout().lock();
     match cli.command {
-        Command::Run { recipe, out: out_dir, threads, json, quiet, reproducible, target, sign } => {
+        Command::Run { recipe, out: out_dir, threads, json, quiet, reproducible, target, sign, backend } => {
             if let Some(n) = threads {
                 anyhow::ensure!(n > 0, "--threads must be at least 1");
                 rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("configuring the thread pool")?;
@@ -212,7 +216,13 @@ fn dispatch(cli: Cli) -> Result<Status> {
                 loaded.select_target(name)?;
             }
             let sign = sign.map(|k| mcompress_bundle::load_signing_key(&k)).transpose()?;
-            let opts = RunOptions { out: out_dir, reproducible, sign };
+            let backend = backend.map(|b| match b {
+                BackendArg::Auto => mcompress_recipe::Backend::Auto,
+                BackendArg::Wgpu => mcompress_recipe::Backend::Wgpu,
+                BackendArg::Cpu => mcompress_recipe::Backend::Cpu,
+            });
+            let progress = !quiet && !json;
+            let opts = RunOptions { out: out_dir, reproducible, sign, backend, progress };
             let mut progress = ProgressOut::new(quiet || json);
             let summary = mcompress_bundle::run(&loaded, &opts, &mut |p| progress.update(p))?;
             progress.finish();
@@ -429,6 +439,14 @@ fn print_summary(out: &mut impl Write, s: &RunSummary) -> Result<()> {
     Ok(())
 }
 
+/// `--backend` values.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum BackendArg {
+    Auto,
+    Wgpu,
+    Cpu,
+}
+
 /// Progress on stderr: a bar on a terminal, a few plain lines otherwise.
 struct ProgressOut {
     bar: Option<indicatif::ProgressBar>,
@@ -462,6 +480,10 @@ impl ProgressOut {
                 p.bytes_done as f64 / 1e6,
                 p.bytes_total as f64 / 1e6
             ));
+            if p.tensors_total > 0 && p.tensors_done == p.tensors_total {
+                // Passes done: clear the line for the eval's bars.
+                b.finish_and_clear();
+            }
         } else if self.plain && p.bytes_total > 0 && p.bytes_done * 10 >= self.next_tenth * p.bytes_total {
             self.next_tenth = p.bytes_done * 10 / p.bytes_total + 1;
             #[allow(clippy::print_stderr)]

@@ -116,6 +116,10 @@ pub struct RunOptions {
     pub reproducible: bool,
     /// Sign each bundle's manifest with this Ed25519 key (`manifest.sig`).
     pub sign: Option<ed25519_dalek::SigningKey>,
+    /// Overrides `[eval] backend`.
+    pub backend: Option<mcompress_recipe::Backend>,
+    /// Progress bars for the eval on stderr (drawn only on a terminal).
+    pub progress: bool,
 }
 
 /// Outcome for one target.
@@ -188,7 +192,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
 
         // The deployable files are the same for every target: hash them once.
         let payload = manifest::hash_dir(&first)?;
-        let (eval_json, eval_gate, warnings) = run_eval(recipe, &model, &first, opts.reproducible)?;
+        let (eval_json, eval_gate, warnings) = run_eval(recipe, &model, &first, opts)?;
         let bundle_bytes: u64 = payload.values().map(|f| f.bytes).sum();
         // Where the bundle fits and what it would cost, for every target of the run.
         let dtypes = targets::weight_dtypes(&output.params);
@@ -282,11 +286,13 @@ fn run_eval(
     recipe: &Recipe,
     model: &ModelSource,
     staged: &Path,
-    reproducible: bool,
+    opts: &RunOptions,
 ) -> Result<(Option<Value>, Option<Gate>, Vec<String>)> {
+    let reproducible = opts.reproducible;
     let Some(section) = &recipe.eval else { return Ok((None, None, Vec::new())) };
     let set = section.set.file_name().map(|n| n.to_string_lossy().into_owned());
-    match mcompress_eval::evaluate(section, model, staged).map_err(|e| Error::Eval(e.to_string()))? {
+    let eval_opts = mcompress_eval::Options { backend: opts.backend, progress: opts.progress };
+    match mcompress_eval::evaluate_with(section, model, staged, &eval_opts).map_err(|e| Error::Eval(e.to_string()))? {
         mcompress_eval::Outcome::Unsupported(reason) => {
             let json = serde_json::json!({
                 "status": "not-run", "reason": reason, "metric": section.metric, "set": set,

@@ -3,34 +3,9 @@
 //! → mean over tokens (attention mask) → L2 normalisation. Plain f32 Rust, the CPU reference.
 #![allow(clippy::many_single_char_names)] // the usual names: q, k, v, h, n, x
 
-use rayon::prelude::*;
-
+use crate::linear::{Device, Lin};
 use crate::weights::Weights;
 use crate::{Error, Result};
-
-/// A linear layer, PyTorch layout.
-#[derive(Clone, Debug)]
-struct Linear {
-    w: Vec<f32>,
-    b: Vec<f32>,
-    out: usize,
-    inp: usize,
-}
-
-impl Linear {
-    /// `x [n, inp] → [n, out]`.
-    fn apply(&self, x: &[f32]) -> Vec<f32> {
-        let n = x.len() / self.inp;
-        let mut y = vec![0f32; n * self.out];
-        y.par_chunks_mut(self.out).zip(x.par_chunks(self.inp)).for_each(|(yr, xr)| {
-            for (j, o) in yr.iter_mut().enumerate() {
-                let w = &self.w[j * self.inp..(j + 1) * self.inp];
-                *o = w.iter().zip(xr).map(|(a, b)| a * b).sum::<f32>() + self.b[j];
-            }
-        });
-        y
-    }
-}
 
 #[derive(Clone, Debug)]
 struct Norm {
@@ -53,20 +28,20 @@ impl Norm {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Layer {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    o: Lin,
     ln1: Norm,
-    up: Linear,
-    down: Linear,
+    up: Lin,
+    down: Lin,
     ln2: Norm,
 }
 
 /// A loaded BERT sentence encoder.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Bert {
     word: Vec<f32>,
     pos: Vec<f32>,
@@ -80,8 +55,9 @@ pub struct Bert {
 }
 
 impl Bert {
-    /// Builds the encoder from config.json and weights (names as in transformers' BertModel).
-    pub fn load(config: &serde_json::Value, w: &Weights) -> Result<Self> {
+    /// Builds the encoder from config.json and weights (names as in transformers' BertModel), with
+    /// its linear layers on `device`.
+    pub fn load(config: &serde_json::Value, w: &Weights, device: &Device) -> Result<Self> {
         let bad = |m: String| Error::Model(format!("BERT: {m}"));
         let u =
             |k: &str| config[k].as_u64().map(|v| v as usize).ok_or_else(|| bad(format!("config.json: {k} missing")));
@@ -93,15 +69,10 @@ impl Bert {
             return Err(bad(format!("hidden_act {} is not supported (gelu is)", config["hidden_act"])));
         }
         let eps = config["layer_norm_eps"].as_f64().unwrap_or(1e-12) as f32;
-        let get = |n: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            let (s, d) = w.get(n).ok_or_else(|| bad(format!("tensor {n} missing")))?;
-            if s.as_slice() != shape {
-                return Err(bad(format!("tensor {n} has shape {s:?}, expected {shape:?}")));
-            }
-            Ok(d.clone())
-        };
-        let lin = |p: &str, out: usize, inp: usize| -> Result<Linear> {
-            Ok(Linear { w: get(&format!("{p}.weight"), &[out, inp])?, b: get(&format!("{p}.bias"), &[out])?, out, inp })
+        let get = |n: &str, shape: &[usize]| w.get(n, shape).map_err(bad);
+        let lin = |p: &str, out: usize, inp: usize| -> Result<Lin> {
+            let m = w.matrix(&format!("{p}.weight"), out, inp).map_err(bad)?;
+            Lin::new(m, out, inp, Some(get(&format!("{p}.bias"), &[out])?), device)
         };
         let norm = |p: &str| -> Result<Norm> {
             Ok(Norm { g: get(&format!("{p}.weight"), &[hidden])?, b: get(&format!("{p}.bias"), &[hidden])?, eps })
@@ -157,7 +128,7 @@ impl Bert {
         let hd = h / self.heads;
         let scale = 1.0 / (hd as f32).sqrt();
         for l in &self.layers {
-            let (q, k, v) = (l.q.apply(&x), l.k.apply(&x), l.v.apply(&x));
+            let (q, k, v) = (l.q.apply(&x)?, l.k.apply(&x)?, l.v.apply(&x)?);
             let mut ctx = vec![0f32; n * h];
             for head in 0..self.heads {
                 let off = head * hd;
@@ -182,15 +153,15 @@ impl Bert {
                     }
                 }
             }
-            let mut a = l.o.apply(&ctx);
+            let mut a = l.o.apply(&ctx)?;
             a.iter_mut().zip(&x).for_each(|(a, r)| *a += r);
             l.ln1.apply(&mut a);
-            let mut f = l.up.apply(&a);
+            let mut f = l.up.apply(&a)?;
             for v in &mut f {
                 // Exact GELU, as BERT's "gelu".
                 *v = 0.5 * *v * (1.0 + libm::erff(*v / std::f32::consts::SQRT_2));
             }
-            let mut y = l.down.apply(&f);
+            let mut y = l.down.apply(&f)?;
             y.iter_mut().zip(&a).for_each(|(y, r)| *y += r);
             l.ln2.apply(&mut y);
             x = y;

@@ -2,16 +2,16 @@
 //! same backend, and reports metric, drop and latency.
 //!
 //! # Overview
-//! - [`weights`]: f32 weights from a model source, or from a bundle (quantized matrices
-//!   dequantized through the documented packed layout).
+//! - [`weights`]: weights from a model source, or from a bundle (quantized matrices kept in the
+//!   documented packed layout).
+//! - [`linear`]: linear layers on a [`linear::Device`]: the CPU (plain f32 Rust, rayon; packed
+//!   weights decoded 16 rows at a time) or, with the `wgpu` feature, [`gpu`]: WGSL kernels that
+//!   multiply straight from the packed layout (fused dequantize) on a GPU or Mesa's llvmpipe.
 //! - [`sets`]: eval-set readers with errors naming file, line and column.
-//! - [`mlp`]: the MLP architecture (`model_type = "mlp"`, e.g. the digits fixture) on the
-//!   `cpu-reference` backend: plain f32 Rust, row-parallel with rayon.
-//! - [`evaluate`]: metric for both models, the drop, and per-batch latency (p50/p95).
-//!
-//! Architectures beyond the MLP (BERT, llama) and the burn CPU/wgpu backends are issue #4's
-//! remaining work; [`evaluate`] answers [`Outcome::Unsupported`] for them so the caller can say
-//! so instead of pretending an eval ran.
+//! - [`mlp`], [`bert`], [`llama`]: the architectures, from config.json.
+//! - [`evaluate`]: metric for both models on the same device, the drop, and per-batch latency
+//!   (p50/p95). Combinations that are not implemented answer [`Outcome::Unsupported`] so the
+//!   caller can say so instead of pretending an eval ran.
 //!
 //! # Example
 //! ```no_run
@@ -24,7 +24,10 @@
 #![deny(missing_docs)]
 
 pub mod bert;
+#[cfg(feature = "wgpu")]
+pub mod gpu;
 pub mod linalg;
+pub mod linear;
 pub mod llama;
 pub mod mlp;
 pub mod sets;
@@ -33,8 +36,10 @@ pub mod weights;
 use std::path::Path;
 use std::time::Instant;
 
+use indicatif::{ProgressBar, ProgressStyle};
+use linear::Device;
 use mcompress_core::ModelSource;
-use mcompress_recipe::{EvalSection, Metric};
+use mcompress_recipe::{Backend, EvalSection, Metric};
 use serde::Serialize;
 
 /// Errors from loading weights, eval sets or running models.
@@ -50,6 +55,9 @@ pub enum Error {
     /// Weights that do not fit the architecture.
     #[error("{0}")]
     Model(String),
+    /// The compute backend could not be opened or failed.
+    #[error("backend: {0}")]
+    Backend(String),
 }
 
 /// Result with [`Error`].
@@ -73,9 +81,13 @@ pub struct EvalResult {
     pub set: String,
     /// Samples evaluated.
     pub samples: usize,
-    /// Backend that ran both models.
+    /// Backend that ran both models: `cpu` or `wgpu`.
     pub backend: String,
-    /// Compute adapter (CPU threads for the CPU backends).
+    /// Backend the recipe (or `--backend`) asked for: `auto`, `cpu` or `wgpu`.
+    pub requested_backend: Backend,
+    /// Why `auto` chose what it chose.
+    pub backend_note: Option<String>,
+    /// Compute adapter: the GPU (name, type, API, driver) or the CPU threads.
     pub adapter: String,
     /// Metric of the reference model.
     pub reference: f64,
@@ -106,24 +118,116 @@ pub fn higher_is_better(metric: Metric) -> bool {
     matches!(metric, Metric::Accuracy | Metric::Cosine | Metric::Spearman)
 }
 
+/// How [`evaluate_with`] runs.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Overrides `[eval] backend` (the CLI's `--backend`).
+    pub backend: Option<Backend>,
+    /// Draw progress bars on stderr (only when it is a terminal).
+    pub progress: bool,
+}
+
 /// Runs the eval of `section` on the reference `model` and the bundle in `bundle_dir`.
 pub fn evaluate(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -> Result<Outcome> {
+    evaluate_with(section, model, bundle_dir, &Options::default())
+}
+
+/// [`evaluate`] with a backend override and progress bars.
+pub fn evaluate_with(section: &EvalSection, model: &ModelSource, bundle_dir: &Path, opts: &Options) -> Result<Outcome> {
     let model_type = model.config().and_then(|c| c["model_type"].as_str()).unwrap_or("");
-    if section.backend == mcompress_recipe::Backend::Wgpu {
-        return Ok(Outcome::Unsupported("backend wgpu is not built into this version (cpu is)".into()));
+    let supported = matches!(
+        (model_type, section.metric),
+        ("mlp", Metric::Accuracy)
+            | ("bert", Metric::Cosine | Metric::Spearman)
+            | ("llama", Metric::Perplexity | Metric::Kl)
+    );
+    if !supported {
+        return Ok(Outcome::Unsupported(if matches!(model_type, "mlp" | "bert" | "llama") {
+            format!(
+                "metric {:?} is not implemented for {model_type} models (mlp: accuracy; bert: cosine, spearman; llama: perplexity, kl)",
+                section.metric
+            )
+        } else {
+            format!("eval for model_type {model_type:?} is not implemented yet (mlp, bert and llama are)")
+        }));
     }
-    match (model_type, section.metric) {
-        ("mlp", Metric::Accuracy) => eval_mlp_accuracy(section, model, bundle_dir).map(Outcome::Ran),
-        ("bert", Metric::Cosine) => eval_bert_cosine(section, model, bundle_dir).map(Outcome::Ran),
-        ("bert", Metric::Spearman) => eval_bert_spearman(section, model, bundle_dir).map(Outcome::Ran),
-        ("llama", Metric::Perplexity) => eval_llama_perplexity(section, model, bundle_dir).map(Outcome::Ran),
-        ("llama", Metric::Kl) => eval_llama_kl(section, model, bundle_dir).map(Outcome::Ran),
-        ("mlp" | "bert" | "llama", m) => Ok(Outcome::Unsupported(format!(
-            "metric {m:?} is not implemented for {model_type} models (mlp: accuracy; bert: cosine, spearman; llama: perplexity, kl)"
-        ))),
-        _ => Ok(Outcome::Unsupported(format!(
-            "eval for model_type {model_type:?} is not implemented yet (mlp, bert and llama are)"
-        ))),
+    let requested = opts.backend.unwrap_or(section.backend);
+    let (device, note) = resolve_device(requested)?;
+    let ctx = Ctx { section, model, bundle_dir, device: &device, progress: opts.progress };
+    let mut r = match (model_type, section.metric) {
+        ("mlp", _) => eval_mlp_accuracy(&ctx)?,
+        ("bert", Metric::Cosine) => eval_bert_cosine(&ctx)?,
+        ("bert", _) => eval_bert_spearman(&ctx)?,
+        (_, Metric::Perplexity) => eval_llama_perplexity(&ctx)?,
+        _ => eval_llama_kl(&ctx)?,
+    };
+    r.backend = device.name().into();
+    r.adapter = device.adapter();
+    r.requested_backend = requested;
+    r.backend_note = note;
+    Ok(Outcome::Ran(r))
+}
+
+/// The device for a requested backend: `cpu`; `wgpu` (any adapter, llvmpipe included; an error
+/// if there is none); `auto` (a hardware GPU through wgpu if there is one, else the CPU, with a
+/// note saying why).
+pub fn resolve_device(backend: Backend) -> Result<(Device, Option<String>)> {
+    match backend {
+        Backend::Cpu => Ok((Device::Cpu, None)),
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu => Ok((Device::Wgpu(gpu::device()?), None)),
+        #[cfg(not(feature = "wgpu"))]
+        Backend::Wgpu => Err(Error::Backend(
+            "backend \"wgpu\" was requested but this mcompress was built without the `wgpu` feature".into(),
+        )),
+        #[cfg(feature = "wgpu")]
+        Backend::Auto => Ok(match gpu::device() {
+            Ok(g) if g.is_hardware() => (Device::Wgpu(g), Some("auto: hardware GPU adapter found".into())),
+            Ok(g) => (
+                Device::Cpu,
+                Some(format!(
+                    "auto: the only wgpu adapter is a software one ({}); backend = \"wgpu\" would use it",
+                    g.describe()
+                )),
+            ),
+            Err(e) => (Device::Cpu, Some(format!("auto: no GPU ({e})"))),
+        }),
+        #[cfg(not(feature = "wgpu"))]
+        Backend::Auto => Ok((Device::Cpu, Some("auto: built without the `wgpu` feature".into()))),
+    }
+}
+
+/// What every eval needs.
+struct Ctx<'a> {
+    section: &'a EvalSection,
+    model: &'a ModelSource,
+    bundle_dir: &'a Path,
+    device: &'a Device,
+    progress: bool,
+}
+
+impl Ctx<'_> {
+    fn config(&self) -> serde_json::Value {
+        self.model.config().cloned().unwrap_or_default()
+    }
+
+    fn bundle_weights(&self) -> Result<weights::Weights> {
+        weights::from_bundle(&ModelSource::open(self.bundle_dir)?)
+    }
+
+    /// A progress bar over `len` steps (hidden unless asked for and stderr is a terminal).
+    fn bar(&self, len: usize, what: &str) -> ProgressBar {
+        if !self.progress {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(len as u64);
+        bar.set_style(
+            ProgressStyle::with_template("  eval {msg:<22} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_message(format!("{what} ({})", self.device.name()));
+        bar
     }
 }
 
@@ -138,8 +242,10 @@ fn result(
         metric: section.metric,
         set: section.set.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         samples,
-        backend: "cpu-reference".into(),
-        adapter: format!("CPU, {} rayon threads, f32", rayon::current_num_threads()),
+        backend: String::new(),
+        requested_backend: section.backend,
+        backend_note: None,
+        adapter: String::new(),
         reference,
         compressed,
         latency_ms: [("reference".to_string(), lat_ref), ("compressed".to_string(), lat_new)].into(),
@@ -149,76 +255,69 @@ fn result(
     }
 }
 
-fn eval_mlp_accuracy(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -> Result<EvalResult> {
-    let config = model.config().cloned().unwrap_or_default();
-    let reference = mlp::Mlp::load(&config, &weights::from_model(model))?;
-    let bundle = ModelSource::open(bundle_dir)?;
-    let compressed = mlp::Mlp::load(&config, &weights::from_bundle(&bundle)?)?;
-    let set = sets::LabelledSet::load_csv(&section.set, reference.input_size(), reference.num_labels())?;
-    let batch = section.batch_size.map_or(64, |b| b.max(1) as usize);
-    let r = run_accuracy(&reference, &set, batch);
-    let c = run_accuracy(&compressed, &set, batch);
-    Ok(result(section, set.len(), batch, r, c))
+fn eval_mlp_accuracy(ctx: &Ctx) -> Result<EvalResult> {
+    let config = ctx.config();
+    let reference = mlp::Mlp::load(&config, &weights::from_model(ctx.model), ctx.device)?;
+    let compressed = mlp::Mlp::load(&config, &ctx.bundle_weights()?, ctx.device)?;
+    let set = sets::LabelledSet::load_csv(&ctx.section.set, reference.input_size(), reference.num_labels())?;
+    let batch = ctx.section.batch_size.map_or(64, |b| b.max(1) as usize);
+    let r = run_accuracy(ctx, &reference, &set, batch, "reference")?;
+    let c = run_accuracy(ctx, &compressed, &set, batch, "compressed")?;
+    Ok(result(ctx.section, set.len(), batch, r, c))
 }
 
 /// Embedding fidelity: mean cosine between the bundle's and the reference's sentence embeddings
 /// (the reference scores 1 by definition), one sentence per line of the set.
-fn eval_bert_cosine(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -> Result<EvalResult> {
-    let sentences = sets::load_lines(&section.set)?;
+fn eval_bert_cosine(ctx: &Ctx) -> Result<EvalResult> {
+    let sentences = sets::load_lines(&ctx.section.set)?;
     let items: Vec<&str> = sentences.iter().map(String::as_str).collect();
-    let (ids, reference, compressed) = bert_inputs(section, model, bundle_dir, &items)?;
-    let (e_ref, l_ref, t_ref) = embed_all(&reference, &ids)?;
-    let (e_new, l_new, t_new) = embed_all(&compressed, &ids)?;
+    let (ids, reference, compressed) = bert_inputs(ctx, &items)?;
+    let (e_ref, l_ref, t_ref) = embed_all(ctx, &reference, &ids, "reference")?;
+    let (e_new, l_new, t_new) = embed_all(ctx, &compressed, &ids, "compressed")?;
     let fidelity = e_ref.iter().zip(&e_new).map(|(a, b)| bert::cosine(a, b)).sum::<f64>() / ids.len() as f64;
-    Ok(result(section, ids.len(), 1, (1.0, l_ref, t_ref), (fidelity, l_new, t_new)))
+    Ok(result(ctx.section, ids.len(), 1, (1.0, l_ref, t_ref), (fidelity, l_new, t_new)))
 }
 
 /// Token ids of `items` and the reference and compressed BERT encoders, for the BERT metrics.
-fn bert_inputs(
-    section: &EvalSection,
-    model: &ModelSource,
-    bundle_dir: &Path,
-    items: &[&str],
-) -> Result<(Vec<Vec<u32>>, bert::Bert, bert::Bert)> {
-    let config = model.config().cloned().unwrap_or_default();
-    let tokenizer = model_tokenizer(model)?;
+fn bert_inputs(ctx: &Ctx, items: &[&str]) -> Result<(Vec<Vec<u32>>, bert::Bert, bert::Bert)> {
+    let config = ctx.config();
+    let tokenizer = model_tokenizer(ctx.model)?;
     let ids = items
         .iter()
         .map(|s| tokenizer.encode(*s, true).map(|e| e.get_ids().to_vec()))
         .collect::<std::result::Result<_, _>>()
-        .map_err(|e| Error::Set(format!("{}: tokenizing: {e}", section.set.display())))?;
-    let reference = bert::Bert::load(&config, &weights::from_model(model))?;
-    let bundle = ModelSource::open(bundle_dir)?;
-    let compressed = bert::Bert::load(&config, &weights::from_bundle(&bundle)?)?;
+        .map_err(|e| Error::Set(format!("{}: tokenizing: {e}", ctx.section.set.display())))?;
+    let reference = bert::Bert::load(&config, &weights::from_model(ctx.model), ctx.device)?;
+    let compressed = bert::Bert::load(&config, &ctx.bundle_weights()?, ctx.device)?;
     Ok((ids, reference, compressed))
 }
 
 /// Spearman correlation between the model's cosine similarity of each pair and the human scores,
 /// for the reference and for the bundle (WordSim-353, SimLex-999).
-fn eval_bert_spearman(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -> Result<EvalResult> {
-    let pairs = sets::load_pairs(&section.set)?;
+fn eval_bert_spearman(ctx: &Ctx) -> Result<EvalResult> {
+    let pairs = sets::load_pairs(&ctx.section.set)?;
     let mut items: Vec<&str> = pairs.iter().flat_map(|(a, b, _)| [a.as_str(), b.as_str()]).collect();
     items.sort_unstable();
     items.dedup();
-    let (ids, reference, compressed) = bert_inputs(section, model, bundle_dir, &items)?;
+    let (ids, reference, compressed) = bert_inputs(ctx, &items)?;
     let human: Vec<f64> = pairs.iter().map(|p| p.2).collect();
     let score = |emb: &[Vec<f32>]| {
         let at = |w: &str| &emb[items.binary_search(&w).expect("every item was embedded")];
         let cos: Vec<f64> = pairs.iter().map(|(a, b, _)| bert::cosine(at(a), at(b))).collect();
         sets::spearman(&cos, &human)
     };
-    let (e_ref, l_ref, t_ref) = embed_all(&reference, &ids)?;
-    let (e_new, l_new, t_new) = embed_all(&compressed, &ids)?;
-    Ok(result(section, pairs.len(), 1, (score(&e_ref), l_ref, t_ref), (score(&e_new), l_new, t_new)))
+    let (e_ref, l_ref, t_ref) = embed_all(ctx, &reference, &ids, "reference")?;
+    let (e_new, l_new, t_new) = embed_all(ctx, &compressed, &ids, "compressed")?;
+    Ok(result(ctx.section, pairs.len(), 1, (score(&e_ref), l_ref, t_ref), (score(&e_new), l_new, t_new)))
 }
 
 /// Perplexity of the reference and the bundle on the first `max-tokens` tokens (default 2048) of
 /// a text, in non-overlapping windows of `window` tokens (default 512).
-fn eval_llama_perplexity(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -> Result<EvalResult> {
-    let config = model.config().cloned().unwrap_or_default();
-    let (ids, window) = text_tokens(section, model)?;
-    let reference = llama::Llama::load(&config, &weights::from_model(model))?;
-    let run = |m: &llama::Llama| -> Result<(f64, Latency, f64, usize)> {
+fn eval_llama_perplexity(ctx: &Ctx) -> Result<EvalResult> {
+    let config = ctx.config();
+    let (ids, window) = text_tokens(ctx.section, ctx.model)?;
+    let run = |m: &llama::Llama, what: &str| -> Result<(f64, Latency, f64, usize)> {
+        let bar = ctx.bar(ids.len().div_ceil(window), what);
         let mut times = Vec::new();
         let (mut nll, mut n) = (0f64, 0usize);
         let started = Instant::now();
@@ -228,29 +327,31 @@ fn eval_llama_perplexity(section: &EvalSection, model: &ModelSource, bundle_dir:
             times.push(t0.elapsed().as_secs_f64() * 1e3);
             nll += a;
             n += b;
+            bar.inc(1);
         }
+        bar.finish_and_clear();
         let secs = started.elapsed().as_secs_f64();
         Ok(((nll / n.max(1) as f64).exp(), percentiles(times), ids.len() as f64 / secs.max(1e-9), n))
     };
-    let (ppl_ref, l_ref, t_ref, n) = run(&reference)?;
+    let reference = llama::Llama::load(&config, &weights::from_model(ctx.model), ctx.device)?;
+    let (ppl_ref, l_ref, t_ref, n) = run(&reference, "reference")?;
     drop(reference);
-    let bundle = ModelSource::open(bundle_dir)?;
-    let compressed = llama::Llama::load(&config, &weights::from_bundle(&bundle)?)?;
-    let (ppl_new, l_new, t_new, _) = run(&compressed)?;
-    Ok(result(section, n, window, (ppl_ref, l_ref, t_ref), (ppl_new, l_new, t_new)))
+    let compressed = llama::Llama::load(&config, &ctx.bundle_weights()?, ctx.device)?;
+    let (ppl_new, l_new, t_new, _) = run(&compressed, "compressed")?;
+    Ok(result(ctx.section, n, window, (ppl_ref, l_ref, t_ref), (ppl_new, l_new, t_new)))
 }
 
 /// Mean KL divergence KL(reference ‖ bundle) of the next-token distributions over the same
 /// windows as perplexity (the reference scores 0), with top-1 agreement alongside in `extra`.
-fn eval_llama_kl(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -> Result<EvalResult> {
-    let config = model.config().cloned().unwrap_or_default();
-    let (ids, window) = text_tokens(section, model)?;
-    let reference = llama::Llama::load(&config, &weights::from_model(model))?;
-    let bundle = ModelSource::open(bundle_dir)?;
-    let compressed = llama::Llama::load(&config, &weights::from_bundle(&bundle)?)?;
+fn eval_llama_kl(ctx: &Ctx) -> Result<EvalResult> {
+    let config = ctx.config();
+    let (ids, window) = text_tokens(ctx.section, ctx.model)?;
+    let reference = llama::Llama::load(&config, &weights::from_model(ctx.model), ctx.device)?;
+    let compressed = llama::Llama::load(&config, &ctx.bundle_weights()?, ctx.device)?;
     let vocab = reference.vocab();
     let (mut kl, mut agree, mut n) = (0f64, 0usize, 0usize);
     let (mut t_ref, mut t_new) = (Vec::new(), Vec::new());
+    let bar = ctx.bar(ids.len().div_ceil(window), "both models");
     let started = Instant::now();
     for w in ids.chunks(window) {
         let t0 = Instant::now();
@@ -265,10 +366,12 @@ fn eval_llama_kl(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) 
             agree += usize::from(argmax(ra) == argmax(rb));
             n += 1;
         }
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     let per_model = ids.len() as f64 / (started.elapsed().as_secs_f64() / 2.0).max(1e-9);
     let mut r = result(
-        section,
+        ctx.section,
         n,
         window,
         (0.0, percentiles(t_ref), per_model),
@@ -332,10 +435,11 @@ pub fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
     Ok(t)
 }
 
-fn embed_all(model: &bert::Bert, ids: &[Vec<u32>]) -> Result<(Vec<Vec<f32>>, Latency, f64)> {
+fn embed_all(ctx: &Ctx, model: &bert::Bert, ids: &[Vec<u32>], what: &str) -> Result<(Vec<Vec<f32>>, Latency, f64)> {
     if let Some(first) = ids.first() {
         model.embed(first)?; // warm-up
     }
+    let bar = ctx.bar(ids.len(), what);
     let mut times = Vec::with_capacity(ids.len());
     let started = Instant::now();
     let mut out = Vec::with_capacity(ids.len());
@@ -343,7 +447,9 @@ fn embed_all(model: &bert::Bert, ids: &[Vec<u32>]) -> Result<(Vec<Vec<f32>>, Lat
         let t0 = Instant::now();
         out.push(model.embed(s)?);
         times.push(t0.elapsed().as_secs_f64() * 1e3);
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     let total = started.elapsed().as_secs_f64();
     Ok((out, percentiles(times), ids.len() as f64 / total.max(1e-9)))
 }
@@ -355,26 +461,29 @@ fn percentiles(mut times: Vec<f64>) -> Latency {
 }
 
 /// Accuracy, per-batch latency after one warm-up batch, and samples/s.
-fn run_accuracy(model: &mlp::Mlp, set: &sets::LabelledSet, batch: usize) -> (f64, Latency, f64) {
+fn run_accuracy(
+    ctx: &Ctx,
+    model: &mlp::Mlp,
+    set: &sets::LabelledSet,
+    batch: usize,
+    what: &str,
+) -> Result<(f64, Latency, f64)> {
     let mut correct = 0usize;
     let mut times = Vec::new();
-    // Warm-up: caches and the thread pool, not counted.
+    // Warm-up: caches, the thread pool, GPU pipelines; not counted.
     if let Some(first) = set.batches(batch).next() {
-        let _ = model.predict(first.0);
+        model.predict(first.0)?;
     }
+    let bar = ctx.bar(set.len().div_ceil(batch), what);
     let started = Instant::now();
     for (x, labels) in set.batches(batch) {
         let t0 = Instant::now();
-        let pred = model.predict(x);
+        let pred = model.predict(x)?;
         times.push(t0.elapsed().as_secs_f64() * 1e3);
         correct += pred.iter().zip(labels).filter(|(p, l)| p == l).count();
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     let total = started.elapsed().as_secs_f64();
-    times.sort_by(f64::total_cmp);
-    let pick = |q: f64| times.get(((times.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0.0);
-    (
-        correct as f64 / set.len().max(1) as f64,
-        Latency { p50: pick(0.5), p95: pick(0.95) },
-        set.len() as f64 / total.max(1e-9),
-    )
+    Ok((correct as f64 / set.len().max(1) as f64, percentiles(times), set.len() as f64 / total.max(1e-9)))
 }

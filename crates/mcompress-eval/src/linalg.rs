@@ -16,6 +16,16 @@ pub fn linear(x: &[f32], w: &[f32], b: Option<&[f32]>, k: usize, m: usize) -> Ve
     y
 }
 
+/// [`linear`] on the calling thread only (for callers that parallelise over weight blocks).
+pub fn linear_serial(x: &[f32], w: &[f32], b: Option<&[f32]>, k: usize, m: usize) -> Vec<f32> {
+    let n = x.len() / k;
+    let mut y = vec![0f32; n * m];
+    for (yb, xb) in y.chunks_mut(4 * m).zip(x.chunks(4 * k)) {
+        block(xb, w, b, k, m, yb);
+    }
+    y
+}
+
 #[multiversion::multiversion(targets("x86_64+avx+avx2"))]
 fn block(xb: &[f32], w: &[f32], b: Option<&[f32]>, k: usize, m: usize, yb: &mut [f32]) {
     let rows = xb.len() / k;

@@ -4,32 +4,31 @@
 //! shared/fixtures/llama_ppl.py step for step.
 #![allow(clippy::many_single_char_names)] // the usual names: q, k, v, h, n, x
 
-use crate::linalg::linear;
+use crate::linear::{Device, Lin};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
 struct Layer {
     ln_in: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    o: Vec<f32>,
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    o: Lin,
     ln_post: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    down: Vec<f32>,
+    gate: Lin,
+    up: Lin,
+    down: Lin,
 }
 
 /// A loaded llama model.
 pub struct Llama {
     embed: Vec<f32>,
-    lm_head: Option<Vec<f32>>,
+    lm_head: Lin,
     layers: Vec<Layer>,
     norm: Vec<f32>,
     hidden: usize,
     heads: usize,
     kv_heads: usize,
-    inter: usize,
     vocab: usize,
     eps: f32,
     inv_freq: Vec<f64>,
@@ -45,8 +44,9 @@ impl std::fmt::Debug for Llama {
 }
 
 impl Llama {
-    /// Builds the model from config.json and weights (names as in transformers' LlamaForCausalLM).
-    pub fn load(config: &serde_json::Value, w: &Weights) -> Result<Self> {
+    /// Builds the model from config.json and weights (names as in transformers' LlamaForCausalLM),
+    /// with its linear layers (and lm_head, tied or not) on `device`.
+    pub fn load(config: &serde_json::Value, w: &Weights, device: &Device) -> Result<Self> {
         let bad = |m: String| Error::Model(format!("llama: {m}"));
         let u =
             |k: &str| config[k].as_u64().map(|v| v as usize).ok_or_else(|| bad(format!("config.json: {k} missing")));
@@ -62,41 +62,39 @@ impl Llama {
             return Err(bad(format!("{heads} heads / {kv_heads} KV heads do not divide hidden size {hidden}")));
         }
         let hd = hidden / heads;
-        let get = |n: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            let (s, d) = w.get(n).ok_or_else(|| bad(format!("tensor {n} missing")))?;
-            if s.as_slice() != shape {
-                return Err(bad(format!("tensor {n} has shape {s:?}, expected {shape:?}")));
-            }
-            Ok(d.clone())
-        };
+        let get = |n: &str, shape: &[usize]| w.get(n, shape).map_err(bad);
+        let lin =
+            |n: &str, out: usize, inp: usize| Lin::new(w.matrix(n, out, inp).map_err(bad)?, out, inp, None, device);
         let layers = (0..n_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
                 Ok(Layer {
                     ln_in: get(&format!("{p}.input_layernorm.weight"), &[hidden])?,
-                    q: get(&format!("{p}.self_attn.q_proj.weight"), &[heads * hd, hidden])?,
-                    k: get(&format!("{p}.self_attn.k_proj.weight"), &[kv_heads * hd, hidden])?,
-                    v: get(&format!("{p}.self_attn.v_proj.weight"), &[kv_heads * hd, hidden])?,
-                    o: get(&format!("{p}.self_attn.o_proj.weight"), &[hidden, heads * hd])?,
+                    q: lin(&format!("{p}.self_attn.q_proj.weight"), heads * hd, hidden)?,
+                    k: lin(&format!("{p}.self_attn.k_proj.weight"), kv_heads * hd, hidden)?,
+                    v: lin(&format!("{p}.self_attn.v_proj.weight"), kv_heads * hd, hidden)?,
+                    o: lin(&format!("{p}.self_attn.o_proj.weight"), hidden, heads * hd)?,
                     ln_post: get(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
-                    gate: get(&format!("{p}.mlp.gate_proj.weight"), &[inter, hidden])?,
-                    up: get(&format!("{p}.mlp.up_proj.weight"), &[inter, hidden])?,
-                    down: get(&format!("{p}.mlp.down_proj.weight"), &[hidden, inter])?,
+                    gate: lin(&format!("{p}.mlp.gate_proj.weight"), inter, hidden)?,
+                    up: lin(&format!("{p}.mlp.up_proj.weight"), inter, hidden)?,
+                    down: lin(&format!("{p}.mlp.down_proj.weight"), hidden, inter)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let theta = config["rope_theta"].as_f64().unwrap_or(10000.0);
         let inv_freq = (0..hd / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / hd as f64)).collect();
-        let lm_head = w.contains_key("lm_head.weight").then(|| get("lm_head.weight", &[vocab, hidden])).transpose()?;
+        let embed = get("model.embed_tokens.weight", &[vocab, hidden])?;
+        // Tied embeddings: lm_head is the embedding matrix (kept packed if the bundle quantized it).
+        let head_name = if w.contains("lm_head.weight") { "lm_head.weight" } else { "model.embed_tokens.weight" };
+        let lm_head = lin(head_name, vocab, hidden)?;
         Ok(Llama {
-            embed: get("model.embed_tokens.weight", &[vocab, hidden])?,
+            embed,
             lm_head,
             layers,
             norm: get("model.norm.weight", &[hidden])?,
             hidden,
             heads,
             kv_heads,
-            inter,
             vocab,
             eps: config["rms_norm_eps"].as_f64().unwrap_or(1e-5) as f32,
             inv_freq,
@@ -151,9 +149,9 @@ impl Llama {
         let scale = 1.0 / (hd as f32).sqrt();
         for l in &self.layers {
             let a = self.rms(&x, &l.ln_in);
-            let mut q = linear(&a, &l.q, None, h, self.heads * hd);
-            let mut k = linear(&a, &l.k, None, h, self.kv_heads * hd);
-            let v = linear(&a, &l.v, None, h, self.kv_heads * hd);
+            let mut q = l.q.apply(&a)?;
+            let mut k = l.k.apply(&a)?;
+            let v = l.v.apply(&a)?;
             self.rope(&mut q, n, self.heads);
             self.rope(&mut k, n, self.kv_heads);
             let mut ctx = vec![0f32; n * self.heads * hd];
@@ -186,17 +184,17 @@ impl Llama {
                     }
                 });
             }
-            let o = linear(&ctx, &l.o, None, self.heads * hd, h);
+            let o = l.o.apply(&ctx)?;
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             let a = self.rms(&x, &l.ln_post);
-            let g = linear(&a, &l.gate, None, h, self.inter);
-            let u = linear(&a, &l.up, None, h, self.inter);
+            let g = l.gate.apply(&a)?;
+            let u = l.up.apply(&a)?;
             let act: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
-            let d = linear(&act, &l.down, None, self.inter, h);
+            let d = l.down.apply(&act)?;
             x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
         }
         let x = self.rms(&x, &self.norm);
-        Ok(linear(&x, self.lm_head.as_ref().unwrap_or(&self.embed), None, h, self.vocab))
+        self.lm_head.apply(&x)
     }
 
     /// Sum of negative log-likelihoods of each next token and their count, over non-overlapping

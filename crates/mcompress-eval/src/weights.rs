@@ -1,29 +1,37 @@
-//! f32 weights by name, from a model source or a bundle.
+//! Weights by name, from a model source or a bundle: dense tensors as f32, quantized matrices
+//! kept in their packed layout for the fused kernels.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use mcompress_core::ModelSource;
-use mcompress_passes::quant::{load_quantized, schemes_from_config};
+use mcompress_passes::quant::{Quantized, load_quantized, schemes_from_config};
 
+use crate::linear::Matrix;
 use crate::{Error, Result};
 
-/// Named f32 tensors with shapes.
-pub type Weights = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+/// Named tensors: dense f32 with shapes, and packed quantized matrices.
+#[derive(Clone, Debug, Default)]
+pub struct Weights {
+    dense: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    packed: BTreeMap<String, Arc<Quantized>>,
+}
 
 /// Every float tensor of a model, as f32.
 pub fn from_model(model: &ModelSource) -> Weights {
-    model
+    let dense = model
         .tensors()
         .iter()
         .filter_map(|r| {
             let v = model.view(r);
             v.to_f32().map(|data| (v.name.to_string(), (v.shape.to_vec(), data)))
         })
-        .collect()
+        .collect();
+    Weights { dense, packed: BTreeMap::new() }
 }
 
-/// Every weight of a bundle as f32: dense tensors converted, quantized matrices dequantized
-/// exactly as a reader of docs/quantized-layout.md would.
+/// Every weight of a bundle: dense tensors as f32, quantized matrices (`<module>.weight`) read
+/// through the documented packed layout and kept packed.
 pub fn from_bundle(bundle: &ModelSource) -> Result<Weights> {
     let schemes = match bundle.config() {
         Some(c) => schemes_from_config(c)
@@ -35,7 +43,52 @@ pub fn from_bundle(bundle: &ModelSource) -> Result<Weights> {
         let name = format!("{module}.weight");
         let q = load_quantized(bundle, &name, scheme)
             .map_err(|e| Error::Model(format!("{}: {name}: {e}", bundle.path().display())))?;
-        out.insert(name, (q.shape.clone(), q.dequantize()));
+        out.packed.insert(name, Arc::new(q));
     }
     Ok(out)
+}
+
+impl Weights {
+    /// Whether a tensor of this name exists (dense or packed).
+    pub fn contains(&self, name: &str) -> bool {
+        self.dense.contains_key(name) || self.packed.contains_key(name)
+    }
+
+    /// Names of the packed (quantized) matrices.
+    pub fn packed_names(&self) -> impl Iterator<Item = &str> {
+        self.packed.keys().map(String::as_str)
+    }
+
+    /// `(out, inp)` of a two-dimensional tensor.
+    pub fn shape2(&self, name: &str) -> Option<(usize, usize)> {
+        let shape = self.packed.get(name).map(|q| &q.shape).or_else(|| self.dense.get(name).map(|d| &d.0))?;
+        match shape.as_slice() {
+            &[out, inp] => Some((out, inp)),
+            _ => None,
+        }
+    }
+
+    /// A tensor as f32 with its shape checked (a packed matrix is dequantized).
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, String> {
+        if let Some(q) = self.packed.get(name) {
+            check_shape(name, &q.shape, shape)?;
+            return Ok(q.dequantize());
+        }
+        let (s, d) = self.dense.get(name).ok_or_else(|| format!("tensor {name} missing"))?;
+        check_shape(name, s, shape)?;
+        Ok(d.clone())
+    }
+
+    /// A `[out, inp]` matrix, packed if it is stored packed.
+    pub fn matrix(&self, name: &str, out: usize, inp: usize) -> Result<Matrix, String> {
+        if let Some(q) = self.packed.get(name) {
+            check_shape(name, &q.shape, &[out, inp])?;
+            return Ok(Matrix::Packed(Arc::clone(q)));
+        }
+        self.get(name, &[out, inp]).map(Matrix::Dense)
+    }
+}
+
+fn check_shape(name: &str, have: &[usize], want: &[usize]) -> Result<(), String> {
+    if have == want { Ok(()) } else { Err(format!("tensor {name} has shape {have:?}, expected {want:?}")) }
 }

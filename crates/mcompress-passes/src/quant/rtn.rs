@@ -69,6 +69,37 @@ impl Quantized {
         }
     }
 
+    /// Dequantizes row `r` into `out` (`cols` values): the same values as [`Self::dequantize`],
+    /// decoded a packed word at a time. Fused kernels use it to keep one row, never the matrix,
+    /// in f32.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let s = &self.scheme;
+        let (groups, gl) = (s.groups(self.cols), s.group_len(self.cols));
+        let row = &self.packed[r * s.packed_row_bytes(self.cols)..][..s.packed_row_bytes(self.cols)];
+        let out = &mut out[..self.cols];
+        if s.bits == 8 {
+            for (o, &b) in out.iter_mut().zip(row) {
+                *o = f32::from(b as i8);
+            }
+        } else {
+            let (pf, bits, mask, off) = (s.pack_factor(), u32::from(s.bits), (1u32 << s.bits) - 1, s.offset());
+            for (chunk, word) in out.chunks_mut(pf).zip(row.chunks_exact(4)) {
+                let w = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+                for (i, o) in chunk.iter_mut().enumerate() {
+                    *o = (((w >> (i as u32 * bits)) & mask) as i32 - off) as f32;
+                }
+            }
+        }
+        for (g, vals) in out.chunks_mut(gl).enumerate() {
+            let gi = r * groups + g;
+            let zp = self.zero_point.as_ref().map_or(0, |z| i32::from(z[gi]));
+            let scale = self.scale[gi];
+            for v in vals {
+                *v = dequant_value(*v as i32, scale, zp);
+            }
+        }
+    }
+
     /// Dequantizes to f32, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let groups = self.scheme.groups(self.cols);
@@ -479,6 +510,18 @@ mod tests {
             prop_assert_eq!(&fast.scale, &slow.scale);
             prop_assert_eq!(&fast.zero_point, &slow.zero_point);
             prop_assert!((fast.rel_rmse() - slow.rel_rmse()).abs() <= 1e-4 * slow.rel_rmse().max(1e-3));
+        }
+
+        #[test]
+        fn test_dequantize_row_matches_dequantize(s in arb_scheme(), shape in arb_shape(), seed in any::<u64>()) {
+            let v = pseudo_normal(seed, shape[0] * shape[1]);
+            let q = quantize(&s, DType::F32, &shape, &bytes(DType::F32, &v)).unwrap();
+            let deq = q.dequantize();
+            let mut row = vec![0f32; shape[1]];
+            for (r, want) in deq.chunks(shape[1]).enumerate() {
+                q.dequantize_row(r, &mut row);
+                prop_assert_eq!(&row[..], want, "{} row {}", s.label(), r);
+            }
         }
 
         #[test]
