@@ -117,9 +117,12 @@ fn hamlet() -> Option<PathBuf> {
 fn test_smollm2_greedy_decoding_says_paris() {
     let Some(gguf) = smollm2() else { return };
     let model = mcompress_core::ModelSource::open(&gguf).unwrap();
-    let llama =
-        mcompress_eval::llama::Llama::load(model.config().unwrap(), &mcompress_eval::weights::from_model(&model))
-            .unwrap();
+    let llama = mcompress_eval::llama::Llama::load(
+        model.config().unwrap(),
+        &mcompress_eval::weights::from_model(&model),
+        &mcompress_eval::linear::Device::Cpu,
+    )
+    .unwrap();
     let tok = mcompress_eval::model_tokenizer(&model).unwrap();
     let mut ids = tok.encode("The capital of France is", false).unwrap().get_ids().to_vec();
     let prompt = ids.len();

@@ -10,3 +10,5 @@ mod html;
 mod minilm;
 mod sign;
 mod util;
+#[cfg(feature = "wgpu")]
+mod wgpu;

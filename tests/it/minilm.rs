@@ -66,8 +66,12 @@ fn test_minilm_reference_embeddings_match_sentence_transformers() {
     // The sentence-transformers README example: cosines 0.6660 / 0.1046 / 0.1411.
     let Some(model) = minilm() else { return };
     let src = mcompress_core::ModelSource::open(&model).unwrap();
-    let bert =
-        mcompress_eval::bert::Bert::load(src.config().unwrap(), &mcompress_eval::weights::from_model(&src)).unwrap();
+    let bert = mcompress_eval::bert::Bert::load(
+        src.config().unwrap(),
+        &mcompress_eval::weights::from_model(&src),
+        &mcompress_eval::linear::Device::Cpu,
+    )
+    .unwrap();
     let tok = mcompress_eval::load_tokenizer(&model.join("tokenizer.json")).unwrap();
     let e: Vec<Vec<f32>> = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
         .iter()

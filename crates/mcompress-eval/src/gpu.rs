@@ -174,6 +174,8 @@ pub struct GpuLinear {
     row_words: u32,
     has_zp: bool,
     has_bias: bool,
+    /// Bytes per buffer binding (the device limit; smaller in tests to exercise the splits).
+    limit: u64,
 }
 
 impl std::fmt::Debug for GpuLinear {
@@ -190,20 +192,35 @@ impl std::fmt::Debug for GpuLinear {
 impl GpuLinear {
     /// Uploads a dense `[out, inp]` f32 matrix.
     pub fn dense(gpu: &Arc<Gpu>, w: &[f32], out: usize, inp: usize, bias: Option<&[f32]>) -> Result<Self> {
+        Self::dense_limited(gpu, w, out, inp, bias, gpu.max_binding)
+    }
+
+    fn dense_limited(
+        gpu: &Arc<Gpu>,
+        w: &[f32],
+        out: usize,
+        inp: usize,
+        bias: Option<&[f32]>,
+        limit: u64,
+    ) -> Result<Self> {
         let row_bytes = inp * 4;
-        let chunks = split_rows(gpu, out, row_bytes, "dense", |r0, r1| {
+        let chunks = split_rows(limit, out, row_bytes, "dense", |r0, r1| {
             (bytemuck::cast_slice(&w[r0 * inp..r1 * inp]).to_vec(), Vec::new(), Vec::new())
         })?;
-        Self::finish(gpu, chunks, bias, out, inp, (32, 1, 1, inp as u32, 0), false)
+        Self::finish(gpu, chunks, bias, out, inp, (32, 1, 1, inp as u32, 0), false, limit)
     }
 
     /// Uploads a quantized matrix in its packed layout, as stored in the bundle.
     pub fn packed(gpu: &Arc<Gpu>, q: &Quantized, bias: Option<&[f32]>) -> Result<Self> {
+        Self::packed_limited(gpu, q, bias, gpu.max_binding)
+    }
+
+    fn packed_limited(gpu: &Arc<Gpu>, q: &Quantized, bias: Option<&[f32]>, limit: u64) -> Result<Self> {
         let s = &q.scheme;
         let (out, inp) = (q.rows, q.cols);
         let row_bytes = s.packed_row_bytes(inp);
         let groups = s.groups(inp);
-        let chunks = split_rows(gpu, out, row_bytes, "packed", |r0, r1| {
+        let chunks = split_rows(limit, out, row_bytes, "packed", |r0, r1| {
             let zp = q
                 .zero_point
                 .as_ref()
@@ -213,7 +230,7 @@ impl GpuLinear {
         })?;
         let row_words = (row_bytes / 4) as u32;
         let geometry = (u32::from(s.bits), s.pack_factor() as u32, groups as u32, s.group_len(inp) as u32, row_words);
-        Self::finish(gpu, chunks, bias, out, inp, geometry, q.zero_point.is_some())
+        Self::finish(gpu, chunks, bias, out, inp, geometry, q.zero_point.is_some(), limit)
     }
 
     fn finish(
@@ -224,6 +241,7 @@ impl GpuLinear {
         inp: usize,
         (bits, pf, groups, group_len, row_words): (u32, u32, u32, u32, u32),
         has_zp: bool,
+        limit: u64,
     ) -> Result<Self> {
         let chunks = parts
             .into_iter()
@@ -249,6 +267,7 @@ impl GpuLinear {
             row_words,
             has_zp,
             has_bias: bias.is_some(),
+            limit,
         })
     }
 
@@ -258,7 +277,7 @@ impl GpuLinear {
         let n = x.len() / k;
         let mut y = vec![0f32; n * m];
         // Input rows per submission: the output and input slices must each fit one binding.
-        let max = (self.gpu.max_binding / 4) as usize;
+        let max = (self.limit / 4) as usize;
         let per_call = (max / m.max(1)).min(max / k.max(1)).clamp(1, 1 << 16);
         for (x_rows, y_rows) in x.chunks(per_call * k).zip(y.chunks_mut(per_call * m)) {
             self.apply_rows(x_rows, y_rows)?;
@@ -361,17 +380,16 @@ type Part = (usize, usize, Vec<u8>, Vec<f32>, Vec<i32>);
 
 /// Splits `rows` into chunks whose weight bytes fit one storage binding (rows kept whole).
 fn split_rows(
-    gpu: &Gpu,
+    limit: u64,
     rows: usize,
     row_bytes: usize,
     what: &str,
     mut part: impl FnMut(usize, usize) -> (Vec<u8>, Vec<f32>, Vec<i32>),
 ) -> Result<Vec<Part>> {
-    let per = (gpu.max_binding as usize / row_bytes.max(1)).min(rows.max(1));
+    let per = (limit as usize / row_bytes.max(1)).min(rows.max(1));
     if per == 0 {
         return Err(Error::Backend(format!(
-            "{what} matrix row of {row_bytes} bytes exceeds the adapter's {} byte storage binding",
-            gpu.max_binding
+            "{what} matrix row of {row_bytes} bytes exceeds the adapter's {limit} byte storage binding"
         )));
     }
     let mut out = Vec::new();
@@ -383,4 +401,73 @@ fn split_rows(
         r0 = r1;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::linalg;
+    use crate::linear::testing::{quantized, schemes, values};
+
+    /// The device, or `None` (test skipped) where no adapter exists and CI did not ask for one.
+    pub(crate) fn gpu_or_skip() -> Option<Arc<Gpu>> {
+        match device() {
+            Ok(g) => Some(g),
+            Err(e) if std::env::var_os("MCOMPRESS_REQUIRE_WGPU").is_none() => {
+                #[allow(clippy::print_stderr)]
+                {
+                    eprintln!("skipping wgpu test: {e}");
+                }
+                None
+            }
+            Err(e) => panic!("MCOMPRESS_REQUIRE_WGPU is set but {e}"),
+        }
+    }
+
+    fn close(got: &[f32], want: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+            assert!((a - b).abs() <= 2e-5 * scale, "{what}: y[{i}] gpu {a} vs cpu {b}");
+        }
+    }
+
+    #[test]
+    fn test_fused_kernel_matches_cpu_for_every_scheme() {
+        let Some(gpu) = gpu_or_skip() else { return };
+        // Rows and columns that are not multiples of the 16 × 64 tile or of a packed word.
+        let (n, rows, cols) = (19, 70, 100);
+        let x = values(n * cols, 11);
+        let bias = values(rows, 12);
+        for s in schemes() {
+            let q = quantized(&s, rows, cols, 13);
+            let want = linalg::linear(&x, &q.dequantize(), Some(&bias), cols, rows);
+            let got = GpuLinear::packed(&gpu, &q, Some(&bias)).unwrap().apply(&x).unwrap();
+            close(&got, &want, &s.label());
+        }
+        let w = values(rows * cols, 14);
+        let got = GpuLinear::dense(&gpu, &w, rows, cols, None).unwrap().apply(&x).unwrap();
+        close(&got, &linalg::linear(&x, &w, None, cols, rows), "dense f32");
+    }
+
+    #[test]
+    fn test_matrices_and_calls_split_to_fit_the_binding_limit() {
+        let Some(gpu) = gpu_or_skip() else { return };
+        let (n, rows, cols) = (33, 50, 64);
+        let x = values(n * cols, 21);
+        // 1 KiB per binding: weights in chunks of a few rows, inputs in chunks of a few rows.
+        let limit = 1024;
+        let q =
+            quantized(&mcompress_passes::quant::QScheme { bits: 4, group_size: 32, symmetric: false }, rows, cols, 22);
+        let lin = GpuLinear::packed_limited(&gpu, &q, None, limit).unwrap();
+        assert!(lin.chunks.len() > 1);
+        close(&lin.apply(&x).unwrap(), &linalg::linear(&x, &q.dequantize(), None, cols, rows), "packed, split");
+        let w = values(rows * cols, 23);
+        let lin = GpuLinear::dense_limited(&gpu, &w, rows, cols, None, limit).unwrap();
+        assert_eq!(lin.chunks.len(), 13, "4 rows of 256 bytes per chunk");
+        close(&lin.apply(&x).unwrap(), &linalg::linear(&x, &w, None, cols, rows), "dense, split");
+        // A row wider than a binding is refused with a clear error, not a device fault.
+        let err = GpuLinear::dense_limited(&gpu, &w, rows, cols, None, 128).unwrap_err().to_string();
+        assert!(err.contains("exceeds the adapter's 128 byte storage binding"), "{err}");
+    }
 }

@@ -123,3 +123,65 @@ pub fn linear_packed(x: &[f32], q: &Quantized, bias: Option<&[f32]>) -> Vec<f32>
     }
     y
 }
+
+/// Test helpers shared with the GPU tests: quantized matrices of every scheme.
+#[cfg(test)]
+pub(crate) mod testing {
+    use mcompress_core::DType;
+    use mcompress_passes::quant::{QScheme, Quantized, quantize};
+
+    /// Deterministic values in about [-1, 1] with some larger outliers.
+    pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        (0..n)
+            .map(|i| {
+                s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                let v = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+                if i % 97 == 0 { v * 8.0 } else { v }
+            })
+            .collect()
+    }
+
+    /// Every bit width, symmetric and asymmetric, per channel and grouped (including a group
+    /// that does not divide the row and one that straddles packed words).
+    pub(crate) fn schemes() -> Vec<QScheme> {
+        let mut out = Vec::new();
+        for bits in QScheme::BITS {
+            for symmetric in [true, false] {
+                for group_size in [0, 32, 40] {
+                    out.push(QScheme { bits, group_size, symmetric });
+                }
+            }
+        }
+        out
+    }
+
+    pub(crate) fn quantized(s: &QScheme, rows: usize, cols: usize, seed: u64) -> Quantized {
+        let v = values(rows * cols, seed);
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        quantize(s, DType::F32, &[rows, cols], &bytes).expect("finite values quantize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{quantized, schemes, values};
+    use super::*;
+
+    #[test]
+    fn test_fused_cpu_matches_dequantize_then_matmul() {
+        let (n, rows, cols) = (7, 37, 100);
+        let x = values(n * cols, 1);
+        let bias = values(rows, 2);
+        for s in schemes() {
+            let q = quantized(&s, rows, cols, 3);
+            let want = linalg::linear(&x, &q.dequantize(), Some(&bias), cols, rows);
+            let lin = Lin::new(Matrix::Packed(Arc::new(q)), rows, cols, Some(bias.clone()), &Device::Cpu).unwrap();
+            let got = lin.apply(&x).unwrap();
+            assert_eq!(got.len(), want.len());
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{}: y[{i}] fused {a} vs {b}", s.label());
+            }
+        }
+    }
+}
