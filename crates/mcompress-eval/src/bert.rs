@@ -110,48 +110,40 @@ impl Bert {
 
     /// The L2-normalised, mask-mean-pooled sentence embedding of one token sequence.
     pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let (h, n) = (self.hidden, ids.len());
-        if n == 0 || n > self.max_pos {
-            return Err(Error::Model(format!("BERT: {n} tokens (1 to {} supported)", self.max_pos)));
-        }
-        let mut x = vec![0f32; n * h];
-        for (t, &id) in ids.iter().enumerate() {
-            let id = id as usize;
-            if id >= self.vocab {
-                return Err(Error::Model(format!("BERT: token id {id} outside the vocabulary of {}", self.vocab)));
+        Ok(self.embed_batch(&[ids])?.pop().expect("one embedding per sequence"))
+    }
+
+    /// Embeddings of a batch of sequences of any lengths. The batch is ragged, not padded: every
+    /// token of every sequence is one row of each linear layer's input (one matmul per layer for
+    /// the whole batch), attention stays within its own sequence, and mean pooling covers exactly
+    /// the sequence's tokens — what mean pooling with the attention mask computes on a padded
+    /// batch.
+    pub fn embed_batch(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        let h = self.hidden;
+        let mut starts = Vec::with_capacity(seqs.len() + 1);
+        let mut x = Vec::new();
+        for ids in seqs {
+            let n = ids.len();
+            if n == 0 || n > self.max_pos {
+                return Err(Error::Model(format!("BERT: {n} tokens (1 to {} supported)", self.max_pos)));
             }
-            for d in 0..h {
-                x[t * h + d] = self.word[id * h + d] + self.pos[t * h + d] + self.typ[d];
+            starts.push(x.len() / h);
+            for (t, &id) in ids.iter().enumerate() {
+                let id = id as usize;
+                if id >= self.vocab {
+                    return Err(Error::Model(format!("BERT: token id {id} outside the vocabulary of {}", self.vocab)));
+                }
+                x.extend((0..h).map(|d| self.word[id * h + d] + self.pos[t * h + d] + self.typ[d]));
             }
         }
+        starts.push(x.len() / h);
         self.ln.apply(&mut x);
-        let hd = h / self.heads;
-        let scale = 1.0 / (hd as f32).sqrt();
         for l in &self.layers {
             let (q, k, v) = (l.q.apply(&x)?, l.k.apply(&x)?, l.v.apply(&x)?);
-            let mut ctx = vec![0f32; n * h];
-            for head in 0..self.heads {
-                let off = head * hd;
-                for i in 0..n {
-                    let qi = &q[i * h + off..i * h + off + hd];
-                    let mut s: Vec<f32> = (0..n)
-                        .map(|j| {
-                            qi.iter().zip(&k[j * h + off..j * h + off + hd]).map(|(a, b)| a * b).sum::<f32>() * scale
-                        })
-                        .collect();
-                    let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut z = 0f32;
-                    for v in &mut s {
-                        *v = (*v - m).exp();
-                        z += *v;
-                    }
-                    for (j, p) in s.iter().enumerate() {
-                        let vj = &v[j * h + off..j * h + off + hd];
-                        for (c, vv) in ctx[i * h + off..i * h + off + hd].iter_mut().zip(vj) {
-                            *c += p / z * vv;
-                        }
-                    }
-                }
+            let mut ctx = vec![0f32; x.len()];
+            for w in starts.windows(2) {
+                let r = w[0] * h..w[1] * h;
+                self.attention(&q[r.clone()], &k[r.clone()], &v[r.clone()], &mut ctx[r]);
             }
             let mut a = l.o.apply(&ctx)?;
             a.iter_mut().zip(&x).for_each(|(a, r)| *a += r);
@@ -166,16 +158,50 @@ impl Bert {
             l.ln2.apply(&mut y);
             x = y;
         }
-        let mut e = vec![0f32; h];
-        for t in 0..n {
-            for d in 0..h {
-                e[d] += x[t * h + d];
+        Ok(starts
+            .windows(2)
+            .map(|w| {
+                let mut e = vec![0f32; h];
+                for t in w[0]..w[1] {
+                    for d in 0..h {
+                        e[d] += x[t * h + d];
+                    }
+                }
+                // Mean over the sequence's tokens, then L2 normalisation; the 1/n of the mean
+                // cancels in the normalisation.
+                let norm = e.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                e.iter().map(|v| v / norm).collect()
+            })
+            .collect())
+    }
+
+    /// Bidirectional multi-head attention of one sequence (`q`, `k`, `v`, `ctx`: `[n, hidden]`).
+    fn attention(&self, q: &[f32], k: &[f32], v: &[f32], ctx: &mut [f32]) {
+        let h = self.hidden;
+        let n = q.len() / h;
+        let hd = h / self.heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        for head in 0..self.heads {
+            let off = head * hd;
+            for i in 0..n {
+                let qi = &q[i * h + off..i * h + off + hd];
+                let mut s: Vec<f32> = (0..n)
+                    .map(|j| qi.iter().zip(&k[j * h + off..j * h + off + hd]).map(|(a, b)| a * b).sum::<f32>() * scale)
+                    .collect();
+                let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut z = 0f32;
+                for v in &mut s {
+                    *v = (*v - m).exp();
+                    z += *v;
+                }
+                for (j, p) in s.iter().enumerate() {
+                    let vj = &v[j * h + off..j * h + off + hd];
+                    for (c, vv) in ctx[i * h + off..i * h + off + hd].iter_mut().zip(vj) {
+                        *c += p / z * vv;
+                    }
+                }
             }
         }
-        // Mean over tokens (every token is real: no padding), then L2 normalisation; the 1/n of
-        // the mean cancels in the normalisation.
-        let norm = e.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-        Ok(e.iter().map(|v| v / norm).collect())
     }
 }
 

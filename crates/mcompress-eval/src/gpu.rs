@@ -348,7 +348,7 @@ impl GpuLinear {
             pass.set_pipeline(&gpu.pipeline);
             for (bg, rows) in &groups {
                 pass.set_bind_group(0, bg, &[]);
-                pass.dispatch_workgroups(rows.div_ceil(64) as u32, n.div_ceil(16) as u32, 1);
+                pass.dispatch_workgroups(rows.div_ceil(64) as u32, n.div_ceil(64) as u32, 1);
             }
         }
         enc.copy_buffer_to_buffer(&yb, 0, &staging, 0, y_bytes);

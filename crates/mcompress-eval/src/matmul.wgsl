@@ -9,9 +9,10 @@
 // Value = (code - zero_point[g]) * scale[g], g = r * groups + c / group_len: the formula of
 // mcompress_passes::quant::dequant_value, so the CPU and GPU paths decode identical f32 weights.
 //
-// Tiling: a 16 × 16 workgroup computes a 16-row × 64-column block of y; each invocation holds
-// four accumulators (columns lid.x, +16, +32, +48), so every x value loaded into workgroup memory
-// is used four times.
+// Tiling: a 16 × 16 workgroup computes a 64 × 64 block of y, each invocation a 4 × 4 register
+// block (rows ly + 16i, columns lx + 16j); K advances 32 at a time through workgroup memory, so
+// each decoded weight and each x value is used 64 times per load and barriers are rare (llvmpipe
+// pays for every barrier).
 
 struct Params {
     n: u32,
@@ -36,11 +37,12 @@ struct Params {
 @group(0) @binding(5) var<storage, read> bias: array<f32>;
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
 
-const T: u32 = 16u;
-const C: u32 = 64u;
+const TM: u32 = 64u; // rows of x per workgroup
+const TN: u32 = 64u; // rows of W (columns of y) per workgroup
+const TK: u32 = 32u; // k per step
 
-var<workgroup> xs: array<array<f32, 17>, 16>;
-var<workgroup> ws: array<array<f32, 17>, 64>;
+var<workgroup> xs: array<array<f32, 33>, 64>;
+var<workgroup> ws: array<array<f32, 33>, 64>;
 
 fn load_w(r: u32, c: u32) -> f32 {
     if p.bits == 32u {
@@ -64,43 +66,54 @@ fn load_w(r: u32, c: u32) -> f32 {
     return f32(q - z) * scale[g];
 }
 
-@compute @workgroup_size(16, 16)
+@compute @workgroup_size(8, 8)
 fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let row = wid.y * T + lid.y;
-    let col_base = wid.x * C;
-    var acc = vec4<f32>(0.0);
-    for (var k0 = 0u; k0 < p.k; k0 += T) {
-        let kc = k0 + lid.x;
-        var xv = 0.0;
-        if row < p.n && kc < p.k {
-            xv = x[row * p.k + kc];
-        }
-        xs[lid.y][lid.x] = xv;
-        for (var j = 0u; j < 4u; j++) {
-            let wl = lid.y + j * T;
-            let wr = col_base + wl;
-            var wv = 0.0;
-            if wr < p.m && kc < p.k {
-                wv = load_w(wr, kc);
+    let row0 = wid.y * TM;
+    let col0 = wid.x * TN;
+    let t = lid.y * 8u + lid.x;
+    var acc: array<array<vec4<f32>, 2>, 8>;
+    for (var k0 = 0u; k0 < p.k; k0 += TK) {
+        for (var s = 0u; s < 32u; s++) {
+            let e = t + s * 64u;
+            let r = e / TK;
+            let kk = e % TK;
+            let c = k0 + kk;
+            var xv = 0.0;
+            if row0 + r < p.n && c < p.k {
+                xv = x[(row0 + r) * p.k + c];
             }
-            ws[wl][lid.x] = wv;
+            xs[r][kk] = xv;
+            var wv = 0.0;
+            if col0 + r < p.m && c < p.k {
+                wv = load_w(col0 + r, c);
+            }
+            ws[r][kk] = wv;
         }
         workgroupBarrier();
-        for (var i = 0u; i < T; i++) {
-            let xi = xs[lid.y][i];
-            acc += xi * vec4<f32>(ws[lid.x][i], ws[lid.x + T][i], ws[lid.x + 2u * T][i], ws[lid.x + 3u * T][i]);
+        for (var kk = 0u; kk < TK; kk++) {
+            let w0 = vec4<f32>(ws[lid.x][kk], ws[lid.x + 8u][kk], ws[lid.x + 16u][kk], ws[lid.x + 24u][kk]);
+            let w1 = vec4<f32>(ws[lid.x + 32u][kk], ws[lid.x + 40u][kk], ws[lid.x + 48u][kk], ws[lid.x + 56u][kk]);
+            for (var i = 0u; i < 8u; i++) {
+                let xv = xs[lid.y + 8u * i][kk];
+                acc[i][0] += xv * w0;
+                acc[i][1] += xv * w1;
+            }
         }
         workgroupBarrier();
     }
-    if row < p.n {
-        for (var j = 0u; j < 4u; j++) {
-            let col = col_base + lid.x + j * T;
+    for (var i = 0u; i < 8u; i++) {
+        let row = row0 + lid.y + 8u * i;
+        if row >= p.n {
+            break;
+        }
+        for (var j = 0u; j < 8u; j++) {
+            let col = col0 + lid.x + 8u * j;
             if col < p.m {
                 var b = 0.0;
                 if p.has_bias != 0u {
                     b = bias[col];
                 }
-                y[row * p.out_stride + p.col0 + col] = acc[j] + b;
+                y[row * p.out_stride + p.col0 + col] = acc[i][j / 4u][j % 4u] + b;
             }
         }
     }
