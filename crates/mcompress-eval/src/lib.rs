@@ -259,7 +259,7 @@ fn eval_mlp_accuracy(ctx: &Ctx) -> Result<EvalResult> {
     let config = ctx.config();
     let reference = mlp::Mlp::load(&config, &weights::from_model(ctx.model), ctx.device)?;
     let compressed = mlp::Mlp::load(&config, &ctx.bundle_weights()?, ctx.device)?;
-    let set = sets::LabelledSet::load_csv(&ctx.section.set, reference.input_size(), reference.num_labels())?;
+    let set = sets::LabelledSet::load(&ctx.section.set, reference.input_size(), reference.num_labels())?;
     let batch = ctx.section.batch_size.map_or(64, |b| b.max(1) as usize);
     let r = run_accuracy(ctx, &reference, &set, batch, "reference")?;
     let c = run_accuracy(ctx, &compressed, &set, batch, "compressed")?;

@@ -1,5 +1,9 @@
-//! Eval sets. Labelled classification CSV: optional header, then one sample per line with the
-//! features followed by an integer label in `[0, num_labels)` (fixtures/digits/test.csv).
+//! Eval sets. Labelled classification:
+//! - CSV: optional header, then one sample per line with the features followed by an integer
+//!   label in `[0, num_labels)` (fixtures/digits/test.csv);
+//! - IDX (the MNIST / Fashion-MNIST format, optionally gzipped): `set` names the images file
+//!   (`…-images-idx3-ubyte[.gz]`, unsigned bytes, one sample per leading index) and the labels are
+//!   read from the file beside it with `images-idx3` replaced by `labels-idx1`.
 
 use std::path::Path;
 
@@ -13,7 +17,50 @@ pub struct LabelledSet {
     y: Vec<usize>,
 }
 
+/// The largest decompressed IDX file read (a bound against gzip bombs).
+const MAX_IDX_BYTES: u64 = 1 << 30;
+
 impl LabelledSet {
+    /// Reads a labelled set: IDX when the file name says `images-idx3`, else CSV.
+    pub fn load(path: &Path, features: usize, num_labels: usize) -> Result<Self> {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if name.contains("images-idx3") {
+            Self::load_idx(path, features, num_labels)
+        } else {
+            Self::load_csv(path, features, num_labels)
+        }
+    }
+
+    /// Reads IDX images and the labels file beside them. Errors name the file.
+    pub fn load_idx(path: &Path, features: usize, num_labels: usize) -> Result<Self> {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let labels_path = path.with_file_name(name.replace("images-idx3", "labels-idx1"));
+        let (dims, images) = read_idx(path, 3)?;
+        let (ldims, labels) = read_idx(&labels_path, 1)?;
+        let bad = |m: String| Error::Set(format!("{}: {m}", path.display()));
+        let per: usize = dims[1..].iter().product();
+        if per != features {
+            return Err(bad(format!("images of {} values ({dims:?}), but the model takes {features} features", per)));
+        }
+        if ldims[0] != dims[0] {
+            return Err(bad(format!("{} images but {} labels in {}", dims[0], ldims[0], labels_path.display())));
+        }
+        if dims[0] == 0 {
+            return Err(bad("no samples".into()));
+        }
+        let mut y = Vec::with_capacity(labels.len());
+        for (i, &l) in labels.iter().enumerate() {
+            if usize::from(l) >= num_labels {
+                return Err(Error::Set(format!(
+                    "{}: sample {i}: label {l} is out of range: the model has {num_labels} labels",
+                    labels_path.display()
+                )));
+            }
+            y.push(usize::from(l));
+        }
+        Ok(LabelledSet { features, x: images.iter().map(|&b| f32::from(b)).collect(), y })
+    }
+
     /// Reads a CSV of `features` values and a label per line. Errors name the file and line.
     pub fn load_csv(path: &Path, features: usize, num_labels: usize) -> Result<Self> {
         let at = |line: usize, m: String| Error::Set(format!("{}:{line}: {m}", path.display()));
@@ -71,6 +118,48 @@ impl LabelledSet {
     pub fn batches(&self, size: usize) -> impl Iterator<Item = (&[f32], &[usize])> {
         self.x.chunks(size * self.features).zip(self.y.chunks(size))
     }
+}
+
+/// An IDX file of unsigned bytes with `want_dims` dimensions (gzipped if it ends in `.gz`):
+/// the dimensions and the data, checked against each other.
+fn read_idx(path: &Path, want_dims: usize) -> Result<(Vec<usize>, Vec<u8>)> {
+    use std::io::Read;
+    let bad = |m: String| Error::Set(format!("{}: {m}", path.display()));
+    let file = fs_err::File::open(path).map_err(|e| Error::Set(e.to_string()))?;
+    let mut bytes = Vec::new();
+    let read = if path.extension().is_some_and(|e| e == "gz") {
+        flate2::read::GzDecoder::new(file).take(MAX_IDX_BYTES + 1).read_to_end(&mut bytes)
+    } else {
+        file.take(MAX_IDX_BYTES + 1).read_to_end(&mut bytes)
+    };
+    read.map_err(|e| bad(format!("reading: {e}")))?;
+    if bytes.len() as u64 > MAX_IDX_BYTES {
+        return Err(bad(format!("larger than {MAX_IDX_BYTES} bytes")));
+    }
+    if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 {
+        return Err(bad("not an IDX file (magic 0x0000 missing)".into()));
+    }
+    if bytes[2] != 0x08 {
+        return Err(bad(format!("IDX element type 0x{:02x}; only unsigned bytes (0x08) are supported", bytes[2])));
+    }
+    let nd = usize::from(bytes[3]);
+    if nd != want_dims {
+        return Err(bad(format!("{nd} dimensions, expected {want_dims}")));
+    }
+    let head = 4 + 4 * nd;
+    if bytes.len() < head {
+        return Err(bad("truncated header".into()));
+    }
+    let dims: Vec<usize> = (0..nd)
+        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize)
+        .collect();
+    let count =
+        dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad("dimensions overflow".into()))?;
+    if bytes.len() - head != count {
+        return Err(bad(format!("{} data bytes, but dimensions {dims:?} need {count}", bytes.len() - head)));
+    }
+    bytes.drain(..head);
+    Ok((dims, bytes))
 }
 
 /// Plain text, one item per line (blank lines skipped). Errors on a missing, non-UTF-8 or
