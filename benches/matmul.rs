@@ -4,6 +4,7 @@
 //! ("elements" = n·k·m), so GFLOP/s = 2 × the reported Gelem/s.
 //!
 //! `cargo bench --bench matmul`; figures in docs/benchmarks.md.
+#![allow(clippy::many_single_char_names, clippy::print_stderr)] // BLAS names; the adapter line
 
 use std::sync::Arc;
 

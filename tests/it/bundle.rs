@@ -442,6 +442,9 @@ fn test_run_one_target_for_ci_matrices() {
     assert!(stderr.contains("no such target; the recipe defines a, b"), "{stderr}");
 }
 
+/// A bad IDX case: name, images, labels (none: no labels file), expected message.
+type IdxCase<'a> = (&'a str, Vec<u8>, Option<Vec<u8>>, &'a str);
+
 /// IDX bytes: magic (unsigned bytes, `dims.len()` dimensions), big-endian dims, data.
 fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
     let mut v = vec![0, 0, 0x08, dims.len() as u8];
@@ -482,7 +485,7 @@ fn test_idx_eval_set_matches_csv_and_bad_idx_is_exit_2() {
     assert_eq!(a["samples"], 450);
     assert_eq!((&a["reference"], &a["compressed"]), (&b["reference"], &b["compressed"]));
 
-    let cases: [(&str, Vec<u8>, Option<Vec<u8>>, &str); 4] = [
+    let cases: [IdxCase; 4] = [
         ("short", idx(&[n, 8, 8], &px), Some(idx(&[n - 1], &labels[1..])), "450 images but 449 labels"),
         ("nolabels", idx(&[n, 8, 8], &px), None, "short-labels-idx1-ubyte"),
         ("shape", idx(&[n, 8, 7], &px[..(n * 56) as usize]), Some(idx(&[n], &labels)), "the model takes 64 features"),

@@ -7,6 +7,7 @@
 //! CI runs these kernels for real. Matrices larger than the device's storage-binding limit
 //! (llvmpipe: 128 MiB) are split by rows into several buffers, and calls whose output would
 //! exceed it are split by input rows.
+#![allow(clippy::many_single_char_names)] // BLAS names: x, y, w, k, m, n
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -107,7 +108,7 @@ fn open() -> std::result::Result<Gpu, String> {
         cache: None,
     });
     let layout = pipeline.get_bind_group_layout(0);
-    let max_binding = u64::from(limits.max_storage_buffer_binding_size).min(limits.max_buffer_size);
+    let max_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
     let gpu = Gpu { device, queue, pipeline, layout, info, max_binding, error };
     gpu.check()?;
     Ok(gpu)
@@ -136,7 +137,7 @@ impl Gpu {
     fn storage(&self, label: &str, bytes: &[u8]) -> wgpu::Buffer {
         // Storage bindings must be non-empty and a multiple of 4 bytes.
         let mut padded;
-        let contents = if bytes.is_empty() || bytes.len() % 4 != 0 {
+        let contents = if bytes.is_empty() || !bytes.len().is_multiple_of(4) {
             padded = bytes.to_vec();
             padded.resize(bytes.len().next_multiple_of(4).max(4), 0);
             &padded[..]
@@ -161,18 +162,24 @@ struct Chunk {
     bias: wgpu::Buffer,
 }
 
-/// A linear layer's weights on the device.
-pub struct GpuLinear {
-    gpu: Arc<Gpu>,
-    chunks: Vec<Chunk>,
-    out: usize,
-    inp: usize,
+/// How the kernel decodes a matrix (see matmul.wgsl).
+#[derive(Clone, Copy, Debug)]
+struct Layout {
     bits: u32,
     pf: u32,
     groups: u32,
     group_len: u32,
     row_words: u32,
     has_zp: bool,
+}
+
+/// A linear layer's weights on the device.
+pub struct GpuLinear {
+    gpu: Arc<Gpu>,
+    chunks: Vec<Chunk>,
+    out: usize,
+    inp: usize,
+    layout: Layout,
     has_bias: bool,
     /// Bytes per buffer binding (the device limit; smaller in tests to exercise the splits).
     limit: u64,
@@ -183,7 +190,7 @@ impl std::fmt::Debug for GpuLinear {
         f.debug_struct("GpuLinear")
             .field("out", &self.out)
             .field("inp", &self.inp)
-            .field("bits", &self.bits)
+            .field("bits", &self.layout.bits)
             .field("chunks", &self.chunks.len())
             .finish_non_exhaustive()
     }
@@ -207,7 +214,8 @@ impl GpuLinear {
         let chunks = split_rows(limit, out, row_bytes, "dense", |r0, r1| {
             (bytemuck::cast_slice(&w[r0 * inp..r1 * inp]).to_vec(), Vec::new(), Vec::new())
         })?;
-        Self::finish(gpu, chunks, bias, out, inp, (32, 1, 1, inp as u32, 0), false, limit)
+        let layout = Layout { bits: 32, pf: 1, groups: 1, group_len: inp as u32, row_words: 0, has_zp: false };
+        Self::finish(gpu, chunks, bias, out, inp, layout, limit)
     }
 
     /// Uploads a quantized matrix in its packed layout, as stored in the bundle.
@@ -229,18 +237,24 @@ impl GpuLinear {
             (q.packed[r0 * row_bytes..r1 * row_bytes].to_vec(), q.scale[r0 * groups..r1 * groups].to_vec(), zp)
         })?;
         let row_words = (row_bytes / 4) as u32;
-        let geometry = (u32::from(s.bits), s.pack_factor() as u32, groups as u32, s.group_len(inp) as u32, row_words);
-        Self::finish(gpu, chunks, bias, out, inp, geometry, q.zero_point.is_some(), limit)
+        let layout = Layout {
+            bits: u32::from(s.bits),
+            pf: s.pack_factor() as u32,
+            groups: groups as u32,
+            group_len: s.group_len(inp) as u32,
+            row_words,
+            has_zp: q.zero_point.is_some(),
+        };
+        Self::finish(gpu, chunks, bias, out, inp, layout, limit)
     }
 
     fn finish(
         gpu: &Arc<Gpu>,
-        parts: Vec<(usize, usize, Vec<u8>, Vec<f32>, Vec<i32>)>,
+        parts: Vec<Part>,
         bias: Option<&[f32]>,
         out: usize,
         inp: usize,
-        (bits, pf, groups, group_len, row_words): (u32, u32, u32, u32, u32),
-        has_zp: bool,
+        layout: Layout,
         limit: u64,
     ) -> Result<Self> {
         let chunks = parts
@@ -255,20 +269,7 @@ impl GpuLinear {
             })
             .collect();
         gpu.check().map_err(Error::Backend)?;
-        Ok(GpuLinear {
-            gpu: Arc::clone(gpu),
-            chunks,
-            out,
-            inp,
-            bits,
-            pf,
-            groups,
-            group_len,
-            row_words,
-            has_zp,
-            has_bias: bias.is_some(),
-            limit,
-        })
+        Ok(GpuLinear { gpu: Arc::clone(gpu), chunks, out, inp, layout, has_bias: bias.is_some(), limit })
     }
 
     /// `x [n, inp] · Wᵀ (+ b)` → `[n, out]`, computed on the device.
@@ -311,12 +312,12 @@ impl GpuLinear {
                 n: n as u32,
                 k: k as u32,
                 m: c.rows as u32,
-                bits: self.bits,
-                pf: self.pf,
-                groups: self.groups,
-                group_len: self.group_len,
-                row_words: self.row_words,
-                has_zp: u32::from(self.has_zp),
+                bits: self.layout.bits,
+                pf: self.layout.pf,
+                groups: self.layout.groups,
+                group_len: self.layout.group_len,
+                row_words: self.layout.row_words,
+                has_zp: u32::from(self.layout.has_zp),
                 has_bias: u32::from(self.has_bias),
                 out_stride: m as u32,
                 col0: c.row0 as u32,

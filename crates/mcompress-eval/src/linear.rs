@@ -4,6 +4,7 @@
 //! The CPU path for packed weights is fused the same way as the WGSL kernel: it decodes a block
 //! of 16 weight rows at a time ([`Quantized::dequantize_row`]) and multiplies it at once, so a
 //! quantized matrix is never expanded to f32 in full.
+#![allow(clippy::many_single_char_names)] // BLAS names: x, y, w, k, m, n
 
 use std::sync::Arc;
 

@@ -65,7 +65,9 @@ impl Mlp {
         for (li, l) in self.layers.iter().enumerate() {
             h = l.apply(&h)?;
             if li + 1 < self.layers.len() {
-                h.iter_mut().for_each(|v| *v = v.max(0.0));
+                for v in &mut h {
+                    *v = v.max(0.0);
+                }
             }
         }
         Ok(h)

@@ -40,7 +40,7 @@ impl LabelledSet {
         let bad = |m: String| Error::Set(format!("{}: {m}", path.display()));
         let per: usize = dims[1..].iter().product();
         if per != features {
-            return Err(bad(format!("images of {} values ({dims:?}), but the model takes {features} features", per)));
+            return Err(bad(format!("images of {per} values ({dims:?}), but the model takes {features} features")));
         }
         if ldims[0] != dims[0] {
             return Err(bad(format!("{} images but {} labels in {}", dims[0], ldims[0], labels_path.display())));
