@@ -319,6 +319,7 @@ fn run_eval(
             if reproducible {
                 obj.insert("latency_ms".into(), Value::Null);
                 obj.insert("throughput".into(), Value::Null);
+                obj.insert("threads".into(), Value::Null);
             }
             Ok((Some(json), gate, Vec::new()))
         }

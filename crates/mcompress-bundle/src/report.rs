@@ -235,13 +235,17 @@ impl Report {
             if e["status"] == "ran" {
                 let _ = writeln!(
                     s,
-                    "## Eval\n\n{} on `{}` ({} samples), backend {} ({})\n\n| | reference | compressed |\n|---|---:|---:|",
+                    "## Eval\n\n{} on `{}` ({} samples), backend {} ({})\n",
                     e["metric"].as_str().unwrap_or(""),
                     e["set"].as_str().unwrap_or(""),
                     e["samples"],
                     e["backend"].as_str().unwrap_or(""),
                     e["adapter"].as_str().unwrap_or("")
                 );
+                if let Some(note) = e["backend_note"].as_str() {
+                    let _ = writeln!(s, "_Backend choice: {note}_\n");
+                }
+                let _ = writeln!(s, "| | reference | compressed |\n|---|---:|---:|");
                 let f = |v: &Value| v.as_f64().map_or_else(|| "–".to_string(), |x| format!("{x:.4}"));
                 let _ = writeln!(
                     s,

@@ -87,8 +87,10 @@ pub struct EvalResult {
     pub requested_backend: Backend,
     /// Why `auto` chose what it chose.
     pub backend_note: Option<String>,
-    /// Compute adapter: the GPU (name, type, API, driver) or the CPU threads.
+    /// Compute adapter: the GPU (name, type, API, driver) or the CPU.
     pub adapter: String,
+    /// CPU worker threads of the run (the models' results do not depend on it).
+    pub threads: usize,
     /// Metric of the reference model.
     pub reference: f64,
     /// Metric of the compressed bundle.
@@ -246,6 +248,7 @@ fn result(
         requested_backend: section.backend,
         backend_note: None,
         adapter: String::new(),
+        threads: rayon::current_num_threads(),
         reference,
         compressed,
         latency_ms: [("reference".to_string(), lat_ref), ("compressed".to_string(), lat_new)].into(),

@@ -38,7 +38,7 @@ impl Device {
     /// The adapter, for the report.
     pub fn adapter(&self) -> String {
         match self {
-            Device::Cpu => format!("CPU, {} rayon threads, f32", rayon::current_num_threads()),
+            Device::Cpu => format!("CPU ({}), f32", std::env::consts::ARCH),
             #[cfg(feature = "wgpu")]
             Device::Wgpu(g) => g.describe(),
         }
