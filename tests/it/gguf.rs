@@ -208,3 +208,33 @@ fn test_smollm2_kl_and_top1_agreement() {
     assert!(kl > 0.0 && kl < 0.05, "int8 KL {kl}");
     assert!(e["extra"]["top1_agreement"].as_f64().unwrap() > 0.9, "{e}");
 }
+
+#[test]
+fn test_bad_perplexity_text_is_exit_2() {
+    let Some(gguf) = smollm2() else { return };
+    let t = tmp();
+    for (name, bytes, needle) in [
+        ("empty.txt", &b""[..], "empty.txt: empty"),
+        ("latin1.txt", &b"caf\xe9 au lait\n"[..], "latin1.txt: not UTF-8"),
+        ("one.txt", &b"Hi"[..], "at least 2 are needed"),
+    ] {
+        let text = t.path().join(name);
+        std::fs::write(&text, bytes).unwrap();
+        let recipe = t.path().join("r.toml");
+        std::fs::write(
+            &recipe,
+            format!(
+                "[model]\npath = {:?}\n[[pass]]\ntype = \"cast\"\ndtype = \"f16\"\n[eval]\nset = {:?}\nmetric = \"perplexity\"\nbackend = \"cpu\"\n",
+                gguf.display().to_string(),
+                text.display().to_string()
+            ),
+        )
+        .unwrap();
+        let out = t.path().join("dist");
+        let (code, _, stderr) =
+            mcompress(&["run", "-q", "--out", out.to_str().unwrap(), recipe.to_str().unwrap()], t.path());
+        assert_eq!(code, 2, "{name}: {stderr}");
+        assert!(stderr.contains(needle), "{name}: {stderr}");
+        assert!(!out.join("default").exists(), "{name}: no bundle");
+    }
+}

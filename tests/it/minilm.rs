@@ -137,3 +137,30 @@ fn test_eval_without_tokenizer_is_exit_2() {
     assert!(stderr.contains("tokenizer.json: tokenizer missing"), "{stderr}");
     assert!(!out.join("default").exists());
 }
+
+#[test]
+fn test_minilm_simlex999_spearman() {
+    // Reference figure (numpy oracle, fixtures README): SimLex-999 Spearman 0.446.
+    let Some(model) = minilm() else { return };
+    let Some(set) = crate::util::fixture("gensim-test-data/simlex999.txt", "gensim") else { return };
+    let t = tmp();
+    let recipe = t.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "[model]\npath = {:?}\n[[pass]]\ntype = \"cast\"\ndtype = \"f16\"\n[eval]\nset = {:?}\nmetric = \"spearman\"\nbackend = \"cpu\"\nmax-drop = 0.005\n",
+            model.display().to_string(),
+            set.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = t.path().join("dist");
+    let (code, so, se) = mcompress(&["run", "-q", "--out", out.to_str().unwrap(), recipe.to_str().unwrap()], t.path());
+    assert_eq!(code, 0, "{so}{se}");
+    let report: Value = serde_json::from_slice(&std::fs::read(out.join("default/report.json")).unwrap()).unwrap();
+    let e = &report["eval"];
+    assert_eq!(e["samples"], 999, "{e}");
+    let reference = e["reference"].as_f64().unwrap();
+    assert!((reference - 0.446).abs() < 0.005, "SimLex-999 Spearman {reference}");
+    assert_eq!(e["backend"], "cpu");
+}

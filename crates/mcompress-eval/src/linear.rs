@@ -1,18 +1,16 @@
 //! Linear layers on an eval [`Device`]: dense f32 or quantized in the bundle's packed layout,
 //! on the CPU or on the wgpu device.
 //!
-//! The CPU path for packed weights is fused the same way as the WGSL kernel: it decodes a block
-//! of 16 weight rows at a time ([`Quantized::dequantize_row`]) and multiplies it at once, so a
+//! The CPU path for packed weights is fused the same way as the WGSL kernel: it decodes a tile
+//! of 64 weight rows at a time ([`Quantized::dequantize_row`]) and multiplies it at once, so a
 //! quantized matrix is never expanded to f32 in full.
 #![allow(clippy::many_single_char_names)] // BLAS names: x, y, w, k, m, n
 
 use std::sync::Arc;
 
-use mcompress_passes::quant::Quantized;
-use rayon::prelude::*;
-
 use crate::Result;
 use crate::linalg;
+use mcompress_passes::quant::Quantized;
 
 /// Where the models run.
 #[derive(Clone, Debug, Default)]
@@ -97,32 +95,16 @@ impl Lin {
     }
 }
 
-/// Weight rows decoded per block by the fused CPU kernel.
-const BLOCK_ROWS: usize = 16;
-
-/// `x [n, cols] · dequant(q)ᵀ (+ b)` → `[n, rows]`, decoding [`BLOCK_ROWS`] weight rows at a time.
+/// `x [n, cols] · dequant(q)ᵀ (+ b)` → `[n, rows]`, decoding one tile of weight rows at a time
+/// ([`linalg::linear_tiles`]).
 pub fn linear_packed(x: &[f32], q: &Quantized, bias: Option<&[f32]>) -> Vec<f32> {
-    let (k, m) = (q.cols, q.rows);
-    let n = x.len() / k;
-    let blocks: Vec<Vec<f32>> = (0..m.div_ceil(BLOCK_ROWS))
-        .into_par_iter()
-        .map(|b| {
-            let (j0, j1) = (b * BLOCK_ROWS, ((b + 1) * BLOCK_ROWS).min(m));
-            let mut w = vec![0f32; (j1 - j0) * k];
-            for (j, row) in (j0..j1).zip(w.chunks_mut(k)) {
-                q.dequantize_row(j, row);
-            }
-            linalg::linear_serial(x, &w, bias.map(|b| &b[j0..j1]), k, j1 - j0)
-        })
-        .collect();
-    let mut y = vec![0f32; n * m];
-    for (b, block) in blocks.iter().enumerate() {
-        let (j0, w) = (b * BLOCK_ROWS, block.len() / n.max(1));
-        for (r, vals) in block.chunks(w.max(1)).enumerate() {
-            y[r * m + j0..r * m + j0 + w].copy_from_slice(vals);
+    let k = q.cols;
+    linalg::linear_tiles(x, k, q.rows, bias, |j0, j1, buf: &mut Vec<f32>| {
+        buf.resize((j1 - j0) * k, 0.0);
+        for (j, row) in (j0..j1).zip(buf.chunks_mut(k)) {
+            q.dequantize_row(j, row);
         }
-    }
-    y
+    })
 }
 
 /// Test helpers shared with the GPU tests: quantized matrices of every scheme.

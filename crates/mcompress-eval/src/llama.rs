@@ -4,6 +4,9 @@
 //! shared/fixtures/llama_ppl.py step for step.
 #![allow(clippy::many_single_char_names)] // the usual names: q, k, v, h, n, x
 
+use rayon::prelude::*;
+
+use crate::linalg::{Strides, sgemm};
 use crate::linear::{Device, Lin};
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -133,11 +136,68 @@ impl Llama {
         }
     }
 
+    /// Causal grouped-query attention over `n` positions: per head, scores `Q Kᵀ / √d` as one
+    /// sgemm, a causal softmax per row, then `P V` as another; heads in parallel, each into its own
+    /// buffer (fixed work per head, so results do not depend on the thread count).
+    fn attention(&self, q: &[f32], k: &[f32], v: &[f32], n: usize) -> Vec<f32> {
+        let hd = self.hidden / self.heads;
+        let group = self.heads / self.kv_heads;
+        let (qs, ks) = (self.heads * hd, self.kv_heads * hd);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let heads: Vec<Vec<f32>> = (0..self.heads)
+            .into_par_iter()
+            .map(|head| {
+                let kvh = head / group;
+                let mut s = vec![0f32; n * n];
+                sgemm(
+                    (n, hd, n),
+                    &q[head * hd..],
+                    Strides::row_major(qs),
+                    &k[kvh * hd..],
+                    Strides::transposed(ks),
+                    &mut s,
+                    Strides::row_major(n),
+                    false,
+                );
+                for (i, row) in s.chunks_mut(n).enumerate() {
+                    let live = &mut row[..=i];
+                    let m = live.iter().fold(f32::NEG_INFINITY, |m, v| m.max(v * scale));
+                    let mut z = 0f32;
+                    for x in live.iter_mut() {
+                        *x = (*x * scale - m).exp();
+                        z += *x;
+                    }
+                    for x in live.iter_mut() {
+                        *x /= z;
+                    }
+                    row[i + 1..].fill(0.0);
+                }
+                let mut out = vec![0f32; n * hd];
+                sgemm(
+                    (n, n, hd),
+                    &s,
+                    Strides::row_major(n),
+                    &v[kvh * hd..],
+                    Strides::row_major(ks),
+                    &mut out,
+                    Strides::row_major(hd),
+                    false,
+                );
+                out
+            })
+            .collect();
+        let mut ctx = vec![0f32; n * qs];
+        for (head, out) in heads.iter().enumerate() {
+            for (i, row) in out.chunks(hd).enumerate() {
+                ctx[i * qs + head * hd..i * qs + (head + 1) * hd].copy_from_slice(row);
+            }
+        }
+        ctx
+    }
+
     /// Logits `[n, vocab]` for a token sequence (causal, positions from 0).
     pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let (h, n) = (self.hidden, ids.len());
-        let hd = h / self.heads;
-        let group = self.heads / self.kv_heads;
         let mut x = Vec::with_capacity(n * h);
         for &id in ids {
             let id = id as usize;
@@ -146,7 +206,6 @@ impl Llama {
             }
             x.extend_from_slice(&self.embed[id * h..(id + 1) * h]);
         }
-        let scale = 1.0 / (hd as f32).sqrt();
         for l in &self.layers {
             let a = self.rms(&x, &l.ln_in);
             let mut q = l.q.apply(&a)?;
@@ -154,36 +213,7 @@ impl Llama {
             let v = l.v.apply(&a)?;
             self.rope(&mut q, n, self.heads);
             self.rope(&mut k, n, self.kv_heads);
-            let mut ctx = vec![0f32; n * self.heads * hd];
-            {
-                use rayon::prelude::*;
-                let (qs, ks, vs) = (&q, &k, &v);
-                ctx.par_chunks_mut(self.heads * hd).enumerate().for_each(|(i, ci)| {
-                    let mut s = vec![0f32; i + 1];
-                    for head in 0..self.heads {
-                        let kvh = head / group;
-                        let qi = &qs[i * self.heads * hd + head * hd..][..hd];
-                        for (j, sj) in s.iter_mut().enumerate() {
-                            let kj = &ks[j * self.kv_heads * hd + kvh * hd..][..hd];
-                            *sj = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
-                        }
-                        let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut z = 0f32;
-                        for sj in &mut s {
-                            *sj = (*sj - m).exp();
-                            z += *sj;
-                        }
-                        let out = &mut ci[head * hd..(head + 1) * hd];
-                        for (j, p) in s.iter().enumerate() {
-                            let vj = &vs[j * self.kv_heads * hd + kvh * hd..][..hd];
-                            let p = p / z;
-                            for (o, vv) in out.iter_mut().zip(vj) {
-                                *o += p * vv;
-                            }
-                        }
-                    }
-                });
-            }
+            let ctx = self.attention(&q, &k, &v, n);
             let o = l.o.apply(&ctx)?;
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             let a = self.rms(&x, &l.ln_post);
@@ -206,13 +236,19 @@ impl Llama {
                 break;
             }
             let lg = self.logits(w)?;
-            for (t, row) in lg.chunks(self.vocab).take(w.len() - 1).enumerate() {
-                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let z: f64 = row.iter().map(|v| f64::from(v - m).exp()).sum();
-                let target = w[t + 1] as usize;
-                nll -= f64::from(row[target] - m) - z.ln();
-                count += 1;
-            }
+            // Per-position terms in parallel, summed in order (thread-count independent).
+            let terms: Vec<f64> = lg
+                .par_chunks(self.vocab)
+                .take(w.len() - 1)
+                .enumerate()
+                .map(|(t, row)| {
+                    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let z: f64 = row.iter().map(|v| f64::from(v - m).exp()).sum();
+                    f64::from(row[w[t + 1] as usize] - m) - z.ln()
+                })
+                .collect();
+            nll -= terms.iter().sum::<f64>();
+            count += terms.len();
         }
         Ok((nll, count))
     }
