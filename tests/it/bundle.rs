@@ -504,3 +504,25 @@ fn test_idx_eval_set_matches_csv_and_bad_idx_is_exit_2() {
         assert!(report.is_none(), "{name}: no bundle");
     }
 }
+
+#[test]
+fn test_gptq_on_a_model_it_cannot_calibrate_is_exit_2() {
+    let t = tmp();
+    let out = t.path().join("dist");
+    let text = t.path().join("calib.txt");
+    std::fs::write(&text, "some calibration text ".repeat(100)).unwrap();
+    let r = t.path().join("r.toml");
+    std::fs::write(
+        &r,
+        format!(
+            "[model]\npath = {:?}\n[[pass]]\ntype = \"quantize-gptq\"\nbits = 4\ncalibration = {{ set = \"calib.txt\", samples = 2, seq-len = 8 }}\n[output]\ndir = {:?}\n",
+            repo().join("fixtures/digits-mlp").display().to_string(),
+            out.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = mcompress(&["run", "-q", r.to_str().unwrap()], t.path());
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("calibration runs llama models; this model_type is \"mlp\""), "{stderr}");
+    assert!(!out.join("default").exists());
+}

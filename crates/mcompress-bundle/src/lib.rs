@@ -89,6 +89,9 @@ pub enum Error {
     /// The eval failed (bad eval set, weights that do not fit the architecture).
     #[error("[eval] {0}")]
     Eval(String),
+    /// A calibrated pass's calibration failed (message names the pass).
+    #[error("{0}")]
+    Calibration(String),
     /// A bundle or manifest is malformed.
     #[error("{}: {reason}", path.display())]
     BadBundle {
@@ -163,6 +166,14 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         return Err(Error::BadBundle { path: e.set.clone(), reason: "[eval] set: no such file".into() });
     }
     let model = ModelSource::open(&recipe.model_path)?;
+    // Calibrated passes (GPTQ) run on the model before anything streams.
+    for (spec, pass) in recipe.passes.iter().zip(&passes) {
+        if let Some(cal) = pass.calibration() {
+            let results = mcompress_eval::calibrate::gptq_model(&model, pass.as_ref(), cal, opts.progress)
+                .map_err(|e| Error::Calibration(format!("pass[{}] {}: calibration: {e}", spec.index, spec.kind)))?;
+            pass.provide(results);
+        }
+    }
     let out_dir = opts.out.clone().unwrap_or_else(|| recipe.output_dir.clone());
     fs_err::create_dir_all(&out_dir).map_err(io(&out_dir))?;
     let out_dir = fs_err::canonicalize(&out_dir).map_err(io(&out_dir))?;

@@ -24,6 +24,7 @@
 #![deny(missing_docs)]
 
 pub mod bert;
+pub mod calibrate;
 #[cfg(feature = "wgpu")]
 pub mod gpu;
 pub mod linalg;

@@ -106,7 +106,7 @@ pub fn linear(x: &[f32], w: &[f32], b: Option<&[f32]>, k: usize, m: usize) -> Ve
 
 /// `x [n, k] · Wᵀ + b` → `[n, m]` where `fill(j0, j1, buf)` writes weight rows `j0..j1`
 /// (row-major, `k` each) into `buf`: dense weights copy them, packed ones decode them, so a
-/// quantized matrix is only ever expanded [`TILE_M`] rows at a time.
+/// quantized matrix is only ever expanded 64 rows (one tile) at a time.
 pub fn linear_tiles<F>(x: &[f32], k: usize, m: usize, b: Option<&[f32]>, fill: F) -> Vec<f32>
 where
     F: Fn(usize, usize, &mut Vec<f32>) + Sync,

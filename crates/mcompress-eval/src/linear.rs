@@ -84,6 +84,14 @@ impl Lin {
         Ok(Lin { out, inp, bias, exec })
     }
 
+    /// The weights, when they are dense f32 on the CPU.
+    pub fn dense(&self) -> Option<&[f32]> {
+        match &self.exec {
+            Exec::Cpu(Matrix::Dense(w)) => Some(w),
+            _ => None,
+        }
+    }
+
     /// `x [n, inp]` → `[n, out]`.
     pub fn apply(&self, x: &[f32]) -> Result<Vec<f32>> {
         match &self.exec {

@@ -195,10 +195,10 @@ impl Llama {
         ctx
     }
 
-    /// Logits `[n, vocab]` for a token sequence (causal, positions from 0).
-    pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let (h, n) = (self.hidden, ids.len());
-        let mut x = Vec::with_capacity(n * h);
+    /// Embeddings of a token sequence, `[n, hidden]`.
+    fn embed_ids(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let h = self.hidden;
+        let mut x = Vec::with_capacity(ids.len() * h);
         for &id in ids {
             let id = id as usize;
             if id >= self.vocab {
@@ -206,25 +206,100 @@ impl Llama {
             }
             x.extend_from_slice(&self.embed[id * h..(id + 1) * h]);
         }
+        Ok(x)
+    }
+
+    /// Attention context of block `l` for residual stream `x` (the input of `o_proj`).
+    fn attn_context(&self, l: &Layer, x: &[f32]) -> Result<Vec<f32>> {
+        let n = x.len() / self.hidden;
+        let a = self.rms(x, &l.ln_in);
+        let mut q = l.q.apply(&a)?;
+        let mut k = l.k.apply(&a)?;
+        let v = l.v.apply(&a)?;
+        self.rope(&mut q, n, self.heads);
+        self.rope(&mut k, n, self.kv_heads);
+        Ok(self.attention(&q, &k, &v, n))
+    }
+
+    /// SwiGLU activation of block `l` for residual stream `x` (the input of `down_proj`).
+    fn mlp_act(l: &Layer, a: &[f32]) -> Result<Vec<f32>> {
+        let g = l.gate.apply(a)?;
+        let u = l.up.apply(a)?;
+        Ok(g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect())
+    }
+
+    /// Logits `[n, vocab]` for a token sequence (causal, positions from 0).
+    pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let mut x = self.embed_ids(ids)?;
         for l in &self.layers {
-            let a = self.rms(&x, &l.ln_in);
-            let mut q = l.q.apply(&a)?;
-            let mut k = l.k.apply(&a)?;
-            let v = l.v.apply(&a)?;
-            self.rope(&mut q, n, self.heads);
-            self.rope(&mut k, n, self.kv_heads);
-            let ctx = self.attention(&q, &k, &v, n);
-            let o = l.o.apply(&ctx)?;
+            let o = l.o.apply(&self.attn_context(l, &x)?)?;
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
-            let a = self.rms(&x, &l.ln_post);
-            let g = l.gate.apply(&a)?;
-            let u = l.up.apply(&a)?;
-            let act: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
-            let d = l.down.apply(&act)?;
+            let d = l.down.apply(&Self::mlp_act(l, &self.rms(&x, &l.ln_post))?)?;
             x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
         }
         let x = self.rms(&x, &self.norm);
         self.lm_head.apply(&x)
+    }
+
+    /// Sequential calibration, one block at a time (GPTQ): every window's residual stream goes
+    /// through block `i`; the inputs of each of its linear layers give a Hessian `Σ xᵀx` (f64);
+    /// `quantize(name, weights, (out, in), hessian)` may return replacement weights (the
+    /// dequantized result), which the block then uses to produce block `i + 1`'s inputs. Memory:
+    /// the windows' residual streams and one block's attention contexts.
+    pub fn calibrate<F>(&mut self, windows: &[Vec<u32>], mut quantize: F, progress: &dyn Fn()) -> Result<()>
+    where
+        F: FnMut(&str, &[f32], (usize, usize), Vec<f64>) -> Result<Option<Vec<f32>>>,
+    {
+        let mut xs: Vec<Vec<f32>> = windows.iter().map(|w| self.embed_ids(w)).collect::<Result<_>>()?;
+        for li in 0..self.layers.len() {
+            let p = format!("model.layers.{li}");
+            // q, k, v: inputs are the normed residual stream.
+            let mut hq = Hessian::new(self.hidden);
+            for x in &xs {
+                hq.add(&self.rms(x, &self.layers[li].ln_in));
+            }
+            let l = &mut self.layers[li];
+            for (lin, n) in [(&mut l.q, "q_proj"), (&mut l.k, "k_proj"), (&mut l.v, "v_proj")] {
+                requantize(lin, &format!("{p}.self_attn.{n}.weight"), hq.h.clone(), &mut quantize)?;
+            }
+            // o: inputs are the attention contexts (computed with the quantized q, k, v).
+            let ctxs: Vec<Vec<f32>> =
+                xs.iter().map(|x| self.attn_context(&self.layers[li], x)).collect::<Result<_>>()?;
+            let mut ho = Hessian::new(self.layers[li].o.inp);
+            for c in &ctxs {
+                ho.add(c);
+            }
+            requantize(&mut self.layers[li].o, &format!("{p}.self_attn.o_proj.weight"), ho.h, &mut quantize)?;
+            let mut hm = Hessian::new(self.hidden);
+            for (x, c) in xs.iter_mut().zip(&ctxs) {
+                let o = self.layers[li].o.apply(c)?;
+                x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+                hm.add(&self.rms(x, &self.layers[li].ln_post));
+            }
+            drop(ctxs);
+            let l = &mut self.layers[li];
+            for (lin, n) in [(&mut l.gate, "gate_proj"), (&mut l.up, "up_proj")] {
+                requantize(lin, &format!("{p}.mlp.{n}.weight"), hm.h.clone(), &mut quantize)?;
+            }
+            // down: inputs are the SwiGLU activations (from the quantized gate and up).
+            let mut hd = Hessian::new(self.layers[li].down.inp);
+            for x in &xs {
+                hd.add(&Self::mlp_act(&self.layers[li], &self.rms(x, &self.layers[li].ln_post))?);
+            }
+            requantize(&mut self.layers[li].down, &format!("{p}.mlp.down_proj.weight"), hd.h, &mut quantize)?;
+            for x in &mut xs {
+                let l = &self.layers[li];
+                let d = l.down.apply(&Self::mlp_act(l, &self.rms(x, &l.ln_post))?)?;
+                x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
+            }
+            progress();
+        }
+        Ok(())
+    }
+
+    /// Blocks (for progress).
+    pub fn layers(&self) -> usize {
+        self.layers.len()
     }
 
     /// Sum of negative log-likelihoods of each next token and their count, over non-overlapping
@@ -252,4 +327,38 @@ impl Llama {
         }
         Ok((nll, count))
     }
+}
+
+/// `Σ xᵀx` over the rows of every input seen, in f64 (each call's product in f32 by sgemm).
+struct Hessian {
+    k: usize,
+    h: Vec<f64>,
+}
+
+impl Hessian {
+    fn new(k: usize) -> Self {
+        Hessian { k, h: vec![0f64; k * k] }
+    }
+
+    fn add(&mut self, x: &[f32]) {
+        let k = self.k;
+        let n = x.len() / k;
+        let mut g = vec![0f32; k * k];
+        sgemm((k, n, k), x, Strides::transposed(k), x, Strides::row_major(k), &mut g, Strides::row_major(k), false);
+        for (h, g) in self.h.iter_mut().zip(&g) {
+            *h += f64::from(*g);
+        }
+    }
+}
+
+/// Offers one linear layer to the calibration callback and swaps in what it returns.
+fn requantize<F>(lin: &mut Lin, name: &str, h: Vec<f64>, quantize: &mut F) -> Result<()>
+where
+    F: FnMut(&str, &[f32], (usize, usize), Vec<f64>) -> Result<Option<Vec<f32>>>,
+{
+    let Some(w) = lin.dense() else { return Ok(()) };
+    if let Some(new) = quantize(name, w, (lin.out, lin.inp), h)? {
+        *lin = Lin::new(crate::linear::Matrix::Dense(new), lin.out, lin.inp, None, &Device::Cpu)?;
+    }
+    Ok(())
 }

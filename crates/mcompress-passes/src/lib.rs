@@ -193,6 +193,30 @@ pub trait Pass: fmt::Debug + Send + Sync {
     fn plan(&self, name: &str, meta: &ParamMeta) -> Plan;
     /// Rewrites one parameter for which [`Pass::plan`] returned [`Plan::Change`].
     fn apply<'a>(&self, name: &str, param: Param<'a>) -> std::result::Result<Applied<'a>, String>;
+    /// What a calibrated pass (GPTQ) needs run on the model before streaming; `None` for
+    /// tensor-local passes.
+    fn calibration(&self) -> Option<&Calibration> {
+        None
+    }
+    /// Hands a calibrated pass the matrices its calibration produced, by tensor name.
+    fn provide(&self, _results: std::collections::BTreeMap<String, Quantized>) {}
+}
+
+/// A calibrated pass's request: calibration text and sampling, and what to compute.
+#[derive(Clone, Debug)]
+pub struct Calibration {
+    /// Plain UTF-8 text (resolved path).
+    pub set: std::path::PathBuf,
+    /// Windows drawn from the text.
+    pub samples: usize,
+    /// Tokens per window.
+    pub seq_len: usize,
+    /// Seed of the window choice.
+    pub seed: u64,
+    /// Target scheme.
+    pub scheme: QScheme,
+    /// GPTQ settings.
+    pub gptq: quant::GptqOptions,
 }
 
 /// Maturity of a pass.
@@ -231,7 +255,7 @@ impl fmt::Debug for PassInfo {
 }
 
 /// Every pass, sorted by name.
-pub static PASSES: &[PassInfo] = &[cast::INFO, quant::RTN_INFO];
+pub static PASSES: &[PassInfo] = &[cast::INFO, quant::GPTQ_INFO, quant::RTN_INFO];
 
 /// Looks a pass up by name.
 pub fn lookup(name: &str) -> Option<&'static PassInfo> {

@@ -442,6 +442,14 @@ impl Recipe {
         Ok(())
     }
 
+    /// A path from a pass's config: `${VAR}` expanded, relative to the recipe's directory.
+    pub fn pass_path(&self, index: usize, p: &Path, field: &str) -> Result<PathBuf> {
+        let env = |name: &str| std::env::var(name).ok();
+        let expanded =
+            expand::expand(&p.to_string_lossy(), &env).map_err(|m| self.pass_error(index, format!("{field}: {m}")))?;
+        Ok(self.path.parent().unwrap_or(Path::new("")).join(expanded))
+    }
+
     /// Builds an error at pass `index`'s position, for checks done after deserialization.
     pub fn pass_error(&self, index: usize, message: impl Into<String>) -> Error {
         let spec = &self.passes[index];

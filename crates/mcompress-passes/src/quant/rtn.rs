@@ -193,34 +193,42 @@ pub fn quantize_ref(s: &QScheme, dtype: DType, shape: &[usize], data: &[u8]) -> 
         err2 += e_row;
         ref2 += r_row;
     }
-    let mut packed = Vec::new();
-    let pf = s.pack_factor();
-    for r in 0..rows {
-        let row = &codes[r * cols..(r + 1) * cols];
-        if s.bits == 8 {
-            packed.extend(row.iter().map(|&q| q as i8 as u8));
-        } else {
-            for chunk in row.chunks(pf) {
-                let mut word = 0u32;
-                for (i, &q) in chunk.iter().enumerate() {
-                    word |= ((q + s.offset()) as u32) << (i * s.bits as usize);
+    Ok(Quantized::from_codes(s, shape, &codes, scale, (!s.symmetric).then_some(zero), sdt, err2, ref2))
+}
+
+impl Quantized {
+    /// Packs signed codes (`rows × cols`, row-major, each in the scheme's range) with their
+    /// scales and zero points (`rows × groups`) into the documented layout. For quantizers that
+    /// choose codes their own way (GPTQ) and share the layout, names and readers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_codes(
+        s: &QScheme,
+        shape: &[usize],
+        codes: &[i32],
+        scale: Vec<f32>,
+        zero_point: Option<Vec<i8>>,
+        scale_dtype: DType,
+        err2: f64,
+        ref2: f64,
+    ) -> Quantized {
+        let (rows, cols) = dims(shape);
+        let mut packed = Vec::with_capacity(rows * s.packed_row_bytes(cols));
+        let pf = s.pack_factor();
+        for row in codes.chunks(cols.max(1)) {
+            if s.bits == 8 {
+                packed.extend(row.iter().map(|&q| q as i8 as u8));
+            } else {
+                for chunk in row.chunks(pf) {
+                    let mut word = 0u32;
+                    for (i, &q) in chunk.iter().enumerate() {
+                        word |= ((q + s.offset()) as u32) << (i * s.bits as usize);
+                    }
+                    packed.extend_from_slice(&word.to_le_bytes());
                 }
-                packed.extend_from_slice(&word.to_le_bytes());
             }
         }
+        Quantized { scheme: *s, shape: shape.to_vec(), rows, cols, packed, scale, scale_dtype, zero_point, err2, ref2 }
     }
-    Ok(Quantized {
-        scheme: *s,
-        shape: shape.to_vec(),
-        rows,
-        cols,
-        packed,
-        scale,
-        scale_dtype: sdt,
-        zero_point: (!s.symmetric).then_some(zero),
-        err2,
-        ref2,
-    })
 }
 
 /// Rows handled by one parallel task: about 256 KiB of f32 input, at least one row.

@@ -1,0 +1,103 @@
+//! Calibration for calibrated passes (GPTQ): draw token windows from a text, run the model
+//! block by block, and hand each selected linear layer's weights and input Hessian to the pass's
+//! quantizer; the quantized block feeds the next one.
+
+use std::collections::BTreeMap;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use mcompress_core::ModelSource;
+use mcompress_passes::quant::scheme::scale_dtype;
+use mcompress_passes::quant::{Quantized, gptq};
+use mcompress_passes::{Calibration, ParamMeta, Pass, Plan};
+
+use crate::linear::Device;
+use crate::{Error, Result, llama, model_tokenizer, sets, weights};
+
+/// `samples` windows of `seq_len` tokens from the text at `cal.set`, at offsets drawn with
+/// SplitMix64 from `cal.seed` (the same seed always gives the same windows).
+pub fn windows(model: &ModelSource, cal: &Calibration) -> Result<Vec<Vec<u32>>> {
+    let text = sets::load_text(&cal.set)?;
+    let tokenizer = model_tokenizer(model)?;
+    let ids: Vec<u32> = tokenizer
+        .encode(text.as_str(), false)
+        .map_err(|e| Error::Set(format!("{}: tokenizing: {e}", cal.set.display())))?
+        .get_ids()
+        .to_vec();
+    if ids.len() < cal.seq_len {
+        return Err(Error::Set(format!(
+            "{}: {} tokens, fewer than calibration.seq-len = {}",
+            cal.set.display(),
+            ids.len(),
+            cal.seq_len
+        )));
+    }
+    let span = (ids.len() - cal.seq_len + 1) as u64;
+    let mut state = cal.seed;
+    Ok((0..cal.samples)
+        .map(|_| {
+            // SplitMix64.
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let start = (z % span) as usize;
+            ids[start..start + cal.seq_len].to_vec()
+        })
+        .collect())
+}
+
+/// Runs GPTQ for `pass` on `model`: the quantized matrices by tensor name, for
+/// [`Pass::provide`]. Only llama models are supported.
+pub fn gptq_model(
+    model: &ModelSource,
+    pass: &dyn Pass,
+    cal: &Calibration,
+    progress: bool,
+) -> Result<BTreeMap<String, Quantized>> {
+    let config = model.config().cloned().unwrap_or_default();
+    let model_type = config["model_type"].as_str().unwrap_or("");
+    if model_type != "llama" {
+        return Err(Error::Model(format!(
+            "{}: calibration runs llama models; this model_type is {model_type:?}",
+            model.path().display()
+        )));
+    }
+    let windows = windows(model, cal)?;
+    let dtypes: BTreeMap<String, (mcompress_core::DType, Vec<usize>)> = model
+        .tensors()
+        .iter()
+        .map(|r| {
+            let i = model.info(r);
+            (i.name.clone(), (i.dtype, i.shape.clone()))
+        })
+        .collect();
+    let mut llama = llama::Llama::load(&config, &weights::from_model(model), &Device::Cpu)?;
+    let bar = if progress { ProgressBar::new(llama.layers() as u64) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("  calibrate {msg} [{bar:30}] {pos}/{len} blocks eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("gptq, {} x {} tokens", cal.samples, cal.seq_len));
+    let mut out = BTreeMap::new();
+    llama.calibrate(
+        &windows,
+        |name, w, (rows, cols), h| {
+            let Some((dtype, shape)) = dtypes.get(name) else { return Ok(None) };
+            let meta = ParamMeta::Dense { dtype: *dtype, shape: shape.clone() };
+            if !matches!(pass.plan(name, &meta), Plan::Change(_)) {
+                return Ok(None);
+            }
+            debug_assert_eq!(rows * cols, w.len());
+            let q = gptq(&cal.scheme, scale_dtype(*dtype), shape, w, h, &cal.gptq)
+                .map_err(|e| Error::Model(format!("{name}: {e}")))?;
+            let deq = q.dequantize();
+            out.insert(name.to_string(), q);
+            Ok(Some(deq))
+        },
+        &|| bar.inc(1),
+    )?;
+    bar.finish_and_clear();
+    Ok(out)
+}
