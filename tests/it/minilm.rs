@@ -83,19 +83,16 @@ fn test_minilm_reference_embeddings_match_sentence_transformers() {
     }
 }
 
-#[test]
-fn test_minilm_wordsim353_spearman_and_gate() {
-    // Reference figure (numpy oracle, fixtures README): WordSim-353 Spearman 0.729.
-    let Some(model) = minilm() else { return };
-    let Some(base) = crate::util::fixture("gensim-test-data/wordsim353.tsv", "gensim") else { return };
+/// Runs MiniLM with one pass (TOML) and a Spearman eval on `set`; the report's eval object.
+fn spearman_eval(model: &std::path::Path, set: &std::path::Path, pass: &str, eval_extra: &str) -> Value {
     let t = tmp();
     let recipe = t.path().join("r.toml");
     std::fs::write(
         &recipe,
         format!(
-            "[model]\npath = {:?}\n[[pass]]\ntype = \"quantize-rtn\"\nbits = 8\ntargets = [\"re:encoder\\\\..*\\\\.weight\"]\n[eval]\nset = {:?}\nmetric = \"spearman\"\nmax-drop = 0.01\n",
+            "[model]\npath = {:?}\n[[pass]]\n{pass}\n[eval]\nset = {:?}\nmetric = \"spearman\"\n{eval_extra}\n",
             model.display().to_string(),
-            base.display().to_string()
+            set.display().to_string()
         ),
     )
     .unwrap();
@@ -103,8 +100,17 @@ fn test_minilm_wordsim353_spearman_and_gate() {
     let (code, so, se) = mcompress(&["run", "-q", "--out", out.to_str().unwrap(), recipe.to_str().unwrap()], t.path());
     assert_eq!(code, 0, "{so}{se}");
     let report: Value = serde_json::from_slice(&std::fs::read(out.join("default/report.json")).unwrap()).unwrap();
-    let e = &report["eval"];
-    assert_eq!(e["status"], "ran", "{e}");
+    assert_eq!(report["eval"]["status"], "ran", "{}", report["eval"]);
+    report["eval"].clone()
+}
+
+#[test]
+fn test_minilm_wordsim353_spearman_and_gate() {
+    // Reference figure (numpy oracle, fixtures README): WordSim-353 Spearman 0.729.
+    let Some(model) = minilm() else { return };
+    let Some(set) = crate::util::fixture("gensim-test-data/wordsim353.tsv", "gensim") else { return };
+    let pass = "type = \"quantize-rtn\"\nbits = 8\ntargets = [\"re:encoder\\\\..*\\\\.weight\"]";
+    let e = spearman_eval(&model, &set, pass, "max-drop = 0.01");
     assert_eq!(e["samples"], 353);
     let reference = e["reference"].as_f64().unwrap();
     assert!((reference - 0.729).abs() < 0.005, "WordSim-353 Spearman {reference}");
@@ -143,22 +149,7 @@ fn test_minilm_simlex999_spearman() {
     // Reference figure (numpy oracle, fixtures README): SimLex-999 Spearman 0.446.
     let Some(model) = minilm() else { return };
     let Some(set) = crate::util::fixture("gensim-test-data/simlex999.txt", "gensim") else { return };
-    let t = tmp();
-    let recipe = t.path().join("r.toml");
-    std::fs::write(
-        &recipe,
-        format!(
-            "[model]\npath = {:?}\n[[pass]]\ntype = \"cast\"\ndtype = \"f16\"\n[eval]\nset = {:?}\nmetric = \"spearman\"\nbackend = \"cpu\"\nmax-drop = 0.005\n",
-            model.display().to_string(),
-            set.display().to_string()
-        ),
-    )
-    .unwrap();
-    let out = t.path().join("dist");
-    let (code, so, se) = mcompress(&["run", "-q", "--out", out.to_str().unwrap(), recipe.to_str().unwrap()], t.path());
-    assert_eq!(code, 0, "{so}{se}");
-    let report: Value = serde_json::from_slice(&std::fs::read(out.join("default/report.json")).unwrap()).unwrap();
-    let e = &report["eval"];
+    let e = spearman_eval(&model, &set, "type = \"cast\"\ndtype = \"f16\"", "backend = \"cpu\"\nmax-drop = 0.005");
     assert_eq!(e["samples"], 999, "{e}");
     let reference = e["reference"].as_f64().unwrap();
     assert!((reference - 0.446).abs() < 0.005, "SimLex-999 Spearman {reference}");
