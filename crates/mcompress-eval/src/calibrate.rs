@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use mcompress_core::ModelSource;
+use mcompress_passes::quant::gptq;
 use mcompress_passes::quant::scheme::scale_dtype;
-use mcompress_passes::quant::{Quantized, gptq};
-use mcompress_passes::{Calibration, ParamMeta, Pass, Plan};
+use mcompress_passes::{Calibrated, Calibration, CalibrationMethod, ParamMeta, Pass, Plan};
 
 use crate::linear::Device;
 use crate::{Error, Result, llama, model_tokenizer, sets, weights};
@@ -47,14 +47,14 @@ pub fn windows(model: &ModelSource, cal: &Calibration) -> Result<Vec<Vec<u32>>> 
         .collect())
 }
 
-/// Runs GPTQ for `pass` on `model`: the quantized matrices by tensor name, for
+/// Runs `pass`'s calibration on `model`: the tensors it produced, by name, for
 /// [`Pass::provide`]. Only llama models are supported.
-pub fn gptq_model(
+pub fn run(
     model: &ModelSource,
     pass: &dyn Pass,
     cal: &Calibration,
     progress: bool,
-) -> Result<BTreeMap<String, Quantized>> {
+) -> Result<BTreeMap<String, Calibrated>> {
     let config = model.config().cloned().unwrap_or_default();
     let model_type = config["model_type"].as_str().unwrap_or("");
     if model_type != "llama" {
@@ -73,31 +73,41 @@ pub fn gptq_model(
         })
         .collect();
     let mut llama = llama::Llama::load(&config, &weights::from_model(model), &Device::Cpu)?;
+    // Selected for quantization: the scale dtype its pass would give it.
+    let selected = |name: &str| -> Option<(mcompress_core::DType, Vec<usize>)> {
+        let (dtype, shape) = dtypes.get(name)?;
+        let meta = ParamMeta::Dense { dtype: *dtype, shape: shape.clone() };
+        matches!(pass.plan(name, &meta), Plan::Change(_)).then(|| (*dtype, shape.clone()))
+    };
     let bar = if progress { ProgressBar::new(llama.layers() as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("  calibrate {msg} [{bar:30}] {pos}/{len} blocks eta {eta}")
             .expect("valid template")
             .progress_chars("=> "),
     );
-    bar.set_message(format!("gptq, {} x {} tokens", cal.samples, cal.seq_len));
     let mut out = BTreeMap::new();
-    llama.calibrate(
-        &windows,
-        |name, w, (rows, cols), h| {
-            let Some((dtype, shape)) = dtypes.get(name) else { return Ok(None) };
-            let meta = ParamMeta::Dense { dtype: *dtype, shape: shape.clone() };
-            if !matches!(pass.plan(name, &meta), Plan::Change(_)) {
-                return Ok(None);
-            }
-            debug_assert_eq!(rows * cols, w.len());
-            let q = gptq(&cal.scheme, scale_dtype(*dtype), shape, w, h, &cal.gptq)
-                .map_err(|e| Error::Model(format!("{name}: {e}")))?;
-            let deq = q.dequantize();
-            out.insert(name.to_string(), q);
-            Ok(Some(deq))
-        },
-        &|| bar.inc(1),
-    )?;
+    match cal.method {
+        CalibrationMethod::Gptq(opts) => {
+            bar.set_message(format!("gptq, {} x {} tokens", cal.samples, cal.seq_len));
+            llama.calibrate(
+                &windows,
+                |name, w, (rows, cols), h| {
+                    let Some((dtype, shape)) = selected(name) else { return Ok(None) };
+                    debug_assert_eq!(rows * cols, w.len());
+                    let q = gptq(&cal.scheme, scale_dtype(dtype), &shape, w, h, &opts)
+                        .map_err(|e| Error::Model(format!("{name}: {e}")))?;
+                    let deq = q.dequantize();
+                    out.insert(name.to_string(), Calibrated::Quantized(q));
+                    Ok(Some(deq))
+                },
+                &|| bar.inc(1),
+            )?;
+        }
+        CalibrationMethod::Awq { grid } => {
+            bar.set_message(format!("awq, {} x {} tokens", cal.samples, cal.seq_len));
+            out = llama.awq(&windows, &cal.scheme, grid, &selected, &|| bar.inc(1))?;
+        }
+    }
     bar.finish_and_clear();
     Ok(out)
 }

@@ -6,7 +6,13 @@
 
 use rayon::prelude::*;
 
-use crate::linalg::{Strides, sgemm};
+use std::collections::BTreeMap;
+
+use mcompress_core::DType;
+use mcompress_passes::Calibrated;
+use mcompress_passes::quant::{QScheme, quantize};
+
+use crate::linalg::{Strides, linear, sgemm};
 use crate::linear::{Device, Lin};
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -297,6 +303,106 @@ impl Llama {
         Ok(())
     }
 
+    /// AWQ, one block at a time: for each group of linear layers sharing an input (q/k/v;
+    /// gate/up; down) whose members are all `selected`, search `s = mean|x|^α` on a grid of α,
+    /// minimising the group's output error after rounding `W·diag(s)` (α = 0 is plain RTN, so
+    /// the search never does worse than RTN on its objective), fold `1/s` into the producer of
+    /// the input (the norms; `up_proj`'s rows for `down_proj`), and finally round every selected
+    /// matrix of the block. Returns the quantized matrices and the rewritten dense tensors.
+    /// `selected(name)` gives the dtype and shape of a tensor to quantize.
+    pub fn awq(
+        &mut self,
+        windows: &[Vec<u32>],
+        scheme: &QScheme,
+        grid: usize,
+        selected: Selected<'_>,
+        progress: &dyn Fn(),
+    ) -> Result<BTreeMap<String, Calibrated>> {
+        let mut out = BTreeMap::new();
+        let mut xs: Vec<Vec<f32>> = windows.iter().map(|w| self.embed_ids(w)).collect::<Result<_>>()?;
+        let h = self.hidden;
+        for li in 0..self.layers.len() {
+            let p = format!("model.layers.{li}");
+            let name = |n: &str| format!("{p}.{n}.weight");
+            let all = |ns: &[&str]| ns.iter().all(|n| selected(&name(n)).is_some());
+            // q, k, v: scales folded into input_layernorm.
+            if all(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]) {
+                let a: Vec<f32> = xs.iter().flat_map(|x| self.rms(x, &self.layers[li].ln_in)).collect();
+                let l = &self.layers[li];
+                let s = awq_search(&a, h, &[dense(&l.q)?, dense(&l.k)?, dense(&l.v)?], scheme, grid);
+                let l = &mut self.layers[li];
+                for (g, s) in l.ln_in.iter_mut().zip(&s) {
+                    *g /= s;
+                }
+                for lin in [&mut l.q, &mut l.k, &mut l.v] {
+                    scale_columns(lin, &s)?;
+                }
+                out.insert(format!("{p}.input_layernorm.weight"), Calibrated::Dense(l.ln_in.clone()));
+            }
+            for x in &mut xs {
+                let l = &self.layers[li];
+                let o = l.o.apply(&self.attn_context(l, x)?)?;
+                x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            }
+            // gate, up: scales folded into post_attention_layernorm.
+            if all(&["mlp.gate_proj", "mlp.up_proj"]) {
+                let a: Vec<f32> = xs.iter().flat_map(|x| self.rms(x, &self.layers[li].ln_post)).collect();
+                let l = &self.layers[li];
+                let s = awq_search(&a, h, &[dense(&l.gate)?, dense(&l.up)?], scheme, grid);
+                let l = &mut self.layers[li];
+                for (g, s) in l.ln_post.iter_mut().zip(&s) {
+                    *g /= s;
+                }
+                for lin in [&mut l.gate, &mut l.up] {
+                    scale_columns(lin, &s)?;
+                }
+                out.insert(format!("{p}.post_attention_layernorm.weight"), Calibrated::Dense(l.ln_post.clone()));
+            }
+            // down: scales folded into up_proj's rows (the SwiGLU product is linear in up).
+            if all(&["mlp.down_proj"]) {
+                let l = &self.layers[li];
+                let mut act = Vec::new();
+                for x in &xs {
+                    act.extend(Self::mlp_act(l, &self.rms(x, &l.ln_post))?);
+                }
+                let s = awq_search(&act, l.down.inp, &[dense(&l.down)?], scheme, grid);
+                let l = &mut self.layers[li];
+                scale_columns(&mut l.down, &s)?;
+                let inv: Vec<f32> = s.iter().map(|v| 1.0 / v).collect();
+                scale_rows(&mut l.up, &inv)?;
+                if selected(&name("mlp.up_proj")).is_none() {
+                    out.insert(name("mlp.up_proj"), Calibrated::Dense(dense(&l.up)?.to_vec()));
+                }
+            }
+            for x in &mut xs {
+                let l = &self.layers[li];
+                let d = l.down.apply(&Self::mlp_act(l, &self.rms(x, &l.ln_post))?)?;
+                x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
+            }
+            // Round every selected matrix of the block, scaled or not.
+            let l = &self.layers[li];
+            for (lin, n) in [
+                (&l.q, "self_attn.q_proj"),
+                (&l.k, "self_attn.k_proj"),
+                (&l.v, "self_attn.v_proj"),
+                (&l.o, "self_attn.o_proj"),
+                (&l.gate, "mlp.gate_proj"),
+                (&l.up, "mlp.up_proj"),
+                (&l.down, "mlp.down_proj"),
+            ] {
+                let full = name(n);
+                let Some((dtype, shape)) = selected(&full) else { continue };
+                let bytes = dtype
+                    .encode_f32(dense(lin)?)
+                    .ok_or_else(|| Error::Model(format!("{full}: cannot encode as {dtype}")))?;
+                let q = quantize(scheme, dtype, &shape, &bytes).map_err(|e| Error::Model(format!("{full}: {e:?}")))?;
+                out.insert(full, Calibrated::Quantized(q));
+            }
+            progress();
+        }
+        Ok(out)
+    }
+
     /// Blocks (for progress).
     pub fn layers(&self) -> usize {
         self.layers.len()
@@ -361,4 +467,80 @@ where
         *lin = Lin::new(crate::linear::Matrix::Dense(new), lin.out, lin.inp, None, &Device::Cpu)?;
     }
     Ok(())
+}
+
+/// Which tensors a calibrated pass quantizes: dtype and shape of the selected ones.
+pub type Selected<'a> = &'a dyn Fn(&str) -> Option<(DType, Vec<usize>)>;
+
+fn dense(lin: &Lin) -> Result<&[f32]> {
+    lin.dense().ok_or_else(|| Error::Model("calibration needs dense f32 weights on the CPU".into()))
+}
+
+/// `W·diag(s)`: every row's column `c` times `s[c]`.
+fn scale_columns(lin: &mut Lin, s: &[f32]) -> Result<()> {
+    let mut w = dense(lin)?.to_vec();
+    for row in w.chunks_mut(lin.inp) {
+        for (v, s) in row.iter_mut().zip(s) {
+            *v *= s;
+        }
+    }
+    *lin = Lin::new(crate::linear::Matrix::Dense(w), lin.out, lin.inp, None, &Device::Cpu)?;
+    Ok(())
+}
+
+/// `diag(s)·W`: row `r` times `s[r]`.
+fn scale_rows(lin: &mut Lin, s: &[f32]) -> Result<()> {
+    let mut w = dense(lin)?.to_vec();
+    for (row, s) in w.chunks_mut(lin.inp).zip(s) {
+        for v in row {
+            *v *= s;
+        }
+    }
+    *lin = Lin::new(crate::linear::Matrix::Dense(w), lin.out, lin.inp, None, &Device::Cpu)?;
+    Ok(())
+}
+
+/// Rows of calibration input the AWQ search scores each candidate on.
+const AWQ_ROWS: usize = 2048;
+
+/// AWQ's scale search for layers `ws` (each `[m_i, k]`) sharing input `x` (`[n, k]`): per-channel
+/// `s = mean|x|^α`, normalised by `sqrt(max·min)`, for α on the grid; the α whose rounded
+/// `Q(W·diag(s))·diag(1/s)` gives the smallest summed squared output error on (a stride sample
+/// of) `x` wins.
+fn awq_search(x: &[f32], k: usize, ws: &[&[f32]], scheme: &QScheme, grid: usize) -> Vec<f32> {
+    let n = x.len() / k;
+    let mut mean = vec![0f64; k];
+    for row in x.chunks(k) {
+        for (m, v) in mean.iter_mut().zip(row) {
+            *m += f64::from(v.abs());
+        }
+    }
+    let stride = n.div_ceil(AWQ_ROWS).max(1);
+    let xs: Vec<f32> = x.chunks(k).step_by(stride).flatten().copied().collect();
+    let base: Vec<Vec<f32>> = ws.iter().map(|w| linear(&xs, w, None, k, w.len() / k)).collect();
+    let (mut best, mut best_err) = (vec![1f32; k], f64::INFINITY);
+    for g in 0..grid.max(1) {
+        let alpha = g as f64 / grid.max(1) as f64;
+        let mut s: Vec<f64> = mean.iter().map(|m| (m / n.max(1) as f64).max(1e-4).powf(alpha)).collect();
+        let (lo, hi) = s.iter().fold((f64::INFINITY, 0f64), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+        let norm = (lo * hi).sqrt();
+        for v in &mut s {
+            *v /= norm;
+        }
+        let s: Vec<f32> = s.iter().map(|v| *v as f32).collect();
+        let x_div: Vec<f32> = xs.chunks(k).flat_map(|r| r.iter().zip(&s).map(|(v, s)| v / s)).collect();
+        let mut err = 0f64;
+        for (w, y) in ws.iter().zip(&base) {
+            let m = w.len() / k;
+            let scaled: Vec<u8> =
+                w.chunks(k).flat_map(|r| r.iter().zip(&s).flat_map(|(v, s)| (v * s).to_le_bytes())).collect();
+            let Ok(q) = quantize(scheme, DType::F32, &[m, k], &scaled) else { return vec![1f32; k] };
+            let yq = linear(&x_div, &q.dequantize(), None, k, m);
+            err += y.iter().zip(&yq).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>();
+        }
+        if err < best_err {
+            (best, best_err) = (s, err);
+        }
+    }
+    best
 }

@@ -198,8 +198,29 @@ pub trait Pass: fmt::Debug + Send + Sync {
     fn calibration(&self) -> Option<&Calibration> {
         None
     }
-    /// Hands a calibrated pass the matrices its calibration produced, by tensor name.
-    fn provide(&self, _results: std::collections::BTreeMap<String, Quantized>) {}
+    /// Hands a calibrated pass what its calibration produced, by tensor name.
+    fn provide(&self, _results: std::collections::BTreeMap<String, Calibrated>) {}
+}
+
+/// One tensor produced by a calibration.
+#[derive(Clone, Debug)]
+pub enum Calibrated {
+    /// A quantized matrix.
+    Quantized(Quantized),
+    /// Rewritten dense values (same shape and dtype; e.g. a norm with AWQ's scales folded in).
+    Dense(Vec<f32>),
+}
+
+/// What a calibration computes.
+#[derive(Clone, Copy, Debug)]
+pub enum CalibrationMethod {
+    /// GPTQ with these settings.
+    Gptq(quant::GptqOptions),
+    /// AWQ with a grid of this many exponents.
+    Awq {
+        /// Grid points over α in [0, 1).
+        grid: usize,
+    },
 }
 
 /// A calibrated pass's request: calibration text and sampling, and what to compute.
@@ -215,8 +236,8 @@ pub struct Calibration {
     pub seed: u64,
     /// Target scheme.
     pub scheme: QScheme,
-    /// GPTQ settings.
-    pub gptq: quant::GptqOptions,
+    /// The method and its settings.
+    pub method: CalibrationMethod,
 }
 
 /// Maturity of a pass.
@@ -255,7 +276,7 @@ impl fmt::Debug for PassInfo {
 }
 
 /// Every pass, sorted by name.
-pub static PASSES: &[PassInfo] = &[cast::INFO, quant::GPTQ_INFO, quant::RTN_INFO];
+pub static PASSES: &[PassInfo] = &[cast::INFO, quant::AWQ_INFO, quant::GPTQ_INFO, quant::RTN_INFO];
 
 /// Looks a pass up by name.
 pub fn lookup(name: &str) -> Option<&'static PassInfo> {

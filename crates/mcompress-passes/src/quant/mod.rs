@@ -14,7 +14,9 @@ pub use load::{load_quantized, schemes_from_config};
 pub use rtn::{QuantError, Quantized, quantize, quantize_ref};
 pub use scheme::QScheme;
 
-use crate::{Applied, Calibration, Param, ParamMeta, ParamSelector, Pass, PassInfo, Plan, Status};
+use crate::{
+    Applied, Calibrated, Calibration, CalibrationMethod, Param, ParamMeta, ParamSelector, Pass, PassInfo, Plan, Status,
+};
 
 /// `quantize-rtn` settings.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
@@ -186,58 +188,132 @@ fn default_block() -> usize {
     128
 }
 
-/// GPTQ: error-compensating quantization against calibration activations.
-#[derive(Debug)]
-pub struct Gptq {
-    config: GptqConfig,
-    rtn: Rtn,
-    calibration: Calibration,
-    results: std::sync::Mutex<std::collections::BTreeMap<String, Quantized>>,
-    /// Names the calibration quantized (set by [`Pass::provide`]); selected tensors outside it
-    /// are skipped with a reason instead of failing.
-    calibrated: std::sync::Mutex<Option<std::collections::BTreeSet<String>>>,
+/// `quantize-awq` settings.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AwqConfig {
+    /// Bits per weight: 8, 4, 3 or 2.
+    pub bits: u8,
+    /// 0: one scale per output channel. N: one scale per N consecutive input columns.
+    #[serde(default)]
+    pub group_size: usize,
+    /// Symmetric (zero point 0) or asymmetric (per-group zero point; AWQ's usual choice).
+    #[serde(default = "yes")]
+    pub symmetric: bool,
+    /// Points of the grid over the exponent α in [0, 1) (default 20).
+    #[serde(default = "default_grid")]
+    pub grid: usize,
+    /// Calibration text and sampling.
+    pub calibration: CalibrationConfig,
+    /// Tensors to quantize (default: float tensors of rank ≥ 2 named `*weight`; only linear
+    /// layers the eval runtime runs can be calibrated).
+    pub targets: Option<Vec<String>>,
+    /// Tensors to leave alone.
+    #[serde(default)]
+    pub ignore: Vec<String>,
 }
 
-fn build_gptq(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
-    let mut config: GptqConfig = recipe.pass_config(index)?;
-    let err = |m: String| recipe.pass_error(index, m);
-    if !(0.0..1.0e3).contains(&config.dampening) {
-        return Err(err(format!("dampening = {}: must be ≥ 0", config.dampening)));
+fn default_grid() -> usize {
+    20
+}
+
+/// A calibrated quantization pass (GPTQ, AWQ): selection and layout as RTN, results computed
+/// by the eval runtime's calibration before streaming and handed over with [`Pass::provide`].
+#[derive(Debug)]
+pub struct CalibratedQuant {
+    info: &'static PassInfo,
+    settings: serde_json::Value,
+    rtn: Rtn,
+    calibration: Calibration,
+    results: std::sync::Mutex<std::collections::BTreeMap<String, Calibrated>>,
+    /// What the calibration produced, by name (true: a quantized matrix; false: rewritten dense
+    /// weights, e.g. a norm with AWQ's scales folded in). Selected tensors outside it are
+    /// skipped with a reason instead of failing.
+    calibrated: std::sync::Mutex<Option<std::collections::BTreeMap<String, bool>>>,
+}
+
+/// Validates the shared calibration settings and resolves the set's path.
+fn calibration_config(
+    recipe: &Recipe,
+    index: usize,
+    mut c: CalibrationConfig,
+) -> Result<CalibrationConfig, mcompress_recipe::Error> {
+    if c.samples == 0 {
+        return Err(recipe.pass_error(index, "calibration.samples must be at least 1"));
     }
-    if config.calibration.samples == 0 {
-        return Err(err("calibration.samples must be at least 1".into()));
+    if c.seq_len < 2 {
+        return Err(recipe.pass_error(index, "calibration.seq-len must be at least 2 tokens"));
     }
-    if config.calibration.seq_len < 2 {
-        return Err(err("calibration.seq-len must be at least 2 tokens".into()));
-    }
-    config.calibration.set = recipe.pass_path(index, &config.calibration.set, "calibration.set")?;
-    let rtn = Rtn::new(RtnConfig {
-        bits: config.bits,
-        group_size: config.group_size,
-        symmetric: config.symmetric,
-        targets: config.targets.clone(),
-        ignore: config.ignore.clone(),
-    })
-    .map_err(err)?;
+    c.set = recipe.pass_path(index, &c.set, "calibration.set")?;
+    Ok(c)
+}
+
+fn build_calibrated(
+    recipe: &Recipe,
+    index: usize,
+    info: &'static PassInfo,
+    settings: serde_json::Value,
+    rtn: RtnConfig,
+    c: &CalibrationConfig,
+    method: CalibrationMethod,
+) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
+    let rtn = Rtn::new(rtn).map_err(|e| recipe.pass_error(index, e))?;
     let calibration = Calibration {
-        set: config.calibration.set.clone(),
-        samples: config.calibration.samples,
-        seq_len: config.calibration.seq_len,
-        seed: config.calibration.seed,
+        set: c.set.clone(),
+        samples: c.samples,
+        seq_len: c.seq_len,
+        seed: c.seed,
         scheme: rtn.scheme,
-        gptq: GptqOptions {
-            dampening: config.dampening,
-            block_size: config.block_size.max(1),
-            act_order: config.act_order,
-        },
+        method,
     };
-    Ok(Box::new(Gptq {
-        config,
+    Ok(Box::new(CalibratedQuant {
+        info,
+        settings,
         rtn,
         calibration,
         results: std::sync::Mutex::default(),
         calibrated: std::sync::Mutex::default(),
     }))
+}
+
+fn build_gptq(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
+    let mut config: GptqConfig = recipe.pass_config(index)?;
+    if !(0.0..1.0e3).contains(&config.dampening) {
+        return Err(recipe.pass_error(index, format!("dampening = {}: must be ≥ 0", config.dampening)));
+    }
+    config.calibration = calibration_config(recipe, index, config.calibration)?;
+    let rtn = RtnConfig {
+        bits: config.bits,
+        group_size: config.group_size,
+        symmetric: config.symmetric,
+        targets: config.targets.clone(),
+        ignore: config.ignore.clone(),
+    };
+    let method = CalibrationMethod::Gptq(GptqOptions {
+        dampening: config.dampening,
+        block_size: config.block_size.max(1),
+        act_order: config.act_order,
+    });
+    let settings = serde_json::to_value(&config).expect("config is JSON");
+    build_calibrated(recipe, index, &GPTQ_INFO, settings, rtn, &config.calibration, method)
+}
+
+fn build_awq(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
+    let mut config: AwqConfig = recipe.pass_config(index)?;
+    if !(1..=1000).contains(&config.grid) {
+        return Err(recipe.pass_error(index, format!("grid = {}: 1 to 1000 points", config.grid)));
+    }
+    config.calibration = calibration_config(recipe, index, config.calibration)?;
+    let rtn = RtnConfig {
+        bits: config.bits,
+        group_size: config.group_size,
+        symmetric: config.symmetric,
+        targets: config.targets.clone(),
+        ignore: config.ignore.clone(),
+    };
+    let method = CalibrationMethod::Awq { grid: config.grid };
+    let settings = serde_json::to_value(&config).expect("config is JSON");
+    build_calibrated(recipe, index, &AWQ_INFO, settings, rtn, &config.calibration, method)
 }
 
 /// Registry entry of `quantize-gptq`.
@@ -250,47 +326,71 @@ pub const GPTQ_INFO: PassInfo = PassInfo {
     schema: || schemars::schema_for!(GptqConfig),
 };
 
-impl Pass for Gptq {
+/// Registry entry of `quantize-awq`.
+pub const AWQ_INFO: PassInfo = PassInfo {
+    name: "quantize-awq",
+    summary: "AWQ: activation-aware per-channel scales folded into norms/linears, then int8/4/3/2 (llama models)",
+    docs: include_str!("awq.md"),
+    status: Status::Preview,
+    build: build_awq,
+    schema: || schemars::schema_for!(AwqConfig),
+};
+
+impl Pass for CalibratedQuant {
     fn name(&self) -> &'static str {
-        GPTQ_INFO.name
+        self.info.name
     }
 
     fn settings(&self) -> serde_json::Value {
-        serde_json::to_value(&self.config).expect("config is JSON")
+        self.settings.clone()
     }
 
     fn plan(&self, name: &str, meta: &ParamMeta) -> Plan {
         let plan = self.rtn.plan(name, meta);
         let calibrated = self.calibrated.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match (&plan, calibrated.as_ref()) {
-            (Plan::Change(_), Some(done)) if !done.contains(name) => Plan::Skip(
-                "not a linear layer of a llama block (GPTQ calibrates those; use quantize-rtn for the rest)".into(),
+        let Some(done) = calibrated.as_ref() else { return plan };
+        match (done.get(name), plan, meta) {
+            (Some(false), _, ParamMeta::Dense { .. }) => Plan::Change(meta.clone()),
+            (None, Plan::Change(_), _) => Plan::Skip(
+                "not a linear layer of a llama block (calibrated passes reach those; use quantize-rtn for the rest)"
+                    .into(),
             ),
-            _ => plan,
+            (_, plan, _) => plan,
         }
     }
 
     fn apply<'a>(&self, name: &str, param: Param<'a>) -> Result<Applied<'a>, String> {
-        let Param::Dense { .. } = param else {
+        let Param::Dense { dtype, shape, .. } = param else {
             return Err("already quantized".into());
         };
-        let q = self
+        let result = self
             .results
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(name)
-            .ok_or("no calibrated result: the calibration did not reach this tensor (only linear layers of the llama blocks are calibrated; ignore it or quantize it with quantize-rtn)")?;
-        let rel = q.rel_rmse();
-        Ok(Applied { param: Param::Quantized(q), rel_rmse: Some(rel) })
+            .ok_or("no calibrated result: the calibration did not reach this tensor")?;
+        match result {
+            Calibrated::Quantized(q) => {
+                let rel = q.rel_rmse();
+                Ok(Applied { param: Param::Quantized(q), rel_rmse: Some(rel) })
+            }
+            Calibrated::Dense(values) => {
+                let bytes = dtype.encode_f32(&values).ok_or_else(|| format!("cannot encode {dtype}"))?;
+                Ok(Applied {
+                    param: Param::Dense { dtype, shape, data: std::borrow::Cow::Owned(bytes) },
+                    rel_rmse: None,
+                })
+            }
+        }
     }
 
     fn calibration(&self) -> Option<&Calibration> {
         Some(&self.calibration)
     }
 
-    fn provide(&self, results: std::collections::BTreeMap<String, Quantized>) {
+    fn provide(&self, results: std::collections::BTreeMap<String, Calibrated>) {
         *self.calibrated.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some(results.keys().cloned().collect());
+            Some(results.iter().map(|(k, v)| (k.clone(), matches!(v, Calibrated::Quantized(_)))).collect());
         *self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = results;
     }
 }
