@@ -328,7 +328,7 @@ mod tests {
         let e = build_passes(&r).unwrap_err().to_string();
         assert_eq!(
             e,
-            "r.toml:3:1: pass[0] quantize-rtm: unknown pass type \"quantize-rtm\"; valid types: cast, quantize-rtn"
+            "r.toml:3:1: pass[0] quantize-rtm: unknown pass type \"quantize-rtm\"; valid types: cast, quantize-awq, quantize-gptq, quantize-rtn"
         );
     }
 
@@ -337,7 +337,9 @@ mod tests {
         let s = recipe_schema();
         let one_of = s["properties"]["pass"]["items"]["oneOf"].as_array().unwrap();
         assert_eq!(one_of.len(), PASSES.len());
-        assert_eq!(one_of[1]["properties"]["type"]["const"], "quantize-rtn");
-        assert!(one_of[1]["properties"]["bits"].is_object());
+        assert_eq!(one_of[3]["properties"]["type"]["const"], "quantize-rtn");
+        assert!(one_of[3]["properties"]["bits"].is_object());
+        assert_eq!(one_of[2]["properties"]["type"]["const"], "quantize-gptq");
+        assert!(one_of[2]["properties"]["calibration"].is_object());
     }
 }
