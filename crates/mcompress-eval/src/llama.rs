@@ -247,6 +247,18 @@ impl Llama {
         self.lm_head.apply(&x)
     }
 
+    /// Greedy decoding: `ids` followed by `steps` argmax tokens (full recompute per step; a
+    /// check, not a server).
+    pub fn greedy(&self, ids: &[u32], steps: usize) -> Result<Vec<u32>> {
+        let mut ids = ids.to_vec();
+        for _ in 0..steps {
+            let lg = self.logits(&ids)?;
+            let last = &lg[lg.len() - self.vocab..];
+            ids.push(last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i as u32));
+        }
+        Ok(ids)
+    }
+
     /// Sequential calibration, one block at a time (GPTQ): every window's residual stream goes
     /// through block `i`; the inputs of each of its linear layers give a Hessian `Σ xᵀx` (f64);
     /// `quantize(name, weights, (out, in), hessian)` may return replacement weights (the
