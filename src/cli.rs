@@ -394,6 +394,17 @@ fn dispatch(cli: Cli) -> Result<Status> {
             if let Some(e) = &loaded.eval {
                 anyhow::ensure!(e.set.is_file(), "{}: [eval] set does not exist", e.set.display());
             }
+            for (spec, pass) in loaded.passes.iter().zip(&passes) {
+                if let Some(c) = pass.calibration() {
+                    anyhow::ensure!(
+                        c.set.is_file(),
+                        "{}: pass[{}] {}: calibration set does not exist",
+                        c.set.display(),
+                        spec.index,
+                        spec.kind
+                    );
+                }
+            }
             writeln!(
                 out,
                 "ok: {} ({} passes, {} targets, eval: {})",
