@@ -74,3 +74,36 @@ fn test_compare_gates_size_growth_and_lost_fit() {
     assert_eq!(code, 2);
     assert!(stderr.contains("expected a percentage"), "{stderr}");
 }
+
+#[test]
+fn test_measured_latency_is_not_gated_across_backends() {
+    // Two quickstart reports, the second as if its eval ran on another adapter: its 100x latency
+    // is shown but not gated (different hardware), and the same latency on the same adapter fails.
+    let t = tmp();
+    let out = t.path().join("a");
+    let recipe = repo().join("recipes/quickstart.toml");
+    let (code, so, se) = mcompress(
+        &["run", "-q", "--backend", "cpu", "--out", out.to_str().unwrap(), recipe.to_str().unwrap()],
+        t.path(),
+    );
+    assert_eq!(code, 0, "{so}{se}");
+    let old = out.join("default/report.json");
+    let mut report: Value = serde_json::from_slice(&std::fs::read(&old).unwrap()).unwrap();
+    let p50 = report["eval"]["latency_ms"]["compressed"]["p50"].as_f64().unwrap();
+    report["eval"]["latency_ms"]["compressed"]["p50"] = (p50 * 100.0).into();
+    let slower_same = t.path().join("same.json");
+    std::fs::write(&slower_same, serde_json::to_vec(&report).unwrap()).unwrap();
+    report["eval"]["backend"] = "wgpu".into();
+    report["eval"]["adapter"] = "llvmpipe (LLVM 15.0.6, 256 bits); Cpu; Vulkan; Mesa 25.0.7".into();
+    let slower_other = t.path().join("other.json");
+    std::fs::write(&slower_other, serde_json::to_vec(&report).unwrap()).unwrap();
+    let cmp = |new: &std::path::Path| {
+        mcompress(&["compare", old.to_str().unwrap(), new.to_str().unwrap(), "--max-latency-growth", "10%"], t.path())
+    };
+    let (code, stdout, _) = cmp(&slower_same);
+    assert_eq!(code, 1, "{stdout}");
+    let (code, stdout, _) = cmp(&slower_other);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("eval latency p50 ms, not comparable: cpu (CPU"), "{stdout}");
+    assert!(stdout.contains("vs wgpu (llvmpipe"), "{stdout}");
+}

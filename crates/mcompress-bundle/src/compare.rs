@@ -130,6 +130,17 @@ pub fn compare(old: &Path, new: &Path, limits: &Limits) -> Result<Comparison> {
     push("bits per parameter".into(), num(&a, "/bundle/bits_per_param"), num(&b, "/bundle/bits_per_param"), None);
     let metric =
         b.pointer("/eval/metric").and_then(Value::as_str).or(a.pointer("/eval/metric").and_then(Value::as_str));
+    // Measured latency compares only on the same backend and adapter (reports before these
+    // fields existed count as the same).
+    let device = |v: &Value| {
+        let s = |p: &str| v.pointer(p).and_then(Value::as_str).map(str::to_string);
+        s("/eval/backend").map(|b| format!("{b} ({})", s("/eval/adapter").unwrap_or_default()))
+    };
+    let (dev_a, dev_b) = (device(&a), device(&b));
+    let same_device = match (&dev_a, &dev_b) {
+        (Some(x), Some(y)) => x == y,
+        _ => true,
+    };
     if let Some(m) = metric {
         push(
             format!("eval {m} (compressed)"),
@@ -137,17 +148,32 @@ pub fn compare(old: &Path, new: &Path, limits: &Limits) -> Result<Comparison> {
             num(&b, "/eval/compressed"),
             limits.max_accuracy_drop.map(|t| (t, !higher_is_better(m))),
         );
-        push(
-            "eval latency p50 ms".into(),
-            num(&a, "/eval/latency_ms/compressed/p50"),
-            num(&b, "/eval/latency_ms/compressed/p50"),
-            limits.max_latency_growth.map(|t| (t, true)),
-        );
+        if same_device {
+            push(
+                "eval latency p50 ms".into(),
+                num(&a, "/eval/latency_ms/compressed/p50"),
+                num(&b, "/eval/latency_ms/compressed/p50"),
+                limits.max_latency_growth.map(|t| (t, true)),
+            );
+        } else {
+            // Different hardware: shown, not gated (the estimates below gate instead).
+            push(
+                format!(
+                    "eval latency p50 ms, not comparable: {} vs {}",
+                    dev_a.as_deref().unwrap_or("?"),
+                    dev_b.as_deref().unwrap_or("?")
+                ),
+                num(&a, "/eval/latency_ms/compressed/p50"),
+                num(&b, "/eval/latency_ms/compressed/p50"),
+                None,
+            );
+        }
     } else if limits.max_accuracy_drop.is_some() {
         push("eval (accuracy)".into(), None, None, limits.max_accuracy_drop.map(|t| (t, false)));
     }
-    let measured_latency =
-        num(&a, "/eval/latency_ms/compressed/p50").is_some() && num(&b, "/eval/latency_ms/compressed/p50").is_some();
+    let measured_latency = same_device
+        && num(&a, "/eval/latency_ms/compressed/p50").is_some()
+        && num(&b, "/eval/latency_ms/compressed/p50").is_some();
     let targets = |v: &Value| v["targets"].as_array().cloned().unwrap_or_default();
     for tb in targets(&b) {
         let name = tb["name"].as_str().unwrap_or("").to_string();
