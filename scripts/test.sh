@@ -24,14 +24,22 @@ fi
 # bookworm-backports, so take that where it exists.
 if ! ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    suite=""
+    backports=/etc/apt/sources.list.d/mcompress-backports.list
+    installed=""
     if grep -q 'VERSION_CODENAME=bookworm' /etc/os-release 2>/dev/null; then
-      echo 'deb http://deb.debian.org/debian bookworm-backports main' >/etc/apt/sources.list.d/mcompress-backports.list
-      suite="-t bookworm-backports"
+      echo 'deb http://deb.debian.org/debian bookworm-backports main' >"$backports"
+      if apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports \
+        mesa-vulkan-drivers libvulkan1 >/dev/null; then
+        installed=yes
+      else
+        echo "scripts/test.sh: Mesa from bookworm-backports failed; using the release's Mesa (slower)" >&2
+        rm -f "$backports"
+      fi
     fi
-    apt-get update -qq
-    # shellcheck disable=SC2086
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $suite mesa-vulkan-drivers libvulkan1 >/dev/null
+    if [ -z "$installed" ]; then
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
+    fi
   else
     echo "scripts/test.sh: no Vulkan driver (sudo apt-get install mesa-vulkan-drivers libvulkan1); wgpu tests will be skipped" >&2
   fi
