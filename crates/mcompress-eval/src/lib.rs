@@ -218,6 +218,28 @@ impl Ctx<'_> {
         weights::from_bundle(&ModelSource::open(self.bundle_dir)?)
     }
 
+    /// Runs `step` on each of the `len` items under a progress bar, timing every call: the calls'
+    /// latency percentiles (ms) and the total seconds.
+    fn timed<T>(
+        &self,
+        items: impl IntoIterator<Item = T>,
+        len: usize,
+        what: &str,
+        mut step: impl FnMut(T) -> Result<()>,
+    ) -> Result<(Latency, f64)> {
+        let bar = self.bar(len, what);
+        let mut times = Vec::with_capacity(len);
+        let started = Instant::now();
+        for item in items {
+            let t0 = Instant::now();
+            step(item)?;
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        Ok((percentiles(times), started.elapsed().as_secs_f64()))
+    }
+
     /// A progress bar over `len` steps (hidden unless asked for and stderr is a terminal).
     fn bar(&self, len: usize, what: &str) -> ProgressBar {
         if !self.progress {
@@ -323,21 +345,14 @@ fn eval_llama_perplexity(ctx: &Ctx) -> Result<EvalResult> {
     let config = ctx.config();
     let (ids, window) = text_tokens(ctx.section, ctx.model)?;
     let run = |m: &llama::Llama, what: &str| -> Result<(f64, Latency, f64, usize)> {
-        let bar = ctx.bar(ids.len().div_ceil(window), what);
-        let mut times = Vec::new();
         let (mut nll, mut n) = (0f64, 0usize);
-        let started = Instant::now();
-        for w in ids.chunks(window) {
-            let t0 = Instant::now();
+        let (latency, secs) = ctx.timed(ids.chunks(window), ids.len().div_ceil(window), what, |w| {
             let (a, b) = m.nll(w, window)?;
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
             nll += a;
             n += b;
-            bar.inc(1);
-        }
-        bar.finish_and_clear();
-        let secs = started.elapsed().as_secs_f64();
-        Ok(((nll / n.max(1) as f64).exp(), percentiles(times), ids.len() as f64 / secs.max(1e-9), n))
+            Ok(())
+        })?;
+        Ok(((nll / n.max(1) as f64).exp(), latency, ids.len() as f64 / secs.max(1e-9), n))
     };
     let reference = llama::Llama::load(&config, &weights::from_model(ctx.model), ctx.device)?;
     let (ppl_ref, l_ref, t_ref, n) = run(&reference, "reference")?;
@@ -454,19 +469,12 @@ fn embed_all(
     if let Some(first) = batches.first() {
         model.embed_batch(first)?; // warm-up
     }
-    let bar = ctx.bar(batches.len(), what);
-    let mut times = Vec::with_capacity(batches.len());
-    let started = Instant::now();
     let mut out = Vec::with_capacity(ids.len());
-    for b in &batches {
-        let t0 = Instant::now();
+    let (latency, secs) = ctx.timed(&batches, batches.len(), what, |b| {
         out.extend(model.embed_batch(b)?);
-        times.push(t0.elapsed().as_secs_f64() * 1e3);
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    let total = started.elapsed().as_secs_f64();
-    Ok((out, percentiles(times), ids.len() as f64 / total.max(1e-9)))
+        Ok(())
+    })?;
+    Ok((out, latency, ids.len() as f64 / secs.max(1e-9)))
 }
 
 fn percentiles(mut times: Vec<f64>) -> Latency {
@@ -483,22 +491,14 @@ fn run_accuracy(
     batch: usize,
     what: &str,
 ) -> Result<(f64, Latency, f64)> {
-    let mut correct = 0usize;
-    let mut times = Vec::new();
     // Warm-up: caches, the thread pool, GPU pipelines; not counted.
     if let Some(first) = set.batches(batch).next() {
         model.predict(first.0)?;
     }
-    let bar = ctx.bar(set.len().div_ceil(batch), what);
-    let started = Instant::now();
-    for (x, labels) in set.batches(batch) {
-        let t0 = Instant::now();
-        let pred = model.predict(x)?;
-        times.push(t0.elapsed().as_secs_f64() * 1e3);
-        correct += pred.iter().zip(labels).filter(|(p, l)| p == l).count();
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    let total = started.elapsed().as_secs_f64();
-    Ok((correct as f64 / set.len().max(1) as f64, percentiles(times), set.len() as f64 / total.max(1e-9)))
+    let mut correct = 0usize;
+    let (latency, secs) = ctx.timed(set.batches(batch), set.len().div_ceil(batch), what, |(x, labels)| {
+        correct += model.predict(x)?.iter().zip(labels).filter(|(p, l)| p == l).count();
+        Ok(())
+    })?;
+    Ok((correct as f64 / set.len().max(1) as f64, latency, set.len() as f64 / secs.max(1e-9)))
 }

@@ -234,14 +234,26 @@ impl Llama {
         Ok(g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect())
     }
 
+    /// `x += o_proj(attention(x))`: block `l`'s attention half on the residual stream.
+    fn add_attention(&self, l: &Layer, x: &mut [f32]) -> Result<()> {
+        let o = l.o.apply(&self.attn_context(l, x)?)?;
+        x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+        Ok(())
+    }
+
+    /// `x += down_proj(swiglu(post_norm(x)))`: block `l`'s MLP half on the residual stream.
+    fn add_mlp(&self, l: &Layer, x: &mut [f32]) -> Result<()> {
+        let d = l.down.apply(&Self::mlp_act(l, &self.rms(x, &l.ln_post))?)?;
+        x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
+        Ok(())
+    }
+
     /// Logits `[n, vocab]` for a token sequence (causal, positions from 0).
     pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let mut x = self.embed_ids(ids)?;
         for l in &self.layers {
-            let o = l.o.apply(&self.attn_context(l, &x)?)?;
-            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
-            let d = l.down.apply(&Self::mlp_act(l, &self.rms(&x, &l.ln_post))?)?;
-            x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
+            self.add_attention(l, &mut x)?;
+            self.add_mlp(l, &mut x)?;
         }
         let x = self.rms(&x, &self.norm);
         self.lm_head.apply(&x)
@@ -306,9 +318,7 @@ impl Llama {
             }
             requantize(&mut self.layers[li].down, &format!("{p}.mlp.down_proj.weight"), hd.h, &mut quantize)?;
             for x in &mut xs {
-                let l = &self.layers[li];
-                let d = l.down.apply(&Self::mlp_act(l, &self.rms(x, &l.ln_post))?)?;
-                x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
+                self.add_mlp(&self.layers[li], x)?;
             }
             progress();
         }
@@ -352,9 +362,7 @@ impl Llama {
                 out.insert(format!("{p}.input_layernorm.weight"), Calibrated::Dense(l.ln_in.clone()));
             }
             for x in &mut xs {
-                let l = &self.layers[li];
-                let o = l.o.apply(&self.attn_context(l, x)?)?;
-                x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+                self.add_attention(&self.layers[li], x)?;
             }
             // gate, up: scales folded into post_attention_layernorm.
             if all(&["mlp.gate_proj", "mlp.up_proj"]) {
@@ -387,9 +395,7 @@ impl Llama {
                 }
             }
             for x in &mut xs {
-                let l = &self.layers[li];
-                let d = l.down.apply(&Self::mlp_act(l, &self.rms(x, &l.ln_post))?)?;
-                x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
+                self.add_mlp(&self.layers[li], x)?;
             }
             // Round every selected matrix of the block, scaled or not.
             let l = &self.layers[li];
