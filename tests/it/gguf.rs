@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::util::{mcompress, raw_safetensors, repo, tmp};
+use crate::util::{mcompress, raw_safetensors, repo, run_report, tmp};
 
 fn smollm2() -> Option<PathBuf> {
     crate::util::fixture("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2")
@@ -258,13 +258,7 @@ fn test_gptq_and_awq_beat_rtn_at_the_same_size() {
     let t = tmp();
     // 4096 calibration tokens: fewer leave the 1536-wide down_proj Hessians too poorly sampled.
     let cal = format!("calibration = {{ set = {:?}, samples = 16, seq-len = 256 }}", calib.display().to_string());
-    let run = |recipe: &PathBuf, out: &str| -> serde_json::Value {
-        let out = t.path().join(out);
-        let (code, so, se) =
-            mcompress(&["run", "-q", "--out", out.to_str().unwrap(), recipe.to_str().unwrap()], t.path());
-        assert_eq!(code, 0, "{so}{se}");
-        serde_json::from_slice(&std::fs::read(out.join("default/report.json")).unwrap()).unwrap()
-    };
+    let run = |recipe: &PathBuf, out: &str| run_report(t.path(), recipe, &t.path().join(out), "default", &[]);
     let rtn = run(&gptq_recipe(t.path(), &gguf, "rtn", ""), "rtn");
     let gptq = run(&gptq_recipe(t.path(), &gguf, "gptq", &cal), "gptq");
     let awq = run(&gptq_recipe(t.path(), &gguf, "awq", &format!("{cal}\ngrid = 10")), "awq");

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::util::{mcompress, minilm, repo, tmp};
+use crate::util::{mcompress, minilm, repo, run_report, tmp};
 
 #[test]
 fn test_minilm_recipes_bundle_and_external_client_agrees() {
@@ -96,10 +96,7 @@ fn spearman_eval(model: &std::path::Path, set: &std::path::Path, pass: &str, eva
         ),
     )
     .unwrap();
-    let out = t.path().join("dist");
-    let (code, so, se) = mcompress(&["run", "-q", "--out", out.to_str().unwrap(), recipe.to_str().unwrap()], t.path());
-    assert_eq!(code, 0, "{so}{se}");
-    let report: Value = serde_json::from_slice(&std::fs::read(out.join("default/report.json")).unwrap()).unwrap();
+    let report = run_report(t.path(), &recipe, &t.path().join("dist"), "default", &[]);
     assert_eq!(report["eval"]["status"], "ran", "{}", report["eval"]);
     report["eval"].clone()
 }

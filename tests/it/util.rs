@@ -5,6 +5,17 @@ pub(crate) fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// `mcompress run -q [extra…] --out OUT RECIPE` from `cwd`, which must exit 0; the report.json
+/// of `target`.
+pub(crate) fn run_report(cwd: &Path, recipe: &Path, out: &Path, target: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["run", "-q"];
+    args.extend_from_slice(extra);
+    args.extend(["--out", out.to_str().unwrap(), recipe.to_str().unwrap()]);
+    let (code, so, se) = mcompress(&args, cwd);
+    assert_eq!(code, 0, "{so}{se}");
+    serde_json::from_slice(&std::fs::read(out.join(target).join("report.json")).unwrap()).unwrap()
+}
+
 /// Runs the binary; returns (exit code, stdout, stderr).
 pub(crate) fn mcompress(args: &[&str], cwd: &Path) -> (i32, String, String) {
     let out: Output = Command::new(env!("CARGO_BIN_EXE_mcompress"))

@@ -7,7 +7,7 @@ use std::path::Path;
 use mcompress_eval::linear::Device;
 use serde_json::Value;
 
-use crate::util::{fixture, mcompress, minilm, repo, tmp};
+use crate::util::{fixture, minilm, repo, run_report, tmp};
 
 /// The wgpu device, or `None` (test skipped) where there is no adapter and CI did not ask for one.
 fn wgpu() -> Option<Device> {
@@ -23,11 +23,7 @@ fn wgpu() -> Option<Device> {
 
 /// `run --backend B` on a recipe; the report's eval object.
 fn eval_on(recipe: &Path, backend: &str, dir: &Path) -> Value {
-    let out = dir.join(backend);
-    let (code, so, se) =
-        mcompress(&["run", "-q", "--backend", backend, "--out", out.to_str().unwrap(), recipe.to_str().unwrap()], dir);
-    assert_eq!(code, 0, "{so}{se}");
-    let report: Value = serde_json::from_slice(&std::fs::read(out.join("default/report.json")).unwrap()).unwrap();
+    let report = run_report(dir, recipe, &dir.join(backend), "default", &["--backend", backend]);
     let e = report["eval"].clone();
     assert_eq!(e["status"], "ran", "{e}");
     assert_eq!(e["backend"], backend, "{e}");
@@ -182,14 +178,7 @@ fn test_fashion_mnist_accuracy_same_on_wgpu_and_cpu() {
     let t = tmp();
     let recipe = repo().join("recipes/fashion-mnist-int4.toml");
     let run = |backend: &str| -> Value {
-        let out = t.path().join(backend);
-        let (code, so, se) = mcompress(
-            &["run", "-q", "--backend", backend, "--out", out.to_str().unwrap(), recipe.to_str().unwrap()],
-            t.path(),
-        );
-        assert_eq!(code, 0, "{so}{se}");
-        let report: Value = serde_json::from_slice(&std::fs::read(out.join("edge/report.json")).unwrap()).unwrap();
-        report["eval"].clone()
+        run_report(t.path(), &recipe, &t.path().join(backend), "edge", &["--backend", backend])["eval"].clone()
     };
     let (cpu, gpu) = (run("cpu"), run("wgpu"));
     assert_eq!(cpu["samples"], 10_000);
