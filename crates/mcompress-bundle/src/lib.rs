@@ -20,15 +20,19 @@
 
 pub mod compare;
 mod dequantize;
+mod fit;
+mod gguf;
 mod html;
 mod inspect;
 mod manifest;
 mod report;
+mod ship;
 mod sign;
 pub mod targets;
 mod verify;
 
 use std::path::{Path, PathBuf};
+
 use std::time::Instant;
 
 use mcompress_core::{ModelSource, fsutil};
@@ -92,6 +96,9 @@ pub enum Error {
     /// A calibrated pass's calibration failed (message names the pass).
     #[error("{0}")]
     Calibration(String),
+    /// A GGUF export problem (message names the target and tensor).
+    #[error("{0}")]
+    Export(String),
     /// A bundle or manifest is malformed.
     #[error("{}: {reason}", path.display())]
     BadBundle {
@@ -160,6 +167,8 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     let started = Instant::now();
     let passes = mcompress_passes::build_passes(recipe)?;
     let resolved = targets::resolve(recipe)?;
+    let shipping =
+        recipe.targets.iter().enumerate().map(|(i, t)| ship::Shipping::of(recipe, i, t)).collect::<Result<Vec<_>>>()?;
     if let Some(e) = &recipe.eval
         && !e.set.is_file()
     {
@@ -184,52 +193,144 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
 
     let pid = std::process::id();
     let stage = |name: &str| out_dir.join(format!(".{name}.mcompress-tmp-{pid}"));
-    let first = stage(&recipe.targets[0].name);
-    if first.exists() {
-        fs_err::remove_dir_all(&first).map_err(io(&first))?;
+    // The safetensors payload is shared by every target that ships it; it is staged once.
+    let payload_dir = out_dir.join(format!(".payload.mcompress-tmp-{pid}"));
+    let staged: Vec<PathBuf> = recipe.targets.iter().map(|t| stage(&t.name)).chain([payload_dir.clone()]).collect();
+    for d in &staged {
+        if d.exists() {
+            fs_err::remove_dir_all(d).map_err(io(d))?;
+        }
+        fs_err::create_dir_all(d).map_err(io(d))?;
     }
-    fs_err::create_dir_all(&first).map_err(io(&first))?;
 
     let result = (|| {
+        let any_st = shipping.iter().any(|s| s.safetensors);
+        // GGUF targets: tensor types planned (fit: solved) before the weights stream.
+        let planned = pipeline::plan(&model, &passes);
+        let mut ggufs: Vec<Option<ship::GgufTarget>> = Vec::with_capacity(shipping.len());
+        for (i, s) in shipping.iter().enumerate() {
+            ggufs.push(match &s.gguf {
+                Some(g) => Some(ship::GgufTarget::plan(recipe, i, &model, &planned.params, g, &resolved[i], opts)?),
+                None => None,
+            });
+        }
         // Hash the inputs on a second thread while the passes stream the weights.
         let inputs = model.input_files();
         let (hashes, output) = std::thread::scope(|s| {
             let h = s.spawn(|| manifest::hash_inputs(&model, &inputs));
-            let out = pipeline::run(&model, &passes, &first.join("model.safetensors"), !opts.reproducible, progress);
+            let out = (|| -> Result<pipeline::Output> {
+                let mut sinks = Vec::new();
+                for (g, t) in ggufs.iter().zip(&recipe.targets) {
+                    if let Some(g) = g {
+                        sinks.push(g.sink(&model, &stage(&t.name).join("model.gguf"))?);
+                    }
+                }
+                let mut refs: Vec<&mut dyn pipeline::Sink> =
+                    sinks.iter_mut().map(|s| s as &mut dyn pipeline::Sink).collect();
+                let st = any_st.then(|| payload_dir.join("model.safetensors"));
+                Ok(pipeline::run(&model, &passes, st.as_deref(), &mut refs, !opts.reproducible, progress)?)
+            })();
             (h.join().expect("hash thread does not panic"), out)
         });
-        let (hashes, output) = (hashes?, output?);
-        write_payload(&model, &output, &first)?;
+        let (hashes, output): (_, pipeline::Output) = (hashes?, output?);
 
-        // The deployable files are the same for every target: hash them once.
-        let payload = manifest::hash_dir(&first)?;
-        let (eval_json, eval_gate, warnings) = run_eval(recipe, &model, &first, opts)?;
-        let bundle_bytes: u64 = payload.values().map(|f| f.bytes).sum();
-        // Where the bundle fits and what it would cost, for every target of the run.
-        let dtypes = targets::weight_dtypes(&output.params);
+        // The safetensors payload and its eval, shared by the targets that ship it.
+        let mut st_files = std::collections::BTreeMap::new();
+        let mut st_eval = (None, None, Vec::new());
+        if any_st {
+            write_payload(&model, &output, &payload_dir)?;
+            st_files = manifest::hash_dir(&payload_dir)?;
+            st_eval = run_eval(recipe, &model, &payload_dir, opts)?;
+        }
+        let mut warnings = st_eval.2.clone();
         let kv = targets::KvGeometry::from_config(model.config());
+        let st_dtypes = targets::weight_dtypes(&output.params);
+
+        // Per target: its files, eval (GGUF: with fit retries) and fit.
+        let mut shipped = Vec::with_capacity(shipping.len());
+        for (i, (s, t)) in shipping.iter().zip(&recipe.targets).enumerate() {
+            let dir = stage(&t.name);
+            let mut files = std::collections::BTreeMap::new();
+            let mut formats = Vec::new();
+            let mut weights_bytes = 0;
+            let mut dtypes = Vec::new();
+            let mut est_dtypes = Vec::new();
+            if s.safetensors {
+                copy_payload(&payload_dir, &dir)?;
+                files.extend(st_files.clone());
+                formats.push("safetensors");
+                weights_bytes += output.bytes;
+                dtypes.extend(st_dtypes.clone());
+            }
+            let (mut eval_json, mut eval_gate) = (st_eval.0.clone(), st_eval.1.clone());
+            let mut gguf_json = None;
+            if let Some(g) = &mut ggufs[i] {
+                let file = dir.join("model.gguf");
+                let (e, gate, w) = g.evaluate(&model, &passes, &file, &mut |f| run_eval(recipe, &model, f, opts))?;
+                warnings.extend(w);
+                let entry = FileEntry {
+                    sha256: fsutil::sha256_file(&file)?,
+                    bytes: fs_err::metadata(&file).map_err(io(&file))?.len(),
+                };
+                weights_bytes += entry.bytes;
+                gguf_json = Some(g.summary(entry.bytes));
+                files.insert("model.gguf".to_string(), entry);
+                formats.push("gguf");
+                est_dtypes.extend(g.dtypes());
+                // The GGUF is what this target runs when it ships no safetensors; with both,
+                // both evals are reported and both gate.
+                if s.safetensors {
+                    if let (Some(Value::Object(obj)), Some(e)) = (&mut eval_json, e) {
+                        obj.insert("gguf".into(), e);
+                    }
+                    eval_gate = match (eval_gate, gate) {
+                        (Some(a), Some(b)) => Some(if a.passed { b } else { a }),
+                        (a, b) => a.or(b),
+                    };
+                } else {
+                    eval_json = e;
+                    eval_gate = gate;
+                }
+            }
+            // llama.cpp runs every ggml type of a GGUF: only the safetensors dtypes are checked
+            // against the target's weight-dtypes; estimates see all of them.
+            est_dtypes.extend(dtypes.clone());
+            est_dtypes.sort();
+            est_dtypes.dedup();
+            let bytes: u64 = files.values().map(|f| f.bytes).sum();
+            shipped.push(ship::Shipped {
+                dir,
+                files,
+                formats,
+                weights_bytes,
+                dtypes,
+                est_dtypes,
+                bytes,
+                eval_json,
+                eval_gate,
+                gguf_json,
+            });
+        }
+        // Where each bundle fits and what it would cost, for every target of the run.
         let reports: Vec<TargetReport> = resolved
             .iter()
-            .map(|r| TargetReport {
+            .zip(&shipped)
+            .map(|(r, s)| TargetReport {
                 name: r.name.clone(),
                 hardware: r.clone(),
-                fit: targets::fit(r, output.bytes, &dtypes, &["safetensors"], kv),
-                estimates: targets::estimate(r, output.bytes, model.params(), &dtypes, kv),
+                fit: targets::fit(r, s.weights_bytes, &s.dtypes, &s.formats, kv),
+                estimates: targets::estimate(r, s.weights_bytes, model.params(), &s.est_dtypes, kv),
             })
             .collect();
         let mut targets = Vec::new();
-        for (i, t) in recipe.targets.iter().enumerate() {
-            let dir = if i == 0 { first.clone() } else { stage(&t.name) };
-            if i > 0 {
-                copy_payload(&first, &dir)?;
-            }
+        for (i, (t, s)) in recipe.targets.iter().zip(shipped).enumerate() {
             let mut gates = Vec::new();
             match t.max_size {
-                Some(MaxSize::Bytes(limit)) => gates.push(Gate::max_size(limit.0, bundle_bytes)),
-                Some(MaxSize::Auto) => gates.push(Gate::fit(&reports[i].fit, output.bytes)),
+                Some(MaxSize::Bytes(limit)) => gates.push(Gate::max_size(limit.0, s.bytes)),
+                Some(MaxSize::Auto) => gates.push(Gate::fit(&reports[i].fit, s.weights_bytes)),
                 None => {}
             }
-            gates.extend(eval_gate.clone());
+            gates.extend(s.eval_gate.clone());
             let passed = gates.iter().all(|g| g.passed);
             let report = Report::new(
                 recipe,
@@ -237,33 +338,43 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
                 &output,
                 &reports[i],
                 &reports,
-                bundle_bytes,
-                &payload,
+                report::Shipped {
+                    bytes: s.bytes,
+                    weights_bytes: s.weights_bytes,
+                    files: &s.files,
+                    gguf: s.gguf_json.clone(),
+                },
                 gates.clone(),
                 passed,
-                eval_json.clone(),
+                s.eval_json.clone(),
             );
-            let mut files = payload.clone();
+            let mut files = s.files.clone();
             let report_json = serde_json::to_vec_pretty(&report).expect("report is JSON");
             let report_md = report.to_markdown().into_bytes();
             let report_html = report.to_html().into_bytes();
             for (name, bytes) in
                 [("report.json", &report_json), ("report.md", &report_md), ("report.html", &report_html)]
             {
-                fsutil::write_atomic(&dir.join(name), bytes)?;
+                fsutil::write_atomic(&s.dir.join(name), bytes)?;
                 files.insert(name.into(), FileEntry { sha256: fsutil::sha256_bytes(bytes), bytes: bytes.len() as u64 });
             }
             let m = Manifest::new(recipe, &hashes, &passes, t, files, passed);
             fsutil::write_atomic(
-                &dir.join("manifest.json"),
+                &s.dir.join("manifest.json"),
                 &serde_json::to_vec_pretty(&m).expect("manifest is JSON"),
             )?;
             if let Some(key) = &opts.sign {
-                sign::sign_bundle(&dir, key)?;
+                sign::sign_bundle(&s.dir, key)?;
             }
             targets.push((
-                dir,
-                TargetOutcome { name: t.name.clone(), dir: out_dir.join(&t.name), bundle_bytes, passed, gates },
+                s.dir,
+                TargetOutcome {
+                    name: t.name.clone(),
+                    dir: out_dir.join(&t.name),
+                    bundle_bytes: s.bytes,
+                    passed,
+                    gates,
+                },
             ));
         }
         // Every bundle is complete: move them into place.
@@ -272,11 +383,12 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         }
         Ok((targets.into_iter().map(|(_, t)| t).collect(), warnings))
     })();
+    let _ = fs_err::remove_dir_all(&payload_dir);
     let (targets, warnings) = match result {
         Ok(t) => t,
         Err(e) => {
-            for t in &recipe.targets {
-                let _ = fs_err::remove_dir_all(stage(&t.name));
+            for d in &staged {
+                let _ = fs_err::remove_dir_all(d);
             }
             return Err(e);
         }
@@ -290,15 +402,13 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     })
 }
 
+/// The report's `eval` object, the `max-drop` gate and warnings.
+pub(crate) type EvalOutcome = (Option<Value>, Option<Gate>, Vec<String>);
+
 /// Runs `[eval]` on the reference model and the staged bundle: the report's `eval` object, the
 /// `max-drop` gate, and warnings (an eval this version cannot run is reported as not run, never
 /// silently skipped).
-fn run_eval(
-    recipe: &Recipe,
-    model: &ModelSource,
-    staged: &Path,
-    opts: &RunOptions,
-) -> Result<(Option<Value>, Option<Gate>, Vec<String>)> {
+fn run_eval(recipe: &Recipe, model: &ModelSource, staged: &Path, opts: &RunOptions) -> Result<EvalOutcome> {
     let reproducible = opts.reproducible;
     let Some(section) = &recipe.eval else { return Ok((None, None, Vec::new())) };
     let set = section.set.file_name().map(|n| n.to_string_lossy().into_owned());

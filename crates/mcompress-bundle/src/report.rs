@@ -108,7 +108,7 @@ pub struct ModelInfo {
 pub struct BundleInfo {
     /// Bytes of the deployable files (weights, config, tokenizer; not manifest or reports).
     pub bytes: u64,
-    /// Bytes of model.safetensors.
+    /// Bytes of the weight files (model.safetensors and/or model.gguf).
     pub weights_bytes: u64,
     /// model.bytes / weights_bytes.
     pub compression_ratio: f64,
@@ -118,6 +118,21 @@ pub struct BundleInfo {
     pub params_quantized: u64,
     /// Deployable files and their sizes.
     pub files: BTreeMap<String, u64>,
+    /// The GGUF file, when the target ships one: policy, bits per weight, count per ggml type,
+    /// the type of every tensor and, under `policy = "fit"`, each try.
+    pub gguf: Option<Value>,
+}
+
+/// What a target's bundle holds, for its report.
+pub(crate) struct Shipped<'a> {
+    /// Deployable bytes.
+    pub bytes: u64,
+    /// Bytes of the weight files (model.safetensors and/or model.gguf).
+    pub weights_bytes: u64,
+    /// Deployable files.
+    pub files: &'a BTreeMap<String, FileEntry>,
+    /// The report's `gguf` object.
+    pub gguf: Option<Value>,
 }
 
 /// `report.json`.
@@ -157,8 +172,7 @@ impl Report {
         output: &Output,
         target: &TargetReport,
         targets: &[TargetReport],
-        bundle_bytes: u64,
-        files: &BTreeMap<String, FileEntry>,
+        shipped: Shipped<'_>,
         gates: Vec<Gate>,
         passed: bool,
         eval: Option<Value>,
@@ -168,15 +182,26 @@ impl Report {
             *dtypes.entry(model.info(r).dtype.to_string()).or_insert(0) += 1;
         }
         let params = model.params();
-        let params_quantized = output
-            .params
-            .values()
-            .filter_map(|m| match m {
-                ParamMeta::Quantized { shape, .. } => Some(shape.iter().product::<usize>() as u64),
-                ParamMeta::Dense { .. } => None,
-            })
-            .sum();
-        let weights_bytes = output.bytes;
+        let params_quantized = match &shipped.gguf {
+            // GGUF-only: every parameter in a block-quantized type.
+            Some(g) if !shipped.files.contains_key("model.safetensors") => g["types"].as_object().map_or(0, |t| {
+                t.iter()
+                    .filter(|(k, _)| !matches!(k.as_str(), "F32" | "F16" | "BF16"))
+                    .filter_map(|(_, v)| v["params"].as_u64())
+                    .sum()
+            }),
+            _ => output
+                .params
+                .values()
+                .filter_map(|m| match m {
+                    ParamMeta::Quantized { shape, .. } => Some(shape.iter().product::<usize>() as u64),
+                    ParamMeta::Dense { .. } => None,
+                })
+                .sum(),
+        };
+        let weights_bytes = shipped.weights_bytes;
+        let bundle_bytes = shipped.bytes;
+        let files = shipped.files;
         let name = model.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         Report {
             schema: REPORT_SCHEMA,
@@ -193,6 +218,7 @@ impl Report {
                 bits_per_param: round6(weights_bytes as f64 * 8.0 / params.max(1) as f64),
                 params_quantized,
                 files: files.iter().map(|(k, v)| (k.clone(), v.bytes)).collect(),
+                gguf: shipped.gguf,
             },
             passes: output.passes.clone(),
             eval,
@@ -337,6 +363,6 @@ impl Report {
     }
 }
 
-fn round6(x: f64) -> f64 {
+pub(crate) fn round6(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
 }

@@ -1,4 +1,4 @@
-//! GGUF (v2/v3) reading: header, metadata, tensor infos, alignment, and dequantization of
+//! GGUF (v2/v3) reading and (v3) writing: header, metadata, tensor infos, alignment, and dequantization of
 //! F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the k-quants Q4_K, Q5_K, Q6_K to f32. Every length and offset is checked
 //! against the file: untrusted bytes give an [`Error::InvalidModel`] naming the file and what is
 //! wrong, never a panic. Spec: ggml's docs/gguf.md; block layouts: ggml-common.h.
@@ -9,6 +9,9 @@ use std::path::Path;
 use half::{bf16, f16};
 
 use crate::{Error, Result};
+
+mod write;
+pub use write::{GgufBuilder, GgufLayout, GgufWriter, MetaType};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 /// Caps on counts declared in the header, far above real files, so a corrupt count cannot make
@@ -87,6 +90,49 @@ pub enum GgmlType {
 }
 
 impl GgmlType {
+    /// Every type, cheapest first by bits per weight.
+    pub const ALL: [GgmlType; 11] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_K,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_K,
+        GgmlType::Q5_1,
+        GgmlType::Q6_K,
+        GgmlType::Q8_0,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::F32,
+    ];
+
+    /// ggml's type id.
+    pub fn id(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
+            GgmlType::Q8_0 => 8,
+            GgmlType::Q4_K => 12,
+            GgmlType::Q5_K => 13,
+            GgmlType::Q6_K => 14,
+            GgmlType::BF16 => 30,
+        }
+    }
+
+    /// The type named `name` as ggml spells it (`"Q4_K"`), case-insensitively.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name().eq_ignore_ascii_case(name))
+    }
+
+    /// Bits per weight, block overhead included.
+    pub fn bits_per_weight(self) -> f64 {
+        let (e, b) = self.block();
+        (b * 8) as f64 / e as f64
+    }
+
     fn from_id(id: u32) -> Option<Self> {
         Some(match id {
             0 => GgmlType::F32,
@@ -169,6 +215,9 @@ pub struct GgufFile {
     pub version: u32,
     /// Metadata.
     pub metadata: BTreeMap<String, GgufValue>,
+    /// Each metadata value as stored: its GGUF type id and the byte range of its encoding (after
+    /// the type id), so a writer can copy it with its exact type.
+    pub raw: BTreeMap<String, (u32, (usize, usize))>,
     /// Tensors in file order.
     pub tensors: Vec<GgufTensor>,
 }
@@ -261,10 +310,13 @@ impl GgufFile {
             return Err(c.err(format!("implausible counts: {n_tensors} tensors, {n_kv} metadata entries")));
         }
         let mut metadata = BTreeMap::new();
+        let mut raw = BTreeMap::new();
         for _ in 0..n_kv {
             let key = c.string("metadata key")?;
             let ty = c.u32(&key)?;
+            let start = c.pos;
             let v = c.value(ty, &key, 0)?;
+            raw.insert(key.clone(), (ty, (start, c.pos)));
             if metadata.insert(key.clone(), v).is_some() {
                 return Err(c.err(format!("duplicate metadata key {key:?}")));
             }
@@ -339,7 +391,7 @@ impl GgufFile {
                 });
             }
         }
-        Ok(GgufFile { version, metadata, tensors })
+        Ok(GgufFile { version, metadata, raw, tensors })
     }
 
     /// Metadata value by key.
@@ -480,6 +532,56 @@ pub fn unpermute_rows(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Opt
     Some(out)
 }
 
+/// llama.cpp's permutation of Q/K rows (`convert_hf_to_gguf.py` `LlamaModel.permute`), the
+/// inverse of [`unpermute_rows`]: Hugging Face `rotate_half` layout in, GGUF layout out.
+pub fn permute_rows(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Option<Vec<f32>> {
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) || w.len() != rows * cols {
+        return None;
+    }
+    let half = rows / n_head / 2;
+    let mut out = vec![0f32; w.len()];
+    // w viewed as [n_head, 2, half, cols] → swap axes 1 and 2 → [n_head, half, 2, cols].
+    for h in 0..n_head {
+        for two in 0..2 {
+            for i in 0..half {
+                let src = ((h * 2 + two) * half + i) * cols;
+                let dst = ((h * half + i) * 2 + two) * cols;
+                out[dst..dst + cols].copy_from_slice(&w[src..src + cols]);
+            }
+        }
+    }
+    Some(out)
+}
+
+/// The llama GGUF name of a Hugging Face tensor and, for Q and K, the head count to permute its
+/// rows over (the inverse of [`llama_hf_name`]).
+pub fn llama_gguf_name(hf: &str, n_head: usize, n_kv_head: usize) -> Option<(String, Option<usize>)> {
+    Some(match hf {
+        "model.embed_tokens.weight" => ("token_embd.weight".into(), None),
+        "model.norm.weight" => ("output_norm.weight".into(), None),
+        "lm_head.weight" => ("output.weight".into(), None),
+        _ => {
+            let rest = hf.strip_prefix("model.layers.")?;
+            let (layer, rest) = rest.split_once('.')?;
+            let layer: usize = layer.parse().ok()?;
+            let kind = rest.strip_suffix(".weight")?;
+            let (g, heads) = match kind {
+                "input_layernorm" => ("attn_norm", None),
+                "post_attention_layernorm" => ("ffn_norm", None),
+                "self_attn.q_proj" => ("attn_q", Some(n_head)),
+                "self_attn.k_proj" => ("attn_k", Some(n_kv_head)),
+                "self_attn.v_proj" => ("attn_v", None),
+                "self_attn.o_proj" => ("attn_output", None),
+                "mlp.gate_proj" => ("ffn_gate", None),
+                "mlp.up_proj" => ("ffn_up", None),
+                "mlp.down_proj" => ("ffn_down", None),
+                _ => return None,
+            };
+            (format!("blk.{layer}.{g}.weight"), heads)
+        }
+    })
+}
+
 /// Hugging Face name of a llama GGUF tensor, and the head count to un-permute it with (Q, K).
 pub fn llama_hf_name(name: &str, n_head: usize, n_kv_head: usize) -> Option<(String, Option<usize>)> {
     Some(match name {
@@ -591,6 +693,7 @@ mod tests {
             }
         }
         assert_eq!(unpermute_rows(&gguf, rows, cols, heads).unwrap(), hf);
+        assert_eq!(permute_rows(&hf, rows, cols, heads).unwrap(), gguf);
         assert!(unpermute_rows(&gguf, rows, cols, 3).is_none());
     }
 }

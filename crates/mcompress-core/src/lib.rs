@@ -10,6 +10,7 @@
 //!   is produced, so peak memory stays at the size of the tensors in flight.
 //! - [`ModelSource`]: a Hugging Face style model directory (config, single or sharded safetensors,
 //!   tokenizer files) or a lone `.safetensors` file.
+//! - [`gguf`]: GGUF reading and writing; [`ggml`]: ggml's reference block quantizers.
 //! - [`fsutil`]: sha256 of files, atomic small-file writes.
 //!
 //! # Example
@@ -27,6 +28,7 @@
 mod dtype;
 mod error;
 pub mod fsutil;
+pub mod ggml;
 pub mod gguf;
 mod model;
 mod safetensors;

@@ -249,6 +249,14 @@ impl ModelSource {
         })
     }
 
+    /// A GGUF source's metadata as stored: (key, GGUF type id, encoded value), in key order;
+    /// empty for other sources. What a GGUF writer copies to keep the tokenizer and exact types.
+    pub fn gguf_raw_metadata(&self) -> Vec<(&str, u32, &[u8])> {
+        self.gguf.as_ref().map_or_else(Vec::new, |g| {
+            g.file.raw.iter().map(|(k, (ty, (s, e)))| (k.as_str(), *ty, &g.map[*s..*e])).collect()
+        })
+    }
+
     /// The path this model was opened from.
     pub fn path(&self) -> &Path {
         &self.path

@@ -13,10 +13,29 @@ use mcompress_passes::{Calibrated, Calibration, CalibrationMethod, ParamMeta, Pa
 use crate::linear::Device;
 use crate::{Error, Result, llama, model_tokenizer, sets, weights};
 
+/// Where calibration windows come from.
+#[derive(Clone, Copy, Debug)]
+pub struct WindowSpec<'a> {
+    /// Plain UTF-8 text.
+    pub set: &'a std::path::Path,
+    /// Windows.
+    pub samples: usize,
+    /// Tokens per window.
+    pub seq_len: usize,
+    /// Seed of the window offsets.
+    pub seed: u64,
+}
+
+impl<'a> From<&'a Calibration> for WindowSpec<'a> {
+    fn from(c: &'a Calibration) -> Self {
+        WindowSpec { set: &c.set, samples: c.samples, seq_len: c.seq_len, seed: c.seed }
+    }
+}
+
 /// `samples` windows of `seq_len` tokens from the text at `cal.set`, at offsets drawn with
 /// SplitMix64 from `cal.seed` (the same seed always gives the same windows).
-pub fn windows(model: &ModelSource, cal: &Calibration) -> Result<Vec<Vec<u32>>> {
-    let text = sets::load_text(&cal.set)?;
+pub fn windows(model: &ModelSource, cal: WindowSpec<'_>) -> Result<Vec<Vec<u32>>> {
+    let text = sets::load_text(cal.set)?;
     let tokenizer = model_tokenizer(model)?;
     let ids: Vec<u32> = tokenizer
         .encode(text.as_str(), false)
@@ -63,7 +82,7 @@ pub fn run(
             model.path().display()
         )));
     }
-    let windows = windows(model, cal)?;
+    let windows = windows(model, cal.into())?;
     let dtypes: BTreeMap<String, (mcompress_core::DType, Vec<usize>)> = model
         .tensors()
         .iter()
@@ -110,4 +129,20 @@ pub fn run(
     }
     bar.finish_and_clear();
     Ok(out)
+}
+
+/// Mean square of every input channel of every linear layer of a llama model over calibration
+/// windows (`E[x_c²]`, the diagonal of the layer's input Hessian over the token count), by
+/// weight name, from one dense forward pass: what the `fit` policy weighs quantization error by.
+pub fn input_moments(model: &ModelSource, spec: WindowSpec<'_>) -> Result<BTreeMap<String, Vec<f32>>> {
+    let config = model.config().cloned().unwrap_or_default();
+    if config["model_type"].as_str() != Some("llama") {
+        return Err(Error::Model(format!(
+            "{}: activation statistics are computed for llama models; use no calibration for others",
+            model.path().display()
+        )));
+    }
+    let windows = windows(model, spec)?;
+    let llama = llama::Llama::load(&config, &weights::from_model(model), &Device::Cpu)?;
+    llama.input_moments(&windows)
 }

@@ -421,6 +421,56 @@ impl Llama {
         Ok(out)
     }
 
+    /// `E[x_c²]` of every linear layer's input channels over `windows`, by weight name (one
+    /// dense forward pass, one block's activations at a time).
+    pub fn input_moments(&self, windows: &[Vec<u32>]) -> Result<BTreeMap<String, Vec<f32>>> {
+        fn acc(m: &mut [f64], x: &[f32]) {
+            for row in x.chunks_exact(m.len()) {
+                for (m, v) in m.iter_mut().zip(row) {
+                    *m += f64::from(v * v);
+                }
+            }
+        }
+        let mut xs: Vec<Vec<f32>> = windows.iter().map(|w| self.embed_ids(w)).collect::<Result<_>>()?;
+        let tokens = windows.iter().map(Vec::len).sum::<usize>().max(1) as f64;
+        let mut out = BTreeMap::new();
+        let mut put = |name: String, m: &[f64]| {
+            out.insert(name, m.iter().map(|v| (v / tokens) as f32).collect::<Vec<f32>>());
+        };
+        for (li, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{li}");
+            let (mut m_in, mut m_o) = (vec![0f64; self.hidden], vec![0f64; l.o.inp]);
+            let (mut m_post, mut m_down) = (vec![0f64; self.hidden], vec![0f64; l.down.inp]);
+            for x in &mut xs {
+                acc(&mut m_in, &self.rms(x, &l.ln_in));
+                let c = self.attn_context(l, x)?;
+                acc(&mut m_o, &c);
+                let o = l.o.apply(&c)?;
+                x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+                let a = self.rms(x, &l.ln_post);
+                acc(&mut m_post, &a);
+                let act = Self::mlp_act(l, &a)?;
+                acc(&mut m_down, &act);
+                let d = l.down.apply(&act)?;
+                x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
+            }
+            for n in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] {
+                put(format!("{p}.{n}.weight"), &m_in);
+            }
+            put(format!("{p}.self_attn.o_proj.weight"), &m_o);
+            put(format!("{p}.mlp.gate_proj.weight"), &m_post);
+            put(format!("{p}.mlp.up_proj.weight"), &m_post);
+            put(format!("{p}.mlp.down_proj.weight"), &m_down);
+        }
+        // The output head (lm_head, or the tied embedding) reads the final normed stream.
+        let mut m = vec![0f64; self.hidden];
+        for x in &xs {
+            acc(&mut m, &self.rms(x, &self.norm));
+        }
+        put("lm_head.weight".into(), &m);
+        Ok(out)
+    }
+
     /// Blocks (for progress).
     pub fn layers(&self) -> usize {
         self.layers.len()

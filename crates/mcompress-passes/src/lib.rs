@@ -40,6 +40,9 @@ pub enum Error {
     /// Reading or writing tensors failed.
     #[error(transparent)]
     Core(#[from] mcompress_core::Error),
+    /// An output writer (the GGUF export) could not take a tensor; the message names it.
+    #[error("{0}")]
+    Export(String),
     /// A pass could not process a tensor.
     #[error("pass[{index}] {pass}: tensor {tensor:?}: {reason}")]
     Tensor {

@@ -111,15 +111,26 @@ pub struct Output {
     pub passes: Vec<PassReport>,
     /// Final metadata per input tensor.
     pub params: BTreeMap<String, ParamMeta>,
-    /// Size of the written file.
+    /// Size of the safetensors file (written or, with no `out`, as it would be).
     pub bytes: u64,
 }
 
-/// Runs `passes` over `model`, writing `out` (a `.safetensors` path).
+/// Another consumer of the pipeline's output tensors (a GGUF writer), fed each final parameter
+/// as it streams past.
+pub trait Sink {
+    /// Takes one parameter (input name, after every pass).
+    fn accept(&mut self, name: &str, param: &Param<'_>) -> Result<()>;
+    /// Called once after the last parameter.
+    fn finish(&mut self) -> Result<()>;
+}
+
+/// Runs `passes` over `model`, writing `out` (a `.safetensors` path; `None` writes none) and
+/// feeding every `sinks` entry.
 pub fn run(
     model: &ModelSource,
     passes: &[Box<dyn Pass>],
-    out: &Path,
+    out: Option<&Path>,
+    sinks: &mut [&mut dyn Sink],
     measure_time: bool,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Output> {
@@ -128,7 +139,7 @@ pub fn run(
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let layout = SafetensorsLayout::new(entries, &metadata)?;
     let bytes = layout.total_bytes();
-    let mut writer = SafetensorsWriter::create(out, layout)?;
+    let mut writer = out.map(|out| SafetensorsWriter::create(out, layout)).transpose()?;
 
     // Input file order, so the mapping is read front to back.
     let index: std::collections::HashMap<String, usize> =
@@ -165,15 +176,25 @@ pub fn run(
             }
         }
         debug_assert_eq!(Some(&param.meta()), planned.params.get(view.name));
-        for (entry, data) in param.into_entries(view.name) {
-            writer.write_tensor(&entry.name, &data)?;
+        for sink in sinks.iter_mut() {
+            sink.accept(view.name, &param)?;
+        }
+        if let Some(writer) = &mut writer {
+            for (entry, data) in param.into_entries(view.name) {
+                writer.write_tensor(&entry.name, &data)?;
+            }
         }
         model.release(r);
         done.tensors_done += 1;
         done.bytes_done += bytes_in;
         progress(done);
     }
-    writer.finish()?;
+    if let Some(writer) = writer {
+        writer.finish()?;
+    }
+    for sink in sinks.iter_mut() {
+        sink.finish()?;
+    }
 
     let mut skipped = planned.skipped;
     let reports = passes

@@ -212,12 +212,53 @@ pub struct TargetSection {
     pub overhead: Option<ByteSize>,
     /// Weight dtypes the target's runtimes execute (`f32`, `f16`, `bf16`, `int8`, `int4`, ...).
     pub weight_dtypes: Option<Vec<String>>,
-    /// Bundle formats the target's runtimes load (`safetensors`, `gguf`).
+    /// Weight files the bundle ships: `safetensors` (the packed layout, default) and/or `gguf`
+    /// (a llama.cpp file; llama models). Also what the target's runtimes load, for the fit check.
     pub formats: Option<Vec<String>>,
+    /// GGUF tensor types (with `formats = ["gguf"]`): a ggml type (`Q8_0`, `Q4_0`, `Q4_1`, `Q5_0`,
+    /// `Q5_1`, `Q4_K`, `Q5_K`, `Q6_K`, `F16`, `F32`) or a llama.cpp mix (`Q4_K_M`, `Q4_K_S`,
+    /// `Q5_K_M`, `Q5_K_S`). Default `Q8_0`. See docs/gguf.md.
+    pub gguf_type: Option<String>,
+    /// `"fixed"` (default: `gguf-type` as llama-quantize applies it) or `"fit"`: choose a GGUF
+    /// type per tensor that minimises the summed, activation-weighted quantization error within
+    /// `max-size`; on an eval-gate failure raise the most sensitive tensors and retry.
+    pub policy: Option<Policy>,
+    /// `policy = "fit"`: the ggml types to choose from (default: every quantized type and F16).
+    pub fit_types: Option<Vec<String>>,
+    /// `policy = "fit"`: tries in all when the eval gate fails (default 3, at most 10).
+    pub fit_tries: Option<u32>,
+    /// `policy = "fit"`: text whose activations weight each tensor's error (llama models);
+    /// without it every input channel weighs the same.
+    pub calibration: Option<TargetCalibration>,
     /// Managed on-demand price, $/hour.
     pub price_per_hour: Option<f64>,
     /// Self-hosted amortised cost, $/hour.
     pub self_hosted_per_hour: Option<f64>,
+}
+
+/// `policy` of a target.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// The types `gguf-type` names.
+    #[default]
+    Fixed,
+    /// Per-tensor types chosen to fit `max-size`.
+    Fit,
+}
+
+/// `calibration = { set, samples, seq-len, seed }` of a target with `policy = "fit"`.
+#[derive(Clone, Debug, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TargetCalibration {
+    /// Plain UTF-8 text, relative to the recipe (`${VAR}` expanded).
+    pub set: PathBuf,
+    /// Token windows drawn from the text (default 32).
+    pub samples: Option<usize>,
+    /// Tokens per window (default 512).
+    pub seq_len: Option<usize>,
+    /// Seed of the window choice (default 0).
+    pub seed: Option<u64>,
 }
 
 /// `max-size`: a fixed size or `"auto"`.
@@ -358,6 +399,15 @@ impl Recipe {
             expand::expand(&s, &env).map(PathBuf::from).map_err(|m| at(span, String::new(), format!("{field}: {m}")))
         };
         let model_path = dir.join(expand_path(&raw.model.path, "model.path")?);
+        for (i, t) in targets.iter_mut().enumerate() {
+            if let Some(c) = &mut t.calibration {
+                let s = c.set.to_string_lossy().into_owned();
+                let e = expand::expand(&s, &env).map_err(|m| {
+                    at(target_spans.get(i).cloned(), format!("target[{i}]: "), format!("calibration.set: {m}"))
+                })?;
+                c.set = dir.join(e);
+            }
+        }
         if let Some(e) = &raw.eval
             && e.metric == Metric::Kl
             && matches!(e.max_drop, Some(MaxDrop::Percent(_)))

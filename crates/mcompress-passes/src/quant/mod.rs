@@ -367,7 +367,8 @@ impl Pass for CalibratedQuant {
             .results
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(name)
+            .get(name)
+            .cloned()
             .ok_or("no calibrated result: the calibration did not reach this tensor")?;
         match result {
             Calibrated::Quantized(q) => {

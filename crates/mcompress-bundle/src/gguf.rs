@@ -1,0 +1,400 @@
+//! GGUF export: a llama-architecture file that llama.cpp loads, from the pipeline's output.
+//!
+//! - Names and layout: Hugging Face names map to llama.cpp's (`blk.N.attn_q.weight`, ...), Q and K
+//!   rows are permuted back to llama.cpp's rotary layout, dims are written innermost first.
+//! - Types: [`TypePolicy`] applies a ggml type or a llama.cpp mix per tensor the way
+//!   `llama-quantize` does (norms F32; the output matrix, or the tied token embedding, Q6_K;
+//!   `attn_v`/`ffn_down` raised in the `_M` mixes; k-quants fall back to Q5_0/Q5_1/Q8_0 when a
+//!   row is not a multiple of 256), or `policy = "fit"` chooses per tensor (see [`crate::fit`]).
+//! - Metadata: a GGUF source's metadata is copied with its exact types (tokenizer included), then
+//!   the architecture keys are set from config.json; other sources get the tokenizer from
+//!   tokenizer.json (byte-level BPE).
+//! - Data: each tensor streams from the pipeline ([`Sink`]) through ggml's reference quantizers
+//!   ([`mcompress_core::ggml`]) to its planned offset.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use mcompress_core::gguf::{GgmlType, GgufBuilder, GgufLayout, GgufWriter, llama_gguf_name, permute_rows};
+use mcompress_core::{ModelSource, ggml};
+use mcompress_passes::pipeline::Sink;
+use mcompress_passes::{Param, ParamMeta};
+use serde_json::Value;
+
+/// How tensor types are chosen for a fixed `gguf-type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TypePolicy {
+    /// One ggml type for every matrix (output matrix raised to Q6_K as llama.cpp does).
+    Uniform(GgmlType),
+    /// llama.cpp's `Q4_K_M` / `Q5_K_M` (`base` Q4_K / Q5_K).
+    KMedium(GgmlType),
+    /// llama.cpp's `Q4_K_S` / `Q5_K_S`.
+    KSmall(GgmlType),
+}
+
+impl TypePolicy {
+    /// Parses a `gguf-type` value.
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        let u = s.to_ascii_uppercase();
+        Some(match u.as_str() {
+            "Q4_K_M" => TypePolicy::KMedium(GgmlType::Q4_K),
+            "Q5_K_M" => TypePolicy::KMedium(GgmlType::Q5_K),
+            "Q4_K_S" => TypePolicy::KSmall(GgmlType::Q4_K),
+            "Q5_K_S" => TypePolicy::KSmall(GgmlType::Q5_K),
+            _ => TypePolicy::Uniform(GgmlType::from_name(&u)?),
+        })
+    }
+
+    /// llama.cpp's `general.file_type` (`llama_ftype`) for this policy.
+    pub(crate) fn ftype(self) -> u32 {
+        match self {
+            TypePolicy::Uniform(t) => ftype_of(t),
+            TypePolicy::KMedium(GgmlType::Q5_K) => 17,
+            TypePolicy::KMedium(_) => 15,
+            TypePolicy::KSmall(GgmlType::Q5_K) => 16,
+            TypePolicy::KSmall(_) => 14,
+        }
+    }
+
+    /// The type of one tensor: `gguf` its llama.cpp name, `dims` innermost first, `layer` its
+    /// block, `output` whether it is the output matrix (or the embedding tied to it).
+    pub(crate) fn choose(
+        self,
+        gguf: &str,
+        dims: &[u64],
+        layer: Option<usize>,
+        n_layer: usize,
+        output: bool,
+    ) -> GgmlType {
+        if dims.len() < 2 {
+            return GgmlType::F32;
+        }
+        let base = match self {
+            TypePolicy::Uniform(t) | TypePolicy::KMedium(t) | TypePolicy::KSmall(t) => t,
+        };
+        if matches!(base, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+            return base;
+        }
+        let more_bits = |i: usize| i < n_layer / 8 || i >= 7 * n_layer / 8 || (i - n_layer / 8) % 3 == 2;
+        let ty = if output {
+            if base == GgmlType::Q8_0 || !dims[0].is_multiple_of(256) { GgmlType::Q8_0 } else { GgmlType::Q6_K }
+        } else {
+            match (self, layer) {
+                (TypePolicy::KMedium(_), Some(i))
+                    if (gguf.contains("attn_v") || gguf.contains("ffn_down")) && more_bits(i) =>
+                {
+                    GgmlType::Q6_K
+                }
+                (TypePolicy::KSmall(GgmlType::Q4_K), Some(i)) if gguf.contains("attn_v") && i < 4 => GgmlType::Q5_K,
+                (TypePolicy::KSmall(GgmlType::Q4_K), Some(i)) if gguf.contains("ffn_down") && i < n_layer / 8 => {
+                    GgmlType::Q5_K
+                }
+                _ => base,
+            }
+        };
+        fallback(ty, dims[0])
+    }
+}
+
+/// llama.cpp's substitute when a row is not a whole number of `ty`'s blocks.
+pub(crate) fn fallback(ty: GgmlType, row: u64) -> GgmlType {
+    let fits = |t: GgmlType| row.is_multiple_of(t.block().0 as u64);
+    if fits(ty) {
+        return ty;
+    }
+    let alt = match ty {
+        GgmlType::Q4_K => GgmlType::Q5_0,
+        GgmlType::Q5_K => GgmlType::Q5_1,
+        GgmlType::Q6_K => GgmlType::Q8_0,
+        other => other,
+    };
+    if fits(alt) { alt } else { GgmlType::F16 }
+}
+
+/// `llama_ftype` of a single type.
+pub(crate) fn ftype_of(t: GgmlType) -> u32 {
+    match t {
+        GgmlType::F32 => 0,
+        GgmlType::F16 => 1,
+        GgmlType::Q4_0 => 2,
+        GgmlType::Q4_1 => 3,
+        GgmlType::Q8_0 => 7,
+        GgmlType::Q5_0 => 8,
+        GgmlType::Q5_1 => 9,
+        GgmlType::Q4_K => 14,
+        GgmlType::Q5_K => 16,
+        GgmlType::Q6_K => 18,
+        GgmlType::BF16 => 32,
+    }
+}
+
+/// One exported tensor.
+#[derive(Clone, Debug)]
+pub(crate) struct TensorPlan {
+    /// llama.cpp name.
+    pub gguf: String,
+    /// ggml dims, innermost first.
+    pub dims: Vec<u64>,
+    /// Head count to permute rows over (Q, K).
+    pub heads: Option<usize>,
+    /// Block index.
+    pub layer: Option<usize>,
+    /// The output matrix, or the token embedding tied to it.
+    pub output: bool,
+}
+
+/// Every tensor of the pipeline's output as it goes into a GGUF, by Hugging Face name.
+pub(crate) fn tensor_plans(
+    model: &ModelSource,
+    params: &BTreeMap<String, ParamMeta>,
+) -> Result<BTreeMap<String, TensorPlan>, String> {
+    let config = model.config().cloned().unwrap_or_default();
+    if config["model_type"].as_str() != Some("llama") {
+        return Err(format!(
+            "GGUF export writes llama-architecture models; this model_type is {:?}",
+            config["model_type"].as_str().unwrap_or("")
+        ));
+    }
+    let n_head = config["num_attention_heads"].as_u64().unwrap_or(0) as usize;
+    let n_kv = config["num_key_value_heads"].as_u64().map_or(n_head, |v| v as usize);
+    let tied = !params.contains_key("lm_head.weight");
+    let mut out = BTreeMap::new();
+    for (name, meta) in params {
+        let (gguf, heads) = llama_gguf_name(name, n_head, n_kv)
+            .ok_or_else(|| format!("tensor {name:?} has no llama.cpp name (GGUF export maps llama tensors)"))?;
+        let dims: Vec<u64> = meta.shape().iter().rev().map(|&d| d as u64).collect();
+        if let Some(h) = heads
+            && (dims.len() != 2 || !dims[1].is_multiple_of((2 * h.max(1)) as u64))
+        {
+            return Err(format!("tensor {name:?} of shape {:?} cannot be permuted over {h} heads", meta.shape()));
+        }
+        let layer = name.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|l| l.parse().ok());
+        let output = gguf == "output.weight" || (tied && gguf == "token_embd.weight");
+        out.insert(name.clone(), TensorPlan { gguf, dims, heads, layer, output });
+    }
+    Ok(out)
+}
+
+/// Blocks in the model (for llama.cpp's per-layer rules).
+pub(crate) fn n_layer(model: &ModelSource) -> usize {
+    model.config().and_then(|c| c["num_hidden_layers"].as_u64()).unwrap_or(0) as usize
+}
+
+/// The file's metadata: a GGUF source's keys (exact types), then the llama keys from config.json,
+/// and a tokenizer from tokenizer.json where the source had none.
+pub(crate) fn metadata(model: &ModelSource, ftype: u32) -> Result<GgufBuilder, String> {
+    let mut b = GgufBuilder::new();
+    for (k, ty, payload) in model.gguf_raw_metadata() {
+        if !matches!(k, "general.alignment" | "general.file_type" | "general.quantization_version") {
+            b.raw(k, ty, payload);
+        }
+    }
+    let c = model.config().cloned().unwrap_or_default();
+    let u = |k: &str| -> Result<u32, String> {
+        c[k].as_u64()
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| format!("config.json: {k} is missing or not a 32-bit integer (needed for GGUF)"))
+    };
+    let hidden = u("hidden_size")?;
+    let heads = u("num_attention_heads")?;
+    b.string("general.architecture", "llama");
+    if !b.has("general.name") {
+        let name = model.path().file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        b.string("general.name", &name);
+    }
+    b.u32("general.file_type", ftype);
+    b.u32("general.quantization_version", 2);
+    b.u32("llama.context_length", u("max_position_embeddings").unwrap_or(2048));
+    b.u32("llama.embedding_length", hidden);
+    b.u32("llama.block_count", u("num_hidden_layers")?);
+    b.u32("llama.feed_forward_length", u("intermediate_size")?);
+    b.u32("llama.attention.head_count", heads);
+    b.u32("llama.attention.head_count_kv", u("num_key_value_heads").unwrap_or(heads));
+    let head_dim = u("head_dim").unwrap_or(hidden / heads.max(1));
+    b.u32("llama.rope.dimension_count", head_dim);
+    #[allow(clippy::cast_possible_truncation)]
+    {
+        b.f32("llama.rope.freq_base", c["rope_theta"].as_f64().unwrap_or(10_000.0) as f32);
+        b.f32("llama.attention.layer_norm_rms_epsilon", c["rms_norm_eps"].as_f64().unwrap_or(1e-5) as f32);
+    }
+    if let Ok(v) = u("vocab_size") {
+        b.u32("llama.vocab_size", v);
+    }
+    if !b.has("tokenizer.ggml.model") {
+        let tok = model
+            .aux_files()
+            .iter()
+            .find(|p| p.file_name().is_some_and(|n| n == "tokenizer.json"))
+            .ok_or("GGUF export needs the model's tokenizer (tokenizer.json beside config.json)")?;
+        let text = fs_err::read(tok).map_err(|e| e.to_string())?;
+        let json: Value = serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", tok.display()))?;
+        bpe_tokenizer(&json, &c, &mut b).map_err(|e| format!("{}: {e}", tok.display()))?;
+    }
+    Ok(b)
+}
+
+/// llama.cpp's `gpt2` tokenizer keys from a byte-level BPE tokenizer.json (what
+/// convert_hf_to_gguf.py writes for such models; `tokenizer.ggml.pre` is "default").
+fn bpe_tokenizer(t: &Value, config: &Value, b: &mut GgufBuilder) -> Result<(), String> {
+    let model = &t["model"];
+    if model["type"].as_str() != Some("BPE") {
+        return Err(format!(
+            "tokenizer model {:?}: GGUF export converts byte-level BPE tokenizers only",
+            model["type"].as_str().unwrap_or("?")
+        ));
+    }
+    if !t["pre_tokenizer"].to_string().contains("ByteLevel") {
+        return Err("not a byte-level BPE tokenizer (no ByteLevel pre-tokenizer)".into());
+    }
+    let vocab = model["vocab"].as_object().ok_or("model.vocab is not an object")?;
+    let added = t["added_tokens"].as_array().cloned().unwrap_or_default();
+    let max_id = vocab
+        .values()
+        .filter_map(Value::as_u64)
+        .chain(added.iter().filter_map(|a| a["id"].as_u64()))
+        .max()
+        .ok_or("empty vocabulary")?;
+    let n = usize::try_from(max_id).map_err(|_| "vocabulary too large")? + 1;
+    let mut tokens: Vec<String> = (0..n).map(|i| format!("[PAD{i}]")).collect();
+    let mut types = vec![5i32; n];
+    for (tok, id) in vocab {
+        let id = id.as_u64().ok_or("vocab ids must be integers")? as usize;
+        tokens[id].clone_from(tok);
+        types[id] = 1;
+    }
+    for a in &added {
+        let (Some(id), Some(content)) = (a["id"].as_u64(), a["content"].as_str()) else { continue };
+        tokens[id as usize] = content.to_string();
+        types[id as usize] = if a["special"].as_bool() == Some(true) { 3 } else { 4 };
+    }
+    let merges: Vec<String> = model["merges"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter_map(|x| match x {
+                    Value::String(s) => Some(s.clone()),
+                    Value::Array(p) => Some(p.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" ")),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    b.string("tokenizer.ggml.model", "gpt2");
+    b.string("tokenizer.ggml.pre", "default");
+    b.strings("tokenizer.ggml.tokens", &tokens);
+    b.i32s("tokenizer.ggml.token_type", &types);
+    b.strings("tokenizer.ggml.merges", &merges);
+    for (key, cfg) in [("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")] {
+        if let Some(id) = config[cfg].as_u64().and_then(|v| u32::try_from(v).ok()) {
+            b.u32(&format!("tokenizer.ggml.{key}_token_id"), id);
+        }
+    }
+    Ok(())
+}
+
+/// The planned file: layout and each tensor's type.
+pub(crate) struct Planned {
+    pub layout: GgufLayout,
+    pub types: BTreeMap<String, GgmlType>,
+}
+
+/// Adds the tensor directory to `meta` with the given types.
+pub(crate) fn plan_file(
+    mut meta: GgufBuilder,
+    plans: &BTreeMap<String, TensorPlan>,
+    types: BTreeMap<String, GgmlType>,
+) -> Result<Planned, String> {
+    // llama.cpp's own order: embeddings, blocks in order, then the head.
+    let mut order: Vec<(&String, &TensorPlan)> = plans.iter().collect();
+    order.sort_by_key(|(_, p)| {
+        (p.layer.map_or(if p.gguf.starts_with("token_embd") { 0 } else { 2 }, |_| 1), p.layer, p.gguf.clone())
+    });
+    for (name, p) in order {
+        meta.tensor(&p.gguf, &p.dims, types[name]);
+    }
+    let layout = meta.layout().map_err(|e| e.to_string())?;
+    Ok(Planned { layout, types })
+}
+
+/// A pipeline sink writing one GGUF file.
+pub(crate) struct GgufSink {
+    path: PathBuf,
+    writer: Option<GgufWriter>,
+    plans: BTreeMap<String, TensorPlan>,
+    types: BTreeMap<String, GgmlType>,
+}
+
+impl GgufSink {
+    pub(crate) fn create(path: &Path, planned: Planned, plans: BTreeMap<String, TensorPlan>) -> crate::Result<Self> {
+        let writer = GgufWriter::create(path, planned.layout)?;
+        Ok(Self { path: path.to_path_buf(), writer: Some(writer), plans, types: planned.types })
+    }
+}
+
+/// f32 values of a pipeline parameter (dequantized if a pass packed it).
+pub(crate) fn param_f32(param: &Param<'_>) -> Option<Vec<f32>> {
+    match param {
+        Param::Dense { dtype, shape, data } => {
+            let mut out = vec![0f32; shape.iter().product()];
+            dtype.decode_f32(data, &mut out).then_some(out)
+        }
+        Param::Quantized(q) => Some(q.dequantize()),
+    }
+}
+
+impl Sink for GgufSink {
+    fn accept(&mut self, name: &str, param: &Param<'_>) -> mcompress_passes::Result<()> {
+        let err = |m: String| mcompress_passes::Error::Export(format!("{}: tensor {name:?}: {m}", self.path.display()));
+        let (Some(p), Some(&ty)) = (self.plans.get(name), self.types.get(name)) else {
+            return Err(err("not in the planned GGUF".into()));
+        };
+        let mut values = param_f32(param).ok_or_else(|| err("not a float tensor".into()))?;
+        if let Some(h) = p.heads {
+            let (rows, cols) = (p.dims[1] as usize, p.dims[0] as usize);
+            values =
+                permute_rows(&values, rows, cols, h).ok_or_else(|| err(format!("cannot permute over {h} heads")))?;
+        }
+        let bytes = ggml::quantize(ty, &values)
+            .ok_or_else(|| err(format!("{} elements are not whole {} blocks", values.len(), ty.name())))?;
+        let w = self.writer.as_mut().ok_or_else(|| err("writer already finished".into()))?;
+        w.write_tensor(&p.gguf, &bytes).map_err(mcompress_passes::Error::Core)
+    }
+
+    fn finish(&mut self) -> mcompress_passes::Result<()> {
+        match self.writer.take() {
+            Some(w) => w.finish().map_err(mcompress_passes::Error::Core),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The report's `gguf` object: file, policy, type per tensor and a per-type summary.
+pub(crate) fn summary(
+    policy: &str,
+    plans: &BTreeMap<String, TensorPlan>,
+    types: &BTreeMap<String, GgmlType>,
+    bytes: u64,
+    tries: Option<&Value>,
+) -> Value {
+    let mut by_type: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
+    let mut tensors = serde_json::Map::new();
+    for (name, p) in plans {
+        let t = types[name];
+        let n: u64 = p.dims.iter().product();
+        let e = by_type.entry(t.name()).or_default();
+        e.0 += 1;
+        e.1 += n;
+        e.2 += ggml::nbytes(t, n as usize) as u64;
+        tensors.insert(p.gguf.clone(), t.name().into());
+    }
+    let params: u64 = by_type.values().map(|v| v.1).sum();
+    serde_json::json!({
+        "file": "model.gguf",
+        "bytes": bytes,
+        "policy": policy,
+        "bits_per_weight": crate::report::round6(by_type.values().map(|v| v.2).sum::<u64>() as f64 * 8.0 / params.max(1) as f64),
+        "types": by_type.iter().map(|(t, (n, p, b))| (t.to_string(), serde_json::json!({"tensors": n, "params": p, "bytes": b}))).collect::<serde_json::Map<_, _>>(),
+        "tensors": tensors,
+        "fit": tries,
+    })
+}
