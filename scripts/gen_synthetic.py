@@ -6,7 +6,11 @@
 tinyllama-1.1b: hidden 2048, intermediate 5632, 22 layers, 32 heads / 4 KV heads, vocab 32000
 (1.1B parameters, ~2.2 GB). llama-7b: hidden 4096, intermediate 11008, 32 layers, vocab 32000
 (6.7B, ~13.5 GB). Weights are N(0, 0.02) with a few outliers, written tensor by tensor (memory
-stays at one tensor), seeded, as model.safetensors + config.json.
+stays at one tensor), seeded, as model.safetensors + config.json, plus a byte-level BPE
+tokenizer.json of the vocabulary's size (256 byte tokens, the rest placeholders; no merges) so
+the GGUF export has a tokenizer to embed.
+
+    gen_synthetic.py OUT_DIR --tokenizer-only     (add tokenizer.json to an existing model)
 """
 import json
 import os
@@ -38,8 +42,34 @@ def tensors(p):
     yield "lm_head.weight", (p["vocab"], h)
 
 
+def byte_tokens():
+    """GPT-2's bytes_to_unicode alphabet: the 256 byte-level BPE base tokens."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tokenizer(out, vocab):
+    tokens = byte_tokens() + [f"<synthetic_{i}>" for i in range(256, vocab)]
+    tok = {"version": "1.0", "added_tokens": [], "normalizer": None,
+           "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+           "post_processor": None, "decoder": {"type": "ByteLevel"},
+           "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens)}, "merges": []}}
+    with open(os.path.join(out, "tokenizer.json"), "w") as f:
+        json.dump(tok, f)
+
+
 def main():
     out = sys.argv[1]
+    if sys.argv[2:3] == ["--tokenizer-only"]:
+        with open(os.path.join(out, "config.json")) as f:
+            write_tokenizer(out, json.load(f)["vocab_size"])
+        return
     preset = sys.argv[3] if len(sys.argv) > 3 and sys.argv[2] == "--preset" else "tinyllama-1.1b"
     p = PRESETS[preset]
     os.makedirs(out, exist_ok=True)
@@ -75,6 +105,7 @@ def main():
     }
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+    write_tokenizer(out, p["vocab"])
     print(f"{out}: {sum(int(np.prod(s)) for _, s in specs):,} parameters, {offset + 8 + len(header):,} bytes")
 
 

@@ -10,6 +10,18 @@ cd "$(dirname "$0")/.."
 python3 -c 'import numpy, safetensors, jsonschema, gguf' 2>/dev/null ||
   python3 -m pip install --quiet --disable-pip-version-check 'numpy==2.4.6' 'safetensors==0.8.0' 'jsonschema==4.26.0' 'gguf==0.19.0'
 
+# llama.cpp itself (PyPI llama-cpp-python, which pip builds from source: ~4 min on 2 cores the
+# first time, a cached wheel after that) loads our GGUF exports, scores them, and lends its
+# libggml to the bit-exactness oracle (tests/it/gguf_export.rs).
+if ! python3 -c 'import llama_cpp' 2>/dev/null; then
+  if ! command -v g++ >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null
+  fi
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+    CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    python3 -m pip install --quiet --disable-pip-version-check 'llama-cpp-python==0.3.36'
+fi
+
 # report.html is rendered in headless Chromium (Debian's package).
 if ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then

@@ -6,6 +6,7 @@ mod bundle;
 mod compare;
 mod crash;
 mod gguf;
+mod gguf_export;
 mod html;
 mod minilm;
 mod sign;

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use mcompress_core::gguf::{GgmlType, GgufBuilder, GgufLayout, GgufWriter, llama_gguf_name, permute_rows};
+use mcompress_core::gguf::{GgmlType, GgufBuilder, GgufLayout, GgufWriter, llama_gguf_name};
 use mcompress_core::{ModelSource, ggml};
 use mcompress_passes::pipeline::Sink;
 use mcompress_passes::{Param, ParamMeta};
@@ -331,15 +331,27 @@ impl GgufSink {
     }
 }
 
-/// f32 values of a pipeline parameter (dequantized if a pass packed it).
-pub(crate) fn param_f32(param: &Param<'_>) -> Option<Vec<f32>> {
+/// Writes row `r` of a pipeline parameter as f32 (dequantized if a pass packed it); `false` for
+/// a non-float tensor.
+fn param_row(param: &Param<'_>, r: usize, out: &mut [f32]) -> bool {
     match param {
-        Param::Dense { dtype, shape, data } => {
-            let mut out = vec![0f32; shape.iter().product()];
-            dtype.decode_f32(data, &mut out).then_some(out)
+        Param::Dense { dtype, data, .. } => {
+            let Some(bytes) = dtype.bytes_for(out.len()) else { return false };
+            data.get(r * bytes..(r + 1) * bytes).is_some_and(|row| dtype.decode_f32(row, out))
         }
-        Param::Quantized(q) => Some(q.dequantize()),
+        Param::Quantized(q) => {
+            q.dequantize_row(r, out);
+            true
+        }
     }
+}
+
+/// The source row of GGUF row `r` of a Q/K matrix with `rows` rows permuted over `heads`
+/// (llama.cpp's layout: `[head, half, 2]` from Hugging Face's `[head, 2, half]`).
+fn permuted_source_row(r: usize, rows: usize, heads: usize) -> usize {
+    let half = rows / heads / 2;
+    let (h, rem) = (r / (2 * half), r % (2 * half));
+    (h * 2 + rem % 2) * half + rem / 2
 }
 
 impl Sink for GgufSink {
@@ -348,14 +360,24 @@ impl Sink for GgufSink {
         let (Some(p), Some(&ty)) = (self.plans.get(name), self.types.get(name)) else {
             return Err(err("not in the planned GGUF".into()));
         };
-        let mut values = param_f32(param).ok_or_else(|| err("not a float tensor".into()))?;
-        if let Some(h) = p.heads {
-            let (rows, cols) = (p.dims[1] as usize, p.dims[0] as usize);
-            values =
-                permute_rows(&values, rows, cols, h).ok_or_else(|| err(format!("cannot permute over {h} heads")))?;
+        let cols = p.dims[0] as usize;
+        let rows = p.dims[1..].iter().product::<u64>() as usize;
+        let heads = p.heads.filter(|&h| h > 0 && rows.is_multiple_of(2 * h));
+        if p.heads.is_some() && heads.is_none() {
+            return Err(err(format!("{rows} rows cannot be permuted over {:?} heads", p.heads)));
         }
-        let bytes = ggml::quantize(ty, &values)
-            .ok_or_else(|| err(format!("{} elements are not whole {} blocks", values.len(), ty.name())))?;
+        let bad = std::sync::atomic::AtomicBool::new(false);
+        // Rows are decoded, permuted and quantized in parallel batches, never the whole matrix.
+        let bytes = ggml::quantize_rows(ty, rows, cols, &|r, buf| {
+            let src = heads.map_or(r, |h| permuted_source_row(r, rows, h));
+            if !param_row(param, src, buf) {
+                bad.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+        .ok_or_else(|| err(format!("rows of {cols} are not whole {} blocks", ty.name())))?;
+        if bad.into_inner() {
+            return Err(err("not a float tensor".into()));
+        }
         let w = self.writer.as_mut().ok_or_else(|| err("writer already finished".into()))?;
         w.write_tensor(&p.gguf, &bytes).map_err(mcompress_passes::Error::Core)
     }
@@ -397,4 +419,36 @@ pub(crate) fn summary(
         "tensors": tensors,
         "fit": tries,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_permuted_rows_follow_llama_cpp() {
+        let (rows, cols, heads) = (12, 2, 3);
+        let hf: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let want = mcompress_core::gguf::permute_rows(&hf, rows, cols, heads).unwrap();
+        for r in 0..rows {
+            let s = permuted_source_row(r, rows, heads);
+            assert_eq!(&want[r * cols..(r + 1) * cols], &hf[s * cols..(s + 1) * cols]);
+        }
+    }
+
+    #[test]
+    fn test_type_policy_follows_llama_quantize() {
+        let p = TypePolicy::parse("q4_k_m").unwrap();
+        let d = [2048u64, 2048];
+        assert_eq!(p.choose("blk.0.attn_v.weight", &d, Some(0), 32, false), GgmlType::Q6_K);
+        assert_eq!(p.choose("blk.5.attn_v.weight", &d, Some(5), 32, false), GgmlType::Q4_K);
+        assert_eq!(p.choose("blk.6.ffn_down.weight", &d, Some(6), 32, false), GgmlType::Q6_K);
+        assert_eq!(p.choose("output.weight", &d, None, 32, true), GgmlType::Q6_K);
+        assert_eq!(p.choose("blk.5.attn_q.weight", &[576, 576], Some(5), 32, false), GgmlType::Q5_0);
+        assert_eq!(p.choose("blk.5.attn_norm.weight", &[576], Some(5), 32, false), GgmlType::F32);
+        assert_eq!(TypePolicy::parse("Q8_0").unwrap().choose("output.weight", &d, None, 32, true), GgmlType::Q8_0);
+        assert_eq!(fallback(GgmlType::Q6_K, 576), GgmlType::Q8_0);
+        assert_eq!(fallback(GgmlType::Q4_0, 100), GgmlType::F16);
+        assert!(TypePolicy::parse("Q3_X").is_none());
+    }
 }

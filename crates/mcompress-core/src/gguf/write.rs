@@ -238,7 +238,7 @@ impl GgufWriter {
 }
 
 #[cfg(test)]
-#[allow(clippy::float_cmp)]
+#[allow(clippy::float_cmp, clippy::many_single_char_names)]
 mod tests {
     use super::*;
     use crate::gguf::{GgufFile, GgufValue, dequantize};
