@@ -390,6 +390,7 @@ fn dispatch(cli: Cli) -> Result<Status> {
             let loaded = mcompress_recipe::Recipe::load(&recipe)?;
             let passes = mcompress_passes::build_passes(&loaded)?;
             let targets = mcompress_bundle::targets::resolve(&loaded)?;
+            mcompress_bundle::check_targets(&loaded)?;
             anyhow::ensure!(loaded.model_path.exists(), "{}: model path does not exist", loaded.model_path.display());
             if let Some(e) = &loaded.eval {
                 anyhow::ensure!(e.set.is_file(), "{}: [eval] set does not exist", e.set.display());

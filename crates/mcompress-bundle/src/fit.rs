@@ -1,11 +1,13 @@
 //! `policy = "fit"`: a GGUF type per tensor that minimises the summed weighted quantization error
 //! with the file within `max-size`.
 //!
-//! Sensitivity: for tensor `W` (rows × in) and type `t`, the relative output error of the layer,
-//! `ε_t = Σ_c m_c Σ_r (W − Q_t(W))²_rc / Σ_c m_c Σ_r W²_rc`, where `m_c = E[x_c²]` is the mean square of
+//! Sensitivity: for tensor `W` (rows × in) and type `t`, the expected squared error of the
+//! layer's output, `ε_t = Σ_c m_c Σ_r (W − Q_t(W))²_rc`, where `m_c = E[x_c²]` is the mean square of
 //! input channel `c` over the calibration windows (the diagonal of the layer's input Hessian;
-//! `m = 1` without calibration, or for tensors with no linear input such as the embedding). It
-//! is what the layer's output would lose to rounding if channels were uncorrelated.
+//! `m = 1` without calibration, or for tensors with no linear input). It is `E‖(W − Q_t(W))x‖²`
+//! when channels are uncorrelated, summed over the layer's outputs, so a layer with many outputs
+//! (the 49,152-row output head) weighs accordingly. (Measured: the relative error `ε_t / Σ m W²`
+//! instead treats every tensor alike and spends too few bits on the output head; docs/gguf.md.)
 //!
 //! Solver: a multiple-choice knapsack (one type per tensor; minimise Σ weight·ε, bytes ≤ budget)
 //! by dynamic programming over the byte budget on a grid of `GRID` cells. Each choice's size is
@@ -37,13 +39,6 @@ pub(crate) struct Item {
 /// (length `cols`) or uniform.
 pub(crate) fn errors(w: &[f32], cols: usize, m: Option<&[f32]>, types: &[GgmlType]) -> Vec<f64> {
     let weight = |c: usize| m.map_or(1.0, |m| f64::from(m[c]));
-    let mut energy = 0f64;
-    for row in w.chunks_exact(cols) {
-        for (c, v) in row.iter().enumerate() {
-            energy += weight(c) * f64::from(v * v);
-        }
-    }
-    let energy = energy.max(f64::MIN_POSITIVE);
     let mut deq = Vec::new();
     types
         .iter()
@@ -57,7 +52,7 @@ pub(crate) fn errors(w: &[f32], cols: usize, m: Option<&[f32]>, types: &[GgmlTyp
                     e += weight(c) * d * d;
                 }
             }
-            e / energy
+            e
         })
         .collect()
 }

@@ -162,6 +162,14 @@ pub struct RunSummary {
     pub warnings: Vec<String>,
 }
 
+/// Checks every target's formats and GGUF settings (what `run` checks before it starts).
+pub fn check_targets(recipe: &Recipe) -> Result<()> {
+    for (i, t) in recipe.targets.iter().enumerate() {
+        ship::Shipping::of(recipe, i, t)?;
+    }
+    Ok(())
+}
+
 /// Runs a recipe: passes, then one bundle per target.
 pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress)) -> Result<RunSummary> {
     let started = Instant::now();

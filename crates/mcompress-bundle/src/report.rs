@@ -250,6 +250,41 @@ impl Report {
             self.bundle.bits_per_param
         );
         let _ = writeln!(s, "| compression | | {:.2}× |\n", self.bundle.compression_ratio);
+        if let Some(g) = &self.bundle.gguf {
+            let _ = writeln!(
+                s,
+                "## GGUF\n\n`model.gguf`, {} bytes, policy `{}`, {:.3} bits per weight.\n\n| ggml type | tensors | parameters | bytes |\n|---|---:|---:|---:|",
+                g["bytes"],
+                g["policy"].as_str().unwrap_or(""),
+                g["bits_per_weight"].as_f64().unwrap_or(0.0)
+            );
+            if let Some(types) = g["types"].as_object() {
+                for (t, v) in types {
+                    let _ = writeln!(s, "| {t} | {} | {} | {} |", v["tensors"], v["params"], v["bytes"]);
+                }
+            }
+            s.push('\n');
+            if let Some(tries) = g["fit"]["tries"].as_array() {
+                let _ = writeln!(
+                    s,
+                    "Fit to {} bytes: {}.\n\n| try | bytes | metric | gate | types |\n|---:|---:|---:|---|---|",
+                    g["fit"]["max_size"],
+                    g["fit"]["solver"].as_str().unwrap_or("")
+                );
+                for t in tries {
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | {} | {} | {} |",
+                        t["try"],
+                        t["bytes"],
+                        t["compressed"].as_f64().map_or_else(|| "-".into(), |v| format!("{v:.4}")),
+                        if t["passed"] == true { "PASS" } else { "FAIL" },
+                        t["types"]
+                    );
+                }
+                s.push('\n');
+            }
+        }
         if !self.gates.is_empty() {
             let _ = writeln!(s, "## Gates\n\n| gate | result | detail |\n|---|---|---|");
             for g in &self.gates {

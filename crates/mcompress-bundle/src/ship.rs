@@ -121,7 +121,7 @@ impl Shipping {
                 return Err(err("calibration: samples must be at least 1 and seq-len at least 2".into()));
             }
             if !c.set.is_file() {
-                return Err(err(format!("calibration.set {}: no such file", c.set.display())));
+                return Err(err(format!("calibration.set {}: file does not exist", c.set.display())));
             }
         }
         let label = t
