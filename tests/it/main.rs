@@ -9,6 +9,7 @@ mod gguf;
 mod gguf_export;
 mod html;
 mod minilm;
+mod prune;
 mod sign;
 mod util;
 #[cfg(feature = "wgpu")]

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use mcompress_core::ModelSource;
+use mcompress_passes::prune;
 use mcompress_passes::quant::gptq;
 use mcompress_passes::quant::scheme::scale_dtype;
 use mcompress_passes::{Calibrated, Calibration, CalibrationMethod, ParamMeta, Pass, Plan};
@@ -106,14 +107,14 @@ pub fn run(
     );
     let mut out = BTreeMap::new();
     match cal.method {
-        CalibrationMethod::Gptq(opts) => {
+        CalibrationMethod::Gptq(opts, scheme) => {
             bar.set_message(format!("gptq, {} x {} tokens", cal.samples, cal.seq_len));
             llama.calibrate(
                 &windows,
                 |name, w, (rows, cols), h| {
                     let Some((dtype, shape)) = selected(name) else { return Ok(None) };
                     debug_assert_eq!(rows * cols, w.len());
-                    let q = gptq(&cal.scheme, scale_dtype(dtype), &shape, w, h, &opts)
+                    let q = gptq(&scheme, scale_dtype(dtype), &shape, w, h, &opts)
                         .map_err(|e| Error::Model(format!("{name}: {e}")))?;
                     let deq = q.dequantize();
                     out.insert(name.to_string(), Calibrated::Quantized(q));
@@ -122,9 +123,42 @@ pub fn run(
                 &|| bar.inc(1),
             )?;
         }
-        CalibrationMethod::Awq { grid } => {
+        CalibrationMethod::Awq { grid, scheme } => {
             bar.set_message(format!("awq, {} x {} tokens", cal.samples, cal.seq_len));
-            out = llama.awq(&windows, &cal.scheme, grid, &selected, &|| bar.inc(1))?;
+            out = llama.awq(&windows, &scheme, grid, &selected, &|| bar.inc(1))?;
+        }
+        CalibrationMethod::Wanda(pattern) | CalibrationMethod::SparseGpt { pattern, .. } => {
+            let sparsegpt = match cal.method {
+                CalibrationMethod::SparseGpt { opts, .. } => Some(opts),
+                _ => None,
+            };
+            bar.set_message(format!(
+                "{}, {} x {} tokens",
+                if sparsegpt.is_some() { "sparsegpt" } else { "wanda" },
+                cal.samples,
+                cal.seq_len
+            ));
+            // Each pruned layer feeds the next one's inputs (block by block, as GPTQ).
+            llama.calibrate(
+                &windows,
+                |name, w, (_, cols), h| {
+                    if selected(name).is_none() {
+                        return Ok(None);
+                    }
+                    let fail = |e: String| Error::Model(format!("{name}: {e}"));
+                    let pruned = if let Some(opts) = &sparsegpt {
+                        prune::sparsegpt(w, cols, h, pattern, opts).map_err(fail)?
+                    } else {
+                        let diag: Vec<f64> = (0..cols).map(|i| h[i * cols + i]).collect();
+                        let mut p = w.to_vec();
+                        prune::wanda(&mut p, cols, &diag, pattern).map_err(fail)?;
+                        p
+                    };
+                    out.insert(name.to_string(), Calibrated::Dense(pruned.clone()));
+                    Ok(Some(pruned))
+                },
+                &|| bar.inc(1),
+            )?;
         }
     }
     bar.finish_and_clear();

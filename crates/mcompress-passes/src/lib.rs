@@ -18,6 +18,7 @@
 
 pub mod cast;
 pub mod pipeline;
+pub mod prune;
 pub mod quant;
 mod select;
 
@@ -217,12 +218,23 @@ pub enum Calibrated {
 /// What a calibration computes.
 #[derive(Clone, Copy, Debug)]
 pub enum CalibrationMethod {
-    /// GPTQ with these settings.
-    Gptq(quant::GptqOptions),
-    /// AWQ with a grid of this many exponents.
+    /// GPTQ with these settings, to this scheme.
+    Gptq(quant::GptqOptions, QScheme),
+    /// AWQ with a grid of this many exponents, to this scheme.
     Awq {
         /// Grid points over α in [0, 1).
         grid: usize,
+        /// Target scheme.
+        scheme: QScheme,
+    },
+    /// Wanda pruning.
+    Wanda(prune::Pattern),
+    /// SparseGPT pruning.
+    SparseGpt {
+        /// Mask pattern.
+        pattern: prune::Pattern,
+        /// Settings.
+        opts: prune::SparseGptOptions,
     },
 }
 
@@ -237,8 +249,6 @@ pub struct Calibration {
     pub seq_len: usize,
     /// Seed of the window choice.
     pub seed: u64,
-    /// Target scheme.
-    pub scheme: QScheme,
     /// The method and its settings.
     pub method: CalibrationMethod,
 }
@@ -279,7 +289,15 @@ impl fmt::Debug for PassInfo {
 }
 
 /// Every pass, sorted by name.
-pub static PASSES: &[PassInfo] = &[cast::INFO, quant::AWQ_INFO, quant::GPTQ_INFO, quant::RTN_INFO];
+pub static PASSES: &[PassInfo] = &[
+    cast::INFO,
+    prune::MAGNITUDE_INFO,
+    prune::SPARSEGPT_INFO,
+    prune::WANDA_INFO,
+    quant::AWQ_INFO,
+    quant::GPTQ_INFO,
+    quant::RTN_INFO,
+];
 
 /// Looks a pass up by name.
 pub fn lookup(name: &str) -> Option<&'static PassInfo> {

@@ -169,7 +169,7 @@ pub fn gptq(
 /// The upper Cholesky factor `U` of `(H + λI)⁻¹` (`(H + λI)⁻¹ = Uᵀ U`), row-major, with
 /// `λ = dampening · mean(diag H)`. A Hessian that is not positive definite after dampening gets
 /// ten times more, up to three times, before giving up.
-fn inverse_cholesky_upper(h: &[f64], n: usize, dampening: f64) -> Result<Vec<f64>, String> {
+pub(crate) fn inverse_cholesky_upper(h: &[f64], n: usize, dampening: f64) -> Result<Vec<f64>, String> {
     let mean_diag = (0..n).map(|i| h[i * n + i]).sum::<f64>() / n as f64;
     let mut damp = dampening.max(0.0) * mean_diag;
     for _ in 0..4 {

@@ -233,7 +233,7 @@ pub struct CalibratedQuant {
 }
 
 /// Validates the shared calibration settings and resolves the set's path.
-fn calibration_config(
+pub(crate) fn calibration_config(
     recipe: &Recipe,
     index: usize,
     mut c: CalibrationConfig,
@@ -255,7 +255,7 @@ fn build_calibrated(
     settings: serde_json::Value,
     rtn: RtnConfig,
     c: &CalibrationConfig,
-    method: CalibrationMethod,
+    method: impl FnOnce(QScheme) -> CalibrationMethod,
 ) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
     let rtn = Rtn::new(rtn).map_err(|e| recipe.pass_error(index, e))?;
     let calibration = Calibration {
@@ -263,8 +263,7 @@ fn build_calibrated(
         samples: c.samples,
         seq_len: c.seq_len,
         seed: c.seed,
-        scheme: rtn.scheme,
-        method,
+        method: method(rtn.scheme),
     };
     Ok(Box::new(CalibratedQuant {
         info,
@@ -289,11 +288,9 @@ fn build_gptq(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_
         targets: config.targets.clone(),
         ignore: config.ignore.clone(),
     };
-    let method = CalibrationMethod::Gptq(GptqOptions {
-        dampening: config.dampening,
-        block_size: config.block_size.max(1),
-        act_order: config.act_order,
-    });
+    let opts =
+        GptqOptions { dampening: config.dampening, block_size: config.block_size.max(1), act_order: config.act_order };
+    let method = |scheme| CalibrationMethod::Gptq(opts, scheme);
     let settings = serde_json::to_value(&config).expect("config is JSON");
     build_calibrated(recipe, index, &GPTQ_INFO, settings, rtn, &config.calibration, method)
 }
@@ -311,7 +308,8 @@ fn build_awq(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_r
         targets: config.targets.clone(),
         ignore: config.ignore.clone(),
     };
-    let method = CalibrationMethod::Awq { grid: config.grid };
+    let grid = config.grid;
+    let method = |scheme| CalibrationMethod::Awq { grid, scheme };
     let settings = serde_json::to_value(&config).expect("config is JSON");
     build_calibrated(recipe, index, &AWQ_INFO, settings, rtn, &config.calibration, method)
 }
