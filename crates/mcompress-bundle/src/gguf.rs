@@ -343,6 +343,10 @@ fn param_row(param: &Param<'_>, r: usize, out: &mut [f32]) -> bool {
             q.dequantize_row(r, out);
             true
         }
+        Param::Sparse(t) => {
+            t.row_f32(r, out);
+            true
+        }
     }
 }
 

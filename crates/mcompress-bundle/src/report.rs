@@ -195,7 +195,7 @@ impl Report {
                 .values()
                 .filter_map(|m| match m {
                     ParamMeta::Quantized { shape, .. } => Some(shape.iter().product::<usize>() as u64),
-                    ParamMeta::Dense { .. } => None,
+                    ParamMeta::Dense { .. } | ParamMeta::Sparse { .. } => None,
                 })
                 .sum(),
         };

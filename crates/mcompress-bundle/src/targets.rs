@@ -234,10 +234,10 @@ pub fn weight_dtypes(params: &BTreeMap<String, ParamMeta>) -> Vec<String> {
             ParamMeta::Quantized { scheme, .. } => {
                 set.insert(format!("int{}", scheme.bits));
             }
-            ParamMeta::Dense { dtype, .. } if dtype.is_float() => {
+            ParamMeta::Dense { dtype, .. } | ParamMeta::Sparse { dtype, .. } if dtype.is_float() => {
                 set.insert(dtype.as_str().to_ascii_lowercase());
             }
-            ParamMeta::Dense { .. } => {}
+            ParamMeta::Dense { .. } | ParamMeta::Sparse { .. } => {}
         }
     }
     set.into_iter().collect()

@@ -146,15 +146,15 @@ pub fn run(
                         return Ok(None);
                     }
                     let fail = |e: String| Error::Model(format!("{name}: {e}"));
-                    let pruned = if let Some(opts) = &sparsegpt {
+                    let (pruned, keep) = if let Some(opts) = &sparsegpt {
                         prune::sparsegpt(w, cols, h, pattern, opts).map_err(fail)?
                     } else {
                         let diag: Vec<f64> = (0..cols).map(|i| h[i * cols + i]).collect();
                         let mut p = w.to_vec();
-                        prune::wanda(&mut p, cols, &diag, pattern).map_err(fail)?;
-                        p
+                        let keep = prune::wanda(&mut p, cols, &diag, pattern).map_err(fail)?;
+                        (p, keep)
                     };
-                    out.insert(name.to_string(), Calibrated::Dense(pruned.clone()));
+                    out.insert(name.to_string(), Calibrated::Pruned { values: pruned.clone(), keep });
                     Ok(Some(pruned))
                 },
                 &|| bar.inc(1),

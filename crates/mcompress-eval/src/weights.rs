@@ -39,6 +39,22 @@ pub fn from_bundle(bundle: &ModelSource) -> Result<Weights> {
         None => BTreeMap::new(),
     };
     let mut out = from_model(bundle);
+    // Pruned matrices in sparse-bitmask form (`X.compressed`, `X.bitmask`, ...), expanded.
+    let sparse: Vec<String> = bundle
+        .tensors()
+        .iter()
+        .filter_map(|r| bundle.info(r).name.strip_suffix(".bitmask").map(|m| format!("{m}.weight")))
+        .collect();
+    for name in sparse {
+        let t = mcompress_passes::sparse::SparseTensor::load(bundle, &name)
+            .map_err(|e| Error::Model(format!("{}: {name}: {e}", bundle.path().display())))?;
+        if let Some(t) = t {
+            for part in mcompress_passes::sparse::names(&name) {
+                out.dense.remove(&part);
+            }
+            out.dense.insert(name, (t.shape.clone(), t.to_dense()));
+        }
+    }
     for (module, scheme) in schemes {
         let name = format!("{module}.weight");
         let q = load_quantized(bundle, &name, scheme)

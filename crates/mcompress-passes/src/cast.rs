@@ -86,6 +86,11 @@ impl Pass for Cast {
                 Some(_) if *dtype == to => Plan::Keep,
                 Some(_) => Plan::Change(ParamMeta::Dense { dtype: to, shape: shape.clone() }),
             },
+            ParamMeta::Sparse { dtype, shape, nnz } => match self.selector.select(name, true) {
+                None => Plan::Keep,
+                Some(_) if *dtype == to => Plan::Keep,
+                Some(_) => Plan::Change(ParamMeta::Sparse { dtype: to, shape: shape.clone(), nnz: *nnz }),
+            },
             ParamMeta::Quantized { .. } => match self.selector.select(name, false) {
                 Some(true) => Plan::Skip("quantized tensors keep their scale dtype".into()),
                 _ => Plan::Keep,
@@ -94,22 +99,36 @@ impl Pass for Cast {
     }
 
     fn apply<'a>(&self, _name: &str, param: Param<'a>) -> Result<Applied<'a>, String> {
+        let to = self.config.dtype.dtype();
+        if let Param::Sparse(t) = &param {
+            // The kept values change dtype; the mask stays.
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let dense = t.to_dense();
+            let rel = rel_rounding(&dense, to);
+            let cast = crate::sparse::SparseTensor::from_dense(to, rows, cols, &dense, &t.keep())
+                .ok_or("cannot cast to a non-float type")?;
+            return Ok(Applied { param: Param::Sparse(cast), rel_rmse: Some(rel) });
+        }
         let Param::Dense { dtype, shape, data } = param else {
             return Err("cannot cast a quantized tensor".into());
         };
-        let to = self.config.dtype.dtype();
         let mut v = vec![0f32; shape.iter().product()];
         if !dtype.decode_f32(&data, &mut v) {
             return Err(format!("cannot read {dtype} as float"));
         }
-        let (mut e, mut w) = (0f64, 0f64);
-        for &x in &v {
-            let d = f64::from(x - to.round_f32(x));
-            e += d * d;
-            w += f64::from(x) * f64::from(x);
-        }
+        let rel = rel_rounding(&v, to);
         let bytes = to.encode_f32(&v).expect("float dtype");
-        let rel = if w > 0.0 { (e / w).sqrt() } else { 0.0 };
         Ok(Applied { param: Param::Dense { dtype: to, shape, data: Cow::Owned(bytes) }, rel_rmse: Some(rel) })
     }
+}
+
+/// Relative RMSE of rounding `v` to `to`.
+fn rel_rounding(v: &[f32], to: mcompress_core::DType) -> f64 {
+    let (mut e, mut w) = (0f64, 0f64);
+    for &x in v {
+        let d = f64::from(x - to.round_f32(x));
+        e += d * d;
+        w += f64::from(x) * f64::from(x);
+    }
+    if w > 0.0 { (e / w).sqrt() } else { 0.0 }
 }

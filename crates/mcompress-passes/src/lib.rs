@@ -21,6 +21,7 @@ pub mod pipeline;
 pub mod prune;
 pub mod quant;
 mod select;
+pub mod sparse;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -80,6 +81,15 @@ pub enum ParamMeta {
         /// Scale dtype.
         scale_dtype: DType,
     },
+    /// A pruned matrix stored in sparse-bitmask form ([`sparse`]).
+    Sparse {
+        /// Value dtype.
+        dtype: DType,
+        /// `[rows, cols]`.
+        shape: Vec<usize>,
+        /// Kept values.
+        nnz: usize,
+    },
 }
 
 impl ParamMeta {
@@ -112,13 +122,32 @@ impl ParamMeta {
                 }
                 v
             }
+            ParamMeta::Sparse { dtype, shape, nnz } => {
+                let [c, b, s, o] = sparse::names(name);
+                vec![
+                    TensorEntry { name: c, dtype: *dtype, shape: vec![*nnz] },
+                    TensorEntry { name: b, dtype: DType::U8, shape: vec![shape[0], shape[1].div_ceil(8)] },
+                    TensorEntry { name: s, dtype: DType::I64, shape: vec![2, 1] },
+                    TensorEntry { name: o, dtype: DType::I64, shape: vec![shape[0]] },
+                ]
+            }
         }
     }
 
     /// Shape of the parameter as the model sees it.
     pub fn shape(&self) -> &[usize] {
         match self {
-            ParamMeta::Dense { shape, .. } | ParamMeta::Quantized { shape, .. } => shape,
+            ParamMeta::Dense { shape, .. } | ParamMeta::Quantized { shape, .. } | ParamMeta::Sparse { shape, .. } => {
+                shape
+            }
+        }
+    }
+
+    /// Element dtype of a dense or sparse parameter (`None` when quantized).
+    pub fn float_dtype(&self) -> Option<DType> {
+        match self {
+            ParamMeta::Dense { dtype, .. } | ParamMeta::Sparse { dtype, .. } => Some(*dtype),
+            ParamMeta::Quantized { .. } => None,
         }
     }
 }
@@ -137,9 +166,24 @@ pub enum Param<'a> {
     },
     /// A quantized matrix.
     Quantized(Quantized),
+    /// A pruned matrix in sparse-bitmask form.
+    Sparse(sparse::SparseTensor),
 }
 
 impl<'a> Param<'a> {
+    /// Dtype, shape and f32 values of a dense or sparse parameter (sparse ones expanded);
+    /// `None` for a quantized one or a non-float dtype.
+    pub fn dense_f32(&self) -> Option<(DType, Vec<usize>, Vec<f32>)> {
+        match self {
+            Param::Dense { dtype, shape, data } => {
+                let mut out = vec![0f32; shape.iter().product()];
+                dtype.decode_f32(data, &mut out).then(|| (*dtype, shape.clone(), out))
+            }
+            Param::Sparse(t) => Some((t.dtype, t.shape.clone(), t.to_dense())),
+            Param::Quantized(_) => None,
+        }
+    }
+
     /// Metadata of this parameter.
     pub fn meta(&self) -> ParamMeta {
         match self {
@@ -147,6 +191,7 @@ impl<'a> Param<'a> {
             Param::Quantized(q) => {
                 ParamMeta::Quantized { scheme: q.scheme, shape: q.shape.clone(), scale_dtype: q.scale_dtype }
             }
+            Param::Sparse(t) => ParamMeta::Sparse { dtype: t.dtype, shape: t.shape.clone(), nnz: t.nnz() },
         }
     }
 
@@ -163,6 +208,7 @@ impl<'a> Param<'a> {
                 data.extend(zero);
                 entries.into_iter().zip(data).collect()
             }
+            Param::Sparse(t) => entries.into_iter().zip(t.into_parts().map(Cow::Owned)).collect(),
         }
     }
 }
@@ -213,6 +259,13 @@ pub enum Calibrated {
     Quantized(Quantized),
     /// Rewritten dense values (same shape and dtype; e.g. a norm with AWQ's scales folded in).
     Dense(Vec<f32>),
+    /// Pruned values and the mask of kept weights (Wanda, SparseGPT).
+    Pruned {
+        /// Values (zero where pruned).
+        values: Vec<f32>,
+        /// Kept positions.
+        keep: Vec<bool>,
+    },
 }
 
 /// What a calibration computes.
@@ -349,7 +402,7 @@ mod tests {
         let e = build_passes(&r).unwrap_err().to_string();
         assert_eq!(
             e,
-            "r.toml:3:1: pass[0] quantize-rtm: unknown pass type \"quantize-rtm\"; valid types: cast, quantize-awq, quantize-gptq, quantize-rtn"
+            "r.toml:3:1: pass[0] quantize-rtm: unknown pass type \"quantize-rtm\"; valid types: cast, prune-magnitude, prune-sparsegpt, prune-wanda, quantize-awq, quantize-gptq, quantize-rtn"
         );
     }
 
@@ -358,9 +411,11 @@ mod tests {
         let s = recipe_schema();
         let one_of = s["properties"]["pass"]["items"]["oneOf"].as_array().unwrap();
         assert_eq!(one_of.len(), PASSES.len());
-        assert_eq!(one_of[3]["properties"]["type"]["const"], "quantize-rtn");
-        assert!(one_of[3]["properties"]["bits"].is_object());
-        assert_eq!(one_of[2]["properties"]["type"]["const"], "quantize-gptq");
-        assert!(one_of[2]["properties"]["calibration"].is_object());
+        assert_eq!(one_of[6]["properties"]["type"]["const"], "quantize-rtn");
+        assert!(one_of[6]["properties"]["bits"].is_object());
+        assert_eq!(one_of[5]["properties"]["type"]["const"], "quantize-gptq");
+        assert!(one_of[5]["properties"]["calibration"].is_object());
+        assert_eq!(one_of[2]["properties"]["type"]["const"], "prune-sparsegpt");
+        assert!(one_of[2]["properties"]["storage"].is_object());
     }
 }

@@ -224,6 +224,28 @@ pub fn run(
     Ok(Output { passes: reports, params: planned.params, bytes })
 }
 
+/// compressed-tensors' `sparsity_config` when some matrices are stored in sparse-bitmask form:
+/// the format, the stored matrices' overall sparsity and their modules.
+fn sparsity_config(params: &BTreeMap<String, ParamMeta>) -> Option<Value> {
+    let (mut numel, mut nnz, mut targets) = (0usize, 0usize, Vec::new());
+    for (name, meta) in params {
+        if let ParamMeta::Sparse { shape, nnz: k, .. } = meta {
+            numel += shape.iter().product::<usize>();
+            nnz += k;
+            targets.push(name.strip_suffix(".weight").unwrap_or(name).to_string());
+        }
+    }
+    (!targets.is_empty()).then(|| {
+        json!({
+            "format": "sparse-bitmask",
+            "global_sparsity": 1.0 - nnz as f64 / numel.max(1) as f64,
+            "sparsity_structure": "unstructured",
+            "targets": targets,
+            "ignore": [],
+        })
+    })
+}
+
 /// The compressed-tensors `quantization_config` for config.json, or `None` if nothing is
 /// quantized. One config group per scheme, listing its modules; matrices named `*.weight` that
 /// stayed dense are listed under `ignore`.
@@ -234,14 +256,27 @@ pub fn quantization_config(params: &BTreeMap<String, ParamMeta>) -> Option<Value
         let module = name.strip_suffix(".weight").unwrap_or(name).to_string();
         match meta {
             ParamMeta::Quantized { scheme, .. } => groups.entry(*scheme).or_default().push(module),
-            ParamMeta::Dense { shape, .. } if shape.len() >= 2 && name.ends_with(".weight") => {
+            ParamMeta::Dense { shape, .. } | ParamMeta::Sparse { shape, .. }
+                if shape.len() >= 2 && name.ends_with(".weight") =>
+            {
                 ignore.push(module);
             }
-            ParamMeta::Dense { .. } => {}
+            ParamMeta::Dense { .. } | ParamMeta::Sparse { .. } => {}
         }
     }
+    let sparsity = sparsity_config(params);
     if groups.is_empty() {
-        return None;
+        // Only pruned: a compressed-tensors config with no quantization groups.
+        return sparsity.map(|s| {
+            json!({
+                "quant_method": "compressed-tensors",
+                "format": "dense",
+                "quantization_status": "compressed",
+                "config_groups": {},
+                "ignore": ignore,
+                "sparsity_config": s,
+            })
+        });
     }
     let format_of = |s: &crate::QScheme| {
         if s.bits == 8 { "int-quantized" } else { "pack-quantized" }
@@ -272,7 +307,7 @@ pub fn quantization_config(params: &BTreeMap<String, ParamMeta>) -> Option<Value
             )
         })
         .collect();
-    Some(json!({
+    let mut qc = json!({
         "quant_method": "compressed-tensors",
         "format": if formats.len() == 1 { formats.first().copied().unwrap_or_default() } else { "mixed-precision" },
         "quantization_status": "compressed",
@@ -285,5 +320,9 @@ pub fn quantization_config(params: &BTreeMap<String, ParamMeta>) -> Option<Value
             "int8_storage": "I8 codes in <name>_packed",
             "packing": "codes + 2^(bits-1), 32/bits per little-endian int32, lowest bits first",
         },
-    }))
+    });
+    if let (Some(s), Some(obj)) = (sparsity, qc.as_object_mut()) {
+        obj.insert("sparsity_config".into(), s);
+    }
+    Some(qc)
 }

@@ -17,6 +17,8 @@ use mcompress_recipe::Recipe;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use mcompress_core::DType;
+
 use crate::quant::CalibrationConfig;
 use crate::{
     Applied, Calibrated, Calibration, CalibrationMethod, Param, ParamMeta, ParamSelector, Pass, PassInfo, Plan, Status,
@@ -98,18 +100,24 @@ fn by_score(score: &[f32]) -> impl Fn(&usize, &usize) -> Ordering + '_ {
 
 /// Zeroes `w` (`rows × cols`) where `score` is lowest: unstructured over the whole matrix
 /// (`per_row = false`) or within each row (`per_row = true`), or N:M within each row. Returns the
-/// number of weights zeroed.
-pub fn prune_by_score(w: &mut [f32], score: &[f32], cols: usize, p: Pattern, per_row: bool) -> Result<usize, String> {
+/// mask of kept weights.
+pub fn prune_by_score(
+    w: &mut [f32],
+    score: &[f32],
+    cols: usize,
+    p: Pattern,
+    per_row: bool,
+) -> Result<Vec<bool>, String> {
     if cols == 0 || !w.len().is_multiple_of(cols) || score.len() != w.len() {
         return Err(format!("{} weights, {} scores, rows of {cols}", w.len(), score.len()));
     }
     p.check(cols)?;
-    let mut zeroed = 0;
+    let mut keep = vec![true; w.len()];
     let mut zero = |w: &mut [f32], idx: &[usize]| {
         for &i in idx {
             w[i] = 0.0;
+            keep[i] = false;
         }
-        zeroed += idx.len();
     };
     match p {
         Pattern::Unstructured(s) if !per_row => {
@@ -138,11 +146,11 @@ pub fn prune_by_score(w: &mut [f32], score: &[f32], cols: usize, p: Pattern, per
             }
         }
     }
-    Ok(zeroed)
+    Ok(keep)
 }
 
 /// Magnitude pruning: the smallest `|w|` of the matrix (unstructured) or of each group (N:M).
-pub fn magnitude(w: &mut [f32], cols: usize, p: Pattern) -> Result<usize, String> {
+pub fn magnitude(w: &mut [f32], cols: usize, p: Pattern) -> Result<Vec<bool>, String> {
     let score: Vec<f32> = w.iter().map(|v| v.abs()).collect();
     prune_by_score(w, &score, cols, p, false)
 }
@@ -150,7 +158,7 @@ pub fn magnitude(w: &mut [f32], cols: usize, p: Pattern) -> Result<usize, String
 /// Wanda (Sun et al., "A Simple and Effective Pruning Approach for Large Language Models", 2023):
 /// score `|W_ij| · ‖X_j‖₂`, compared within each output row (unstructured) or each N:M group.
 /// `hdiag` is the diagonal of the calibration Hessian `Σ xᵀx`, so `‖X_j‖₂ = √hdiag_j`.
-pub fn wanda(w: &mut [f32], cols: usize, hdiag: &[f64], p: Pattern) -> Result<usize, String> {
+pub fn wanda(w: &mut [f32], cols: usize, hdiag: &[f64], p: Pattern) -> Result<Vec<bool>, String> {
     if hdiag.len() != cols {
         return Err(format!("{} input norms for rows of {cols}", hdiag.len()));
     }
@@ -180,8 +188,14 @@ impl Default for SparseGptOptions {
 /// columns over all rows for unstructured, per group for N:M), zero the masked weights and
 /// spread each column's error over the columns not yet visited through the upper Cholesky factor
 /// of `H⁻¹` — GPTQ's update with pruning in place of rounding. Each block zeroes exactly
-/// `⌊rows · block columns · sparsity⌋` weights.
-pub fn sparsegpt(w: &[f32], cols: usize, h: Vec<f64>, p: Pattern, opts: &SparseGptOptions) -> Result<Vec<f32>, String> {
+/// `⌊rows · block columns · sparsity⌋` weights. Returns the pruned matrix and its mask.
+pub fn sparsegpt(
+    w: &[f32],
+    cols: usize,
+    h: Vec<f64>,
+    p: Pattern,
+    opts: &SparseGptOptions,
+) -> Result<(Vec<f32>, Vec<bool>), String> {
     if cols == 0 || !w.len().is_multiple_of(cols) || h.len() != cols * cols {
         return Err(format!("{} weights in rows of {cols} and a {}-element Hessian", w.len(), h.len()));
     }
@@ -284,13 +298,38 @@ pub fn sparsegpt(w: &[f32], cols: usize, h: Vec<f64>, p: Pattern, opts: &SparseG
         });
     }
     let mut out = vec![0f32; rows * cols];
+    let mut mask = vec![false; rows * cols];
     for r in 0..rows {
         for c in 0..cols {
             // Pruned weights stay exactly zero; kept ones carry the compensation.
-            out[r * cols + c] = if keep[c * rows + r] { wt[c * rows + r] } else { 0.0 };
+            let k = keep[c * rows + r];
+            out[r * cols + c] = if k { wt[c * rows + r] } else { 0.0 };
+            mask[r * cols + c] = k;
         }
     }
-    Ok(out)
+    Ok((out, mask))
+}
+
+/// Which of the three passes, for the kept-count arithmetic.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Magnitude,
+    Wanda,
+    SparseGpt(usize),
+}
+
+/// Weights a pass keeps in a `rows × cols` matrix: exact, so the sparse layout is fixed before
+/// the weights stream.
+fn kept_count(kind: Kind, p: Pattern, rows: usize, cols: usize) -> usize {
+    let cut = |n: usize, s: f64| n - (n as f64 * s).floor() as usize;
+    match (p, kind) {
+        (Pattern::NofM { n, m }, _) => rows * (cols / m) * n,
+        (Pattern::Unstructured(s), Kind::Magnitude) => cut(rows * cols, s),
+        (Pattern::Unstructured(s), Kind::Wanda) => rows * cut(cols, s),
+        (Pattern::Unstructured(s), Kind::SparseGpt(bs)) => {
+            (0..cols).step_by(bs.max(1)).map(|c| cut((bs.max(1).min(cols - c)) * rows, s)).sum()
+        }
+    }
 }
 
 /// `prune-magnitude` settings.
@@ -302,6 +341,10 @@ pub struct MagnitudeConfig {
     /// `"unstructured"` (default) or `"N:M"`, e.g. `"2:4"`: N of every M consecutive inputs kept.
     #[serde(default = "default_pattern")]
     pub pattern: String,
+    /// `"auto"` (default): store a pruned matrix in sparse-bitmask form when that is smaller;
+    /// `"dense"`: keep the zeros in a dense tensor (for runtimes without sparse loading).
+    #[serde(default)]
+    pub storage: Storage,
     /// Tensors to prune (globs or `re:` regexes). Default: float matrices named `*weight`,
     /// except embeddings and the output head (`*embed*`, `lm_head*`).
     pub targets: Option<Vec<String>>,
@@ -319,6 +362,9 @@ pub struct CalibratedPruneConfig {
     /// `"unstructured"` (default) or `"N:M"`, e.g. `"2:4"`.
     #[serde(default = "default_pattern")]
     pub pattern: String,
+    /// `"auto"` (default: sparse-bitmask where smaller) or `"dense"`.
+    #[serde(default)]
+    pub storage: Storage,
     /// SparseGPT only: Hessian dampening relative to its mean diagonal (default 0.01).
     pub dampening: Option<f64>,
     /// SparseGPT only: columns per block (default 128).
@@ -332,6 +378,17 @@ pub struct CalibratedPruneConfig {
     pub ignore: Vec<String>,
 }
 
+/// How pruned matrices are stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Storage {
+    /// Sparse-bitmask where it is smaller than dense.
+    #[default]
+    Auto,
+    /// Dense, zeros included.
+    Dense,
+}
+
 fn default_pattern() -> String {
     "unstructured".into()
 }
@@ -341,15 +398,54 @@ fn default_pattern() -> String {
 #[derive(Debug)]
 struct Select {
     selector: ParamSelector,
+    kind: Kind,
+    pattern: Pattern,
+    storage: Storage,
 }
 
 impl Select {
-    fn new(targets: Option<&[String]>, ignore: &[String]) -> Result<Self, String> {
-        Ok(Select { selector: ParamSelector::new(targets, ignore)? })
+    fn new(
+        targets: Option<&[String]>,
+        ignore: &[String],
+        kind: Kind,
+        pattern: Pattern,
+        storage: Storage,
+    ) -> Result<Self, String> {
+        Ok(Select { selector: ParamSelector::new(targets, ignore)?, kind, pattern, storage })
+    }
+
+    /// The stored form of a pruned matrix: sparse-bitmask when asked and smaller, else dense.
+    fn output(&self, dtype: DType, shape: &[usize]) -> ParamMeta {
+        let (rows, cols) = (shape[0], shape[1]);
+        let nnz = kept_count(self.kind, self.pattern, rows, cols);
+        let dense = dtype.bytes_for(rows * cols).unwrap_or(0);
+        if self.storage == Storage::Auto
+            && self.pattern.check(cols).is_ok()
+            && crate::sparse::stored_bytes(dtype, rows, cols, nnz) < dense
+        {
+            ParamMeta::Sparse { dtype, shape: shape.to_vec(), nnz }
+        } else {
+            ParamMeta::Dense { dtype, shape: shape.to_vec() }
+        }
+    }
+
+    /// `param` (pruned values `w` with mask `keep`) in the planned stored form.
+    fn store<'a>(&self, dtype: DType, shape: Vec<usize>, w: &[f32], keep: &[bool]) -> Result<Param<'a>, String> {
+        if let ParamMeta::Sparse { nnz, .. } = self.output(dtype, &shape) {
+            let kept = keep.iter().filter(|k| **k).count();
+            if kept != nnz {
+                return Err(format!("kept {kept} weights where {nnz} were planned"));
+            }
+            return crate::sparse::SparseTensor::from_dense(dtype, shape[0], shape[1], w, keep)
+                .map(Param::Sparse)
+                .ok_or_else(|| format!("cannot store {dtype} values sparse"));
+        }
+        let bytes = dtype.encode_f32(w).ok_or_else(|| format!("cannot encode {dtype}"))?;
+        Ok(Param::Dense { dtype, shape, data: bytes.into() })
     }
 
     fn plan(&self, name: &str, meta: &ParamMeta) -> Plan {
-        let ParamMeta::Dense { dtype, shape } = meta else {
+        let (ParamMeta::Dense { dtype, shape } | ParamMeta::Sparse { dtype, shape, .. }) = meta else {
             return if self.selector.select(name, false) == Some(true) {
                 Plan::Skip("already quantized: prune before quantizing".into())
             } else {
@@ -362,7 +458,7 @@ impl Select {
             None => Plan::Keep,
             // A pattern that does not divide the rows is an error at apply time (or in the
             // calibration), naming the tensor: never a silent skip.
-            Some(_) if eligible => Plan::Change(meta.clone()),
+            Some(_) if eligible => Plan::Change(self.output(*dtype, shape)),
             Some(_) => Plan::Skip(format!("{dtype} tensor of shape {shape:?}: only float matrices are pruned")),
         }
     }
@@ -399,18 +495,12 @@ impl Pass for Magnitude {
     }
 
     fn apply<'a>(&self, _name: &str, param: Param<'a>) -> Result<Applied<'a>, String> {
-        let Param::Dense { dtype, shape, data } = param else {
-            return Err("already quantized: prune before quantizing".into());
-        };
-        let mut w = vec![0f32; shape.iter().product()];
-        if !dtype.decode_f32(&data, &mut w) {
-            return Err(format!("dtype {dtype} is not a float type"));
-        }
+        let (dtype, shape, mut w) =
+            param.dense_f32().ok_or("already quantized (prune before quantizing) or not a float tensor")?;
         let before = w.clone();
-        magnitude(&mut w, shape[1], self.pattern)?;
+        let keep = magnitude(&mut w, shape[1], self.pattern)?;
         let rel = stat(&before, &w);
-        let bytes = dtype.encode_f32(&w).ok_or_else(|| format!("cannot encode {dtype}"))?;
-        Ok(Applied { param: Param::Dense { dtype, shape, data: bytes.into() }, rel_rmse: Some(rel) })
+        Ok(Applied { param: self.select.store(dtype, shape, &w, &keep)?, rel_rmse: Some(rel) })
     }
 }
 
@@ -450,18 +540,15 @@ impl Pass for CalibratedPrune {
     }
 
     fn apply<'a>(&self, name: &str, param: Param<'a>) -> Result<Applied<'a>, String> {
-        let Param::Dense { dtype, shape, data } = param else {
-            return Err("already quantized: prune before quantizing".into());
-        };
-        let Some(Calibrated::Dense(values)) =
+        let (dtype, shape, before) =
+            param.dense_f32().ok_or("already quantized (prune before quantizing) or not a float tensor")?;
+        let Some(Calibrated::Pruned { values, keep }) =
             self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned()
         else {
             return Err("no calibrated result: the calibration did not reach this tensor".into());
         };
-        let mut before = vec![0f32; values.len()];
-        let rel = dtype.decode_f32(&data, &mut before).then(|| stat(&before, &values));
-        let bytes = dtype.encode_f32(&values).ok_or_else(|| format!("cannot encode {dtype}"))?;
-        Ok(Applied { param: Param::Dense { dtype, shape, data: bytes.into() }, rel_rmse: rel })
+        let rel = stat(&before, &values);
+        Ok(Applied { param: self.select.store(dtype, shape, &values, &keep)?, rel_rmse: Some(rel) })
     }
 
     fn calibration(&self) -> Option<&Calibration> {
@@ -477,7 +564,8 @@ impl Pass for CalibratedPrune {
 fn build_magnitude(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
     let config: MagnitudeConfig = recipe.pass_config(index)?;
     let pattern = Pattern::parse(&config.pattern, config.sparsity).map_err(|e| recipe.pass_error(index, e))?;
-    let select = Select::new(config.targets.as_deref(), &config.ignore).map_err(|e| recipe.pass_error(index, e))?;
+    let select = Select::new(config.targets.as_deref(), &config.ignore, Kind::Magnitude, pattern, config.storage)
+        .map_err(|e| recipe.pass_error(index, e))?;
     let settings = serde_json::to_value(&config).expect("config is JSON");
     Ok(Box::new(Magnitude { settings, pattern, select }))
 }
@@ -494,17 +582,16 @@ fn build_calibrated(
         return Err(err("dampening and block-size are prune-sparsegpt settings".into()));
     }
     let pattern = Pattern::parse(&config.pattern, config.sparsity).map_err(err)?;
-    let select = Select::new(config.targets.as_deref(), &config.ignore).map_err(err)?;
+    let block_size = config.block_size.unwrap_or(128).max(1);
+    let kind = if sparsegpt { Kind::SparseGpt(block_size) } else { Kind::Wanda };
+    let select = Select::new(config.targets.as_deref(), &config.ignore, kind, pattern, config.storage).map_err(err)?;
     config.calibration = crate::quant::calibration_config(recipe, index, config.calibration)?;
     let dampening = config.dampening.unwrap_or(0.01);
     if !(0.0..1.0e3).contains(&dampening) {
         return Err(err(format!("dampening = {dampening}: must be ≥ 0")));
     }
     let method = if sparsegpt {
-        CalibrationMethod::SparseGpt {
-            pattern,
-            opts: SparseGptOptions { dampening, block_size: config.block_size.unwrap_or(128).max(1) },
-        }
+        CalibrationMethod::SparseGpt { pattern, opts: SparseGptOptions { dampening, block_size } }
     } else {
         CalibrationMethod::Wanda(pattern)
     };
@@ -591,7 +678,9 @@ mod tests {
         let mut r = rng(3);
         let w0: Vec<f32> = (0..64 * 32).map(|_| r()).collect();
         let mut w = w0.clone();
-        assert_eq!(magnitude(&mut w, 32, Pattern::Unstructured(0.5)).unwrap(), 1024);
+        let keep = magnitude(&mut w, 32, Pattern::Unstructured(0.5)).unwrap();
+        assert_eq!(keep.iter().filter(|k| !**k).count(), 1024);
+        assert_eq!(kept_count(Kind::Magnitude, Pattern::Unstructured(0.5), 64, 32), 1024);
         // Every kept weight is at least as large as every pruned one.
         let kept_min = w.iter().filter(|v| **v != 0.0).map(|v| v.abs()).fold(f32::MAX, f32::min);
         let pruned_max = w0.iter().zip(&w).filter(|(_, b)| **b == 0.0).map(|(a, _)| a.abs()).fold(0.0, f32::max);
@@ -644,8 +733,10 @@ mod tests {
             e
         };
         for pat in [Pattern::Unstructured(0.5), Pattern::NofM { n: 2, m: 4 }] {
-            let s = sparsegpt(&w, cols, h.clone(), pat, &SparseGptOptions { dampening: 0.01, block_size: 16 }).unwrap();
+            let (s, keep) =
+                sparsegpt(&w, cols, h.clone(), pat, &SparseGptOptions { dampening: 0.01, block_size: 16 }).unwrap();
             assert_eq!(s.iter().filter(|v| **v == 0.0).count(), rows * cols / 2, "{pat:?}");
+            assert_eq!(keep.iter().filter(|k| **k).count(), kept_count(Kind::SparseGpt(16), pat, rows, cols));
             let mut m = w.clone();
             magnitude(&mut m, cols, pat).unwrap();
             let mut wd = w.clone();

@@ -87,7 +87,8 @@ impl Pass for Rtn {
     }
 
     fn plan(&self, name: &str, meta: &ParamMeta) -> Plan {
-        let ParamMeta::Dense { dtype, shape } = meta else {
+        // A pruned (sparse-bitmask) matrix is quantized like a dense one: its zeros become codes.
+        let (ParamMeta::Dense { dtype, shape } | ParamMeta::Sparse { dtype, shape, .. }) = meta else {
             return if self.selector.select(name, false) == Some(true) {
                 Plan::Skip("already quantized".into())
             } else {
@@ -112,6 +113,13 @@ impl Pass for Rtn {
     }
 
     fn apply<'a>(&self, _name: &str, param: Param<'a>) -> Result<Applied<'a>, String> {
+        let param = match param {
+            Param::Sparse(t) => {
+                let data = t.dtype.encode_f32(&t.to_dense()).ok_or("not a float tensor")?;
+                Param::Dense { dtype: t.dtype, shape: t.shape, data: data.into() }
+            }
+            other => other,
+        };
         let Param::Dense { dtype, shape, data } = param else {
             return Err("already quantized".into());
         };
@@ -358,8 +366,10 @@ impl Pass for CalibratedQuant {
     }
 
     fn apply<'a>(&self, name: &str, param: Param<'a>) -> Result<Applied<'a>, String> {
-        let Param::Dense { dtype, shape, .. } = param else {
-            return Err("already quantized".into());
+        let (dtype, shape) = match param {
+            Param::Dense { dtype, shape, .. } => (dtype, shape),
+            Param::Sparse(t) => (t.dtype, t.shape),
+            Param::Quantized(_) => return Err("already quantized".into()),
         };
         let result = self
             .results
@@ -380,6 +390,7 @@ impl Pass for CalibratedQuant {
                     rel_rmse: None,
                 })
             }
+            Calibrated::Pruned { .. } => Err("a pruning result given to a quantization pass".into()),
         }
     }
 
