@@ -182,14 +182,14 @@ pub(crate) fn n_layer(model: &ModelSource) -> usize {
 
 /// The file's metadata: a GGUF source's keys (exact types), then the llama keys from config.json,
 /// and a tokenizer from tokenizer.json where the source had none.
-pub(crate) fn metadata(model: &ModelSource, ftype: u32) -> Result<GgufBuilder, String> {
+pub(crate) fn metadata(model: &ModelSource, config: &Value, ftype: u32) -> Result<GgufBuilder, String> {
     let mut b = GgufBuilder::new();
     for (k, ty, payload) in model.gguf_raw_metadata() {
         if !matches!(k, "general.alignment" | "general.file_type" | "general.quantization_version") {
             b.raw(k, ty, payload);
         }
     }
-    let c = model.config().cloned().unwrap_or_default();
+    let c = config;
     let u = |k: &str| -> Result<u32, String> {
         c[k].as_u64()
             .and_then(|v| u32::try_from(v).ok())
@@ -228,7 +228,7 @@ pub(crate) fn metadata(model: &ModelSource, ftype: u32) -> Result<GgufBuilder, S
             .ok_or("GGUF export needs the model's tokenizer (tokenizer.json beside config.json)")?;
         let text = fs_err::read(tok).map_err(|e| e.to_string())?;
         let json: Value = serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", tok.display()))?;
-        bpe_tokenizer(&json, &c, &mut b).map_err(|e| format!("{}: {e}", tok.display()))?;
+        bpe_tokenizer(&json, c, &mut b).map_err(|e| format!("{}: {e}", tok.display()))?;
     }
     Ok(b)
 }

@@ -96,6 +96,9 @@ pub enum Error {
     /// A calibrated pass's calibration failed (message names the pass).
     #[error("{0}")]
     Calibration(String),
+    /// A pass could not read what it needs from the model (message names the pass).
+    #[error("{0}")]
+    Prepare(String),
     /// A GGUF export problem (message names the target and tensor).
     #[error("{0}")]
     Export(String),
@@ -183,6 +186,10 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         return Err(Error::BadBundle { path: e.set.clone(), reason: "[eval] set: no such file".into() });
     }
     let model = ModelSource::open(&recipe.model_path)?;
+    // Passes that read the whole model first (structured pruning's importances).
+    for (spec, pass) in recipe.passes.iter().zip(&passes) {
+        pass.prepare(&model).map_err(|e| Error::Prepare(format!("pass[{}] {}: {e}", spec.index, spec.kind)))?;
+    }
     // Calibrated passes (GPTQ, AWQ) run on the model before anything streams.
     for (spec, pass) in recipe.passes.iter().zip(&passes) {
         if let Some(cal) = pass.calibration() {
@@ -218,7 +225,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         let mut ggufs: Vec<Option<ship::GgufTarget>> = Vec::with_capacity(shipping.len());
         for (i, s) in shipping.iter().enumerate() {
             ggufs.push(match &s.gguf {
-                Some(g) => Some(ship::GgufTarget::plan(recipe, i, &model, &planned.params, g, &resolved[i], opts)?),
+                Some(g) => Some(ship::GgufTarget::plan(recipe, i, &model, &planned.params, &passes, g, &resolved[i])?),
                 None => None,
             });
         }
@@ -246,7 +253,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         let mut st_files = std::collections::BTreeMap::new();
         let mut st_eval = (None, None, Vec::new());
         if any_st {
-            write_payload(&model, &output, &payload_dir)?;
+            write_payload(&model, &passes, &output, &payload_dir)?;
             st_files = manifest::hash_dir(&payload_dir)?;
             st_eval = run_eval(recipe, &model, &payload_dir, opts)?;
         }
@@ -456,9 +463,14 @@ fn run_eval(recipe: &Recipe, model: &ModelSource, staged: &Path, opts: &RunOptio
 }
 
 /// config.json (with `quantization_config`) and auxiliary files beside the weights.
-fn write_payload(model: &ModelSource, output: &pipeline::Output, dir: &Path) -> Result<()> {
+fn write_payload(
+    model: &ModelSource,
+    passes: &[Box<dyn mcompress_passes::Pass>],
+    output: &pipeline::Output,
+    dir: &Path,
+) -> Result<()> {
     let qc = pipeline::quantization_config(&output.params);
-    let mut config = model.config().cloned();
+    let mut config = pipeline::output_config(model, passes);
     if let Some(qc) = qc {
         let c = config.get_or_insert_with(|| Value::Object(serde_json::Map::new()));
         if let Some(obj) = c.as_object_mut() {

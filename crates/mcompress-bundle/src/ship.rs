@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::gguf::{self, TensorPlan, TypePolicy};
 use crate::targets::ResolvedTarget;
-use crate::{Error, EvalOutcome, FileEntry, Gate, Result, RunOptions, fit};
+use crate::{Error, EvalOutcome, FileEntry, Gate, Result, fit};
 
 /// Formats and GGUF settings of one target, validated before anything runs.
 #[derive(Clone, Debug)]
@@ -164,6 +164,8 @@ struct FitState {
 /// A GGUF file being made for one target.
 pub(crate) struct GgufTarget {
     index: usize,
+    /// config.json as the passes leave it.
+    config: Value,
     name: String,
     spec: GgufSpec,
     plans: BTreeMap<String, TensorPlan>,
@@ -181,16 +183,18 @@ impl GgufTarget {
         index: usize,
         model: &ModelSource,
         params: &BTreeMap<String, ParamMeta>,
+        passes: &[Box<dyn Pass>],
         spec: &GgufSpec,
         resolved: &ResolvedTarget,
-        opts: &RunOptions,
     ) -> Result<Self> {
         let target = &recipe.targets[index];
         let err = |m: String| Error::Recipe(recipe.target_error(index, m));
         let plans = gguf::tensor_plans(model, params).map_err(|e| err(format!("gguf: {e}")))?;
         let n_layer = gguf::n_layer(model);
+        let config = pipeline::output_config(model, passes).unwrap_or_default();
         let mut me = GgufTarget {
             index,
+            config,
             name: target.name.clone(),
             spec: spec.clone(),
             plans,
@@ -227,7 +231,6 @@ impl GgufTarget {
             }
             None => BTreeMap::new(),
         };
-        let _ = opts;
         // Header size does not depend on the types; 1-D tensors stay F32.
         let all_f32: BTreeMap<String, GgmlType> = me.plans.keys().map(|k| (k.clone(), GgmlType::F32)).collect();
         let header =
@@ -287,7 +290,7 @@ impl GgufTarget {
             }
             by.into_iter().max_by_key(|(f, p)| (*p, *f)).map_or(0, |(f, _)| f)
         };
-        gguf::metadata(model, ftype).map_err(|e| format!("gguf: {e}"))
+        gguf::metadata(model, &self.config, ftype).map_err(|e| format!("gguf: {e}"))
     }
 
     /// The pipeline sink writing this target's file at `path`.

@@ -214,8 +214,12 @@ impl Ctx<'_> {
         self.model.config().cloned().unwrap_or_default()
     }
 
-    fn bundle_weights(&self) -> Result<weights::Weights> {
-        weights::from_bundle(&ModelSource::open(self.bundle_dir)?)
+    /// The bundle's config.json (passes such as structured pruning change it; the reference's
+    /// when the bundle has none) and weights.
+    fn bundle(&self) -> Result<(serde_json::Value, weights::Weights)> {
+        let b = ModelSource::open(self.bundle_dir)?;
+        let config = b.config().cloned().unwrap_or_else(|| self.config());
+        Ok((config, weights::from_bundle(&b)?))
     }
 
     /// Runs `step` on each of the `len` items under a progress bar, timing every call: the calls'
@@ -284,7 +288,8 @@ fn result(
 fn eval_mlp_accuracy(ctx: &Ctx) -> Result<EvalResult> {
     let config = ctx.config();
     let reference = mlp::Mlp::load(&config, &weights::from_model(ctx.model), ctx.device)?;
-    let compressed = mlp::Mlp::load(&config, &ctx.bundle_weights()?, ctx.device)?;
+    let (bundle_config, bundle_weights) = ctx.bundle()?;
+    let compressed = mlp::Mlp::load(&bundle_config, &bundle_weights, ctx.device)?;
     let set = sets::LabelledSet::load(&ctx.section.set, reference.input_size(), reference.num_labels())?;
     let batch = ctx.section.batch_size.map_or(64, |b| b.max(1) as usize);
     let r = run_accuracy(ctx, &reference, &set, batch, "reference")?;
@@ -315,7 +320,8 @@ fn bert_inputs(ctx: &Ctx, items: &[&str]) -> Result<(Vec<Vec<u32>>, bert::Bert, 
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| Error::Set(format!("{}: tokenizing: {e}", ctx.section.set.display())))?;
     let reference = bert::Bert::load(&config, &weights::from_model(ctx.model), ctx.device)?;
-    let compressed = bert::Bert::load(&config, &ctx.bundle_weights()?, ctx.device)?;
+    let (bundle_config, bundle_weights) = ctx.bundle()?;
+    let compressed = bert::Bert::load(&bundle_config, &bundle_weights, ctx.device)?;
     Ok((ids, reference, compressed))
 }
 
@@ -357,7 +363,8 @@ fn eval_llama_perplexity(ctx: &Ctx) -> Result<EvalResult> {
     let reference = llama::Llama::load(&config, &weights::from_model(ctx.model), ctx.device)?;
     let (ppl_ref, l_ref, t_ref, n) = run(&reference, "reference")?;
     drop(reference);
-    let compressed = llama::Llama::load(&config, &ctx.bundle_weights()?, ctx.device)?;
+    let (bundle_config, bundle_weights) = ctx.bundle()?;
+    let compressed = llama::Llama::load(&bundle_config, &bundle_weights, ctx.device)?;
     let (ppl_new, l_new, t_new, _) = run(&compressed, "compressed")?;
     Ok(result(ctx.section, n, window, (ppl_ref, l_ref, t_ref), (ppl_new, l_new, t_new)))
 }
@@ -368,7 +375,8 @@ fn eval_llama_kl(ctx: &Ctx) -> Result<EvalResult> {
     let config = ctx.config();
     let (ids, window) = text_tokens(ctx.section, ctx.model)?;
     let reference = llama::Llama::load(&config, &weights::from_model(ctx.model), ctx.device)?;
-    let compressed = llama::Llama::load(&config, &ctx.bundle_weights()?, ctx.device)?;
+    let (bundle_config, bundle_weights) = ctx.bundle()?;
+    let compressed = llama::Llama::load(&bundle_config, &bundle_weights, ctx.device)?;
     let vocab = reference.vocab();
     let (mut kl, mut agree, mut n) = (0f64, 0usize, 0usize);
     let (mut t_ref, mut t_new) = (Vec::new(), Vec::new());

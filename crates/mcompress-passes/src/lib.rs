@@ -250,6 +250,13 @@ pub trait Pass: fmt::Debug + Send + Sync {
     }
     /// Hands a calibrated pass what its calibration produced, by tensor name.
     fn provide(&self, _results: std::collections::BTreeMap<String, Calibrated>) {}
+    /// Reads what a pass needs from the whole model before anything streams (structured
+    /// pruning's neuron importances). Called once, before [`Pass::plan`].
+    fn prepare(&self, _model: &mcompress_core::ModelSource) -> std::result::Result<(), String> {
+        Ok(())
+    }
+    /// Edits the bundle's config.json for what the pass changed (structured pruning's sizes).
+    fn update_config(&self, _config: &mut serde_json::Value) {}
 }
 
 /// One tensor produced by a calibration.
@@ -346,6 +353,7 @@ pub static PASSES: &[PassInfo] = &[
     cast::INFO,
     prune::MAGNITUDE_INFO,
     prune::SPARSEGPT_INFO,
+    prune::structured::STRUCTURED_INFO,
     prune::WANDA_INFO,
     quant::AWQ_INFO,
     quant::GPTQ_INFO,
@@ -402,7 +410,7 @@ mod tests {
         let e = build_passes(&r).unwrap_err().to_string();
         assert_eq!(
             e,
-            "r.toml:3:1: pass[0] quantize-rtm: unknown pass type \"quantize-rtm\"; valid types: cast, prune-magnitude, prune-sparsegpt, prune-wanda, quantize-awq, quantize-gptq, quantize-rtn"
+            "r.toml:3:1: pass[0] quantize-rtm: unknown pass type \"quantize-rtm\"; valid types: cast, prune-magnitude, prune-sparsegpt, prune-structured, prune-wanda, quantize-awq, quantize-gptq, quantize-rtn"
         );
     }
 
@@ -411,10 +419,10 @@ mod tests {
         let s = recipe_schema();
         let one_of = s["properties"]["pass"]["items"]["oneOf"].as_array().unwrap();
         assert_eq!(one_of.len(), PASSES.len());
-        assert_eq!(one_of[6]["properties"]["type"]["const"], "quantize-rtn");
-        assert!(one_of[6]["properties"]["bits"].is_object());
-        assert_eq!(one_of[5]["properties"]["type"]["const"], "quantize-gptq");
-        assert!(one_of[5]["properties"]["calibration"].is_object());
+        assert_eq!(one_of[7]["properties"]["type"]["const"], "quantize-rtn");
+        assert!(one_of[7]["properties"]["bits"].is_object());
+        assert_eq!(one_of[6]["properties"]["type"]["const"], "quantize-gptq");
+        assert!(one_of[6]["properties"]["calibration"].is_object());
         assert_eq!(one_of[2]["properties"]["type"]["const"], "prune-sparsegpt");
         assert!(one_of[2]["properties"]["storage"].is_object());
     }

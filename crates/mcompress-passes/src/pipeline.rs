@@ -224,6 +224,15 @@ pub fn run(
     Ok(Output { passes: reports, params: planned.params, bytes })
 }
 
+/// The model's config.json as the passes leave it (structured pruning shrinks sizes).
+pub fn output_config(model: &ModelSource, passes: &[Box<dyn Pass>]) -> Option<Value> {
+    let mut config = model.config().cloned()?;
+    for p in passes {
+        p.update_config(&mut config);
+    }
+    Some(config)
+}
+
 /// compressed-tensors' `sparsity_config` when some matrices are stored in sparse-bitmask form:
 /// the format, the stored matrices' overall sparsity and their modules.
 fn sparsity_config(params: &BTreeMap<String, ParamMeta>) -> Option<Value> {

@@ -13,6 +13,8 @@ use std::cmp::Ordering;
 
 use rayon::prelude::*;
 
+pub mod structured;
+
 use mcompress_recipe::Recipe;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
