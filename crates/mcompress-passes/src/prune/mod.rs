@@ -11,8 +11,6 @@
 
 use std::cmp::Ordering;
 
-use rayon::prelude::*;
-
 pub mod structured;
 
 use mcompress_recipe::Recipe;
@@ -21,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use mcompress_core::DType;
 
-use crate::quant::CalibrationConfig;
+use crate::quant::{CalibrationConfig, gptq};
 use crate::{
     Applied, Calibrated, Calibration, CalibrationMethod, Param, ParamMeta, ParamSelector, Pass, PassInfo, Plan, Status,
 };
@@ -223,7 +221,7 @@ pub fn sparsegpt(
             wt[c * rows..(c + 1) * rows].fill(0.0);
         }
     }
-    let u = crate::quant::gptq::inverse_cholesky_upper(&h, cols, opts.dampening)?;
+    let u = gptq::inverse_cholesky_upper(&h, cols, opts.dampening)?;
     let bs = match p {
         // Groups must not straddle blocks.
         Pattern::NofM { m, .. } => opts.block_size.max(1).div_ceil(m) * m,
@@ -280,24 +278,9 @@ pub fn sparsegpt(
                 e[r] = (col[r] - q) / d;
                 col[r] = q;
             }
-            for (j, next) in rest.chunks_mut(rows).take(i2 - c - 1).enumerate() {
-                let f = u[c * cols + c + 1 + j] as f32;
-                for (v, e) in next.iter_mut().zip(e.iter()) {
-                    *v -= f * e;
-                }
-            }
+            gptq::update_block_rest(rest, rows, &u[c * cols + c + 1..c * cols + i2], e);
         }
-        let count = i2 - i1;
-        let err = &err[..count * rows];
-        wt[i2 * rows..].par_chunks_mut(rows).enumerate().for_each(|(j, next)| {
-            let c = i2 + j;
-            for (t, e) in err.chunks(rows).enumerate() {
-                let f = u[(i1 + t) * cols + c] as f32;
-                for (v, e) in next.iter_mut().zip(e) {
-                    *v -= f * e;
-                }
-            }
-        });
+        gptq::lazy_update(&mut wt, rows, cols, &u, i1, i2, &err[..(i2 - i1) * rows]);
     }
     let mut out = vec![0f32; rows * cols];
     let mut mask = vec![false; rows * cols];

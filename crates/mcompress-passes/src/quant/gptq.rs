@@ -131,26 +131,11 @@ pub fn gptq(
                 e[r] = (col[r] - dequant_value(q, sc, zp)) / d;
             }
             // Within the block: update the remaining columns right away.
-            for (j, next) in rest.chunks_mut(rows).take(i2 - p - 1).enumerate() {
-                let f = u[p * cols + p + 1 + j] as f32;
-                for (v, e) in next.iter_mut().zip(e.iter()) {
-                    *v -= f * e;
-                }
-            }
+            update_block_rest(rest, rows, &u[p * cols + p + 1..p * cols + i2], e);
         }
         // Beyond the block: one lazy update per later column, in parallel (each column is
         // independent; the sum over the block's columns runs in a fixed order).
-        let count = i2 - i1;
-        let err = &err[..count * rows];
-        wt[i2 * rows..].par_chunks_mut(rows).enumerate().for_each(|(j, next)| {
-            let c = i2 + j;
-            for (t, e) in err.chunks(rows).enumerate() {
-                let f = u[(i1 + t) * cols + c] as f32;
-                for (v, e) in next.iter_mut().zip(e) {
-                    *v -= f * e;
-                }
-            }
-        });
+        lazy_update(&mut wt, rows, cols, &u, i1, i2, &err[..(i2 - i1) * rows]);
     }
 
     let (mut err2, mut ref2) = (0f64, 0f64);
@@ -164,6 +149,33 @@ pub fn gptq(
         }
     }
     Ok(Quantized::from_codes(s, shape, &codes, scale, (!s.symmetric).then_some(zero), sdt, err2, ref2))
+}
+
+/// GPTQ's (and SparseGPT's) within-block step: after column `p` of a block changed by `e`
+/// (already divided by `U[p, p]`), `rest` (the block's later columns, as rows of `rows` values)
+/// moves by `−U[p, p+1+j] · e`; `u_row` is `U[p, p+1 .. block end]`.
+pub(crate) fn update_block_rest(rest: &mut [f32], rows: usize, u_row: &[f64], e: &[f32]) {
+    for (next, &f) in rest.chunks_mut(rows).zip(u_row) {
+        let f = f as f32;
+        for (v, e) in next.iter_mut().zip(e) {
+            *v -= f * e;
+        }
+    }
+}
+
+/// The lazy update after block `[i1, i2)`: every later column `c` (a row of `wt`) moves by
+/// `−Σ_t U[i1 + t, c] · err_t`, in parallel over columns (each independent; the sum over the
+/// block's columns runs in a fixed order, so the result does not depend on the thread count).
+pub(crate) fn lazy_update(wt: &mut [f32], rows: usize, cols: usize, u: &[f64], i1: usize, i2: usize, err: &[f32]) {
+    wt[i2 * rows..].par_chunks_mut(rows).enumerate().for_each(|(j, next)| {
+        let c = i2 + j;
+        for (t, e) in err.chunks(rows).enumerate() {
+            let f = u[(i1 + t) * cols + c] as f32;
+            for (v, e) in next.iter_mut().zip(e) {
+                *v -= f * e;
+            }
+        }
+    });
 }
 
 /// The upper Cholesky factor `U` of `(H + λI)⁻¹` (`(H + λI)⁻¹ = Uᵀ U`), row-major, with
