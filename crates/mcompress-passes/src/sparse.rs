@@ -167,6 +167,7 @@ impl SparseTensor {
 }
 
 #[cfg(test)]
+#[allow(clippy::float_cmp)]
 mod tests {
     use super::*;
 

@@ -632,6 +632,7 @@ pub const SPARSEGPT_INFO: PassInfo = PassInfo {
 };
 
 #[cfg(test)]
+#[allow(clippy::float_cmp)]
 mod tests {
     use super::*;
 
