@@ -71,6 +71,27 @@ fn test_gguf_export_matches_ggml_bit_for_bit() {
     assert_eq!(r["bundle"]["files"].as_object().unwrap().keys().collect::<Vec<_>>(), ["model.gguf"]);
     let (code, so, se) = mcompress(&["verify", out.join("q4_k_m").to_str().unwrap()], t.path());
     assert_eq!(code, 0, "{so}{se}");
+    // Byte-identical on one thread (the quantizers split blocks across threads).
+    let one = t.path().join("one");
+    let (code, so, se) = mcompress(
+        &[
+            "run",
+            "-q",
+            "--threads",
+            "1",
+            "--target",
+            "q4_k_m",
+            "--out",
+            one.to_str().unwrap(),
+            recipe.to_str().unwrap(),
+        ],
+        t.path(),
+    );
+    assert_eq!(code, 0, "{so}{se}");
+    assert!(
+        std::fs::read(one.join("q4_k_m/model.gguf")).unwrap() == std::fs::read(out.join("q4_k_m/model.gguf")).unwrap(),
+        "model.gguf differs between 1 and 2 threads"
+    );
 
     let lib = llama_python().and_then(|py| {
         let o = Command::new(py)
