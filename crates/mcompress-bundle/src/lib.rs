@@ -191,9 +191,20 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         pass.prepare(&model).map_err(|e| Error::Prepare(format!("pass[{}] {}: {e}", spec.index, spec.kind)))?;
     }
     // Calibrated passes (GPTQ, AWQ) run on the model before anything streams.
-    for (spec, pass) in recipe.passes.iter().zip(&passes) {
+    for (i, (spec, pass)) in recipe.passes.iter().zip(&passes).enumerate() {
         if let Some(cal) = pass.calibration() {
-            let results = mcompress_eval::calibrate::run(&model, pass.as_ref(), cal, opts.progress)
+            // A calibrated pass calibrates on the model as the passes before it leave it.
+            let earlier = &passes[..i];
+            let prior = if earlier.is_empty() {
+                None
+            } else {
+                Some(mcompress_eval::calibrate::Prior {
+                    config: pipeline::output_config(&model, earlier).unwrap_or_default(),
+                    tensors: pipeline::transformed_f32(&model, earlier)?,
+                    keep_zeros: earlier.iter().any(|p| p.name().starts_with("prune-")),
+                })
+            };
+            let results = mcompress_eval::calibrate::run(&model, pass.as_ref(), cal, prior, opts.progress)
                 .map_err(|e| Error::Calibration(format!("pass[{}] {}: calibration: {e}", spec.index, spec.kind)))?;
             pass.provide(results);
         }

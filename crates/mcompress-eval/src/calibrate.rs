@@ -67,15 +67,29 @@ pub fn windows(model: &ModelSource, cal: WindowSpec<'_>) -> Result<Vec<Vec<u32>>
         .collect())
 }
 
-/// Runs `pass`'s calibration on `model`: the tensors it produced, by name, for
-/// [`Pass::provide`]. Only llama models are supported.
+/// The model as the recipe's earlier passes leave it: what a later calibrated pass calibrates on
+/// (a GPTQ after a pruning pass sees the pruned weights and keeps their zeros).
+#[derive(Debug)]
+pub struct Prior {
+    /// config.json after the earlier passes.
+    pub config: serde_json::Value,
+    /// Every float tensor after the earlier passes, as f32, with its shape.
+    pub tensors: mcompress_passes::pipeline::DenseTensors,
+    /// An earlier pass pruned: exact zeros are pruned weights that quantization must keep zero.
+    pub keep_zeros: bool,
+}
+
+/// Runs `pass`'s calibration on `model` (or on `prior`, the model after the recipe's earlier
+/// passes): the tensors it produced, by name, for [`Pass::provide`]. Only llama models are
+/// supported.
 pub fn run(
     model: &ModelSource,
     pass: &dyn Pass,
     cal: &Calibration,
+    prior: Option<Prior>,
     progress: bool,
 ) -> Result<BTreeMap<String, Calibrated>> {
-    let config = model.config().cloned().unwrap_or_default();
+    let config = prior.as_ref().map_or_else(|| model.config().cloned().unwrap_or_default(), |p| p.config.clone());
     let model_type = config["model_type"].as_str().unwrap_or("");
     if model_type != "llama" {
         return Err(Error::Model(format!(
@@ -84,7 +98,7 @@ pub fn run(
         )));
     }
     let windows = windows(model, cal.into())?;
-    let dtypes: BTreeMap<String, (mcompress_core::DType, Vec<usize>)> = model
+    let mut dtypes: BTreeMap<String, (mcompress_core::DType, Vec<usize>)> = model
         .tensors()
         .iter()
         .map(|r| {
@@ -92,7 +106,20 @@ pub fn run(
             (i.name.clone(), (i.dtype, i.shape.clone()))
         })
         .collect();
-    let mut llama = llama::Llama::load(&config, &weights::from_model(model), &Device::Cpu)?;
+    let keep_zeros = prior.as_ref().is_some_and(|p| p.keep_zeros);
+    let weights = match prior {
+        Some(p) => {
+            for (name, (shape, _)) in &p.tensors {
+                if let Some(d) = dtypes.get_mut(name) {
+                    d.1.clone_from(shape);
+                }
+            }
+            weights::Weights::from_dense(p.tensors)
+        }
+        None => weights::from_model(model),
+    };
+    let mut llama = llama::Llama::load(&config, &weights, &Device::Cpu)?;
+    drop(weights);
     // Selected for quantization: the scale dtype its pass would give it.
     let selected = |name: &str| -> Option<(mcompress_core::DType, Vec<usize>)> {
         let (dtype, shape) = dtypes.get(name)?;
@@ -114,7 +141,10 @@ pub fn run(
                 |name, w, (rows, cols), h| {
                     let Some((dtype, shape)) = selected(name) else { return Ok(None) };
                     debug_assert_eq!(rows * cols, w.len());
-                    let q = gptq(&scheme, scale_dtype(dtype), &shape, w, h, &opts)
+                    // After pruning: the zeros stay zeros (their codes are the zero point).
+                    let keep: Option<Vec<bool>> =
+                        (keep_zeros && w.contains(&0.0)).then(|| w.iter().map(|v| *v != 0.0).collect());
+                    let q = gptq::gptq_masked(&scheme, scale_dtype(dtype), &shape, w, h, &opts, keep.as_deref())
                         .map_err(|e| Error::Model(format!("{name}: {e}")))?;
                     let deq = q.dequantize();
                     out.insert(name.to_string(), Calibrated::Quantized(q));

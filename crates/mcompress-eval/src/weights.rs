@@ -17,6 +17,13 @@ pub struct Weights {
     packed: BTreeMap<String, Arc<Quantized>>,
 }
 
+impl Weights {
+    /// Dense f32 tensors by name, with their shapes.
+    pub fn from_dense(dense: BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Self {
+        Weights { dense, packed: BTreeMap::new() }
+    }
+}
+
 /// Every float tensor of a model, as f32.
 pub fn from_model(model: &ModelSource) -> Weights {
     let dense = model

@@ -224,6 +224,44 @@ pub fn run(
     Ok(Output { passes: reports, params: planned.params, bytes })
 }
 
+/// Tensors by name: shape and f32 values.
+pub type DenseTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Every float tensor of `model` as `passes` leave it, as f32 (quantized ones dequantized, sparse
+/// ones expanded), by name: what a calibrated pass later in the recipe calibrates on. Holds the
+/// whole model in memory (as calibration does).
+pub fn transformed_f32(model: &ModelSource, passes: &[Box<dyn Pass>]) -> Result<DenseTensors> {
+    let mut out = BTreeMap::new();
+    for r in model.tensors() {
+        let view = model.view(r);
+        let mut meta = ParamMeta::Dense { dtype: view.dtype, shape: view.shape.to_vec() };
+        let mut param = Param::Dense { dtype: view.dtype, shape: view.shape.to_vec(), data: view.data };
+        for (pi, p) in passes.iter().enumerate() {
+            if let Plan::Change(m) = p.plan(view.name, &meta) {
+                param = p
+                    .apply(view.name, param)
+                    .map_err(|reason| Error::Tensor {
+                        index: pi,
+                        pass: p.name(),
+                        tensor: view.name.to_string(),
+                        reason,
+                    })?
+                    .param;
+                meta = m;
+            }
+        }
+        let values = match &param {
+            Param::Quantized(q) => Some((q.shape.clone(), q.dequantize())),
+            other => other.dense_f32().map(|(_, shape, v)| (shape, v)),
+        };
+        if let Some(v) = values {
+            out.insert(view.name.to_string(), v);
+        }
+        model.release(r);
+    }
+    Ok(out)
+}
+
 /// The model's config.json as the passes leave it (structured pruning shrinks sizes).
 pub fn output_config(model: &ModelSource, passes: &[Box<dyn Pass>]) -> Option<Value> {
     let mut config = model.config().cloned()?;

@@ -44,8 +44,24 @@ pub fn gptq(
     sdt: DType,
     shape: &[usize],
     w: &[f32],
+    h: Vec<f64>,
+    opts: &GptqOptions,
+) -> Result<Quantized, String> {
+    gptq_masked(s, sdt, shape, w, h, opts, None)
+}
+
+/// [`gptq`] keeping a pruning mask: weights where `keep` is false get the code of 0 (the zero
+/// point) whatever the updates made of them, and their error is spread over the columns not yet
+/// quantized like any other (quantizing a pruned matrix without refilling its zeros, as
+/// SparseGPT's joint sparsification and quantization does).
+pub fn gptq_masked(
+    s: &QScheme,
+    sdt: DType,
+    shape: &[usize],
+    w: &[f32],
     mut h: Vec<f64>,
     opts: &GptqOptions,
+    keep: Option<&[bool]>,
 ) -> Result<Quantized, String> {
     let rows = shape.first().copied().unwrap_or(0);
     let cols = shape.iter().skip(1).product::<usize>();
@@ -57,6 +73,9 @@ pub fn gptq(
     }
     if h.iter().any(|v| !v.is_finite()) {
         return Err("the calibration Hessian contains NaN or infinity (activations overflowed)".into());
+    }
+    if keep.is_some_and(|k| k.len() != w.len()) {
+        return Err("pruning mask and weights differ in length".into());
     }
     let (groups, gl) = (s.groups(cols), s.group_len(cols));
     let (qmin, qmax) = s.qrange();
@@ -126,7 +145,8 @@ pub fn gptq(
             let e = &mut err[(p - i1) * rows..(p - i1 + 1) * rows];
             for r in 0..rows {
                 let (sc, zp) = (scale[r * groups + g], i32::from(zero[r * groups + g]));
-                let q = quant_value(col[r], sc, zp, qmin, qmax);
+                let pruned = keep.is_some_and(|k| !k[r * cols + c]);
+                let q = if pruned { zp } else { quant_value(col[r], sc, zp, qmin, qmax) };
                 codes[r * cols + c] = q;
                 e[r] = (col[r] - dequant_value(q, sc, zp)) / d;
             }
