@@ -46,6 +46,13 @@ fn test_magnitude_masks_land_in_the_bundle() {
     assert!((sc["global_sparsity"].as_f64().unwrap() - 0.5).abs() < 1e-9, "{sc}");
     let acc = report["eval"]["compressed"].as_f64().unwrap();
     assert!(acc > 0.80, "2:4 digits accuracy {acc}");
+    // `inspect` folds the four parts back into the logical matrix.
+    let (code, so, _) = mcompress(&["inspect", bundle.to_str().unwrap(), "--json"], t.path());
+    assert_eq!(code, 0);
+    let i: serde_json::Value = serde_json::from_str(&so).unwrap();
+    assert_eq!(i["params"], report["model"]["params"]);
+    let l0 = i["tensors"].as_array().unwrap().iter().find(|t| t["name"] == "layers.0.weight").unwrap().clone();
+    assert_eq!((l0["shape"].clone(), l0["quantized"].clone()), (serde_json::json!([128, 64]), "sparse-bitmask".into()));
     let dense = t.path().join("dense.safetensors");
     let (code, so, se) =
         mcompress(&["dequantize", bundle.to_str().unwrap(), "--out", dense.to_str().unwrap()], t.path());

@@ -81,21 +81,33 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         let (dtype, bytes) = model.stored(r);
         *bytes_by_dtype.entry(dtype.clone()).or_insert(0) += bytes;
         // Only the small `*_shape` tensors are read; everything else comes from headers.
-        let shape_vals = (info.dtype == DType::I64 && info.name.ends_with("_shape")).then(|| {
+        let is_shape = info.name.ends_with("_shape") || info.name.rsplit('.').next() == Some("shape");
+        let shape_vals = (info.dtype == DType::I64 && is_shape).then(|| {
             model.view(r).data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
         });
         stored.push((info.name.clone(), dtype, info.shape.clone(), bytes, shape_vals));
     }
     let names: std::collections::BTreeSet<&str> = stored.iter().map(|s| s.0.as_str()).collect();
     for (name, dtype, shape, bytes, _) in &stored {
-        let (base, part) = ["_packed", "_scale", "_zero_point", "_shape"]
-            .iter()
-            .find_map(|suf| {
-                name.strip_suffix(suf)
-                    .filter(|b| names.contains(format!("{b}_packed").as_str()))
-                    .map(|b| (b.to_string(), *suf))
-            })
-            .unwrap_or_else(|| (name.clone(), ""));
+        // Sparse-bitmask parts fold into `<module>.weight`; packed parts into their base name.
+        let sparse = [".compressed", ".bitmask", ".shape", ".row_offsets"].iter().find_map(|suf| {
+            name.strip_suffix(suf)
+                .filter(|m| {
+                    names.contains(format!("{m}.bitmask").as_str())
+                        && names.contains(format!("{m}.compressed").as_str())
+                })
+                .map(|m| (format!("{m}.weight"), *suf))
+        });
+        let (base, part) = sparse.unwrap_or_else(|| {
+            ["_packed", "_scale", "_zero_point", "_shape"]
+                .iter()
+                .find_map(|suf| {
+                    name.strip_suffix(suf)
+                        .filter(|b| names.contains(format!("{b}_packed").as_str()))
+                        .map(|b| (b.to_string(), *suf))
+                })
+                .unwrap_or_else(|| (name.clone(), ""))
+        });
         let entry = by_name.entry(base.clone()).or_insert_with(|| InspectedTensor {
             name: base.clone(),
             dtype: dtype.clone(),
@@ -110,7 +122,11 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
                 let module = base.strip_suffix(".weight").unwrap_or(&base);
                 entry.quantized = Some(labels.get(module).cloned().unwrap_or_else(|| "quantized".into()));
             }
-            "_shape" => {
+            ".compressed" => {
+                entry.dtype.clone_from(dtype);
+                entry.quantized = Some("sparse-bitmask".into());
+            }
+            "_shape" | ".shape" => {
                 if let Some(vals) = stored.iter().find(|s| &s.0 == name).and_then(|s| s.4.clone()) {
                     entry.shape = vals.iter().map(|&d| usize::try_from(d).unwrap_or(0)).collect();
                 }
