@@ -208,19 +208,7 @@ pub fn sparsegpt(
     }
     let rows = w.len() / cols;
     let mut h = h;
-    // Columns of W as rows of wt.
-    let mut wt = vec![0f32; cols * rows];
-    for r in 0..rows {
-        for c in 0..cols {
-            wt[c * rows + r] = w[r * cols + c];
-        }
-    }
-    for c in 0..cols {
-        if h[c * cols + c] == 0.0 {
-            h[c * cols + c] = 1.0;
-            wt[c * rows..(c + 1) * rows].fill(0.0);
-        }
-    }
+    let mut wt = gptq::columns(w, rows, cols, &mut h);
     let u = gptq::inverse_cholesky_upper(&h, cols, opts.dampening)?;
     let bs = match p {
         // Groups must not straddle blocks.

@@ -80,20 +80,7 @@ pub fn gptq_masked(
     let (groups, gl) = (s.groups(cols), s.group_len(cols));
     let (qmin, qmax) = s.qrange();
 
-    // Columns of W as rows of Wt: GPTQ walks columns.
-    let mut wt = vec![0f32; cols * rows];
-    for r in 0..rows {
-        for c in 0..cols {
-            wt[c * rows + r] = w[r * cols + c];
-        }
-    }
-    // Inputs that never fired carry no information: weight 0, unit curvature.
-    for c in 0..cols {
-        if h[c * cols + c] == 0.0 {
-            h[c * cols + c] = 1.0;
-            wt[c * rows..(c + 1) * rows].fill(0.0);
-        }
-    }
+    let mut wt = columns(w, rows, cols, &mut h);
     // Processing order.
     let mut perm: Vec<usize> = (0..cols).collect();
     if opts.act_order {
@@ -169,6 +156,24 @@ pub fn gptq_masked(
         }
     }
     Ok(Quantized::from_codes(s, shape, &codes, scale, (!s.symmetric).then_some(zero), sdt, err2, ref2))
+}
+
+/// W's columns as rows (GPTQ and SparseGPT walk columns), with the inputs that never fired
+/// (`H_cc = 0`) given weight 0 and unit curvature: they carry no information.
+pub(crate) fn columns(w: &[f32], rows: usize, cols: usize, h: &mut [f64]) -> Vec<f32> {
+    let mut wt = vec![0f32; cols * rows];
+    for r in 0..rows {
+        for c in 0..cols {
+            wt[c * rows + r] = w[r * cols + c];
+        }
+    }
+    for c in 0..cols {
+        if h[c * cols + c] == 0.0 {
+            h[c * cols + c] = 1.0;
+            wt[c * rows..(c + 1) * rows].fill(0.0);
+        }
+    }
+    wt
 }
 
 /// GPTQ's (and SparseGPT's) within-block step: after column `p` of a block changed by `e`
