@@ -6,7 +6,7 @@
 //! bytes do not depend on the order in which tensors are produced or on the thread count. Each
 //! tensor is then written at its offset with a positioned write as soon as it is ready.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -39,7 +39,6 @@ pub struct SafetensorsLayout {
     header: Vec<u8>,
     /// (entry, absolute start, length) in file order.
     slots: Vec<(TensorEntry, u64, usize)>,
-    index: BTreeMap<String, usize>,
     total: u64,
 }
 
@@ -80,8 +79,7 @@ impl SafetensorsLayout {
         }
         let data_start = 8 + header.len() as u64;
         let slots: Vec<_> = entries.into_iter().zip(ranges).map(|(e, (o, n))| (e, data_start + o as u64, n)).collect();
-        let index = slots.iter().enumerate().map(|(i, s)| (s.0.name.clone(), i)).collect();
-        Ok(Self { header, slots, index, total: data_start + offset as u64 })
+        Ok(Self { header, slots, total: data_start + offset as u64 })
     }
 
     /// Total file size in bytes.
@@ -98,33 +96,61 @@ impl SafetensorsLayout {
 /// Writes a file with a fixed [`SafetensorsLayout`], one tensor at a time, in any order.
 #[derive(Debug)]
 pub struct SafetensorsWriter {
-    path: PathBuf,
-    file: fs_err::File,
-    layout: SafetensorsLayout,
-    written: Vec<bool>,
+    file: SlotFile,
 }
 
 impl SafetensorsWriter {
     /// Creates `path` (truncating it), writes the header and sizes the file.
     pub fn create(path: &Path, layout: SafetensorsLayout) -> Result<Self> {
-        let io = |e| Error::io(path, e);
-        let file = fs_err::File::create(path).map_err(io)?;
         let mut prefix = (layout.header.len() as u64).to_le_bytes().to_vec();
         prefix.extend_from_slice(&layout.header);
-        file.file().write_all_at(&prefix, 0).map_err(io)?;
-        file.set_len(layout.total).map_err(io)?;
-        let written = vec![false; layout.slots.len()];
-        Ok(Self { path: path.to_path_buf(), file, layout, written })
+        let slots = layout.slots.into_iter().map(|(e, start, len)| (e.name, start, len as u64)).collect();
+        Ok(Self { file: SlotFile::create(path, &prefix, layout.total, slots)? })
     }
 
     /// Writes one planned tensor's bytes at its offset.
     pub fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.file.write(name, bytes)
+    }
+
+    /// Checks every tensor was written and flushes the file to disk.
+    pub fn finish(self) -> Result<()> {
+        self.file.finish()
+    }
+}
+
+/// A file of fixed size whose named byte ranges are each written exactly once, in any order,
+/// with positioned writes: the shared body of the safetensors and GGUF writers.
+#[derive(Debug)]
+pub(crate) struct SlotFile {
+    path: PathBuf,
+    file: fs_err::File,
+    /// (name, absolute start, length).
+    slots: Vec<(String, u64, u64)>,
+    index: HashMap<String, usize>,
+    written: Vec<bool>,
+}
+
+impl SlotFile {
+    /// Creates `path` (truncating it), writes `prefix` at 0 and sizes the file to `total`.
+    pub(crate) fn create(path: &Path, prefix: &[u8], total: u64, slots: Vec<(String, u64, u64)>) -> Result<Self> {
+        let io = |e| Error::io(path, e);
+        let file = fs_err::File::create(path).map_err(io)?;
+        file.file().write_all_at(prefix, 0).map_err(io)?;
+        file.set_len(total).map_err(io)?;
+        let index = slots.iter().enumerate().map(|(i, s)| (s.0.clone(), i)).collect();
+        let written = vec![false; slots.len()];
+        Ok(Self { path: path.to_path_buf(), file, slots, index, written })
+    }
+
+    /// Writes one slot's bytes at its offset.
+    pub(crate) fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         let mismatch = |reason: String| Error::WriteMismatch { path: self.path.clone(), name: name.into(), reason };
-        let Some(&i) = self.layout.index.get(name) else {
+        let Some(&i) = self.index.get(name) else {
             return Err(mismatch("not in the planned layout".into()));
         };
-        let (_, start, len) = &self.layout.slots[i];
-        if bytes.len() != *len {
+        let (_, start, len) = &self.slots[i];
+        if bytes.len() as u64 != *len {
             return Err(mismatch(format!("{} bytes produced, {len} planned", bytes.len())));
         }
         if std::mem::replace(&mut self.written[i], true) {
@@ -133,12 +159,12 @@ impl SafetensorsWriter {
         self.file.file().write_all_at(bytes, *start).map_err(|e| Error::io(&self.path, e))
     }
 
-    /// Checks every tensor was written and flushes the file to disk.
-    pub fn finish(self) -> Result<()> {
+    /// Checks every slot was written and flushes the file to disk.
+    pub(crate) fn finish(self) -> Result<()> {
         if let Some(i) = self.written.iter().position(|w| !w) {
             return Err(Error::WriteMismatch {
                 path: self.path.clone(),
-                name: self.layout.slots[i].0.name.clone(),
+                name: self.slots[i].0.clone(),
                 reason: "planned but never written".into(),
             });
         }

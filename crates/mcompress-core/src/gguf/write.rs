@@ -1,11 +1,11 @@
 //! GGUF v3 writing: metadata with exact types, tensor infos, aligned data written one tensor at a
 //! time at precomputed offsets (the same streaming shape as [`crate::SafetensorsWriter`]).
 
-use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use super::{GgmlType, MAGIC};
+use crate::writer::SlotFile;
 use crate::{Error, Result};
 
 /// GGUF metadata value types (`gguf_type` in ggml).
@@ -129,7 +129,7 @@ impl GgufBuilder {
         }
         let mut offset = 0u64;
         let mut slots = Vec::with_capacity(self.tensors.len());
-        let mut index = HashMap::with_capacity(self.tensors.len());
+        let mut seen = HashSet::with_capacity(self.tensors.len());
         for (name, dims, ty) in &self.tensors {
             let numel: u64 = dims.iter().product();
             let (be, bb) = ty.block();
@@ -148,7 +148,7 @@ impl GgufBuilder {
             }
             h.extend_from_slice(&ty.id().to_le_bytes());
             h.extend_from_slice(&offset.to_le_bytes());
-            if index.insert(name.clone(), slots.len()).is_some() {
+            if !seen.insert(name.as_str()) {
                 return Err(Error::WriteMismatch {
                     path: PathBuf::new(),
                     name: name.clone(),
@@ -161,7 +161,7 @@ impl GgufBuilder {
         let data_start = (h.len() as u64).div_ceil(ALIGN) * ALIGN;
         h.resize(data_start as usize, 0);
         let end = slots.last().map_or(0, |(_, o, l)| o + l);
-        Ok(GgufLayout { header: h, slots, index, total: data_start + end })
+        Ok(GgufLayout { header: h, slots, total: data_start + end })
     }
 }
 
@@ -171,7 +171,6 @@ pub struct GgufLayout {
     header: Vec<u8>,
     /// (name, offset from the data start, bytes).
     slots: Vec<(String, u64, u64)>,
-    index: HashMap<String, usize>,
     total: u64,
 }
 
@@ -190,50 +189,25 @@ impl GgufLayout {
 /// Writes a GGUF file with a fixed [`GgufLayout`], one tensor at a time, in any order.
 #[derive(Debug)]
 pub struct GgufWriter {
-    path: PathBuf,
-    file: fs_err::File,
-    layout: GgufLayout,
-    written: Vec<bool>,
+    file: SlotFile,
 }
 
 impl GgufWriter {
     /// Creates `path` (truncating it), writes the header and sizes the file.
     pub fn create(path: &Path, layout: GgufLayout) -> Result<Self> {
-        let io = |e| Error::io(path, e);
-        let file = fs_err::File::create(path).map_err(io)?;
-        file.file().write_all_at(&layout.header, 0).map_err(io)?;
-        file.set_len(layout.total).map_err(io)?;
-        let written = vec![false; layout.slots.len()];
-        Ok(Self { path: path.to_path_buf(), file, layout, written })
+        let data_start = layout.header.len() as u64;
+        let slots = layout.slots.into_iter().map(|(name, offset, len)| (name, data_start + offset, len)).collect();
+        Ok(Self { file: SlotFile::create(path, &layout.header, layout.total, slots)? })
     }
 
     /// Writes one planned tensor's bytes.
     pub fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
-        let mismatch = |reason: String| Error::WriteMismatch { path: self.path.clone(), name: name.into(), reason };
-        let Some(&i) = self.layout.index.get(name) else {
-            return Err(mismatch("not in the planned layout".into()));
-        };
-        let (_, offset, len) = &self.layout.slots[i];
-        if bytes.len() as u64 != *len {
-            return Err(mismatch(format!("{} bytes produced, {len} planned", bytes.len())));
-        }
-        if std::mem::replace(&mut self.written[i], true) {
-            return Err(mismatch("written twice".into()));
-        }
-        let at = self.layout.header.len() as u64 + offset;
-        self.file.file().write_all_at(bytes, at).map_err(|e| Error::io(&self.path, e))
+        self.file.write(name, bytes)
     }
 
     /// Checks every tensor was written and flushes the file.
     pub fn finish(self) -> Result<()> {
-        if let Some(i) = self.written.iter().position(|w| !w) {
-            return Err(Error::WriteMismatch {
-                path: self.path.clone(),
-                name: self.layout.slots[i].0.clone(),
-                reason: "planned but never written".into(),
-            });
-        }
-        self.file.sync_all().map_err(|e| Error::io(&self.path, e))
+        self.file.finish()
     }
 }
 
