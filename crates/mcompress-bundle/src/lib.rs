@@ -248,7 +248,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
                 let mut sinks = Vec::new();
                 for (g, t) in ggufs.iter().zip(&recipe.targets) {
                     if let Some(g) = g {
-                        sinks.push(g.sink(&model, &stage(&t.name).join("model.gguf"))?);
+                        sinks.push(g.sink(&stage(&t.name).join("model.gguf"))?);
                     }
                 }
                 let mut refs: Vec<&mut dyn pipeline::Sink> =

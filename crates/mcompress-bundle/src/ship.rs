@@ -163,9 +163,9 @@ struct FitState {
 
 /// A GGUF file being made for one target.
 pub(crate) struct GgufTarget {
-    index: usize,
-    /// config.json as the passes leave it.
-    config: Value,
+    /// The file's metadata (tokenizer and llama keys from the config as the passes leave it);
+    /// `general.file_type` is set when the types are known.
+    meta: GgufBuilder,
     name: String,
     spec: GgufSpec,
     plans: BTreeMap<String, TensorPlan>,
@@ -192,9 +192,11 @@ impl GgufTarget {
         let plans = gguf::tensor_plans(model, params).map_err(|e| err(format!("gguf: {e}")))?;
         let n_layer = gguf::n_layer(model);
         let config = pipeline::output_config(model, passes).unwrap_or_default();
+        // Built once, before anything streams: metadata problems (missing config keys, an
+        // unsupported tokenizer) are errors here.
+        let meta = gguf::metadata(model, &config, 0).map_err(|e| err(format!("gguf: {e}")))?;
         let mut me = GgufTarget {
-            index,
-            config,
+            meta,
             name: target.name.clone(),
             spec: spec.clone(),
             plans,
@@ -207,8 +209,6 @@ impl GgufTarget {
                 .iter()
                 .map(|(n, tp)| (n.clone(), p.choose(&tp.gguf, &tp.dims, tp.layer, n_layer, tp.output)))
                 .collect();
-            // Metadata problems (missing config keys, tokenizer) surface before anything streams.
-            me.metadata(model).map_err(&err)?;
             return Ok(me);
         }
         // policy = "fit".
@@ -233,8 +233,7 @@ impl GgufTarget {
         };
         // Header size does not depend on the types; 1-D tensors stay F32.
         let all_f32: BTreeMap<String, GgmlType> = me.plans.keys().map(|k| (k.clone(), GgmlType::F32)).collect();
-        let header =
-            gguf::plan_file(me.metadata(model).map_err(&err)?, &me.plans, all_f32).map_err(&err)?.layout.header_bytes();
+        let header = gguf::plan_file(me.meta.clone(), &me.plans, all_f32).map_err(&err)?.layout.header_bytes();
         let mut fixed = header;
         let mut items = Vec::new();
         for r in model.tensors() {
@@ -277,7 +276,8 @@ impl GgufTarget {
         Ok(me)
     }
 
-    fn metadata(&self, model: &ModelSource) -> Result<GgufBuilder, String> {
+    /// The metadata with `general.file_type` for the current types.
+    fn metadata(&self) -> GgufBuilder {
         // Under fit, the type holding the most parameters names the file.
         let ftype = if let Some(p) = self.spec.fixed {
             p.ftype()
@@ -290,13 +290,14 @@ impl GgufTarget {
             }
             by.into_iter().max_by_key(|(f, p)| (*p, *f)).map_or(0, |(f, _)| f)
         };
-        gguf::metadata(model, &self.config, ftype).map_err(|e| format!("gguf: {e}"))
+        let mut meta = self.meta.clone();
+        meta.replace_u32("general.file_type", ftype);
+        meta
     }
 
     /// The pipeline sink writing this target's file at `path`.
-    pub(crate) fn sink(&self, model: &ModelSource, path: &Path) -> Result<gguf::GgufSink> {
-        let meta = self.metadata(model).map_err(|e| Error::Export(format!("target {}: {e}", self.name)))?;
-        let planned = gguf::plan_file(meta, &self.plans, self.types.clone())
+    pub(crate) fn sink(&self, path: &Path) -> Result<gguf::GgufSink> {
+        let planned = gguf::plan_file(self.metadata(), &self.plans, self.types.clone())
             .map_err(|e| Error::Export(format!("target {}: gguf: {e}", self.name)))?;
         gguf::GgufSink::create(path, planned, self.plans.clone())
     }
@@ -337,7 +338,7 @@ impl GgufTarget {
             fit.log.push(entry);
             fit.chosen = next;
             self.types.extend(fit::types_of(&fit.items, &fit.chosen));
-            let mut sink = self.sink(model, file)?;
+            let mut sink = self.sink(file)?;
             pipeline::run(model, passes, None, &mut [&mut sink], false, &mut |_| {})?;
         }
         unreachable!("the loop returns on its last try")
@@ -364,7 +365,6 @@ impl GgufTarget {
             .collect();
         v.sort();
         v.dedup();
-        let _ = self.index;
         v
     }
 }

@@ -63,6 +63,18 @@ impl GgufBuilder {
         self.kv.push((key.to_string(), ty, payload.to_vec()));
     }
 
+    /// Replaces the value of a key already set with a `u32`, keeping its place in the file;
+    /// sets it (last) otherwise.
+    pub fn replace_u32(&mut self, key: &str, v: u32) {
+        match self.kv.iter_mut().find(|(k, _, _)| k == key) {
+            Some(entry) => {
+                entry.1 = MetaType::U32 as u32;
+                entry.2 = v.to_le_bytes().to_vec();
+            }
+            None => self.u32(key, v),
+        }
+    }
+
     /// A `u32` value.
     pub fn u32(&mut self, key: &str, v: u32) {
         self.raw(key, MetaType::U32 as u32, &v.to_le_bytes());
