@@ -36,6 +36,11 @@ pub fn names(name: &str) -> [String; 4] {
     [format!("{m}.compressed"), format!("{m}.bitmask"), format!("{m}.shape"), format!("{m}.row_offsets")]
 }
 
+/// Whether bit `c` of row `r` is set in a packed mask with `bpr` bytes per row.
+fn kept(bitmask: &[u8], bpr: usize, r: usize, c: usize) -> bool {
+    bitmask[r * bpr + c / 8] & (1 << (c % 8)) != 0
+}
+
 /// Bytes the sparse form takes for a `rows × cols` matrix with `nnz` kept values.
 pub fn stored_bytes(dtype: DType, rows: usize, cols: usize, nnz: usize) -> usize {
     dtype.bytes_for(nnz).unwrap_or(usize::MAX) + rows * cols.div_ceil(8) + 16 + rows * 8
@@ -78,7 +83,7 @@ impl SparseTensor {
         let mut k = usize::try_from(self.row_offsets[r]).unwrap_or(0);
         let mut v = [0f32];
         for (c, o) in out[..cols].iter_mut().enumerate() {
-            if self.bitmask[r * bpr + c / 8] & (1 << (c % 8)) != 0 {
+            if kept(&self.bitmask, bpr, r, c) {
                 let ok = self.values.get(k * esize..(k + 1) * esize).is_some_and(|b| self.dtype.decode_f32(b, &mut v));
                 *o = if ok { v[0] } else { 0.0 };
                 k += 1;
@@ -102,7 +107,7 @@ impl SparseTensor {
     pub fn keep(&self) -> Vec<bool> {
         let (rows, cols) = (self.shape[0], self.shape[1]);
         let bpr = cols.div_ceil(8);
-        (0..rows * cols).map(|i| self.bitmask[(i / cols) * bpr + (i % cols) / 8] & (1 << (i % cols % 8)) != 0).collect()
+        (0..rows * cols).map(|i| kept(&self.bitmask, bpr, i / cols, i % cols)).collect()
     }
 
     /// The stored tensors' bytes, in [`names`] order.
@@ -134,19 +139,17 @@ impl SparseTensor {
             return Err(format!("{bn}: expected {rows} x {bpr} uint8 for shape [{rows}, {cols}]"));
         }
         let bitmask = bv.data.to_vec();
-        // Padding bits past `cols` must be clear, or the count below would disagree.
-        let set: usize = (0..rows * cols)
-            .filter(|i| bitmask[(i / cols) * bpr + (i % cols) / 8] & (1 << (i % cols % 8)) != 0)
-            .count();
+        // Kept values per row (padding bits past `cols` are not counted): the row offsets and,
+        // summed, the length `compressed` must have.
+        let mut row_offsets = Vec::with_capacity(rows);
+        let mut set = 0usize;
+        for r in 0..rows {
+            row_offsets.push(set as i64);
+            set += (0..cols).filter(|&c| kept(&bitmask, bpr, r, c)).count();
+        }
         let cv = model.view(&c);
         if !cv.dtype.is_float() || cv.dtype.bytes_for(set) != Some(cv.data.len()) {
             return Err(format!("{cn}: {} bytes of {} for {set} kept values", cv.data.len(), cv.dtype));
-        }
-        let mut row_offsets = Vec::with_capacity(rows);
-        let mut k = 0i64;
-        for r in 0..rows {
-            row_offsets.push(k);
-            k += (0..cols).filter(|c| bitmask[r * bpr + c / 8] & (1 << (c % 8)) != 0).count() as i64;
         }
         if let Some(o) = find(&on) {
             let ov = model.view(&o);
