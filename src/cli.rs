@@ -55,6 +55,17 @@ enum Command {
         /// the CPU), wgpu (any wgpu adapter, Mesa's llvmpipe included) or cpu.
         #[arg(long, value_enum)]
         backend: Option<BackendArg>,
+        /// Continue `distill` passes from their last checkpoint (same settings required).
+        #[arg(long)]
+        resume: bool,
+        /// Train `distill` passes on this device, overriding their `device`: cpu (burn's CPU
+        /// backend, bit-reproducible) or wgpu (a GPU through Vulkan, Metal or DX12).
+        #[arg(long, value_enum, value_name = "DEVICE")]
+        distill_device: Option<DistillDeviceArg>,
+        /// Stop each `distill` pass after N steps of this process, leaving a checkpoint, and
+        /// fail (exit 2); `--resume` continues. For testing interrupted runs.
+        #[arg(long, value_name = "N", hide = true)]
+        distill_stop_after: Option<usize>,
     },
     /// Show the tensors, dtypes, shapes, parameters and bytes of a model, file or bundle.
     Inspect {
@@ -205,7 +216,20 @@ pub(crate) fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> Result<Status> {
     let mut out = std::io::stdout().lock();
     match cli.command {
-        Command::Run { recipe, out: out_dir, threads, json, quiet, reproducible, target, sign, backend } => {
+        Command::Run {
+            recipe,
+            out: out_dir,
+            threads,
+            json,
+            quiet,
+            reproducible,
+            target,
+            sign,
+            backend,
+            resume,
+            distill_device,
+            distill_stop_after,
+        } => {
             if let Some(n) = threads {
                 anyhow::ensure!(n > 0, "--threads must be at least 1");
                 rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("configuring the thread pool")?;
@@ -222,7 +246,19 @@ fn dispatch(cli: Cli) -> Result<Status> {
                 BackendArg::Cpu => mcompress_recipe::Backend::Cpu,
             });
             let progress = !quiet && !json;
-            let opts = RunOptions { out: out_dir, reproducible, sign, backend, progress };
+            let opts = RunOptions {
+                out: out_dir,
+                reproducible,
+                sign,
+                backend,
+                progress,
+                resume,
+                distill_device: distill_device.map(|d| match d {
+                    DistillDeviceArg::Cpu => mcompress_passes::distill::TrainDevice::Cpu,
+                    DistillDeviceArg::Wgpu => mcompress_passes::distill::TrainDevice::Wgpu,
+                }),
+                distill_stop_after,
+            };
             let mut progress = ProgressOut::new(quiet || json);
             let summary = mcompress_bundle::run(&loaded, &opts, &mut |p| progress.update(p))?;
             progress.finish();
@@ -457,6 +493,13 @@ enum BackendArg {
     Auto,
     Wgpu,
     Cpu,
+}
+
+/// `--distill-device` values.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum DistillDeviceArg {
+    Cpu,
+    Wgpu,
 }
 
 /// Progress on stderr: a bar on a terminal, a few plain lines otherwise.

@@ -5,6 +5,7 @@ mod bad_input;
 mod bundle;
 mod compare;
 mod crash;
+mod distill;
 mod gguf;
 mod gguf_export;
 mod html;

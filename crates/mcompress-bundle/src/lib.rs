@@ -133,6 +133,13 @@ pub struct RunOptions {
     pub backend: Option<mcompress_recipe::Backend>,
     /// Progress bars for the eval on stderr (drawn only on a terminal).
     pub progress: bool,
+    /// `distill` passes continue from their last checkpoint.
+    pub resume: bool,
+    /// Overrides every `distill` pass's `device`.
+    pub distill_device: Option<mcompress_passes::distill::TrainDevice>,
+    /// `distill` passes stop after this many steps of this process, leaving a checkpoint (the
+    /// run then fails; `--resume` continues). For tests of interrupted runs.
+    pub distill_stop_after: Option<usize>,
 }
 
 /// Outcome for one target.
@@ -190,28 +197,52 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     for (spec, pass) in recipe.passes.iter().zip(&passes) {
         pass.prepare(&model).map_err(|e| Error::Prepare(format!("pass[{}] {}: {e}", spec.index, spec.kind)))?;
     }
-    // Calibrated passes (GPTQ, AWQ) run on the model before anything streams.
-    for (i, (spec, pass)) in recipe.passes.iter().zip(&passes).enumerate() {
-        if let Some(cal) = pass.calibration() {
-            // A calibrated pass calibrates on the model as the passes before it leave it.
-            let earlier = &passes[..i];
-            let prior = if earlier.is_empty() {
-                None
-            } else {
-                Some(mcompress_eval::calibrate::Prior {
-                    config: pipeline::output_config(&model, earlier).unwrap_or_default(),
-                    tensors: pipeline::transformed_f32(&model, earlier)?,
-                    keep_zeros: earlier.iter().any(|p| p.name().starts_with("prune-")),
-                })
-            };
-            let results = mcompress_eval::calibrate::run(&model, pass.as_ref(), cal, prior, opts.progress)
-                .map_err(|e| Error::Calibration(format!("pass[{}] {}: calibration: {e}", spec.index, spec.kind)))?;
-            pass.provide(results);
-        }
-    }
     let out_dir = opts.out.clone().unwrap_or_else(|| recipe.output_dir.clone());
     fs_err::create_dir_all(&out_dir).map_err(io(&out_dir))?;
     let out_dir = fs_err::canonicalize(&out_dir).map_err(io(&out_dir))?;
+    // Calibrated passes (GPTQ, AWQ, Wanda, SparseGPT) and training passes (distill) run on the
+    // model before anything streams, in recipe order.
+    let mut checkpoints = Vec::new();
+    for (i, (spec, pass)) in recipe.passes.iter().zip(&passes).enumerate() {
+        if pass.calibration().is_none() && pass.distillation().is_none() {
+            continue;
+        }
+        // Each calibrates or trains on the model as the passes before it leave it.
+        let earlier = &passes[..i];
+        let prior = if earlier.is_empty() {
+            None
+        } else {
+            Some(mcompress_eval::calibrate::Prior {
+                config: pipeline::output_config(&model, earlier).unwrap_or_default(),
+                tensors: pipeline::transformed_f32(&model, earlier)?,
+                keep_zeros: earlier.iter().any(|p| p.name().starts_with("prune-")),
+            })
+        };
+        if let Some(cal) = pass.calibration() {
+            let results = mcompress_eval::calibrate::run(&model, pass.as_ref(), cal, prior, opts.progress)
+                .map_err(|e| Error::Calibration(format!("pass[{}] {}: calibration: {e}", spec.index, spec.kind)))?;
+            pass.provide(results);
+        } else if let Some(d) = pass.distillation() {
+            let checkpoint_dir =
+                d.config.checkpoint_dir.clone().unwrap_or_else(|| out_dir.join(format!(".distill-pass{}", d.index)));
+            let dopts = mcompress_distill::Options {
+                progress: opts.progress,
+                resume: opts.resume,
+                checkpoint_dir: checkpoint_dir.clone(),
+                reproducible: opts.reproducible,
+                stop_after: opts.distill_stop_after,
+            };
+            let mut d = d.clone();
+            if let Some(dev) = opts.distill_device {
+                d.device = dev;
+            }
+            let trained = mcompress_distill::run(&model, pass.as_ref(), &d, prior, &dopts)
+                .map_err(|e| Error::Calibration(format!("pass[{}] {}: {e}", spec.index, spec.kind)))?;
+            pass.provide(trained.tensors);
+            pass.report_outcome(trained.outcome);
+            checkpoints.push(checkpoint_dir);
+        }
+    }
     for t in &recipe.targets {
         check_output_safe(&out_dir.join(&t.name), &model)?;
     }
@@ -411,7 +442,13 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     })();
     let _ = fs_err::remove_dir_all(&payload_dir);
     let (targets, warnings) = match result {
-        Ok(t) => t,
+        Ok(t) => {
+            // The bundles are complete: the training checkpoints have served their purpose.
+            for c in &checkpoints {
+                let _ = fs_err::remove_dir_all(c);
+            }
+            t
+        }
         Err(e) => {
             for d in &staged {
                 let _ = fs_err::remove_dir_all(d);

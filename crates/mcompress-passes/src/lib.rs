@@ -17,6 +17,7 @@
 #![deny(missing_docs)]
 
 pub mod cast;
+pub mod distill;
 pub mod pipeline;
 pub mod prune;
 pub mod quant;
@@ -257,6 +258,13 @@ pub trait Pass: fmt::Debug + Send + Sync {
     }
     /// Edits the bundle's config.json for what the pass changed (structured pruning's sizes).
     fn update_config(&self, _config: &mut serde_json::Value) {}
+    /// What a training pass (`distill`) needs trained before streaming; `None` for the others.
+    /// The results come back through [`Pass::provide`] as [`Calibrated::Dense`].
+    fn distillation(&self) -> Option<&distill::Distillation> {
+        None
+    }
+    /// Receives what the training measured (steps, losses, speed) for the report.
+    fn report_outcome(&self, _outcome: serde_json::Value) {}
 }
 
 /// One tensor produced by a calibration.
@@ -351,6 +359,7 @@ impl fmt::Debug for PassInfo {
 /// Every pass, sorted by name.
 pub static PASSES: &[PassInfo] = &[
     cast::INFO,
+    distill::INFO,
     prune::MAGNITUDE_INFO,
     prune::SPARSEGPT_INFO,
     prune::structured::STRUCTURED_INFO,
@@ -410,7 +419,7 @@ mod tests {
         let e = build_passes(&r).unwrap_err().to_string();
         assert_eq!(
             e,
-            "r.toml:3:1: pass[0] quantize-rtm: unknown pass type \"quantize-rtm\"; valid types: cast, prune-magnitude, prune-sparsegpt, prune-structured, prune-wanda, quantize-awq, quantize-gptq, quantize-rtn"
+            "r.toml:3:1: pass[0] quantize-rtm: unknown pass type \"quantize-rtm\"; valid types: cast, distill, prune-magnitude, prune-sparsegpt, prune-structured, prune-wanda, quantize-awq, quantize-gptq, quantize-rtn"
         );
     }
 
