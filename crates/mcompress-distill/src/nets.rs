@@ -296,3 +296,121 @@ impl Net {
         Out { logits: Some(logits), hidden }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The burn models against the eval runtime's (plain Rust) on the real fixtures: the student
+    //! is trained on what the eval will measure.
+
+    use std::path::PathBuf;
+
+    use super::*;
+    use mcompress_core::ModelSource;
+    use mcompress_eval::linear::Device as EvalDevice;
+    use mcompress_eval::weights::Weights;
+
+    fn fixture(rel: &str) -> Option<PathBuf> {
+        let base = std::env::var_os("MCOMPRESS_FIXTURES").map_or_else(
+            || PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/mcompress/fixtures"),
+            PathBuf::from,
+        );
+        let p = base.join(rel);
+        if p.exists() {
+            Some(p)
+        } else {
+            assert!(std::env::var_os("CI").is_none(), "{} missing in CI", p.display());
+            None
+        }
+    }
+
+    fn load(path: &std::path::Path) -> (serde_json::Value, BTreeMap<String, (Vec<usize>, Vec<f32>)>) {
+        let m = ModelSource::open(path).unwrap();
+        (m.config().cloned().unwrap(), mcompress_passes::pipeline::transformed_f32(&m, &[]).unwrap())
+    }
+
+    fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+
+    #[test]
+    fn test_mlp_matches_the_eval_runtime() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/digits-mlp");
+        let (config, tensors) = load(&dir);
+        let eval =
+            mcompress_eval::mlp::Mlp::load(&config, &Weights::from_dense(tensors.clone()), &EvalDevice::Cpu).unwrap();
+        let x: Vec<f32> = (0..3 * 64).map(|i| (i * 7 % 17) as f32).collect();
+        let want = eval.forward(&x).unwrap();
+        let net = Net::load(Arch::from_config(&config).unwrap(), &tensors, &Device::flex()).unwrap();
+        let out = net.forward(&Batch::Rows(Tensor::from_data(TensorData::new(x, [3, 64]), &Device::flex()))).unwrap();
+        let got = out.logits.unwrap().into_data().try_to_vec::<f32>().unwrap();
+        assert!(max_rel(&got, &want) < 1e-5, "{got:?} vs {want:?}");
+    }
+
+    #[test]
+    fn test_llama_matches_the_eval_runtime() {
+        let Some(gguf) = fixture("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+        let (config, tensors) = load(&gguf);
+        let eval = mcompress_eval::llama::Llama::load(&config, &Weights::from_dense(tensors.clone()), &EvalDevice::Cpu)
+            .unwrap();
+        let ids: Vec<u32> = vec![1, 504, 3458, 282, 260, 1345, 28, 339, 2210, 30, 9, 14];
+        let want = eval.logits(&ids).unwrap();
+        let device = Device::flex();
+        let net = Net::load(Arch::from_config(&config).unwrap(), &tensors, &device).unwrap();
+        let t = ids.len();
+        let batch = Batch::Tokens {
+            ids: Tensor::<2, Int>::from_data(
+                TensorData::new(ids.iter().map(|&v| i64::from(v)).collect(), [1, t]),
+                &device,
+            ),
+            mask: Tensor::ones([1, t], &device),
+            b: 1,
+            t,
+        };
+        let got = net.forward(&batch).unwrap().logits.unwrap().into_data().try_to_vec::<f32>().unwrap();
+        assert!(max_rel(&got, &want) < 1e-4, "max relative difference {}", max_rel(&got, &want));
+    }
+
+    #[test]
+    fn test_bert_matches_the_eval_runtime() {
+        let Some(st) = fixture("all-MiniLM-L6-v2/model.safetensors") else { return };
+        let (config, tensors) = load(st.parent().unwrap());
+        let eval =
+            mcompress_eval::bert::Bert::load(&config, &Weights::from_dense(tensors.clone()), &EvalDevice::Cpu).unwrap();
+        // Two sentences of different lengths in one padded batch.
+        let (a, b): (Vec<u32>, Vec<u32>) =
+            (vec![101, 7592, 2088, 102], vec![101, 1996, 4937, 2938, 2006, 1996, 13523, 102]);
+        let want = eval.embed_batch(&[&a, &b]).unwrap();
+        let device = Device::flex();
+        let net = Net::load(Arch::from_config(&config).unwrap(), &tensors, &device).unwrap();
+        let t = b.len();
+        let mut ids: Vec<i64> = a.iter().map(|&v| i64::from(v)).collect();
+        ids.resize(t, 0);
+        ids.extend(b.iter().map(|&v| i64::from(v)));
+        let mut mask = vec![1f32; a.len()];
+        mask.resize(t, 0.0);
+        mask.extend(vec![1f32; t]);
+        let batch = Batch::Tokens {
+            ids: Tensor::<2, Int>::from_data(TensorData::new(ids, [2, t]), &device),
+            mask: Tensor::from_data(TensorData::new(mask.clone(), [2, t]), &device),
+            b: 2,
+            t,
+        };
+        let hidden = net.forward(&batch).unwrap().hidden.into_data().try_to_vec::<f32>().unwrap();
+        let h = hidden.len() / (2 * t);
+        for (s, want) in want.iter().enumerate() {
+            let mut e = vec![0f32; h];
+            for p in 0..t {
+                if mask[s * t + p] > 0.0 {
+                    for d in 0..h {
+                        e[d] += hidden[(s * t + p) * h + d];
+                    }
+                }
+            }
+            let n = e.iter().map(|v| v * v).sum::<f32>().sqrt();
+            let e: Vec<f32> = e.iter().map(|v| v / n).collect();
+            assert!(max_rel(&e, want) < 1e-4, "sentence {s}: {}", max_rel(&e, want));
+        }
+    }
+}
