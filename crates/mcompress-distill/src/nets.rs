@@ -323,7 +323,7 @@ mod tests {
         }
     }
 
-    fn load(path: &std::path::Path) -> (serde_json::Value, BTreeMap<String, (Vec<usize>, Vec<f32>)>) {
+    fn load(path: &std::path::Path) -> (serde_json::Value, mcompress_passes::pipeline::DenseTensors) {
         let m = ModelSource::open(path).unwrap();
         (m.config().cloned().unwrap(), mcompress_passes::pipeline::transformed_f32(&m, &[]).unwrap())
     }
