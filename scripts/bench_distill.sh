@@ -27,7 +27,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 trained() { # report.json -> "steps_per_second loss_before loss_after"
-  python3 -c "import json,sys; r=json.load(open(sys.argv[1])); p=[p for p in r['passes'] if p['kind']=='distill'][0]['settings']['trained']; e=r.get('eval') or {}; t=(e.get('throughput') or {}).get('reference'); print(p['steps_per_second'], p['loss_on_first_batch_before'], p['loss_on_first_batch_after'], t if t else 0, p['device'])" "$1"
+  python3 -c "import json,sys; r=json.load(open(sys.argv[1])); p=[p for p in r['passes'] if p['type']=='distill'][0]['settings']['trained']; e=r.get('eval') or {}; t=(e.get('throughput') or {}).get('reference'); print(p['steps_per_second'], p['loss_on_first_batch_before'], p['loss_on_first_batch_after'], t if t else 0, p['device'])" "$1"
 }
 
 echo "== digits MLP, 64-32 student of the 128-64 fixture: 600 steps of 64 rows"

@@ -100,7 +100,7 @@ fn wgpu_device() -> Result<(Device, String)> {
         {
             match Device::wgpu_options().graphics_api(api).init() {
                 Ok(d) => {
-                    let adapter = d.identity().map_or_else(|| "unknown adapter".to_string(), |i| format!("{i:?}"));
+                    let adapter = d.identity().map_or_else(|| "unknown adapter".to_string(), |i| i.name);
                     return Ok((d, format!("wgpu {name} ({adapter})")));
                 }
                 Err(e) => errors.push(format!("{name}: {e}")),
