@@ -144,6 +144,27 @@ fn test_pruning_masks_survive_training() {
     assert!(acc > 0.85, "2:4 + half width + distill: {acc}");
 }
 
+#[test]
+fn test_a_later_pass_sees_the_distilled_student() {
+    // A second distillation trains on what the first produced (the first pass is replayed on
+    // the whole model for it, then streams): it starts where the first ended.
+    let t = tmp();
+    let second = "[[pass]]\ntype = \"distill\"\nset = \"TRAIN\"\nsteps = 5\nbatch = 64\ntemperature = 4.0\n\n"
+        .replace("TRAIN", &repo().join("fixtures/digits/train.csv").display().to_string());
+    let text = std::fs::read_to_string(digits_recipe(t.path(), "r.toml", 300, "", "")).unwrap();
+    let at = text.find("[eval]").unwrap();
+    let recipe = write(t.path(), "two.toml", &format!("{}{second}{}", &text[..at], &text[at..]));
+    let report = run_report(t.path(), &recipe, &t.path().join("two"), "default", &[]);
+    let (first, second) = (trained(&report, 1), trained(&report, 2));
+    let end_of_first = first["loss_last_steps"].as_f64().unwrap();
+    let start_of_second = second["losses"][0].as_f64().unwrap();
+    assert!(
+        start_of_second < 3.0 * end_of_first + 0.05,
+        "second pass starts at {start_of_second}, first ended at {end_of_first}"
+    );
+    assert!(start_of_second < first["losses"][0].as_f64().unwrap() / 10.0);
+}
+
 #[cfg(feature = "wgpu")]
 #[test]
 fn test_wgpu_trains_the_digits_student() {

@@ -161,11 +161,14 @@ impl Pass for Distill {
     }
 
     fn apply<'a>(&self, name: &str, param: Param<'a>) -> Result<Applied<'a>, String> {
+        // Kept (not taken): a later calibrated or training pass replays this pass on the whole
+        // model (`pipeline::transformed_f32`) before the weights stream.
         let values = self
             .results
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(name)
+            .get(name)
+            .cloned()
             .ok_or("no trained values: the distillation did not reach this tensor")?;
         let (dtype, shape, before) = param.dense_f32().ok_or("not a float tensor")?;
         if values.len() != before.len() {
