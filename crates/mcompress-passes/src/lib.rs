@@ -428,11 +428,13 @@ mod tests {
         let s = recipe_schema();
         let one_of = s["properties"]["pass"]["items"]["oneOf"].as_array().unwrap();
         assert_eq!(one_of.len(), PASSES.len());
-        assert_eq!(one_of[7]["properties"]["type"]["const"], "quantize-rtn");
-        assert!(one_of[7]["properties"]["bits"].is_object());
-        assert_eq!(one_of[6]["properties"]["type"]["const"], "quantize-gptq");
-        assert!(one_of[6]["properties"]["calibration"].is_object());
-        assert_eq!(one_of[2]["properties"]["type"]["const"], "prune-sparsegpt");
-        assert!(one_of[2]["properties"]["storage"].is_object());
+        assert_eq!(one_of[8]["properties"]["type"]["const"], "quantize-rtn");
+        assert!(one_of[8]["properties"]["bits"].is_object());
+        assert_eq!(one_of[7]["properties"]["type"]["const"], "quantize-gptq");
+        assert!(one_of[7]["properties"]["calibration"].is_object());
+        assert_eq!(one_of[3]["properties"]["type"]["const"], "prune-sparsegpt");
+        assert!(one_of[3]["properties"]["storage"].is_object());
+        assert_eq!(one_of[1]["properties"]["type"]["const"], "distill");
+        assert!(one_of[1]["properties"]["hidden-weight"].is_object());
     }
 }
