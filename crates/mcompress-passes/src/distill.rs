@@ -174,12 +174,7 @@ impl Pass for Distill {
         if values.len() != before.len() {
             return Err(format!("trained {} values for {} weights", values.len(), before.len()));
         }
-        let (mut e, mut r) = (0f64, 0f64);
-        for (a, b) in before.iter().zip(&values) {
-            e += f64::from(a - b).powi(2);
-            r += f64::from(*a).powi(2);
-        }
-        let rel_rmse = Some(if r == 0.0 { 0.0 } else { (e / r).sqrt() });
+        let rel_rmse = Some(crate::prune::stat(&before, &values));
         let param = match param {
             Param::Sparse(t) => {
                 let keep = t.keep();

@@ -445,7 +445,8 @@ pub struct Magnitude {
     select: Select,
 }
 
-fn stat(before: &[f32], after: &[f32]) -> f64 {
+/// Relative RMSE of `after` against `before` (0 for an all-zero `before`).
+pub(crate) fn stat(before: &[f32], after: &[f32]) -> f64 {
     let (mut e, mut r) = (0f64, 0f64);
     for (a, b) in before.iter().zip(after) {
         e += f64::from(a - b).powi(2);
