@@ -125,8 +125,6 @@ struct Trainable {
     param: Tensor<2>,
     mask: Option<Tensor<2>>,
     state: Option<AdamWState<2>>,
-    /// Stored rank-1 (a bias): written back flat.
-    vector: bool,
 }
 
 /// Runs the distillation `d` of `pass` on `model` (or on `prior`, the model after the recipe's
@@ -196,7 +194,7 @@ pub fn run(
                 let m: Vec<f32> = values.iter().map(|v| if *v == 0.0 { 0.0 } else { 1.0 }).collect();
                 Tensor::<2>::from_data(TensorData::new(m, [shape[0], shape[1]]), &inner)
             });
-            Trainable { name: n.clone(), param: student.w[n].clone(), mask, state: None, vector: shape.len() == 1 }
+            Trainable { name: n.clone(), param: student.w[n].clone(), mask, state: None }
         })
         .collect();
     let masked = trainables.iter().filter(|t| t.mask.is_some()).count();
@@ -299,7 +297,6 @@ pub fn run(
         if v.iter().any(|x| !x.is_finite()) {
             return Err(Error::Train(format!("{}: non-finite weights after training (lower lr)", t.name)));
         }
-        let _ = t.vector;
         tensors.insert(t.name.clone(), Calibrated::Dense(v));
     }
     let mean = |s: &[f64]| if s.is_empty() { None } else { Some(s.iter().sum::<f64>() / s.len() as f64) };
