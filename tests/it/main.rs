@@ -12,6 +12,7 @@ mod html;
 mod minilm;
 mod prune;
 mod sign;
+mod structured;
 mod util;
 #[cfg(feature = "wgpu")]
 mod wgpu;

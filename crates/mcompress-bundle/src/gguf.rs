@@ -145,10 +145,9 @@ pub(crate) struct TensorPlan {
 
 /// Every tensor of the pipeline's output as it goes into a GGUF, by Hugging Face name.
 pub(crate) fn tensor_plans(
-    model: &ModelSource,
+    config: &Value,
     params: &BTreeMap<String, ParamMeta>,
 ) -> Result<BTreeMap<String, TensorPlan>, String> {
-    let config = model.config().cloned().unwrap_or_default();
     if config["model_type"].as_str() != Some("llama") {
         return Err(format!(
             "GGUF export writes llama-architecture models; this model_type is {:?}",
@@ -173,11 +172,6 @@ pub(crate) fn tensor_plans(
         out.insert(name.clone(), TensorPlan { gguf, dims, heads, layer, output });
     }
     Ok(out)
-}
-
-/// Blocks in the model (for llama.cpp's per-layer rules).
-pub(crate) fn n_layer(model: &ModelSource) -> usize {
-    model.config().and_then(|c| c["num_hidden_layers"].as_u64()).unwrap_or(0) as usize
 }
 
 /// The file's metadata: a GGUF source's keys (exact types), then the llama keys from config.json,
@@ -212,6 +206,12 @@ pub(crate) fn metadata(model: &ModelSource, config: &Value, ftype: u32) -> Resul
     b.u32("llama.attention.head_count_kv", u("num_key_value_heads").unwrap_or(heads));
     let head_dim = u("head_dim").unwrap_or(hidden / heads.max(1));
     b.u32("llama.rope.dimension_count", head_dim);
+    if head_dim * heads != hidden {
+        // Heads removed by structured pruning: llama.cpp takes the head width from these
+        // (otherwise it assumes embedding_length / head_count).
+        b.u32("llama.attention.key_length", head_dim);
+        b.u32("llama.attention.value_length", head_dim);
+    }
     #[allow(clippy::cast_possible_truncation)]
     {
         b.f32("llama.rope.freq_base", c["rope_theta"].as_f64().unwrap_or(10_000.0) as f32);

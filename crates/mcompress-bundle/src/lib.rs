@@ -192,10 +192,29 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     {
         return Err(Error::BadBundle { path: e.set.clone(), reason: "[eval] set: no such file".into() });
     }
-    let model = ModelSource::open(&recipe.model_path)?;
+    let source = ModelSource::open(&recipe.model_path)?;
+    let prepare_err = |i: usize, e: String| Error::Prepare(format!("pass[{}] {}: {e}", i, recipe.passes[i].kind));
+    // Whole layers removed (structured pruning, always the first pass): scored on calibration
+    // text, then every later step sees the smaller, renumbered model. `source` stays the model
+    // as given: the eval's reference and the default distillation teacher.
+    let mut restructured = None;
+    if let Some((first, c)) = passes.first().and_then(|p| p.layer_removal().map(|c| (p, c))) {
+        first.prepare(&source).map_err(|e| prepare_err(0, e))?;
+        let ws =
+            mcompress_eval::calibrate::WindowSpec { set: &c.set, samples: c.samples, seq_len: c.seq_len, seed: c.seed };
+        let scores = mcompress_eval::calibrate::layer_scores(&source, ws)
+            .map_err(|e| Error::Calibration(format!("pass[0] {}: layer scores: {e}", first.name())))?;
+        let map = first.choose_layers(&source, &scores).map_err(|e| prepare_err(0, e))?;
+        let config = map.config(&source.config().cloned().unwrap_or_default());
+        restructured = Some(ModelSource::open(&recipe.model_path)?.restructured(|n| map.rename(n), config)?);
+    }
+    let model = restructured.as_ref().unwrap_or(&source);
     // Passes that read the whole model first (structured pruning's importances).
-    for (spec, pass) in recipe.passes.iter().zip(&passes) {
-        pass.prepare(&model).map_err(|e| Error::Prepare(format!("pass[{}] {}: {e}", spec.index, spec.kind)))?;
+    for (i, pass) in passes.iter().enumerate() {
+        if i == 0 && restructured.is_some() {
+            continue;
+        }
+        pass.prepare(model).map_err(|e| prepare_err(i, e))?;
     }
     let out_dir = opts.out.clone().unwrap_or_else(|| recipe.output_dir.clone());
     fs_err::create_dir_all(&out_dir).map_err(io(&out_dir))?;
@@ -213,13 +232,13 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
             None
         } else {
             Some(mcompress_eval::calibrate::Prior {
-                config: pipeline::output_config(&model, earlier).unwrap_or_default(),
-                tensors: pipeline::transformed_f32(&model, earlier)?,
+                config: pipeline::output_config(model, earlier).unwrap_or_default(),
+                tensors: pipeline::transformed_f32(model, earlier)?,
                 keep_zeros: earlier.iter().any(|p| p.name().starts_with("prune-")),
             })
         };
         if let Some(cal) = pass.calibration() {
-            let results = mcompress_eval::calibrate::run(&model, pass.as_ref(), cal, prior, opts.progress)
+            let results = mcompress_eval::calibrate::run(model, pass.as_ref(), cal, prior, opts.progress)
                 .map_err(|e| Error::Calibration(format!("pass[{}] {}: calibration: {e}", spec.index, spec.kind)))?;
             pass.provide(results);
         } else if let Some(d) = pass.distillation() {
@@ -236,7 +255,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
             if let Some(dev) = opts.distill_device {
                 d.device = dev;
             }
-            let trained = mcompress_distill::run(&model, pass.as_ref(), &d, prior, &dopts)
+            let trained = mcompress_distill::run(&source, pass.as_ref(), &d, prior, &dopts)
                 .map_err(|e| Error::Calibration(format!("pass[{}] {}: {e}", spec.index, spec.kind)))?;
             pass.provide(trained.tensors);
             pass.report_outcome(trained.outcome);
@@ -244,7 +263,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         }
     }
     for t in &recipe.targets {
-        check_output_safe(&out_dir.join(&t.name), &model)?;
+        check_output_safe(&out_dir.join(&t.name), model)?;
     }
     clean_stale(&out_dir);
 
@@ -263,18 +282,18 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     let result = (|| {
         let any_st = shipping.iter().any(|s| s.safetensors);
         // GGUF targets: tensor types planned (fit: solved) before the weights stream.
-        let planned = pipeline::plan(&model, &passes);
+        let planned = pipeline::plan(model, &passes);
         let mut ggufs: Vec<Option<ship::GgufTarget>> = Vec::with_capacity(shipping.len());
         for (i, s) in shipping.iter().enumerate() {
             ggufs.push(match &s.gguf {
-                Some(g) => Some(ship::GgufTarget::plan(recipe, i, &model, &planned.params, &passes, g, &resolved[i])?),
+                Some(g) => Some(ship::GgufTarget::plan(recipe, i, model, &planned.params, &passes, g, &resolved[i])?),
                 None => None,
             });
         }
         // Hash the inputs on a second thread while the passes stream the weights.
         let inputs = model.input_files();
         let (hashes, output) = std::thread::scope(|s| {
-            let h = s.spawn(|| manifest::hash_inputs(&model, &inputs));
+            let h = s.spawn(|| manifest::hash_inputs(model, &inputs));
             let out = (|| -> Result<pipeline::Output> {
                 let mut sinks = Vec::new();
                 for (g, t) in ggufs.iter().zip(&recipe.targets) {
@@ -285,7 +304,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
                 let mut refs: Vec<&mut dyn pipeline::Sink> =
                     sinks.iter_mut().map(|s| s as &mut dyn pipeline::Sink).collect();
                 let st = any_st.then(|| payload_dir.join("model.safetensors"));
-                Ok(pipeline::run(&model, &passes, st.as_deref(), &mut refs, !opts.reproducible, progress)?)
+                Ok(pipeline::run(model, &passes, st.as_deref(), &mut refs, !opts.reproducible, progress)?)
             })();
             (h.join().expect("hash thread does not panic"), out)
         });
@@ -295,12 +314,15 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         let mut st_files = std::collections::BTreeMap::new();
         let mut st_eval = (None, None, Vec::new());
         if any_st {
-            write_payload(&model, &passes, &output, &payload_dir)?;
+            write_payload(model, &passes, &output, &payload_dir)?;
             st_files = manifest::hash_dir(&payload_dir)?;
-            st_eval = run_eval(recipe, &model, &payload_dir, opts)?;
+            st_eval = run_eval(recipe, &source, &payload_dir, opts)?;
         }
         let mut warnings = st_eval.2.clone();
-        let kv = targets::KvGeometry::from_config(model.config());
+        // KV cache of the model as the passes leave it (fewer heads or layers after pruning).
+        let kv = targets::KvGeometry::from_config(pipeline::output_config(model, &passes).as_ref());
+        // Parameters of the model as shipped (structured pruning removes some).
+        let out_params: u64 = output.params.values().map(|m| m.shape().iter().product::<usize>() as u64).sum();
         let st_dtypes = targets::weight_dtypes(&output.params);
 
         // Per target: its files, eval (GGUF: with fit retries) and fit.
@@ -323,7 +345,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
             let mut gguf_json = None;
             if let Some(g) = &mut ggufs[i] {
                 let file = dir.join("model.gguf");
-                let (e, gate, w) = g.evaluate(&model, &passes, &file, &mut |f| run_eval(recipe, &model, f, opts))?;
+                let (e, gate, w) = g.evaluate(model, &passes, &file, &mut |f| run_eval(recipe, &source, f, opts))?;
                 warnings.extend(w);
                 let entry = FileEntry {
                     sha256: fsutil::sha256_file(&file)?,
@@ -376,7 +398,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
                 name: r.name.clone(),
                 hardware: r.clone(),
                 fit: targets::fit(r, s.weights_bytes, &s.dtypes, &s.formats, kv),
-                estimates: targets::estimate(r, s.weights_bytes, model.params(), &s.est_dtypes, kv),
+                estimates: targets::estimate(r, s.weights_bytes, out_params, &s.est_dtypes, kv),
             })
             .collect();
         let mut targets = Vec::new();
@@ -391,7 +413,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
             let passed = gates.iter().all(|g| g.passed);
             let report = Report::new(
                 recipe,
-                &model,
+                &source,
                 &output,
                 &reports[i],
                 &reports,
@@ -459,8 +481,8 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     Ok(RunSummary {
         warnings,
         targets,
-        params: model.params(),
-        model_bytes: model.weight_bytes(),
+        params: source.params(),
+        model_bytes: source.weight_bytes(),
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -542,9 +564,8 @@ fn write_payload(
 
 /// Copies the deployable files of one staged bundle into another.
 fn copy_payload(from: &Path, to: &Path) -> Result<()> {
-    if to.exists() {
-        fs_err::remove_dir_all(to).map_err(io(to))?;
-    }
+    // The stage may already hold this target's model.gguf (written while the weights
+    // streamed): only the payload's own files are replaced.
     fs_err::create_dir_all(to).map_err(io(to))?;
     for e in fs_err::read_dir(from).map_err(io(from))? {
         let e = e.map_err(io(from))?;
@@ -552,6 +573,10 @@ fn copy_payload(from: &Path, to: &Path) -> Result<()> {
         if matches!(name.to_str(), Some("report.json" | "report.md" | "report.html" | "manifest.json" | "manifest.sig"))
         {
             continue;
+        }
+        let dest = to.join(&name);
+        if dest.exists() {
+            fs_err::remove_file(&dest).map_err(io(&dest))?;
         }
         // Weights are immutable once written: a hard link saves the copy; copy where links fail.
         if fs_err::hard_link(e.path(), to.join(&name)).is_err() {

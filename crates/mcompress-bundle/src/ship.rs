@@ -189,9 +189,11 @@ impl GgufTarget {
     ) -> Result<Self> {
         let target = &recipe.targets[index];
         let err = |m: String| Error::Recipe(recipe.target_error(index, m));
-        let plans = gguf::tensor_plans(model, params).map_err(|e| err(format!("gguf: {e}")))?;
-        let n_layer = gguf::n_layer(model);
+        // The config as the passes leave it: head counts (Q/K permutation) and block count
+        // follow structured pruning.
         let config = pipeline::output_config(model, passes).unwrap_or_default();
+        let plans = gguf::tensor_plans(&config, params).map_err(|e| err(format!("gguf: {e}")))?;
+        let n_layer = config["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
         // Built once, before anything streams: metadata problems (missing config keys, an
         // unsupported tokenizer) are errors here.
         let meta = gguf::metadata(model, &config, 0).map_err(|e| err(format!("gguf: {e}")))?;
@@ -214,7 +216,7 @@ impl GgufTarget {
         // policy = "fit".
         let limit = match target.max_size {
             Some(MaxSize::Bytes(b)) => b.0,
-            _ => crate::targets::fit(resolved, 0, &[], &[], crate::targets::KvGeometry::from_config(model.config()))
+            _ => crate::targets::fit(resolved, 0, &[], &[], crate::targets::KvGeometry::from_config(Some(&config)))
                 .weights_budget_bytes
                 .ok_or_else(|| err("max-size = \"auto\" needs the target's memory".into()))?,
         };

@@ -26,7 +26,7 @@ pub const AUX_FILES: &[&str] = &[
 ];
 
 /// Where one tensor lives: which shard and which entry of that shard.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TensorRef {
     shard: usize,
     idx: usize,
@@ -44,6 +44,8 @@ pub struct ModelSource {
     tensors: Vec<TensorRef>,
     aux: Vec<PathBuf>,
     generated: Vec<(String, Vec<u8>)>,
+    /// Tensors shown under another name ([`ModelSource::restructured`]).
+    renamed: std::collections::HashMap<TensorRef, TensorInfo>,
 }
 
 /// A GGUF file presented as Hugging Face-named f32 tensors.
@@ -184,6 +186,7 @@ impl ModelSource {
             tensors,
             aux,
             generated: Vec::new(),
+            renamed: std::collections::HashMap::new(),
         })
     }
 
@@ -246,6 +249,7 @@ impl ModelSource {
             tensors,
             aux: Vec::new(),
             generated,
+            renamed: std::collections::HashMap::new(),
         })
     }
 
@@ -272,8 +276,45 @@ impl ModelSource {
         &self.tensors
     }
 
+    /// The same model with tensors left out or renamed and another config.json: what structured
+    /// pruning of whole layers leaves (`model.layers.7.*` gone, `model.layers.8.*` read as
+    /// `model.layers.7.*`). `rename` maps each tensor name to its new one, `None` drops it. The
+    /// files are not touched; everything downstream sees the smaller model.
+    ///
+    /// # Errors
+    /// Two tensors renamed to the same name.
+    pub fn restructured(mut self, rename: impl Fn(&str) -> Option<String>, config: serde_json::Value) -> Result<Self> {
+        let mut kept = Vec::with_capacity(self.tensors.len());
+        let mut renamed = std::collections::HashMap::new();
+        for r in self.tensors.clone() {
+            let info = self.info(&r);
+            let Some(name) = rename(&info.name) else { continue };
+            if name != info.name {
+                renamed.insert(r, TensorInfo { name, ..info.clone() });
+            }
+            kept.push(r);
+        }
+        self.renamed = renamed;
+        kept.sort_by(|a, b| self.info(a).name.cmp(&self.info(b).name));
+        if let Some(dup) = kept.windows(2).find_map(|w| {
+            let (a, b) = (self.info(&w[0]), self.info(&w[1]));
+            (a.name == b.name).then(|| a.name.clone())
+        }) {
+            return Err(Error::InvalidModel {
+                path: self.path.clone(),
+                reason: format!("restructured: two tensors named {dup:?}"),
+            });
+        }
+        self.tensors = kept;
+        self.config = Some(config);
+        Ok(self)
+    }
+
     /// Metadata of one tensor.
     pub fn info(&self, r: &TensorRef) -> &TensorInfo {
+        if let Some(i) = self.renamed.get(r) {
+            return i;
+        }
         match &self.gguf {
             Some(g) => &g.entries[r.idx].0,
             None => &self.shards[r.shard].tensors()[r.idx],
@@ -283,6 +324,15 @@ impl ModelSource {
     /// Data of one tensor. GGUF tensors are dequantized (and Q/K un-permuted) on each call.
     #[allow(clippy::single_match_else)] // two backends; a match reads better than if-let-else here
     pub fn view(&self, r: &TensorRef) -> TensorView<'_> {
+        let mut v = self.view_stored(r);
+        if let Some(i) = self.renamed.get(r) {
+            v.name = &i.name;
+        }
+        v
+    }
+
+    #[allow(clippy::single_match_else)] // two backends; a match reads better than if-let-else here
+    fn view_stored(&self, r: &TensorRef) -> TensorView<'_> {
         match &self.gguf {
             Some(g) => {
                 let (info, ti, heads) = &g.entries[r.idx];
@@ -402,7 +452,7 @@ fn gguf_config(g: &GgufFile, has_lm_head: bool) -> std::result::Result<serde_jso
         None => g.get("tokenizer.ggml.tokens").and_then(gguf::GgufValue::as_array).map_or(0, |a| a.len() as u64),
     };
     let n_head = u("llama.attention.head_count")?;
-    Ok(serde_json::json!({
+    let mut config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": u("llama.embedding_length")?,
@@ -419,7 +469,12 @@ fn gguf_config(g: &GgufFile, has_lm_head: bool) -> std::result::Result<serde_jso
         "bos_token_id": g.get("tokenizer.ggml.bos_token_id").and_then(gguf::GgufValue::as_u64),
         "eos_token_id": g.get("tokenizer.ggml.eos_token_id").and_then(gguf::GgufValue::as_u64),
         "torch_dtype": "float32",
-    }))
+    });
+    // A head width other than embedding_length / head_count (heads pruned away).
+    if let Some(hd) = g.get("llama.attention.key_length").and_then(gguf::GgufValue::as_u64) {
+        config["head_dim"] = hd.into();
+    }
+    Ok(config)
 }
 
 /// tokenizer.json for a GGUF with a GPT-2 style BPE vocabulary (`tokenizer.ggml.model = "gpt2"`),

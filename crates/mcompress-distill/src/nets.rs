@@ -26,7 +26,7 @@ pub(crate) struct Net {
 pub(crate) enum Arch {
     Mlp { layers: Vec<String>, input_scale: f32 },
     Bert { layers: usize, heads: usize, eps: f64 },
-    Llama { layers: usize, heads: usize, kv_heads: usize, eps: f64, theta: f64, tied: bool },
+    Llama { layers: usize, heads: usize, kv_heads: usize, hd: usize, eps: f64, theta: f64, tied: bool },
 }
 
 /// What a forward pass returns: logits (MLP, llama) and the last hidden state (BERT, llama).
@@ -69,10 +69,14 @@ impl Arch {
             }),
             "llama" => {
                 let heads = cfg_usize(config, "num_attention_heads")?;
+                let hidden = cfg_usize(config, "hidden_size")?;
+                // Head-pruned models keep their head width in `head_dim`.
+                let hd = config["head_dim"].as_u64().map_or(hidden / heads.max(1), |v| v as usize);
                 Ok(Arch::Llama {
                     layers: cfg_usize(config, "num_hidden_layers")?,
                     heads,
                     kv_heads: config["num_key_value_heads"].as_u64().map_or(heads, |v| v as usize),
+                    hd,
                     eps: config["rms_norm_eps"].as_f64().unwrap_or(1e-5),
                     theta: config["rope_theta"].as_f64().unwrap_or(10000.0),
                     tied: config["tie_word_embeddings"].as_bool().unwrap_or(false),
@@ -213,14 +217,16 @@ impl Net {
         let mut x = self.layer_norm("embeddings.LayerNorm", x.reshape([b * t, h]), eps);
         // Padding keys get −10⁴ added to their scores (BERT's extended attention mask).
         let key_bias = mask.clone().sub_scalar(1.0).mul_scalar(1.0e4).reshape([b, 1, 1, t]);
-        let split = |y: Tensor<2>| y.reshape([b, t, heads, hd]).swap_dims(1, 2);
         for i in 0..layers {
             let p = format!("encoder.layer.{i}");
+            // Heads left in this layer (config.json's `pruned_heads` may have removed some).
+            let lh = self.get(&format!("{p}.attention.self.query.weight")).dims()[0] / hd;
+            let split = |y: Tensor<2>| y.reshape([b, t, lh, hd]).swap_dims(1, 2);
             let q = split(self.linear(&format!("{p}.attention.self.query"), x.clone()));
             let k = split(self.linear(&format!("{p}.attention.self.key"), x.clone()));
             let v = split(self.linear(&format!("{p}.attention.self.value"), x.clone()));
             let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (hd as f64).sqrt()) + key_bias.clone();
-            let ctx = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b * t, h]);
+            let ctx = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b * t, lh * hd]);
             let a = self.linear(&format!("{p}.attention.output.dense"), ctx) + x;
             let a = self.layer_norm(&format!("{p}.attention.output.LayerNorm"), a, eps);
             let f = gelu(self.linear(&format!("{p}.intermediate.dense"), a.clone()));
@@ -231,13 +237,11 @@ impl Net {
     }
 
     fn llama(&self, ids: &Tensor<2, Int>, b: usize, t: usize) -> Out {
-        let Arch::Llama { layers, heads, kv_heads, eps, theta, tied } = self.arch.clone() else {
+        let Arch::Llama { layers, heads, kv_heads, hd, eps, theta, tied } = self.arch.clone() else {
             unreachable!("llama() runs llama nets")
         };
         let device = ids.device();
         let embed = self.get("model.embed_tokens.weight");
-        let h = embed.dims()[1];
-        let hd = h / heads;
         let group = heads / kv_heads;
         let mut x = embed.clone().select(0, ids.clone().reshape([b * t]));
         // Rotary embeddings, Hugging Face rotate_half layout: cos/sin [1, 1, t, hd].
@@ -283,7 +287,7 @@ impl Net {
             };
             let (k, v) = (expand(k), expand(v));
             let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (hd as f64).sqrt()) + causal.clone();
-            let ctx = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b * t, h]);
+            let ctx = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b * t, heads * hd]);
             x = x + self.linear(&format!("{p}.self_attn.o_proj"), ctx);
             let hn = self.rms_norm(&format!("{p}.post_attention_layernorm.weight"), x.clone(), eps);
             let g = silu(self.linear(&format!("{p}.mlp.gate_proj"), hn.clone()))

@@ -38,7 +38,12 @@ struct Layer {
     up: Lin,
     down: Lin,
     ln2: Norm,
+    /// Attention heads left in this layer (config.json's `pruned_heads` removed the others).
+    heads: usize,
 }
+
+/// Sees each layer's index, input and output hidden states.
+type LayerObserver<'a> = dyn FnMut(usize, &[f32], &[f32]) + 'a;
 
 /// A loaded BERT sentence encoder.
 #[derive(Debug)]
@@ -49,7 +54,8 @@ pub struct Bert {
     ln: Norm,
     layers: Vec<Layer>,
     hidden: usize,
-    heads: usize,
+    /// Per-head width, `hidden / num_attention_heads`.
+    hd: usize,
     max_pos: usize,
     vocab: usize,
 }
@@ -80,18 +86,22 @@ impl Bert {
         let inter = u("intermediate_size")?;
         let (vocab, max_pos) = (u("vocab_size")?, u("max_position_embeddings")?);
         let types = config["type_vocab_size"].as_u64().unwrap_or(2) as usize;
+        let hd = hidden / heads;
         let layers = (0..n_layers)
             .map(|i| {
                 let p = format!("encoder.layer.{i}");
+                let lh = heads - pruned_heads(config, i, heads).map_err(bad)?.len();
+                let width = lh * hd;
                 Ok(Layer {
-                    q: lin(&format!("{p}.attention.self.query"), hidden, hidden)?,
-                    k: lin(&format!("{p}.attention.self.key"), hidden, hidden)?,
-                    v: lin(&format!("{p}.attention.self.value"), hidden, hidden)?,
-                    o: lin(&format!("{p}.attention.output.dense"), hidden, hidden)?,
+                    q: lin(&format!("{p}.attention.self.query"), width, hidden)?,
+                    k: lin(&format!("{p}.attention.self.key"), width, hidden)?,
+                    v: lin(&format!("{p}.attention.self.value"), width, hidden)?,
+                    o: lin(&format!("{p}.attention.output.dense"), hidden, width)?,
                     ln1: norm(&format!("{p}.attention.output.LayerNorm"))?,
                     up: lin(&format!("{p}.intermediate.dense"), inter, hidden)?,
                     down: lin(&format!("{p}.output.dense"), hidden, inter)?,
                     ln2: norm(&format!("{p}.output.LayerNorm"))?,
+                    heads: lh,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -102,7 +112,7 @@ impl Bert {
             ln: norm("embeddings.LayerNorm")?,
             layers,
             hidden,
-            heads,
+            hd,
             max_pos,
             vocab,
         })
@@ -113,12 +123,22 @@ impl Bert {
         Ok(self.embed_batch(&[ids])?.pop().expect("one embedding per sequence"))
     }
 
-    /// Embeddings of a batch of sequences of any lengths. The batch is ragged, not padded: every
-    /// token of every sequence is one row of each linear layer's input (one matmul per layer for
-    /// the whole batch), attention stays within its own sequence, and mean pooling covers exactly
-    /// the sequence's tokens — what mean pooling with the attention mask computes on a padded
-    /// batch.
-    pub fn embed_batch(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+    /// Per layer, the mean cosine between each token's hidden state before and after the layer
+    /// (what block influence is computed from).
+    pub fn layer_cosines(&self, seqs: &[Vec<u32>]) -> Result<Vec<f64>> {
+        let mut acc = vec![crate::calibrate::CosMean::default(); self.layers.len()];
+        let h = self.hidden;
+        for s in seqs {
+            // One sequence at a time, clipped to the position table.
+            let ids = &s[..s.len().min(self.max_pos)];
+            self.encode(&[ids], &mut |i, before, after| acc[i].add(before, after, h))?;
+        }
+        Ok(acc.into_iter().map(crate::calibrate::CosMean::mean).collect())
+    }
+
+    /// The final hidden states `[tokens, hidden]` of a ragged batch and each sequence's first row
+    /// (plus the total); `observe(layer, before, after)` sees every layer's input and output.
+    fn encode(&self, seqs: &[&[u32]], observe: &mut LayerObserver<'_>) -> Result<(Vec<f32>, Vec<usize>)> {
         let h = self.hidden;
         let mut starts = Vec::with_capacity(seqs.len() + 1);
         let mut x = Vec::new();
@@ -138,12 +158,13 @@ impl Bert {
         }
         starts.push(x.len() / h);
         self.ln.apply(&mut x);
-        for l in &self.layers {
+        for (li, l) in self.layers.iter().enumerate() {
             let (q, k, v) = (l.q.apply(&x)?, l.k.apply(&x)?, l.v.apply(&x)?);
-            let mut ctx = vec![0f32; x.len()];
+            let width = l.heads * self.hd;
+            let mut ctx = vec![0f32; x.len() / h * width];
             for w in starts.windows(2) {
-                let r = w[0] * h..w[1] * h;
-                self.attention(&q[r.clone()], &k[r.clone()], &v[r.clone()], &mut ctx[r]);
+                let r = w[0] * width..w[1] * width;
+                self.attention(l.heads, &q[r.clone()], &k[r.clone()], &v[r.clone()], &mut ctx[r]);
             }
             let mut a = l.o.apply(&ctx)?;
             a.iter_mut().zip(&x).for_each(|(a, r)| *a += r);
@@ -156,8 +177,20 @@ impl Bert {
             let mut y = l.down.apply(&f)?;
             y.iter_mut().zip(&a).for_each(|(y, r)| *y += r);
             l.ln2.apply(&mut y);
+            observe(li, &x, &y);
             x = y;
         }
+        Ok((x, starts))
+    }
+
+    /// Embeddings of a batch of sequences of any lengths. The batch is ragged, not padded: every
+    /// token of every sequence is one row of each linear layer's input (one matmul per layer for
+    /// the whole batch), attention stays within its own sequence, and mean pooling covers exactly
+    /// the sequence's tokens — what mean pooling with the attention mask computes on a padded
+    /// batch.
+    pub fn embed_batch(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        let h = self.hidden;
+        let (x, starts) = self.encode(seqs, &mut |_, _, _| {})?;
         Ok(starts
             .windows(2)
             .map(|w| {
@@ -175,13 +208,17 @@ impl Bert {
             .collect())
     }
 
-    /// Bidirectional multi-head attention of one sequence (`q`, `k`, `v`, `ctx`: `[n, hidden]`).
-    fn attention(&self, q: &[f32], k: &[f32], v: &[f32], ctx: &mut [f32]) {
-        let h = self.hidden;
+    /// Bidirectional multi-head attention of one sequence over `heads` heads (`q`, `k`, `v`,
+    /// `ctx`: `[n, heads · head width]`).
+    fn attention(&self, heads: usize, q: &[f32], k: &[f32], v: &[f32], ctx: &mut [f32]) {
+        let hd = self.hd;
+        let h = heads * hd;
+        if h == 0 {
+            return;
+        }
         let n = q.len() / h;
-        let hd = h / self.heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        for head in 0..self.heads {
+        for head in 0..heads {
             let off = head * hd;
             for i in 0..n {
                 let qi = &q[i * h + off..i * h + off + hd];
@@ -203,6 +240,32 @@ impl Bert {
             }
         }
     }
+}
+
+/// Layer `layer`'s entries of config.json's `pruned_heads` (transformers' convention: original
+/// head indices by layer, the key a decimal string), checked and deduplicated.
+///
+/// # Errors
+/// A malformed entry or a head index out of range.
+pub fn pruned_heads(config: &serde_json::Value, layer: usize, heads: usize) -> Result<Vec<usize>, String> {
+    let entry = &config["pruned_heads"][layer.to_string()];
+    if entry.is_null() {
+        return Ok(Vec::new());
+    }
+    let list = entry.as_array().ok_or_else(|| format!("config.json: pruned_heads[\"{layer}\"] is not a list"))?;
+    let mut out = Vec::with_capacity(list.len());
+    for v in list {
+        match v.as_u64() {
+            Some(h) if (h as usize) < heads => out.push(h as usize),
+            _ => return Err(format!("config.json: pruned_heads[\"{layer}\"]: {v} is not a head index below {heads}")),
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    if out.len() >= heads {
+        return Err(format!("config.json: pruned_heads[\"{layer}\"] removes every head"));
+    }
+    Ok(out)
 }
 
 /// Cosine similarity of two vectors.

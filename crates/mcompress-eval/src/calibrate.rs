@@ -210,3 +210,44 @@ pub fn input_moments(model: &ModelSource, spec: WindowSpec<'_>) -> Result<BTreeM
     let llama = llama::Llama::load(&config, &weights::from_model(model), &Device::Cpu)?;
     llama.input_moments(&windows)
 }
+
+/// Block influence of every layer of a llama or BERT model on calibration windows (ShortGPT,
+/// Men et al. 2024): `1 − E[cos(x_in, x_out)]` over every token, where `x_in` and `x_out` are
+/// the residual stream before and after the layer. Small: the layer barely changes its input and
+/// is the first candidate for removal. What `prune-structured`'s `unit = "layers"` ranks by.
+pub fn layer_scores(model: &ModelSource, spec: WindowSpec<'_>) -> Result<Vec<f64>> {
+    let config = model.config().cloned().unwrap_or_default();
+    let windows = windows(model, spec)?;
+    let w = weights::from_model(model);
+    let cosines = match config["model_type"].as_str().unwrap_or("") {
+        "llama" => llama::Llama::load(&config, &w, &Device::Cpu)?.layer_cosines(&windows)?,
+        "bert" => crate::bert::Bert::load(&config, &w, &Device::Cpu)?.layer_cosines(&windows)?,
+        other => {
+            return Err(Error::Model(format!(
+                "{}: layer scores are computed for llama and bert models; this model_type is {other:?}",
+                model.path().display()
+            )));
+        }
+    };
+    Ok(cosines.into_iter().map(|c| 1.0 - c).collect())
+}
+
+/// Accumulates the mean cosine between matching rows of two `[n, width]` streams.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct CosMean {
+    sum: f64,
+    n: usize,
+}
+
+impl CosMean {
+    pub(crate) fn add(&mut self, before: &[f32], after: &[f32], width: usize) {
+        for (a, b) in before.chunks(width).zip(after.chunks(width)) {
+            self.sum += crate::bert::cosine(a, b);
+            self.n += 1;
+        }
+    }
+
+    pub(crate) fn mean(self) -> f64 {
+        if self.n == 0 { 1.0 } else { self.sum / self.n as f64 }
+    }
+}

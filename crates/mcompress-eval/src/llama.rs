@@ -38,6 +38,9 @@ pub struct Llama {
     hidden: usize,
     heads: usize,
     kv_heads: usize,
+    /// Per-head width: config.json's `head_dim`, else `hidden / heads` (differs once structured
+    /// pruning removed heads).
+    hd: usize,
     vocab: usize,
     eps: f32,
     inv_freq: Vec<f64>,
@@ -67,10 +70,14 @@ impl Llama {
             u("vocab_size")?,
         );
         let kv_heads = config["num_key_value_heads"].as_u64().map_or(heads, |v| v as usize);
-        if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
-            return Err(bad(format!("{heads} heads / {kv_heads} KV heads do not divide hidden size {hidden}")));
+        let hd = match config["head_dim"].as_u64() {
+            Some(d) => d as usize,
+            None if heads > 0 && hidden % heads == 0 => hidden / heads,
+            None => return Err(bad(format!("{heads} heads do not divide hidden size {hidden} (and no head_dim)"))),
+        };
+        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || hd == 0 || hd % 2 != 0 {
+            return Err(bad(format!("{heads} heads / {kv_heads} KV heads / head_dim {hd} are not a valid geometry")));
         }
-        let hd = hidden / heads;
         let get = |n: &str, shape: &[usize]| w.get(n, shape).map_err(bad);
         let lin =
             |n: &str, out: usize, inp: usize| Lin::new(w.matrix(n, out, inp).map_err(bad)?, out, inp, None, device);
@@ -104,6 +111,7 @@ impl Llama {
             hidden,
             heads,
             kv_heads,
+            hd,
             vocab,
             eps: config["rms_norm_eps"].as_f64().unwrap_or(1e-5) as f32,
             inv_freq,
@@ -126,7 +134,7 @@ impl Llama {
     }
 
     fn rope(&self, x: &mut [f32], n: usize, heads: usize) {
-        let hd = self.hidden / self.heads;
+        let hd = self.hd;
         let half = hd / 2;
         for t in 0..n {
             for (i, f) in self.inv_freq.iter().enumerate() {
@@ -146,7 +154,7 @@ impl Llama {
     /// sgemm, a causal softmax per row, then `P V` as another; heads in parallel, each into its own
     /// buffer (fixed work per head, so results do not depend on the thread count).
     fn attention(&self, q: &[f32], k: &[f32], v: &[f32], n: usize) -> Vec<f32> {
-        let hd = self.hidden / self.heads;
+        let hd = self.hd;
         let group = self.heads / self.kv_heads;
         let (qs, ks) = (self.heads * hd, self.kv_heads * hd);
         let scale = 1.0 / (hd as f32).sqrt();
@@ -257,6 +265,22 @@ impl Llama {
         }
         let x = self.rms(&x, &self.norm);
         self.lm_head.apply(&x)
+    }
+
+    /// Per layer, the mean cosine between each token's residual stream before and after the
+    /// layer, over every window (what block influence is computed from).
+    pub fn layer_cosines(&self, windows: &[Vec<u32>]) -> Result<Vec<f64>> {
+        let mut acc = vec![crate::calibrate::CosMean::default(); self.layers.len()];
+        for w in windows {
+            let mut x = self.embed_ids(w)?;
+            for (l, a) in self.layers.iter().zip(&mut acc) {
+                let before = x.clone();
+                self.add_attention(l, &mut x)?;
+                self.add_mlp(l, &mut x)?;
+                a.add(&before, &x, self.hidden);
+            }
+        }
+        Ok(acc.into_iter().map(crate::calibrate::CosMean::mean).collect())
     }
 
     /// Greedy decoding: `ids` followed by `steps` argmax tokens (full recompute per step; a

@@ -265,6 +265,21 @@ pub trait Pass: fmt::Debug + Send + Sync {
     }
     /// Receives what the training measured (steps, losses, speed) for the report.
     fn report_outcome(&self, _outcome: serde_json::Value) {}
+    /// Whole layers this pass removes before anything else runs (structured pruning's
+    /// `unit = "layers"`): the calibration text to score them on; `None` for the others.
+    fn layer_removal(&self) -> Option<&quant::CalibrationConfig> {
+        None
+    }
+    /// Receives each layer's score (block influence, `1 − E[cos(x_in, x_out)]`) and decides
+    /// which layers go. Called only when [`Pass::layer_removal`] is `Some`, after
+    /// [`Pass::prepare`].
+    fn choose_layers(
+        &self,
+        _model: &mcompress_core::ModelSource,
+        _scores: &[f64],
+    ) -> std::result::Result<prune::structured::LayerMap, String> {
+        Err("this pass removes no layers".into())
+    }
 }
 
 /// One tensor produced by a calibration.

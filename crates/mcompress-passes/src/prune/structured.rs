@@ -1,14 +1,28 @@
-//! `prune-structured`: remove whole feed-forward neurons, so the matrices really shrink, the
-//! bundle gets smaller and every runtime runs the smaller model faster without sparse kernels.
+//! `prune-structured`: remove whole feed-forward neurons, attention heads or layers, so the
+//! matrices (or the layer count) really shrink, the bundle gets smaller and every runtime runs
+//! the smaller model faster without sparse kernels.
 //!
-//! A neuron `j` of a feed-forward block is row `j` of the input projection(s) (llama: `gate_proj`
-//! and `up_proj`; BERT: `intermediate.dense` and its bias; MLP: hidden layer `i`'s weight and
-//! bias) and column `j` of the output projection (llama `down_proj`, BERT `output.dense`, MLP
-//! layer `i + 1`). Its importance is `‖in_j‖₂ · ‖out_j‖₂` (the norm of the weights that produce it
-//! times the norm of those that read it; data free). The same number of neurons is removed from
-//! every block (`⌊size · sparsity⌋`), so config.json stays a valid config of the same
-//! architecture with a smaller `intermediate_size` (MLP: `hidden_sizes`); which neurons go is
-//! chosen per block, lowest importance first, ties by index.
+//! **Neurons.** A neuron `j` of a feed-forward block is row `j` of the input projection(s)
+//! (llama: `gate_proj` and `up_proj`; BERT: `intermediate.dense` and its bias; MLP: hidden layer
+//! `i`'s weight and bias) and column `j` of the output projection (llama `down_proj`, BERT
+//! `output.dense`, MLP layer `i + 1`).
+//!
+//! **Heads.** A head is `head_dim` consecutive rows of the query projection (and of the key and
+//! value projections when it has its own KV head: BERT, llama without grouped-query attention)
+//! and the same columns of the output projection. With grouped-query attention the KV heads stay
+//! and every KV group loses the same number of query heads, so the config stays a valid
+//! grouped-query config (llama: `num_attention_heads` shrinks, `head_dim` is written; BERT:
+//! transformers' `pruned_heads`).
+//!
+//! Importance of a neuron or head is `‖in‖₂ · ‖out‖₂` (the norm of the weights that produce it
+//! times the norm of those that read it; data free). The same number is removed from every block
+//! (and every KV group), so config.json stays a standard config; which ones go is chosen per
+//! block, lowest importance first, ties by index.
+//!
+//! **Layers.** Whole decoder / encoder layers go, scored by ShortGPT's block influence
+//! `1 − E[cos(x_in, x_out)]` of each layer's residual stream on calibration text (measured by
+//! `mcompress_eval::calibrate::layer_scores`): the layers that change their input least are
+//! removed and the rest renumbered (a [`LayerMap`] over the model's tensor names).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -17,52 +31,141 @@ use mcompress_core::ModelSource;
 use mcompress_recipe::Recipe;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
+use crate::quant::CalibrationConfig;
 use crate::{Applied, Param, ParamMeta, Pass, PassInfo, Plan, Status};
 
 /// `prune-structured` settings.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct StructuredConfig {
-    /// What to remove: `"neurons"` (feed-forward neurons). Attention heads and whole layers are
-    /// not implemented yet.
+    /// What to remove: `"neurons"` (feed-forward neurons), `"heads"` (attention heads) or
+    /// `"layers"` (whole decoder / encoder layers).
     pub unit: String,
-    /// Fraction of each feed-forward block's neurons to remove, in [0, 1).
+    /// Fraction to remove, in [0, 1): of each feed-forward block's neurons, of each layer's
+    /// heads (of each KV group's query heads under grouped-query attention), or of the layers.
     pub sparsity: f64,
+    /// `unit = "layers"` only: the text the layers are scored on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationConfig>,
 }
 
-/// One feed-forward block: the tensors whose rows are its neurons, and those whose columns are.
+/// What a unit of one block is made of: the tensors whose rows carry it and those whose columns
+/// do.
 #[derive(Clone, Debug)]
 struct Block {
     rows_of: Vec<String>,
     cols_of: Vec<String>,
+    /// Units in the block (neurons or heads).
     size: usize,
+    /// Rows (columns) per unit: 1 for a neuron, `head_dim` for a head.
+    width: usize,
+    /// The units fall into this many equal, contiguous groups, each keeping the same number
+    /// (KV groups under grouped-query attention; 1 otherwise).
+    groups: usize,
+    /// BERT heads: the original index of each current head (transformers' `pruned_heads`
+    /// numbers heads as they were before any pruning).
+    original: Vec<usize>,
+}
+
+impl Block {
+    fn keep_count(&self, sparsity: f64) -> usize {
+        let per = self.size / self.groups;
+        (per - (per as f64 * sparsity).floor() as usize) * self.groups
+    }
+}
+
+/// Which layers survive: renames `<prefix><old>.` to `<prefix><new>.` and drops the others.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerMap {
+    /// `"model.layers."` (llama) or `"encoder.layer."` (BERT).
+    pub prefix: &'static str,
+    /// Surviving layers' original indices, ascending; the new index is the position here.
+    pub kept: Vec<usize>,
+    /// Removed layers' original indices, ascending.
+    pub removed: Vec<usize>,
+}
+
+impl LayerMap {
+    /// The tensor's name after the removal, `None` if its layer is removed.
+    pub fn rename(&self, name: &str) -> Option<String> {
+        let Some(rest) = name.strip_prefix(self.prefix) else { return Some(name.to_string()) };
+        let Some((index, tail)) = rest.split_once('.') else { return Some(name.to_string()) };
+        let Ok(old) = index.parse::<usize>() else { return Some(name.to_string()) };
+        let new = self.kept.iter().position(|&k| k == old)?;
+        Some(format!("{}{new}.{tail}", self.prefix))
+    }
+
+    /// config.json with the smaller `num_hidden_layers` (and BERT's `pruned_heads` renumbered).
+    pub fn config(&self, config: &Value) -> Value {
+        let mut c = config.clone();
+        if let Some(obj) = c.as_object_mut() {
+            obj.insert("num_hidden_layers".into(), self.kept.len().into());
+            if let Some(Value::Object(ph)) = obj.get("pruned_heads").cloned() {
+                let renumbered: serde_json::Map<String, Value> = ph
+                    .into_iter()
+                    .filter_map(|(k, v)| {
+                        let old: usize = k.parse().ok()?;
+                        let new = self.kept.iter().position(|&x| x == old)?;
+                        Some((new.to_string(), v))
+                    })
+                    .collect();
+                obj.insert("pruned_heads".into(), Value::Object(renumbered));
+            }
+        }
+        c
+    }
 }
 
 /// `prune-structured`.
 #[derive(Debug)]
 pub struct Structured {
     config: StructuredConfig,
-    /// Per block: kept neurons, ascending (filled by [`Pass::prepare`]).
-    kept: Mutex<Vec<Vec<usize>>>,
-    blocks: Mutex<Vec<Block>>,
-    /// Tensor → (block, neurons on its rows (true) or columns (false)); an MLP's middle layer
-    /// has both roles.
-    role: Mutex<BTreeMap<String, Vec<(usize, bool)>>>,
+    state: Mutex<State>,
 }
 
-impl Structured {
-    fn keep_count(&self, size: usize) -> usize {
-        size - (size as f64 * self.config.sparsity).floor() as usize
-    }
+#[derive(Debug, Default)]
+struct State {
+    /// Per block: kept units, ascending (filled by [`Pass::prepare`]).
+    kept: Vec<Vec<usize>>,
+    blocks: Vec<Block>,
+    /// Tensor → (block, units on its rows (true) or columns (false)); an MLP's middle layer has
+    /// both roles.
+    role: BTreeMap<String, Vec<(usize, bool)>>,
+    /// Heads: the model type and its attention geometry before pruning.
+    heads: Option<(String, Geometry)>,
+    /// Layers: how many go, and (after [`Pass::choose_layers`]) the scores and the map.
+    layers_to_remove: usize,
+    layer_scores: Vec<f64>,
+    layer_map: Option<LayerMap>,
+}
+
+/// Attention geometry of a layer: query heads, KV heads, head width.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    heads: usize,
+    kv: usize,
+    hd: usize,
+}
+
+fn u(config: &Value, k: &str) -> Result<usize, String> {
+    config[k].as_u64().map(|v| v as usize).ok_or_else(|| format!("config.json: {k} missing"))
 }
 
 /// The feed-forward blocks of a llama, BERT or MLP model.
-fn blocks(model: &ModelSource) -> Result<Vec<Block>, String> {
-    let config = model.config().cloned().unwrap_or_default();
+fn neuron_blocks(model: &ModelSource, config: &Value) -> Result<Vec<Block>, String> {
     let has = |n: &str| model.tensors().iter().any(|r| model.info(r).name == n);
     let size_of = |n: &str| model.tensors().iter().find(|r| model.info(r).name == n).map(|r| model.info(r).shape[0]);
     let n_layers = config["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+    let block = |rows_of: Vec<String>, cols_of: Vec<String>, size| Block {
+        rows_of,
+        cols_of,
+        size,
+        width: 1,
+        groups: 1,
+        original: Vec::new(),
+    };
     let mut out = Vec::new();
     match config["model_type"].as_str().unwrap_or("") {
         "llama" => {
@@ -70,11 +173,7 @@ fn blocks(model: &ModelSource) -> Result<Vec<Block>, String> {
                 let p = format!("model.layers.{i}.mlp");
                 let g = format!("{p}.gate_proj.weight");
                 let size = size_of(&g).ok_or_else(|| format!("{g} missing"))?;
-                out.push(Block {
-                    rows_of: vec![g, format!("{p}.up_proj.weight")],
-                    cols_of: vec![format!("{p}.down_proj.weight")],
-                    size,
-                });
+                out.push(block(vec![g, format!("{p}.up_proj.weight")], vec![format!("{p}.down_proj.weight")], size));
             }
         }
         "bert" => {
@@ -87,7 +186,7 @@ fn blocks(model: &ModelSource) -> Result<Vec<Block>, String> {
                 if has(&b) {
                     rows_of.push(b);
                 }
-                out.push(Block { rows_of, cols_of: vec![format!("{p}.output.dense.weight")], size });
+                out.push(block(rows_of, vec![format!("{p}.output.dense.weight")], size));
             }
         }
         "mlp" => {
@@ -103,7 +202,7 @@ fn blocks(model: &ModelSource) -> Result<Vec<Block>, String> {
                 if has(&b) {
                     rows_of.push(b);
                 }
-                out.push(Block { rows_of, cols_of: vec![next], size });
+                out.push(block(rows_of, vec![next], size));
             }
         }
         other => return Err(format!("model_type {other:?}: structured pruning knows llama, bert and mlp models")),
@@ -114,6 +213,96 @@ fn blocks(model: &ModelSource) -> Result<Vec<Block>, String> {
     Ok(out)
 }
 
+/// The attention blocks (one per layer) of a llama or BERT model, and the geometry before
+/// pruning: (heads, KV heads, head width).
+fn head_blocks(model: &ModelSource, config: &Value) -> Result<(Vec<Block>, Geometry), String> {
+    let has = |n: &str| model.tensors().iter().any(|r| model.info(r).name == n);
+    let rows_of = |n: &str| model.tensors().iter().find(|r| model.info(r).name == n).map(|r| model.info(r).shape[0]);
+    let model_type = config["model_type"].as_str().unwrap_or("");
+    if !matches!(model_type, "llama" | "bert") {
+        return Err(format!("model_type {model_type:?}: attention heads are pruned in llama and bert models"));
+    }
+    let (hidden, heads, n_layers) =
+        (u(config, "hidden_size")?, u(config, "num_attention_heads")?, u(config, "num_hidden_layers")?);
+    if heads == 0 {
+        return Err("config.json: num_attention_heads is 0".into());
+    }
+    let mut out = Vec::with_capacity(n_layers);
+    match model_type {
+        "llama" => {
+            let kv = config["num_key_value_heads"].as_u64().map_or(heads, |v| v as usize);
+            let hd = config["head_dim"].as_u64().map_or(hidden / heads, |v| v as usize);
+            if kv == 0 || heads % kv != 0 {
+                return Err(format!("config.json: {heads} heads are not a multiple of {kv} KV heads"));
+            }
+            for i in 0..n_layers {
+                let p = format!("model.layers.{i}.self_attn");
+                // Query heads that share a KV head are removed alone; a head with its own KV
+                // head takes its key and value rows with it.
+                let mut names = vec!["q_proj"];
+                if kv == heads {
+                    names.extend(["k_proj", "v_proj"]);
+                }
+                let mut r = Vec::new();
+                for n in names {
+                    r.push(format!("{p}.{n}.weight"));
+                    let b = format!("{p}.{n}.bias");
+                    if has(&b) {
+                        r.push(b);
+                    }
+                }
+                out.push(Block {
+                    rows_of: r,
+                    cols_of: vec![format!("{p}.o_proj.weight")],
+                    size: heads,
+                    width: hd,
+                    groups: if kv == heads { 1 } else { kv },
+                    original: Vec::new(),
+                });
+            }
+            Ok((out, Geometry { heads, kv, hd }))
+        }
+        "bert" => {
+            if hidden % heads != 0 {
+                return Err(format!("config.json: hidden_size {hidden} is not a multiple of {heads} heads"));
+            }
+            let hd = hidden / heads;
+            for i in 0..n_layers {
+                let p = format!("encoder.layer.{i}.attention");
+                let q = format!("{p}.self.query.weight");
+                let rows = rows_of(&q).ok_or_else(|| format!("{q} missing"))?;
+                // Heads an earlier pruning removed (transformers' `pruned_heads`, original indices).
+                let gone = config["pruned_heads"][i.to_string()]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_u64).map(|v| v as usize).collect::<Vec<_>>())
+                    .unwrap_or_default();
+                let original: Vec<usize> = (0..heads).filter(|h| !gone.contains(h)).collect();
+                if rows != original.len() * hd {
+                    return Err(format!("{q}: {rows} rows, {} heads of {hd} expected", original.len()));
+                }
+                let mut r = Vec::new();
+                for n in ["query", "key", "value"] {
+                    r.push(format!("{p}.self.{n}.weight"));
+                    let b = format!("{p}.self.{n}.bias");
+                    if has(&b) {
+                        r.push(b);
+                    }
+                }
+                out.push(Block {
+                    rows_of: r,
+                    cols_of: vec![format!("{p}.output.dense.weight")],
+                    size: original.len(),
+                    width: hd,
+                    groups: 1,
+                    original,
+                });
+            }
+            Ok((out, Geometry { heads, kv: heads, hd }))
+        }
+        other => Err(format!("model_type {other:?}: attention heads are pruned in llama and bert models")),
+    }
+}
+
 /// Reads a tensor as f32.
 fn f32_of(model: &ModelSource, name: &str) -> Result<(Vec<usize>, Vec<f32>), String> {
     let r = model.tensors().iter().find(|r| model.info(r).name == name).ok_or_else(|| format!("{name} missing"))?;
@@ -122,84 +311,174 @@ fn f32_of(model: &ModelSource, name: &str) -> Result<(Vec<usize>, Vec<f32>), Str
     Ok((v.shape.to_vec(), data))
 }
 
+impl Structured {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Scores every unit of every block and keeps the most important per group.
+    fn choose_units(&self, model: &ModelSource, blocks: &[Block], st: &mut State) -> Result<(), String> {
+        let s = self.config.sparsity;
+        for (b, block) in blocks.iter().enumerate() {
+            let (n, w) = (block.size, block.width);
+            let mut imp_in = vec![0f64; n];
+            let mut imp_out = vec![0f64; n];
+            for name in &block.rows_of {
+                let (shape, v) = f32_of(model, name)?;
+                if shape[0] != n * w {
+                    return Err(format!("{name}: {} rows, {} expected ({n} units of {w})", shape[0], n * w));
+                }
+                let cols = v.len() / shape[0].max(1);
+                for (r, row) in v.chunks(cols.max(1)).enumerate() {
+                    imp_in[r / w] += row.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>();
+                }
+                st.role.entry(name.clone()).or_default().push((b, true));
+            }
+            for name in &block.cols_of {
+                let (shape, v) = f32_of(model, name)?;
+                if shape.len() != 2 || shape[1] != n * w {
+                    return Err(format!("{name}: shape {shape:?}, {} input columns expected", n * w));
+                }
+                for row in v.chunks(n * w) {
+                    for (c, x) in row.iter().enumerate() {
+                        imp_out[c / w] += f64::from(*x) * f64::from(*x);
+                    }
+                }
+                st.role.entry(name.clone()).or_default().push((b, false));
+            }
+            let score: Vec<f64> = imp_in.iter().zip(&imp_out).map(|(a, b)| (a * b).sqrt()).collect();
+            let per = n / block.groups;
+            let keep_per = block.keep_count(s) / block.groups;
+            let mut kept = Vec::with_capacity(keep_per * block.groups);
+            for g in 0..block.groups {
+                let mut idx: Vec<usize> = (g * per..(g + 1) * per).collect();
+                idx.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+                kept.extend_from_slice(&idx[..keep_per]);
+            }
+            kept.sort_unstable();
+            st.kept.push(kept);
+        }
+        Ok(())
+    }
+}
+
 impl Pass for Structured {
     fn name(&self) -> &'static str {
         STRUCTURED_INFO.name
     }
 
-    fn settings(&self) -> serde_json::Value {
-        serde_json::to_value(&self.config).expect("config is JSON")
+    fn settings(&self) -> Value {
+        let mut v = serde_json::to_value(&self.config).expect("config is JSON");
+        let st = self.state();
+        if let (Some(map), Some(obj)) = (&st.layer_map, v.as_object_mut()) {
+            obj.insert("removed_layers".into(), map.removed.clone().into());
+            obj.insert("block_influence".into(), st.layer_scores.clone().into());
+        }
+        if let (Some((_, g)), Some(b), Some(obj)) = (&st.heads, st.blocks.first(), v.as_object_mut()) {
+            obj.insert("heads_per_layer".into(), serde_json::json!([g.heads, b.keep_count(self.config.sparsity)]));
+        }
+        v
     }
 
     fn prepare(&self, model: &ModelSource) -> Result<(), String> {
-        let blocks = blocks(model)?;
-        let mut kept = Vec::with_capacity(blocks.len());
-        let mut role = BTreeMap::new();
-        for (b, block) in blocks.iter().enumerate() {
-            let mut imp_in = vec![0f64; block.size];
-            let mut imp_out = vec![0f64; block.size];
-            for n in &block.rows_of {
-                let (shape, w) = f32_of(model, n)?;
-                if shape[0] != block.size {
-                    return Err(format!("{n}: {} rows, {} neurons expected", shape[0], block.size));
-                }
-                let cols = w.len() / block.size;
-                for (j, row) in w.chunks(cols.max(1)).enumerate() {
-                    imp_in[j] += row.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>();
-                }
-                role.entry(n.clone()).or_insert_with(Vec::new).push((b, true));
+        let config = model.config().cloned().unwrap_or_default();
+        let s = self.config.sparsity;
+        let mut st = State::default();
+        match self.config.unit.as_str() {
+            "neurons" => {
+                let blocks = neuron_blocks(model, &config)?;
+                self.choose_units(model, &blocks, &mut st)?;
+                st.blocks = blocks;
             }
-            for n in &block.cols_of {
-                let (shape, w) = f32_of(model, n)?;
-                if shape.len() != 2 || shape[1] != block.size {
-                    return Err(format!("{n}: shape {shape:?}, {} input columns expected", block.size));
+            "heads" => {
+                let (blocks, geometry) = head_blocks(model, &config)?;
+                if let Some(b) = blocks.first()
+                    && b.keep_count(s) == b.size
+                {
+                    let per = b.size / b.groups;
+                    return Err(format!(
+                        "sparsity = {s} removes no head: {} per layer{}; use at least {:.3}",
+                        b.size,
+                        if b.groups > 1 { format!(" in {} KV groups of {per}", b.groups) } else { String::new() },
+                        1.0 / per as f64
+                    ));
                 }
-                for row in w.chunks(block.size) {
-                    for (j, v) in row.iter().enumerate() {
-                        imp_out[j] += f64::from(*v) * f64::from(*v);
-                    }
-                }
-                role.entry(n.clone()).or_insert_with(Vec::new).push((b, false));
+                self.choose_units(model, &blocks, &mut st)?;
+                st.blocks = blocks;
+                st.heads = Some((config["model_type"].as_str().unwrap_or("").to_string(), geometry));
             }
-            let score: Vec<f64> = imp_in.iter().zip(&imp_out).map(|(a, b)| (a * b).sqrt()).collect();
-            let mut idx: Vec<usize> = (0..block.size).collect();
-            idx.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
-            let mut k: Vec<usize> = idx[..self.keep_count(block.size)].to_vec();
-            k.sort_unstable();
-            kept.push(k);
+            "layers" => {
+                let model_type = config["model_type"].as_str().unwrap_or("");
+                if !matches!(model_type, "llama" | "bert") {
+                    return Err(format!("model_type {model_type:?}: whole layers are pruned in llama and bert models"));
+                }
+                let n = u(&config, "num_hidden_layers")?;
+                let remove = (n as f64 * s).floor() as usize;
+                if remove == 0 {
+                    return Err(format!(
+                        "sparsity = {s} of {n} layers removes none; use at least {:.3}",
+                        1.0 / n as f64
+                    ));
+                }
+                st.layers_to_remove = remove;
+            }
+            other => return Err(format!("unit {other:?}")),
         }
-        *self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = kept;
-        *self.blocks.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = blocks;
-        *self.role.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = role;
+        *self.state() = st;
         Ok(())
     }
 
+    fn layer_removal(&self) -> Option<&CalibrationConfig> {
+        (self.config.unit == "layers").then_some(self.config.calibration.as_ref()).flatten()
+    }
+
+    fn choose_layers(&self, model: &ModelSource, scores: &[f64]) -> Result<LayerMap, String> {
+        let config = model.config().cloned().unwrap_or_default();
+        let n = u(&config, "num_hidden_layers")?;
+        if scores.len() != n {
+            return Err(format!("{} layer scores for {n} layers", scores.len()));
+        }
+        let prefix = if config["model_type"].as_str() == Some("bert") { "encoder.layer." } else { "model.layers." };
+        let mut st = self.state();
+        // Lowest block influence first (the layer that changes its input least), ties by index.
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
+        let mut removed = order[..st.layers_to_remove].to_vec();
+        removed.sort_unstable();
+        let kept = (0..n).filter(|i| !removed.contains(i)).collect();
+        let map = LayerMap { prefix, kept, removed };
+        st.layer_scores = scores.to_vec();
+        st.layer_map = Some(map.clone());
+        Ok(map)
+    }
+
     fn plan(&self, name: &str, meta: &ParamMeta) -> Plan {
-        let role = self.role.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some(roles) = role.get(name) else { return Plan::Keep };
+        let st = self.state();
+        let Some(roles) = st.role.get(name) else { return Plan::Keep };
         let (ParamMeta::Dense { dtype, shape } | ParamMeta::Sparse { dtype, shape, .. }) = meta else {
             return Plan::Skip("already quantized: prune before quantizing".into());
         };
-        let blocks = self.blocks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut shape = shape.clone();
         for &(b, rows) in roles {
-            shape[usize::from(!rows)] = self.keep_count(blocks[b].size);
+            let block = &st.blocks[b];
+            shape[usize::from(!rows)] = block.keep_count(self.config.sparsity) * block.width;
         }
         Plan::Change(ParamMeta::Dense { dtype: *dtype, shape })
     }
 
     fn apply<'a>(&self, name: &str, param: Param<'a>) -> Result<Applied<'a>, String> {
         let (dtype, shape, w) = param.dense_f32().ok_or("already quantized: prune before quantizing")?;
-        let roles = self.role.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned();
-        let roles = roles.ok_or("not a feed-forward tensor")?;
-        let all_kept = self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let st = self.state();
+        let roles = st.role.get(name).cloned().ok_or("not a tensor this pass prunes")?;
         let (mut out, mut new_shape) = (w.clone(), shape.clone());
         for (b, rows) in roles {
-            let kept = &all_kept[b];
+            let width = st.blocks[b].width;
+            // Kept units → kept rows (columns).
+            let kept: Vec<usize> = st.kept[b].iter().flat_map(|&j| j * width..(j + 1) * width).collect();
             if rows {
                 let cols: usize = new_shape[1..].iter().product();
                 let mut next = Vec::with_capacity(kept.len() * cols);
-                for &j in kept {
+                for &j in &kept {
                     next.extend_from_slice(&out[j * cols..(j + 1) * cols]);
                 }
                 out = next;
@@ -222,41 +501,130 @@ impl Pass for Structured {
         Ok(Applied { param: Param::Dense { dtype, shape: new_shape, data: bytes.into() }, rel_rmse: Some(rel) })
     }
 
-    fn update_config(&self, config: &mut serde_json::Value) {
-        let blocks = self.blocks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    fn update_config(&self, config: &mut Value) {
+        let st = self.state();
+        let s = self.config.sparsity;
         let Some(obj) = config.as_object_mut() else { return };
-        if obj.contains_key("intermediate_size")
-            && let Some(b) = blocks.first()
-        {
-            obj.insert("intermediate_size".into(), self.keep_count(b.size).into());
-        }
-        if obj.contains_key("hidden_sizes") {
-            let sizes: Vec<usize> = blocks.iter().map(|b| self.keep_count(b.size)).collect();
-            obj.insert("hidden_sizes".into(), sizes.into());
+        match self.config.unit.as_str() {
+            "neurons" => {
+                if obj.contains_key("intermediate_size")
+                    && let Some(b) = st.blocks.first()
+                {
+                    obj.insert("intermediate_size".into(), b.keep_count(s).into());
+                }
+                if obj.contains_key("hidden_sizes") {
+                    let sizes: Vec<usize> = st.blocks.iter().map(|b| b.keep_count(s)).collect();
+                    obj.insert("hidden_sizes".into(), sizes.into());
+                }
+            }
+            "heads" => {
+                let Some((model_type, g)) = &st.heads else { return };
+                let Some(first) = st.blocks.first() else { return };
+                if model_type == "llama" {
+                    let left = first.keep_count(s);
+                    obj.insert("num_attention_heads".into(), left.into());
+                    obj.insert("num_key_value_heads".into(), (if g.kv == g.heads { left } else { g.kv }).into());
+                    obj.insert("head_dim".into(), g.hd.into());
+                } else {
+                    // transformers' BertModel builds the full layer and prunes these heads
+                    // (original indices) before loading the weights.
+                    let mut ph = obj.get("pruned_heads").and_then(Value::as_object).cloned().unwrap_or_default();
+                    for (layer, (block, kept)) in st.blocks.iter().zip(&st.kept).enumerate() {
+                        let mut gone: Vec<usize> = (0..g.heads).filter(|h| !block.original.contains(h)).collect();
+                        gone.extend((0..block.size).filter(|j| !kept.contains(j)).map(|j| block.original[j]));
+                        gone.sort_unstable();
+                        if !gone.is_empty() {
+                            ph.insert(layer.to_string(), gone.into());
+                        }
+                    }
+                    obj.insert("pruned_heads".into(), Value::Object(ph));
+                }
+            }
+            _ => {}
         }
     }
 }
 
 fn build(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
-    let config: StructuredConfig = recipe.pass_config(index)?;
-    if config.unit != "neurons" {
-        return Err(recipe.pass_error(
-            index,
-            format!("unit {:?}: \"neurons\" is implemented (attention heads and layers are not yet)", config.unit),
-        ));
+    let mut config: StructuredConfig = recipe.pass_config(index)?;
+    if !matches!(config.unit.as_str(), "neurons" | "heads" | "layers") {
+        return Err(
+            recipe.pass_error(index, format!("unit {:?}: one of \"neurons\", \"heads\", \"layers\"", config.unit))
+        );
     }
     if !(config.sparsity.is_finite() && (0.0..1.0).contains(&config.sparsity)) {
         return Err(recipe.pass_error(index, format!("sparsity = {}: must be in [0, 1)", config.sparsity)));
     }
-    Ok(Box::new(Structured { config, kept: Mutex::default(), blocks: Mutex::default(), role: Mutex::default() }))
+    match (config.unit.as_str(), config.calibration.take()) {
+        ("layers", None) => {
+            return Err(recipe.pass_error(
+                index,
+                "unit = \"layers\" needs calibration = { set = \"<text>\" } to score the layers on",
+            ));
+        }
+        ("layers", Some(c)) => {
+            if index != 0 {
+                return Err(recipe.pass_error(
+                    index,
+                    "unit = \"layers\" must be the recipe's first pass (it renumbers the layers later passes see)",
+                ));
+            }
+            config.calibration = Some(crate::quant::calibration_config(recipe, index, c)?);
+        }
+        (unit, Some(_)) => {
+            return Err(recipe.pass_error(
+                index,
+                format!(
+                    "calibration: unit = {unit:?} is scored from the weights alone; only \"layers\" uses calibration"
+                ),
+            ));
+        }
+        (_, None) => {}
+    }
+    Ok(Box::new(Structured { config, state: Mutex::default() }))
 }
 
 /// Registry entry of `prune-structured`.
 pub const STRUCTURED_INFO: PassInfo = PassInfo {
     name: "prune-structured",
-    summary: "Remove feed-forward neurons (llama, BERT, MLP): smaller matrices and config, faster everywhere",
+    summary: "Remove feed-forward neurons, attention heads or whole layers (llama, BERT; MLP neurons): smaller matrices and config, faster everywhere",
     docs: include_str!("structured.md"),
     status: Status::Preview,
     build,
     schema: || schemars::schema_for!(StructuredConfig),
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_map_renumbers_survivors_and_drops_the_rest() {
+        let map = LayerMap { prefix: "model.layers.", kept: vec![0, 2, 3], removed: vec![1] };
+        assert_eq!(
+            map.rename("model.layers.0.mlp.up_proj.weight").as_deref(),
+            Some("model.layers.0.mlp.up_proj.weight")
+        );
+        assert_eq!(map.rename("model.layers.1.mlp.up_proj.weight"), None);
+        assert_eq!(
+            map.rename("model.layers.3.input_layernorm.weight").as_deref(),
+            Some("model.layers.2.input_layernorm.weight")
+        );
+        // Names outside the layers, or not numbered, pass through.
+        assert_eq!(map.rename("model.norm.weight").as_deref(), Some("model.norm.weight"));
+        assert_eq!(map.rename("model.layers.x.y").as_deref(), Some("model.layers.x.y"));
+        let c = map.config(&serde_json::json!({"num_hidden_layers": 4, "pruned_heads": {"1": [0], "3": [2, 5]}}));
+        assert_eq!(c["num_hidden_layers"], 3);
+        assert_eq!(c["pruned_heads"], serde_json::json!({"2": [2, 5]}));
+    }
+
+    #[test]
+    fn grouped_blocks_keep_the_same_count_per_group() {
+        let b = Block { rows_of: vec![], cols_of: vec![], size: 9, width: 64, groups: 3, original: vec![] };
+        assert_eq!(b.keep_count(0.34), 6);
+        assert_eq!(b.keep_count(0.3), 9, "0.3 of 3 heads per group removes none");
+        assert_eq!(b.keep_count(0.67), 3);
+        let n = Block { rows_of: vec![], cols_of: vec![], size: 1536, width: 1, groups: 1, original: vec![] };
+        assert_eq!(n.keep_count(0.5), 768);
+    }
+}
