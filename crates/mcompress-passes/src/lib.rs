@@ -265,6 +265,14 @@ pub trait Pass: fmt::Debug + Send + Sync {
     }
     /// Receives what the training measured (steps, losses, speed) for the report.
     fn report_outcome(&self, _outcome: serde_json::Value) {}
+    /// Calibration text whose activation statistics score this pass's units (structured
+    /// pruning of neurons or heads with `calibration`); `None` for the others. The statistics
+    /// come back through [`Pass::provide_moments`] before [`Pass::prepare`].
+    fn unit_calibration(&self) -> Option<&quant::CalibrationConfig> {
+        None
+    }
+    /// Receives `E[x_c²]` of every input column of every linear layer, by weight name.
+    fn provide_moments(&self, _moments: std::collections::BTreeMap<String, Vec<f32>>) {}
     /// Whole layers this pass removes before anything else runs (structured pruning's
     /// `unit = "layers"`): the calibration text to score them on; `None` for the others.
     fn layer_removal(&self) -> Option<&quant::CalibrationConfig> {

@@ -46,7 +46,9 @@ pub struct StructuredConfig {
     /// Fraction to remove, in [0, 1): of each feed-forward block's neurons, of each layer's
     /// heads (of each KV group's query heads under grouped-query attention), or of the layers.
     pub sparsity: f64,
-    /// `unit = "layers"` only: the text the layers are scored on.
+    /// The text units are scored on: required for `"layers"` (block influence); optional for
+    /// `"neurons"` and `"heads"` of llama models (activation-weighted scores instead of
+    /// weight norms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibration: Option<CalibrationConfig>,
 }
@@ -123,6 +125,9 @@ impl LayerMap {
 pub struct Structured {
     config: StructuredConfig,
     state: Mutex<State>,
+    /// Neurons and heads with `calibration`: `E[x_c²]` of every input column of every linear
+    /// layer on the calibration text, by weight name ([`Pass::provide_moments`]).
+    moments: Mutex<BTreeMap<String, Vec<f32>>>,
 }
 
 #[derive(Debug, Default)]
@@ -319,10 +324,15 @@ impl Structured {
     /// Scores every unit of every block and keeps the most important per group.
     fn choose_units(&self, model: &ModelSource, blocks: &[Block], st: &mut State) -> Result<(), String> {
         let s = self.config.sparsity;
+        let moments = self.moments.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for (b, block) in blocks.iter().enumerate() {
             let (n, w) = (block.size, block.width);
             let mut imp_in = vec![0f64; n];
             let mut imp_out = vec![0f64; n];
+            // With calibration: the expected norm of the unit's contribution to the output,
+            // Σ_c E[x_c²] · ‖P[:, c]‖² over its input columns c of the output projection P.
+            let mut act = vec![0f64; n];
+            let mut have_act = false;
             for name in &block.rows_of {
                 let (shape, v) = f32_of(model, name)?;
                 if shape[0] != n * w {
@@ -339,14 +349,29 @@ impl Structured {
                 if shape.len() != 2 || shape[1] != n * w {
                     return Err(format!("{name}: shape {shape:?}, {} input columns expected", n * w));
                 }
+                let mut col = vec![0f64; n * w];
                 for row in v.chunks(n * w) {
                     for (c, x) in row.iter().enumerate() {
-                        imp_out[c / w] += f64::from(*x) * f64::from(*x);
+                        col[c] += f64::from(*x) * f64::from(*x);
                     }
+                }
+                for (c, v) in col.iter().enumerate() {
+                    imp_out[c / w] += v;
+                }
+                if !moments.is_empty() {
+                    let m = moments.get(name).ok_or_else(|| format!("{name}: no activation statistics"))?;
+                    if m.len() != n * w {
+                        return Err(format!("{name}: {} activation statistics for {} columns", m.len(), n * w));
+                    }
+                    for (c, v) in col.iter().enumerate() {
+                        act[c / w] += f64::from(m[c]) * v;
+                    }
+                    have_act = true;
                 }
                 st.role.entry(name.clone()).or_default().push((b, false));
             }
-            let score: Vec<f64> = imp_in.iter().zip(&imp_out).map(|(a, b)| (a * b).sqrt()).collect();
+            let score: Vec<f64> =
+                if have_act { act } else { imp_in.iter().zip(&imp_out).map(|(a, b)| (a * b).sqrt()).collect() };
             let per = n / block.groups;
             let keep_per = block.keep_count(s) / block.groups;
             let mut kept = Vec::with_capacity(keep_per * block.groups);
@@ -426,6 +451,14 @@ impl Pass for Structured {
         }
         *self.state() = st;
         Ok(())
+    }
+
+    fn unit_calibration(&self) -> Option<&CalibrationConfig> {
+        (self.config.unit != "layers").then_some(self.config.calibration.as_ref()).flatten()
+    }
+
+    fn provide_moments(&self, moments: BTreeMap<String, Vec<f32>>) {
+        *self.moments.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = moments;
     }
 
     fn layer_removal(&self) -> Option<&CalibrationConfig> {
@@ -571,17 +604,10 @@ fn build(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recip
             }
             config.calibration = Some(crate::quant::calibration_config(recipe, index, c)?);
         }
-        (unit, Some(_)) => {
-            return Err(recipe.pass_error(
-                index,
-                format!(
-                    "calibration: unit = {unit:?} is scored from the weights alone; only \"layers\" uses calibration"
-                ),
-            ));
-        }
+        (_, Some(c)) => config.calibration = Some(crate::quant::calibration_config(recipe, index, c)?),
         (_, None) => {}
     }
-    Ok(Box::new(Structured { config, state: Mutex::default() }))
+    Ok(Box::new(Structured { config, state: Mutex::default(), moments: Mutex::default() }))
 }
 
 /// Registry entry of `prune-structured`.
