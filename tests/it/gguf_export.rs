@@ -19,7 +19,7 @@ fn text(name: &str) -> Option<PathBuf> {
 
 /// A Python that imports `llama_cpp` (PyPI llama-cpp-python): `$MCOMPRESS_LLAMA_PYTHON`, else
 /// `python3`. Required under CI (scripts/test.sh installs it), skipped elsewhere when missing.
-fn llama_python() -> Option<String> {
+pub(crate) fn llama_python() -> Option<String> {
     let py = std::env::var("MCOMPRESS_LLAMA_PYTHON").unwrap_or_else(|_| "python3".into());
     let ok = Command::new(&py).args(["-c", "import llama_cpp"]).output().is_ok_and(|o| o.status.success());
     if ok {

@@ -202,6 +202,21 @@ fn test_smollm2_layers_then_heads_compose_into_a_smaller_llama() {
     let (reference, pruned) = (r["eval"]["reference"].as_f64().unwrap(), r["eval"]["compressed"].as_f64().unwrap());
     assert!(pruned.is_finite() && pruned > reference && pruned < 50.0 * reference, "{pruned} vs {reference}");
     assert_eq!(r["passes"][0]["settings"]["removed_layers"].as_array().unwrap().len(), 6);
+    // llama.cpp loads the smaller GGUF (24 blocks, 6 query heads of 64 in a 576 model) and
+    // agrees on its perplexity.
+    let Some(py) = crate::gguf_export::llama_python() else { return };
+    let o = std::process::Command::new(&py)
+        .arg(repo().join("scripts/llama_cpp_ppl.py"))
+        .arg(bundle.join("model.gguf"))
+        .arg(&hamlet)
+        .args(["512", "256"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "llama.cpp: {text}");
+    let theirs: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let ppl = theirs["ppl"].as_f64().unwrap();
+    assert!((ppl / pruned - 1.0).abs() < 0.01, "llama.cpp {ppl} vs ours {pruned}");
 }
 
 #[test]
@@ -213,7 +228,10 @@ fn test_bad_structured_settings_exit_2() {
     let pass = |body: &str| format!("[[pass]]\ntype = \"prune-structured\"\n{body}\n");
     let cases = [
         (pass("unit = \"layers\"\nsparsity = 0.5"), "needs calibration"),
-        (pass(&format!("unit = \"neurons\"\nsparsity = 0.5\n{cal}")), "activation statistics are computed for llama models"),
+        (
+            pass(&format!("unit = \"neurons\"\nsparsity = 0.5\n{cal}")),
+            "activation statistics are computed for llama models",
+        ),
         (
             format!(
                 "[[pass]]\ntype = \"cast\"\ndtype = \"f16\"\n{}",
