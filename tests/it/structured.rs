@@ -242,6 +242,10 @@ fn test_bad_structured_settings_exit_2() {
         (pass("unit = \"heads\"\nsparsity = 0.5"), "attention heads are pruned in llama and bert models"),
         (pass(&format!("unit = \"layers\"\nsparsity = 0.5\n{cal}")), "whole layers are pruned in llama and bert"),
         (pass("unit = \"channels\"\nsparsity = 0.5"), "unit \"channels\""),
+        (
+            format!("{}{}", pass("unit = \"neurons\"\nsparsity = 0.25"), pass("unit = \"neurons\"\nsparsity = 0.25")),
+            "already pruned by pass[0]",
+        ),
     ];
     for (body, want) in cases {
         let recipe = write(t.path(), "b.toml", &format!("[model]\npath = {:?}\n{body}", digits.display().to_string()));

@@ -588,6 +588,23 @@ fn build(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recip
     if !(config.sparsity.is_finite() && (0.0..1.0).contains(&config.sparsity)) {
         return Err(recipe.pass_error(index, format!("sparsity = {}: must be in [0, 1)", config.sparsity)));
     }
+    // Importances are read from the model as given: a second pass on the same structures
+    // would score units the first one already removed.
+    for j in 0..index {
+        if recipe.passes[j].kind == STRUCTURED_INFO.name
+            && let Ok(earlier) = recipe.pass_config::<StructuredConfig>(j)
+            && earlier.unit == config.unit
+            && config.unit != "layers"
+        {
+            return Err(recipe.pass_error(
+                index,
+                format!(
+                    "unit = {:?} is already pruned by pass[{j}]: use one pass with the total sparsity",
+                    config.unit
+                ),
+            ));
+        }
+    }
     match (config.unit.as_str(), config.calibration.take()) {
         ("layers", None) => {
             return Err(recipe.pass_error(
