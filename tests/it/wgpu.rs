@@ -189,3 +189,34 @@ fn test_fashion_mnist_accuracy_same_on_wgpu_and_cpu() {
     assert_same_metric(&cpu, &gpu, 1.5e-4);
     assert_eq!(gpu["backend"], "wgpu");
 }
+
+#[test]
+fn test_head_and_layer_pruned_minilm_same_on_wgpu_and_cpu() {
+    let (Some(model), Some(_)) = (minilm(), wgpu()) else { return };
+    let (Some(set), Some(lee)) = (
+        fixture("gensim-test-data/wordsim353.tsv", "gensim"),
+        fixture("gensim-test-data/lee_background.cor", "gensim"),
+    ) else {
+        return;
+    };
+    let t = tmp();
+    let recipe = t.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "[model]\npath = {:?}\n[[pass]]\ntype = \"prune-structured\"\nunit = \"layers\"\nsparsity = 0.17\n\
+             calibration = {{ set = {:?}, samples = 4, seq-len = 64 }}\n\
+             [[pass]]\ntype = \"prune-structured\"\nunit = \"heads\"\nsparsity = 0.5\n\
+             [eval]\nset = {:?}\nmetric = \"spearman\"\n",
+            model.display().to_string(),
+            lee.display().to_string(),
+            set.display().to_string()
+        ),
+    )
+    .unwrap();
+    // 5 layers of 6 heads (pruned_heads per layer) through the wgpu matmuls.
+    let gpu = eval_on(&recipe, "wgpu", t.path());
+    let cpu = eval_on(&recipe, "cpu", t.path());
+    assert_same_metric(&cpu, &gpu, 1e-4);
+    assert!(gpu["compressed"].as_f64().unwrap() > 0.6, "{gpu}");
+}
