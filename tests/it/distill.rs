@@ -7,13 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::util::{fixture, mcompress, minilm, repo, run_report, tmp};
-
-fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, body).unwrap();
-    p
-}
+use crate::util::{fixture, mcompress, minilm, repo, run_report, tmp, write};
 
 /// The shipped digits recipe with `steps`, `extra` settings for the distill pass (in place of
 /// its `checkpoint-every`) and `mid` passes between the structured pruning and the distillation,

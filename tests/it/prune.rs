@@ -2,15 +2,9 @@
 //! and SparseGPT keep SmolLM2's perplexity clearly closer to the original than magnitude pruning
 //! at the same sparsity, and bad settings exit 2.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::util::{mcompress, repo, run_report, tmp};
-
-fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, body).unwrap();
-    p
-}
+use crate::util::{mcompress, repo, run_report, tmp, write};
 
 /// A safetensors file's tensor as f32.
 fn tensor(file: &Path, name: &str) -> Vec<f32> {

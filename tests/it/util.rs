@@ -31,6 +31,13 @@ pub(crate) fn mcompress(args: &[&str], cwd: &Path) -> (i32, String, String) {
     )
 }
 
+/// Writes `body` to `dir/name`; the path.
+pub(crate) fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
 /// A fresh temp dir per test.
 pub(crate) fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")

@@ -222,6 +222,18 @@ fn neuron_blocks(model: &ModelSource, config: &Value) -> Result<Vec<Block>, Stri
 /// pruning: (heads, KV heads, head width).
 fn head_blocks(model: &ModelSource, config: &Value) -> Result<(Vec<Block>, Geometry), String> {
     let has = |n: &str| model.tensors().iter().any(|r| model.info(r).name == n);
+    // `<module>.weight` of each module, and its `.bias` where the model has one.
+    let with_biases = |modules: &[String]| -> Vec<String> {
+        let mut v = Vec::new();
+        for m in modules {
+            v.push(format!("{m}.weight"));
+            let b = format!("{m}.bias");
+            if has(&b) {
+                v.push(b);
+            }
+        }
+        v
+    };
     let rows_of = |n: &str| model.tensors().iter().find(|r| model.info(r).name == n).map(|r| model.info(r).shape[0]);
     let model_type = config["model_type"].as_str().unwrap_or("");
     if !matches!(model_type, "llama" | "bert") {
@@ -248,16 +260,8 @@ fn head_blocks(model: &ModelSource, config: &Value) -> Result<(Vec<Block>, Geome
                 if kv == heads {
                     names.extend(["k_proj", "v_proj"]);
                 }
-                let mut r = Vec::new();
-                for n in names {
-                    r.push(format!("{p}.{n}.weight"));
-                    let b = format!("{p}.{n}.bias");
-                    if has(&b) {
-                        r.push(b);
-                    }
-                }
                 out.push(Block {
-                    rows_of: r,
+                    rows_of: with_biases(&names.iter().map(|n| format!("{p}.{n}")).collect::<Vec<_>>()),
                     cols_of: vec![format!("{p}.o_proj.weight")],
                     size: heads,
                     width: hd,
@@ -285,16 +289,8 @@ fn head_blocks(model: &ModelSource, config: &Value) -> Result<(Vec<Block>, Geome
                 if rows != original.len() * hd {
                     return Err(format!("{q}: {rows} rows, {} heads of {hd} expected", original.len()));
                 }
-                let mut r = Vec::new();
-                for n in ["query", "key", "value"] {
-                    r.push(format!("{p}.self.{n}.weight"));
-                    let b = format!("{p}.self.{n}.bias");
-                    if has(&b) {
-                        r.push(b);
-                    }
-                }
                 out.push(Block {
-                    rows_of: r,
+                    rows_of: with_biases(&["query", "key", "value"].map(|n| format!("{p}.self.{n}"))),
                     cols_of: vec![format!("{p}.output.dense.weight")],
                     size: original.len(),
                     width: hd,
