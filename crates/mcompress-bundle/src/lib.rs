@@ -197,8 +197,12 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     // Whole layers removed (structured pruning, always the first pass): scored on calibration
     // text, then every later step sees the smaller, renumbered model. `source` stays the model
     // as given: the eval's reference and the default distillation teacher.
+    // Per pass: wall seconds before the weights stream (scoring, calibration, training), added
+    // to its streaming time in the report.
+    let mut pre_seconds = vec![0f64; passes.len()];
     let mut restructured = None;
     if let Some((first, c)) = passes.first().and_then(|p| p.layer_removal().map(|c| (p, c))) {
+        let t0 = Instant::now();
         first.prepare(&source).map_err(|e| prepare_err(0, e))?;
         let ws =
             mcompress_eval::calibrate::WindowSpec { set: &c.set, samples: c.samples, seq_len: c.seq_len, seed: c.seed };
@@ -207,6 +211,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         let map = first.choose_layers(&source, &scores).map_err(|e| prepare_err(0, e))?;
         let config = map.config(&source.config().cloned().unwrap_or_default());
         restructured = Some(ModelSource::open(&recipe.model_path)?.restructured(|n| map.rename(n), config)?);
+        pre_seconds[0] += t0.elapsed().as_secs_f64();
     }
     let model = restructured.as_ref().unwrap_or(&source);
     // Passes that read the whole model first (structured pruning's importances).
@@ -227,6 +232,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         if i == 0 && restructured.is_some() {
             continue;
         }
+        let t0 = Instant::now();
         if let Some(c) = pass.unit_calibration() {
             let ws = mcompress_eval::calibrate::WindowSpec {
                 set: &c.set,
@@ -239,6 +245,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
             pass.provide_moments(moments);
         }
         pass.prepare(model).map_err(|e| prepare_err(i, e))?;
+        pre_seconds[i] += t0.elapsed().as_secs_f64();
     }
     let out_dir = opts.out.clone().unwrap_or_else(|| recipe.output_dir.clone());
     fs_err::create_dir_all(&out_dir).map_err(io(&out_dir))?;
@@ -250,6 +257,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         if pass.calibration().is_none() && pass.distillation().is_none() {
             continue;
         }
+        let t0 = Instant::now();
         // Each calibrates or trains on the model as the passes before it leave it.
         let earlier = &passes[..i];
         let prior = if earlier.is_empty() {
@@ -285,6 +293,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
             pass.report_outcome(trained.outcome);
             checkpoints.push(checkpoint_dir);
         }
+        pre_seconds[i] += t0.elapsed().as_secs_f64();
     }
     for t in &recipe.targets {
         check_output_safe(&out_dir.join(&t.name), model)?;
@@ -332,7 +341,12 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
             })();
             (h.join().expect("hash thread does not panic"), out)
         });
-        let (hashes, output): (_, pipeline::Output) = (hashes?, output?);
+        let (hashes, mut output): (_, pipeline::Output) = (hashes?, output?);
+        for (r, pre) in output.passes.iter_mut().zip(&pre_seconds) {
+            if let Some(sec) = &mut r.seconds {
+                *sec += pre;
+            }
+        }
 
         // The safetensors payload and its eval, shared by the targets that ship it.
         let mut st_files = std::collections::BTreeMap::new();

@@ -44,7 +44,9 @@ pub struct PassReport {
     pub kind: &'static str,
     /// Resolved settings.
     pub settings: Value,
-    /// Wall seconds spent in this pass (measured; `None` in reproducible mode).
+    /// Wall seconds spent in this pass: streaming, plus (in `mcompress run`) its scoring,
+    /// calibration or training before the weights stream (measured; `None` in reproducible
+    /// mode).
     pub seconds: Option<f64>,
     /// Tensors rewritten, with their error.
     pub tensors: Vec<TensorStat>,
