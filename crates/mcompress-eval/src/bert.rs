@@ -42,8 +42,20 @@ struct Layer {
     heads: usize,
 }
 
-/// Sees each layer's index, input and output hidden states.
-type LayerObserver<'a> = dyn FnMut(usize, &[f32], &[f32]) + 'a;
+/// What one encoder layer computed for a batch, `[tokens, width]` each.
+struct LayerTrace<'a> {
+    index: usize,
+    /// Hidden states in and out.
+    input: &'a [f32],
+    output: &'a [f32],
+    /// Inputs of the attention output projection (the heads' contexts) and of the FFN output
+    /// projection (the GELU activations).
+    context: &'a [f32],
+    activation: &'a [f32],
+}
+
+/// Sees every layer's trace.
+type LayerObserver<'a> = dyn FnMut(&LayerTrace<'_>) + 'a;
 
 /// A loaded BERT sentence encoder.
 #[derive(Debug)]
@@ -131,13 +143,44 @@ impl Bert {
         for s in seqs {
             // One sequence at a time, clipped to the position table.
             let ids = &s[..s.len().min(self.max_pos)];
-            self.encode(&[ids], &mut |i, before, after| acc[i].add(before, after, h))?;
+            self.encode(&[ids], &mut |t| acc[t.index].add(t.input, t.output, h))?;
         }
         Ok(acc.into_iter().map(crate::calibrate::CosMean::mean).collect())
     }
 
+    /// Mean square of every input channel of the attention and FFN output projections over
+    /// `seqs` (`E[x_c²]`), by weight name: what structured pruning weighs a head's or a neuron's
+    /// output columns by.
+    pub fn input_moments(&self, seqs: &[Vec<u32>]) -> Result<std::collections::BTreeMap<String, Vec<f32>>> {
+        let mut sums: Vec<(Vec<f64>, Vec<f64>)> =
+            self.layers.iter().map(|l| (vec![0f64; l.heads * self.hd], vec![0f64; l.down.inp])).collect();
+        let mut tokens = 0usize;
+        for s in seqs {
+            let ids = &s[..s.len().min(self.max_pos)];
+            tokens += ids.len();
+            self.encode(&[ids], &mut |t| {
+                let (c, a) = &mut sums[t.index];
+                for (sum, data) in [(c, t.context), (a, t.activation)] {
+                    for row in data.chunks(sum.len()) {
+                        for (acc, v) in sum.iter_mut().zip(row) {
+                            *acc += f64::from(*v) * f64::from(*v);
+                        }
+                    }
+                }
+            })?;
+        }
+        let n = tokens.max(1) as f64;
+        let mean = |v: &[f64]| v.iter().map(|x| (x / n) as f32).collect::<Vec<f32>>();
+        let mut out = std::collections::BTreeMap::new();
+        for (i, (c, a)) in sums.iter().enumerate() {
+            out.insert(format!("encoder.layer.{i}.attention.output.dense.weight"), mean(c));
+            out.insert(format!("encoder.layer.{i}.output.dense.weight"), mean(a));
+        }
+        Ok(out)
+    }
+
     /// The final hidden states `[tokens, hidden]` of a ragged batch and each sequence's first row
-    /// (plus the total); `observe(layer, before, after)` sees every layer's input and output.
+    /// (plus the total); `observe` sees what every layer computed.
     fn encode(&self, seqs: &[&[u32]], observe: &mut LayerObserver<'_>) -> Result<(Vec<f32>, Vec<usize>)> {
         let h = self.hidden;
         let mut starts = Vec::with_capacity(seqs.len() + 1);
@@ -177,7 +220,7 @@ impl Bert {
             let mut y = l.down.apply(&f)?;
             y.iter_mut().zip(&a).for_each(|(y, r)| *y += r);
             l.ln2.apply(&mut y);
-            observe(li, &x, &y);
+            observe(&LayerTrace { index: li, input: &x, output: &y, context: &ctx, activation: &f });
             x = y;
         }
         Ok((x, starts))
@@ -190,7 +233,7 @@ impl Bert {
     /// batch.
     pub fn embed_batch(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
         let h = self.hidden;
-        let (x, starts) = self.encode(seqs, &mut |_, _, _| {})?;
+        let (x, starts) = self.encode(seqs, &mut |_| {})?;
         Ok(starts
             .windows(2)
             .map(|w| {

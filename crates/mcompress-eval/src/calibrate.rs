@@ -198,17 +198,24 @@ pub fn run(
 /// Mean square of every input channel of every linear layer of a llama model over calibration
 /// windows (`E[x_c²]`, the diagonal of the layer's input Hessian over the token count), by
 /// weight name, from one dense forward pass: what the `fit` policy weighs quantization error by.
+/// BERT models: the inputs of the attention and FFN output projections only.
 pub fn input_moments(model: &ModelSource, spec: WindowSpec<'_>) -> Result<BTreeMap<String, Vec<f32>>> {
     let config = model.config().cloned().unwrap_or_default();
-    if config["model_type"].as_str() != Some("llama") {
-        return Err(Error::Model(format!(
-            "{}: activation statistics are computed for llama models; use no calibration for others",
+    match config["model_type"].as_str().unwrap_or("") {
+        "llama" => {
+            let windows = windows(model, spec)?;
+            llama::Llama::load(&config, &weights::from_model(model), &Device::Cpu)?.input_moments(&windows)
+        }
+        "bert" => {
+            let windows = windows(model, spec)?;
+            crate::bert::Bert::load(&config, &weights::from_model(model), &Device::Cpu)?.input_moments(&windows)
+        }
+        other => Err(Error::Model(format!(
+            "{}: activation statistics are computed for llama and bert models (this model_type is {other:?}); \
+             use no calibration for others",
             model.path().display()
-        )));
+        ))),
     }
-    let windows = windows(model, spec)?;
-    let llama = llama::Llama::load(&config, &weights::from_model(model), &Device::Cpu)?;
-    llama.input_moments(&windows)
 }
 
 /// Block influence of every layer of a llama or BERT model on calibration windows (ShortGPT,

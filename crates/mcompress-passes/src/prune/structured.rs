@@ -47,7 +47,7 @@ pub struct StructuredConfig {
     /// heads (of each KV group's query heads under grouped-query attention), or of the layers.
     pub sparsity: f64,
     /// The text units are scored on: required for `"layers"` (block influence); optional for
-    /// `"neurons"` and `"heads"` of llama models (activation-weighted scores instead of
+    /// `"neurons"` and `"heads"` of llama and BERT models (activation-weighted scores instead of
     /// weight norms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibration: Option<CalibrationConfig>,
