@@ -266,7 +266,10 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
             Some(mcompress_eval::calibrate::Prior {
                 config: pipeline::output_config(model, earlier).unwrap_or_default(),
                 tensors: pipeline::transformed_f32(model, earlier)?,
-                keep_zeros: earlier.iter().any(|p| p.name().starts_with("prune-")),
+                // Unstructured and N:M pruning leave exact zeros that must stay zero; structured
+                // pruning leaves none (its removed units are gone), and a zero it did not make
+                // (a quantized input's grid point) must stay trainable.
+                keep_zeros: earlier.iter().any(|p| p.name().starts_with("prune-") && p.name() != "prune-structured"),
             })
         };
         if let Some(cal) = pass.calibration() {
