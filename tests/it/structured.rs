@@ -152,6 +152,8 @@ fn test_minilm_heads_and_layers_shrink_and_stay_scored() {
     lowest.sort_unstable();
     assert_eq!(settings["removed_layers"], serde_json::json!(lowest));
     assert!(r["bundle"]["weights_bytes"].as_u64().unwrap() < r["model"]["bytes"].as_u64().unwrap() * 9 / 10);
+    // Two of six layers of 1,774,464 parameters each.
+    assert_eq!(r["model"]["params"].as_u64().unwrap() - r["bundle"]["params"].as_u64().unwrap(), 2 * 1_774_464);
     let pruned = r["eval"]["compressed"].as_f64().unwrap();
     assert!(pruned > 0.68, "spearman {pruned}");
 }

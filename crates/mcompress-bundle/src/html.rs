@@ -234,10 +234,11 @@ figure{{margin:1.5em 0}} figcaption{{font-weight:600;margin-bottom:.4em}} code{{
         );
         let _ = write!(
             s,
-            r#"<table><tr><th></th><th>model</th><th>bundle</th></tr><tr><td>weights</td><td class="n">{}</td><td class="n">{}</td></tr><tr><td>parameters</td><td class="n">{}</td><td class="n">{} quantized</td></tr><tr><td>bits / parameter</td><td class="n">{:.2}</td><td class="n">{:.2}</td></tr><tr><td>compression</td><td></td><td class="n">{:.2}×</td></tr></table>"#,
+            r#"<table><tr><th></th><th>model</th><th>bundle</th></tr><tr><td>weights</td><td class="n">{}</td><td class="n">{}</td></tr><tr><td>parameters</td><td class="n">{}</td><td class="n">{} ({} quantized)</td></tr><tr><td>bits / parameter</td><td class="n">{:.2}</td><td class="n">{:.2}</td></tr><tr><td>compression</td><td></td><td class="n">{:.2}×</td></tr></table>"#,
             ByteSize(self.model.bytes),
             ByteSize(self.bundle.weights_bytes),
             self.model.params,
+            self.bundle.params,
             self.bundle.params_quantized,
             self.model.bytes as f64 * 8.0 / self.model.params.max(1) as f64,
             self.bundle.bits_per_param,

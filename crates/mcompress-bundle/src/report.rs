@@ -112,7 +112,9 @@ pub struct BundleInfo {
     pub weights_bytes: u64,
     /// model.bytes / weights_bytes.
     pub compression_ratio: f64,
-    /// Weight bits per parameter.
+    /// Parameters in the bundle (fewer than the model's after structured pruning).
+    pub params: u64,
+    /// Weight bits per bundle parameter.
     pub bits_per_param: f64,
     /// Parameters stored quantized.
     pub params_quantized: u64,
@@ -199,6 +201,7 @@ impl Report {
                 })
                 .sum(),
         };
+        let bundle_params: u64 = output.params.values().map(|m| m.shape().iter().product::<usize>() as u64).sum();
         let weights_bytes = shipped.weights_bytes;
         let bundle_bytes = shipped.bytes;
         let files = shipped.files;
@@ -215,7 +218,8 @@ impl Report {
                 bytes: bundle_bytes,
                 weights_bytes,
                 compression_ratio: round6(model.weight_bytes() as f64 / weights_bytes.max(1) as f64),
-                bits_per_param: round6(weights_bytes as f64 * 8.0 / params.max(1) as f64),
+                params: bundle_params,
+                bits_per_param: round6(weights_bytes as f64 * 8.0 / bundle_params.max(1) as f64),
                 params_quantized,
                 files: files.iter().map(|(k, v)| (k.clone(), v.bytes)).collect(),
                 gguf: shipped.gguf,
@@ -242,7 +246,11 @@ impl Report {
         let _ = writeln!(s, "| | model | bundle |\n|---|---:|---:|");
         let _ = writeln!(s, "| weights | {} | {} |", ByteSize(self.model.bytes), ByteSize(self.bundle.weights_bytes));
         let _ = writeln!(s, "| deployable files | | {} |", ByteSize(self.bundle.bytes));
-        let _ = writeln!(s, "| parameters | {} | {} quantized |", self.model.params, self.bundle.params_quantized);
+        let _ = writeln!(
+            s,
+            "| parameters | {} | {} ({} quantized) |",
+            self.model.params, self.bundle.params, self.bundle.params_quantized
+        );
         let _ = writeln!(
             s,
             "| bits / parameter | {:.2} | {:.2} |",
