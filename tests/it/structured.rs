@@ -332,3 +332,97 @@ fn test_minilm_heads_scored_on_text_stay_closer_to_the_original() {
     // Measured: 0.786 by weight norms, 0.843 scored on the Lee corpus (docs/benchmarks.md).
     assert!(text > weights + 0.03 && text > 0.8, "calibrated {text} vs weight norms {weights}");
 }
+
+/// A two-block multi-head (no grouping) llama made from SmolLM2: its first two blocks with every
+/// KV head repeated for the three query heads that share it (the same function, now with nine
+/// KV heads), and the output columns of query heads 0, 4 and 8 zeroed (they contribute nothing).
+fn mha_llama_with_dead_heads(smollm2: &Path, t: &Path) -> PathBuf {
+    let recipe = write(
+        t,
+        "f32.toml",
+        &format!("[model]\npath = {:?}\n[[pass]]\ntype = \"cast\"\ndtype = \"f32\"\n", smollm2.display().to_string()),
+    );
+    let (code, _, se) =
+        mcompress(&["run", "-q", "--out", t.join("f32").to_str().unwrap(), recipe.to_str().unwrap()], t);
+    assert_eq!(code, 0, "{se}");
+    let src = t.join("f32/default");
+    let dst = t.join("mha");
+    std::fs::create_dir_all(&dst).unwrap();
+    std::fs::copy(src.join("tokenizer.json"), dst.join("tokenizer.json")).unwrap();
+    let mut cfg = config(&src);
+    cfg["num_hidden_layers"] = 2.into();
+    cfg["num_key_value_heads"] = 9.into();
+    std::fs::write(dst.join("config.json"), serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let layer =
+            name.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).map(|l| l.parse::<usize>().unwrap());
+        if layer.is_some_and(|l| l >= 2) {
+            continue;
+        }
+        let (shape, data) = (view.shape().to_vec(), view.data().to_vec());
+        let (row, hd) = (shape.last().copied().unwrap_or(0) * 4, 64);
+        if name.ends_with("k_proj.weight") || name.ends_with("v_proj.weight") {
+            // [3 × 64, 576] → [9 × 64, 576]: KV head g serves query heads 3g, 3g + 1, 3g + 2.
+            let mut out = Vec::with_capacity(data.len() * 3);
+            for g in 0..3 {
+                for _ in 0..3 {
+                    out.extend_from_slice(&data[g * hd * row..(g + 1) * hd * row]);
+                }
+            }
+            owned.push((name, vec![9 * hd, shape[1]], out));
+        } else if name.ends_with("o_proj.weight") {
+            let mut out = data;
+            for r in 0..shape[0] {
+                for h in [0, 4, 8] {
+                    out[r * row + h * hd * 4..r * row + (h + 1) * hd * 4].fill(0);
+                }
+            }
+            owned.push((name, shape, out));
+        } else {
+            owned.push((name, shape, data));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
+        .iter()
+        .map(|(n, s, d)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
+    dst
+}
+
+#[test]
+fn test_pruning_dead_heads_of_a_multi_head_llama_keeps_its_perplexity() {
+    let Some((gguf, hamlet, _)) = smollm2() else { return };
+    let t = tmp();
+    let mha = mha_llama_with_dead_heads(&gguf, t.path());
+    let recipe = write(
+        t.path(),
+        "h.toml",
+        &format!(
+            "[model]\npath = {:?}\n[[pass]]\ntype = \"prune-structured\"\nunit = \"heads\"\nsparsity = 0.34\n\
+             [eval]\nset = {:?}\nmetric = \"perplexity\"\nmax-tokens = 256\nwindow = 128\nbackend = \"cpu\"\n",
+            mha.display().to_string(),
+            hamlet.display().to_string()
+        ),
+    );
+    let r = run_report(t.path(), &recipe, &t.path().join("h"), "default", &[]);
+    let bundle = t.path().join("h/default");
+    // Without grouping a head takes its own key and value rows: 9 → 6 heads, KV heads alike.
+    let cfg = config(&bundle);
+    assert_eq!(
+        (&cfg["num_attention_heads"], &cfg["num_key_value_heads"], &cfg["head_dim"]),
+        (&serde_json::json!(6), &serde_json::json!(6), &serde_json::json!(64))
+    );
+    let s = shapes(&bundle.join("model.safetensors"));
+    for p in ["q_proj", "k_proj", "v_proj"] {
+        assert_eq!(s[&format!("model.layers.1.self_attn.{p}.weight")], [384, 576], "{p}");
+    }
+    // The dead heads were the ones removed: the model computes what it computed before.
+    let (reference, pruned) = (r["eval"]["reference"].as_f64().unwrap(), r["eval"]["compressed"].as_f64().unwrap());
+    assert!((pruned / reference - 1.0).abs() < 1e-5, "{pruned} vs {reference}");
+}
