@@ -333,10 +333,8 @@ fn test_minilm_heads_scored_on_text_stay_closer_to_the_original() {
     assert!(text > weights + 0.03 && text > 0.8, "calibrated {text} vs weight norms {weights}");
 }
 
-/// A two-block multi-head (no grouping) llama made from SmolLM2: its first two blocks with every
-/// KV head repeated for the three query heads that share it (the same function, now with nine
-/// KV heads), and the output columns of query heads 0, 4 and 8 zeroed (they contribute nothing).
-fn mha_llama_with_dead_heads(smollm2: &Path, t: &Path) -> PathBuf {
+/// SmolLM2 as an f32 safetensors bundle (config.json and tokenizer.json beside it).
+fn smollm2_f32(smollm2: &Path, t: &Path) -> PathBuf {
     let recipe = write(
         t,
         "f32.toml",
@@ -345,13 +343,23 @@ fn mha_llama_with_dead_heads(smollm2: &Path, t: &Path) -> PathBuf {
     let (code, _, se) =
         mcompress(&["run", "-q", "--out", t.join("f32").to_str().unwrap(), recipe.to_str().unwrap()], t);
     assert_eq!(code, 0, "{se}");
-    let src = t.join("f32/default");
-    let dst = t.join("mha");
-    std::fs::create_dir_all(&dst).unwrap();
+    t.join("f32/default")
+}
+
+/// A model directory `dst` made of the first `layers` blocks of the f32 llama in `src`, each
+/// tensor passed through `edit(name, shape, bytes)` and the config through `edit_config`.
+fn rewrite_llama(
+    src: &Path,
+    dst: &Path,
+    layers: usize,
+    edit_config: impl FnOnce(&mut serde_json::Value),
+    mut edit: impl FnMut(&str, Vec<usize>, Vec<u8>) -> (Vec<usize>, Vec<u8>),
+) {
+    std::fs::create_dir_all(dst).unwrap();
     std::fs::copy(src.join("tokenizer.json"), dst.join("tokenizer.json")).unwrap();
-    let mut cfg = config(&src);
-    cfg["num_hidden_layers"] = 2.into();
-    cfg["num_key_value_heads"] = 9.into();
+    let mut cfg = config(src);
+    cfg["num_hidden_layers"] = layers.into();
+    edit_config(&mut cfg);
     std::fs::write(dst.join("config.json"), serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -359,31 +367,11 @@ fn mha_llama_with_dead_heads(smollm2: &Path, t: &Path) -> PathBuf {
     for (name, view) in st.tensors() {
         let layer =
             name.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).map(|l| l.parse::<usize>().unwrap());
-        if layer.is_some_and(|l| l >= 2) {
+        if layer.is_some_and(|l| l >= layers) {
             continue;
         }
-        let (shape, data) = (view.shape().to_vec(), view.data().to_vec());
-        let (row, hd) = (shape.last().copied().unwrap_or(0) * 4, 64);
-        if name.ends_with("k_proj.weight") || name.ends_with("v_proj.weight") {
-            // [3 × 64, 576] → [9 × 64, 576]: KV head g serves query heads 3g, 3g + 1, 3g + 2.
-            let mut out = Vec::with_capacity(data.len() * 3);
-            for g in 0..3 {
-                for _ in 0..3 {
-                    out.extend_from_slice(&data[g * hd * row..(g + 1) * hd * row]);
-                }
-            }
-            owned.push((name, vec![9 * hd, shape[1]], out));
-        } else if name.ends_with("o_proj.weight") {
-            let mut out = data;
-            for r in 0..shape[0] {
-                for h in [0, 4, 8] {
-                    out[r * row + h * hd * 4..r * row + (h + 1) * hd * 4].fill(0);
-                }
-            }
-            owned.push((name, shape, out));
-        } else {
-            owned.push((name, shape, data));
-        }
+        let (shape, data) = edit(&name, view.shape().to_vec(), view.data().to_vec());
+        owned.push((name, shape, data));
     }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
         .iter()
@@ -392,6 +380,48 @@ fn mha_llama_with_dead_heads(smollm2: &Path, t: &Path) -> PathBuf {
         })
         .collect();
     safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
+}
+
+/// Sets columns `cols` of a row-major f32 `[rows, width]` matrix to zero.
+fn zero_columns(data: &mut [u8], width: usize, cols: std::ops::Range<usize>) {
+    for row in data.chunks_mut(width * 4) {
+        row[cols.start * 4..cols.end * 4].fill(0);
+    }
+}
+
+/// A two-block multi-head (no grouping) llama made from SmolLM2: its first two blocks with every
+/// KV head repeated for the three query heads that share it (the same function, now with nine
+/// KV heads), and the output columns of query heads 0, 4 and 8 zeroed (they contribute nothing).
+fn mha_llama_with_dead_heads(smollm2: &Path, t: &Path) -> PathBuf {
+    let dst = t.join("mha");
+    let hd = 64;
+    rewrite_llama(
+        &smollm2_f32(smollm2, t),
+        &dst,
+        2,
+        |c| c["num_key_value_heads"] = 9.into(),
+        |name, shape, data| {
+            if name.ends_with("k_proj.weight") || name.ends_with("v_proj.weight") {
+                // [3 × 64, 576] → [9 × 64, 576]: KV head g serves query heads 3g, 3g + 1, 3g + 2.
+                let head = hd * shape[1] * 4;
+                let mut out = Vec::with_capacity(data.len() * 3);
+                for g in 0..3 {
+                    for _ in 0..3 {
+                        out.extend_from_slice(&data[g * head..(g + 1) * head]);
+                    }
+                }
+                (vec![9 * hd, shape[1]], out)
+            } else if name.ends_with("o_proj.weight") {
+                let mut out = data;
+                for h in [0, 4, 8] {
+                    zero_columns(&mut out, shape[1], h * hd..(h + 1) * hd);
+                }
+                (shape, out)
+            } else {
+                (shape, data)
+            }
+        },
+    );
     dst
 }
 
@@ -423,6 +453,59 @@ fn test_pruning_dead_heads_of_a_multi_head_llama_keeps_its_perplexity() {
         assert_eq!(s[&format!("model.layers.1.self_attn.{p}.weight")], [384, 576], "{p}");
     }
     // The dead heads were the ones removed: the model computes what it computed before.
+    let (reference, pruned) = (r["eval"]["reference"].as_f64().unwrap(), r["eval"]["compressed"].as_f64().unwrap());
+    assert!((pruned / reference - 1.0).abs() < 1e-5, "{pruned} vs {reference}");
+}
+
+#[test]
+fn test_removing_an_identity_layer_keeps_the_perplexity_and_renumbers_the_rest() {
+    let Some((gguf, hamlet, macbeth)) = smollm2() else { return };
+    let t = tmp();
+    // Four SmolLM2 blocks; block 2's attention and MLP outputs zeroed: it passes its input
+    // through unchanged (block influence 0), so it is the one removed.
+    let dst = t.path().join("four");
+    rewrite_llama(
+        &smollm2_f32(&gguf, t.path()),
+        &dst,
+        4,
+        |_| {},
+        |name, shape, mut data| {
+            if name.starts_with("model.layers.2.")
+                && (name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight"))
+            {
+                data.fill(0);
+            }
+            (shape, data)
+        },
+    );
+    let recipe = write(
+        t.path(),
+        "l.toml",
+        &format!(
+            "[model]\npath = {:?}\n[[pass]]\ntype = \"prune-structured\"\nunit = \"layers\"\nsparsity = 0.25\n\
+             calibration = {{ set = {:?}, samples = 4, seq-len = 64 }}\n\
+             [eval]\nset = {:?}\nmetric = \"perplexity\"\nmax-tokens = 256\nwindow = 128\nbackend = \"cpu\"\n",
+            dst.display().to_string(),
+            macbeth.display().to_string(),
+            hamlet.display().to_string()
+        ),
+    );
+    let r = run_report(t.path(), &recipe, &t.path().join("l"), "default", &[]);
+    let settings = &r["passes"][0]["settings"];
+    assert_eq!(settings["removed_layers"], serde_json::json!([2]), "{settings}");
+    assert!(settings["block_influence"][2].as_f64().unwrap().abs() < 1e-6, "{settings}");
+    let bundle = t.path().join("l/default");
+    assert_eq!(config(&bundle)["num_hidden_layers"], 3);
+    // Block 3 is now block 2, bit for bit.
+    let read = |file: &Path, name: &str| {
+        let bytes = std::fs::read(file).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensor(name).unwrap().data().to_vec()
+    };
+    assert_eq!(
+        read(&bundle.join("model.safetensors"), "model.layers.2.mlp.up_proj.weight"),
+        read(&dst.join("model.safetensors"), "model.layers.3.mlp.up_proj.weight")
+    );
     let (reference, pruned) = (r["eval"]["reference"].as_f64().unwrap(), r["eval"]["compressed"].as_f64().unwrap());
     assert!((pruned / reference - 1.0).abs() < 1e-5, "{pruned} vs {reference}");
 }
