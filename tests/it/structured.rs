@@ -509,3 +509,43 @@ fn test_removing_an_identity_layer_keeps_the_perplexity_and_renumbers_the_rest()
     let (reference, pruned) = (r["eval"]["reference"].as_f64().unwrap(), r["eval"]["compressed"].as_f64().unwrap());
     assert!((pruned / reference - 1.0).abs() < 1e-5, "{pruned} vs {reference}");
 }
+
+#[test]
+fn test_distilling_a_shortened_minilm_trains_against_the_original() {
+    let Some(model) = crate::util::minilm() else { return };
+    let Some(lee) = crate::util::fixture("gensim-test-data/lee_background.cor", "gensim") else { return };
+    let t = tmp();
+    let sentences = repo().join("fixtures/sentences.txt");
+    // 4 of 6 layers, 6 of 12 heads each, then a few distillation steps: the student has the
+    // pruned geometry, the teacher is the six-layer original, and the student moves towards it.
+    let recipe = |name: &str, steps: usize| {
+        write(
+            t.path(),
+            &format!("{name}.toml"),
+            &format!(
+                "[model]\npath = {model:?}\n\
+                 [[pass]]\ntype = \"prune-structured\"\nunit = \"layers\"\nsparsity = 0.34\n\
+                 calibration = {{ set = {lee:?}, samples = 8, seq-len = 128 }}\n\
+                 [[pass]]\ntype = \"prune-structured\"\nunit = \"heads\"\nsparsity = 0.5\n\
+                 calibration = {{ set = {lee:?}, samples = 8, seq-len = 128 }}\n\
+                 [[pass]]\ntype = \"distill\"\nset = {lee:?}\nsteps = {steps}\nlr = 2e-4\nbatch = 8\nseq-len = 64\n\
+                 [eval]\nset = {sentences:?}\nmetric = \"cosine\"\nbackend = \"cpu\"\n",
+                model = model.display().to_string(),
+                lee = lee.display().to_string(),
+                sentences = sentences.display().to_string()
+            ),
+        )
+    };
+    let one = run_report(t.path(), &recipe("one", 1), &t.path().join("one"), "default", &[]);
+    let more = run_report(t.path(), &recipe("more", 12), &t.path().join("more"), "default", &[]);
+    let tr = &more["passes"][2]["settings"]["trained"];
+    // Structured pruning leaves no zeros to hold.
+    assert_eq!(tr["masked_tensors"], 0, "{tr}");
+    let (before, after) =
+        (tr["loss_on_first_batch_before"].as_f64().unwrap(), tr["loss_on_first_batch_after"].as_f64().unwrap());
+    assert!(after < before, "loss {before} -> {after}");
+    let cfg = config(&t.path().join("more/default"));
+    assert_eq!((&cfg["num_hidden_layers"], cfg["pruned_heads"].as_object().unwrap().len()), (&serde_json::json!(4), 4));
+    let (a, b) = (one["eval"]["compressed"].as_f64().unwrap(), more["eval"]["compressed"].as_f64().unwrap());
+    assert!(b > a, "cosine to the original: 1 step {a}, 12 steps {b}");
+}
