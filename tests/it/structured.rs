@@ -266,7 +266,7 @@ fn test_bad_structured_settings_exit_2() {
         );
         let (code, _, se) = mcompress(&["run", "-q", "--out", "dist", recipe.to_str().unwrap()], t.path());
         assert_eq!(code, 2, "{se}");
-        assert!(se.contains("removes no head") && se.contains("0.083"), "{se}");
+        assert!(se.contains("removes no head") && se.contains("0.084"), "{se}");
     }
 }
 

@@ -304,6 +304,21 @@ fn head_blocks(model: &ModelSource, config: &Value) -> Result<(Vec<Block>, Geome
     }
 }
 
+/// What to write instead when a sparsity removes none of `n` units.
+fn removal_hint(n: usize) -> String {
+    if n <= 1 { "a single one cannot be removed".into() } else { format!("use at least {}", smallest_removing_one(n)) }
+}
+
+/// The smallest sparsity with three decimals that removes one of `n` units (`⌊n · s⌋ ≥ 1`):
+/// 1/n rounded up, so that the value suggested in an error really works.
+fn smallest_removing_one(n: usize) -> String {
+    let mut milli = (1000.0 / n.max(1) as f64).ceil() as u64;
+    while (n as f64 * milli as f64 / 1000.0).floor() < 1.0 {
+        milli += 1;
+    }
+    format!("{}.{:03}", milli / 1000, milli % 1000)
+}
+
 /// Reads a tensor as f32.
 fn f32_of(model: &ModelSource, name: &str) -> Result<(Vec<usize>, Vec<f32>), String> {
     let r = model.tensors().iter().find(|r| model.info(r).name == name).ok_or_else(|| format!("{name} missing"))?;
@@ -418,10 +433,10 @@ impl Pass for Structured {
                 {
                     let per = b.size / b.groups;
                     return Err(format!(
-                        "sparsity = {s} removes no head: {} per layer{}; use at least {:.3}",
+                        "sparsity = {s} removes no head: {} per layer{}; {}",
                         b.size,
                         if b.groups > 1 { format!(" in {} KV groups of {per}", b.groups) } else { String::new() },
-                        1.0 / per as f64
+                        removal_hint(per)
                     ));
                 }
                 self.choose_units(model, &blocks, &mut st)?;
@@ -436,10 +451,7 @@ impl Pass for Structured {
                 let n = u(&config, "num_hidden_layers")?;
                 let remove = (n as f64 * s).floor() as usize;
                 if remove == 0 {
-                    return Err(format!(
-                        "sparsity = {s} of {n} layers removes none; use at least {:.3}",
-                        1.0 / n as f64
-                    ));
+                    return Err(format!("sparsity = {s} of {n} layers removes none; {}", removal_hint(n)));
                 }
                 st.layers_to_remove = remove;
             }
@@ -665,5 +677,16 @@ mod tests {
         assert_eq!(b.keep_count(0.67), 3);
         let n = Block { rows_of: vec![], cols_of: vec![], size: 1536, width: 1, groups: 1, original: vec![] };
         assert_eq!(n.keep_count(0.5), 768);
+    }
+
+    #[test]
+    fn suggested_sparsity_removes_one() {
+        assert_eq!(removal_hint(1), "a single one cannot be removed");
+        for (n, want) in [(2, "0.500"), (3, "0.334"), (12, "0.084"), (30, "0.034"), (1000, "0.001")] {
+            let got = smallest_removing_one(n);
+            assert_eq!(got, want, "{n}");
+            let s: f64 = got.parse().unwrap();
+            assert!((n as f64 * s).floor() >= 1.0, "{n}: {s}");
+        }
     }
 }
