@@ -194,19 +194,17 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     }
     let source = ModelSource::open(&recipe.model_path)?;
     let prepare_err = |i: usize, e: String| Error::Prepare(format!("pass[{}] {}: {e}", i, recipe.passes[i].kind));
-    // Whole layers removed (structured pruning, always the first pass): scored on calibration
-    // text, then every later step sees the smaller, renumbered model. `source` stays the model
-    // as given: the eval's reference and the default distillation teacher.
     // Per pass: wall seconds before the weights stream (scoring, calibration, training), added
     // to its streaming time in the report.
     let mut pre_seconds = vec![0f64; passes.len()];
+    // Whole layers removed (structured pruning, always the first pass): scored on calibration
+    // text, then every later step sees the smaller, renumbered model. `source` stays the model
+    // as given: the eval's reference and the default distillation teacher.
     let mut restructured = None;
     if let Some((first, c)) = passes.first().and_then(|p| p.layer_removal().map(|c| (p, c))) {
         let t0 = Instant::now();
         first.prepare(&source).map_err(|e| prepare_err(0, e))?;
-        let ws =
-            mcompress_eval::calibrate::WindowSpec { set: &c.set, samples: c.samples, seq_len: c.seq_len, seed: c.seed };
-        let scores = mcompress_eval::calibrate::layer_scores(&source, ws)
+        let scores = mcompress_eval::calibrate::layer_scores(&source, c.into())
             .map_err(|e| Error::Calibration(format!("pass[0] {}: layer scores: {e}", first.name())))?;
         let map = first.choose_layers(&source, &scores).map_err(|e| prepare_err(0, e))?;
         let config = map.config(&source.config().cloned().unwrap_or_default());
@@ -216,31 +214,16 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     let model = restructured.as_ref().unwrap_or(&source);
     // Passes that read the whole model first (structured pruning's importances).
     let mut early_warnings = Vec::new();
-    let is_llama = model.config().and_then(|c| c["model_type"].as_str()) == Some("llama");
     for (i, pass) in passes.iter().enumerate() {
-        if is_llama
-            && pass.name() == "prune-structured"
-            && pass.unit_calibration().is_none()
-            && pass.layer_removal().is_none()
-        {
-            early_warnings.push(format!(
-                "pass[{i}] prune-structured scores llama units by weight norms alone, which can remove the few \
-                 neurons that carry massive activations (SmolLM2, 25 % of neurons: perplexity 36.7 -> 734,000; \
-                 with calibration 54.0): add calibration = {{ set = \"<text>\" }} to the pass"
-            ));
+        if let Some(w) = pass.warning(model) {
+            early_warnings.push(format!("pass[{i}] {} {w}", pass.name()));
         }
         if i == 0 && restructured.is_some() {
             continue;
         }
         let t0 = Instant::now();
         if let Some(c) = pass.unit_calibration() {
-            let ws = mcompress_eval::calibrate::WindowSpec {
-                set: &c.set,
-                samples: c.samples,
-                seq_len: c.seq_len,
-                seed: c.seed,
-            };
-            let moments = mcompress_eval::calibrate::input_moments(model, ws)
+            let moments = mcompress_eval::calibrate::input_moments(model, c.into())
                 .map_err(|e| Error::Calibration(format!("pass[{i}] {}: calibration: {e}", recipe.passes[i].kind)))?;
             pass.provide_moments(moments);
         }
@@ -362,8 +345,6 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         let mut warnings = st_eval.2.clone();
         // KV cache of the model as the passes leave it (fewer heads or layers after pruning).
         let kv = targets::KvGeometry::from_config(pipeline::output_config(model, &passes).as_ref());
-        // Parameters of the model as shipped (structured pruning removes some).
-        let out_params: u64 = output.params.values().map(|m| m.shape().iter().product::<usize>() as u64).sum();
         let st_dtypes = targets::weight_dtypes(&output.params);
 
         // Per target: its files, eval (GGUF: with fit retries) and fit.
@@ -439,7 +420,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
                 name: r.name.clone(),
                 hardware: r.clone(),
                 fit: targets::fit(r, s.weights_bytes, &s.dtypes, &s.formats, kv),
-                estimates: targets::estimate(r, s.weights_bytes, out_params, &s.est_dtypes, kv),
+                estimates: targets::estimate(r, s.weights_bytes, output.param_count(), &s.est_dtypes, kv),
             })
             .collect();
         let mut targets = Vec::new();
@@ -621,8 +602,8 @@ fn copy_payload(from: &Path, to: &Path) -> Result<()> {
             fs_err::remove_file(&dest).map_err(io(&dest))?;
         }
         // Weights are immutable once written: a hard link saves the copy; copy where links fail.
-        if fs_err::hard_link(e.path(), to.join(&name)).is_err() {
-            fs_err::copy(e.path(), to.join(&name)).map_err(io(&e.path()))?;
+        if fs_err::hard_link(e.path(), &dest).is_err() {
+            fs_err::copy(e.path(), &dest).map_err(io(&e.path()))?;
         }
     }
     Ok(())

@@ -201,7 +201,7 @@ impl Report {
                 })
                 .sum(),
         };
-        let bundle_params: u64 = output.params.values().map(|m| m.shape().iter().product::<usize>() as u64).sum();
+        let bundle_params = output.param_count();
         let weights_bytes = shipped.weights_bytes;
         let bundle_bytes = shipped.bytes;
         let files = shipped.files;

@@ -3,6 +3,8 @@
 //! → mean over tokens (attention mask) → L2 normalisation. Plain f32 Rust, the CPU reference.
 #![allow(clippy::many_single_char_names)] // the usual names: q, k, v, h, n, x
 
+use mcompress_passes::prune::structured::pruned_heads;
+
 use crate::linear::{Device, Lin};
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -283,32 +285,6 @@ impl Bert {
             }
         }
     }
-}
-
-/// Layer `layer`'s entries of config.json's `pruned_heads` (transformers' convention: original
-/// head indices by layer, the key a decimal string), checked and deduplicated.
-///
-/// # Errors
-/// A malformed entry or a head index out of range.
-pub fn pruned_heads(config: &serde_json::Value, layer: usize, heads: usize) -> Result<Vec<usize>, String> {
-    let entry = &config["pruned_heads"][layer.to_string()];
-    if entry.is_null() {
-        return Ok(Vec::new());
-    }
-    let list = entry.as_array().ok_or_else(|| format!("config.json: pruned_heads[\"{layer}\"] is not a list"))?;
-    let mut out = Vec::with_capacity(list.len());
-    for v in list {
-        match v.as_u64() {
-            Some(h) if (h as usize) < heads => out.push(h as usize),
-            _ => return Err(format!("config.json: pruned_heads[\"{layer}\"]: {v} is not a head index below {heads}")),
-        }
-    }
-    out.sort_unstable();
-    out.dedup();
-    if out.len() >= heads {
-        return Err(format!("config.json: pruned_heads[\"{layer}\"] removes every head"));
-    }
-    Ok(out)
 }
 
 /// Cosine similarity of two vectors.

@@ -33,6 +33,12 @@ impl<'a> From<&'a Calibration> for WindowSpec<'a> {
     }
 }
 
+impl<'a> From<&'a mcompress_passes::quant::CalibrationConfig> for WindowSpec<'a> {
+    fn from(c: &'a mcompress_passes::quant::CalibrationConfig) -> Self {
+        WindowSpec { set: &c.set, samples: c.samples, seq_len: c.seq_len, seed: c.seed }
+    }
+}
+
 /// `samples` windows of `seq_len` tokens from the text at `cal.set`, at offsets drawn with
 /// SplitMix64 from `cal.seed` (the same seed always gives the same windows).
 pub fn windows(model: &ModelSource, cal: WindowSpec<'_>) -> Result<Vec<Vec<u32>>> {

@@ -265,6 +265,11 @@ pub trait Pass: fmt::Debug + Send + Sync {
     }
     /// Receives what the training measured (steps, losses, speed) for the report.
     fn report_outcome(&self, _outcome: serde_json::Value) {}
+    /// A caution about what this pass will do to `model`, for `mcompress run` to print,
+    /// phrased to follow the pass's name (`prune-structured scores llama units by …`).
+    fn warning(&self, _model: &mcompress_core::ModelSource) -> Option<String> {
+        None
+    }
     /// Calibration text whose activation statistics score this pass's units (structured
     /// pruning of neurons or heads with `calibration`); `None` for the others. The statistics
     /// come back through [`Pass::provide_moments`] before [`Pass::prepare`].

@@ -117,6 +117,14 @@ pub struct Output {
     pub bytes: u64,
 }
 
+impl Output {
+    /// Parameters of the output model (fewer than the input's after structured pruning;
+    /// quantized and sparse ones count at their full shape).
+    pub fn param_count(&self) -> u64 {
+        self.params.values().map(|m| m.shape().iter().product::<usize>() as u64).sum()
+    }
+}
+
 /// Another consumer of the pipeline's output tensors (a GGUF writer), fed each final parameter
 /// as it streams past.
 pub trait Sink {
