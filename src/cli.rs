@@ -82,6 +82,12 @@ enum Command {
         /// Also check `manifest.sig` with this Ed25519 public key (SPKI PEM).
         #[arg(long, value_name = "PUB")]
         key: Option<PathBuf>,
+        /// Instead of the manifest, check that the bundle loads as its runtime reads it: the
+        /// compressed-tensors layout (config groups, tensors, dtypes, shapes), config.json,
+        /// sentence-transformers modules, and the GGUF through our reader. Works on any model
+        /// directory; the same check `run` applies to every bundle it writes.
+        #[arg(long, conflicts_with = "key")]
+        conformance: bool,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -309,7 +315,26 @@ fn dispatch(cli: Cli) -> Result<Status> {
             writeln!(out, "wrote {} (secret, mode 0600) and {} (public)", path.display(), public.display())?;
             Ok(Status::Ok)
         }
-        Command::Verify { bundle, key, json } => {
+        Command::Verify { bundle, conformance: true, json, .. } => {
+            anyhow::ensure!(bundle.is_dir(), "{}: not a directory", bundle.display());
+            let problems = mcompress_bundle::conformance::check(&bundle);
+            if json {
+                serde_json::to_writer_pretty(
+                    &mut out,
+                    &serde_json::json!({"bundle": bundle, "ok": problems.is_empty(), "problems": problems}),
+                )?;
+                writeln!(out)?;
+            } else if problems.is_empty() {
+                writeln!(out, "ok: {} conforms (compressed-tensors layout, config, files)", bundle.display())?;
+            } else {
+                for p in &problems {
+                    writeln!(out, "FAIL {p}")?;
+                }
+                writeln!(out, "{}: {} conformance problem(s)", bundle.display(), problems.len())?;
+            }
+            Ok(if problems.is_empty() { Status::Ok } else { Status::GateFailed })
+        }
+        Command::Verify { bundle, key, json, .. } => {
             let key = key.map(|k| mcompress_bundle::load_verifying_key(&k)).transpose()?;
             let (manifest, mut problems) = mcompress_bundle::verify(&bundle)?;
             if let Some(key) = &key
@@ -430,6 +455,12 @@ fn dispatch(cli: Cli) -> Result<Status> {
             anyhow::ensure!(loaded.model_path.exists(), "{}: model path does not exist", loaded.model_path.display());
             if let Some(e) = &loaded.eval {
                 anyhow::ensure!(e.set.is_file(), "{}: [eval] set does not exist", e.set.display());
+            }
+            // The planned layout (group sizes, tied embeddings) as `run` checks it; structured
+            // pruning changes shapes only once it has scored the model, so `run` checks that.
+            if !passes.iter().any(|p| p.name() == "prune-structured") {
+                let model = mcompress_core::ModelSource::open(&loaded.model_path)?;
+                mcompress_passes::pipeline::check_plan(&model, &passes)?;
             }
             for (spec, pass) in loaded.passes.iter().zip(&passes) {
                 if let Some(c) = pass.calibration() {

@@ -100,9 +100,11 @@ fn test_duplicate_tensor_names() {
 
 #[test]
 fn test_nan_weights_name_tensor_and_pass() {
-    let h = r#"{"w.weight":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#;
+    // [2, 32]: one group of 32 per row, a NaN in row 1.
+    let h = r#"{"w.weight":{"dtype":"F32","shape":[2,32],"data_offsets":[0,256]}}"#;
     let mut data = Vec::new();
-    for v in [1.0f32, 2.0, f32::NAN, 3.0] {
+    for i in 0..64 {
+        let v = if i == 40 { f32::NAN } else { i as f32 };
         data.extend_from_slice(&v.to_le_bytes());
     }
     let t = tmp();

@@ -107,8 +107,8 @@ fn test_cpu_training_is_bit_reproducible_across_threads_and_resume() {
 #[test]
 fn test_pruning_masks_survive_training() {
     let t = tmp();
-    // Narrowed, then 2:4 magnitude pruning, then distillation: 2:4 still holds, stored
-    // sparse-bitmask with exactly half the weights.
+    // Narrowed, then 2:4 magnitude pruning, then distillation: 2:4 still holds in the dense
+    // weights, with exactly half of them kept.
     let recipe =
         digits_recipe(t.path(), "r.toml", 60, "[[pass]]\ntype = \"prune-magnitude\"\npattern = \"2:4\"\n\n", "");
     let report = run_report(t.path(), &recipe, &t.path().join("m"), "default", &[]);

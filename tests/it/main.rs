@@ -11,6 +11,7 @@ mod gguf_export;
 mod html;
 mod minilm;
 mod prune;
+mod runtimes;
 mod sign;
 mod structured;
 mod util;

@@ -35,6 +35,13 @@ fn minilm_with_dead_heads(src: &Path, dst: &Path) {
         let e = e.unwrap();
         if e.file_type().unwrap().is_file() && e.file_name() != "model.safetensors" {
             std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        } else if e.file_type().unwrap().is_dir() {
+            // sentence-transformers module directories (1_Pooling/).
+            std::fs::create_dir_all(dst.join(e.file_name())).unwrap();
+            for f in std::fs::read_dir(e.path()).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), dst.join(e.file_name()).join(f.file_name())).unwrap();
+            }
         }
     }
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();

@@ -19,27 +19,23 @@ import numpy as np
 from safetensors.numpy import load_file
 
 
+def unpack_stream(words, bits, n):
+    """Codes 0..n-1 of each row of int32 words packed densely (compressed-tensors' pack_to_int32:
+    code c at bits c*bits.. of the row's little-endian bit stream), unsigned."""
+    u = words.astype("<i4").view(np.uint8)  # [rows, 4 * words], little-endian bytes
+    bitsarr = np.unpackbits(u, axis=1, bitorder="little")[:, : n * bits].reshape(u.shape[0], n, bits)
+    weights = (1 << np.arange(bits, dtype=np.int64))[None, None, :]
+    return (bitsarr.astype(np.int64) * weights).sum(axis=2).astype(np.int32)
+
+
 def unpack_rows(packed, bits, cols):
-    """int32 [rows, ceil(cols/pf)] -> signed codes [rows, cols]; 8-bit codes are plain int8."""
-    if bits == 8:
-        return packed.astype(np.int32)
-    pf = 32 // bits
-    words = packed.view(np.uint32)
-    shifts = (np.arange(pf, dtype=np.uint32) * bits)[None, None, :]
-    codes = (words[:, :, None] >> shifts) & np.uint32((1 << bits) - 1)
-    codes = codes.reshape(packed.shape[0], -1)[:, :cols].astype(np.int32)
-    return codes - (1 << (bits - 1))
+    """int32 [rows, ceil(cols*bits/32)] -> signed codes [rows, cols]."""
+    return unpack_stream(packed, bits, cols) - (1 << (bits - 1))
 
 
 def unpack_zero_point(zp, bits, rows):
-    if bits == 8:
-        return zp.astype(np.int32)
-    pf = 32 // bits
-    words = zp.view(np.uint32)  # [ceil(rows/pf), groups], packed along dim 0
-    shifts = (np.arange(pf, dtype=np.uint32) * bits)[None, :, None]
-    vals = (words[:, None, :] >> shifts) & np.uint32((1 << bits) - 1)
-    vals = vals.reshape(-1, zp.shape[1])[:rows].astype(np.int32)
-    return vals - (1 << (bits - 1))
+    """int32 [ceil(rows*bits/32), groups], packed along dim 0 -> signed [rows, groups]."""
+    return unpack_stream(np.ascontiguousarray(zp.T), bits, rows).T - (1 << (bits - 1))
 
 
 def main(bundle, original, dequantized):

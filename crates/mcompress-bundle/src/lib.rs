@@ -19,6 +19,7 @@
 #![deny(missing_docs)]
 
 pub mod compare;
+pub mod conformance;
 mod dequantize;
 mod fit;
 mod gguf;
@@ -230,6 +231,9 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         pass.prepare(model).map_err(|e| prepare_err(i, e))?;
         pre_seconds[i] += t0.elapsed().as_secs_f64();
     }
+    // What runtimes would reject (a short last group, a quantized tied embedding) fails here,
+    // before minutes of calibration or training.
+    early_warnings.extend(pipeline::check_plan(model, &passes)?);
     let out_dir = opts.out.clone().unwrap_or_else(|| recipe.output_dir.clone());
     fs_err::create_dir_all(&out_dir).map_err(io(&out_dir))?;
     let out_dir = fs_err::canonicalize(&out_dir).map_err(io(&out_dir))?;
@@ -432,6 +436,8 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
                 None => {}
             }
             gates.extend(s.eval_gate.clone());
+            // The bundle as its runtime will read it: a bundle that would not load never passes.
+            gates.push(Gate::conformance(&conformance::check(&s.dir)));
             let passed = gates.iter().all(|g| g.passed);
             let report = Report::new(
                 recipe,
@@ -564,6 +570,14 @@ fn write_payload(
 ) -> Result<()> {
     let qc = pipeline::quantization_config(&output.params);
     let mut config = pipeline::output_config(model, passes);
+    // The dtype the weights now have (a cast changes it; quantized scales count as theirs), so
+    // transformers loads the bundle in it instead of the source's.
+    if let (Some(d), Some(obj)) = (torch_dtype(&output.params), config.as_mut().and_then(Value::as_object_mut)) {
+        obj.insert("torch_dtype".into(), d.into());
+        if obj.contains_key("dtype") {
+            obj.insert("dtype".into(), d.into());
+        }
+    }
     if let Some(qc) = qc {
         let c = config.get_or_insert_with(|| Value::Object(serde_json::Map::new()));
         if let Some(obj) = c.as_object_mut() {
@@ -578,11 +592,45 @@ fn write_payload(
     for (name, bytes) in model.generated_files() {
         fsutil::write_atomic(&dir.join(name), bytes)?;
     }
+    // Aux files keep their place relative to the model directory (`1_Pooling/config.json`).
+    let base = if model.path().is_dir() { model.path().to_path_buf() } else { PathBuf::new() };
     for f in model.aux_files() {
-        let name = f.file_name().expect("aux files have names");
-        fs_err::copy(f, dir.join(name)).map_err(io(f))?;
+        let rel = f.strip_prefix(&base).ok().filter(|r| r.components().count() <= 2);
+        let rel = rel.map_or_else(|| PathBuf::from(f.file_name().expect("aux files have names")), Path::to_path_buf);
+        let dest = dir.join(&rel);
+        if let Some(parent) = dest.parent() {
+            fs_err::create_dir_all(parent).map_err(io(parent))?;
+        }
+        fs_err::copy(f, &dest).map_err(io(f))?;
     }
     Ok(())
+}
+
+/// transformers' name of the dtype to load the bundle in: the float dtype holding most of the
+/// dense parameters (a `cast` pass sets it), else that of the quantized matrices' scales.
+fn torch_dtype(params: &std::collections::BTreeMap<String, mcompress_passes::ParamMeta>) -> Option<&'static str> {
+    let name = |d: mcompress_core::DType| match d {
+        mcompress_core::DType::F32 => Some("float32"),
+        mcompress_core::DType::F16 => Some("float16"),
+        mcompress_core::DType::BF16 => Some("bfloat16"),
+        _ => None,
+    };
+    let mut dense: std::collections::BTreeMap<&'static str, u64> = std::collections::BTreeMap::new();
+    let mut scales = dense.clone();
+    for m in params.values() {
+        let (d, into) = match m {
+            mcompress_passes::ParamMeta::Quantized { scale_dtype, .. } => (*scale_dtype, &mut scales),
+            other => match other.float_dtype() {
+                Some(d) => (d, &mut dense),
+                None => continue,
+            },
+        };
+        if let Some(n) = name(d) {
+            *into.entry(n).or_default() += m.shape().iter().product::<usize>() as u64;
+        }
+    }
+    let top = |c: std::collections::BTreeMap<&'static str, u64>| c.into_iter().max_by_key(|&(_, n)| n).map(|(d, _)| d);
+    top(dense).or_else(|| top(scales))
 }
 
 /// Copies the deployable files of one staged bundle into another.
@@ -598,6 +646,11 @@ fn copy_payload(from: &Path, to: &Path) -> Result<()> {
             continue;
         }
         let dest = to.join(&name);
+        if e.file_type().map_err(io(&e.path()))?.is_dir() {
+            // A sentence-transformers module directory (1_Pooling/).
+            copy_payload(&e.path(), &dest)?;
+            continue;
+        }
         if dest.exists() {
             fs_err::remove_file(&dest).map_err(io(&dest))?;
         }

@@ -34,6 +34,22 @@ pub struct Gate {
 }
 
 impl Gate {
+    /// The conformance check ([`crate::conformance`]): passed when there is no problem.
+    pub(crate) fn conformance(problems: &[String]) -> Self {
+        let detail = if problems.is_empty() {
+            "loads as its runtime reads it (compressed-tensors layout, config, files)".to_string()
+        } else {
+            problems.join("; ")
+        };
+        Gate {
+            name: "conformance".into(),
+            limit: 0.0,
+            value: problems.len() as f64,
+            passed: problems.is_empty(),
+            detail,
+        }
+    }
+
     pub(crate) fn fit(fit: &Fit, weights_bytes: u64) -> Self {
         let limit = fit.weights_budget_bytes.unwrap_or(0);
         let detail = if fit.fits {

@@ -63,6 +63,13 @@ impl GgufValue {
             _ => None,
         }
     }
+    /// As a bool.
+    pub fn as_bool(&self) -> Option<bool> {
+        match self {
+            GgufValue::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
     /// As an array.
     pub fn as_array(&self) -> Option<&[GgufValue]> {
         match self {

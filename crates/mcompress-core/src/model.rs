@@ -146,7 +146,8 @@ impl ModelSource {
                 reason: "no model.safetensors or model.safetensors.index.json in this directory".into(),
             });
         };
-        let aux = AUX_FILES.iter().map(|f| path.join(f)).filter(|p| p.is_file()).collect();
+        let mut aux: Vec<PathBuf> = AUX_FILES.iter().map(|f| path.join(f)).filter(|p| is_regular(p)).collect();
+        aux.extend(module_files(path)?);
         Self::assemble(path, config_path, config, index_path, shards, aux)
     }
 
@@ -238,6 +239,7 @@ impl ModelSource {
         let mut generated = Vec::new();
         if let Some(t) = tokenizer {
             generated.push(("tokenizer.json".to_string(), t));
+            generated.extend(gguf_tokenizer_files(&parsed));
         }
         Ok(Self {
             path: path.to_path_buf(),
@@ -442,6 +444,55 @@ impl ModelSource {
     }
 }
 
+/// A regular file, not followed through a symlink (a linked tokenizer would ship its target).
+fn is_regular(p: &Path) -> bool {
+    fs_err::symlink_metadata(p).is_ok_and(|m| m.is_file())
+}
+
+/// The files of the sentence-transformers module directories that `modules.json` names
+/// (`1_Pooling/config.json`, `2_Dense/…`): a bundle without them loads in sentence-transformers
+/// as a different pipeline. Each `path` must be one plain directory name inside the model
+/// directory; regular files directly inside it are taken, symlinks and subdirectories are not.
+fn module_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let modules_json = dir.join("modules.json");
+    if !is_regular(&modules_json) {
+        return Ok(Vec::new());
+    }
+    let bad = |reason: String| Error::InvalidModel { path: modules_json.clone(), reason };
+    let len = fs_err::metadata(&modules_json).map_err(|e| Error::io(&modules_json, e))?.len();
+    if len > 1 << 20 {
+        return Err(bad(format!("{len} bytes; a modules.json over 1 MiB is not read")));
+    }
+    let text = fs_err::read(&modules_json).map_err(|e| Error::io(&modules_json, e))?;
+    let modules: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let list = modules.as_array().ok_or_else(|| bad("must be a list of modules".into()))?;
+    let mut out = Vec::new();
+    for (i, m) in list.iter().enumerate() {
+        let sub = m["path"].as_str().unwrap_or_default();
+        if sub.is_empty() {
+            continue;
+        }
+        if sub.contains(['/', '\\']) || sub == "." || sub == ".." || sub.starts_with('.') {
+            return Err(bad(format!("module {i}: path {sub:?} must be one directory name inside the model directory")));
+        }
+        let d = dir.join(sub);
+        // A module without files (Normalize) may have no directory at all.
+        if !fs_err::symlink_metadata(&d).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        let mut files: Vec<PathBuf> = fs_err::read_dir(&d)
+            .map_err(|e| Error::io(&d, e))?
+            .filter_map(std::result::Result::ok)
+            .map(|e| e.path())
+            .filter(|p| is_regular(p))
+            .collect();
+        files.sort();
+        out.extend(files);
+    }
+    Ok(out)
+}
+
 /// config.json for a llama GGUF, from its metadata (the fields transformers' LlamaConfig reads).
 fn gguf_config(g: &GgufFile, has_lm_head: bool) -> std::result::Result<serde_json::Value, String> {
     let u =
@@ -475,6 +526,54 @@ fn gguf_config(g: &GgufFile, has_lm_head: bool) -> std::result::Result<serde_jso
         config["head_dim"] = hd.into();
     }
     Ok(config)
+}
+
+/// `tokenizer_config.json`, `special_tokens_map.json` and `generation_config.json` from a GGUF's
+/// tokenizer metadata (special token ids, `tokenizer.chat_template`, add-BOS), as
+/// transformers expects them beside a tokenizer.json: without them `apply_chat_template` and
+/// `generate` do not know the template or when to stop.
+fn gguf_tokenizer_files(g: &GgufFile) -> Vec<(String, Vec<u8>)> {
+    let tokens: Vec<&str> = g
+        .get("tokenizer.ggml.tokens")
+        .and_then(gguf::GgufValue::as_array)
+        .map(|a| a.iter().filter_map(gguf::GgufValue::as_str).collect())
+        .unwrap_or_default();
+    let id = |k: &str| g.get(&format!("tokenizer.ggml.{k}_token_id")).and_then(gguf::GgufValue::as_u64);
+    let token = |k: &str| id(k).and_then(|i| usize::try_from(i).ok()).and_then(|i| tokens.get(i)).map(|t| (*t).to_string());
+    let flag = |k: &str| g.get(&format!("tokenizer.ggml.{k}")).and_then(gguf::GgufValue::as_bool);
+    let mut special = serde_json::Map::new();
+    for (key, role) in [("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")] {
+        if let Some(t) = token(role) {
+            special.insert(key.into(), t.into());
+        }
+    }
+    let mut tc = special.clone();
+    tc.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
+    tc.insert("add_bos_token".into(), flag("add_bos_token").unwrap_or(false).into());
+    tc.insert("add_eos_token".into(), flag("add_eos_token").unwrap_or(false).into());
+    tc.insert("clean_up_tokenization_spaces".into(), false.into());
+    if let Some(ctx) = g.get(&format!("{}.context_length", g.get("general.architecture").and_then(gguf::GgufValue::as_str).unwrap_or("llama"))).and_then(gguf::GgufValue::as_u64) {
+        tc.insert("model_max_length".into(), ctx.into());
+    }
+    if let Some(t) = g.get("tokenizer.chat_template").and_then(gguf::GgufValue::as_str) {
+        tc.insert("chat_template".into(), t.into());
+    }
+    let mut generation = serde_json::Map::new();
+    for (key, role) in [("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")] {
+        if let Some(i) = id(role) {
+            generation.insert(key.into(), i.into());
+        }
+    }
+    let pretty = |m: serde_json::Map<String, serde_json::Value>| {
+        let mut v = serde_json::to_vec_pretty(&serde_json::Value::Object(m)).expect("JSON");
+        v.push(b'\n');
+        v
+    };
+    vec![
+        ("generation_config.json".into(), pretty(generation)),
+        ("special_tokens_map.json".into(), pretty(special)),
+        ("tokenizer_config.json".into(), pretty(tc)),
+    ]
 }
 
 /// tokenizer.json for a GGUF with a GPT-2 style BPE vocabulary (`tokenizer.ggml.model = "gpt2"`),

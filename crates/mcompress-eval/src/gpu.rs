@@ -40,7 +40,8 @@ struct Params {
     k: u32,
     m: u32,
     bits: u32,
-    pf: u32,
+    /// Unused; keeps the uniform 48 bytes.
+    pad: u32,
     groups: u32,
     group_len: u32,
     row_words: u32,
@@ -166,7 +167,6 @@ struct Chunk {
 #[derive(Clone, Copy, Debug)]
 struct Layout {
     bits: u32,
-    pf: u32,
     groups: u32,
     group_len: u32,
     row_words: u32,
@@ -214,7 +214,7 @@ impl GpuLinear {
         let chunks = split_rows(limit, out, row_bytes, "dense", |r0, r1| {
             (bytemuck::cast_slice(&w[r0 * inp..r1 * inp]).to_vec(), Vec::new(), Vec::new())
         })?;
-        let layout = Layout { bits: 32, pf: 1, groups: 1, group_len: inp as u32, row_words: 0, has_zp: false };
+        let layout = Layout { bits: 32, groups: 1, group_len: inp as u32, row_words: 0, has_zp: false };
         Self::finish(gpu, chunks, bias, out, inp, layout, limit)
     }
 
@@ -239,7 +239,6 @@ impl GpuLinear {
         let row_words = (row_bytes / 4) as u32;
         let layout = Layout {
             bits: u32::from(s.bits),
-            pf: s.pack_factor() as u32,
             groups: groups as u32,
             group_len: s.group_len(inp) as u32,
             row_words,
@@ -313,7 +312,7 @@ impl GpuLinear {
                 k: k as u32,
                 m: c.rows as u32,
                 bits: self.layout.bits,
-                pf: self.layout.pf,
+                pad: 0,
                 groups: self.layout.groups,
                 group_len: self.layout.group_len,
                 row_words: self.layout.row_words,

@@ -3,9 +3,9 @@
 // each weight is decoded as it is loaded into workgroup memory, so the matrix never exists in f32.
 //
 // bits = 32: W is f32 (bit patterns in u32 words), row-major [m, k].
-// bits = 8:  W is I8 codes, row-major bytes [m, k] (rows not word-aligned), 4 per u32, little-endian.
-// bits < 8:  W is I32 words [m, row_words]; code c of a row sits in word c / pf at bit (c % pf) * bits,
-//            stored unsigned with offset 2^(bits-1).
+// bits ≤ 8:  W is I32 words [m, row_words], compressed-tensors' dense packing: code c of a row
+//            occupies bits c·bits .. (c+1)·bits of the row's bit stream (a 3-bit code may straddle
+//            two words), stored unsigned with offset 2^(bits-1).
 // Value = (code - zero_point[g]) * scale[g], g = r * groups + c / group_len: the formula of
 // mcompress_passes::quant::dequant_value, so the CPU and GPU paths decode identical f32 weights.
 //
@@ -19,7 +19,7 @@ struct Params {
     k: u32,
     m: u32,
     bits: u32,
-    pf: u32,
+    pad: u32, // keeps the uniform 48 bytes
     groups: u32,
     group_len: u32,
     row_words: u32,
@@ -48,16 +48,15 @@ fn load_w(r: u32, c: u32) -> f32 {
     if p.bits == 32u {
         return bitcast<f32>(w[r * p.k + c]);
     }
-    var q: i32;
-    if p.bits == 8u {
-        let idx = r * p.k + c;
-        let b = (w[idx / 4u] >> ((idx % 4u) * 8u)) & 0xffu;
-        q = i32(b) - select(0, 256, b >= 128u);
-    } else {
-        let word = w[r * p.row_words + c / p.pf];
-        let u = (word >> ((c % p.pf) * p.bits)) & ((1u << p.bits) - 1u);
-        q = i32(u) - (1 << (p.bits - 1u));
+    let bit = c * p.bits;
+    let wi = r * p.row_words + bit / 32u;
+    let shift = bit % 32u;
+    var u = w[wi] >> shift;
+    if shift + p.bits > 32u {
+        u = u | (w[wi + 1u] << (32u - shift));
     }
+    u = u & ((1u << p.bits) - 1u);
+    let q = i32(u) - (1 << (p.bits - 1u));
     let g = r * p.groups + c / p.group_len;
     var z = 0;
     if p.has_zp != 0u {

@@ -114,7 +114,7 @@ impl ParamMeta {
                     TensorEntry { name: format!("{name}_shape"), dtype: DType::I64, shape: vec![shape.len()] },
                 ];
                 if !scheme.symmetric {
-                    let zrows = if scheme.bits == 8 { rows } else { rows.div_ceil(scheme.pack_factor()) };
+                    let zrows = scheme.packed_cols(rows);
                     v.push(TensorEntry {
                         name: format!("{name}_zero_point"),
                         dtype: scheme.packed_dtype(),

@@ -281,31 +281,16 @@ pub fn output_config(model: &ModelSource, passes: &[Box<dyn Pass>]) -> Option<Va
     Some(config)
 }
 
-/// compressed-tensors' `sparsity_config` when some matrices are stored in sparse-bitmask form:
-/// the format, the stored matrices' overall sparsity and their modules.
-fn sparsity_config(params: &BTreeMap<String, ParamMeta>) -> Option<Value> {
-    let (mut numel, mut nnz, mut targets) = (0usize, 0usize, Vec::new());
-    for (name, meta) in params {
-        if let ParamMeta::Sparse { shape, nnz: k, .. } = meta {
-            numel += shape.iter().product::<usize>();
-            nnz += k;
-            targets.push(name.strip_suffix(".weight").unwrap_or(name).to_string());
-        }
-    }
-    (!targets.is_empty()).then(|| {
-        json!({
-            "format": "sparse-bitmask",
-            "global_sparsity": 1.0 - nnz as f64 / numel.max(1) as f64,
-            "sparsity_structure": "unstructured",
-            "targets": targets,
-            "ignore": [],
-        })
-    })
-}
+/// The compressed-tensors release whose format the bundles follow and are tested against
+/// (written as `quantization_config.version`, as compressed-tensors writes its own version).
+pub const COMPRESSED_TENSORS_VERSION: &str = "0.20.1";
 
 /// The compressed-tensors `quantization_config` for config.json, or `None` if nothing is
-/// quantized. One config group per scheme, listing its modules; matrices named `*.weight` that
-/// stayed dense are listed under `ignore`.
+/// quantized. One config group per scheme, listing its modules by exact name; matrices named
+/// `*.weight` that stayed dense are listed under `ignore`. Laid out as compressed-tensors'
+/// `ModelCompressor.update_config` writes it: weight-only integer schemes of every width are
+/// `pack-quantized` (int32 words); a model whose groups use different formats says
+/// `mixed-precision` at the top and the format in each group.
 pub fn quantization_config(params: &BTreeMap<String, ParamMeta>) -> Option<Value> {
     let mut groups: BTreeMap<crate::QScheme, Vec<String>> = BTreeMap::new();
     let mut ignore = Vec::new();
@@ -321,23 +306,10 @@ pub fn quantization_config(params: &BTreeMap<String, ParamMeta>) -> Option<Value
             ParamMeta::Dense { .. } | ParamMeta::Sparse { .. } => {}
         }
     }
-    let sparsity = sparsity_config(params);
     if groups.is_empty() {
-        // Only pruned: a compressed-tensors config with no quantization groups.
-        return sparsity.map(|s| {
-            json!({
-                "quant_method": "compressed-tensors",
-                "format": "dense",
-                "quantization_status": "compressed",
-                "config_groups": {},
-                "ignore": ignore,
-                "sparsity_config": s,
-            })
-        });
+        return None;
     }
-    let format_of = |s: &crate::QScheme| {
-        if s.bits == 8 { "int-quantized" } else { "pack-quantized" }
-    };
+    let format_of = |_: &crate::QScheme| "pack-quantized";
     let formats: std::collections::BTreeSet<_> = groups.keys().map(format_of).collect();
     let config_groups: serde_json::Map<String, Value> = groups
         .iter()
@@ -364,22 +336,69 @@ pub fn quantization_config(params: &BTreeMap<String, ParamMeta>) -> Option<Value
             )
         })
         .collect();
-    let mut qc = json!({
+    Some(json!({
+        "version": COMPRESSED_TENSORS_VERSION,
         "quant_method": "compressed-tensors",
         "format": if formats.len() == 1 { formats.first().copied().unwrap_or_default() } else { "mixed-precision" },
         "quantization_status": "compressed",
         "config_groups": config_groups,
         "ignore": ignore,
         "kv_cache_scheme": Value::Null,
-        "mcompress_layout": {
-            "version": 1,
-            "doc": "docs/quantized-layout.md",
-            "int8_storage": "I8 codes in <name>_packed",
-            "packing": "codes + 2^(bits-1), 32/bits per little-endian int32, lowest bits first",
-        },
-    });
-    if let (Some(s), Some(obj)) = (sparsity, qc.as_object_mut()) {
-        obj.insert("sparsity_config".into(), s);
+        "global_compression_ratio": Value::Null,
+        "sparsity_config": {},
+        "transform_config": {},
+    }))
+}
+
+/// Group sizes (powers of two from 16, and 0 = per channel) that split `cols` into whole groups.
+fn dividing_group_sizes(cols: usize) -> String {
+    let mut v: Vec<String> = (4..=10).map(|e| 1usize << e).filter(|g| cols % g == 0).map(|g| g.to_string()).collect();
+    v.push("0 (one scale per output channel)".into());
+    v.join(", ")
+}
+
+/// Checks the planned output against the layout rules every compressed-tensors runtime
+/// enforces, before any calibration, training or streaming: a group size must divide a
+/// quantized matrix's input columns (transformers and vLLM reject a short last group), and an
+/// embedding tied to the output head is never quantized in place (runtimes look it up as the
+/// head's weight). The first problem is returned, naming the pass and the tensor; what loads in
+/// some runtimes but not others comes back as warnings.
+pub fn check_plan(model: &ModelSource, passes: &[Box<dyn Pass>]) -> Result<Vec<String>> {
+    let planned = plan(model, passes);
+    let tied = model.config().is_some_and(|c| c["tie_word_embeddings"].as_bool().unwrap_or(false))
+        || (model.config().is_some_and(|c| c["model_type"] == "llama")
+            && !model.tensors().iter().any(|r| model.info(r).name == "lm_head.weight"));
+    for (r, changes) in model.tensors().iter().zip(&planned.changes) {
+        let name = &model.info(r).name;
+        let Some(ParamMeta::Quantized { scheme, shape, .. }) = planned.params.get(name) else { continue };
+        let Some(&index) = changes.last() else { continue };
+        let err = |reason: String| Error::Tensor { index, pass: passes[index].name(), tensor: name.clone(), reason };
+        let cols: usize = shape[1..].iter().product();
+        if !scheme.divides(cols) {
+            return Err(err(format!(
+                "group-size {} does not divide its {cols} input columns: compressed-tensors runtimes \
+                 (transformers, vLLM) reject a short last group; group sizes that divide it: {}",
+                scheme.group_size,
+                dividing_group_sizes(cols)
+            )));
+        }
+        if tied && crate::select::is_embedding(name) {
+            return Err(err(
+                "the input embedding is tied to the output head (tie_word_embeddings): runtimes cannot \
+                 load it quantized in place; leave it out of `targets` (the default does)"
+                    .into(),
+            ));
+        }
     }
-    Some(qc)
+    let mut warnings = Vec::new();
+    if planned.params.values().any(|m| matches!(m, ParamMeta::Quantized { scheme, .. } if !scheme.symmetric)) {
+        warnings.push(
+            "asymmetric schemes (zero points) load in vLLM, SGLang and compressed-tensors, but not in \
+             transformers 5.25 with compressed-tensors 0.20.1 (its model expects unpacked zero points; \
+             compressed-tensors' own asymmetric checkpoints fail the same way): use symmetric = true \
+             for transformers"
+                .to_string(),
+        );
+    }
+    Ok(warnings)
 }

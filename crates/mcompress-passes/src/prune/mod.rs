@@ -283,22 +283,22 @@ pub fn sparsegpt(
     Ok((out, mask))
 }
 
-/// Which of the three passes, for the kept-count arithmetic.
+/// Which of the three passes, for the kept-count arithmetic the tests hold the masks to.
+#[cfg(test)]
 #[derive(Clone, Copy, Debug)]
 enum Kind {
     Magnitude,
-    Wanda,
     SparseGpt(usize),
 }
 
 /// Weights a pass keeps in a `rows × cols` matrix: exact, so the sparse layout is fixed before
 /// the weights stream.
+#[cfg(test)]
 fn kept_count(kind: Kind, p: Pattern, rows: usize, cols: usize) -> usize {
     let cut = |n: usize, s: f64| n - (n as f64 * s).floor() as usize;
     match (p, kind) {
         (Pattern::NofM { n, m }, _) => rows * (cols / m) * n,
         (Pattern::Unstructured(s), Kind::Magnitude) => cut(rows * cols, s),
-        (Pattern::Unstructured(s), Kind::Wanda) => rows * cut(cols, s),
         (Pattern::Unstructured(s), Kind::SparseGpt(bs)) => {
             (0..cols).step_by(bs.max(1)).map(|c| cut((bs.max(1).min(cols - c)) * rows, s)).sum()
         }
@@ -314,8 +314,10 @@ pub struct MagnitudeConfig {
     /// `"unstructured"` (default) or `"N:M"`, e.g. `"2:4"`: N of every M consecutive inputs kept.
     #[serde(default = "default_pattern")]
     pub pattern: String,
-    /// `"auto"` (default): store a pruned matrix in sparse-bitmask form when that is smaller;
-    /// `"dense"`: keep the zeros in a dense tensor (for runtimes without sparse loading).
+    /// `"dense"` (the only value): the zeros stay in a dense tensor. Sparse-bitmask output is
+    /// no longer written: no runtime loads it (vLLM dropped it in 2026, compressed-tensors ≥ 0.15
+    /// neither writes nor decompresses it, and transformers loads such a checkpoint with random
+    /// weights). Quantize after pruning to make the bundle smaller.
     #[serde(default)]
     pub storage: Storage,
     /// Tensors to prune (globs or `re:` regexes). Default: float matrices named `*weight`,
@@ -335,7 +337,7 @@ pub struct CalibratedPruneConfig {
     /// `"unstructured"` (default) or `"N:M"`, e.g. `"2:4"`.
     #[serde(default = "default_pattern")]
     pub pattern: String,
-    /// `"auto"` (default: sparse-bitmask where smaller) or `"dense"`.
+    /// `"dense"` (the only value; see `prune-magnitude`).
     #[serde(default)]
     pub storage: Storage,
     /// SparseGPT only: Hessian dampening relative to its mean diagonal (default 0.01).
@@ -355,10 +357,8 @@ pub struct CalibratedPruneConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Storage {
-    /// Sparse-bitmask where it is smaller than dense.
+    /// Dense, zeros included: what every runtime loads.
     #[default]
-    Auto,
-    /// Dense, zeros included.
     Dense,
 }
 
@@ -371,8 +371,6 @@ fn default_pattern() -> String {
 #[derive(Debug)]
 struct Select {
     selector: ParamSelector,
-    kind: Kind,
-    pattern: Pattern,
     storage: Storage,
 }
 
@@ -380,39 +378,19 @@ impl Select {
     fn new(
         targets: Option<&[String]>,
         ignore: &[String],
-        kind: Kind,
-        pattern: Pattern,
         storage: Storage,
     ) -> Result<Self, String> {
-        Ok(Select { selector: ParamSelector::new(targets, ignore)?, kind, pattern, storage })
+        Ok(Select { selector: ParamSelector::new(targets, ignore)?, storage })
     }
 
-    /// The stored form of a pruned matrix: sparse-bitmask when asked and smaller, else dense.
+    /// The stored form of a pruned matrix: dense, zeros included ([`Storage`]).
     fn output(&self, dtype: DType, shape: &[usize]) -> ParamMeta {
-        let (rows, cols) = (shape[0], shape[1]);
-        let nnz = kept_count(self.kind, self.pattern, rows, cols);
-        let dense = dtype.bytes_for(rows * cols).unwrap_or(0);
-        if self.storage == Storage::Auto
-            && self.pattern.check(cols).is_ok()
-            && crate::sparse::stored_bytes(dtype, rows, cols, nnz) < dense
-        {
-            ParamMeta::Sparse { dtype, shape: shape.to_vec(), nnz }
-        } else {
-            ParamMeta::Dense { dtype, shape: shape.to_vec() }
-        }
+        let Storage::Dense = self.storage;
+        ParamMeta::Dense { dtype, shape: shape.to_vec() }
     }
 
-    /// `param` (pruned values `w` with mask `keep`) in the planned stored form.
-    fn store<'a>(&self, dtype: DType, shape: Vec<usize>, w: &[f32], keep: &[bool]) -> Result<Param<'a>, String> {
-        if let ParamMeta::Sparse { nnz, .. } = self.output(dtype, &shape) {
-            let kept = keep.iter().filter(|k| **k).count();
-            if kept != nnz {
-                return Err(format!("kept {kept} weights where {nnz} were planned"));
-            }
-            return crate::sparse::SparseTensor::from_dense(dtype, shape[0], shape[1], w, keep)
-                .map(Param::Sparse)
-                .ok_or_else(|| format!("cannot store {dtype} values sparse"));
-        }
+    /// `param` (pruned values `w`) in the planned stored form (dense).
+    fn store<'a>(&self, dtype: DType, shape: Vec<usize>, w: &[f32], _keep: &[bool]) -> Result<Param<'a>, String> {
         let bytes = dtype.encode_f32(w).ok_or_else(|| format!("cannot encode {dtype}"))?;
         Ok(Param::Dense { dtype, shape, data: bytes.into() })
     }
@@ -426,7 +404,7 @@ impl Select {
             };
         };
         let eligible = dtype.is_float() && shape.len() == 2 && shape.iter().all(|&d| d > 0);
-        let default = eligible && name.ends_with("weight") && !name.contains("embed") && !name.starts_with("lm_head");
+        let default = eligible && name.ends_with("weight") && !crate::select::is_embedding(name) && !name.starts_with("lm_head");
         match self.selector.select(name, default) {
             None => Plan::Keep,
             // A pattern that does not divide the rows is an error at apply time (or in the
@@ -538,7 +516,7 @@ impl Pass for CalibratedPrune {
 fn build_magnitude(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
     let config: MagnitudeConfig = recipe.pass_config(index)?;
     let pattern = Pattern::parse(&config.pattern, config.sparsity).map_err(|e| recipe.pass_error(index, e))?;
-    let select = Select::new(config.targets.as_deref(), &config.ignore, Kind::Magnitude, pattern, config.storage)
+    let select = Select::new(config.targets.as_deref(), &config.ignore, config.storage)
         .map_err(|e| recipe.pass_error(index, e))?;
     let settings = serde_json::to_value(&config).expect("config is JSON");
     Ok(Box::new(Magnitude { settings, pattern, select }))
@@ -557,8 +535,7 @@ fn build_calibrated(
     }
     let pattern = Pattern::parse(&config.pattern, config.sparsity).map_err(err)?;
     let block_size = config.block_size.unwrap_or(128).max(1);
-    let kind = if sparsegpt { Kind::SparseGpt(block_size) } else { Kind::Wanda };
-    let select = Select::new(config.targets.as_deref(), &config.ignore, kind, pattern, config.storage).map_err(err)?;
+    let select = Select::new(config.targets.as_deref(), &config.ignore, config.storage).map_err(err)?;
     config.calibration = crate::quant::calibration_config(recipe, index, config.calibration)?;
     let dampening = config.dampening.unwrap_or(0.01);
     if !(0.0..1.0e3).contains(&dampening) {

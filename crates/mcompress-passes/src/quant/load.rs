@@ -87,24 +87,20 @@ pub fn load_quantized(model: &ModelSource, name: &str, scheme: QScheme) -> Resul
         None
     } else {
         let z = tensor(model, &format!("{name}_zero_point"))?;
-        if scheme.bits == 8 {
-            expect(&z, DType::I8, &[rows, groups])?;
-            Some(z.data.iter().map(|&b| b as i8).collect())
-        } else {
-            let pf = scheme.pack_factor();
-            expect(&z, DType::I32, &[rows.div_ceil(pf), groups])?;
-            let words: Vec<u32> =
-                z.data.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
-            let mask = (1u32 << scheme.bits) - 1;
-            let mut zp = vec![0i8; rows * groups];
-            for r in 0..rows {
-                for g in 0..groups {
-                    let u = (words[(r / pf) * groups + g] >> ((r % pf) * scheme.bits as usize)) & mask;
-                    zp[r * groups + g] = (u as i32 - scheme.offset()) as i8;
-                }
+        let prow = scheme.packed_cols(rows);
+        expect(&z, DType::I32, &[prow, groups])?;
+        // Packed down each group's column: gather the column's words into one bit stream.
+        let mut zp = vec![0i8; rows * groups];
+        let mut column = vec![0u8; prow * 4];
+        for g in 0..groups {
+            for (i, w) in column.chunks_exact_mut(4).enumerate() {
+                w.copy_from_slice(&z.data[(i * groups + g) * 4..][..4]);
             }
-            Some(zp)
+            for r in 0..rows {
+                zp[r * groups + g] = (super::rtn::unpack_code(&column, r, scheme.bits) - scheme.offset()) as i8;
+            }
         }
+        Some(zp)
     };
     Ok(Quantized {
         scheme,

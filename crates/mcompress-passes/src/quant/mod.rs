@@ -31,7 +31,7 @@ pub struct RtnConfig {
     #[serde(default = "yes")]
     pub symmetric: bool,
     /// Tensors to quantize: globs or `re:` regexes over full names. Default: every float tensor
-    /// of rank ≥ 2 whose name ends in `weight`.
+    /// of rank ≥ 2 whose name ends in `weight`, except embeddings.
     pub targets: Option<Vec<String>>,
     /// Tensors to leave alone, same syntax.
     #[serde(default)]
@@ -96,7 +96,7 @@ impl Pass for Rtn {
             };
         };
         let eligible = dtype.is_float() && shape.len() >= 2 && shape.iter().all(|&d| d > 0);
-        let default = eligible && name.ends_with("weight");
+        let default = eligible && name.ends_with("weight") && !crate::select::is_embedding(name);
         match self.selector.select(name, default) {
             None => Plan::Keep,
             Some(_) if eligible => Plan::Change(ParamMeta::Quantized {

@@ -58,15 +58,8 @@ impl Quantized {
     /// Code at (row, col), unpacked and signed.
     pub fn code(&self, r: usize, c: usize) -> i32 {
         let s = &self.scheme;
-        let row = &self.packed[r * s.packed_row_bytes(self.cols)..];
-        if s.bits == 8 {
-            i32::from(row[c] as i8)
-        } else {
-            let pf = s.pack_factor();
-            let o = (c / pf) * 4;
-            let word = u32::from_le_bytes([row[o], row[o + 1], row[o + 2], row[o + 3]]);
-            ((word >> ((c % pf) * s.bits as usize)) & ((1 << s.bits) - 1)) as i32 - s.offset()
-        }
+        let rb = s.packed_row_bytes(self.cols);
+        unpack_code(&self.packed[r * rb..(r + 1) * rb], c, s.bits) - s.offset()
     }
 
     /// Dequantizes row `r` into `out` (`cols` values): the same values as [`Self::dequantize`],
@@ -77,17 +70,19 @@ impl Quantized {
         let (groups, gl) = (s.groups(self.cols), s.group_len(self.cols));
         let row = &self.packed[r * s.packed_row_bytes(self.cols)..][..s.packed_row_bytes(self.cols)];
         let out = &mut out[..self.cols];
-        if s.bits == 8 {
-            for (o, &b) in out.iter_mut().zip(row) {
-                *o = f32::from(b as i8);
-            }
-        } else {
-            let (pf, bits, mask, off) = (s.pack_factor(), u32::from(s.bits), (1u32 << s.bits) - 1, s.offset());
+        let (bits, mask, off) = (u32::from(s.bits), (1u32 << s.bits) - 1, s.offset());
+        if 32 % bits == 0 {
+            // Codes never straddle a word: decode a word at a time.
+            let pf = (32 / bits) as usize;
             for (chunk, word) in out.chunks_mut(pf).zip(row.chunks_exact(4)) {
                 let w = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
                 for (i, o) in chunk.iter_mut().enumerate() {
                     *o = (((w >> (i as u32 * bits)) & mask) as i32 - off) as f32;
                 }
+            }
+        } else {
+            for (c, o) in out.iter_mut().enumerate() {
+                *o = (unpack_code(row, c, s.bits) - off) as f32;
             }
         }
         for (g, vals) in out.chunks_mut(gl).enumerate() {
@@ -115,25 +110,56 @@ impl Quantized {
         out
     }
 
-    /// Zero points packed the way they are stored: `I8 [rows, groups]` for 8-bit, else
-    /// `I32 [ceil(rows/pf), groups]` packed along dim 0.
+    /// Zero points packed the way they are stored: offset and densely packed along dim 0 (down
+    /// each group's column), `I32 [ceil(rows · bits / 32), groups]` (compressed-tensors
+    /// `pack_to_int32(zero_point, bits, packed_dim=0)`).
     pub fn packed_zero_point(&self) -> Option<(Vec<usize>, DType, Vec<u8>)> {
         let zp = self.zero_point.as_ref()?;
         let s = &self.scheme;
         let groups = s.groups(self.cols);
-        if s.bits == 8 {
-            return Some((vec![self.rows, groups], DType::I8, zp.iter().map(|&z| z as u8).collect()));
-        }
-        let pf = s.pack_factor();
-        let prow = self.rows.div_ceil(pf);
+        let prow = s.packed_cols(self.rows);
         let mut words = vec![0u32; prow * groups];
-        for r in 0..self.rows {
-            for g in 0..groups {
-                let u = (i32::from(zp[r * groups + g]) + s.offset()) as u32;
-                words[(r / pf) * groups + g] |= u << ((r % pf) * s.bits as usize);
+        let mut column = vec![0u8; prow * 4];
+        let mut codes = vec![0i8; self.rows];
+        for g in 0..groups {
+            for (r, c) in codes.iter_mut().enumerate() {
+                *c = zp[r * groups + g];
+            }
+            column.fill(0);
+            pack_dense(s.bits, &codes, &mut column);
+            for (i, w) in column.chunks_exact(4).enumerate() {
+                words[i * groups + g] = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
             }
         }
         Some((vec![prow, groups], DType::I32, words.iter().flat_map(|w| w.to_le_bytes()).collect()))
+    }
+}
+
+/// Unsigned code `c` of a densely packed row (little-endian `u32` words as bytes): bits
+/// `c·bits .. (c+1)·bits` of the row's bit stream.
+#[inline]
+pub fn unpack_code(row: &[u8], c: usize, bits: u8) -> i32 {
+    let bit = c * bits as usize;
+    let (byte, shift) = (bit / 8, bit % 8);
+    // A code of ≤ 8 bits spans at most two bytes.
+    let lo = u32::from(row[byte]);
+    let hi = row.get(byte + 1).map_or(0, |&b| u32::from(b));
+    (((lo | (hi << 8)) >> shift) & ((1u32 << bits) - 1)) as i32
+}
+
+/// Packs signed codes densely (see [`super::scheme`]) into `out`, which must be zeroed and hold
+/// `ceil(codes.len() · bits / 32)` little-endian words.
+pub fn pack_dense(bits: u8, codes: &[i8], out: &mut [u8]) {
+    let off = 1i32 << (bits - 1);
+    for (c, &q) in codes.iter().enumerate() {
+        let u = ((i32::from(q) + off) as u32) & ((1u32 << bits) - 1);
+        let bit = c * bits as usize;
+        let (byte, shift) = (bit / 8, bit % 8);
+        let v = u << shift;
+        out[byte] |= v as u8;
+        if shift + bits as usize > 8 {
+            out[byte + 1] |= (v >> 8) as u8;
+        }
     }
 }
 
@@ -212,20 +238,14 @@ impl Quantized {
         ref2: f64,
     ) -> Quantized {
         let (rows, cols) = dims(shape);
-        let mut packed = Vec::with_capacity(rows * s.packed_row_bytes(cols));
-        let pf = s.pack_factor();
-        for row in codes.chunks(cols.max(1)) {
-            if s.bits == 8 {
-                packed.extend(row.iter().map(|&q| q as i8 as u8));
-            } else {
-                for chunk in row.chunks(pf) {
-                    let mut word = 0u32;
-                    for (i, &q) in chunk.iter().enumerate() {
-                        word |= ((q + s.offset()) as u32) << (i * s.bits as usize);
-                    }
-                    packed.extend_from_slice(&word.to_le_bytes());
-                }
+        let rb = s.packed_row_bytes(cols);
+        let mut packed = vec![0u8; rows * rb];
+        let mut row8 = vec![0i8; cols];
+        for (row, out) in codes.chunks(cols.max(1)).zip(packed.chunks_exact_mut(rb.max(1))) {
+            for (d, &q) in row8.iter_mut().zip(row) {
+                *d = q as i8;
             }
+            pack_row(s, &row8, out);
         }
         Quantized { scheme: *s, shape: shape.to_vec(), rows, cols, packed, scale, scale_dtype, zero_point, err2, ref2 }
     }
@@ -434,14 +454,13 @@ fn quantize_row(
 #[allow(clippy::inline_always)] // must inline into the AVX2 copy of `quantize_task`
 fn pack_row(s: &QScheme, codes: &[i8], out: &mut [u8]) {
     match s.bits {
-        8 => {
-            for (o, &q) in out.iter_mut().zip(codes) {
-                *o = q as u8;
-            }
-        }
+        8 => pack_words::<8>(codes, out),
         4 => pack_words::<4>(codes, out),
-        3 => pack_words::<3>(codes, out),
-        _ => pack_words::<2>(codes, out),
+        2 => pack_words::<2>(codes, out),
+        b => {
+            out.fill(0);
+            pack_dense(b, codes, out);
+        }
     }
 }
 
@@ -572,12 +591,11 @@ mod tests {
         fn test_packed_lengths(s in arb_scheme(), shape in arb_shape()) {
             let v = pseudo_normal(1, shape[0] * shape[1]);
             let q = quantize(&s, DType::F32, &shape, &bytes(DType::F32, &v)).unwrap();
-            let pf = s.pack_factor();
-            let elem = if s.bits == 8 { 1 } else { 4 };
-            prop_assert_eq!(q.packed.len(), shape[0] * shape[1].div_ceil(pf) * elem);
+            prop_assert_eq!(q.packed.len(), shape[0] * (shape[1] * s.bits as usize).div_ceil(32) * 4);
             prop_assert_eq!(q.scale.len(), shape[0] * s.groups(shape[1]));
             if let Some((zshape, _, zbytes)) = q.packed_zero_point() {
-                prop_assert_eq!(zbytes.len(), zshape[0] * zshape[1] * elem);
+                prop_assert_eq!(zshape[0], (shape[0] * s.bits as usize).div_ceil(32));
+                prop_assert_eq!(zbytes.len(), zshape[0] * zshape[1] * 4);
             }
         }
 

@@ -1,11 +1,14 @@
 //! Integer quantization scheme and the packed layout it is stored in.
 //!
 //! The layout follows compressed-tensors' naming (see docs/quantized-layout.md):
-//! - `<name>_packed`: 8-bit codes as `I8 [rows, cols]`; 2/3/4-bit codes offset to unsigned
-//!   (`q + 2^(bits-1)`) and packed `32 / bits` to an `I32`, lowest bits first, `[rows, ceil(cols / (32/bits))]`.
+//! - `<name>_packed`: codes offset to unsigned (`q + 2^(bits-1)`) and packed densely into
+//!   little-endian `I32` words, `[rows, ceil(cols · bits / 32)]`: code `c` of a row occupies bits
+//!   `c·bits .. (c+1)·bits` of the row's bit stream (word `c·bits / 32`, lowest bits first; a 3-bit
+//!   code may straddle two words). This is compressed-tensors' `pack-quantized` layout
+//!   (`pack_to_int32`, dense since 0.18): 8-bit codes sit 4 to a word, 4-bit 8, 2-bit 16.
 //! - `<name>_scale`: `[rows, groups]` in the source float dtype (F64 sources use F32).
-//! - `<name>_zero_point` (asymmetric only): 8-bit as `I8 [rows, groups]`; fewer bits packed along
-//!   dim 0 like the codes, `I32 [ceil(rows / (32/bits)), groups]`.
+//! - `<name>_zero_point` (asymmetric only): offset like the codes and packed the same way along
+//!   dim 0 (down each group's column), `I32 [ceil(rows · bits / 32), groups]`.
 //! - `<name>_shape`: `I64 [ndim]`, the original shape. Tensors of rank > 2 are quantized as
 //!   `[shape[0], product of the rest]`.
 //!
@@ -41,14 +44,9 @@ impl QScheme {
         1i32 << (self.bits - 1)
     }
 
-    /// Codes per packed element: 1 for 8-bit (`I8`), `32 / bits` for the rest (`I32`).
-    pub fn pack_factor(&self) -> usize {
-        if self.bits == 8 { 1 } else { 32 / self.bits as usize }
-    }
-
-    /// Dtype of the packed codes.
+    /// Dtype of the packed codes (and packed zero points): always `I32` words.
     pub fn packed_dtype(&self) -> DType {
-        if self.bits == 8 { DType::I8 } else { DType::I32 }
+        DType::I32
     }
 
     /// Columns in one group for a row of `cols` values.
@@ -61,9 +59,15 @@ impl QScheme {
         cols.div_ceil(self.group_len(cols)).max(1)
     }
 
-    /// Packed elements per row.
+    /// Packed `I32` words per row of `cols` codes (dense: `ceil(cols · bits / 32)`).
     pub fn packed_cols(&self, cols: usize) -> usize {
-        cols.div_ceil(self.pack_factor())
+        (cols * self.bits as usize).div_ceil(32)
+    }
+
+    /// Whether `group_size` splits `cols` into whole groups, as every compressed-tensors reader
+    /// requires (a short last group is rejected by transformers and vLLM).
+    pub fn divides(&self, cols: usize) -> bool {
+        self.group_size == 0 || cols % self.group_size == 0
     }
 
     /// Bytes of one packed row.
