@@ -44,8 +44,8 @@ fn bench(c: &mut Criterion) {
     for (dev_name, dev) in &devices {
         let mut cases = vec![("f32", Matrix::Dense(w.clone()))];
         for (label, s) in [
-            ("int8-channel", QScheme { bits: 8, group_size: 0, symmetric: true }),
-            ("int4-g32-asym", QScheme { bits: 4, group_size: 32, symmetric: false }),
+            ("int8-channel", QScheme::int(8, 0, true)),
+            ("int4-g32-asym", QScheme::int(4, 32, false)),
         ] {
             cases.push((label, Matrix::Packed(Arc::new(quantize(&s, DType::F32, &[m, k], &bytes).unwrap()))));
         }

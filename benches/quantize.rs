@@ -28,9 +28,9 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(data.len() as u64));
     g.sample_size(10);
     for (label, s) in [
-        ("int8-channel-sym", QScheme { bits: 8, group_size: 0, symmetric: true }),
-        ("int4-g128-sym", QScheme { bits: 4, group_size: 128, symmetric: true }),
-        ("int4-g128-asym", QScheme { bits: 4, group_size: 128, symmetric: false }),
+        ("int8-channel-sym", QScheme::int(8, 0, true)),
+        ("int4-g128-sym", QScheme::int(4, 128, true)),
+        ("int4-g128-asym", QScheme::int(4, 128, false)),
     ] {
         g.bench_function(format!("fast/{label}"), |b| {
             b.iter(|| quantize(&s, DType::BF16, &shape, &data).unwrap());

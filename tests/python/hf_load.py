@@ -77,8 +77,16 @@ def encoder(bundle, reference, sentences_path):
     from sentence_transformers import SentenceTransformer
 
     lines = [l.rstrip("\n") for l in open(sentences_path, encoding="utf-8") if l.strip()]
-    ref = SentenceTransformer(reference, device="cpu")
-    new = SentenceTransformer(bundle, device="cpu")
+    ref = SentenceTransformer(reference, device="cpu", model_kwargs={"dtype": torch.float32})
+    new = SentenceTransformer(bundle, device="cpu", model_kwargs={"dtype": torch.float32})
+    # sentence-transformers 6.3 calls the transformers model's `forward` directly, which skips
+    # the forward pre-hook compressed-tensors registers to decompress on the first call (any
+    # compressed-tensors checkpoint fails with "'Linear' object has no attribute 'weight'").
+    # One ordinary call through the module decompresses it; README documents this workaround.
+    inner = getattr(new[0], "auto_model", None) or new[0].model
+    if hasattr(inner, "ct_decompress_hook"):
+        with torch.no_grad():
+            inner(input_ids=torch.tensor([[101, 102]]), attention_mask=torch.tensor([[1, 1]]))
     a = ref.encode(lines, convert_to_tensor=True, batch_size=32).double()
     b = new.encode(lines, convert_to_tensor=True, batch_size=32).double()
     cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
@@ -109,7 +117,7 @@ def decompress(bundle, dense_path):
         for m in g["targets"]:
             if m in qc.get("ignore", []):
                 continue
-            local = {k[len(m) + 1 :]: v for k, v in packed.items() if k.startswith(m + ".weight_")}
+            local = {k[len(m) + 1 :]: v for k, v in packed.items() if k.startswith(m + ".weight")}
             out = comp.decompress(local, scheme)
             w = out["weight"]
             ref = dense[m + ".weight"]

@@ -19,6 +19,8 @@ use serde_json::Value;
 
 /// Quantization formats this checker knows the layout of.
 const PACK_QUANTIZED: &str = "pack-quantized";
+/// FP8: W8A8 (`float-quantized`) and weight-only (`naive-quantized`).
+const FP8_FORMATS: [&str; 2] = ["float-quantized", "naive-quantized"];
 
 /// Checks the bundle (or model directory) at `dir`: one line per problem, empty when it conforms.
 pub fn check(dir: &Path) -> Vec<String> {
@@ -136,11 +138,35 @@ fn check_safetensors(model: &ModelSource, problems: &mut Vec<String>) {
         let gp = |m: String| format!("config_groups.{gname}: {m}");
         let format = g["format"].as_str().map_or_else(|| top.clone(), str::to_string);
         formats.insert(format.clone());
-        if format != PACK_QUANTIZED {
-            group_problems.push(gp(format!("format {format:?} is not one this tool writes or checks ({PACK_QUANTIZED})")));
+        let w = &g["weights"];
+        if FP8_FORMATS.contains(&format.as_str()) {
+            let strategy = w["strategy"].as_str().unwrap_or_default().to_string();
+            if w["type"] != "float" || w["num_bits"] != 8 {
+                group_problems.push(gp(format!("{format} weights must be 8-bit float (FP8 E4M3)")));
+                continue;
+            }
+            let dynamic = !g["input_activations"].is_null();
+            if (format == "float-quantized") != dynamic {
+                group_problems.push(gp(format!(
+                    "format {format} with input_activations {}: W8A8 is float-quantized, weight-only FP8 naive-quantized",
+                    g["input_activations"]
+                )));
+            }
+            for m in group_modules(g, &module_names, &ignore, &mut group_problems, &gp) {
+                if let Some(other) = claimed.insert(m.to_string(), gname.clone()) {
+                    group_problems.push(gp(format!("module {m} is also a target of {other}")));
+                }
+                group_problems.extend(check_fp8_module(&tensors, m, &strategy, w).into_iter().map(&gp));
+            }
             continue;
         }
-        let w = &g["weights"];
+        if format != PACK_QUANTIZED {
+            group_problems.push(gp(format!(
+                "format {format:?} is not one this tool writes or checks ({PACK_QUANTIZED}, {})",
+                FP8_FORMATS.join(", ")
+            )));
+            continue;
+        }
         let bits = w["num_bits"].as_u64().filter(|b| (1..=8).contains(b));
         let Some(bits) = bits else {
             group_problems.push(gp(format!("weights.num_bits {} is not 1..8", w["num_bits"])));
@@ -162,34 +188,12 @@ fn check_safetensors(model: &ModelSource, problems: &mut Vec<String>) {
             }
         };
         let symmetric = w["symmetric"].as_bool().unwrap_or(true);
-        let Some(targets) = g["targets"].as_array() else {
-            group_problems.push(gp("targets is not a list".into()));
-            continue;
-        };
-        for t in targets {
-            let Some(t) = t.as_str() else { continue };
-            let matched: Vec<&str> = if let Some(re) = t.strip_prefix("re:") {
-                match regex::Regex::new(&format!("^(?:{re})$")) {
-                    Ok(re) => module_names.iter().copied().filter(|m| re.is_match(m)).collect(),
-                    Err(e) => {
-                        group_problems.push(gp(format!("target {t:?} is not a valid regex: {e}")));
-                        continue;
-                    }
-                }
-            } else if module_names.contains(t) {
-                vec![t]
-            } else {
-                group_problems.push(gp(format!("target {t:?} names no module of the checkpoint")));
-                continue;
-            };
-            for m in matched.into_iter().filter(|m| !ignore.contains(m)) {
-                if let Some(other) = claimed.insert(m.to_string(), gname.clone()) {
-                    group_problems.push(gp(format!("module {m} is also a target of {other}")));
-                }
-                group_problems.extend(
-                    check_packed_module(&tensors, m, bits as u32, group_size, symmetric).into_iter().map(&gp),
-                );
+        for m in group_modules(g, &module_names, &ignore, &mut group_problems, &gp) {
+            if let Some(other) = claimed.insert(m.to_string(), gname.clone()) {
+                group_problems.push(gp(format!("module {m} is also a target of {other}")));
             }
+            group_problems
+                .extend(check_packed_module(&tensors, m, bits as u32, group_size, symmetric).into_iter().map(&gp));
         }
     }
     let expected_top = if formats.len() > 1 { "mixed-precision".to_string() } else { formats.first().cloned().unwrap_or_default() };
@@ -214,6 +218,83 @@ fn check_safetensors(model: &ModelSource, problems: &mut Vec<String>) {
             }
         }
     }
+}
+
+/// The modules a config group's `targets` name (exact module names or `re:` regexes), less
+/// `ignore`.
+fn group_modules<'a>(
+    g: &Value,
+    module_names: &BTreeSet<&'a str>,
+    ignore: &BTreeSet<&str>,
+    problems: &mut Vec<String>,
+    gp: &dyn Fn(String) -> String,
+) -> Vec<&'a str> {
+    let Some(targets) = g["targets"].as_array() else {
+        problems.push(gp("targets is not a list".into()));
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for t in targets {
+        let Some(t) = t.as_str() else { continue };
+        if let Some(re) = t.strip_prefix("re:") {
+            match regex::Regex::new(&format!("^(?:{re})$")) {
+                Ok(re) => out.extend(module_names.iter().copied().filter(|m| re.is_match(m))),
+                Err(e) => problems.push(gp(format!("target {t:?} is not a valid regex: {e}"))),
+            }
+        } else if let Some(m) = module_names.get(t) {
+            out.push(*m);
+        } else {
+            problems.push(gp(format!("target {t:?} names no module of the checkpoint")));
+        }
+    }
+    out.retain(|m| !ignore.contains(m));
+    out
+}
+
+/// The tensors compressed-tensors' naive/float-quantized decompressor reads for an FP8 `module`.
+fn check_fp8_module(tensors: &BTreeMap<&str, (DType, &[usize])>, module: &str, strategy: &str, w: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let get = |s: &str| tensors.get(format!("{module}.{s}").as_str()).copied();
+    let Some((dt, shape)) = get("weight") else {
+        out.push(format!("module {module}: weight is missing"));
+        return out;
+    };
+    if dt != DType::F8_E4M3 || shape.len() != 2 {
+        out.push(format!("module {module}: weight is {dt} {shape:?}, expected F8_E4M3 [out, in]"));
+        return out;
+    }
+    let (rows, cols) = (shape[0], shape[1]);
+    let want = match strategy {
+        "tensor" => vec![1],
+        "channel" => vec![rows, 1],
+        "block" => {
+            let b = w["block_structure"].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect::<Vec<_>>());
+            match b.as_deref() {
+                Some(&[br, bc]) if br > 0 && bc > 0 => vec![rows.div_ceil(br as usize), cols.div_ceil(bc as usize)],
+                _ => {
+                    out.push(format!("module {module}: block strategy without a [rows, cols] block_structure"));
+                    return out;
+                }
+            }
+        }
+        s => {
+            out.push(format!("module {module}: FP8 weights strategy {s:?} is not tensor, channel or block"));
+            return out;
+        }
+    };
+    match get("weight_scale") {
+        None => out.push(format!("module {module}: weight_scale is missing")),
+        Some((sdt, s)) if !sdt.is_float() || s != want.as_slice() => {
+            out.push(format!("module {module}: weight_scale is {sdt} {s:?}, expected a float {want:?}"));
+        }
+        Some(_) => {}
+    }
+    for extra in ["weight_packed", "weight_shape", "weight_zero_point"] {
+        if get(extra).is_some() {
+            out.push(format!("module {module}: FP8 weights carry no {extra}"));
+        }
+    }
+    out
 }
 
 /// The tensors compressed-tensors' pack-quantized decompressor reads for `module`.

@@ -24,7 +24,7 @@ pub fn dequantize(src: &Path, out: &Path, dtype: DType) -> Result<usize> {
         model.tensors().iter().map(|r| model.info(r).name.clone()).collect();
     let mut quantized = BTreeMap::new();
     for (module, scheme) in &schemes {
-        let name = if names.contains(&format!("{module}.weight_packed")) {
+        let name = if scheme.is_fp8() || names.contains(&format!("{module}.weight_packed")) {
             format!("{module}.weight")
         } else {
             module.clone()
@@ -48,6 +48,7 @@ pub fn dequantize(src: &Path, out: &Path, dtype: DType) -> Result<usize> {
         sparse.keys().flat_map(|n| mcompress_passes::sparse::names(n)).collect();
     let part_of_quantized = |n: &str| {
         sparse_parts.contains(n)
+            || quantized.contains_key(n)
             || ["_packed", "_scale", "_zero_point", "_shape"]
                 .iter()
                 .any(|s| n.strip_suffix(s).is_some_and(|b| quantized.contains_key(b)))

@@ -40,8 +40,8 @@ struct Params {
     k: u32,
     m: u32,
     bits: u32,
-    /// Unused; keeps the uniform 48 bytes.
-    pad: u32,
+    /// 0: integer codes; 1: FP8 E4M3 codes (8 bits, no offset).
+    kind: u32,
     groups: u32,
     group_len: u32,
     row_words: u32,
@@ -167,6 +167,7 @@ struct Chunk {
 #[derive(Clone, Copy, Debug)]
 struct Layout {
     bits: u32,
+    kind: u32,
     groups: u32,
     group_len: u32,
     row_words: u32,
@@ -214,7 +215,7 @@ impl GpuLinear {
         let chunks = split_rows(limit, out, row_bytes, "dense", |r0, r1| {
             (bytemuck::cast_slice(&w[r0 * inp..r1 * inp]).to_vec(), Vec::new(), Vec::new())
         })?;
-        let layout = Layout { bits: 32, groups: 1, group_len: inp as u32, row_words: 0, has_zp: false };
+        let layout = Layout { bits: 32, kind: 0, groups: 1, group_len: inp as u32, row_words: 0, has_zp: false };
         Self::finish(gpu, chunks, bias, out, inp, layout, limit)
     }
 
@@ -239,6 +240,7 @@ impl GpuLinear {
         let row_words = (row_bytes / 4) as u32;
         let layout = Layout {
             bits: u32::from(s.bits),
+            kind: u32::from(s.is_fp8()),
             groups: groups as u32,
             group_len: s.group_len(inp) as u32,
             row_words,
@@ -312,7 +314,7 @@ impl GpuLinear {
                 k: k as u32,
                 m: c.rows as u32,
                 bits: self.layout.bits,
-                pad: 0,
+                kind: self.layout.kind,
                 groups: self.layout.groups,
                 group_len: self.layout.group_len,
                 row_words: self.layout.row_words,
@@ -458,7 +460,7 @@ mod tests {
         // 1 KiB per binding: weights in chunks of a few rows, inputs in chunks of a few rows.
         let limit = 1024;
         let q =
-            quantized(&mcompress_passes::quant::QScheme { bits: 4, group_size: 32, symmetric: false }, rows, cols, 22);
+            quantized(&mcompress_passes::quant::QScheme::int(4, 32, false), rows, cols, 22);
         let lin = GpuLinear::packed_limited(&gpu, &q, None, limit).unwrap();
         assert!(lin.chunks.len() > 1);
         close(&lin.apply(&x).unwrap(), &linalg::linear(&x, &q.dequantize(), None, cols, rows), "packed, split");

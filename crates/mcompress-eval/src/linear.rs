@@ -68,11 +68,14 @@ pub struct Lin {
     pub inp: usize,
     bias: Option<Vec<f32>>,
     exec: Exec,
+    /// W8A8 FP8: inputs quantized to FP8 per token before the matmul, as the runtime does.
+    act_fp8: bool,
 }
 
 impl Lin {
     /// Places `matrix` (and `bias`) on `device`; on wgpu this uploads the weights once.
     pub fn new(matrix: Matrix, out: usize, inp: usize, bias: Option<Vec<f32>>, device: &Device) -> Result<Self> {
+        let act_fp8 = matches!(&matrix, Matrix::Packed(q) if q.scheme.dynamic_act());
         let exec = match device {
             Device::Cpu => Exec::Cpu(matrix),
             #[cfg(feature = "wgpu")]
@@ -81,7 +84,7 @@ impl Lin {
                 Matrix::Packed(q) => crate::gpu::GpuLinear::packed(g, q, bias.as_deref())?,
             }),
         };
-        Ok(Lin { out, inp, bias, exec })
+        Ok(Lin { out, inp, bias, exec, act_fp8 })
     }
 
     /// The weights, when they are dense f32 on the CPU.
@@ -94,6 +97,13 @@ impl Lin {
 
     /// `x [n, inp]` → `[n, out]`.
     pub fn apply(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let quantized;
+        let x = if self.act_fp8 {
+            quantized = mcompress_passes::quant::fp8::fake_quant_rows(x, self.inp);
+            &quantized[..]
+        } else {
+            x
+        };
         match &self.exec {
             Exec::Cpu(Matrix::Dense(w)) => Ok(linalg::linear(x, w, self.bias.as_deref(), self.inp, self.out)),
             Exec::Cpu(Matrix::Packed(q)) => Ok(linear_packed(x, q, self.bias.as_deref())),
@@ -119,7 +129,7 @@ pub fn linear_packed(x: &[f32], q: &Quantized, bias: Option<&[f32]>) -> Vec<f32>
 #[cfg(test)]
 pub(crate) mod testing {
     use mcompress_core::DType;
-    use mcompress_passes::quant::{QScheme, Quantized, quantize};
+    use mcompress_passes::quant::{Fp8Strategy, QScheme, Quantized, quantize};
 
     /// Deterministic values in about [-1, 1] with some larger outliers.
     pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -140,9 +150,13 @@ pub(crate) mod testing {
         for bits in QScheme::BITS {
             for symmetric in [true, false] {
                 for group_size in [0, 32, 40] {
-                    out.push(QScheme { bits, group_size, symmetric });
+                    out.push(QScheme::int(bits, group_size, symmetric));
                 }
             }
+        }
+        // FP8 E4M3 codes (8 bits, no offset) with their three scale layouts.
+        for strategy in [Fp8Strategy::Tensor, Fp8Strategy::Channel, Fp8Strategy::Block] {
+            out.push(QScheme::fp8(strategy, false));
         }
         out
     }

@@ -636,3 +636,4 @@ fn awq_search(x: &[f32], k: usize, ws: &[&[f32]], scheme: &QScheme, grid: usize)
     }
     best
 }
+

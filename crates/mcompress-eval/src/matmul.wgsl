@@ -3,6 +3,7 @@
 // each weight is decoded as it is loaded into workgroup memory, so the matrix never exists in f32.
 //
 // bits = 32: W is f32 (bit patterns in u32 words), row-major [m, k].
+// kind = 1:  FP8 E4M3 codes, 8 bits each in the same words, no offset: value = e4m3(code) * scale.
 // bits ≤ 8:  W is I32 words [m, row_words], compressed-tensors' dense packing: code c of a row
 //            occupies bits c·bits .. (c+1)·bits of the row's bit stream (a 3-bit code may straddle
 //            two words), stored unsigned with offset 2^(bits-1).
@@ -19,7 +20,7 @@ struct Params {
     k: u32,
     m: u32,
     bits: u32,
-    pad: u32, // keeps the uniform 48 bytes
+    kind: u32, // 0: integer codes; 1: FP8 E4M3 codes
     groups: u32,
     group_len: u32,
     row_words: u32,
@@ -44,6 +45,18 @@ const TK: u32 = 32u; // k per step
 var<workgroup> xs: array<array<f32, 33>, 64>;
 var<workgroup> ws: array<array<f32, 33>, 64>;
 
+// FP8 E4M3FN code → f32 (mcompress_passes::quant::fp8::e4m3_to_f32): bias 7, subnormals at
+// 2^-9 steps; the NaN codes are refused when a bundle is read.
+fn e4m3(u: u32) -> f32 {
+    let s = select(1.0, -1.0, (u & 0x80u) != 0u);
+    let e = (u >> 3u) & 0xfu;
+    let m = f32(u & 7u);
+    if e == 0u {
+        return s * m * (1.0 / 512.0);
+    }
+    return s * (1.0 + m / 8.0) * exp2(f32(e) - 7.0);
+}
+
 fn load_w(r: u32, c: u32) -> f32 {
     if p.bits == 32u {
         return bitcast<f32>(w[r * p.k + c]);
@@ -56,8 +69,12 @@ fn load_w(r: u32, c: u32) -> f32 {
         u = u | (w[wi + 1u] << (32u - shift));
     }
     u = u & ((1u << p.bits) - 1u);
+    let g0 = r * p.groups + c / p.group_len;
+    if p.kind == 1u {
+        return e4m3(u) * scale[g0];
+    }
     let q = i32(u) - (1 << (p.bits - 1u));
-    let g = r * p.groups + c / p.group_len;
+    let g = g0;
     var z = 0;
     if p.has_zp != 0u {
         z = zp[g];

@@ -30,7 +30,7 @@ use std::fmt;
 use mcompress_core::{DType, TensorEntry};
 use mcompress_recipe::Recipe;
 
-pub use quant::{QScheme, Quantized};
+pub use quant::{Fp8Strategy, QKind, QScheme, Quantized};
 pub use select::ParamSelector;
 
 /// Errors while running passes. Each names the pass and the tensor.
@@ -99,6 +99,19 @@ impl ParamMeta {
         match self {
             ParamMeta::Dense { dtype, shape } => {
                 vec![TensorEntry { name: name.into(), dtype: *dtype, shape: shape.clone() }]
+            }
+            ParamMeta::Quantized { scheme, shape, scale_dtype } if scheme.is_fp8() => {
+                // compressed-tensors' naive/float-quantized: the FP8 weight under its own name.
+                let rows = shape[0];
+                let cols: usize = shape[1..].iter().product();
+                vec![
+                    TensorEntry { name: name.into(), dtype: DType::F8_E4M3, shape: shape.clone() },
+                    TensorEntry {
+                        name: format!("{name}_scale"),
+                        dtype: *scale_dtype,
+                        shape: scheme.stored_scale_shape(rows, cols),
+                    },
+                ]
             }
             ParamMeta::Quantized { scheme, shape, scale_dtype } => {
                 let rows = shape[0];
@@ -201,6 +214,10 @@ impl<'a> Param<'a> {
         let entries = self.meta().entries(name);
         match self {
             Param::Dense { data, .. } => entries.into_iter().zip([data]).collect(),
+            Param::Quantized(q) if q.scheme.is_fp8() => {
+                let scale = q.scale_dtype.encode_f32(&q.stored_scale()).expect("scale dtype is a float");
+                entries.into_iter().zip([Cow::Owned(q.fp8_bytes()), Cow::Owned(scale)]).collect()
+            }
             Param::Quantized(q) => {
                 let scale = q.scale_dtype.encode_f32(&q.scale).expect("scale dtype is a float");
                 let shape: Vec<u8> = q.shape.iter().flat_map(|&d| (d as i64).to_le_bytes()).collect();
@@ -393,6 +410,7 @@ pub static PASSES: &[PassInfo] = &[
     prune::structured::STRUCTURED_INFO,
     prune::WANDA_INFO,
     quant::AWQ_INFO,
+    quant::FP8_INFO,
     quant::GPTQ_INFO,
     quant::RTN_INFO,
 ];

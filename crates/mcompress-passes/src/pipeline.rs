@@ -309,33 +309,14 @@ pub fn quantization_config(params: &BTreeMap<String, ParamMeta>) -> Option<Value
     if groups.is_empty() {
         return None;
     }
-    let format_of = |_: &crate::QScheme| "pack-quantized";
+    let format_of = |s: &crate::QScheme| match s.kind {
+        crate::QKind::Int => "pack-quantized",
+        crate::QKind::Fp8 { dynamic_act: true, .. } => "float-quantized",
+        crate::QKind::Fp8 { dynamic_act: false, .. } => "naive-quantized",
+    };
     let formats: std::collections::BTreeSet<_> = groups.keys().map(format_of).collect();
-    let config_groups: serde_json::Map<String, Value> = groups
-        .iter()
-        .enumerate()
-        .map(|(i, (s, modules))| {
-            (
-                format!("group_{i}"),
-                json!({
-                    "targets": modules,
-                    "format": format_of(s),
-                    "weights": {
-                        "num_bits": s.bits,
-                        "type": "int",
-                        "symmetric": s.symmetric,
-                        "strategy": if s.group_size == 0 { "channel" } else { "group" },
-                        "group_size": if s.group_size == 0 { Value::Null } else { json!(s.group_size) },
-                        "dynamic": false,
-                        "observer": "minmax",
-                        "actorder": Value::Null,
-                    },
-                    "input_activations": Value::Null,
-                    "output_activations": Value::Null,
-                }),
-            )
-        })
-        .collect();
+    let config_groups: serde_json::Map<String, Value> =
+        groups.iter().enumerate().map(|(i, (s, modules))| (format!("group_{i}"), config_group(s, modules, format_of(s)))).collect();
     Some(json!({
         "version": COMPRESSED_TENSORS_VERSION,
         "quant_method": "compressed-tensors",
@@ -348,6 +329,58 @@ pub fn quantization_config(params: &BTreeMap<String, ParamMeta>) -> Option<Value
         "sparsity_config": {},
         "transform_config": {},
     }))
+}
+
+/// One compressed-tensors config group: its targets, format and QuantizationArgs.
+fn config_group(s: &crate::QScheme, modules: &[String], format: &str) -> Value {
+    let (weights, input) = match s.kind {
+        crate::QKind::Int => (
+            json!({
+                "num_bits": s.bits,
+                "type": "int",
+                "symmetric": s.symmetric,
+                "strategy": if s.group_size == 0 { "channel" } else { "group" },
+                "group_size": if s.group_size == 0 { Value::Null } else { json!(s.group_size) },
+                "dynamic": false,
+                "observer": "minmax",
+                "actorder": Value::Null,
+            }),
+            Value::Null,
+        ),
+        crate::QKind::Fp8 { strategy, dynamic_act } => {
+            let (name, block) = match strategy {
+                crate::Fp8Strategy::Tensor => ("tensor", Value::Null),
+                crate::Fp8Strategy::Channel => ("channel", Value::Null),
+                crate::Fp8Strategy::Block => ("block", json!([crate::quant::fp8::FP8_BLOCK, crate::quant::fp8::FP8_BLOCK])),
+            };
+            let input = if dynamic_act {
+                json!({"num_bits": 8, "type": "float", "symmetric": true, "strategy": "token",
+                       "group_size": Value::Null, "dynamic": true, "observer": Value::Null})
+            } else {
+                Value::Null
+            };
+            (
+                json!({
+                    "num_bits": 8,
+                    "type": "float",
+                    "symmetric": true,
+                    "strategy": name,
+                    "group_size": Value::Null,
+                    "block_structure": block,
+                    "dynamic": false,
+                    "observer": "minmax",
+                }),
+                input,
+            )
+        }
+    };
+    json!({
+        "targets": modules,
+        "format": format,
+        "weights": weights,
+        "input_activations": input,
+        "output_activations": Value::Null,
+    })
 }
 
 /// Group sizes (powers of two from 16, and 0 = per channel) that split `cols` into whole groups.

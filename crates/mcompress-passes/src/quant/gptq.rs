@@ -364,9 +364,9 @@ mod tests {
         let x = inputs(n, k, 10);
         let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
         for s in [
-            QScheme { bits: 4, group_size: 0, symmetric: true },
-            QScheme { bits: 4, group_size: 16, symmetric: true },
-            QScheme { bits: 3, group_size: 32, symmetric: false },
+            QScheme::int(4, 0, true),
+            QScheme::int(4, 16, true),
+            QScheme::int(3, 32, false),
         ] {
             for act_order in [false, true] {
                 let opts = GptqOptions { act_order, block_size: 24, ..GptqOptions::default() };
@@ -386,7 +386,7 @@ mod tests {
         let mut r = rng(5);
         let w: Vec<f32> = (0..m * k).map(|_| r()).collect();
         let x = inputs(100, k, 6);
-        let s = QScheme { bits: 4, group_size: 0, symmetric: true };
+        let s = QScheme::int(4, 0, true);
         let a = gptq(&s, DType::F32, &[m, k], &w, hessian(&x, k), &GptqOptions { block_size: 7, ..Default::default() });
         let b =
             gptq(&s, DType::F32, &[m, k], &w, hessian(&x, k), &GptqOptions { block_size: 128, ..Default::default() });
@@ -401,7 +401,7 @@ mod tests {
 
     #[test]
     fn test_bad_input_is_an_error_not_a_panic() {
-        let s = QScheme { bits: 4, group_size: 0, symmetric: true };
+        let s = QScheme::int(4, 0, true);
         assert!(
             gptq(
                 &s,

@@ -16,6 +16,14 @@ pub fn schemes_from_config(config: &serde_json::Value) -> Result<BTreeMap<String
     let groups = groups.as_object().ok_or("quantization_config.config_groups must be an object")?;
     for (gname, g) in groups {
         let w = &g["weights"];
+        if w["type"] == "float" {
+            let scheme = fp8_scheme(gname, g)?;
+            for t in g["targets"].as_array().ok_or_else(|| format!("config_groups.{gname}.targets must be a list"))? {
+                let t = t.as_str().ok_or_else(|| format!("config_groups.{gname}.targets must hold strings"))?;
+                out.insert(t.to_string(), scheme);
+            }
+            continue;
+        }
         let bits = w["num_bits"].as_u64().and_then(|b| u8::try_from(b).ok()).filter(|b| QScheme::BITS.contains(b));
         let bits = bits.ok_or_else(|| format!("config_groups.{gname}.weights.num_bits must be 2, 3, 4 or 8"))?;
         let group_size = match &w["group_size"] {
@@ -31,10 +39,92 @@ pub fn schemes_from_config(config: &serde_json::Value) -> Result<BTreeMap<String
         let targets = g["targets"].as_array().ok_or_else(|| format!("config_groups.{gname}.targets must be a list"))?;
         for t in targets {
             let t = t.as_str().ok_or_else(|| format!("config_groups.{gname}.targets must hold strings"))?;
-            out.insert(t.to_string(), QScheme { bits, group_size, symmetric });
+            out.insert(t.to_string(), QScheme::int(bits, group_size, symmetric));
         }
     }
     Ok(out)
+}
+
+/// An FP8 config group's scheme: 8-bit float weights per tensor, channel or 128 × 128 block,
+/// with or without dynamic per-token FP8 activations.
+fn fp8_scheme(gname: &str, g: &serde_json::Value) -> Result<QScheme, String> {
+    let w = &g["weights"];
+    if w["num_bits"] != 8 {
+        return Err(format!("config_groups.{gname}.weights: float weights of {} bits are not read (FP8 only)", w["num_bits"]));
+    }
+    let strategy = match w["strategy"].as_str() {
+        Some("tensor") => super::Fp8Strategy::Tensor,
+        Some("channel") => super::Fp8Strategy::Channel,
+        Some("block") if w["block_structure"] == serde_json::json!([128, 128]) => super::Fp8Strategy::Block,
+        _ => {
+            return Err(format!(
+                "config_groups.{gname}.weights: FP8 strategy {} (block_structure {}) is not read; tensor, channel or 128×128 blocks are",
+                w["strategy"], w["block_structure"]
+            ));
+        }
+    };
+    let a = &g["input_activations"];
+    let dynamic_act = if a.is_null() {
+        false
+    } else if a["type"] == "float" && a["num_bits"] == 8 && a["dynamic"] == true && a["strategy"] == "token" {
+        true
+    } else {
+        return Err(format!(
+            "config_groups.{gname}.input_activations: only dynamic per-token FP8 activations are read"
+        ));
+    };
+    Ok(QScheme::fp8(strategy, dynamic_act))
+}
+
+/// Loads an FP8 weight (`<name>` float8_e4m3fn, `<name>_scale`).
+fn load_fp8(model: &ModelSource, name: &str, scheme: QScheme) -> Result<Quantized, String> {
+    let w = tensor(model, name)?;
+    if w.dtype != DType::F8_E4M3 || w.shape.len() < 2 || w.shape.iter().any(|&d| d == 0) {
+        return Err(format!("tensor {name} is {} {:?}, expected F8_E4M3 of rank ≥ 2", w.dtype, w.shape));
+    }
+    let shape = w.shape.to_vec();
+    let rows = shape[0];
+    let cols = shape[1..].iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| format!("{name}: shape overflows"))?;
+    let s = tensor(model, &format!("{name}_scale"))?;
+    let want = scheme.stored_scale_shape(rows, cols);
+    if !s.dtype.is_float() || s.shape != want.as_slice() {
+        return Err(format!("tensor {name}_scale is {} {:?}, expected a float {want:?}", s.dtype, s.shape));
+    }
+    let mut stored = vec![0f32; want.iter().product()];
+    s.dtype.decode_f32(&s.data, &mut stored);
+    let groups = scheme.groups(cols);
+    let mut scale = vec![0f32; rows * groups];
+    for r in 0..rows {
+        for g in 0..groups {
+            scale[r * groups + g] = match scheme.kind {
+                super::QKind::Fp8 { strategy: super::Fp8Strategy::Tensor, .. } => stored[0],
+                super::QKind::Fp8 { strategy: super::Fp8Strategy::Block, .. } => {
+                    stored[(r / super::fp8::FP8_BLOCK) * groups + g]
+                }
+                _ => stored[r],
+            };
+        }
+    }
+    if let Some(i) = w.data.iter().position(|&b| b & 0x7f == 0x7f) {
+        return Err(format!("tensor {name}: element {i} is an FP8 NaN"));
+    }
+    let rb = scheme.packed_row_bytes(cols);
+    let mut packed = vec![0u8; rows * rb];
+    for (dst, src) in packed.chunks_mut(rb).zip(w.data.chunks(cols)) {
+        dst[..cols].copy_from_slice(src);
+    }
+    Ok(Quantized {
+        scheme,
+        shape,
+        rows,
+        cols,
+        packed,
+        scale,
+        scale_dtype: s.dtype,
+        zero_point: None,
+        err2: 0.0,
+        ref2: 0.0,
+    })
 }
 
 fn tensor<'a>(model: &'a ModelSource, name: &str) -> Result<TensorView<'a>, String> {
@@ -55,6 +145,9 @@ fn expect(v: &TensorView<'_>, dtype: DType, shape: &[usize]) -> Result<(), Strin
 
 /// Loads the quantized parameter stored under `name` (`<name>_packed`, ...).
 pub fn load_quantized(model: &ModelSource, name: &str, scheme: QScheme) -> Result<Quantized, String> {
+    if scheme.is_fp8() {
+        return load_fp8(model, name, scheme);
+    }
     let shape_t = tensor(model, &format!("{name}_shape"))?;
     if shape_t.dtype != DType::I64 || shape_t.shape.len() != 1 || shape_t.shape[0] < 2 {
         return Err(format!("tensor {name}_shape must be I64 [rank ≥ 2]"));

@@ -1,5 +1,6 @@
 //! Quantization passes.
 
+pub mod fp8;
 pub mod gptq;
 pub mod load;
 pub mod rtn;
@@ -12,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub use gptq::{GptqOptions, gptq};
 pub use load::{load_quantized, schemes_from_config};
 pub use rtn::{QuantError, Quantized, quantize, quantize_ref};
-pub use scheme::QScheme;
+pub use scheme::{Fp8Strategy, QKind, QScheme};
 
 use crate::{
     Applied, Calibrated, Calibration, CalibrationMethod, Param, ParamMeta, ParamSelector, Pass, PassInfo, Plan, Status,
@@ -42,10 +43,11 @@ fn yes() -> bool {
     true
 }
 
-/// Round-to-nearest integer quantization.
+/// Round-to-nearest quantization: integers (`quantize-rtn`) or FP8 (`quantize-fp8`).
 #[derive(Debug)]
 pub struct Rtn {
-    config: RtnConfig,
+    info: &'static PassInfo,
+    settings: serde_json::Value,
     scheme: QScheme,
     selector: ParamSelector,
 }
@@ -57,10 +59,71 @@ impl Rtn {
             return Err(format!("bits = {}: supported values are 8, 4, 3 and 2", config.bits));
         }
         let selector = ParamSelector::new(config.targets.as_deref(), &config.ignore)?;
-        let scheme = QScheme { bits: config.bits, group_size: config.group_size, symmetric: config.symmetric };
-        Ok(Self { config, scheme, selector })
+        let scheme = QScheme::int(config.bits, config.group_size, config.symmetric);
+        let settings = serde_json::to_value(&config).expect("config is JSON");
+        Ok(Self { info: &RTN_INFO, settings, scheme, selector })
+    }
+
+    /// Validates an FP8 config.
+    pub fn fp8(config: Fp8Config) -> Result<Self, String> {
+        let selector = ParamSelector::new(config.targets.as_deref(), &config.ignore)?;
+        let strategy = match config.strategy.as_str() {
+            "tensor" => Fp8Strategy::Tensor,
+            "channel" => Fp8Strategy::Channel,
+            "block" => Fp8Strategy::Block,
+            s => return Err(format!("strategy = {s:?}: supported values are \"channel\", \"tensor\" and \"block\"")),
+        };
+        let dynamic_act = match config.activations.as_str() {
+            "dynamic" => true,
+            "none" => false,
+            a => return Err(format!("activations = {a:?}: supported values are \"dynamic\" (W8A8) and \"none\"")),
+        };
+        let settings = serde_json::to_value(&config).expect("config is JSON");
+        Ok(Self { info: &FP8_INFO, settings, scheme: QScheme::fp8(strategy, dynamic_act), selector })
     }
 }
+
+/// `quantize-fp8` settings.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Fp8Config {
+    /// Weight scales: `"channel"` (default, one per output channel), `"tensor"` (one per matrix)
+    /// or `"block"` (one per 128 × 128 block).
+    #[serde(default = "default_fp8_strategy")]
+    pub strategy: String,
+    /// `"dynamic"` (default): W8A8, activations quantized to FP8 per token at run time (the
+    /// FP8_DYNAMIC scheme vLLM serves on H100/H200/MI300); `"none"`: weight-only FP8.
+    #[serde(default = "default_fp8_activations")]
+    pub activations: String,
+    /// Tensors to quantize (default: float matrices named `*weight`, except embeddings).
+    pub targets: Option<Vec<String>>,
+    /// Tensors to leave alone.
+    #[serde(default)]
+    pub ignore: Vec<String>,
+}
+
+fn default_fp8_strategy() -> String {
+    "channel".into()
+}
+
+fn default_fp8_activations() -> String {
+    "dynamic".into()
+}
+
+fn build_fp8(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
+    let config: Fp8Config = recipe.pass_config(index)?;
+    Rtn::fp8(config).map(|p| Box::new(p) as Box<dyn Pass>).map_err(|e| recipe.pass_error(index, e))
+}
+
+/// Registry entry of `quantize-fp8`.
+pub const FP8_INFO: PassInfo = PassInfo {
+    name: "quantize-fp8",
+    summary: "FP8 E4M3 weights per channel, tensor or 128x128 block; W8A8 with dynamic per-token activations or weight-only",
+    docs: include_str!("fp8.md"),
+    status: Status::Preview,
+    build: build_fp8,
+    schema: || schemars::schema_for!(Fp8Config),
+};
 
 fn build_rtn(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
     let config: RtnConfig = recipe.pass_config(index)?;
@@ -79,11 +142,11 @@ pub const RTN_INFO: PassInfo = PassInfo {
 
 impl Pass for Rtn {
     fn name(&self) -> &'static str {
-        RTN_INFO.name
+        self.info.name
     }
 
     fn settings(&self) -> serde_json::Value {
-        serde_json::to_value(&self.config).expect("config is JSON")
+        self.settings.clone()
     }
 
     fn plan(&self, name: &str, meta: &ParamMeta) -> Plan {

@@ -71,6 +71,18 @@ impl Quantized {
         let row = &self.packed[r * s.packed_row_bytes(self.cols)..][..s.packed_row_bytes(self.cols)];
         let out = &mut out[..self.cols];
         let (bits, mask, off) = (u32::from(s.bits), (1u32 << s.bits) - 1, s.offset());
+        if s.is_fp8() {
+            for (o, &b) in out.iter_mut().zip(row) {
+                *o = super::fp8::e4m3_to_f32(b);
+            }
+            for (g, vals) in out.chunks_mut(gl).enumerate() {
+                let scale = self.scale[r * groups + g];
+                for v in vals {
+                    *v *= scale;
+                }
+            }
+            return;
+        }
         if 32 % bits == 0 {
             // Codes never straddle a word: decode a word at a time.
             let pf = (32 / bits) as usize;
@@ -97,6 +109,13 @@ impl Quantized {
 
     /// Dequantizes to f32, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
+        if self.scheme.is_fp8() {
+            let mut out = vec![0f32; self.rows * self.cols];
+            for (r, row) in out.chunks_mut(self.cols).enumerate() {
+                self.dequantize_row(r, row);
+            }
+            return out;
+        }
         let groups = self.scheme.groups(self.cols);
         let gl = self.scheme.group_len(self.cols);
         let mut out = Vec::with_capacity(self.rows * self.cols);
@@ -132,6 +151,29 @@ impl Quantized {
             }
         }
         Some((vec![prow, groups], DType::I32, words.iter().flat_map(|w| w.to_le_bytes()).collect()))
+    }
+}
+
+impl Quantized {
+    /// FP8 codes as stored: `rows × cols` bytes (the row padding of the packed form dropped).
+    pub fn fp8_bytes(&self) -> Vec<u8> {
+        let rb = self.scheme.packed_row_bytes(self.cols);
+        self.packed.chunks(rb.max(1)).flat_map(|r| &r[..self.cols]).copied().collect()
+    }
+
+    /// The scales as stored ([`QScheme::stored_scale_shape`]): one per tensor, row or block for
+    /// FP8 (the expanded `rows × groups` form folded back), `rows × groups` for integers.
+    pub fn stored_scale(&self) -> Vec<f32> {
+        let s = &self.scheme;
+        let groups = s.groups(self.cols);
+        match s.kind {
+            super::scheme::QKind::Fp8 { strategy: super::scheme::Fp8Strategy::Tensor, .. } => vec![self.scale[0]],
+            super::scheme::QKind::Fp8 { strategy: super::scheme::Fp8Strategy::Block, .. } => (0..self.rows)
+                .step_by(super::fp8::FP8_BLOCK)
+                .flat_map(|r| self.scale[r * groups..(r + 1) * groups].iter().copied())
+                .collect(),
+            _ => self.scale.clone(),
+        }
     }
 }
 
@@ -188,6 +230,9 @@ fn check_input(dtype: DType, shape: &[usize], data: &[u8]) -> Result<(usize, usi
 
 /// Reference implementation: element by element, no parallelism, no tricks.
 pub fn quantize_ref(s: &QScheme, dtype: DType, shape: &[usize], data: &[u8]) -> Result<Quantized, QuantError> {
+    if s.is_fp8() {
+        return super::fp8::quantize_fp8(s, dtype, shape, data);
+    }
     let (rows, cols) = check_input(dtype, shape, data)?;
     let mut w = vec![0f32; rows * cols];
     dtype.decode_f32(data, &mut w);
@@ -261,6 +306,9 @@ fn rows_per_task(cols: usize) -> usize {
 /// output. Task boundaries depend only on the shape, and per-task error sums are added in task
 /// order, so the output is identical at any thread count.
 pub fn quantize(s: &QScheme, dtype: DType, shape: &[usize], data: &[u8]) -> Result<Quantized, QuantError> {
+    if s.is_fp8() {
+        return super::fp8::quantize_fp8(s, dtype, shape, data);
+    }
     let (rows, cols) = check_input(dtype, shape, data)?;
     let sdt = scale_dtype(dtype);
     let groups = s.groups(cols);
@@ -503,7 +551,7 @@ mod tests {
             prop::sample::select(vec![0usize, 1, 3, 8, 16, 32, 128]),
             any::<bool>(),
         )
-            .prop_map(|(bits, group_size, symmetric)| QScheme { bits, group_size, symmetric })
+            .prop_map(|(bits, group_size, symmetric)| QScheme::int(bits, group_size, symmetric))
     }
 
     fn arb_shape() -> impl Strategy<Value = Vec<usize>> {
@@ -631,7 +679,7 @@ mod tests {
     #[test]
     fn test_pack_layout_matches_compressed_tensors() {
         // Codes -8..7 of one row, int4 symmetric has range [-7, 7]; use asymmetric to reach -8.
-        let s = QScheme { bits: 4, group_size: 0, symmetric: false };
+        let s = QScheme::int(4, 0, false);
         let v: Vec<f32> = (0..8).map(|i| i as f32).collect();
         let q = quantize_ref(&s, DType::F32, &[1, 8], &bytes(DType::F32, &v)).unwrap();
         // lo = 0, hi = 7, scale = 7/15, zp = -8: codes are -8 + round(x / scale).
@@ -648,7 +696,7 @@ mod tests {
     fn test_nan_is_reported_with_row() {
         let mut v = vec![1.0f32; 12];
         v[7] = f32::NAN;
-        let s = QScheme { bits: 8, group_size: 0, symmetric: true };
+        let s = QScheme::int(8, 0, true);
         assert_eq!(
             quantize(&s, DType::F32, &[3, 4], &bytes(DType::F32, &v)).unwrap_err(),
             QuantError::NonFinite { row: 1 }

@@ -17,21 +17,85 @@
 use mcompress_core::DType;
 use serde::Serialize;
 
-/// Bits, grouping and symmetry of an integer quantizer.
+/// Which scales an FP8 weight has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fp8Strategy {
+    /// One scale for the whole matrix (stored `[1]`).
+    Tensor,
+    /// One scale per output channel (stored `[rows, 1]`).
+    Channel,
+    /// One scale per 128 × 128 block (stored `[⌈rows/128⌉, ⌈cols/128⌉]`).
+    Block,
+}
+
+/// The number format of the codes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QKind {
+    /// Integers of `bits` bits, offset and packed into int32 words (`pack-quantized`).
+    #[default]
+    Int,
+    /// FP8 E4M3 codes (`float8_e4m3fn`) under the weight's own name ([`super::fp8`]).
+    Fp8 {
+        /// Scale granularity.
+        strategy: Fp8Strategy,
+        /// W8A8: activations are quantized to FP8 per token at run time (compressed-tensors
+        /// `float-quantized`); otherwise weight-only (`naive-quantized`).
+        dynamic_act: bool,
+    },
+}
+
+/// Bits, grouping and symmetry of a quantizer, and its number format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct QScheme {
     /// 2, 3, 4 or 8.
     pub bits: u8,
     /// 0: one scale per row (output channel); N: groups of N along the input (last) dim.
+    /// FP8 blocks: 128.
     pub group_size: usize,
     /// Symmetric: zero point 0, codes in `[-(2^(b-1)-1), 2^(b-1)-1]`. Asymmetric: codes in
-    /// `[-2^(b-1), 2^(b-1)-1]` with a per-group zero point.
+    /// `[-2^(b-1), 2^(b-1)-1]` with a per-group zero point. FP8 is symmetric.
     pub symmetric: bool,
+    /// Integer or FP8.
+    pub kind: QKind,
 }
 
 impl QScheme {
     /// Bit widths supported.
     pub const BITS: [u8; 4] = [2, 3, 4, 8];
+
+    /// An integer scheme.
+    pub const fn int(bits: u8, group_size: usize, symmetric: bool) -> Self {
+        QScheme { bits, group_size, symmetric, kind: QKind::Int }
+    }
+
+    /// An FP8 E4M3 scheme.
+    pub const fn fp8(strategy: Fp8Strategy, dynamic_act: bool) -> Self {
+        let group_size = if matches!(strategy, Fp8Strategy::Block) { super::fp8::FP8_BLOCK } else { 0 };
+        QScheme { bits: 8, group_size, symmetric: true, kind: QKind::Fp8 { strategy, dynamic_act } }
+    }
+
+    /// Whether the codes are FP8.
+    pub fn is_fp8(&self) -> bool {
+        matches!(self.kind, QKind::Fp8 { .. })
+    }
+
+    /// Whether activations are quantized to FP8 per token at run time (W8A8).
+    pub fn dynamic_act(&self) -> bool {
+        matches!(self.kind, QKind::Fp8 { dynamic_act: true, .. })
+    }
+
+    /// Shape of the stored scale tensor of a `rows × cols` matrix.
+    pub fn stored_scale_shape(&self, rows: usize, cols: usize) -> Vec<usize> {
+        match self.kind {
+            QKind::Fp8 { strategy: Fp8Strategy::Tensor, .. } => vec![1],
+            QKind::Fp8 { strategy: Fp8Strategy::Block, .. } => {
+                vec![rows.div_ceil(super::fp8::FP8_BLOCK), cols.div_ceil(super::fp8::FP8_BLOCK)]
+            }
+            _ => vec![rows, self.groups(cols)],
+        }
+    }
 
     /// Smallest and largest code.
     pub fn qrange(&self) -> (i32, i32) {
@@ -39,9 +103,10 @@ impl QScheme {
         if self.symmetric { (-(half - 1), half - 1) } else { (-half, half - 1) }
     }
 
-    /// Offset added to a code before packing (compressed-tensors stores codes unsigned).
+    /// Offset added to a code before packing (compressed-tensors stores codes unsigned); 0 for
+    /// FP8, whose codes are stored as they are.
     pub fn offset(&self) -> i32 {
-        1i32 << (self.bits - 1)
+        if self.is_fp8() { 0 } else { 1i32 << (self.bits - 1) }
     }
 
     /// Dtype of the packed codes (and packed zero points): always `I32` words.
@@ -67,7 +132,8 @@ impl QScheme {
     /// Whether `group_size` splits `cols` into whole groups, as every compressed-tensors reader
     /// requires (a short last group is rejected by transformers and vLLM).
     pub fn divides(&self, cols: usize) -> bool {
-        self.group_size == 0 || cols % self.group_size == 0
+        // FP8 blocks may end short: compressed-tensors pads block-quantized weights.
+        self.group_size == 0 || self.is_fp8() || cols % self.group_size == 0
     }
 
     /// Bytes of one packed row.
@@ -77,6 +143,14 @@ impl QScheme {
 
     /// Short label: `int4-g128-sym`, `int8-channel-asym`.
     pub fn label(&self) -> String {
+        if let QKind::Fp8 { strategy, dynamic_act } = self.kind {
+            let s = match strategy {
+                Fp8Strategy::Tensor => "tensor",
+                Fp8Strategy::Channel => "channel",
+                Fp8Strategy::Block => "block128",
+            };
+            return format!("fp8-{s}{}", if dynamic_act { "-w8a8" } else { "" });
+        }
         let g = if self.group_size == 0 { "channel".to_string() } else { format!("g{}", self.group_size) };
         format!("int{}-{g}-{}", self.bits, if self.symmetric { "sym" } else { "asym" })
     }
