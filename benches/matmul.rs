@@ -43,10 +43,7 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     for (dev_name, dev) in &devices {
         let mut cases = vec![("f32", Matrix::Dense(w.clone()))];
-        for (label, s) in [
-            ("int8-channel", QScheme::int(8, 0, true)),
-            ("int4-g32-asym", QScheme::int(4, 32, false)),
-        ] {
+        for (label, s) in [("int8-channel", QScheme::int(8, 0, true)), ("int4-g32-asym", QScheme::int(4, 32, false))] {
             cases.push((label, Matrix::Packed(Arc::new(quantize(&s, DType::F32, &[m, k], &bytes).unwrap()))));
         }
         for (label, matrix) in cases {

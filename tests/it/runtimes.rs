@@ -65,10 +65,8 @@ fn assert_clean_load(r: &serde_json::Value) {
 /// compressed-tensors' decompressor on every quantized module equals `mcompress dequantize`.
 fn assert_decompress_identical(python: &Path, bundle: &Path, t: &Path, dtype: &str) {
     let dense = t.join("dense.safetensors");
-    let (code, so, se) = mcompress(
-        &["dequantize", bundle.to_str().unwrap(), "--out", dense.to_str().unwrap(), "--dtype", dtype],
-        t,
-    );
+    let (code, so, se) =
+        mcompress(&["dequantize", bundle.to_str().unwrap(), "--out", dense.to_str().unwrap(), "--dtype", dtype], t);
     assert_eq!(code, 0, "{so}{se}");
     let d = hf_load(python, &["decompress", bundle.to_str().unwrap(), dense.to_str().unwrap()]);
     assert!(d["modules"].as_u64().unwrap() > 0, "{d}");
@@ -93,9 +91,13 @@ fn test_smollm2_int4_sym_loads_in_transformers_with_our_perplexity() {
     let out = t.path().join("out");
     let report = run_report(t.path(), &recipe, &out, "gpu", &[]);
     let bundle = out.join("gpu");
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(bundle.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("config.json")).unwrap()).unwrap();
     let qc = &config["quantization_config"];
-    assert_eq!((qc["format"].as_str(), qc["quantization_status"].as_str()), (Some("pack-quantized"), Some("compressed")));
+    assert_eq!(
+        (qc["format"].as_str(), qc["quantization_status"].as_str()),
+        (Some("pack-quantized"), Some("compressed"))
+    );
     assert_eq!(config["torch_dtype"], "float16", "the cast's dtype");
     // The tied embedding stays dense by default.
     assert!(qc["ignore"].as_array().unwrap().iter().any(|m| m == "model.embed_tokens"), "{qc}");
@@ -201,7 +203,8 @@ fn test_minilm_int8_loads_in_sentence_transformers_with_our_cosine() {
     let bundle = out.join("cpu");
     assert!(bundle.join("1_Pooling/config.json").is_file(), "the Pooling module modules.json names");
     let sentences = repo().join("fixtures/sentences.txt");
-    let r = hf_load(&python, &["encoder", bundle.to_str().unwrap(), model.to_str().unwrap(), sentences.to_str().unwrap()]);
+    let r =
+        hf_load(&python, &["encoder", bundle.to_str().unwrap(), model.to_str().unwrap(), sentences.to_str().unwrap()]);
     assert_eq!(r["modules"], serde_json::json!(["Transformer", "Pooling", "Normalize"]), "{r}");
     let (theirs, ours) = (r["cosine"].as_f64().unwrap(), report["eval"]["compressed"].as_f64().unwrap());
     assert!((theirs - ours).abs() < 1e-4, "sentence-transformers cosine {theirs} vs our report {ours}");
@@ -263,7 +266,8 @@ fn test_layouts_runtimes_reject_are_refused_before_any_work() {
     let Some((gguf, hamlet)) = smollm2() else { return };
     let t = tmp();
     // g128 on SmolLM2's 576 columns would leave a short last group.
-    let recipe = smollm2_recipe(t.path(), &gguf, &hamlet, "[[pass]]\ntype = \"quantize-rtn\"\nbits = 4\ngroup-size = 128\n");
+    let recipe =
+        smollm2_recipe(t.path(), &gguf, &hamlet, "[[pass]]\ntype = \"quantize-rtn\"\nbits = 4\ngroup-size = 128\n");
     for cmd in [&["recipe", "check"][..], &["run", "--out", "out"][..]] {
         let mut args = cmd.to_vec();
         args.push(recipe.to_str().unwrap());

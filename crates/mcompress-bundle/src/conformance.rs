@@ -125,10 +125,8 @@ fn check_safetensors(model: &ModelSource, problems: &mut Vec<String>) {
         return;
     };
     let top = qc["format"].as_str().unwrap_or_default().to_string();
-    let module_names: BTreeSet<&str> = tensors
-        .keys()
-        .filter_map(|n| n.strip_suffix(".weight").or_else(|| n.strip_suffix(".weight_packed")))
-        .collect();
+    let module_names: BTreeSet<&str> =
+        tensors.keys().filter_map(|n| n.strip_suffix(".weight").or_else(|| n.strip_suffix(".weight_packed"))).collect();
     let ignore: BTreeSet<&str> =
         qc["ignore"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
     let mut formats = BTreeSet::new();
@@ -173,7 +171,8 @@ fn check_safetensors(model: &ModelSource, problems: &mut Vec<String>) {
             continue;
         };
         if w["type"] != "int" {
-            group_problems.push(gp(format!("weights.type {} is not \"int\" (pack-quantized holds integers)", w["type"])));
+            group_problems
+                .push(gp(format!("weights.type {} is not \"int\" (pack-quantized holds integers)", w["type"])));
         }
         let strategy = w["strategy"].as_str().unwrap_or_default();
         let group_size = match (strategy, w["group_size"].as_u64()) {
@@ -196,7 +195,8 @@ fn check_safetensors(model: &ModelSource, problems: &mut Vec<String>) {
                 .extend(check_packed_module(&tensors, m, bits as u32, group_size, symmetric).into_iter().map(&gp));
         }
     }
-    let expected_top = if formats.len() > 1 { "mixed-precision".to_string() } else { formats.first().cloned().unwrap_or_default() };
+    let expected_top =
+        if formats.len() > 1 { "mixed-precision".to_string() } else { formats.first().cloned().unwrap_or_default() };
     if top != expected_top {
         p(format!("format is {top:?}, expected {expected_top:?} for groups of formats {formats:?}"));
     }
@@ -252,7 +252,12 @@ fn group_modules<'a>(
 }
 
 /// The tensors compressed-tensors' naive/float-quantized decompressor reads for an FP8 `module`.
-fn check_fp8_module(tensors: &BTreeMap<&str, (DType, &[usize])>, module: &str, strategy: &str, w: &Value) -> Vec<String> {
+fn check_fp8_module(
+    tensors: &BTreeMap<&str, (DType, &[usize])>,
+    module: &str,
+    strategy: &str,
+    w: &Value,
+) -> Vec<String> {
     let mut out = Vec::new();
     let get = |s: &str| tensors.get(format!("{module}.{s}").as_str()).copied();
     let Some((dt, shape)) = get("weight") else {

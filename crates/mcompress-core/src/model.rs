@@ -464,8 +464,7 @@ fn module_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Err(bad(format!("{len} bytes; a modules.json over 1 MiB is not read")));
     }
     let text = fs_err::read(&modules_json).map_err(|e| Error::io(&modules_json, e))?;
-    let modules: serde_json::Value =
-        serde_json::from_slice(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let modules: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     let list = modules.as_array().ok_or_else(|| bad("must be a list of modules".into()))?;
     let mut out = Vec::new();
     for (i, m) in list.iter().enumerate() {
@@ -539,10 +538,12 @@ fn gguf_tokenizer_files(g: &GgufFile) -> Vec<(String, Vec<u8>)> {
         .map(|a| a.iter().filter_map(gguf::GgufValue::as_str).collect())
         .unwrap_or_default();
     let id = |k: &str| g.get(&format!("tokenizer.ggml.{k}_token_id")).and_then(gguf::GgufValue::as_u64);
-    let token = |k: &str| id(k).and_then(|i| usize::try_from(i).ok()).and_then(|i| tokens.get(i)).map(|t| (*t).to_string());
+    let token =
+        |k: &str| id(k).and_then(|i| usize::try_from(i).ok()).and_then(|i| tokens.get(i)).map(|t| (*t).to_string());
     let flag = |k: &str| g.get(&format!("tokenizer.ggml.{k}")).and_then(gguf::GgufValue::as_bool);
     let mut special = serde_json::Map::new();
-    for (key, role) in [("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")] {
+    for (key, role) in [("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")]
+    {
         if let Some(t) = token(role) {
             special.insert(key.into(), t.into());
         }
@@ -552,7 +553,13 @@ fn gguf_tokenizer_files(g: &GgufFile) -> Vec<(String, Vec<u8>)> {
     tc.insert("add_bos_token".into(), flag("add_bos_token").unwrap_or(false).into());
     tc.insert("add_eos_token".into(), flag("add_eos_token").unwrap_or(false).into());
     tc.insert("clean_up_tokenization_spaces".into(), false.into());
-    if let Some(ctx) = g.get(&format!("{}.context_length", g.get("general.architecture").and_then(gguf::GgufValue::as_str).unwrap_or("llama"))).and_then(gguf::GgufValue::as_u64) {
+    if let Some(ctx) = g
+        .get(&format!(
+            "{}.context_length",
+            g.get("general.architecture").and_then(gguf::GgufValue::as_str).unwrap_or("llama")
+        ))
+        .and_then(gguf::GgufValue::as_u64)
+    {
         tc.insert("model_max_length".into(), ctx.into());
     }
     if let Some(t) = g.get("tokenizer.chat_template").and_then(gguf::GgufValue::as_str) {

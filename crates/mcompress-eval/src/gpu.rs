@@ -459,8 +459,7 @@ mod tests {
         let x = values(n * cols, 21);
         // 1 KiB per binding: weights in chunks of a few rows, inputs in chunks of a few rows.
         let limit = 1024;
-        let q =
-            quantized(&mcompress_passes::quant::QScheme::int(4, 32, false), rows, cols, 22);
+        let q = quantized(&mcompress_passes::quant::QScheme::int(4, 32, false), rows, cols, 22);
         let lin = GpuLinear::packed_limited(&gpu, &q, None, limit).unwrap();
         assert!(lin.chunks.len() > 1);
         close(&lin.apply(&x).unwrap(), &linalg::linear(&x, &q.dequantize(), None, cols, rows), "packed, split");

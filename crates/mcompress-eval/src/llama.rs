@@ -636,4 +636,3 @@ fn awq_search(x: &[f32], k: usize, ws: &[&[f32]], scheme: &QScheme, grid: usize)
     }
     best
 }
-

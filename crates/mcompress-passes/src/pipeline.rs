@@ -315,8 +315,11 @@ pub fn quantization_config(params: &BTreeMap<String, ParamMeta>) -> Option<Value
         crate::QKind::Fp8 { dynamic_act: false, .. } => "naive-quantized",
     };
     let formats: std::collections::BTreeSet<_> = groups.keys().map(format_of).collect();
-    let config_groups: serde_json::Map<String, Value> =
-        groups.iter().enumerate().map(|(i, (s, modules))| (format!("group_{i}"), config_group(s, modules, format_of(s)))).collect();
+    let config_groups: serde_json::Map<String, Value> = groups
+        .iter()
+        .enumerate()
+        .map(|(i, (s, modules))| (format!("group_{i}"), config_group(s, modules, format_of(s))))
+        .collect();
     Some(json!({
         "version": COMPRESSED_TENSORS_VERSION,
         "quant_method": "compressed-tensors",
@@ -351,7 +354,9 @@ fn config_group(s: &crate::QScheme, modules: &[String], format: &str) -> Value {
             let (name, block) = match strategy {
                 crate::Fp8Strategy::Tensor => ("tensor", Value::Null),
                 crate::Fp8Strategy::Channel => ("channel", Value::Null),
-                crate::Fp8Strategy::Block => ("block", json!([crate::quant::fp8::FP8_BLOCK, crate::quant::fp8::FP8_BLOCK])),
+                crate::Fp8Strategy::Block => {
+                    ("block", json!([crate::quant::fp8::FP8_BLOCK, crate::quant::fp8::FP8_BLOCK]))
+                }
             };
             let input = if dynamic_act {
                 json!({"num_bits": 8, "type": "float", "symmetric": true, "strategy": "token",
@@ -416,11 +421,9 @@ pub fn check_plan(model: &ModelSource, passes: &[Box<dyn Pass>]) -> Result<Vec<S
             )));
         }
         if tied && crate::select::is_embedding(name) {
-            return Err(err(
-                "the input embedding is tied to the output head (tie_word_embeddings): runtimes cannot \
+            return Err(err("the input embedding is tied to the output head (tie_word_embeddings): runtimes cannot \
                  load it quantized in place; leave it out of `targets` (the default does)"
-                    .into(),
-            ));
+                .into()));
         }
     }
     let mut warnings = Vec::new();
@@ -430,6 +433,17 @@ pub fn check_plan(model: &ModelSource, passes: &[Box<dyn Pass>]) -> Result<Vec<S
              transformers 5.25 with compressed-tensors 0.20.1 (its model expects unpacked zero points; \
              compressed-tensors' own asymmetric checkpoints fail the same way): use symmetric = true \
              for transformers"
+                .to_string(),
+        );
+    }
+    if planned
+        .params
+        .values()
+        .any(|m| matches!(m, ParamMeta::Quantized { scheme, .. } if !scheme.is_fp8() && !matches!(scheme.bits, 4 | 8)))
+    {
+        warnings.push(
+            "3- and 2-bit integer weights load in transformers and compressed-tensors, but vLLM's \
+             pack-quantized kernels take 4 and 8 bits only"
                 .to_string(),
         );
     }

@@ -375,11 +375,7 @@ struct Select {
 }
 
 impl Select {
-    fn new(
-        targets: Option<&[String]>,
-        ignore: &[String],
-        storage: Storage,
-    ) -> Result<Self, String> {
+    fn new(targets: Option<&[String]>, ignore: &[String], storage: Storage) -> Result<Self, String> {
         Ok(Select { selector: ParamSelector::new(targets, ignore)?, storage })
     }
 
@@ -404,7 +400,8 @@ impl Select {
             };
         };
         let eligible = dtype.is_float() && shape.len() == 2 && shape.iter().all(|&d| d > 0);
-        let default = eligible && name.ends_with("weight") && !crate::select::is_embedding(name) && !name.starts_with("lm_head");
+        let default =
+            eligible && name.ends_with("weight") && !crate::select::is_embedding(name) && !name.starts_with("lm_head");
         match self.selector.select(name, default) {
             None => Plan::Keep,
             // A pattern that does not divide the rows is an error at apply time (or in the

@@ -363,11 +363,7 @@ mod tests {
         let w: Vec<f32> = (0..m * k).map(|_| r() * 0.2).collect();
         let x = inputs(n, k, 10);
         let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
-        for s in [
-            QScheme::int(4, 0, true),
-            QScheme::int(4, 16, true),
-            QScheme::int(3, 32, false),
-        ] {
+        for s in [QScheme::int(4, 0, true), QScheme::int(4, 16, true), QScheme::int(3, 32, false)] {
             for act_order in [false, true] {
                 let opts = GptqOptions { act_order, block_size: 24, ..GptqOptions::default() };
                 let g = gptq(&s, DType::F32, &[m, k], &w, hessian(&x, k), &opts).unwrap();

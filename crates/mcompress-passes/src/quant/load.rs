@@ -50,7 +50,10 @@ pub fn schemes_from_config(config: &serde_json::Value) -> Result<BTreeMap<String
 fn fp8_scheme(gname: &str, g: &serde_json::Value) -> Result<QScheme, String> {
     let w = &g["weights"];
     if w["num_bits"] != 8 {
-        return Err(format!("config_groups.{gname}.weights: float weights of {} bits are not read (FP8 only)", w["num_bits"]));
+        return Err(format!(
+            "config_groups.{gname}.weights: float weights of {} bits are not read (FP8 only)",
+            w["num_bits"]
+        ));
     }
     let strategy = match w["strategy"].as_str() {
         Some("tensor") => super::Fp8Strategy::Tensor,
@@ -84,7 +87,10 @@ fn load_fp8(model: &ModelSource, name: &str, scheme: QScheme) -> Result<Quantize
     }
     let shape = w.shape.to_vec();
     let rows = shape[0];
-    let cols = shape[1..].iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| format!("{name}: shape overflows"))?;
+    let cols = shape[1..]
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| format!("{name}: shape overflows"))?;
     let s = tensor(model, &format!("{name}_scale"))?;
     let want = scheme.stored_scale_shape(rows, cols);
     if !s.dtype.is_float() || s.shape != want.as_slice() {
