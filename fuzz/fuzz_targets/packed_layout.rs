@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mcompress_passes::quant::{QScheme, load_quantized};
+use mcompress_passes::quant::{Fp8Strategy, QScheme, load_quantized};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&sel, rest)) = data.split_first() else { return };
@@ -14,7 +14,13 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let Ok(model) = mcompress_core::ModelSource::open(&path) else { return };
-    let scheme = QScheme { bits: QScheme::BITS[usize::from(sel & 3)], group_size: usize::from(sel >> 3), symmetric: sel & 4 == 0 };
+    // Selector: the top value range picks an FP8 layout, the rest an integer scheme.
+    let scheme = if sel >= 0xf0 {
+        let strategy = [Fp8Strategy::Tensor, Fp8Strategy::Channel, Fp8Strategy::Block][usize::from(sel % 3)];
+        QScheme::fp8(strategy, sel & 8 != 0)
+    } else {
+        QScheme::int(QScheme::BITS[usize::from(sel & 3)], usize::from(sel >> 3), sel & 4 == 0)
+    };
     if let Ok(q) = load_quantized(&model, "w", scheme) {
         let _ = q.dequantize();
     }
