@@ -390,7 +390,8 @@ fn config_group(s: &crate::QScheme, modules: &[String], format: &str) -> Value {
 
 /// Group sizes (powers of two from 16, and 0 = per channel) that split `cols` into whole groups.
 fn dividing_group_sizes(cols: usize) -> String {
-    let mut v: Vec<String> = (4..=10).map(|e| 1usize << e).filter(|g| cols % g == 0).map(|g| g.to_string()).collect();
+    let mut v: Vec<String> =
+        (4..=10).map(|e| 1usize << e).filter(|g| cols.is_multiple_of(*g)).map(|g| g.to_string()).collect();
     v.push("0 (one scale per output channel)".into());
     v.join(", ")
 }

@@ -387,6 +387,7 @@ impl Select {
 
     /// `param` (pruned values `w`) in the planned stored form (dense).
     fn store<'a>(&self, dtype: DType, shape: Vec<usize>, w: &[f32], _keep: &[bool]) -> Result<Param<'a>, String> {
+        let Storage::Dense = self.storage;
         let bytes = dtype.encode_f32(w).ok_or_else(|| format!("cannot encode {dtype}"))?;
         Ok(Param::Dense { dtype, shape, data: bytes.into() })
     }

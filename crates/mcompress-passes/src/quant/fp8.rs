@@ -79,20 +79,7 @@ pub fn quantize_fp8(s: &QScheme, dtype: DType, shape: &[usize], data: &[u8]) -> 
     let QKind::Fp8 { strategy, .. } = s.kind else {
         return Err(QuantError::BadInput("not an FP8 scheme".into()));
     };
-    if !dtype.is_float() {
-        return Err(QuantError::BadInput(format!("dtype {dtype} is not a float type")));
-    }
-    if shape.len() < 2 {
-        return Err(QuantError::BadInput(format!("rank {} (needs a matrix)", shape.len())));
-    }
-    let rows = shape[0];
-    let cols: usize = shape[1..].iter().product();
-    if rows == 0 || cols == 0 {
-        return Err(QuantError::BadInput("empty tensor".into()));
-    }
-    if dtype.bytes_for(rows * cols) != Some(data.len()) {
-        return Err(QuantError::BadInput("data length does not match shape".into()));
-    }
+    let (rows, cols) = super::rtn::check_input(dtype, shape, data)?;
     let mut w = vec![0f32; rows * cols];
     dtype.decode_f32(data, &mut w);
     if let Some(i) = w.iter().position(|v| !v.is_finite()) {
@@ -191,10 +178,10 @@ mod tests {
             }
             let back = f32_to_e4m3(v);
             // ±0 both decode to 0.
-            assert!(back == c || (v == 0.0 && back & 0x7f == 0), "{c:#x} -> {v} -> {back:#x}");
+            assert!(back == c || (v == 0.0 && back.trailing_zeros() >= 7), "{c:#x} -> {v} -> {back:#x}");
         }
-        assert_eq!(e4m3_to_f32(0x7e), 448.0);
-        assert_eq!(e4m3_to_f32(0x01), 1.0 / 512.0);
+        assert_eq!(e4m3_to_f32(0x7e).to_bits(), 448f32.to_bits());
+        assert_eq!(e4m3_to_f32(0x01).to_bits(), (1.0f32 / 512.0).to_bits());
     }
 
     #[test]

@@ -82,7 +82,7 @@ fn fp8_scheme(gname: &str, g: &serde_json::Value) -> Result<QScheme, String> {
 /// Loads an FP8 weight (`<name>` float8_e4m3fn, `<name>_scale`).
 fn load_fp8(model: &ModelSource, name: &str, scheme: QScheme) -> Result<Quantized, String> {
     let w = tensor(model, name)?;
-    if w.dtype != DType::F8_E4M3 || w.shape.len() < 2 || w.shape.iter().any(|&d| d == 0) {
+    if w.dtype != DType::F8_E4M3 || w.shape.len() < 2 || w.shape.contains(&0) {
         return Err(format!("tensor {name} is {} {:?}, expected F8_E4M3 of rank ≥ 2", w.dtype, w.shape));
     }
     let shape = w.shape.to_vec();

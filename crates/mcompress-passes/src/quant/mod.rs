@@ -54,18 +54,18 @@ pub struct Rtn {
 
 impl Rtn {
     /// Validates a config.
-    pub fn new(config: RtnConfig) -> Result<Self, String> {
+    pub fn new(config: &RtnConfig) -> Result<Self, String> {
         if !QScheme::BITS.contains(&config.bits) {
             return Err(format!("bits = {}: supported values are 8, 4, 3 and 2", config.bits));
         }
         let selector = ParamSelector::new(config.targets.as_deref(), &config.ignore)?;
         let scheme = QScheme::int(config.bits, config.group_size, config.symmetric);
-        let settings = serde_json::to_value(&config).expect("config is JSON");
+        let settings = serde_json::to_value(config).expect("config is JSON");
         Ok(Self { info: &RTN_INFO, settings, scheme, selector })
     }
 
     /// Validates an FP8 config.
-    pub fn fp8(config: Fp8Config) -> Result<Self, String> {
+    pub fn fp8(config: &Fp8Config) -> Result<Self, String> {
         let selector = ParamSelector::new(config.targets.as_deref(), &config.ignore)?;
         let strategy = match config.strategy.as_str() {
             "tensor" => Fp8Strategy::Tensor,
@@ -78,7 +78,7 @@ impl Rtn {
             "none" => false,
             a => return Err(format!("activations = {a:?}: supported values are \"dynamic\" (W8A8) and \"none\"")),
         };
-        let settings = serde_json::to_value(&config).expect("config is JSON");
+        let settings = serde_json::to_value(config).expect("config is JSON");
         Ok(Self { info: &FP8_INFO, settings, scheme: QScheme::fp8(strategy, dynamic_act), selector })
     }
 }
@@ -112,7 +112,7 @@ fn default_fp8_activations() -> String {
 
 fn build_fp8(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
     let config: Fp8Config = recipe.pass_config(index)?;
-    Rtn::fp8(config).map(|p| Box::new(p) as Box<dyn Pass>).map_err(|e| recipe.pass_error(index, e))
+    Rtn::fp8(&config).map(|p| Box::new(p) as Box<dyn Pass>).map_err(|e| recipe.pass_error(index, e))
 }
 
 /// Registry entry of `quantize-fp8`.
@@ -127,7 +127,7 @@ pub const FP8_INFO: PassInfo = PassInfo {
 
 fn build_rtn(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
     let config: RtnConfig = recipe.pass_config(index)?;
-    Rtn::new(config).map(|p| Box::new(p) as Box<dyn Pass>).map_err(|e| recipe.pass_error(index, e))
+    Rtn::new(&config).map(|p| Box::new(p) as Box<dyn Pass>).map_err(|e| recipe.pass_error(index, e))
 }
 
 /// Registry entry of `quantize-rtn`.
@@ -324,7 +324,7 @@ fn build_calibrated(
     index: usize,
     info: &'static PassInfo,
     settings: serde_json::Value,
-    rtn: RtnConfig,
+    rtn: &RtnConfig,
     c: &CalibrationConfig,
     method: impl FnOnce(QScheme) -> CalibrationMethod,
 ) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
@@ -363,7 +363,7 @@ fn build_gptq(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_
         GptqOptions { dampening: config.dampening, block_size: config.block_size.max(1), act_order: config.act_order };
     let method = |scheme| CalibrationMethod::Gptq(opts, scheme);
     let settings = serde_json::to_value(&config).expect("config is JSON");
-    build_calibrated(recipe, index, &GPTQ_INFO, settings, rtn, &config.calibration, method)
+    build_calibrated(recipe, index, &GPTQ_INFO, settings, &rtn, &config.calibration, method)
 }
 
 fn build_awq(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
@@ -382,7 +382,7 @@ fn build_awq(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_r
     let grid = config.grid;
     let method = |scheme| CalibrationMethod::Awq { grid, scheme };
     let settings = serde_json::to_value(&config).expect("config is JSON");
-    build_calibrated(recipe, index, &AWQ_INFO, settings, rtn, &config.calibration, method)
+    build_calibrated(recipe, index, &AWQ_INFO, settings, &rtn, &config.calibration, method)
 }
 
 /// Registry entry of `quantize-gptq`.

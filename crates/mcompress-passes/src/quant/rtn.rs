@@ -211,7 +211,7 @@ fn dims(shape: &[usize]) -> (usize, usize) {
     (rows, cols)
 }
 
-fn check_input(dtype: DType, shape: &[usize], data: &[u8]) -> Result<(usize, usize), QuantError> {
+pub(super) fn check_input(dtype: DType, shape: &[usize], data: &[u8]) -> Result<(usize, usize), QuantError> {
     if !dtype.is_float() {
         return Err(QuantError::BadInput(format!("dtype {dtype} is not a float type")));
     }

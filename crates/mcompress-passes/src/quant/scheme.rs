@@ -133,7 +133,7 @@ impl QScheme {
     /// requires (a short last group is rejected by transformers and vLLM).
     pub fn divides(&self, cols: usize) -> bool {
         // FP8 blocks may end short: compressed-tensors pads block-quantized weights.
-        self.group_size == 0 || self.is_fp8() || cols % self.group_size == 0
+        self.group_size == 0 || self.is_fp8() || cols.is_multiple_of(self.group_size)
     }
 
     /// Bytes of one packed row.
