@@ -134,6 +134,19 @@ fn test_smollm2_int8_and_int3_load_in_transformers() {
 }
 
 #[test]
+fn test_smollm2_2of4_then_int4_loads_in_transformers() {
+    // 2:4 magnitude pruning of the MLPs, then int4 g64: dense zeros, packed as codes.
+    if smollm2().is_none() {
+        return;
+    }
+    let Some(python) = hf_python() else { return };
+    let t = tmp();
+    let passes = "[[pass]]\ntype = \"prune-magnitude\"\npattern = \"2:4\"\ntargets = [\"re:.*mlp.*\"]\n\n\
+                  [[pass]]\ntype = \"quantize-rtn\"\nbits = 4\ngroup-size = 64\n";
+    transformers_agrees(t.path(), &python, passes, 0.002);
+}
+
+#[test]
 fn test_asymmetric_zero_points_decompress_as_compressed_tensors_does() {
     // Asymmetric int4 and int3 (zero points packed along dim 0) — compressed-tensors' own
     // decompressor reads them bit for bit. (transformers 5.25 cannot load asymmetric
