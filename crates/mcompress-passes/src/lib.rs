@@ -465,7 +465,7 @@ mod tests {
         let e = build_passes(&r).unwrap_err().to_string();
         assert_eq!(
             e,
-            "r.toml:3:1: pass[0] quantize-rtm: unknown pass type \"quantize-rtm\"; valid types: cast, distill, prune-magnitude, prune-sparsegpt, prune-structured, prune-wanda, quantize-awq, quantize-gptq, quantize-rtn"
+            "r.toml:3:1: pass[0] quantize-rtm: unknown pass type \"quantize-rtm\"; valid types: cast, distill, prune-magnitude, prune-sparsegpt, prune-structured, prune-wanda, quantize-awq, quantize-fp8, quantize-gptq, quantize-rtn"
         );
     }
 
@@ -474,10 +474,12 @@ mod tests {
         let s = recipe_schema();
         let one_of = s["properties"]["pass"]["items"]["oneOf"].as_array().unwrap();
         assert_eq!(one_of.len(), PASSES.len());
-        assert_eq!(one_of[8]["properties"]["type"]["const"], "quantize-rtn");
-        assert!(one_of[8]["properties"]["bits"].is_object());
-        assert_eq!(one_of[7]["properties"]["type"]["const"], "quantize-gptq");
-        assert!(one_of[7]["properties"]["calibration"].is_object());
+        assert_eq!(one_of[9]["properties"]["type"]["const"], "quantize-rtn");
+        assert!(one_of[9]["properties"]["bits"].is_object());
+        assert_eq!(one_of[8]["properties"]["type"]["const"], "quantize-gptq");
+        assert!(one_of[8]["properties"]["calibration"].is_object());
+        assert_eq!(one_of[7]["properties"]["type"]["const"], "quantize-fp8");
+        assert!(one_of[7]["properties"]["strategy"].is_object());
         assert_eq!(one_of[3]["properties"]["type"]["const"], "prune-sparsegpt");
         assert!(one_of[3]["properties"]["storage"].is_object());
         assert_eq!(one_of[1]["properties"]["type"]["const"], "distill");
