@@ -54,7 +54,8 @@ fn e4m3(u: u32) -> f32 {
     if e == 0u {
         return s * m * (1.0 / 512.0);
     }
-    return s * (1.0 + m / 8.0) * exp2(f32(e) - 7.0);
+    // 2^(e - 7), built from its bits so it is exact on every device.
+    return s * (1.0 + m / 8.0) * bitcast<f32>((e + 120u) << 23u);
 }
 
 fn load_w(r: u32, c: u32) -> f32 {
