@@ -154,7 +154,7 @@ fn test_recipe_unknown_pass_type() {
     assert_eq!(code, 2);
     assert!(
         e.contains(
-            "recipe.toml:3:1: pass[0] quantise: unknown pass type \"quantise\"; valid types: cast, distill, prune-magnitude, prune-sparsegpt, prune-structured, prune-wanda, quantize-awq, quantize-fp8, quantize-gptq, quantize-rtn"
+            "recipe.toml:3:1: pass[0] quantise: unknown pass type \"quantise\"; valid types: cast, distill, prune-magnitude, prune-sparsegpt, prune-structured, prune-wanda, quantize-awq, quantize-fp4, quantize-fp8, quantize-gptq, quantize-rtn"
         ),
         "{e}"
     );

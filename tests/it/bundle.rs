@@ -180,7 +180,7 @@ fn test_passes_and_schema_commands() {
     assert!(stdout.contains("## What it does") && stdout.contains("group-size"), "{stdout}");
     let (code, _, stderr) = mcompress(&["passes", "nope"], t.path());
     assert_eq!(code, 2);
-    assert!(stderr.contains("valid passes: cast, distill, prune-magnitude, prune-sparsegpt, prune-structured, prune-wanda, quantize-awq, quantize-fp8, quantize-gptq, quantize-rtn"), "{stderr}");
+    assert!(stderr.contains("valid passes: cast, distill, prune-magnitude, prune-sparsegpt, prune-structured, prune-wanda, quantize-awq, quantize-fp4, quantize-fp8, quantize-gptq, quantize-rtn"), "{stderr}");
     let (code, stdout, _) = mcompress(&["recipe", "schema"], t.path());
     assert_eq!(code, 0);
     let s: Value = serde_json::from_str(&stdout).unwrap();

@@ -80,6 +80,18 @@ fn rel(a: f64, b: f64) -> f64 {
 /// report's within `tolerance`, and compressed-tensors' decompression to ours bit for bit. The
 /// bundle and transformers' figures.
 fn transformers_agrees(t: &Path, python: &Path, passes: &str, tolerance: f64) -> (PathBuf, serde_json::Value) {
+    transformers_agrees_in(t, python, passes, tolerance, "f32")
+}
+
+/// [`transformers_agrees`], comparing the decompressed weights in `dtype` (compressed-tensors
+/// decompresses FP4 to bfloat16).
+fn transformers_agrees_in(
+    t: &Path,
+    python: &Path,
+    passes: &str,
+    tolerance: f64,
+    dtype: &str,
+) -> (PathBuf, serde_json::Value) {
     let (gguf, hamlet) = smollm2().expect("checked by the caller");
     let out = t.join(format!("out{}", std::fs::read_dir(t).unwrap().count()));
     let recipe = smollm2_recipe(t, &gguf, &hamlet, passes);
@@ -90,7 +102,7 @@ fn transformers_agrees(t: &Path, python: &Path, passes: &str, tolerance: f64) ->
     assert_clean_load(&r);
     let theirs = r["perplexity"].as_f64().unwrap();
     assert!(rel(theirs, ours) < tolerance, "{passes}: transformers perplexity {theirs} vs our report {ours}");
-    assert_decompress_identical(python, &bundle, t, "f32");
+    assert_decompress_identical(python, &bundle, t, dtype);
     (bundle, r)
 }
 
@@ -189,6 +201,40 @@ fn test_smollm2_fp8_loads_in_transformers() {
         assert_eq!(config["quantization_config"]["format"], want);
         assert_eq!(r["continuation"].as_str().unwrap().trim_start().split('.').next(), Some("Paris"), "{r}");
     }
+}
+
+#[test]
+fn test_smollm2_nvfp4_and_mxfp4_load_in_transformers() {
+    // FP4 E2M1 weights: NVFP4 (groups of 16, FP8 scales, global scale) on attention and MXFP4
+    // (groups of 32, E8M0 scales) on the MLPs — two formats, so a mixed-precision checkpoint.
+    // compressed-tensors decompresses FP4 to bfloat16: our weights in f32 round to the same
+    // bfloat16 values bit for bit, and the perplexities agree to the bfloat16 rounding.
+    if smollm2().is_none() {
+        return;
+    }
+    let Some(python) = hf_python() else { return };
+    let t = tmp();
+    let passes = "[[pass]]\ntype = \"quantize-fp4\"\nformat = \"nvfp4\"\ntargets = [\"re:.*self_attn.*\"]\n\n\
+                  [[pass]]\ntype = \"quantize-fp4\"\nformat = \"mxfp4\"\ntargets = [\"re:.*mlp.*\"]\n";
+    let (bundle, r) = transformers_agrees_in(t.path(), &python, passes, 0.002, "bf16");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("config.json")).unwrap()).unwrap();
+    let qc = &config["quantization_config"];
+    assert_eq!(qc["format"], "mixed-precision", "{qc}");
+    let formats: Vec<_> = qc["config_groups"].as_object().unwrap().values().map(|g| g["format"].clone()).collect();
+    assert_eq!(formats, ["nvfp4-pack-quantized", "mxfp4-pack-quantized"], "{qc}");
+    assert!(r["perplexity"].as_f64().unwrap().is_finite());
+    // Without its global scale an NVFP4 module does not conform.
+    let st = bundle.join("model.safetensors");
+    let mut bytes = std::fs::read(&st).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
+    let at = header.find("self_attn.q_proj.weight_global_scale").unwrap() + 8 + "self_attn.q_proj.weight_".len();
+    bytes[at..at + 6].copy_from_slice(b"GLOBAL");
+    std::fs::write(&st, bytes).unwrap();
+    let (code, so, se) = mcompress(&["verify", "--conformance", bundle.to_str().unwrap()], t.path());
+    assert_eq!(code, 1, "{so}{se}");
+    assert!(so.contains("weight_global_scale is missing"), "{so}");
 }
 
 #[test]

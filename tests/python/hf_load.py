@@ -38,6 +38,14 @@ def causal(bundle, text_path, max_tokens, window):
     tok = AutoTokenizer.from_pretrained(bundle)
     model, info = AutoModelForCausalLM.from_pretrained(bundle, dtype=torch.float32, output_loading_info=True)
     model.eval()
+    if hasattr(model, "ct_decompress_hook"):
+        # compressed-tensors decompresses on the first forward call. Its FP4 decompressors return
+        # bfloat16 weights whatever the requested dtype (NVFP4/MXFP4 checkpoints of its own fail
+        # in float32 with "expected m1 and m2 to have the same dtype"), so decompress with one
+        # call under bfloat16 autocast, then run in float32 like the rest of the model.
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.tensor([[0, 1]]))
+        model.to(torch.float32)
     text = open(text_path, encoding="utf-8").read()
     ids = tok(text, add_special_tokens=False)["input_ids"][:max_tokens]
     nll, count = 0.0, 0

@@ -21,6 +21,8 @@ use serde_json::Value;
 const PACK_QUANTIZED: &str = "pack-quantized";
 /// FP8: W8A8 (`float-quantized`) and weight-only (`naive-quantized`).
 const FP8_FORMATS: [&str; 2] = ["float-quantized", "naive-quantized"];
+/// FP4 E2M1: NVFP4 and MXFP4 weight-only.
+const FP4_FORMATS: [&str; 2] = ["nvfp4-pack-quantized", "mxfp4-pack-quantized"];
 
 /// Checks the bundle (or model directory) at `dir`: one line per problem, empty when it conforms.
 pub fn check(dir: &Path) -> Vec<String> {
@@ -158,10 +160,32 @@ fn check_safetensors(model: &ModelSource, problems: &mut Vec<String>) {
             }
             continue;
         }
+        if FP4_FORMATS.contains(&format.as_str()) {
+            let nv = format == FP4_FORMATS[0];
+            let (strategy, group) = if nv { ("tensor_group", 16) } else { ("group", 32) };
+            if w["type"] != "float" || w["num_bits"] != 4 || w["strategy"] != strategy || w["group_size"] != group {
+                group_problems.push(gp(format!(
+                    "{format} weights must be 4-bit float, strategy {strategy}, group_size {group}; found {} {} bits, {} {}",
+                    w["type"], w["num_bits"], w["strategy"], w["group_size"]
+                )));
+                continue;
+            }
+            if !g["input_activations"].is_null() {
+                group_problems.push(gp(format!("{format} with input_activations: only weight-only FP4 is written")));
+            }
+            for m in group_modules(g, &module_names, &ignore, &mut group_problems, &gp) {
+                if let Some(other) = claimed.insert(m.to_string(), gname.clone()) {
+                    group_problems.push(gp(format!("module {m} is also a target of {other}")));
+                }
+                group_problems.extend(check_fp4_module(&tensors, m, nv).into_iter().map(&gp));
+            }
+            continue;
+        }
         if format != PACK_QUANTIZED {
             group_problems.push(gp(format!(
-                "format {format:?} is not one this tool writes or checks ({PACK_QUANTIZED}, {})",
-                FP8_FORMATS.join(", ")
+                "format {format:?} is not one this tool writes or checks ({PACK_QUANTIZED}, {}, {})",
+                FP8_FORMATS.join(", "),
+                FP4_FORMATS.join(", ")
             )));
             continue;
         }
@@ -297,6 +321,50 @@ fn check_fp8_module(
     for extra in ["weight_packed", "weight_shape", "weight_zero_point"] {
         if get(extra).is_some() {
             out.push(format!("module {module}: FP8 weights carry no {extra}"));
+        }
+    }
+    out
+}
+
+/// The tensors compressed-tensors' NVFP4 / MXFP4 decompressor reads for `module`.
+fn check_fp4_module(tensors: &BTreeMap<&str, (DType, &[usize])>, module: &str, nv: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    let get = |s: &str| tensors.get(format!("{module}.{s}").as_str()).copied();
+    if get("weight").is_some() {
+        out.push(format!("module {module}: holds a dense weight as well as the quantized one"));
+    }
+    let Some((pdt, pshape)) = get("weight_packed") else {
+        out.push(format!("module {module}: weight_packed is missing"));
+        return out;
+    };
+    if pdt != DType::U8 || pshape.len() != 2 {
+        out.push(format!("module {module}: weight_packed is {pdt} {pshape:?}, expected U8 [out, in / 2]"));
+        return out;
+    }
+    let (rows, cols) = (pshape[0], pshape[1] * 2);
+    let group = if nv { 16 } else { 32 };
+    if !cols.is_multiple_of(group) {
+        out.push(format!("module {module}: {cols} input columns are not a multiple of the group size {group}"));
+    }
+    let (want_dt, want) = (if nv { DType::F8_E4M3 } else { DType::U8 }, [rows, cols / group]);
+    match get("weight_scale") {
+        None => out.push(format!("module {module}: weight_scale is missing")),
+        Some((sdt, s)) if sdt != want_dt || s != want => {
+            out.push(format!("module {module}: weight_scale is {sdt} {s:?}, expected {want_dt} {want:?}"));
+        }
+        Some(_) => {}
+    }
+    match (nv, get("weight_global_scale")) {
+        (true, None) => out.push(format!("module {module}: weight_global_scale is missing")),
+        (true, Some((gdt, g))) if gdt != DType::F32 || g != [1] => {
+            out.push(format!("module {module}: weight_global_scale is {gdt} {g:?}, expected F32 [1]"));
+        }
+        (false, Some(_)) => out.push(format!("module {module}: MXFP4 weights carry no weight_global_scale")),
+        _ => {}
+    }
+    for extra in ["weight_shape", "weight_zero_point"] {
+        if get(extra).is_some() {
+            out.push(format!("module {module}: FP4 weights carry no {extra}"));
         }
     }
     out

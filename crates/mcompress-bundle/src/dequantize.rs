@@ -49,7 +49,7 @@ pub fn dequantize(src: &Path, out: &Path, dtype: DType) -> Result<usize> {
     let part_of_quantized = |n: &str| {
         sparse_parts.contains(n)
             || quantized.contains_key(n)
-            || ["_packed", "_scale", "_zero_point", "_shape"]
+            || ["_packed", "_scale", "_zero_point", "_shape", "_global_scale"]
                 .iter()
                 .any(|s| n.strip_suffix(s).is_some_and(|b| quantized.contains_key(b)))
     };

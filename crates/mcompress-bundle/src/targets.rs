@@ -232,7 +232,11 @@ pub fn weight_dtypes(params: &BTreeMap<String, ParamMeta>) -> Vec<String> {
     for m in params.values() {
         match m {
             ParamMeta::Quantized { scheme, .. } => {
-                set.insert(if scheme.is_fp8() { "fp8".to_string() } else { format!("int{}", scheme.bits) });
+                set.insert(match scheme.kind {
+                    mcompress_passes::QKind::Fp8 { .. } => "fp8".to_string(),
+                    mcompress_passes::QKind::Fp4 { .. } => scheme.label(),
+                    mcompress_passes::QKind::Int => format!("int{}", scheme.bits),
+                });
             }
             ParamMeta::Dense { dtype, .. } | ParamMeta::Sparse { dtype, .. } if dtype.is_float() => {
                 set.insert(dtype.as_str().to_ascii_lowercase());

@@ -240,7 +240,11 @@ impl GpuLinear {
         let row_words = (row_bytes / 4) as u32;
         let layout = Layout {
             bits: u32::from(s.bits),
-            kind: u32::from(s.is_fp8()),
+            kind: match s.kind {
+                mcompress_passes::QKind::Int => 0,
+                mcompress_passes::QKind::Fp8 { .. } => 1,
+                mcompress_passes::QKind::Fp4 { .. } => 2,
+            },
             groups: groups as u32,
             group_len: s.group_len(inp) as u32,
             row_words,
@@ -409,7 +413,7 @@ fn split_rows(
 mod tests {
     use super::*;
     use crate::linalg;
-    use crate::linear::testing::{quantized, schemes, values};
+    use crate::linear::testing::{cases, quantized, values};
 
     /// The device, or `None` (test skipped) where no adapter exists and CI did not ask for one.
     pub(crate) fn gpu_or_skip() -> Option<Arc<Gpu>> {
@@ -438,15 +442,17 @@ mod tests {
     fn test_fused_kernel_matches_cpu_for_every_scheme() {
         let Some(gpu) = gpu_or_skip() else { return };
         // Rows and columns that are not multiples of the 16 × 64 tile or of a packed word.
-        let (n, rows, cols) = (19, 70, 100);
-        let x = values(n * cols, 11);
+        let (n, rows) = (19, 70);
         let bias = values(rows, 12);
-        for s in schemes() {
+        for (s, cols) in cases(100) {
+            let x = values(n * cols, 11);
             let q = quantized(&s, rows, cols, 13);
             let want = linalg::linear(&x, &q.dequantize(), Some(&bias), cols, rows);
             let got = GpuLinear::packed(&gpu, &q, Some(&bias)).unwrap().apply(&x).unwrap();
             close(&got, &want, &s.label());
         }
+        let cols = 100;
+        let x = values(n * cols, 11);
         let w = values(rows * cols, 14);
         let got = GpuLinear::dense(&gpu, &w, rows, cols, None).unwrap().apply(&x).unwrap();
         close(&got, &linalg::linear(&x, &w, None, cols, rows), "dense f32");

@@ -129,7 +129,7 @@ pub fn linear_packed(x: &[f32], q: &Quantized, bias: Option<&[f32]>) -> Vec<f32>
 #[cfg(test)]
 pub(crate) mod testing {
     use mcompress_core::DType;
-    use mcompress_passes::quant::{Fp8Strategy, QScheme, Quantized, quantize};
+    use mcompress_passes::quant::{Fp4Format, Fp8Strategy, QScheme, Quantized, quantize};
 
     /// Deterministic values in about [-1, 1] with some larger outliers.
     pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -161,6 +161,16 @@ pub(crate) mod testing {
         out
     }
 
+    /// Every scheme with the input width to test it at: `cols` for those of [`schemes`], the
+    /// nearest multiple of 32 below it for FP4 (NVFP4, MXFP4), whose blocks must divide a row.
+    pub(crate) fn cases(cols: usize) -> Vec<(QScheme, usize)> {
+        let mut out: Vec<_> = schemes().into_iter().map(|s| (s, cols)).collect();
+        for format in [Fp4Format::Nv, Fp4Format::Mx] {
+            out.push((QScheme::fp4(format), cols / 32 * 32));
+        }
+        out
+    }
+
     pub(crate) fn quantized(s: &QScheme, rows: usize, cols: usize, seed: u64) -> Quantized {
         let v = values(rows * cols, seed);
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -170,15 +180,15 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::{quantized, schemes, values};
+    use super::testing::{cases, quantized, values};
     use super::*;
 
     #[test]
     fn test_fused_cpu_matches_dequantize_then_matmul() {
-        let (n, rows, cols) = (7, 37, 100);
-        let x = values(n * cols, 1);
+        let (n, rows) = (7, 37);
         let bias = values(rows, 2);
-        for s in schemes() {
+        for (s, cols) in cases(100) {
+            let x = values(n * cols, 1);
             let q = quantized(&s, rows, cols, 3);
             let want = linalg::linear(&x, &q.dequantize(), Some(&bias), cols, rows);
             let lin = Lin::new(Matrix::Packed(Arc::new(q)), rows, cols, Some(bias.clone()), &Device::Cpu).unwrap();

@@ -4,6 +4,8 @@
 //
 // bits = 32: W is f32 (bit patterns in u32 words), row-major [m, k].
 // kind = 1:  FP8 E4M3 codes, 8 bits each in the same words, no offset: value = e4m3(code) * scale.
+// kind = 2:  FP4 E2M1 codes (NVFP4/MXFP4), 4 bits each, no offset: value = e2m1(code) * scale, the
+//            scale already effective (NVFP4's FP8 group scale over its global scale).
 // bits ≤ 8:  W is I32 words [m, row_words], compressed-tensors' dense packing: code c of a row
 //            occupies bits c·bits .. (c+1)·bits of the row's bit stream (a 3-bit code may straddle
 //            two words), stored unsigned with offset 2^(bits-1).
@@ -20,7 +22,7 @@ struct Params {
     k: u32,
     m: u32,
     bits: u32,
-    kind: u32, // 0: integer codes; 1: FP8 E4M3 codes
+    kind: u32, // 0: integer codes; 1: FP8 E4M3 codes; 2: FP4 E2M1 codes
     groups: u32,
     group_len: u32,
     row_words: u32,
@@ -58,6 +60,17 @@ fn e4m3(u: u32) -> f32 {
     return s * (1.0 + m / 8.0) * bitcast<f32>((e + 120u) << 23u);
 }
 
+// FP4 E2M1 code → f32 (mcompress_passes::quant::fp4::e2m1_to_f32): magnitudes 0, .5, 1, 1.5, 2,
+// 3, 4, 6 by index, sign in bit 3. Exact: m/2 for index < 4, else 2^(i/2 - 1) · (1 + (i & 1)/2).
+fn e2m1(u: u32) -> f32 {
+    let s = select(1.0, -1.0, (u & 8u) != 0u);
+    let i = u & 7u;
+    if i < 4u {
+        return s * f32(i) * 0.5;
+    }
+    return s * f32(1u << ((i >> 1u) - 1u)) * (1.0 + f32(i & 1u) * 0.5);
+}
+
 fn load_w(r: u32, c: u32) -> f32 {
     if p.bits == 32u {
         return bitcast<f32>(w[r * p.k + c]);
@@ -73,6 +86,9 @@ fn load_w(r: u32, c: u32) -> f32 {
     let g0 = r * p.groups + c / p.group_len;
     if p.kind == 1u {
         return e4m3(u) * scale[g0];
+    }
+    if p.kind == 2u {
+        return e2m1(u) * scale[g0];
     }
     let q = i32(u) - (1 << (p.bits - 1u));
     let g = g0;

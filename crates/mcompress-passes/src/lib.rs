@@ -30,7 +30,7 @@ use std::fmt;
 use mcompress_core::{DType, TensorEntry};
 use mcompress_recipe::Recipe;
 
-pub use quant::{Fp8Strategy, QKind, QScheme, Quantized};
+pub use quant::{Fp4Format, Fp8Strategy, QKind, QScheme, Quantized};
 pub use select::ParamSelector;
 
 /// Errors while running passes. Each names the pass and the tensor.
@@ -112,6 +112,24 @@ impl ParamMeta {
                         shape: scheme.stored_scale_shape(rows, cols),
                     },
                 ]
+            }
+            ParamMeta::Quantized { scheme, shape, scale_dtype } if scheme.is_fp4() => {
+                // compressed-tensors' nvfp4/mxfp4-pack-quantized: two codes per byte, group
+                // scales (FP8 or E8M0), NVFP4's global scale; no shape tensor.
+                let rows = shape[0];
+                let cols: usize = shape[1..].iter().product();
+                let mut v = vec![
+                    TensorEntry { name: format!("{name}_packed"), dtype: DType::U8, shape: vec![rows, cols / 2] },
+                    TensorEntry {
+                        name: format!("{name}_scale"),
+                        dtype: *scale_dtype,
+                        shape: vec![rows, scheme.groups(cols)],
+                    },
+                ];
+                if matches!(scheme.kind, QKind::Fp4 { format: Fp4Format::Nv }) {
+                    v.push(TensorEntry { name: format!("{name}_global_scale"), dtype: DType::F32, shape: vec![1] });
+                }
+                v
             }
             ParamMeta::Quantized { scheme, shape, scale_dtype } => {
                 let rows = shape[0];
@@ -217,6 +235,11 @@ impl<'a> Param<'a> {
             Param::Quantized(q) if q.scheme.is_fp8() => {
                 let scale = q.scale_dtype.encode_f32(&q.stored_scale()).expect("scale dtype is a float");
                 entries.into_iter().zip([Cow::Owned(q.fp8_bytes()), Cow::Owned(scale)]).collect()
+            }
+            Param::Quantized(q) if q.scheme.is_fp4() => {
+                let mut data = vec![Cow::Owned(q.fp4_bytes()), Cow::Owned(q.fp4_stored_scale())];
+                data.extend(q.global_scale.map(|g| Cow::Owned(g.to_le_bytes().to_vec())));
+                entries.into_iter().zip(data).collect()
             }
             Param::Quantized(q) => {
                 let scale = q.scale_dtype.encode_f32(&q.scale).expect("scale dtype is a float");
@@ -410,6 +433,7 @@ pub static PASSES: &[PassInfo] = &[
     prune::structured::STRUCTURED_INFO,
     prune::WANDA_INFO,
     quant::AWQ_INFO,
+    quant::FP4_INFO,
     quant::FP8_INFO,
     quant::GPTQ_INFO,
     quant::RTN_INFO,
@@ -465,7 +489,7 @@ mod tests {
         let e = build_passes(&r).unwrap_err().to_string();
         assert_eq!(
             e,
-            "r.toml:3:1: pass[0] quantize-rtm: unknown pass type \"quantize-rtm\"; valid types: cast, distill, prune-magnitude, prune-sparsegpt, prune-structured, prune-wanda, quantize-awq, quantize-fp8, quantize-gptq, quantize-rtn"
+            "r.toml:3:1: pass[0] quantize-rtm: unknown pass type \"quantize-rtm\"; valid types: cast, distill, prune-magnitude, prune-sparsegpt, prune-structured, prune-wanda, quantize-awq, quantize-fp4, quantize-fp8, quantize-gptq, quantize-rtn"
         );
     }
 
@@ -474,12 +498,14 @@ mod tests {
         let s = recipe_schema();
         let one_of = s["properties"]["pass"]["items"]["oneOf"].as_array().unwrap();
         assert_eq!(one_of.len(), PASSES.len());
-        assert_eq!(one_of[9]["properties"]["type"]["const"], "quantize-rtn");
-        assert!(one_of[9]["properties"]["bits"].is_object());
-        assert_eq!(one_of[8]["properties"]["type"]["const"], "quantize-gptq");
-        assert!(one_of[8]["properties"]["calibration"].is_object());
-        assert_eq!(one_of[7]["properties"]["type"]["const"], "quantize-fp8");
-        assert!(one_of[7]["properties"]["strategy"].is_object());
+        assert_eq!(one_of[10]["properties"]["type"]["const"], "quantize-rtn");
+        assert!(one_of[10]["properties"]["bits"].is_object());
+        assert_eq!(one_of[9]["properties"]["type"]["const"], "quantize-gptq");
+        assert!(one_of[9]["properties"]["calibration"].is_object());
+        assert_eq!(one_of[8]["properties"]["type"]["const"], "quantize-fp8");
+        assert!(one_of[8]["properties"]["strategy"].is_object());
+        assert_eq!(one_of[7]["properties"]["type"]["const"], "quantize-fp4");
+        assert!(one_of[7]["properties"]["format"].is_object());
         assert_eq!(one_of[3]["properties"]["type"]["const"], "prune-sparsegpt");
         assert!(one_of[3]["properties"]["storage"].is_object());
         assert_eq!(one_of[1]["properties"]["type"]["const"], "distill");

@@ -313,6 +313,8 @@ pub fn quantization_config(params: &BTreeMap<String, ParamMeta>) -> Option<Value
         crate::QKind::Int => "pack-quantized",
         crate::QKind::Fp8 { dynamic_act: true, .. } => "float-quantized",
         crate::QKind::Fp8 { dynamic_act: false, .. } => "naive-quantized",
+        crate::QKind::Fp4 { format: crate::Fp4Format::Nv } => "nvfp4-pack-quantized",
+        crate::QKind::Fp4 { format: crate::Fp4Format::Mx } => "mxfp4-pack-quantized",
     };
     let formats: std::collections::BTreeSet<_> = groups.keys().map(format_of).collect();
     let config_groups: serde_json::Map<String, Value> = groups
@@ -378,6 +380,27 @@ fn config_group(s: &crate::QScheme, modules: &[String], format: &str) -> Value {
                 input,
             )
         }
+        // The NVFP4A16 / MXFP4A16 presets as compressed-tensors serializes them.
+        crate::QKind::Fp4 { format } => {
+            let (strategy, scale_dtype) = match format {
+                crate::Fp4Format::Nv => ("tensor_group", "torch.float8_e4m3fn"),
+                crate::Fp4Format::Mx => ("group", "torch.uint8"),
+            };
+            (
+                json!({
+                    "num_bits": 4,
+                    "type": "float",
+                    "symmetric": true,
+                    "strategy": strategy,
+                    "group_size": s.group_size,
+                    "dynamic": false,
+                    "observer": "minmax",
+                    "scale_dtype": scale_dtype,
+                    "zp_dtype": scale_dtype,
+                }),
+                Value::Null,
+            )
+        }
     };
     json!({
         "targets": modules,
@@ -413,6 +436,15 @@ pub fn check_plan(model: &ModelSource, passes: &[Box<dyn Pass>]) -> Result<Vec<S
         let Some(&index) = changes.last() else { continue };
         let err = |reason: String| Error::Tensor { index, pass: passes[index].name(), tensor: name.clone(), reason };
         let cols: usize = shape[1..].iter().product();
+        if !scheme.divides(cols) && scheme.is_fp4() {
+            return Err(err(format!(
+                "{} stores blocks of {} input columns and its {cols} input columns are not a multiple \
+                 of {}: leave it out of `targets` or use quantize-rtn",
+                scheme.label(),
+                scheme.group_size,
+                scheme.group_size
+            )));
+        }
         if !scheme.divides(cols) {
             return Err(err(format!(
                 "group-size {} does not divide its {cols} input columns: compressed-tensors runtimes \
@@ -440,7 +472,7 @@ pub fn check_plan(model: &ModelSource, passes: &[Box<dyn Pass>]) -> Result<Vec<S
     if planned
         .params
         .values()
-        .any(|m| matches!(m, ParamMeta::Quantized { scheme, .. } if !scheme.is_fp8() && !matches!(scheme.bits, 4 | 8)))
+        .any(|m| matches!(m, ParamMeta::Quantized { scheme, .. } if scheme.kind == crate::QKind::Int && !matches!(scheme.bits, 4 | 8)))
     {
         warnings.push(
             "3- and 2-bit integer weights load in transformers and compressed-tensors, but vLLM's \

@@ -142,6 +142,7 @@ pub fn quantize_fp8(s: &QScheme, dtype: DType, shape: &[usize], data: &[u8]) -> 
         scale,
         scale_dtype: sdt,
         zero_point: None,
+        global_scale: None,
         err2,
         ref2,
     })

@@ -17,7 +17,7 @@ pub fn schemes_from_config(config: &serde_json::Value) -> Result<BTreeMap<String
     for (gname, g) in groups {
         let w = &g["weights"];
         if w["type"] == "float" {
-            let scheme = fp8_scheme(gname, g)?;
+            let scheme = if w["num_bits"] == 4 { fp4_scheme(gname, g)? } else { fp8_scheme(gname, g)? };
             for t in g["targets"].as_array().ok_or_else(|| format!("config_groups.{gname}.targets must be a list"))? {
                 let t = t.as_str().ok_or_else(|| format!("config_groups.{gname}.targets must hold strings"))?;
                 out.insert(t.to_string(), scheme);
@@ -79,6 +79,85 @@ fn fp8_scheme(gname: &str, g: &serde_json::Value) -> Result<QScheme, String> {
     Ok(QScheme::fp8(strategy, dynamic_act))
 }
 
+/// An FP4 config group's scheme: NVFP4 (`tensor_group`, groups of 16) or MXFP4 (`group`,
+/// groups of 32), weight-only.
+fn fp4_scheme(gname: &str, g: &serde_json::Value) -> Result<QScheme, String> {
+    let w = &g["weights"];
+    let format = match (w["strategy"].as_str(), w["group_size"].as_u64()) {
+        (Some("tensor_group"), Some(16)) => super::Fp4Format::Nv,
+        (Some("group"), Some(32)) => super::Fp4Format::Mx,
+        _ => {
+            return Err(format!(
+                "config_groups.{gname}.weights: FP4 with strategy {} and group_size {} is not read; \
+                 NVFP4 (tensor_group, 16) and MXFP4 (group, 32) are",
+                w["strategy"], w["group_size"]
+            ));
+        }
+    };
+    if !g["input_activations"].is_null() {
+        return Err(format!(
+            "config_groups.{gname}.input_activations: FP4 activations are not read (weight-only FP4 is)"
+        ));
+    }
+    Ok(QScheme::fp4(format))
+}
+
+/// Loads an NVFP4 or MXFP4 weight (`<name>_packed` U8, `<name>_scale`, NVFP4's
+/// `<name>_global_scale`).
+fn load_fp4(model: &ModelSource, name: &str, scheme: QScheme) -> Result<Quantized, String> {
+    let p = tensor(model, &format!("{name}_packed"))?;
+    if p.dtype != DType::U8 || p.shape.len() != 2 || p.shape.contains(&0) {
+        return Err(format!("tensor {name}_packed is {} {:?}, expected U8 [rows, cols / 2]", p.dtype, p.shape));
+    }
+    let (rows, cols) = (p.shape[0], p.shape[1] * 2);
+    if !scheme.divides(cols) {
+        return Err(format!(
+            "tensor {name}_packed: {cols} columns are not a multiple of the group size {}",
+            scheme.group_size
+        ));
+    }
+    let groups = scheme.groups(cols);
+    let nv = matches!(scheme.kind, super::QKind::Fp4 { format: super::Fp4Format::Nv });
+    let s = tensor(model, &format!("{name}_scale"))?;
+    expect(&s, if nv { DType::F8_E4M3 } else { DType::U8 }, &[rows, groups])?;
+    let global = if nv {
+        let g = tensor(model, &format!("{name}_global_scale"))?;
+        expect(&g, DType::F32, &[1])?;
+        let v = f32::from_le_bytes(g.data[..4].try_into().expect("4 bytes"));
+        if !(v.is_finite() && v > 0.0) {
+            return Err(format!("tensor {name}_global_scale is {v}, expected a positive finite number"));
+        }
+        Some(v)
+    } else {
+        None
+    };
+    if nv && let Some(i) = s.data.iter().position(|&b| b & 0x7f == 0x7f) {
+        return Err(format!("tensor {name}_scale: element {i} is an FP8 NaN"));
+    }
+    if !nv && let Some(i) = s.data.iter().position(|&b| b == 0xff) {
+        return Err(format!("tensor {name}_scale: element {i} is the E8M0 NaN (255)"));
+    }
+    let scale = super::fp4::fp4_scales(&s.data, global);
+    let rb = scheme.packed_row_bytes(cols);
+    let mut packed = vec![0u8; rows * rb];
+    for (dst, src) in packed.chunks_mut(rb).zip(p.data.chunks(cols / 2)) {
+        dst[..cols / 2].copy_from_slice(src);
+    }
+    Ok(Quantized {
+        scheme,
+        shape: vec![rows, cols],
+        rows,
+        cols,
+        packed,
+        scale,
+        scale_dtype: s.dtype,
+        zero_point: None,
+        global_scale: global,
+        err2: 0.0,
+        ref2: 0.0,
+    })
+}
+
 /// Loads an FP8 weight (`<name>` float8_e4m3fn, `<name>_scale`).
 fn load_fp8(model: &ModelSource, name: &str, scheme: QScheme) -> Result<Quantized, String> {
     let w = tensor(model, name)?;
@@ -128,6 +207,7 @@ fn load_fp8(model: &ModelSource, name: &str, scheme: QScheme) -> Result<Quantize
         scale,
         scale_dtype: s.dtype,
         zero_point: None,
+        global_scale: None,
         err2: 0.0,
         ref2: 0.0,
     })
@@ -153,6 +233,9 @@ fn expect(v: &TensorView<'_>, dtype: DType, shape: &[usize]) -> Result<(), Strin
 pub fn load_quantized(model: &ModelSource, name: &str, scheme: QScheme) -> Result<Quantized, String> {
     if scheme.is_fp8() {
         return load_fp8(model, name, scheme);
+    }
+    if scheme.is_fp4() {
+        return load_fp4(model, name, scheme);
     }
     let shape_t = tensor(model, &format!("{name}_shape"))?;
     if shape_t.dtype != DType::I64 || shape_t.shape.len() != 1 || shape_t.shape[0] < 2 {
@@ -210,6 +293,7 @@ pub fn load_quantized(model: &ModelSource, name: &str, scheme: QScheme) -> Resul
         scale,
         scale_dtype: scale_t.dtype,
         zero_point,
+        global_scale: None,
         err2: 0.0,
         ref2: 0.0,
     })

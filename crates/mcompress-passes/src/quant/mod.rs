@@ -1,5 +1,6 @@
 //! Quantization passes.
 
+pub mod fp4;
 pub mod fp8;
 pub mod gptq;
 pub mod load;
@@ -13,7 +14,7 @@ use serde::{Deserialize, Serialize};
 pub use gptq::{GptqOptions, gptq};
 pub use load::{load_quantized, schemes_from_config};
 pub use rtn::{QuantError, Quantized, quantize, quantize_ref};
-pub use scheme::{Fp8Strategy, QKind, QScheme};
+pub use scheme::{Fp4Format, Fp8Strategy, QKind, QScheme};
 
 use crate::{
     Applied, Calibrated, Calibration, CalibrationMethod, Param, ParamMeta, ParamSelector, Pass, PassInfo, Plan, Status,
@@ -125,6 +126,54 @@ pub const FP8_INFO: PassInfo = PassInfo {
     schema: || schemars::schema_for!(Fp8Config),
 };
 
+/// `quantize-fp4` settings.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Fp4Config {
+    /// `"nvfp4"` (default: groups of 16, FP8 scales under a per-tensor global scale) or `"mxfp4"`
+    /// (groups of 32, power-of-two scales).
+    #[serde(default = "default_fp4_format")]
+    pub format: String,
+    /// Tensors to quantize (default: float matrices named `*weight`, except embeddings).
+    pub targets: Option<Vec<String>>,
+    /// Tensors to leave alone.
+    #[serde(default)]
+    pub ignore: Vec<String>,
+}
+
+fn default_fp4_format() -> String {
+    "nvfp4".into()
+}
+
+impl Rtn {
+    /// Validates an FP4 config.
+    pub fn fp4(config: &Fp4Config) -> Result<Self, String> {
+        let selector = ParamSelector::new(config.targets.as_deref(), &config.ignore)?;
+        let format = match config.format.as_str() {
+            "nvfp4" => Fp4Format::Nv,
+            "mxfp4" => Fp4Format::Mx,
+            f => return Err(format!("format = {f:?}: supported values are \"nvfp4\" and \"mxfp4\"")),
+        };
+        let settings = serde_json::to_value(config).expect("config is JSON");
+        Ok(Self { info: &FP4_INFO, settings, scheme: QScheme::fp4(format), selector })
+    }
+}
+
+fn build_fp4(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
+    let config: Fp4Config = recipe.pass_config(index)?;
+    Rtn::fp4(&config).map(|p| Box::new(p) as Box<dyn Pass>).map_err(|e| recipe.pass_error(index, e))
+}
+
+/// Registry entry of `quantize-fp4`.
+pub const FP4_INFO: PassInfo = PassInfo {
+    name: "quantize-fp4",
+    summary: "FP4 E2M1 weights: NVFP4 (groups of 16, FP8 scales, global scale) or MXFP4 (groups of 32, E8M0 scales)",
+    docs: include_str!("fp4.md"),
+    status: Status::Preview,
+    build: build_fp4,
+    schema: || schemars::schema_for!(Fp4Config),
+};
+
 fn build_rtn(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
     let config: RtnConfig = recipe.pass_config(index)?;
     Rtn::new(&config).map(|p| Box::new(p) as Box<dyn Pass>).map_err(|e| recipe.pass_error(index, e))
@@ -165,7 +214,7 @@ impl Pass for Rtn {
             Some(_) if eligible => Plan::Change(ParamMeta::Quantized {
                 scheme: self.scheme,
                 shape: shape.clone(),
-                scale_dtype: scheme::scale_dtype(*dtype),
+                scale_dtype: self.scheme.scale_dtype_for(*dtype),
             }),
             Some(_) => Plan::Skip(if dtype.is_float() {
                 format!("rank {} tensor {shape:?}: only matrices are quantized", shape.len())

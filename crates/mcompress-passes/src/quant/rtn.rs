@@ -25,6 +25,8 @@ pub struct Quantized {
     pub scale_dtype: DType,
     /// Zero points `rows × groups` (asymmetric only).
     pub zero_point: Option<Vec<i8>>,
+    /// NVFP4's per-tensor global scale `G` (the effective scales in `scale` are `s / G`).
+    pub global_scale: Option<f32>,
     /// Σ (w - dequant(w))², for the relative RMSE.
     pub err2: f64,
     /// Σ w².
@@ -71,9 +73,18 @@ impl Quantized {
         let row = &self.packed[r * s.packed_row_bytes(self.cols)..][..s.packed_row_bytes(self.cols)];
         let out = &mut out[..self.cols];
         let (bits, mask, off) = (u32::from(s.bits), (1u32 << s.bits) - 1, s.offset());
-        if s.is_fp8() {
-            for (o, &b) in out.iter_mut().zip(row) {
-                *o = super::fp8::e4m3_to_f32(b);
+        if s.is_fp8() || s.is_fp4() {
+            if s.is_fp8() {
+                for (o, &b) in out.iter_mut().zip(row) {
+                    *o = super::fp8::e4m3_to_f32(b);
+                }
+            } else {
+                for (pair, &b) in out.chunks_mut(2).zip(row) {
+                    pair[0] = super::fp4::e2m1_to_f32(b);
+                    if let Some(hi) = pair.get_mut(1) {
+                        *hi = super::fp4::e2m1_to_f32(b >> 4);
+                    }
+                }
             }
             for (g, vals) in out.chunks_mut(gl).enumerate() {
                 let scale = self.scale[r * groups + g];
@@ -109,7 +120,7 @@ impl Quantized {
 
     /// Dequantizes to f32, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
-        if self.scheme.is_fp8() {
+        if self.scheme.is_fp8() || self.scheme.is_fp4() {
             let mut out = vec![0f32; self.rows * self.cols];
             for (r, row) in out.chunks_mut(self.cols).enumerate() {
                 self.dequantize_row(r, row);
@@ -233,6 +244,9 @@ pub fn quantize_ref(s: &QScheme, dtype: DType, shape: &[usize], data: &[u8]) -> 
     if s.is_fp8() {
         return super::fp8::quantize_fp8(s, dtype, shape, data);
     }
+    if s.is_fp4() {
+        return super::fp4::quantize_fp4(s, dtype, shape, data);
+    }
     let (rows, cols) = check_input(dtype, shape, data)?;
     let mut w = vec![0f32; rows * cols];
     dtype.decode_f32(data, &mut w);
@@ -292,7 +306,19 @@ impl Quantized {
             }
             pack_row(s, &row8, out);
         }
-        Quantized { scheme: *s, shape: shape.to_vec(), rows, cols, packed, scale, scale_dtype, zero_point, err2, ref2 }
+        Quantized {
+            scheme: *s,
+            shape: shape.to_vec(),
+            rows,
+            cols,
+            packed,
+            scale,
+            scale_dtype,
+            zero_point,
+            global_scale: None,
+            err2,
+            ref2,
+        }
     }
 }
 
@@ -308,6 +334,9 @@ fn rows_per_task(cols: usize) -> usize {
 pub fn quantize(s: &QScheme, dtype: DType, shape: &[usize], data: &[u8]) -> Result<Quantized, QuantError> {
     if s.is_fp8() {
         return super::fp8::quantize_fp8(s, dtype, shape, data);
+    }
+    if s.is_fp4() {
+        return super::fp4::quantize_fp4(s, dtype, shape, data);
     }
     let (rows, cols) = check_input(dtype, shape, data)?;
     let sdt = scale_dtype(dtype);
@@ -350,6 +379,7 @@ pub fn quantize(s: &QScheme, dtype: DType, shape: &[usize], data: &[u8]) -> Resu
         scale,
         scale_dtype: sdt,
         zero_point: (!s.symmetric).then_some(zero),
+        global_scale: None,
         err2,
         ref2,
     })

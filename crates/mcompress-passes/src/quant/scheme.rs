@@ -29,6 +29,16 @@ pub enum Fp8Strategy {
     Block,
 }
 
+/// Which FP4 block format a weight is stored in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fp4Format {
+    /// NVFP4: groups of 16, FP8 E4M3 group scales under a per-tensor F32 global scale.
+    Nv,
+    /// MXFP4: groups of 32, power-of-two (E8M0) group scales.
+    Mx,
+}
+
 /// The number format of the codes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -43,6 +53,11 @@ pub enum QKind {
         /// W8A8: activations are quantized to FP8 per token at run time (compressed-tensors
         /// `float-quantized`); otherwise weight-only (`naive-quantized`).
         dynamic_act: bool,
+    },
+    /// FP4 E2M1 codes, two per byte, with block scales ([`super::fp4`]); weight-only.
+    Fp4 {
+        /// NVFP4 or MXFP4.
+        format: Fp4Format,
     },
 }
 
@@ -76,6 +91,20 @@ impl QScheme {
         QScheme { bits: 8, group_size, symmetric: true, kind: QKind::Fp8 { strategy, dynamic_act } }
     }
 
+    /// An FP4 E2M1 scheme: NVFP4 (groups of 16) or MXFP4 (groups of 32).
+    pub const fn fp4(format: Fp4Format) -> Self {
+        let group_size = match format {
+            Fp4Format::Nv => 16,
+            Fp4Format::Mx => 32,
+        };
+        QScheme { bits: 4, group_size, symmetric: true, kind: QKind::Fp4 { format } }
+    }
+
+    /// Whether the codes are FP4 (NVFP4 or MXFP4).
+    pub fn is_fp4(&self) -> bool {
+        matches!(self.kind, QKind::Fp4 { .. })
+    }
+
     /// Whether the codes are FP8.
     pub fn is_fp8(&self) -> bool {
         matches!(self.kind, QKind::Fp8 { .. })
@@ -97,6 +126,16 @@ impl QScheme {
         }
     }
 
+    /// Storage dtype of the scales for weights of dtype `src`: FP8 E4M3 for NVFP4, E8M0
+    /// exponents (`U8`) for MXFP4, the source float type otherwise ([`scale_dtype`]).
+    pub fn scale_dtype_for(&self, src: DType) -> DType {
+        match self.kind {
+            QKind::Fp4 { format: Fp4Format::Nv } => DType::F8_E4M3,
+            QKind::Fp4 { format: Fp4Format::Mx } => DType::U8,
+            _ => scale_dtype(src),
+        }
+    }
+
     /// Smallest and largest code.
     pub fn qrange(&self) -> (i32, i32) {
         let half = 1i32 << (self.bits - 1);
@@ -104,9 +143,9 @@ impl QScheme {
     }
 
     /// Offset added to a code before packing (compressed-tensors stores codes unsigned); 0 for
-    /// FP8, whose codes are stored as they are.
+    /// FP8 and FP4, whose codes are stored as they are.
     pub fn offset(&self) -> i32 {
-        if self.is_fp8() { 0 } else { 1i32 << (self.bits - 1) }
+        if matches!(self.kind, QKind::Int) { 1i32 << (self.bits - 1) } else { 0 }
     }
 
     /// Dtype of the packed codes (and packed zero points): always `I32` words.
@@ -150,6 +189,12 @@ impl QScheme {
                 Fp8Strategy::Block => "block128",
             };
             return format!("fp8-{s}{}", if dynamic_act { "-w8a8" } else { "" });
+        }
+        if let QKind::Fp4 { format } = self.kind {
+            return match format {
+                Fp4Format::Nv => "nvfp4".into(),
+                Fp4Format::Mx => "mxfp4".into(),
+            };
         }
         let g = if self.group_size == 0 { "channel".to_string() } else { format!("g{}", self.group_size) };
         format!("int{}-{g}-{}", self.bits, if self.symmetric { "sym" } else { "asym" })
