@@ -202,3 +202,52 @@ fn test_output_over_input_is_refused() {
     let r = recipe(t.path(), &model, &model.join("out"), "");
     assert_eq!(mcompress(&["run", "-q", r.to_str().unwrap()], t.path()).0, 0);
 }
+
+#[test]
+fn test_dequantize_never_overwrites_its_input_or_a_bundle() {
+    let t = tmp();
+    let (code, so, se) =
+        mcompress(&["run", "-q", "--out", "q", repo().join("recipes/quickstart.toml").to_str().unwrap()], t.path());
+    assert!(code == 0 || code == 1, "{so}{se}");
+    let bundle = t.path().join("q/default");
+    let weights = bundle.join("model.safetensors");
+    let before = std::fs::read(&weights).unwrap();
+    let b = bundle.to_str().unwrap();
+    // Its own weights, another file inside the bundle, a directory: refused, nothing changed.
+    for (out, needle) in [
+        (weights.clone(), "is the input file"),
+        (bundle.join("dense.safetensors"), "inside the bundle"),
+        (t.path().join("q"), "not a regular file"),
+    ] {
+        let (code, so, se) = mcompress(&["dequantize", b, "--out", out.to_str().unwrap()], t.path());
+        assert_eq!(code, 2, "{so}{se}");
+        assert!(se.contains(needle), "{needle}: {se}");
+    }
+    assert_eq!(std::fs::read(&weights).unwrap(), before, "bundle weights untouched");
+    assert!(!bundle.join("dense.safetensors").exists());
+    // A plain model file as its own output.
+    let model = repo().join("fixtures/digits-mlp");
+    let copy = t.path().join("m");
+    std::fs::create_dir(&copy).unwrap();
+    for f in ["model.safetensors", "config.json"] {
+        std::fs::copy(model.join(f), copy.join(f)).unwrap();
+    }
+    let m = copy.join("model.safetensors");
+    let (code, _, se) = mcompress(&["dequantize", m.to_str().unwrap(), "--out", m.to_str().unwrap()], t.path());
+    assert_eq!(code, 2, "{se}");
+    assert_eq!(std::fs::read(&m).unwrap(), std::fs::read(model.join("model.safetensors")).unwrap());
+    // A temp file left by a killed run (a pid that no longer exists) is removed; no temp file of
+    // this run stays behind.
+    let stale = t.path().join(".dense.safetensors.mcompress-tmp-4194999");
+    std::fs::write(&stale, b"partial").unwrap();
+    let dense = t.path().join("dense.safetensors");
+    let (code, so, se) = mcompress(&["dequantize", b, "--out", dense.to_str().unwrap()], t.path());
+    assert_eq!(code, 0, "{so}{se}");
+    assert!(!stale.exists(), "stale temp file removed");
+    let left: Vec<_> = std::fs::read_dir(t.path())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.contains("mcompress-tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

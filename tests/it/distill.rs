@@ -298,3 +298,44 @@ fn test_minilm_structured_student_distils() {
     assert!(b > a, "cosine to the original: pruned {a}, pruned + distilled {b}");
     assert_eq!(plain["bundle"]["weights_bytes"], distilled["bundle"]["weights_bytes"]);
 }
+
+#[test]
+fn test_checkpoint_dir_never_deletes_what_the_tool_did_not_write() {
+    let t = tmp();
+    // A directory of the user's named as checkpoint-dir: refused by `recipe check` and by `run`
+    // before any work, the user's file intact, nothing written.
+    let mine = t.path().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::write(mine.join("notes.txt"), b"keep me").unwrap();
+    for every in [40, 0] {
+        let extra = format!("checkpoint-every = {every}\ncheckpoint-dir = {:?}", mine.display().to_string());
+        let recipe = digits_recipe(t.path(), "r.toml", 20, "", &extra);
+        for cmd in [&["recipe", "check"][..], &["run", "-q", "--out", "o"][..]] {
+            let (code, so, se) = mcompress(&[cmd, &[recipe.to_str().unwrap()]].concat(), t.path());
+            assert_eq!(code, 2, "{cmd:?}: {so}{se}");
+            assert!(se.contains("checkpoint-dir") && se.contains("notes.txt"), "{se}");
+        }
+        assert_eq!(std::fs::read(mine.join("notes.txt")).unwrap(), b"keep me");
+        assert!(!t.path().join("o/default").exists());
+    }
+    // A file as checkpoint-dir: refused the same way.
+    let recipe = digits_recipe(t.path(), "f.toml", 20, "", "checkpoint-dir = \"mine/notes.txt\"");
+    let (code, _, se) = mcompress(&["recipe", "check", recipe.to_str().unwrap()], t.path());
+    assert_eq!(code, 2, "{se}");
+    assert!(se.contains("not a directory"), "{se}");
+    // The default checkpoint directory in the output dir, holding someone's file: refused.
+    let recipe = digits_recipe(t.path(), "d.toml", 20, "", "checkpoint-every = 10");
+    let out = t.path().join("d");
+    std::fs::create_dir_all(out.join(".distill-pass1")).unwrap();
+    std::fs::write(out.join(".distill-pass1/data.bin"), b"x").unwrap();
+    let (code, _, se) = mcompress(&["run", "-q", "--out", out.to_str().unwrap(), recipe.to_str().unwrap()], t.path());
+    assert_eq!(code, 2, "{se}");
+    assert!(out.join(".distill-pass1/data.bin").exists());
+    // An empty directory of the user's: used, and left in place (empty) when the bundle is done.
+    let empty = t.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let extra = format!("checkpoint-every = 10\ncheckpoint-dir = {:?}", empty.display().to_string());
+    let recipe = digits_recipe(t.path(), "e.toml", 20, "", &extra);
+    run_report(t.path(), &recipe, &t.path().join("e"), "default", &[]);
+    assert!(empty.is_dir() && std::fs::read_dir(&empty).unwrap().count() == 0, "emptied, not removed");
+}

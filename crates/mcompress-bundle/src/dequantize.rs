@@ -15,6 +15,7 @@ use crate::{Error, Result};
 /// dtype). Returns the number of matrices dequantized or expanded.
 pub fn dequantize(src: &Path, out: &Path, dtype: DType) -> Result<usize> {
     let model = ModelSource::open(src)?;
+    check_out(&model, out)?;
     let bad = |reason: String| Error::BadBundle { path: src.to_path_buf(), reason };
     let schemes = match model.config() {
         Some(c) => schemes_from_config(c).map_err(|e| bad(format!("config.json: {e}")))?,
@@ -67,24 +68,91 @@ pub fn dequantize(src: &Path, out: &Path, dtype: DType) -> Result<usize> {
         entries.push(TensorEntry { name: name.clone(), dtype: t.dtype, shape: t.shape.clone() });
     }
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    let tmp = out.with_extension("safetensors.tmp");
-    let mut w = SafetensorsWriter::create(&tmp, SafetensorsLayout::new(entries, &meta)?)?;
+    // Written beside `out` under a name of this process and renamed into place; removed on any
+    // error, and a leftover of a killed run is removed by the next run that writes `out`.
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    remove_stale_tmp(parent, &name);
+    let tmp = parent.join(format!(".{name}.mcompress-tmp-{}", std::process::id()));
+    let written = write_dense(&model, &tmp, entries, &meta, &quantized, &sparse, &part_of_quantized, dtype, &bad);
+    if let Err(e) = written {
+        let _ = fs_err::remove_file(&tmp);
+        return Err(e);
+    }
+    fs_err::rename(&tmp, out).map_err(crate::io(out))?;
+    Ok(quantized.len() + sparse.len())
+}
+
+/// Refuses an output that would destroy what it reads or what the tool did not write: one of the
+/// model's own files, a path inside a bundle (its manifest would no longer match), or anything
+/// but a regular file.
+fn check_out(model: &ModelSource, out: &Path) -> Result<()> {
+    let unsafe_out = |reason: String| Error::UnsafeOutput { path: out.to_path_buf(), reason };
+    if let Ok(m) = std::fs::symlink_metadata(out)
+        && !m.is_file()
+    {
+        return Err(unsafe_out("exists and is not a regular file".into()));
+    }
+    if let Ok(o) = fs_err::canonicalize(out) {
+        for f in model.input_files() {
+            if fs_err::canonicalize(&f).is_ok_and(|f| f == o) {
+                return Err(unsafe_out(format!("is the input file {} (choose another --out)", f.display())));
+            }
+        }
+    }
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if parent.join("manifest.json").exists() {
+        return Err(unsafe_out(format!(
+            "is inside the bundle {} (it has a manifest.json, which a new file would no longer match): \
+             write it outside the bundle",
+            parent.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Removes `.NAME.mcompress-tmp-PID` files in `dir` whose process is gone.
+fn remove_stale_tmp(dir: &Path, name: &str) {
+    let Ok(rd) = fs_err::read_dir(dir) else { return };
+    let prefix = format!(".{name}.mcompress-tmp-");
+    for e in rd.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        if !alive && e.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = fs_err::remove_file(e.path());
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_dense(
+    model: &ModelSource,
+    tmp: &Path,
+    entries: Vec<TensorEntry>,
+    meta: &BTreeMap<String, String>,
+    quantized: &BTreeMap<String, mcompress_passes::Quantized>,
+    sparse: &BTreeMap<String, mcompress_passes::sparse::SparseTensor>,
+    part_of_quantized: &dyn Fn(&str) -> bool,
+    dtype: DType,
+    bad: &dyn Fn(String) -> Error,
+) -> Result<()> {
+    let mut w = SafetensorsWriter::create(tmp, SafetensorsLayout::new(entries, meta)?)?;
     for r in model.tensors() {
         let v = model.view(r);
         if !part_of_quantized(v.name) {
             w.write_tensor(v.name, &v.data)?;
         }
     }
-    for (name, q) in &quantized {
+    for (name, q) in quantized {
         let bytes =
             dtype.encode_f32(&q.dequantize()).ok_or_else(|| bad(format!("--dtype {dtype} is not a float type")))?;
         w.write_tensor(name, &bytes)?;
     }
-    for (name, t) in &sparse {
+    for (name, t) in sparse {
         let bytes = t.dtype.encode_f32(&t.to_dense()).ok_or_else(|| bad(format!("{name}: not a float tensor")))?;
         w.write_tensor(name, &bytes)?;
     }
     w.finish()?;
-    fs_err::rename(&tmp, out).map_err(crate::io(out))?;
-    Ok(quantized.len() + sparse.len())
+    Ok(())
 }

@@ -237,9 +237,27 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     let out_dir = opts.out.clone().unwrap_or_else(|| recipe.output_dir.clone());
     fs_err::create_dir_all(&out_dir).map_err(io(&out_dir))?;
     let out_dir = fs_err::canonicalize(&out_dir).map_err(io(&out_dir))?;
+    // Each training pass's checkpoint directory: absent, empty or ours (checked before any
+    // work; an explicit `checkpoint-dir` was checked when the recipe was read), and whether it
+    // was there before, so that only what this run created is removed when the bundles are done.
+    let mut checkpoint_dirs = std::collections::BTreeMap::new();
+    for pass in &passes {
+        if let Some(d) = pass.distillation() {
+            let dir =
+                d.config.checkpoint_dir.clone().unwrap_or_else(|| out_dir.join(format!(".distill-pass{}", d.index)));
+            if let Some(problem) = mcompress_passes::distill::checkpoint_dir_problem(&dir) {
+                return Err(Error::UnsafeOutput {
+                    path: dir,
+                    reason: format!("pass[{}] distill checkpoint directory: {problem}", d.index),
+                });
+            }
+            let existed = dir.exists();
+            checkpoint_dirs.insert(d.index, (dir, existed));
+        }
+    }
     // Calibrated passes (GPTQ, AWQ, Wanda, SparseGPT) and training passes (distill) run on the
     // model before anything streams, in recipe order.
-    let mut checkpoints = Vec::new();
+    let mut checkpoints: Vec<(PathBuf, bool)> = Vec::new();
     for (i, (spec, pass)) in recipe.passes.iter().zip(&passes).enumerate() {
         if pass.calibration().is_none() && pass.distillation().is_none() {
             continue;
@@ -264,8 +282,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
                 .map_err(|e| Error::Calibration(format!("pass[{}] {}: calibration: {e}", spec.index, spec.kind)))?;
             pass.provide(results);
         } else if let Some(d) = pass.distillation() {
-            let checkpoint_dir =
-                d.config.checkpoint_dir.clone().unwrap_or_else(|| out_dir.join(format!(".distill-pass{}", d.index)));
+            let checkpoint_dir = checkpoint_dirs[&d.index].0.clone();
             let dopts = mcompress_distill::Options {
                 progress: opts.progress,
                 resume: opts.resume,
@@ -281,7 +298,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
                 .map_err(|e| Error::Calibration(format!("pass[{}] {}: {e}", spec.index, spec.kind)))?;
             pass.provide(trained.tensors);
             pass.report_outcome(trained.outcome);
-            checkpoints.push(checkpoint_dir);
+            checkpoints.push(checkpoint_dirs[&d.index].clone());
         }
         pre_seconds[i] += t0.elapsed().as_secs_f64();
     }
@@ -493,9 +510,15 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     let _ = fs_err::remove_dir_all(&payload_dir);
     let (targets, warnings) = match result {
         Ok(t) => {
-            // The bundles are complete: the training checkpoints have served their purpose.
-            for c in &checkpoints {
-                let _ = fs_err::remove_dir_all(c);
+            // The bundles are complete: the training checkpoints have served their purpose. Only
+            // the checkpoint's own files go, and the directory only if this run created it.
+            for (c, existed) in &checkpoints {
+                for f in mcompress_passes::distill::CHECKPOINT_FILES {
+                    let _ = fs_err::remove_file(c.join(f));
+                }
+                if !existed {
+                    let _ = fs_err::remove_dir(c);
+                }
             }
             t
         }

@@ -80,6 +80,33 @@ pub fn sha256_bytes(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Reads a regular file of at most `limit` bytes. FIFOs, devices, sockets and directories are
+/// refused before they are opened (opening a FIFO would block until a writer comes), and a file
+/// that grows past `limit` is refused without being read whole.
+pub fn read_regular(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error as IoError, ErrorKind};
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(IoError::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    if meta.len() > limit {
+        return Err(IoError::new(
+            ErrorKind::InvalidData,
+            format!("{} bytes: larger than the {limit}-byte limit", meta.len()),
+        ));
+    }
+    let f = std::fs::File::open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(IoError::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let mut out = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    f.take(limit + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > limit {
+        return Err(IoError::new(ErrorKind::InvalidData, format!("larger than the {limit}-byte limit")));
+    }
+    Ok(out)
+}
+
 /// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it into place, so a
 /// reader never sees a half-written file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -97,6 +124,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_read_regular_refuses_fifos_and_large_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a");
+        std::fs::write(&f, b"12345").unwrap();
+        assert_eq!(read_regular(&f, 5).unwrap(), b"12345");
+        assert!(read_regular(&f, 4).unwrap_err().to_string().contains("limit"));
+        assert!(read_regular(dir.path(), 4).unwrap_err().to_string().contains("not a regular file"));
+        let fifo = dir.path().join("fifo");
+        let status = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(status.success());
+        // Returns at once instead of blocking in open().
+        assert!(read_regular(&fifo, 4).unwrap_err().to_string().contains("not a regular file"));
+    }
 
     #[test]
     fn test_cached_hash_follows_file_changes() {

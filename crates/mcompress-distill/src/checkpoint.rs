@@ -89,7 +89,7 @@ pub(crate) fn save(
         .collect();
     safetensors::serialize_to_file(views, None, &tmp.join("state.safetensors")).map_err(|e| bad(&tmp, e))?;
     let meta = serde_json::json!({
-        "format": "mcompress-distill-checkpoint/1",
+        "format": mcompress_passes::distill::CHECKPOINT_FORMAT,
         "fingerprint": fingerprint,
         "step": step,
         "losses": losses,

@@ -71,6 +71,52 @@ pub struct DistillConfig {
     pub ignore: Vec<String>,
 }
 
+/// `format` of a distill checkpoint's `checkpoint.json`.
+pub const CHECKPOINT_FORMAT: &str = "mcompress-distill-checkpoint/1";
+/// The files of a distill checkpoint directory.
+pub const CHECKPOINT_FILES: [&str; 2] = ["checkpoint.json", "state.safetensors"];
+
+/// Why `dir` cannot hold a distill pass's checkpoints, or `None` when it can: it is absent, an
+/// empty directory, or a checkpoint this tool wrote. Checkpoints replace the directory's contents
+/// and are removed when the bundle is done, so anything else there would be lost.
+pub fn checkpoint_dir_problem(dir: &std::path::Path) -> Option<String> {
+    let meta = match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(e.to_string()),
+        Ok(m) => m,
+    };
+    if !meta.is_dir() {
+        return Some("exists and is not a directory".into());
+    }
+    let entries = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) => return Some(e.to_string()),
+    };
+    for e in entries {
+        let name = match e {
+            Ok(e) => e.file_name().to_string_lossy().into_owned(),
+            Err(e) => return Some(e.to_string()),
+        };
+        if !CHECKPOINT_FILES.contains(&name.as_str()) {
+            return Some(format!(
+                "holds {name:?}, which is not part of a distill checkpoint: checkpoints replace this \
+                 directory's contents, so it must be absent, empty or a checkpoint of mcompress"
+            ));
+        }
+    }
+    let json = dir.join(CHECKPOINT_FILES[0]);
+    if json.exists() {
+        let ok = mcompress_core::fsutil::read_regular(&json, 1 << 20)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|v| v["format"] == CHECKPOINT_FORMAT);
+        if !ok {
+            return Some(format!("{} is not an mcompress distill checkpoint ({CHECKPOINT_FORMAT})", json.display()));
+        }
+    }
+    None
+}
+
 fn default_lr() -> f64 {
     1e-4
 }
@@ -250,7 +296,11 @@ fn build(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recip
         config.teacher = Some(t);
     }
     if let Some(d) = &config.checkpoint_dir {
-        config.checkpoint_dir = Some(recipe.pass_path(index, d, "checkpoint-dir")?);
+        let d = recipe.pass_path(index, d, "checkpoint-dir")?;
+        if let Some(problem) = checkpoint_dir_problem(&d) {
+            return Err(err(format!("checkpoint-dir: {}: {problem}", d.display())));
+        }
+        config.checkpoint_dir = Some(d);
     }
     let selector = ParamSelector::new(config.targets.as_deref(), &config.ignore).map_err(err)?;
     let settings = serde_json::to_value(&config).expect("config is JSON");
