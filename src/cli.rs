@@ -342,19 +342,21 @@ fn dispatch(cli: Cli) -> Result<Status> {
             {
                 problems.insert(0, mcompress_bundle::Problem::Signature { reason });
             }
+            let files = manifest.as_ref().map(|m| m.files.len());
+            let status = manifest.as_ref().map(|m| m.status.clone());
             if json {
                 serde_json::to_writer_pretty(
                     &mut out,
-                    &serde_json::json!({"bundle": bundle, "ok": problems.is_empty(), "files": manifest.files.len(), "status": manifest.status, "problems": problems}),
+                    &serde_json::json!({"bundle": bundle, "ok": problems.is_empty(), "files": files, "status": status, "problems": problems}),
                 )?;
                 writeln!(out)?;
             } else if problems.is_empty() {
                 writeln!(
                     out,
                     "ok: {} files match {} (bundle status: {})",
-                    manifest.files.len(),
+                    files.unwrap_or_default(),
                     bundle.join("manifest.json").display(),
-                    manifest.status
+                    status.unwrap_or_default()
                 )?;
             } else {
                 for p in &problems {

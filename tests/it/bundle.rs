@@ -76,10 +76,33 @@ fn test_verify_detects_flipped_byte_added_and_removed_files() {
     assert!(stdout.contains("extra.bin: not listed"), "{stdout}");
     std::fs::remove_file(b.join("extra.bin")).unwrap();
 
+    let report_md = std::fs::read(b.join("report.md")).unwrap();
     std::fs::remove_file(b.join("report.md")).unwrap();
     let (code, stdout, _) = mcompress(&["verify", b.to_str().unwrap()], t.path());
     assert_eq!(code, 1);
     assert!(stdout.contains("report.md: missing"), "{stdout}");
+
+    std::fs::write(b.join("report.md"), &report_md).unwrap();
+    // A link inside the bundle: reported (exit 1), never followed.
+    std::fs::rename(b.join("report.md"), t.path().join("report.md")).unwrap();
+    std::os::unix::fs::symlink(t.path().join("report.md"), b.join("report.md")).unwrap();
+    let (code, stdout, _) = mcompress(&["verify", b.to_str().unwrap()], t.path());
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("report.md: not a regular file"), "{stdout}");
+    std::fs::remove_file(b.join("report.md")).unwrap();
+    std::fs::rename(t.path().join("report.md"), b.join("report.md")).unwrap();
+    assert_eq!(mcompress(&["verify", b.to_str().unwrap()], t.path()).0, 0);
+    // A hand-edited manifest that is no longer one, and a FIFO in its place: exit 1, no hang.
+    let manifest = std::fs::read(b.join("manifest.json")).unwrap();
+    std::fs::write(b.join("manifest.json"), &manifest[..manifest.len() / 2]).unwrap();
+    let (code, stdout, _) = mcompress(&["verify", b.to_str().unwrap()], t.path());
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("manifest.json: not a valid manifest"), "{stdout}");
+    std::fs::remove_file(b.join("manifest.json")).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(b.join("manifest.json")).status().unwrap().success());
+    let (code, stdout, _) = mcompress(&["verify", b.to_str().unwrap()], t.path());
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("manifest.json: not a regular file"), "{stdout}");
 
     std::fs::remove_file(b.join("manifest.json")).unwrap();
     let (code, _, stderr) = mcompress(&["verify", b.to_str().unwrap()], t.path());
@@ -107,8 +130,12 @@ fn test_size_gate_fails_with_exit_1_and_marks_bundle() {
     assert!(md.contains("(FAIL)") && md.contains("| max-size | FAIL |"), "{md}");
     let manifest: Value = serde_json::from_slice(&std::fs::read(out.join("tiny/manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["status"], "failed");
-    // The failed bundle is still complete and intact; the other target is identical in weights.
-    assert_eq!(mcompress(&["verify", out.join("tiny").to_str().unwrap()], t.path()).0, 0);
+    // The failed bundle is still complete and intact, but verify does not pass it: its
+    // manifest records the failed gate. The other target is identical in weights.
+    let (code, stdout, _) = mcompress(&["verify", out.join("tiny").to_str().unwrap()], t.path());
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("status \"failed\"") && !stdout.contains("sha256"), "{stdout}");
+    assert_eq!(mcompress(&["verify", out.join("roomy").to_str().unwrap()], t.path()).0, 0);
     assert_eq!(
         std::fs::read(out.join("tiny/model.safetensors")).unwrap(),
         std::fs::read(out.join("roomy/model.safetensors")).unwrap()

@@ -102,8 +102,76 @@ fn test_measured_latency_is_not_gated_across_backends() {
     };
     let (code, stdout, _) = cmp(&slower_same);
     assert_eq!(code, 1, "{stdout}");
+    // Across adapters the measured latency is shown, not gated; with no target estimate to fall
+    // back on, the latency limit cannot be judged, and a limit that cannot be judged fails.
     let (code, stdout, _) = cmp(&slower_other);
-    assert_eq!(code, 0, "{stdout}");
+    assert_eq!(code, 1, "{stdout}");
     assert!(stdout.contains("eval latency p50 ms, not comparable: cpu (CPU"), "{stdout}");
     assert!(stdout.contains("vs wgpu (llvmpipe"), "{stdout}");
+    assert!(stdout.contains("**FAIL (cannot evaluate: no value in both reports)**"), "{stdout}");
+}
+
+#[test]
+fn test_compare_fails_limits_it_cannot_evaluate() {
+    let t = tmp();
+    let out = t.path().join("a");
+    let recipe = repo().join("recipes/quickstart.toml");
+    let (code, so, se) = mcompress(&["run", "-q", "--out", out.to_str().unwrap(), recipe.to_str().unwrap()], t.path());
+    assert_eq!(code, 0, "{so}{se}");
+    let old = out.join("default/report.json");
+    let report: Value = serde_json::from_slice(&std::fs::read(&old).unwrap()).unwrap();
+    let variant = |name: &str, edit: &dyn Fn(&mut Value)| {
+        let mut r = report.clone();
+        edit(&mut r);
+        let p = t.path().join(name);
+        std::fs::write(&p, serde_json::to_vec(&r).unwrap()).unwrap();
+        p
+    };
+    let cmp = |new: &std::path::Path, args: &[&str]| {
+        mcompress(&[&["compare", old.to_str().unwrap(), new.to_str().unwrap()][..], args].concat(), t.path())
+    };
+    // The same report passes every limit that can be judged.
+    assert_eq!(cmp(&old, &["--max-accuracy-drop", "1%", "--max-size-growth", "0"]).0, 0);
+    // No accuracy figure (eval not run, or a hand-edited report), a non-numeric one, another
+    // metric, no size: the limit fails, naming why.
+    let cases: [(&str, &dyn Fn(&mut Value), &[&str], &str); 5] = [
+        (
+            "no-eval.json",
+            &|r| r["eval"]["compressed"] = Value::Null,
+            &["--max-accuracy-drop", "1%"],
+            "no value in the new report",
+        ),
+        ("text.json", &|r| r["eval"]["compressed"] = "0.9".into(), &["--max-accuracy-drop", "1%"], "cannot evaluate"),
+        (
+            "metric.json",
+            &|r| r["eval"]["metric"] = "perplexity".into(),
+            &["--max-accuracy-drop", "1%"],
+            "eval metric changed",
+        ),
+        (
+            "no-eval-at-all.json",
+            &|r| r.as_object_mut().unwrap().remove("eval").map_or((), |_| ()),
+            &["--max-accuracy-drop", "1%"],
+            "cannot evaluate",
+        ),
+        (
+            "no-size.json",
+            &|r| r["bundle"]["bytes"] = Value::Null,
+            &["--max-size-growth", "5%"],
+            "no value in the new report",
+        ),
+    ];
+    for (name, edit, args, needle) in cases {
+        let p = variant(name, edit);
+        let (code, stdout, stderr) = cmp(&p, args);
+        assert_eq!(code, 1, "{name}: {stdout}{stderr}");
+        assert!(stdout.contains(needle) && stdout.contains("**FAIL"), "{name}: {stdout}");
+        assert!(stdout.starts_with("### mcompress compare: FAIL"), "{name}: {stdout}");
+    }
+    // A FIFO given as a report: refused at once (exit 2), no hang.
+    let fifo = t.path().join("fifo.json");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let (code, _, stderr) = cmp(&fifo, &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("not a regular file"), "{stderr}");
 }

@@ -84,7 +84,7 @@ pub struct Comparison {
 
 fn load(path: &Path) -> Result<(PathBuf, Value)> {
     let file = if path.is_dir() { path.join("report.json") } else { path.to_path_buf() };
-    let text = fs_err::read(&file).map_err(io(&file))?;
+    let text = mcompress_core::fsutil::read_regular(&file, crate::MAX_JSON_BYTES).map_err(io(&file))?;
     let v: Value = serde_json::from_slice(&text)
         .map_err(|e| Error::BadBundle { path: file.clone(), reason: format!("not JSON: {e}") })?;
     if !v["schema"].as_str().is_some_and(|s| s.starts_with("mcompress.report/")) {
@@ -106,6 +106,8 @@ pub fn compare(old: &Path, new: &Path, limits: &Limits) -> Result<Comparison> {
     let (old_path, a) = load(old)?;
     let (new_path, b) = load(new)?;
     let mut rows = Vec::new();
+    // A limit the user set must be judged: a value it needs that is missing from either report
+    // fails it ("cannot evaluate"), and so does a limit no row could apply (checked below).
     let mut push = |quantity: String, o: Option<f64>, n: Option<f64>, limit: Option<(Threshold, bool)>| {
         let delta = o.zip(n).map(|(o, n)| n - o);
         let delta_percent = o.zip(delta).and_then(|(o, d)| (o != 0.0).then(|| d / o.abs() * 100.0));
@@ -114,7 +116,14 @@ pub fn compare(old: &Path, new: &Path, limits: &Limits) -> Result<Comparison> {
                 let worsening = if worse_if_up { n - o } else { o - n };
                 (if t.allows(o, worsening) { "PASS" } else { "FAIL" }.to_string(), Some(describe(t)))
             }
-            (Some((t, _)), _, _) => ("n/a".to_string(), Some(describe(t))),
+            (Some((t, _)), o, n) => {
+                let missing = match (o, n) {
+                    (None, None) => "both reports",
+                    (None, _) => "the old report",
+                    _ => "the new report",
+                };
+                (format!("FAIL (cannot evaluate: no value in {missing})"), Some(describe(t)))
+            }
             _ => ("-".to_string(), None),
         };
         rows.push(Row { quantity, old: o, new: n, delta, delta_percent, check, limit: lim });
@@ -141,7 +150,13 @@ pub fn compare(old: &Path, new: &Path, limits: &Limits) -> Result<Comparison> {
         (Some(x), Some(y)) => x == y,
         _ => true,
     };
-    if let Some(m) = metric {
+    let metric_of = |v: &Value| v.pointer("/eval/metric").and_then(Value::as_str).map(str::to_string);
+    if let (Some(ma), Some(mb)) = (metric_of(&a), metric_of(&b))
+        && ma != mb
+    {
+        // Different metrics are not comparable: an accuracy limit cannot be judged.
+        push(format!("eval metric changed: {ma} vs {mb}"), None, None, limits.max_accuracy_drop.map(|t| (t, false)));
+    } else if let Some(m) = metric {
         push(
             format!("eval {m} (compressed)"),
             num(&a, "/eval/compressed"),
@@ -191,9 +206,25 @@ pub fn compare(old: &Path, new: &Path, limits: &Limits) -> Result<Comparison> {
         );
         let fits = |t: &Value| t.pointer("/fit/fits").and_then(Value::as_bool).map(|f| if f { 1.0 } else { 0.0 });
         // A target the old bundle fitted and the new one does not is always a regression.
-        push(format!("{name}: fits (1 yes, 0 no)"), fits(&ta), fits(&tb), Some((Threshold::Absolute(0.0), false)));
+        let (fa, fb) = (fits(&ta), fits(&tb));
+        let fit_limit = (fa.is_some() && fb.is_some()).then_some((Threshold::Absolute(0.0), false));
+        push(format!("{name}: fits (1 yes, 0 no)"), fa, fb, fit_limit);
     }
-    let passed = rows.iter().all(|r| r.check != "FAIL");
+    // A latency limit that no row could apply (no measured latency, no common target) fails.
+    if let Some(t) = limits.max_latency_growth
+        && !rows.iter().any(|r| r.limit.is_some() && r.quantity.contains("ms"))
+    {
+        rows.push(Row {
+            quantity: "latency".into(),
+            old: None,
+            new: None,
+            delta: None,
+            delta_percent: None,
+            check: "FAIL (cannot evaluate: no measured latency or target estimate in both reports)".into(),
+            limit: Some(describe(t)),
+        });
+    }
+    let passed = rows.iter().all(|r| !r.check.starts_with("FAIL"));
     Ok(Comparison { old: old_path, new: new_path, rows, passed })
 }
 
@@ -222,7 +253,7 @@ impl Comparison {
                 f(r.delta),
                 r.delta_percent.map_or_else(|| "–".to_string(), |p| format!("{p:+.2}%")),
                 r.limit.as_deref().unwrap_or(""),
-                if r.check == "FAIL" { "**FAIL**" } else { &r.check }
+                if r.check.starts_with("FAIL") { format!("**{}**", r.check) } else { r.check.clone() }
             );
         }
         s

@@ -116,6 +116,15 @@ pub enum Error {
 /// Result with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Reads a report, manifest or signature: a regular file of at most [`MAX_JSON_BYTES`].
+pub(crate) fn read_json_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    fsutil::read_regular(path, MAX_JSON_BYTES)
+}
+
+/// Largest report, manifest or signature this tool reads (64 MiB): they are a few KiB to a few
+/// MiB for real bundles; a larger one is refused instead of read into memory.
+pub const MAX_JSON_BYTES: u64 = 64 << 20;
+
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.to_path_buf(), source }
 }

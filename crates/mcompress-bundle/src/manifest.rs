@@ -109,24 +109,40 @@ pub(crate) fn hash_inputs(model: &ModelSource, files: &[PathBuf]) -> Result<BTre
 /// `/`-separated relative paths. Anything that is not a regular file or directory is an error.
 pub(crate) fn hash_dir(dir: &Path) -> Result<BTreeMap<String, FileEntry>> {
     let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out)?;
+    walk(dir, dir, &mut out, None)?;
     Ok(out)
 }
 
-fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, FileEntry>) -> Result<()> {
+/// [`hash_dir`] for verification: entries that are not regular files or directories (links,
+/// FIFOs, devices) are returned by relative path instead of failing the walk (and never opened).
+pub(crate) fn hash_dir_checked(dir: &Path) -> Result<(BTreeMap<String, FileEntry>, Vec<String>)> {
+    let mut out = BTreeMap::new();
+    let mut odd = Vec::new();
+    walk(dir, dir, &mut out, Some(&mut odd))?;
+    Ok((out, odd))
+}
+
+fn walk(
+    root: &Path,
+    dir: &Path,
+    out: &mut BTreeMap<String, FileEntry>,
+    mut odd: Option<&mut Vec<String>>,
+) -> Result<()> {
     for e in fs_err::read_dir(dir).map_err(io(dir))? {
         let e = e.map_err(io(dir))?;
         let path = e.path();
         let ft = e.file_type().map_err(io(&path))?;
         let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().replace('\\', "/");
         if ft.is_dir() {
-            walk(root, &path, out)?;
+            walk(root, &path, out, odd.as_deref_mut())?;
         } else if ft.is_file() {
             if rel == "manifest.json" || rel == "manifest.sig" {
                 continue;
             }
             let bytes = e.metadata().map_err(io(&path))?.len();
             out.insert(rel, FileEntry { sha256: fsutil::sha256_file(&path)?, bytes });
+        } else if let Some(odd) = odd.as_deref_mut() {
+            odd.push(rel);
         } else {
             return Err(crate::Error::BadBundle {
                 path,
