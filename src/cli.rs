@@ -219,6 +219,18 @@ pub(crate) fn main() -> ExitCode {
     }
 }
 
+/// Most worker threads `--threads` may ask for (each is a real OS thread with its own stack).
+const MAX_THREADS: usize = 1024;
+
+/// A name from an untrusted file as one terminal line: control characters (newlines, escape
+/// sequences) escaped.
+fn printable(name: &str) -> String {
+    if !name.chars().any(char::is_control) {
+        return name.to_string();
+    }
+    name.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
 fn dispatch(cli: Cli) -> Result<Status> {
     let mut out = std::io::stdout().lock();
     match cli.command {
@@ -237,7 +249,7 @@ fn dispatch(cli: Cli) -> Result<Status> {
             distill_stop_after,
         } => {
             if let Some(n) = threads {
-                anyhow::ensure!(n > 0, "--threads must be at least 1");
+                anyhow::ensure!((1..=MAX_THREADS).contains(&n), "--threads {n}: must be between 1 and {MAX_THREADS}");
                 rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("configuring the thread pool")?;
             }
             let reproducible = reproducible || std::env::var_os("SOURCE_DATE_EPOCH").is_some();
@@ -290,14 +302,15 @@ fn dispatch(cli: Cli) -> Result<Status> {
                 return Ok(Status::Ok);
             }
             writeln!(out, "{} ({})", i.path.display(), i.kind)?;
-            let w = i.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
+            // Column width from the names, capped: a name of any length (untrusted) just overflows.
+            let w = i.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).clamp(4, 120);
             writeln!(out, "{:w$}  {:6}  {:>14}  {:>12}  quantized", "name", "dtype", "shape", "bytes")?;
             for t in &i.tensors {
                 let shape = format!("{:?}", t.shape);
                 writeln!(
                     out,
                     "{:w$}  {:6}  {:>14}  {:>12}  {}",
-                    t.name,
+                    printable(&t.name),
                     t.dtype,
                     shape,
                     t.bytes,

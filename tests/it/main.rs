@@ -8,6 +8,7 @@ mod crash;
 mod distill;
 mod gguf;
 mod gguf_export;
+mod hostile;
 mod html;
 mod minilm;
 mod prune;

@@ -240,14 +240,19 @@ impl Comparison {
     pub fn to_markdown(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "### mcompress compare: {}\n", if self.passed { "PASS" } else { "FAIL" });
-        let _ = writeln!(s, "`{}` → `{}`\n", self.old.display(), self.new.display());
+        let _ = writeln!(
+            s,
+            "`{}` → `{}`\n",
+            crate::report::md(&self.old.display().to_string()),
+            crate::report::md(&self.new.display().to_string())
+        );
         let _ = writeln!(s, "| quantity | old | new | Δ | Δ % | limit | check |\n|---|---:|---:|---:|---:|---|---|");
         let f = |v: Option<f64>| v.map_or_else(|| "–".to_string(), fmt_num);
         for r in &self.rows {
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} | {} | {} | {} |",
-                r.quantity,
+                crate::report::md(&r.quantity),
                 f(r.old),
                 f(r.new),
                 f(r.delta),

@@ -187,7 +187,8 @@ pub(crate) fn metadata(model: &ModelSource, config: &Value, ftype: u32) -> Resul
     let u = |k: &str| -> Result<u32, String> {
         c[k].as_u64()
             .and_then(|v| u32::try_from(v).ok())
-            .ok_or_else(|| format!("config.json: {k} is missing or not a 32-bit integer (needed for GGUF)"))
+            .filter(|&v| v > 0)
+            .ok_or_else(|| format!("config.json: {k} is missing or not a positive 32-bit integer (needed for GGUF)"))
     };
     let hidden = u("hidden_size")?;
     let heads = u("num_attention_heads")?;
@@ -226,7 +227,7 @@ pub(crate) fn metadata(model: &ModelSource, config: &Value, ftype: u32) -> Resul
             .iter()
             .find(|p| p.file_name().is_some_and(|n| n == "tokenizer.json"))
             .ok_or("GGUF export needs the model's tokenizer (tokenizer.json beside config.json)")?;
-        let text = fs_err::read(tok).map_err(|e| e.to_string())?;
+        let text = mcompress_core::fsutil::read_regular(tok, 1 << 28).map_err(|e| format!("{}: {e}", tok.display()))?;
         let json: Value = serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", tok.display()))?;
         bpe_tokenizer(&json, c, &mut b).map_err(|e| format!("{}: {e}", tok.display()))?;
     }

@@ -123,7 +123,7 @@ pub(crate) fn read_json_file(path: &Path) -> std::io::Result<Vec<u8>> {
 
 /// Largest report, manifest or signature this tool reads (64 MiB): they are a few KiB to a few
 /// MiB for real bundles; a larger one is refused instead of read into memory.
-pub const MAX_JSON_BYTES: u64 = 64 << 20;
+pub const MAX_JSON_BYTES: u64 = fsutil::MAX_JSON_BYTES;
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.to_path_buf(), source }

@@ -251,11 +251,11 @@ impl Report {
     pub fn to_markdown(&self) -> String {
         let mut s = String::new();
         let status = if self.passed { "PASS" } else { "FAIL" };
-        let _ = writeln!(s, "# mcompress report: {} → {} ({status})\n", self.model.name, self.target.name);
+        let _ = writeln!(s, "# mcompress report: {} → {} ({status})\n", md(&self.model.name), md(&self.target.name));
         let _ = writeln!(
             s,
             "Recipe `{}` (sha256 `{}`), mcompress {}.\n",
-            self.recipe.file,
+            md(&self.recipe.file),
             &self.recipe.sha256[..12],
             TOOL_VERSION
         );
@@ -312,7 +312,7 @@ impl Report {
         if !self.gates.is_empty() {
             let _ = writeln!(s, "## Gates\n\n| gate | result | detail |\n|---|---|---|");
             for g in &self.gates {
-                let _ = writeln!(s, "| {} | {} | {} |", g.name, if g.passed { "PASS" } else { "FAIL" }, g.detail);
+                let _ = writeln!(s, "| {} | {} | {} |", g.name, if g.passed { "PASS" } else { "FAIL" }, md(&g.detail));
             }
             s.push('\n');
         }
@@ -322,7 +322,7 @@ impl Report {
                     s,
                     "## Eval\n\n{} on `{}` ({} samples), backend {} ({})\n",
                     e["metric"].as_str().unwrap_or(""),
-                    e["set"].as_str().unwrap_or(""),
+                    md(e["set"].as_str().unwrap_or("")),
                     e["samples"],
                     e["backend"].as_str().unwrap_or(""),
                     e["adapter"].as_str().unwrap_or("")
@@ -412,14 +412,30 @@ impl Report {
             }
             let _ = writeln!(s, "\n### pass[{}] {}\n\n| tensor | rel. RMSE |\n|---|---:|", p.index, p.kind);
             for t in &p.tensors {
-                let _ = writeln!(s, "| `{}` | {:.3e} |", t.name, t.rel_rmse);
+                let _ = writeln!(s, "| `{}` | {:.3e} |", md(&t.name), t.rel_rmse);
             }
             for t in &p.skipped {
-                let _ = writeln!(s, "| `{}` | skipped: {} |", t.name, t.reason);
+                let _ = writeln!(s, "| `{}` | skipped: {} |", md(&t.name), md(&t.reason));
             }
         }
         s
     }
+}
+
+/// Untrusted text (tensor names from a model file, paths, messages that quote them) as one
+/// Markdown table cell or code span: control characters (a newline would end the table row and
+/// start raw Markdown) escaped as text, `|` escaped, backticks replaced so a code span cannot end.
+pub(crate) fn md(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '|' => out.push_str("\\|"),
+            '`' => out.push('\''),
+            c if c.is_control() => out.extend(c.escape_default()),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 pub(crate) fn round6(x: f64) -> f64 {

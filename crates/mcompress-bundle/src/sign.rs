@@ -44,22 +44,28 @@ pub fn keygen(secret: &Path) -> Result<std::path::PathBuf> {
     Ok(public)
 }
 
+/// A key or signature file: a regular UTF-8 file of at most `limit` bytes.
+fn read_text(path: &Path, limit: u64) -> Result<String> {
+    let bytes = mcompress_core::fsutil::read_regular(path, limit).map_err(io(path))?;
+    String::from_utf8(bytes).map_err(|_| bad(path, "not UTF-8 text".to_string()))
+}
+
 /// Reads a PKCS#8 PEM secret key.
 pub fn load_signing_key(path: &Path) -> Result<SigningKey> {
-    let text = fs_err::read_to_string(path).map_err(io(path))?;
+    let text = read_text(path, 1 << 20)?;
     SigningKey::from_pkcs8_pem(&text).map_err(|e| bad(path, format!("not an Ed25519 PKCS#8 PEM secret key: {e}")))
 }
 
 /// Reads an SPKI PEM public key.
 pub fn load_verifying_key(path: &Path) -> Result<VerifyingKey> {
-    let text = fs_err::read_to_string(path).map_err(io(path))?;
+    let text = read_text(path, 1 << 20)?;
     VerifyingKey::from_public_key_pem(&text).map_err(|e| bad(path, format!("not an Ed25519 SPKI PEM public key: {e}")))
 }
 
 /// Signs `dir/manifest.json` into `dir/manifest.sig`.
 pub(crate) fn sign_bundle(dir: &Path, key: &SigningKey) -> Result<()> {
     let mpath = dir.join("manifest.json");
-    let manifest = fs_err::read(&mpath).map_err(io(&mpath))?;
+    let manifest = crate::read_json_file(&mpath).map_err(io(&mpath))?;
     let sig = key.sign(&manifest);
     let mut text = hex::encode(sig.to_bytes());
     text.push('\n');
@@ -71,9 +77,9 @@ pub(crate) fn sign_bundle(dir: &Path, key: &SigningKey) -> Result<()> {
 /// signature is missing, malformed or does not verify.
 pub fn check_signature(dir: &Path, key: &VerifyingKey) -> Result<Option<String>> {
     let mpath = dir.join("manifest.json");
-    let manifest = fs_err::read(&mpath).map_err(io(&mpath))?;
+    let manifest = crate::read_json_file(&mpath).map_err(io(&mpath))?;
     let spath = dir.join(SIGNATURE_FILE);
-    let Ok(text) = fs_err::read_to_string(&spath) else {
+    let Ok(text) = read_text(&spath, 1 << 20) else {
         return Ok(Some(format!("{SIGNATURE_FILE}: missing (the bundle is not signed)")));
     };
     let Some(bytes) = hex::decode(text.trim()).ok().and_then(|b| <[u8; 64]>::try_from(b).ok()) else {

@@ -80,6 +80,18 @@ pub fn sha256_bytes(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Refuses anything but a regular file (after following links) before it is opened: opening a
+/// FIFO blocks until a writer comes, and devices read without end.
+pub fn check_regular(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_file() {
+        Ok(())
+    } else {
+        let what = if meta.is_dir() { "a directory" } else { "not a regular file (a FIFO, socket or device)" };
+        Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::InvalidInput, what)))
+    }
+}
+
 /// Reads a regular file of at most `limit` bytes. FIFOs, devices, sockets and directories are
 /// refused before they are opened (opening a FIFO would block until a writer comes), and a file
 /// that grows past `limit` is refused without being read whole.
@@ -100,12 +112,15 @@ pub fn read_regular(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
         return Err(IoError::new(ErrorKind::InvalidInput, "not a regular file"));
     }
     let mut out = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-    f.take(limit + 1).read_to_end(&mut out)?;
+    f.take(limit.saturating_add(1)).read_to_end(&mut out)?;
     if out.len() as u64 > limit {
         return Err(IoError::new(ErrorKind::InvalidData, format!("larger than the {limit}-byte limit")));
     }
     Ok(out)
 }
+
+/// Limit of [`read_regular`] for JSON side files (config.json, index, modules.json, reports).
+pub const MAX_JSON_BYTES: u64 = 64 << 20;
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it into place, so a
 /// reader never sees a half-written file.

@@ -86,7 +86,9 @@ impl ModelSource {
         }
         let config_path = path.join("config.json");
         let (config_path, config) = if config_path.is_file() {
-            let text = fs_err::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+            let text = crate::fsutil::read_regular(&config_path, crate::fsutil::MAX_JSON_BYTES)
+                .map_err(|e| Error::io(&config_path, e))?;
+            let text = String::from_utf8(text).map_err(|e| Error::io(&config_path, std::io::Error::other(e)))?;
             let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::InvalidModel {
                 path: config_path.clone(),
                 reason: format!("not valid JSON: {e}"),
@@ -101,7 +103,9 @@ impl ModelSource {
         let index_path = path.join("model.safetensors.index.json");
         let single = path.join("model.safetensors");
         let (index_path, shards) = if index_path.is_file() {
-            let text = fs_err::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let text = crate::fsutil::read_regular(&index_path, crate::fsutil::MAX_JSON_BYTES)
+                .map_err(|e| Error::io(&index_path, e))?;
+            let text = String::from_utf8(text).map_err(|e| Error::io(&index_path, std::io::Error::other(e)))?;
             let index: Index = serde_json::from_str(&text).map_err(|e| Error::InvalidModel {
                 path: index_path.clone(),
                 reason: format!("not a valid safetensors index: {e}"),
@@ -192,6 +196,7 @@ impl ModelSource {
     }
 
     fn open_gguf(path: &Path) -> Result<Self> {
+        crate::fsutil::check_regular(path)?;
         let file = fs_err::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: read-only private mapping; see `SafetensorsFile::open`.
         #[allow(unsafe_code)]
@@ -213,6 +218,12 @@ impl ModelSource {
             .get("llama.attention.head_count_kv")
             .and_then(gguf::GgufValue::as_u64)
             .map_or(n_head, |v| v as usize);
+        if n_head == 0 || n_kv == 0 || !n_head.is_multiple_of(n_kv) || n_head > MAX_HEADS {
+            return Err(bad(format!(
+                "GGUF: llama.attention.head_count {n_head} and llama.attention.head_count_kv {n_kv}: both must be positive \
+                 (at most {MAX_HEADS}), the heads a multiple of the kv heads"
+            )));
+        }
         let mut entries = Vec::new();
         for (i, t) in parsed.tensors.iter().enumerate() {
             let (name, heads) = gguf::llama_hf_name(&t.name, n_head, n_kv)
@@ -463,7 +474,8 @@ fn module_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if len > 1 << 20 {
         return Err(bad(format!("{len} bytes; a modules.json over 1 MiB is not read")));
     }
-    let text = fs_err::read(&modules_json).map_err(|e| Error::io(&modules_json, e))?;
+    let text = crate::fsutil::read_regular(&modules_json, crate::fsutil::MAX_JSON_BYTES)
+        .map_err(|e| Error::io(&modules_json, e))?;
     let modules: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     let list = modules.as_array().ok_or_else(|| bad("must be a list of modules".into()))?;
     let mut out = Vec::new();
@@ -492,11 +504,28 @@ fn module_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Largest head count a GGUF may declare.
+const MAX_HEADS: usize = 1 << 12;
+/// Largest dimension, layer count or context a GGUF may declare for config.json.
+const MAX_DIM: u64 = 1 << 24;
+
 /// config.json for a llama GGUF, from its metadata (the fields transformers' LlamaConfig reads).
 fn gguf_config(g: &GgufFile, has_lm_head: bool) -> std::result::Result<serde_json::Value, String> {
-    let u =
-        |k: &str| g.get(k).and_then(gguf::GgufValue::as_u64).ok_or_else(|| format!("GGUF: missing or non-integer {k}"));
-    let f = |k: &str| g.get(k).and_then(gguf::GgufValue::as_f64);
+    // Every value copied into config.json is checked: a positive integer below a bound that no
+    // real model reaches, a positive finite float.
+    let u = |k: &str| {
+        let v =
+            g.get(k).and_then(gguf::GgufValue::as_u64).ok_or_else(|| format!("GGUF: missing or non-integer {k}"))?;
+        if v == 0 || v > MAX_DIM {
+            return Err(format!("GGUF: {k} = {v}: must be between 1 and {MAX_DIM}"));
+        }
+        Ok(v)
+    };
+    let uo = |k: &str| g.get(k).map(|_| u(k)).transpose();
+    let f = |k: &str| match g.get(k).and_then(gguf::GgufValue::as_f64) {
+        Some(v) if !(v.is_finite() && v > 0.0) => Err(format!("GGUF: {k} = {v}: must be a positive finite number")),
+        v => Ok(v),
+    };
     let vocab = match g.get("llama.vocab_size").and_then(gguf::GgufValue::as_u64) {
         Some(v) => v,
         None => g.get("tokenizer.ggml.tokens").and_then(gguf::GgufValue::as_array).map_or(0, |a| a.len() as u64),
@@ -510,9 +539,9 @@ fn gguf_config(g: &GgufFile, has_lm_head: bool) -> std::result::Result<serde_jso
         "num_hidden_layers": u("llama.block_count")?,
         "num_attention_heads": n_head,
         "num_key_value_heads": g.get("llama.attention.head_count_kv").and_then(gguf::GgufValue::as_u64).unwrap_or(n_head),
-        "rms_norm_eps": f("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-        "rope_theta": f("llama.rope.freq_base").unwrap_or(10000.0),
-        "max_position_embeddings": g.get("llama.context_length").and_then(gguf::GgufValue::as_u64).unwrap_or(2048),
+        "rms_norm_eps": f("llama.attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
+        "rope_theta": f("llama.rope.freq_base")?.unwrap_or(10000.0),
+        "max_position_embeddings": uo("llama.context_length")?.unwrap_or(2048),
         "vocab_size": vocab,
         "hidden_act": "silu",
         "tie_word_embeddings": !has_lm_head,
@@ -521,8 +550,11 @@ fn gguf_config(g: &GgufFile, has_lm_head: bool) -> std::result::Result<serde_jso
         "torch_dtype": "float32",
     });
     // A head width other than embedding_length / head_count (heads pruned away).
-    if let Some(hd) = g.get("llama.attention.key_length").and_then(gguf::GgufValue::as_u64) {
+    if let Some(hd) = uo("llama.attention.key_length")? {
         config["head_dim"] = hd.into();
+    }
+    if vocab == 0 || vocab > MAX_DIM {
+        return Err(format!("GGUF: vocabulary of {vocab} tokens: must be between 1 and {MAX_DIM}"));
     }
     Ok(config)
 }

@@ -101,6 +101,7 @@ impl fmt::Debug for SafetensorsFile {
 impl SafetensorsFile {
     /// Memory-maps and validates `path`.
     pub fn open(path: &Path) -> Result<Self> {
+        crate::fsutil::check_regular(path)?;
         let file = fs_err::File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let bytes = if len == 0 {

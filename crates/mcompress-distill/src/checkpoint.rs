@@ -116,8 +116,11 @@ pub(crate) fn load(dir: &Path, fingerprint: &str, device: &Device) -> Result<Opt
     if !json.is_file() {
         return Ok(None);
     }
-    let meta: serde_json::Value =
-        serde_json::from_slice(&fs_err::read(&json).map_err(|e| bad(dir, e))?).map_err(|e| bad(&json, e))?;
+    let meta: serde_json::Value = serde_json::from_slice(
+        &mcompress_core::fsutil::read_regular(&json, mcompress_core::fsutil::MAX_JSON_BYTES)
+            .map_err(|e| bad(&json, e))?,
+    )
+    .map_err(|e| bad(&json, e))?;
     if meta["fingerprint"].as_str() != Some(fingerprint) {
         return Err(bad(
             dir,
@@ -136,7 +139,7 @@ pub(crate) fn load(dir: &Path, fingerprint: &str, device: &Device) -> Result<Opt
         return Err(bad(&json, format!("{} losses for {step} steps", losses.len())));
     }
     let file = dir.join("state.safetensors");
-    let bytes = fs_err::read(&file).map_err(|e| bad(dir, e))?;
+    let bytes = mcompress_core::fsutil::read_regular(&file, u64::MAX).map_err(|e| bad(&file, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(&file, e))?;
     let get = |name: &str| -> Result<Option<Tensor<2>>> {
         let Ok(v) = st.tensor(name) else { return Ok(None) };

@@ -45,7 +45,13 @@ pub(crate) enum Batch {
 }
 
 fn cfg_usize(config: &serde_json::Value, k: &str) -> Result<usize> {
-    config[k].as_u64().map(|v| v as usize).ok_or_else(|| Error::Model(format!("config.json: {k} missing")))
+    match config[k].as_u64() {
+        None => Err(Error::Model(format!("config.json: {k} missing or not a non-negative integer"))),
+        Some(v) if v == 0 || v > 1 << 24 => {
+            Err(Error::Model(format!("config.json: {k} = {v}: must be between 1 and {}", 1 << 24)))
+        }
+        Some(v) => Ok(v as usize),
+    }
 }
 
 impl Arch {
@@ -60,7 +66,14 @@ impl Arch {
                     .map(|v| v.as_str().map(str::to_owned))
                     .collect::<Option<Vec<_>>>()
                     .ok_or_else(|| Error::Model("config.json: layer_names must be strings".into()))?;
-                Ok(Arch::Mlp { layers, input_scale: config["input_scale"].as_f64().unwrap_or(1.0) as f32 })
+                let input_scale =
+                    match &config["input_scale"] {
+                        serde_json::Value::Null => 1.0,
+                        v => v.as_f64().filter(|x| x.is_finite() && (x.abs() as f32).is_finite()).ok_or_else(|| {
+                            Error::Model(format!("config.json: input_scale {v} is not a finite number"))
+                        })? as f32,
+                    };
+                Ok(Arch::Mlp { layers, input_scale })
             }
             "bert" => Ok(Arch::Bert {
                 layers: cfg_usize(config, "num_hidden_layers")?,

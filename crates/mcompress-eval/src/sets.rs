@@ -17,8 +17,10 @@ pub struct LabelledSet {
     y: Vec<usize>,
 }
 
-/// The largest decompressed IDX file read (a bound against gzip bombs).
+/// The largest decompressed IDX file (a bound against gzip bombs) or CSV file read.
 const MAX_IDX_BYTES: u64 = 1 << 30;
+/// The longest CSV line read (1 MiB: 100,000 features of 10 characters).
+pub const MAX_CSV_LINE: usize = 1 << 20;
 
 impl LabelledSet {
     /// Reads a labelled set: IDX when the file name says `images-idx3`, else CSV.
@@ -62,37 +64,57 @@ impl LabelledSet {
     }
 
     /// Reads a CSV of `features` values and a label per line. Errors name the file and line.
+    /// Read a line at a time: a line longer than [`MAX_CSV_LINE`] bytes is refused without being
+    /// held in memory, and the whole file is bounded like an IDX file.
     pub fn load_csv(path: &Path, features: usize, num_labels: usize) -> Result<Self> {
+        use std::io::{BufRead, Read};
         let at = |line: usize, m: String| Error::Set(format!("{}:{line}: {m}", path.display()));
-        let text = fs_err::read_to_string(path).map_err(|e| Error::Set(e.to_string()))?;
+        let meta = fs_err::metadata(path).map_err(|e| Error::Set(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(Error::Set(format!("{}: not a regular file", path.display())));
+        }
+        if meta.len() > MAX_IDX_BYTES {
+            return Err(Error::Set(format!("{}: larger than {MAX_IDX_BYTES} bytes", path.display())));
+        }
+        let mut reader = std::io::BufReader::new(fs_err::File::open(path).map_err(|e| Error::Set(e.to_string()))?);
         let (mut x, mut y) = (Vec::new(), Vec::new());
-        for (i, line) in text.lines().enumerate() {
-            let line_no = i + 1;
-            let line = line.trim();
+        let mut buf = Vec::new();
+        let mut line_no = 0;
+        loop {
+            buf.clear();
+            let n = (&mut reader)
+                .take(MAX_CSV_LINE as u64 + 1)
+                .read_until(b'\n', &mut buf)
+                .map_err(|e| Error::Set(format!("{}: reading: {e}", path.display())))?;
+            if n == 0 {
+                break;
+            }
+            line_no += 1;
+            if buf.len() > MAX_CSV_LINE {
+                return Err(at(line_no, format!("line longer than {MAX_CSV_LINE} bytes")));
+            }
+            let line = std::str::from_utf8(&buf).map_err(|_| at(line_no, "not UTF-8 text".into()))?.trim();
             if line.is_empty() {
                 continue;
             }
-            let cells: Vec<&str> = line.split(',').map(str::trim).collect();
             // A header names its columns: the first line is one when its label cell is not a number.
-            if i == 0 && cells.last().is_some_and(|c| c.parse::<f64>().is_err()) {
+            let last = line.rsplit(',').next().unwrap_or_default().trim();
+            if line_no == 1 && last.parse::<f64>().is_err() {
                 continue;
             }
-            if cells.len() != features + 1 {
-                return Err(at(
-                    line_no,
-                    format!("{} columns, expected {} features and a label", cells.len(), features),
-                ));
+            let columns = line.bytes().filter(|&b| b == b',').count() + 1;
+            if columns != features + 1 {
+                return Err(at(line_no, format!("{columns} columns, expected {features} features and a label")));
             }
-            for (c, v) in cells[..features].iter().enumerate() {
+            for (c, v) in line.split(',').map(str::trim).take(features).enumerate() {
                 let f: f32 = v.parse().map_err(|_| at(line_no, format!("column {}: {v:?} is not a number", c + 1)))?;
                 if !f.is_finite() {
                     return Err(at(line_no, format!("column {}: {v:?} is not finite", c + 1)));
                 }
                 x.push(f);
             }
-            let label = cells[features];
             let l: usize =
-                label.parse().map_err(|_| at(line_no, format!("label {label:?} is not a non-negative integer")))?;
+                last.parse().map_err(|_| at(line_no, format!("label {last:?} is not a non-negative integer")))?;
             if l >= num_labels {
                 return Err(at(line_no, format!("label {l} is out of range: the model has {num_labels} labels")));
             }
@@ -165,7 +187,8 @@ fn read_idx(path: &Path, want_dims: usize) -> Result<(Vec<usize>, Vec<u8>)> {
 /// Plain text, one item per line (blank lines skipped). Errors on a missing, non-UTF-8 or
 /// empty file, naming it.
 pub fn load_lines(path: &Path) -> Result<Vec<String>> {
-    let bytes = fs_err::read(path).map_err(|e| Error::Set(e.to_string()))?;
+    let bytes = mcompress_core::fsutil::read_regular(path, MAX_IDX_BYTES)
+        .map_err(|e| Error::Set(format!("{}: {e}", path.display())))?;
     let text = String::from_utf8(bytes)
         .map_err(|e| Error::Set(format!("{}: not UTF-8 (byte {})", path.display(), e.utf8_error().valid_up_to())))?;
     let lines: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
@@ -177,7 +200,8 @@ pub fn load_lines(path: &Path) -> Result<Vec<String>> {
 
 /// A whole plain-text file (strict UTF-8, not empty).
 pub fn load_text(path: &Path) -> Result<String> {
-    let bytes = fs_err::read(path).map_err(|e| Error::Set(e.to_string()))?;
+    let bytes = mcompress_core::fsutil::read_regular(path, MAX_IDX_BYTES)
+        .map_err(|e| Error::Set(format!("{}: {e}", path.display())))?;
     let text = String::from_utf8(bytes)
         .map_err(|e| Error::Set(format!("{}: not UTF-8 (byte {})", path.display(), e.utf8_error().valid_up_to())))?;
     if text.trim().is_empty() {

@@ -1,9 +1,19 @@
 //! `${VAR}` and `${VAR:-default}` in recipe paths, so a recipe can point at a fixture cache or a
 //! model store without hard-coding a machine's layout. Defaults may themselves use `${...}`.
 
+/// Deepest `${…:-${…}}` nesting expanded; deeper text is refused (it would recurse without bound).
+pub(crate) const MAX_NESTING: usize = 16;
+
 /// Expands variables using `lookup`. Errors name the unset variable or the malformed text.
 pub(crate) fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
     let mut out = String::new();
+    let shown = |s: &str| {
+        let mut t: String = s.chars().take(60).collect();
+        if t.len() < s.len() {
+            t.push('…');
+        }
+        format!("{t:?}")
+    };
     let mut rest = s;
     while let Some(i) = rest.find("${") {
         out.push_str(&rest[..i]);
@@ -16,6 +26,9 @@ pub(crate) fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result
         while j < bytes.len() {
             if bytes[j] == b'$' && bytes.get(j + 1) == Some(&b'{') {
                 depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(format!("`${{…}}` nested more than {MAX_NESTING} deep in {}", shown(s)));
+                }
                 j += 2;
                 continue;
             }
@@ -28,21 +41,22 @@ pub(crate) fn expand(s: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result
             }
             j += 1;
         }
-        let end = end.ok_or_else(|| format!("unclosed `${{` in {s:?}"))?;
+        let end = end.ok_or_else(|| format!("unclosed `${{` in {}", shown(s)))?;
         let body = &rest[body_start..end];
         let (name, default) = match body.split_once(":-") {
             Some((n, d)) => (n, Some(d)),
             None => (body, None),
         };
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("bad variable name {name:?} in {s:?}"));
+            return Err(format!("bad variable name {} in {}", shown(name), shown(s)));
         }
         match (lookup(name).filter(|v| !v.is_empty()), default) {
             (Some(v), _) => out.push_str(&v),
             (None, Some(d)) => out.push_str(&expand(d, lookup)?),
             (None, None) => {
                 return Err(format!(
-                    "environment variable {name} is not set (used in {s:?}; write ${{{name}:-default}} for a fallback)"
+                    "environment variable {name} is not set (used in {}; write ${{{name}:-default}} for a fallback)",
+                    shown(s)
                 ));
             }
         }
@@ -73,5 +87,17 @@ mod tests {
         assert!(expand("${NOPE}/m", &env).unwrap_err().contains("NOPE is not set"));
         assert!(expand("${HOME", &env).unwrap_err().contains("unclosed"));
         assert!(expand("${a b}", &env).unwrap_err().contains("bad variable"));
+        // Nesting is bounded (no stack overflow), and the message does not echo the whole text.
+        let mut deep = "x".to_string();
+        for _ in 0..100_000 {
+            deep = format!("${{A:-{deep}}}");
+        }
+        let e = expand(&deep, &env).unwrap_err();
+        assert!(e.contains("nested more than 16 deep") && e.len() < 200, "{e}");
+        let mut ok = "x".to_string();
+        for _ in 0..MAX_NESTING {
+            ok = format!("${{A:-{ok}}}");
+        }
+        assert_eq!(expand(&ok, &env).unwrap(), "x");
     }
 }

@@ -335,10 +335,29 @@ pub struct Recipe {
     pub target_positions: Vec<(usize, usize)>,
 }
 
+/// Largest recipe file read (a recipe is a few KiB).
+pub const MAX_RECIPE_BYTES: u64 = 16 << 20;
+
+/// A recipe's text: a regular UTF-8 file of at most [`MAX_RECIPE_BYTES`] (a FIFO or device is
+/// refused before it is opened, so it cannot block).
+fn read_recipe(path: &Path) -> std::io::Result<String> {
+    use std::io::{Error as E, ErrorKind, Read};
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(E::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)?.take(MAX_RECIPE_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_RECIPE_BYTES {
+        return Err(E::new(ErrorKind::InvalidData, format!("larger than {MAX_RECIPE_BYTES} bytes")));
+    }
+    Ok(text)
+}
+
 impl Recipe {
     /// Reads and parses a recipe file.
     pub fn load(path: &Path) -> Result<Self> {
-        let source = fs_err::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
+        let source = read_recipe(path).map_err(|source| Error::Io { path: path.into(), source })?;
         Self::parse(path, source)
     }
 
