@@ -197,3 +197,63 @@ fn test_bad_input_scale_is_an_error_not_a_default() {
     assert_eq!(code, 2, "{se}");
     assert!(se.contains("input_scale") && se.contains("not a finite number"), "{se}");
 }
+
+/// A GGUF v3 header with `kv` (key, type, value bytes) and one F32 tensor of `dims`.
+fn gguf_bytes(kv: &[(&str, u32, Vec<u8>)], dims: &[u64]) -> Vec<u8> {
+    let mut v = b"GGUF".to_vec();
+    v.extend_from_slice(&3u32.to_le_bytes());
+    v.extend_from_slice(&1u64.to_le_bytes());
+    v.extend_from_slice(&(kv.len() as u64).to_le_bytes());
+    for (k, ty, val) in kv {
+        v.extend_from_slice(&(k.len() as u64).to_le_bytes());
+        v.extend_from_slice(k.as_bytes());
+        v.extend_from_slice(&ty.to_le_bytes());
+        v.extend_from_slice(val);
+    }
+    let name = "token_embd.weight";
+    v.extend_from_slice(&(name.len() as u64).to_le_bytes());
+    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+    for d in dims {
+        v.extend_from_slice(&d.to_le_bytes());
+    }
+    v.extend_from_slice(&0u32.to_le_bytes()); // F32
+    v.extend_from_slice(&0u64.to_le_bytes()); // offset
+    while v.len() % 32 != 0 {
+        v.push(0);
+    }
+    v.extend(std::iter::repeat_n(0u8, 4 * dims.iter().product::<u64>() as usize));
+    v
+}
+
+#[test]
+fn test_structurally_odd_models_are_refused() {
+    let t = tmp();
+    // An empty safetensors header: no tensors, no bundle.
+    let model = t.path().join("empty");
+    std::fs::create_dir(&model).unwrap();
+    std::fs::write(model.join("model.safetensors"), raw_safetensors("{}", &[])).unwrap();
+    let r = recipe(t.path(), &model, &t.path().join("o"), "\n[[target]]\nname = \"d\"\n");
+    let (code, _, se) = bounded(&["run", "-q", r.to_str().unwrap()], t.path());
+    assert_eq!(code, 2, "{se}");
+    assert!(se.contains("holds no tensors"), "{se}");
+    assert!(!t.path().join("o/d").exists());
+    // A GGUF tensor of 5 dimensions (ggml has at most 4).
+    let arch = ("general.architecture", 8u32, [5u64.to_le_bytes().to_vec(), b"llama".to_vec()].concat());
+    let f = t.path().join("five.gguf");
+    std::fs::write(&f, gguf_bytes(std::slice::from_ref(&arch), &[2, 1, 1, 1, 1])).unwrap();
+    let (code, _, se) = bounded(&["inspect", f.to_str().unwrap()], t.path());
+    assert_eq!(code, 2, "{se}");
+    assert!(se.contains("5 dimensions (ggml tensors have 1 to 4)"), "{se}");
+    // A 16 Mi-element metadata array: refused at the reader's limit before it is parsed into
+    // values (it used to take 2 GB for 64 MB).
+    let n: u64 = 16 << 20;
+    let mut arr = 0u32.to_le_bytes().to_vec(); // UINT8 elements
+    arr.extend_from_slice(&n.to_le_bytes());
+    arr.extend(std::iter::repeat_n(7u8, n as usize));
+    let f = t.path().join("array.gguf");
+    std::fs::write(&f, gguf_bytes(&[arch, ("x.big", 9, arr)], &[2])).unwrap();
+    let (code, _, se) = bounded(&["inspect", f.to_str().unwrap()], t.path());
+    assert_eq!(code, 2, "{se}");
+    assert!(se.contains("x.big: metadata arrays hold more than 8388608 elements"), "{se}");
+}

@@ -224,6 +224,19 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     let model = restructured.as_ref().unwrap_or(&source);
     // Passes that read the whole model first (structured pruning's importances).
     let mut early_warnings = Vec::new();
+    // Side files that are links are not shipped (a link would ship whatever it points at).
+    if source.path().is_dir() {
+        for f in mcompress_core::AUX_FILES {
+            let p = source.path().join(f);
+            if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+                early_warnings.push(format!(
+                    "{}: a symbolic link: not copied into the bundle (bundles ship regular files only; copy the file \
+                     itself into the model directory to ship it)",
+                    p.display()
+                ));
+            }
+        }
+    }
     for (i, pass) in passes.iter().enumerate() {
         if let Some(w) = pass.warning(model) {
             early_warnings.push(format!("pass[{i}] {} {w}", pass.name()));

@@ -18,8 +18,11 @@ const MAGIC: &[u8; 4] = b"GGUF";
 /// us allocate gigabytes before the bounds checks catch it.
 const MAX_TENSORS: u64 = 1 << 20;
 const MAX_KV: u64 = 1 << 20;
-const MAX_ARRAY: u64 = 1 << 26;
-const MAX_DIMS: u32 = 8;
+/// Elements of all metadata arrays together (8 Mi: a 262k-token vocabulary with its scores, types
+/// and merges is about 1 Mi), so a file cannot make the parsed metadata tens of times its size.
+const MAX_ARRAY: u64 = 1 << 23;
+/// ggml's GGML_MAX_DIMS.
+const MAX_DIMS: u32 = 4;
 
 /// A metadata value.
 #[derive(Clone, Debug, PartialEq)]
@@ -233,6 +236,8 @@ struct Cursor<'a> {
     path: &'a Path,
     bytes: &'a [u8],
     pos: usize,
+    /// Metadata array elements read so far (bounded by [`MAX_ARRAY`]).
+    elems: u64,
 }
 
 impl<'a> Cursor<'a> {
@@ -283,8 +288,14 @@ impl<'a> Cursor<'a> {
                 }
                 let inner = self.u32(key)?;
                 let n = self.u64(key)?;
-                if n > MAX_ARRAY || n > (self.bytes.len() - self.pos) as u64 {
+                if n > (self.bytes.len() - self.pos) as u64 {
                     return Err(self.err(format!("{key}: array length {n} exceeds the file")));
+                }
+                self.elems = self.elems.saturating_add(n);
+                if self.elems > MAX_ARRAY {
+                    return Err(self.err(format!(
+                        "{key}: metadata arrays hold more than {MAX_ARRAY} elements in total (the limit of this reader)"
+                    )));
                 }
                 let mut v = Vec::with_capacity(n as usize);
                 for _ in 0..n {
@@ -303,7 +314,7 @@ impl<'a> Cursor<'a> {
 impl GgufFile {
     /// Parses and validates `bytes` (the whole file); `path` names it in errors.
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self> {
-        let mut c = Cursor { path, bytes, pos: 0 };
+        let mut c = Cursor { path, bytes, pos: 0, elems: 0 };
         if c.take(4, "magic")? != MAGIC {
             return Err(c.err("not a GGUF file (magic is not \"GGUF\")"));
         }
@@ -340,7 +351,7 @@ impl GgufFile {
             let name = c.string("tensor name")?;
             let nd = c.u32(&name)?;
             if nd == 0 || nd > MAX_DIMS {
-                return Err(c.err(format!("tensor {name:?}: {nd} dimensions")));
+                return Err(c.err(format!("tensor {name:?}: {nd} dimensions (ggml tensors have 1 to {MAX_DIMS})")));
             }
             let dims = (0..nd).map(|_| c.u64(&name)).collect::<Result<Vec<u64>>>()?;
             let ty_id = c.u32(&name)?;

@@ -168,6 +168,12 @@ impl ModelSource {
             .enumerate()
             .flat_map(|(shard, s)| (0..s.tensors().len()).map(move |idx| TensorRef { shard, idx }))
             .collect();
+        if tensors.is_empty() {
+            return Err(Error::InvalidModel {
+                path: path.to_path_buf(),
+                reason: "holds no tensors (an empty safetensors header)".into(),
+            });
+        }
         let name = |r: &TensorRef| shards[r.shard].tensors()[r.idx].name.clone();
         tensors.sort_by_key(name);
         if let Some(w) = tensors.windows(2).find(|w| name(&w[0]) == name(&w[1])) {
