@@ -468,25 +468,14 @@ fn dispatch(cli: Cli) -> Result<Status> {
             let targets = mcompress_bundle::targets::resolve(&loaded)?;
             mcompress_bundle::check_targets(&loaded)?;
             anyhow::ensure!(loaded.model_path.exists(), "{}: model path does not exist", loaded.model_path.display());
-            if let Some(e) = &loaded.eval {
-                anyhow::ensure!(e.set.is_file(), "{}: [eval] set does not exist", e.set.display());
-            }
+            mcompress_bundle::check_sets(&loaded, &passes)?;
+            // Where `run` would write: the same refusals (output over the model, a file in the way).
+            let model = mcompress_core::ModelSource::open(&loaded.model_path)?;
+            mcompress_bundle::check_output(&loaded, None, &model)?;
             // The planned layout (group sizes, tied embeddings) as `run` checks it; structured
             // pruning changes shapes only once it has scored the model, so `run` checks that.
             if !passes.iter().any(|p| p.name() == "prune-structured") {
-                let model = mcompress_core::ModelSource::open(&loaded.model_path)?;
                 mcompress_passes::pipeline::check_plan(&model, &passes)?;
-            }
-            for (spec, pass) in loaded.passes.iter().zip(&passes) {
-                if let Some(c) = pass.calibration() {
-                    anyhow::ensure!(
-                        c.set.is_file(),
-                        "{}: pass[{}] {}: calibration set does not exist",
-                        c.set.display(),
-                        spec.index,
-                        spec.kind
-                    );
-                }
             }
             writeln!(
                 out,

@@ -257,3 +257,40 @@ fn test_structurally_odd_models_are_refused() {
     assert_eq!(code, 2, "{se}");
     assert!(se.contains("x.big: metadata arrays hold more than 8388608 elements"), "{se}");
 }
+
+#[test]
+fn test_recipe_check_refuses_what_run_refuses() {
+    let t = tmp();
+    let digits = repo().join("fixtures/digits-mlp");
+    // The model sits where the bundle would go.
+    let model = t.path().join("dist/d");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["model.safetensors", "config.json"] {
+        std::fs::copy(digits.join(f), model.join(f)).unwrap();
+    }
+    let over = recipe(t.path(), &model, &t.path().join("dist"), "\n[[target]]\nname = \"d\"\n");
+    let over = std::fs::rename(&over, t.path().join("over.toml")).map(|()| t.path().join("over.toml")).unwrap();
+    // The output path is a file.
+    let file = write(t.path(), "a-file", "not a directory");
+    let onto_file = recipe(t.path(), &digits, &file, "\n[[target]]\nname = \"d\"\n");
+    let onto_file =
+        std::fs::rename(&onto_file, t.path().join("file.toml")).map(|()| t.path().join("file.toml")).unwrap();
+    // A 0-byte eval set.
+    let empty = write(t.path(), "empty.csv", "");
+    let extra =
+        format!("\n[eval]\nset = {:?}\nmetric = \"accuracy\"\n[[target]]\nname = \"d\"\n", empty.display().to_string());
+    let empty_set = recipe(t.path(), &digits, &t.path().join("o"), &extra);
+    for (r, needle) in [
+        (&over, "would overwrite input file"),
+        (&onto_file, "exists and is not a directory"),
+        (&empty_set, "empty file"),
+    ] {
+        for cmd in [&["recipe", "check"][..], &["run", "-q"][..]] {
+            let (code, so, se) = bounded(&[cmd, &[r.to_str().unwrap()]].concat(), t.path());
+            assert_eq!(code, 2, "{cmd:?} {}: {so}{se}", r.display());
+            assert!(se.contains(needle), "{cmd:?} {}: {se}", r.display());
+        }
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "not a directory");
+    assert!(!t.path().join("o").exists());
+}

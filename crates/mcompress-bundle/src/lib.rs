@@ -197,12 +197,9 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     let resolved = targets::resolve(recipe)?;
     let shipping =
         recipe.targets.iter().enumerate().map(|(i, t)| ship::Shipping::of(recipe, i, t)).collect::<Result<Vec<_>>>()?;
-    if let Some(e) = &recipe.eval
-        && !e.set.is_file()
-    {
-        return Err(Error::BadBundle { path: e.set.clone(), reason: "[eval] set: no such file".into() });
-    }
+    check_sets(recipe, &passes)?;
     let source = ModelSource::open(&recipe.model_path)?;
+    check_output(recipe, opts.out.as_deref(), &source)?;
     let prepare_err = |i: usize, e: String| Error::Prepare(format!("pass[{}] {}: {e}", i, recipe.passes[i].kind));
     // Per pass: wall seconds before the weights stream (scoring, calibration, training), added
     // to its streaming time in the report.
@@ -702,6 +699,80 @@ fn copy_payload(from: &Path, to: &Path) -> Result<()> {
         // Weights are immutable once written: a hard link saves the copy; copy where links fail.
         if fs_err::hard_link(e.path(), &dest).is_err() {
             fs_err::copy(e.path(), &dest).map_err(io(&e.path()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks where a run of `recipe` would write, before any work (`run` and `recipe check` both
+/// call it): the output directory (`out`, else `[output] dir`) is a directory or absent, and no
+/// target's bundle directory is, contains or sits inside the model's files.
+pub fn check_output(recipe: &Recipe, out: Option<&Path>, model: &ModelSource) -> Result<()> {
+    let out_dir = out.map_or_else(|| recipe.output_dir.clone(), Path::to_path_buf);
+    if let Ok(m) = std::fs::metadata(&out_dir)
+        && !m.is_dir()
+    {
+        return Err(Error::UnsafeOutput { path: out_dir, reason: "exists and is not a directory".into() });
+    }
+    let abs = absolute_through_existing(&out_dir)?;
+    for t in &recipe.targets {
+        let b = abs.join(&t.name);
+        if let Ok(m) = std::fs::symlink_metadata(&b)
+            && !m.is_dir()
+        {
+            return Err(Error::UnsafeOutput {
+                path: b,
+                reason: "exists and is not a directory (a bundle directory replaces only a bundle)".into(),
+            });
+        }
+        check_output_safe(&b, model)?;
+    }
+    Ok(())
+}
+
+/// `p` made absolute with its existing part canonicalized (links resolved), the rest appended.
+fn absolute_through_existing(p: &Path) -> Result<PathBuf> {
+    let p = std::path::absolute(p).map_err(io(p))?;
+    let mut existing = p.as_path();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => break,
+        }
+    }
+    let mut out = fs_err::canonicalize(existing).map_err(io(existing))?;
+    for name in rest.iter().rev() {
+        out.push(name);
+    }
+    Ok(out)
+}
+
+/// Checks the recipe's eval and calibration sets before any work: each a regular, non-empty file.
+pub fn check_sets(recipe: &Recipe, passes: &[Box<dyn mcompress_passes::Pass>]) -> Result<()> {
+    let check = |path: &Path, what: String| -> Result<()> {
+        let bad = |reason: String| Error::BadBundle { path: path.to_path_buf(), reason: format!("{what}: {reason}") };
+        match std::fs::metadata(path) {
+            Err(e) => Err(bad(e.to_string())),
+            Ok(m) if !m.is_file() => Err(bad("not a regular file".into())),
+            Ok(m) if m.len() == 0 => Err(bad("empty file".into())),
+            Ok(_) => Ok(()),
+        }
+    };
+    if let Some(e) = &recipe.eval {
+        check(&e.set, "[eval] set".into())?;
+    }
+    for (spec, pass) in recipe.passes.iter().zip(passes) {
+        if let Some(c) = pass.calibration() {
+            check(&c.set, format!("pass[{}] {}: calibration set", spec.index, spec.kind))?;
+        }
+    }
+    for t in &recipe.targets {
+        if let Some(c) = &t.calibration {
+            check(&c.set, format!("target {}: calibration set", t.name))?;
         }
     }
     Ok(())
