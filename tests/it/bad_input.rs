@@ -142,7 +142,14 @@ fn test_recipe_typo_names_file_line_pass_and_field() {
 fn test_recipe_wrong_type() {
     let (code, e) = run_recipe_text("[model]\npath = \"MODEL\"\n[[pass]]\ntype = \"quantize-rtn\"\nbits = \"8\"\n");
     assert_eq!(code, 2);
-    assert!(e.contains("recipe.toml:5:8: pass[0] quantize-rtn: invalid type: string \"8\""), "{e}");
+    assert!(e.contains("recipe.toml:5:8: pass[0] quantize-rtn: bits: invalid type: string \"8\""), "{e}");
+    // Outside passes the key comes with its table.
+    let (code, e) = run_recipe_text("[model]\npath = 5\n");
+    assert_eq!(code, 2);
+    assert!(e.contains("recipe.toml:2:8: model.path: invalid type: integer `5`"), "{e}");
+    let (code, e) = run_recipe_text("[model]\npath = \"MODEL\"\n[eval]\nset = \"x\"\nmax-tokens = \"many\"\n");
+    assert_eq!(code, 2);
+    assert!(e.contains("eval.max-tokens: invalid type: string \"many\""), "{e}");
     let (code, e) = run_recipe_text("[model]\npath = \"MODEL\"\n[[pass]]\ntype = \"quantize-rtn\"\nbits = 5\n");
     assert_eq!(code, 2);
     assert!(e.contains("pass[0] quantize-rtn: bits = 5: supported values are 8, 4, 3 and 2"), "{e}");

@@ -433,7 +433,7 @@ fn test_bad_eval_input_is_exit_2() {
             Some(&*format!("{}12\n", "0,".repeat(64))),
             "labels.csv:1: label 12 is out of range: the model has 10 labels",
         ),
-        ("empty.csv", Some(""), "empty.csv: no samples"),
+        ("empty.csv", Some(""), "empty file"),
     ];
     for (name, content, needle) in cases {
         let set = t.path().join(name);

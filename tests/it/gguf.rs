@@ -209,7 +209,7 @@ fn test_bad_perplexity_text_is_exit_2() {
     let Some(gguf) = smollm2() else { return };
     let t = tmp();
     for (name, bytes, needle) in [
-        ("empty.txt", &b""[..], "empty.txt: empty"),
+        ("empty.txt", &b""[..], "empty.txt: [eval] set: empty file"),
         ("latin1.txt", &b"caf\xe9 au lait\n"[..], "latin1.txt: not UTF-8"),
         ("one.txt", &b"Hi"[..], "at least 2 are needed"),
     ] {

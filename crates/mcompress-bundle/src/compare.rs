@@ -190,9 +190,12 @@ pub fn compare(old: &Path, new: &Path, limits: &Limits) -> Result<Comparison> {
         && num(&a, "/eval/latency_ms/compressed/p50").is_some()
         && num(&b, "/eval/latency_ms/compressed/p50").is_some();
     let targets = |v: &Value| v["targets"].as_array().cloned().unwrap_or_default();
+    // Old targets by name: one pass over each report, whatever their number.
+    let old_targets: std::collections::HashMap<String, Value> =
+        targets(&a).into_iter().map(|t| (t["name"].as_str().unwrap_or("").to_string(), t)).collect();
     for tb in targets(&b) {
         let name = tb["name"].as_str().unwrap_or("").to_string();
-        let Some(ta) = targets(&a).into_iter().find(|t| t["name"] == tb["name"]) else { continue };
+        let Some(ta) = old_targets.get(&name).cloned() else { continue };
         let ms = |t: &Value| {
             t.pointer("/estimates/decode_tokens_per_s").and_then(Value::as_f64).filter(|v| *v > 0.0).map(|v| 1000.0 / v)
         };

@@ -270,8 +270,10 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
                     reason: format!("pass[{}] distill checkpoint directory: {problem}", d.index),
                 });
             }
-            let existed = dir.exists();
-            checkpoint_dirs.insert(d.index, (dir, existed));
+            // The default directory is the tool's own; a directory the user named and that was
+            // there before stays (emptied of the checkpoint's files).
+            let keep_dir = d.config.checkpoint_dir.is_some() && dir.exists();
+            checkpoint_dirs.insert(d.index, (dir, keep_dir));
         }
     }
     // Calibrated passes (GPTQ, AWQ, Wanda, SparseGPT) and training passes (distill) run on the
@@ -531,11 +533,11 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         Ok(t) => {
             // The bundles are complete: the training checkpoints have served their purpose. Only
             // the checkpoint's own files go, and the directory only if this run created it.
-            for (c, existed) in &checkpoints {
+            for (c, keep_dir) in &checkpoints {
                 for f in mcompress_passes::distill::CHECKPOINT_FILES {
                     let _ = fs_err::remove_file(c.join(f));
                 }
-                if !existed {
+                if !keep_dir {
                     let _ = fs_err::remove_dir(c);
                 }
             }
@@ -756,6 +758,7 @@ pub fn check_sets(recipe: &Recipe, passes: &[Box<dyn mcompress_passes::Pass>]) -
     let check = |path: &Path, what: String| -> Result<()> {
         let bad = |reason: String| Error::BadBundle { path: path.to_path_buf(), reason: format!("{what}: {reason}") };
         match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(bad("no such file".into())),
             Err(e) => Err(bad(e.to_string())),
             Ok(m) if !m.is_file() => Err(bad("not a regular file".into())),
             Ok(m) if m.len() == 0 => Err(bad("empty file".into())),
@@ -818,8 +821,9 @@ fn clean_stale(out_dir: &Path) {
         else {
             continue;
         };
-        let alive =
-            pid.parse::<u32>().is_ok_and(|p| p != std::process::id() && Path::new(&format!("/proc/{p}")).exists());
+        // `PID` or `PID-ATTEMPT`; a name of another shape is not ours and is left alone.
+        let Ok(pid) = pid.split('-').next().unwrap_or_default().parse::<u32>() else { continue };
+        let alive = pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists();
         if !alive {
             let _ = fs_err::remove_dir_all(e.path());
         }
@@ -828,14 +832,37 @@ fn clean_stale(out_dir: &Path) {
 
 /// Moves `staged` to `dest`, replacing a previous bundle there.
 fn replace_dir(staged: &Path, dest: &Path) -> Result<()> {
-    if dest.exists() {
-        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let old = dest.with_file_name(format!(".{name}.mcompress-old-{}", std::process::id()));
-        fs_err::rename(dest, &old).map_err(io(dest))?;
-        fs_err::rename(staged, dest).map_err(io(dest))?;
-        fs_err::remove_dir_all(&old).map_err(io(&old))?;
-    } else {
-        fs_err::rename(staged, dest).map_err(io(dest))?;
+    // Another run may be moving its bundle to the same place at the same moment: whichever rename
+    // lands last wins, and neither fails. A previous bundle is moved aside (never deleted before
+    // the new one is in place) and removed after.
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut aside = Vec::new();
+    let mut result = Ok(());
+    for attempt in 0..32 {
+        match fs_err::rename(staged, dest) {
+            Ok(()) => {
+                result = Ok(());
+                break;
+            }
+            Err(e) if dest.exists() && attempt < 31 => {
+                let old = dest.with_file_name(format!(".{name}.mcompress-old-{}-{attempt}", std::process::id()));
+                match fs_err::rename(dest, &old) {
+                    Ok(()) => aside.push(old),
+                    Err(e2) if e2.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(_) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
     }
-    Ok(())
+    for old in &aside {
+        let _ = fs_err::remove_dir_all(old);
+    }
+    result.map_err(io(dest))
 }

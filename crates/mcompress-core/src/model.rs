@@ -559,8 +559,8 @@ fn gguf_config(g: &GgufFile, has_lm_head: bool) -> std::result::Result<serde_jso
     if let Some(hd) = uo("llama.attention.key_length")? {
         config["head_dim"] = hd.into();
     }
-    if vocab == 0 || vocab > MAX_DIM {
-        return Err(format!("GGUF: vocabulary of {vocab} tokens: must be between 1 and {MAX_DIM}"));
+    if vocab > MAX_DIM {
+        return Err(format!("GGUF: vocabulary of {vocab} tokens: at most {MAX_DIM}"));
     }
     Ok(config)
 }

@@ -67,8 +67,6 @@ impl LabelledSet {
     /// Read a line at a time: a line longer than [`MAX_CSV_LINE`] bytes is refused without being
     /// held in memory, and the whole file is bounded like an IDX file.
     pub fn load_csv(path: &Path, features: usize, num_labels: usize) -> Result<Self> {
-        use std::io::{BufRead, Read};
-        let at = |line: usize, m: String| Error::Set(format!("{}:{line}: {m}", path.display()));
         let meta = fs_err::metadata(path).map_err(|e| Error::Set(e.to_string()))?;
         if !meta.is_file() {
             return Err(Error::Set(format!("{}: not a regular file", path.display())));
@@ -76,7 +74,14 @@ impl LabelledSet {
         if meta.len() > MAX_IDX_BYTES {
             return Err(Error::Set(format!("{}: larger than {MAX_IDX_BYTES} bytes", path.display())));
         }
-        let mut reader = std::io::BufReader::new(fs_err::File::open(path).map_err(|e| Error::Set(e.to_string()))?);
+        let reader = std::io::BufReader::new(fs_err::File::open(path).map_err(|e| Error::Set(e.to_string()))?);
+        Self::read_csv(&path.display().to_string(), reader, features, num_labels)
+    }
+
+    /// [`Self::load_csv`] from any reader; `name` names the source in errors.
+    pub fn read_csv(name: &str, mut reader: impl std::io::BufRead, features: usize, num_labels: usize) -> Result<Self> {
+        use std::io::{BufRead, Read};
+        let at = |line: usize, m: String| Error::Set(format!("{name}:{line}: {m}"));
         let (mut x, mut y) = (Vec::new(), Vec::new());
         let mut buf = Vec::new();
         let mut line_no = 0;
@@ -85,7 +90,7 @@ impl LabelledSet {
             let n = (&mut reader)
                 .take(MAX_CSV_LINE as u64 + 1)
                 .read_until(b'\n', &mut buf)
-                .map_err(|e| Error::Set(format!("{}: reading: {e}", path.display())))?;
+                .map_err(|e| Error::Set(format!("{name}: reading: {e}")))?;
             if n == 0 {
                 break;
             }
@@ -121,7 +126,7 @@ impl LabelledSet {
             y.push(l);
         }
         if y.is_empty() {
-            return Err(Error::Set(format!("{}: no samples", path.display())));
+            return Err(Error::Set(format!("{name}: no samples")));
         }
         Ok(LabelledSet { features, x, y })
     }
@@ -189,11 +194,16 @@ fn read_idx(path: &Path, want_dims: usize) -> Result<(Vec<usize>, Vec<u8>)> {
 pub fn load_lines(path: &Path) -> Result<Vec<String>> {
     let bytes = mcompress_core::fsutil::read_regular(path, MAX_IDX_BYTES)
         .map_err(|e| Error::Set(format!("{}: {e}", path.display())))?;
+    lines_from_bytes(&path.display().to_string(), bytes)
+}
+
+/// [`load_lines`] from bytes; `name` names the source in errors.
+pub fn lines_from_bytes(name: &str, bytes: Vec<u8>) -> Result<Vec<String>> {
     let text = String::from_utf8(bytes)
-        .map_err(|e| Error::Set(format!("{}: not UTF-8 (byte {})", path.display(), e.utf8_error().valid_up_to())))?;
+        .map_err(|e| Error::Set(format!("{name}: not UTF-8 (byte {})", e.utf8_error().valid_up_to())))?;
     let lines: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
     if lines.is_empty() {
-        return Err(Error::Set(format!("{}: empty text set", path.display())));
+        return Err(Error::Set(format!("{name}: empty text set")));
     }
     Ok(lines)
 }
@@ -202,10 +212,15 @@ pub fn load_lines(path: &Path) -> Result<Vec<String>> {
 pub fn load_text(path: &Path) -> Result<String> {
     let bytes = mcompress_core::fsutil::read_regular(path, MAX_IDX_BYTES)
         .map_err(|e| Error::Set(format!("{}: {e}", path.display())))?;
+    text_from_bytes(&path.display().to_string(), bytes)
+}
+
+/// [`load_text`] from bytes; `name` names the source in errors.
+pub fn text_from_bytes(name: &str, bytes: Vec<u8>) -> Result<String> {
     let text = String::from_utf8(bytes)
-        .map_err(|e| Error::Set(format!("{}: not UTF-8 (byte {})", path.display(), e.utf8_error().valid_up_to())))?;
+        .map_err(|e| Error::Set(format!("{name}: not UTF-8 (byte {})", e.utf8_error().valid_up_to())))?;
     if text.trim().is_empty() {
-        return Err(Error::Set(format!("{}: empty text", path.display())));
+        return Err(Error::Set(format!("{name}: empty text")));
     }
     Ok(text)
 }

@@ -364,11 +364,17 @@ impl Recipe {
     /// Parses recipe text; `path` locates relative paths and names the file in errors.
     pub fn parse(path: &Path, source: String) -> Result<Self> {
         let at = |span: Option<std::ops::Range<usize>>, context: String, message: String| {
-            let (line, col) = line_col(&source, span.map_or(0, |s| s.start));
-            Error::At { path: path.into(), line, col, context, message }
+            let offset = span.map_or(0, |s| s.start);
+            let (line, col) = line_col(&source, offset);
+            Error::At { path: path.into(), line, col, context, message: with_key(&source, offset, true, message) }
         };
         let raw: RawRecipe =
             toml::from_str(&source).map_err(|e| at(e.span(), String::new(), e.message().trim().to_string()))?;
+        for (what, n, max) in [("passes", raw.pass.len(), MAX_PASSES), ("targets", raw.target.len(), MAX_TARGETS)] {
+            if n > max {
+                return Err(at(None, String::new(), format!("{n} {what}: at most {max} are allowed")));
+            }
+        }
         let spans = pass_spans(&source);
         let mut passes = Vec::with_capacity(raw.pass.len());
         for (index, table) in raw.pass.iter().enumerate() {
@@ -458,7 +464,11 @@ impl Recipe {
         let spec = &self.passes[index];
         let context = format!("pass[{index}] {}: ", spec.kind);
         let err = |span: Option<std::ops::Range<usize>>, message: String| {
-            let (line, col) = span.map_or((spec.line, spec.col), |s| line_col(&self.source, s.start));
+            let (line, col) = span.clone().map_or((spec.line, spec.col), |s| line_col(&self.source, s.start));
+            let message = match span {
+                Some(s) => with_key(&self.source, s.start, false, message),
+                None => message,
+            };
             Error::At { path: self.path.clone(), line, col, context: context.clone(), message }
         };
         let doc = toml::de::DeTable::parse(&self.source).map_err(|e| err(e.span(), e.message().into()))?;
@@ -565,6 +575,40 @@ fn array_spans(source: &str, key: &str) -> Vec<std::ops::Range<usize>> {
     }
 }
 
+/// Most `[[pass]]` entries a recipe may have (real recipes have a handful).
+pub const MAX_PASSES: usize = 256;
+/// Most `[[target]]` entries a recipe may have.
+pub const MAX_TARGETS: usize = 256;
+
+/// `message` prefixed with the key whose value sits at byte `offset` (`bits: …`, or with its
+/// table, `eval.max-tokens: …`), when the line there is a `key = value` line and the message does
+/// not name the key already.
+fn with_key(source: &str, offset: usize, with_table: bool, message: String) -> String {
+    let offset = offset.min(source.len());
+    let start = source[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = source[start..].lines().next().unwrap_or_default();
+    let Some((key, _)) = line.split_once('=') else { return message };
+    let key = key.trim().trim_matches('"');
+    if key.is_empty()
+        || key.starts_with('[')
+        || key.contains(char::is_whitespace)
+        || message.contains(&format!("`{key}`"))
+    {
+        return message;
+    }
+    let table = source[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let prefix = match table {
+        Some(t) if with_table && t != "pass" && t != "target" => format!("{t}.{key}: "),
+        _ => format!("{key}: "),
+    };
+    if message.starts_with(&prefix) { message } else { format!("{prefix}{message}") }
+}
+
 /// 1-based line and column (in characters) of a byte offset.
 fn line_col(source: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(source.len());
@@ -653,7 +697,7 @@ mod tests {
     fn test_pass_wrong_type_points_at_value() {
         let src = "[model]\npath = \"m\"\n[[pass]]\ntype = \"q\"\nbits = \"eight\"\n";
         let e = parse(src).unwrap().pass_config::<Cfg>(0).unwrap_err().to_string();
-        assert!(e.starts_with("dir/r.toml:5:8: pass[0] q: invalid type: string"), "{e}");
+        assert!(e.starts_with("dir/r.toml:5:8: pass[0] q: bits: invalid type: string"), "{e}");
         let ok: Cfg = parse("[model]\npath = \"m\"\n[[pass]]\ntype = \"q\"\nbits = 4\ngroup-size = 32\n")
             .unwrap()
             .pass_config(0)

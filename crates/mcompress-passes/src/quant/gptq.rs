@@ -79,6 +79,41 @@ pub fn gptq_masked(
     }
     let (groups, gl) = (s.groups(cols), s.group_len(cols));
     let (qmin, qmax) = s.qrange();
+    // FP8 and FP4 grids: the scales (and NVFP4's global scale) are those RTN chooses from the
+    // original weights, fixed before the columns are walked; GPTQ chooses the codes.
+    let float_q = if s.is_fp8() || s.is_fp4() {
+        let data: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut q = super::quantize(s, DType::F32, shape, &data).map_err(|e| format!("{e:?}"))?;
+        if s.is_fp8() {
+            // FP8 scales are stored in the source's float type: fit the codes to the rounded ones.
+            q.scale.iter_mut().for_each(|v| *v = sdt.round_f32(*v));
+            q.scale_dtype = sdt;
+        }
+        Some(q)
+    } else {
+        None
+    };
+    // One weight on the grid: (code, dequantized value).
+    let round = |x: f32, sc: f32, zp: i32| -> (i32, f32) {
+        match s.kind {
+            super::QKind::Fp8 { .. } => {
+                let code = if sc == 0.0 {
+                    0
+                } else {
+                    super::fp8::f32_to_e4m3((x / sc).clamp(-super::fp8::FP8_MAX, super::fp8::FP8_MAX))
+                };
+                (i32::from(code), super::fp8::e4m3_to_f32(code) * sc)
+            }
+            super::QKind::Fp4 { .. } => {
+                let code = super::fp4::f32_to_e2m1((x / sc).clamp(-super::fp4::FP4_MAX, super::fp4::FP4_MAX));
+                (i32::from(code), super::fp4::e2m1_to_f32(code) * sc)
+            }
+            super::QKind::Int => {
+                let q = quant_value(x, sc, zp, qmin, qmax);
+                (q, dequant_value(q, sc, zp))
+            }
+        }
+    };
 
     let mut wt = columns(w, rows, cols, &mut h);
     // Processing order.
@@ -96,9 +131,9 @@ pub fn gptq_masked(
     }
     let u = inverse_cholesky_upper(&h, cols, opts.dampening)?;
 
-    let mut scale = vec![0f32; rows * groups];
+    let mut scale = float_q.as_ref().map_or_else(|| vec![0f32; rows * groups], |q| q.scale.clone());
     let mut zero = vec![0i8; rows * groups];
-    let static_groups = opts.act_order || s.group_size == 0;
+    let static_groups = opts.act_order || s.group_size == 0 || float_q.is_some();
     let set_group = |g: usize, vals_of_row: &dyn Fn(usize) -> Vec<f32>, scale: &mut [f32], zero: &mut [i8]| {
         for r in 0..rows {
             let (sc, zp) = group_params(s, &vals_of_row(r), sdt).unwrap_or((0.0, 0));
@@ -106,7 +141,7 @@ pub fn gptq_masked(
             zero[r * groups + g] = zp as i8;
         }
     };
-    if static_groups {
+    if static_groups && float_q.is_none() {
         for g in 0..groups {
             let (lo, hi) = (g * gl, ((g + 1) * gl).min(cols));
             set_group(g, &|r| w[r * cols + lo..r * cols + hi].to_vec(), &mut scale, &mut zero);
@@ -133,9 +168,11 @@ pub fn gptq_masked(
             for r in 0..rows {
                 let (sc, zp) = (scale[r * groups + g], i32::from(zero[r * groups + g]));
                 let pruned = keep.is_some_and(|k| !k[r * cols + c]);
-                let q = if pruned { zp } else { quant_value(col[r], sc, zp, qmin, qmax) };
+                // A pruned weight gets the code of 0: the zero point, or the float grid's zero.
+                let (q, deq) =
+                    if pruned { (if float_q.is_some() { 0 } else { zp }, 0.0) } else { round(col[r], sc, zp) };
                 codes[r * cols + c] = q;
-                e[r] = (col[r] - dequant_value(q, sc, zp)) / d;
+                e[r] = (col[r] - deq) / d;
             }
             // Within the block: update the remaining columns right away.
             update_block_rest(rest, rows, &u[p * cols + p + 1..p * cols + i2], e);
@@ -145,6 +182,31 @@ pub fn gptq_masked(
         lazy_update(&mut wt, rows, cols, &u, i1, i2, &err[..(i2 - i1) * rows]);
     }
 
+    if let Some(mut q) = float_q {
+        // The float codes in the packed rows: a byte each (FP8) or a nibble each (FP4).
+        let rb = s.packed_row_bytes(cols);
+        q.packed.fill(0);
+        let (mut err2, mut ref2) = (0f64, 0f64);
+        for r in 0..rows {
+            for c in 0..cols {
+                let code = codes[r * cols + c] as u8;
+                let sc = q.scale[r * groups + c / gl];
+                let deq = if s.is_fp8() {
+                    q.packed[r * rb + c] = code;
+                    super::fp8::e4m3_to_f32(code) * sc
+                } else {
+                    q.packed[r * rb + c / 2] |= code << (4 * (c % 2));
+                    super::fp4::e2m1_to_f32(code) * sc
+                };
+                let x = w[r * cols + c];
+                err2 += f64::from(x - deq).powi(2);
+                ref2 += f64::from(x).powi(2);
+            }
+        }
+        q.err2 = err2;
+        q.ref2 = ref2;
+        return Ok(q);
+    }
     let (mut err2, mut ref2) = (0f64, 0f64);
     for r in 0..rows {
         for c in 0..cols {
@@ -372,6 +434,34 @@ mod tests {
                 assert!(eg < 0.7 * er, "{} act_order {act_order}: GPTQ {eg} vs RTN {er}", s.label());
                 // Same layout and scheme as RTN: any reader of the packed format reads it.
                 assert_eq!((g.packed.len(), g.scale.len()), (rtn.packed.len(), rtn.scale.len()));
+            }
+        }
+    }
+
+    #[test]
+    fn test_gptq_on_float_grids_keeps_rtn_scales_and_beats_rtn() {
+        use super::super::{Fp4Format, Fp8Strategy};
+        let (m, k, n) = (24, 64, 256);
+        let mut r = rng(11);
+        let w: Vec<f32> = (0..m * k).map(|_| r() * 0.2).collect();
+        let x = inputs(n, k, 12);
+        let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        for (s, factor) in [
+            (QScheme::fp8(Fp8Strategy::Channel, true), 0.9),
+            (QScheme::fp8(Fp8Strategy::Block, false), 0.9),
+            (QScheme::fp4(Fp4Format::Nv), 0.8),
+            (QScheme::fp4(Fp4Format::Mx), 0.8),
+        ] {
+            for act_order in [false, true] {
+                let opts = GptqOptions { act_order, block_size: 24, ..GptqOptions::default() };
+                let g = gptq(&s, DType::F32, &[m, k], &w, hessian(&x, k), &opts).unwrap();
+                let rtn = quantize(&s, DType::F32, &[m, k], &bytes).unwrap();
+                let (eg, er) = (output_error(&x, &w, &g, k), output_error(&x, &w, &rtn, k));
+                assert!(eg < factor * er, "{} act_order {act_order}: GPTQ {eg} vs RTN {er}", s.label());
+                // The scales, dtypes and layout are RTN's: only the codes differ.
+                assert_eq!((&g.scale, g.scale_dtype, g.global_scale), (&rtn.scale, rtn.scale_dtype, rtn.global_scale));
+                assert_eq!(g.packed.len(), rtn.packed.len());
+                assert_ne!(g.packed, rtn.packed);
             }
         }
     }

@@ -273,8 +273,17 @@ fn default_seq_len() -> usize {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct GptqConfig {
-    /// Bits per weight: 8, 4, 3 or 2.
-    pub bits: u8,
+    /// `"int"` (default: integers of `bits` bits), `"fp8"` (E4M3 with `strategy` scales and
+    /// `activations`, as `quantize-fp8`), `"nvfp4"` or `"mxfp4"` (as `quantize-fp4`): the grid
+    /// GPTQ rounds to; the scales are those round-to-nearest would choose.
+    #[serde(default = "default_gptq_format")]
+    pub format: String,
+    /// Bits per weight for `format = "int"`: 8, 4, 3 or 2.
+    pub bits: Option<u8>,
+    /// FP8 scales: `"channel"` (default), `"tensor"` or `"block"`.
+    pub strategy: Option<String>,
+    /// FP8 activations: `"dynamic"` (default, W8A8) or `"none"`.
+    pub activations: Option<String>,
     /// 0: one scale per output channel. N: one scale per N consecutive input columns.
     #[serde(default)]
     pub group_size: usize,
@@ -298,6 +307,10 @@ pub struct GptqConfig {
     /// Tensors to leave alone.
     #[serde(default)]
     pub ignore: Vec<String>,
+}
+
+fn default_gptq_format() -> String {
+    "int".into()
 }
 
 fn default_dampening() -> f64 {
@@ -378,6 +391,16 @@ fn build_calibrated(
     method: impl FnOnce(QScheme) -> CalibrationMethod,
 ) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
     let rtn = Rtn::new(rtn).map_err(|e| recipe.pass_error(index, e))?;
+    build_calibrated_with(info, settings, rtn, c, method)
+}
+
+fn build_calibrated_with(
+    info: &'static PassInfo,
+    settings: serde_json::Value,
+    rtn: Rtn,
+    c: &CalibrationConfig,
+    method: impl FnOnce(QScheme) -> CalibrationMethod,
+) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
     let calibration = Calibration {
         set: c.set.clone(),
         samples: c.samples,
@@ -401,18 +424,55 @@ fn build_gptq(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_
         return Err(recipe.pass_error(index, format!("dampening = {}: must be ≥ 0", config.dampening)));
     }
     config.calibration = calibration_config(recipe, index, config.calibration)?;
-    let rtn = RtnConfig {
-        bits: config.bits,
-        group_size: config.group_size,
-        symmetric: config.symmetric,
-        targets: config.targets.clone(),
-        ignore: config.ignore.clone(),
+    let err = |e: String| recipe.pass_error(index, e);
+    let float_only = |what: &str, set: bool| {
+        if set && config.format != "fp8" {
+            Err(err(format!("{what} applies to format = \"fp8\" only")))
+        } else {
+            Ok(())
+        }
     };
+    float_only("strategy", config.strategy.is_some())?;
+    float_only("activations", config.activations.is_some())?;
+    let rtn = match config.format.as_str() {
+        "int" => {
+            let bits = config.bits.ok_or_else(|| err("bits is required for format = \"int\" (8, 4, 3 or 2)".into()))?;
+            Rtn::new(&RtnConfig {
+                bits,
+                group_size: config.group_size,
+                symmetric: config.symmetric,
+                targets: config.targets.clone(),
+                ignore: config.ignore.clone(),
+            })
+        }
+        f => {
+            if config.bits.is_some() || config.group_size != 0 || !config.symmetric {
+                return Err(err(format!(
+                    "format = {f:?} fixes its own bits, blocks and symmetry: leave bits, group-size and symmetric out"
+                )));
+            }
+            match f {
+                "fp8" => Rtn::fp8(&Fp8Config {
+                    strategy: config.strategy.clone().unwrap_or_else(default_fp8_strategy),
+                    activations: config.activations.clone().unwrap_or_else(default_fp8_activations),
+                    targets: config.targets.clone(),
+                    ignore: config.ignore.clone(),
+                }),
+                "nvfp4" | "mxfp4" => Rtn::fp4(&Fp4Config {
+                    format: f.to_string(),
+                    targets: config.targets.clone(),
+                    ignore: config.ignore.clone(),
+                }),
+                _ => Err(format!("format = {f:?}: supported values are \"int\", \"fp8\", \"nvfp4\" and \"mxfp4\"")),
+            }
+        }
+    }
+    .map_err(err)?;
     let opts =
         GptqOptions { dampening: config.dampening, block_size: config.block_size.max(1), act_order: config.act_order };
     let method = |scheme| CalibrationMethod::Gptq(opts, scheme);
     let settings = serde_json::to_value(&config).expect("config is JSON");
-    build_calibrated(recipe, index, &GPTQ_INFO, settings, &rtn, &config.calibration, method)
+    build_calibrated_with(&GPTQ_INFO, settings, rtn, &config.calibration, method)
 }
 
 fn build_awq(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
@@ -437,7 +497,7 @@ fn build_awq(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_r
 /// Registry entry of `quantize-gptq`.
 pub const GPTQ_INFO: PassInfo = PassInfo {
     name: "quantize-gptq",
-    summary: "GPTQ: int8/4/3/2 with error compensation from calibration activations (llama models)",
+    summary: "GPTQ: int8/4/3/2, FP8, NVFP4 or MXFP4 with error compensation from calibration activations (llama models)",
     docs: include_str!("gptq.md"),
     status: Status::Preview,
     build: build_gptq,
