@@ -294,3 +294,48 @@ fn test_recipe_check_refuses_what_run_refuses() {
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "not a directory");
     assert!(!t.path().join("o").exists());
 }
+
+#[test]
+fn test_concurrent_runs_into_one_output_directory_both_succeed() {
+    let t = tmp();
+    let r =
+        recipe(t.path(), &repo().join("fixtures/digits-mlp"), &t.path().join("dist"), "\n[[target]]\nname = \"d\"\n");
+    for round in 0..6 {
+        let spawn = || {
+            Command::new(env!("CARGO_BIN_EXE_mcompress"))
+                .args(["run", "-q", "--reproducible", r.to_str().unwrap()])
+                .current_dir(t.path())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (a, b) = (spawn(), spawn());
+        for c in [a, b] {
+            let out = c.wait_with_output().unwrap();
+            assert!(out.status.success(), "round {round}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        // The bundle in place is whole, and no staging or set-aside directory is left.
+        let (code, so, _) = mcompress(&["verify", t.path().join("dist/d").to_str().unwrap()], t.path());
+        assert_eq!(code, 0, "{so}");
+        let left: Vec<String> = std::fs::read_dir(t.path().join("dist"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "d")
+            .collect();
+        assert!(left.is_empty(), "round {round}: {left:?}");
+    }
+}
+
+#[test]
+fn test_recipe_size_limits_are_named() {
+    let t = tmp();
+    let mut text = format!("[model]\npath = {:?}\n", repo().join("fixtures/digits-mlp").display().to_string());
+    for _ in 0..300 {
+        text.push_str("[[pass]]\ntype = \"cast\"\ndtype = \"f16\"\n");
+    }
+    let r = write(t.path(), "many.toml", &text);
+    let (code, _, se) = bounded(&["recipe", "check", r.to_str().unwrap()], t.path());
+    assert_eq!(code, 2, "{se}");
+    assert!(se.contains("300 passes: at most 256 are allowed"), "{se}");
+}
