@@ -111,6 +111,9 @@ fn test_measured_latency_is_not_gated_across_backends() {
     assert!(stdout.contains("**FAIL (cannot evaluate: no value in both reports)**"), "{stdout}");
 }
 
+/// A hand-edited report: file name, the edit, compare's arguments, what the output must say.
+type Case<'a> = (&'a str, &'a dyn Fn(&mut Value), &'a [&'a str], &'a str);
+
 #[test]
 fn test_compare_fails_limits_it_cannot_evaluate() {
     let t = tmp();
@@ -134,7 +137,7 @@ fn test_compare_fails_limits_it_cannot_evaluate() {
     assert_eq!(cmp(&old, &["--max-accuracy-drop", "1%", "--max-size-growth", "0"]).0, 0);
     // No accuracy figure (eval not run, or a hand-edited report), a non-numeric one, another
     // metric, no size: the limit fails, naming why.
-    let cases: [(&str, &dyn Fn(&mut Value), &[&str], &str); 5] = [
+    let cases: [Case<'_>; 5] = [
         (
             "no-eval.json",
             &|r| r["eval"]["compressed"] = Value::Null,

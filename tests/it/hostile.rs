@@ -25,13 +25,11 @@ fn bounded(args: &[&str], cwd: &Path) -> (i32, String, String) {
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
-    let out = match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(out) => out.unwrap(),
-        Err(_) => {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            panic!("mcompress {args:?} hung (killed after 60 s)");
-        }
+    let Ok(out) = rx.recv_timeout(Duration::from_secs(60)) else {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        panic!("mcompress {args:?} hung (killed after 60 s)");
     };
+    let out = out.unwrap();
     let (so, se) =
         (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
     assert!(!se.contains("panicked") && !se.contains("stack overflow"), "{args:?}: {se}");
@@ -219,7 +217,7 @@ fn gguf_bytes(kv: &[(&str, u32, Vec<u8>)], dims: &[u64]) -> Vec<u8> {
     }
     v.extend_from_slice(&0u32.to_le_bytes()); // F32
     v.extend_from_slice(&0u64.to_le_bytes()); // offset
-    while v.len() % 32 != 0 {
+    while !v.len().is_multiple_of(32) {
         v.push(0);
     }
     v.extend(std::iter::repeat_n(0u8, 4 * dims.iter().product::<u64>() as usize));

@@ -391,7 +391,7 @@ fn build_calibrated(
     method: impl FnOnce(QScheme) -> CalibrationMethod,
 ) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
     let rtn = Rtn::new(rtn).map_err(|e| recipe.pass_error(index, e))?;
-    build_calibrated_with(info, settings, rtn, c, method)
+    Ok(build_calibrated_with(info, settings, rtn, c, method))
 }
 
 fn build_calibrated_with(
@@ -400,7 +400,7 @@ fn build_calibrated_with(
     rtn: Rtn,
     c: &CalibrationConfig,
     method: impl FnOnce(QScheme) -> CalibrationMethod,
-) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
+) -> Box<dyn Pass> {
     let calibration = Calibration {
         set: c.set.clone(),
         samples: c.samples,
@@ -408,14 +408,14 @@ fn build_calibrated_with(
         seed: c.seed,
         method: method(rtn.scheme),
     };
-    Ok(Box::new(CalibratedQuant {
+    Box::new(CalibratedQuant {
         info,
         settings,
         rtn,
         calibration,
         results: std::sync::Mutex::default(),
         calibrated: std::sync::Mutex::default(),
-    }))
+    })
 }
 
 fn build_gptq(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
@@ -472,7 +472,7 @@ fn build_gptq(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_
         GptqOptions { dampening: config.dampening, block_size: config.block_size.max(1), act_order: config.act_order };
     let method = |scheme| CalibrationMethod::Gptq(opts, scheme);
     let settings = serde_json::to_value(&config).expect("config is JSON");
-    build_calibrated_with(&GPTQ_INFO, settings, rtn, &config.calibration, method)
+    Ok(build_calibrated_with(&GPTQ_INFO, settings, rtn, &config.calibration, method))
 }
 
 fn build_awq(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
