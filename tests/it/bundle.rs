@@ -280,7 +280,7 @@ fn test_every_shipped_recipe_checks() {
     std::fs::write(&bad, "[model]\npath = \"x\"\n[[pass]]\ntype = \"cast\"\ndtype = \"f8\"\n").unwrap();
     let (code, _, stderr) = mcompress(&["recipe", "check", bad.to_str().unwrap()], t.path());
     assert_eq!(code, 2);
-    assert!(stderr.contains("bad.toml:5:9: pass[0] cast: unknown variant `f8`"), "{stderr}");
+    assert!(stderr.contains("bad.toml:5:9: pass[0] cast: dtype: unknown variant `f8`"), "{stderr}");
 }
 
 /// Splits the digits MLP into two shards with an index, as large HF checkpoints ship.

@@ -191,9 +191,12 @@ fn test_smollm2_fp8_loads_in_transformers() {
     // token's activations to E4M3, and a 1e-6 change of the activations moves this model's
     // perplexity by 0.6 % (ties flip between float summation orders; docs/benchmarks.md), so
     // the two implementations agree only to about 1 %.
-    for (activations, tolerance) in [("none", 0.002), ("dynamic", 0.015)] {
+    // 128 × 128 blocks (the DeepSeek-style layout) weight-only as well.
+    for (strategy, activations, tolerance) in
+        [("channel", "none", 0.002), ("channel", "dynamic", 0.015), ("block", "none", 0.002)]
+    {
         let passes =
-            format!("[[pass]]\ntype = \"quantize-fp8\"\nstrategy = \"channel\"\nactivations = \"{activations}\"\n");
+            format!("[[pass]]\ntype = \"quantize-fp8\"\nstrategy = \"{strategy}\"\nactivations = \"{activations}\"\n");
         let (bundle, r) = transformers_agrees(t.path(), &python, &passes, tolerance);
         let config: serde_json::Value =
             serde_json::from_slice(&std::fs::read(bundle.join("config.json")).unwrap()).unwrap();

@@ -127,8 +127,8 @@ def decompress(bundle, dense_path):
                 continue
             local = {k[len(m) + 1 :]: v for k, v in packed.items() if k.startswith(m + ".weight")}
             out = comp.decompress(local, scheme)
-            w = out["weight"]
-            ref = dense[m + ".weight"]
+            w = out["weight"].contiguous()  # block-quantized FP8 comes back as a strided view
+            ref = dense[m + ".weight"].contiguous()
             modules += 1
             same = w.dtype == ref.dtype and w.shape == ref.shape and torch.equal(w.view(-1).view(torch.int16 if w.element_size() == 2 else torch.int32), ref.view(-1).view(torch.int16 if ref.element_size() == 2 else torch.int32))
             if same:

@@ -101,10 +101,17 @@ fn higher_is_better(metric: &str) -> bool {
 }
 
 /// Compares two reports.
-#[allow(clippy::many_single_char_names)] // a/b: old/new report, o/n: old/new value
 pub fn compare(old: &Path, new: &Path, limits: &Limits) -> Result<Comparison> {
     let (old_path, a) = load(old)?;
     let (new_path, b) = load(new)?;
+    Ok(compare_reports(old_path, &a, new_path, &b, limits))
+}
+
+/// [`compare`] on two parsed reports (any JSON: a missing or malformed field is a value the
+/// limits cannot evaluate, never a panic).
+#[allow(clippy::many_single_char_names)] // a/b: old/new report, o/n: old/new value
+pub fn compare_reports(old_path: PathBuf, a: &Value, new_path: PathBuf, b: &Value, limits: &Limits) -> Comparison {
+    let (a, b) = (a.clone(), b.clone());
     let mut rows = Vec::new();
     // A limit the user set must be judged: a value it needs that is missing from either report
     // fails it ("cannot evaluate"), and so does a limit no row could apply (checked below).
@@ -150,6 +157,8 @@ pub fn compare(old: &Path, new: &Path, limits: &Limits) -> Result<Comparison> {
         (Some(x), Some(y)) => x == y,
         _ => true,
     };
+    // Whether any row applies the latency limit (a row that cannot evaluate it fails it).
+    let mut latency_judged = false;
     let metric_of = |v: &Value| v.pointer("/eval/metric").and_then(Value::as_str).map(str::to_string);
     if let (Some(ma), Some(mb)) = (metric_of(&a), metric_of(&b))
         && ma != mb
@@ -164,6 +173,7 @@ pub fn compare(old: &Path, new: &Path, limits: &Limits) -> Result<Comparison> {
             limits.max_accuracy_drop.map(|t| (t, !higher_is_better(m))),
         );
         if same_device {
+            latency_judged |= limits.max_latency_growth.is_some();
             push(
                 "eval latency p50 ms".into(),
                 num(&a, "/eval/latency_ms/compressed/p50"),
@@ -200,6 +210,7 @@ pub fn compare(old: &Path, new: &Path, limits: &Limits) -> Result<Comparison> {
             t.pointer("/estimates/decode_tokens_per_s").and_then(Value::as_f64).filter(|v| *v > 0.0).map(|v| 1000.0 / v)
         };
         let lat_limit = if measured_latency { None } else { limits.max_latency_growth.map(|t| (t, true)) };
+        latency_judged |= lat_limit.is_some();
         push(format!("{name}: est. ms per decoded token"), ms(&ta), ms(&tb), lat_limit);
         push(
             format!("{name}: est. $/1M tokens managed"),
@@ -215,10 +226,10 @@ pub fn compare(old: &Path, new: &Path, limits: &Limits) -> Result<Comparison> {
     }
     // A latency limit that no row could apply (no measured latency, no common target) fails.
     if let Some(t) = limits.max_latency_growth
-        && !rows.iter().any(|r| r.limit.is_some() && r.quantity.contains("ms"))
+        && !latency_judged
     {
         rows.push(Row {
-            quantity: "latency".into(),
+            quantity: "latency ms".into(),
             old: None,
             new: None,
             delta: None,
@@ -228,7 +239,7 @@ pub fn compare(old: &Path, new: &Path, limits: &Limits) -> Result<Comparison> {
         });
     }
     let passed = rows.iter().all(|r| !r.check.starts_with("FAIL"));
-    Ok(Comparison { old: old_path, new: new_path, rows, passed })
+    Comparison { old: old_path, new: new_path, rows, passed }
 }
 
 fn describe(t: Threshold) -> String {
@@ -275,6 +286,71 @@ fn fmt_num(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// JSON shaped like reports: known keys with values of any type, nested a few levels.
+    fn report_like() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<f64>().prop_filter("finite", |v| v.is_finite()).prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            "[a-z|`\n ]{0,12}".prop_map(Value::from),
+        ];
+        let keys = prop::sample::select(vec![
+            "schema",
+            "bundle",
+            "bytes",
+            "weights_bytes",
+            "bits_per_param",
+            "eval",
+            "metric",
+            "compressed",
+            "backend",
+            "adapter",
+            "latency_ms",
+            "p50",
+            "targets",
+            "name",
+            "estimates",
+            "decode_tokens_per_s",
+            "usd_per_million_tokens_managed",
+            "fit",
+            "fits",
+        ]);
+        leaf.prop_recursive(4, 64, 8, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(keys.clone(), inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Any two report-shaped documents under any limits: no panic, and a limit that was set
+        /// never passes without a row that judged it.
+        #[test]
+        fn prop_compare_never_panics_and_never_passes_unjudged(
+            a in report_like(), b in report_like(), size in any::<bool>(), acc in any::<bool>(), lat in any::<bool>()
+        ) {
+            let t = Some(Threshold::Percent(5.0));
+            let limits = Limits {
+                max_size_growth: t.filter(|_| size),
+                max_accuracy_drop: t.filter(|_| acc),
+                max_latency_growth: t.filter(|_| lat),
+            };
+            let c = compare_reports("a".into(), &a, "b".into(), &b, &limits);
+            let _ = c.to_markdown();
+            for (set, what) in [(size, "bundle bytes"), (acc, "eval"), (lat, "ms")] {
+                if set {
+                    prop_assert!(c.rows.iter().any(|r| r.limit.is_some() && r.quantity.contains(what)
+                        && (r.check == "PASS" || r.check.starts_with("FAIL"))), "{what}: {:?}", c.rows);
+                }
+            }
+        }
+    }
 
     #[test]
     fn test_thresholds() {
