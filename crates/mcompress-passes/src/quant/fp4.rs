@@ -144,19 +144,7 @@ pub fn quantize_fp4(s: &QScheme, dtype: DType, shape: &[usize], data: &[u8]) -> 
         Fp4Format::Nv => DType::F8_E4M3,
         Fp4Format::Mx => DType::U8,
     };
-    Ok(Quantized {
-        scheme: *s,
-        shape: shape.to_vec(),
-        rows,
-        cols,
-        packed,
-        scale,
-        scale_dtype,
-        zero_point: None,
-        global_scale: global,
-        err2,
-        ref2,
-    })
+    Ok(Quantized { global_scale: global, err2, ref2, ..Quantized::from_parts(*s, shape, packed, scale, scale_dtype) })
 }
 
 impl Quantized {

@@ -133,19 +133,7 @@ pub fn quantize_fp8(s: &QScheme, dtype: DType, shape: &[usize], data: &[u8]) -> 
             ref2 += f64::from(x) * f64::from(x);
         }
     }
-    Ok(Quantized {
-        scheme: *s,
-        shape: shape.to_vec(),
-        rows,
-        cols,
-        packed,
-        scale,
-        scale_dtype: sdt,
-        zero_point: None,
-        global_scale: None,
-        err2,
-        ref2,
-    })
+    Ok(Quantized { err2, ref2, ..Quantized::from_parts(*s, shape, packed, scale, sdt) })
 }
 
 /// W8A8 dynamic per-token activations: each row of `x [n, k]` scaled by `max|row| / 448`,

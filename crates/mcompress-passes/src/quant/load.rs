@@ -143,19 +143,7 @@ fn load_fp4(model: &ModelSource, name: &str, scheme: QScheme) -> Result<Quantize
     for (dst, src) in packed.chunks_mut(rb).zip(p.data.chunks(cols / 2)) {
         dst[..cols / 2].copy_from_slice(src);
     }
-    Ok(Quantized {
-        scheme,
-        shape: vec![rows, cols],
-        rows,
-        cols,
-        packed,
-        scale,
-        scale_dtype: s.dtype,
-        zero_point: None,
-        global_scale: global,
-        err2: 0.0,
-        ref2: 0.0,
-    })
+    Ok(Quantized { global_scale: global, ..Quantized::from_parts(scheme, &[rows, cols], packed, scale, s.dtype) })
 }
 
 /// Loads an FP8 weight (`<name>` float8_e4m3fn, `<name>_scale`).
@@ -198,19 +186,7 @@ fn load_fp8(model: &ModelSource, name: &str, scheme: QScheme) -> Result<Quantize
     for (dst, src) in packed.chunks_mut(rb).zip(w.data.chunks(cols)) {
         dst[..cols].copy_from_slice(src);
     }
-    Ok(Quantized {
-        scheme,
-        shape,
-        rows,
-        cols,
-        packed,
-        scale,
-        scale_dtype: s.dtype,
-        zero_point: None,
-        global_scale: None,
-        err2: 0.0,
-        ref2: 0.0,
-    })
+    Ok(Quantized::from_parts(scheme, &shape, packed, scale, s.dtype))
 }
 
 fn tensor<'a>(model: &'a ModelSource, name: &str) -> Result<TensorView<'a>, String> {
@@ -284,17 +260,5 @@ pub fn load_quantized(model: &ModelSource, name: &str, scheme: QScheme) -> Resul
         }
         Some(zp)
     };
-    Ok(Quantized {
-        scheme,
-        shape,
-        rows,
-        cols,
-        packed: packed.data.to_vec(),
-        scale,
-        scale_dtype: scale_t.dtype,
-        zero_point,
-        global_scale: None,
-        err2: 0.0,
-        ref2: 0.0,
-    })
+    Ok(Quantized { zero_point, ..Quantized::from_parts(scheme, &shape, packed.data.to_vec(), scale, scale_t.dtype) })
 }

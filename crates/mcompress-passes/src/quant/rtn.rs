@@ -46,6 +46,26 @@ pub enum QuantError {
 }
 
 impl Quantized {
+    /// A quantized matrix from its packed codes and `rows × groups` scales (rows and columns
+    /// from `shape`), with no zero points, no global scale and no error figures: the fields that
+    /// apply are set after.
+    pub fn from_parts(scheme: QScheme, shape: &[usize], packed: Vec<u8>, scale: Vec<f32>, scale_dtype: DType) -> Self {
+        let (rows, cols) = dims(shape);
+        Quantized {
+            scheme,
+            shape: shape.to_vec(),
+            rows,
+            cols,
+            packed,
+            scale,
+            scale_dtype,
+            zero_point: None,
+            global_scale: None,
+            err2: 0.0,
+            ref2: 0.0,
+        }
+    }
+
     /// Relative RMSE of the dequantized tensor: sqrt(Σ err² / Σ w²).
     pub fn rel_rmse(&self) -> f64 {
         if self.ref2 > 0.0 {
@@ -306,19 +326,7 @@ impl Quantized {
             }
             pack_row(s, &row8, out);
         }
-        Quantized {
-            scheme: *s,
-            shape: shape.to_vec(),
-            rows,
-            cols,
-            packed,
-            scale,
-            scale_dtype,
-            zero_point,
-            global_scale: None,
-            err2,
-            ref2,
-        }
+        Quantized { zero_point, err2, ref2, ..Quantized::from_parts(*s, shape, packed, scale, scale_dtype) }
     }
 }
 
@@ -370,19 +378,8 @@ pub fn quantize(s: &QScheme, dtype: DType, shape: &[usize], data: &[u8]) -> Resu
         err2 += e;
         ref2 += w;
     }
-    Ok(Quantized {
-        scheme: *s,
-        shape: shape.to_vec(),
-        rows,
-        cols,
-        packed,
-        scale,
-        scale_dtype: sdt,
-        zero_point: (!s.symmetric).then_some(zero),
-        global_scale: None,
-        err2,
-        ref2,
-    })
+    let zero_point = (!s.symmetric).then_some(zero);
+    Ok(Quantized { zero_point, err2, ref2, ..Quantized::from_parts(*s, shape, packed, scale, sdt) })
 }
 
 /// Lanes of the vectorised loops. Independent accumulators per lane let the compiler keep
