@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mcompress_passes::quant::{Fp8Strategy, QScheme, load_quantized};
+use mcompress_passes::quant::{Fp4Format, Fp8Strategy, QScheme, load_quantized};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&sel, rest)) = data.split_first() else { return };
@@ -14,10 +14,13 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let Ok(model) = mcompress_core::ModelSource::open(&path) else { return };
-    // Selector: the top value range picks an FP8 layout, the rest an integer scheme.
+    // Selector: the top value range picks an FP8 layout, the next an FP4 one, the rest an
+    // integer scheme.
     let scheme = if sel >= 0xf0 {
         let strategy = [Fp8Strategy::Tensor, Fp8Strategy::Channel, Fp8Strategy::Block][usize::from(sel % 3)];
         QScheme::fp8(strategy, sel & 8 != 0)
+    } else if sel >= 0xe0 {
+        QScheme::fp4(if sel & 1 == 0 { Fp4Format::Nv } else { Fp4Format::Mx })
     } else {
         QScheme::int(QScheme::BITS[usize::from(sel & 3)], usize::from(sel >> 3), sel & 4 == 0)
     };
