@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs shipped recipes end to end as a user runs them: `mcompress run` must exit 0 (every gate
 # passes as shipped) and `mcompress verify` must pass each bundle written.
-#   scripts/recipes.sh fast   # the recipes that take seconds (CI runs these, via .ci/run)
+#   scripts/recipes.sh fast   # the recipes that take under a minute each (CI runs these, via
+#                             # .ci/run; about 2 min on 2 cores)
 #   scripts/recipes.sh all    # every recipe in recipes/ (about 45 min on 2 cores: GPTQ, AWQ,
 #                             # distillation of SmolLM2); the nightly job
 #   scripts/recipes.sh FILE…  # the named recipes
@@ -11,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${MCOMPRESS:-${CARGO_TARGET_DIR:-target}/debug/mcompress}
 fast=(recipes/quickstart.toml recipes/digits-distill-half.toml recipes/minilm-int8.toml
-      recipes/minilm-int4.toml recipes/fashion-mnist-int4.toml)
+      recipes/minilm-int4.toml recipes/fashion-mnist-int4.toml recipes/smollm2-int8.toml
+      recipes/smollm2-fp8.toml recipes/smollm2-nvfp4.toml)
 case "${1:-fast}" in
   fast) list=("${fast[@]}") ;;
   all) list=(recipes/*.toml) ;;
