@@ -126,24 +126,8 @@ pub fn quantize_fp4(s: &QScheme, dtype: DType, shape: &[usize], data: &[u8]) -> 
             None => mx_scale(mx_exponent(amax)),
         };
     }
-    let rb = s.packed_row_bytes(cols);
-    let mut packed = vec![0u8; rows * rb];
-    let (mut err2, mut ref2) = (0f64, 0f64);
-    for r in 0..rows {
-        for c in 0..cols {
-            let x = w[r * cols + c];
-            let sc = scale[r * groups + c / gl];
-            let code = f32_to_e2m1((x / sc).clamp(-FP4_MAX, FP4_MAX));
-            packed[r * rb + c / 2] |= code << (4 * (c % 2));
-            let d = f64::from(x - e2m1_to_f32(code) * sc);
-            err2 += d * d;
-            ref2 += f64::from(x) * f64::from(x);
-        }
-    }
-    let scale_dtype = match format {
-        Fp4Format::Nv => DType::F8_E4M3,
-        Fp4Format::Mx => DType::U8,
-    };
+    let (packed, err2, ref2) = super::rtn::float_codes(s, &w, &scale, rows, cols);
+    let scale_dtype = s.scale_dtype_for(dtype);
     Ok(Quantized { global_scale: global, err2, ref2, ..Quantized::from_parts(*s, shape, packed, scale, scale_dtype) })
 }
 

@@ -119,20 +119,7 @@ pub fn quantize_fp8(s: &QScheme, dtype: DType, shape: &[usize], data: &[u8]) -> 
             }
         }
     }
-    let rb = s.packed_row_bytes(cols);
-    let mut packed = vec![0u8; rows * rb];
-    let (mut err2, mut ref2) = (0f64, 0f64);
-    for r in 0..rows {
-        for c in 0..cols {
-            let x = w[r * cols + c];
-            let sc = scale[r * groups + c / gl];
-            let code = if sc == 0.0 { 0 } else { f32_to_e4m3((x / sc).clamp(-FP8_MAX, FP8_MAX)) };
-            packed[r * rb + c] = code;
-            let d = f64::from(x - e4m3_to_f32(code) * sc);
-            err2 += d * d;
-            ref2 += f64::from(x) * f64::from(x);
-        }
-    }
+    let (packed, err2, ref2) = super::rtn::float_codes(s, &w, &scale, rows, cols);
     Ok(Quantized { err2, ref2, ..Quantized::from_parts(*s, shape, packed, scale, sdt) })
 }
 

@@ -81,7 +81,7 @@ pub fn gptq_masked(
     let (qmin, qmax) = s.qrange();
     // FP8 and FP4 grids: the scales (and NVFP4's global scale) are those RTN chooses from the
     // original weights, fixed before the columns are walked; GPTQ chooses the codes.
-    let float_q = if s.is_fp8() || s.is_fp4() {
+    let float_q = if s.is_float() {
         let data: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut q = super::quantize(s, DType::F32, shape, &data).map_err(|e| format!("{e:?}"))?;
         if s.is_fp8() {
@@ -95,23 +95,12 @@ pub fn gptq_masked(
     };
     // One weight on the grid: (code, dequantized value).
     let round = |x: f32, sc: f32, zp: i32| -> (i32, f32) {
-        match s.kind {
-            super::QKind::Fp8 { .. } => {
-                let code = if sc == 0.0 {
-                    0
-                } else {
-                    super::fp8::f32_to_e4m3((x / sc).clamp(-super::fp8::FP8_MAX, super::fp8::FP8_MAX))
-                };
-                (i32::from(code), super::fp8::e4m3_to_f32(code) * sc)
-            }
-            super::QKind::Fp4 { .. } => {
-                let code = super::fp4::f32_to_e2m1((x / sc).clamp(-super::fp4::FP4_MAX, super::fp4::FP4_MAX));
-                (i32::from(code), super::fp4::e2m1_to_f32(code) * sc)
-            }
-            super::QKind::Int => {
-                let q = quant_value(x, sc, zp, qmin, qmax);
-                (q, dequant_value(q, sc, zp))
-            }
+        if s.is_float() {
+            let (code, v) = s.float_round(x, sc);
+            (i32::from(code), v)
+        } else {
+            let q = quant_value(x, sc, zp, qmin, qmax);
+            (q, dequant_value(q, sc, zp))
         }
     };
 
@@ -190,14 +179,8 @@ pub fn gptq_masked(
         for r in 0..rows {
             for c in 0..cols {
                 let code = codes[r * cols + c] as u8;
-                let sc = q.scale[r * groups + c / gl];
-                let deq = if s.is_fp8() {
-                    q.packed[r * rb + c] = code;
-                    super::fp8::e4m3_to_f32(code) * sc
-                } else {
-                    q.packed[r * rb + c / 2] |= code << (4 * (c % 2));
-                    super::fp4::e2m1_to_f32(code) * sc
-                };
+                s.put_float_code(&mut q.packed[r * rb..(r + 1) * rb], c, code);
+                let deq = s.float_value(code, q.scale[r * groups + c / gl]);
                 let x = w[r * cols + c];
                 err2 += f64::from(x - deq).powi(2);
                 ref2 += f64::from(x).powi(2);

@@ -119,7 +119,7 @@ fn load_fp4(model: &ModelSource, name: &str, scheme: QScheme) -> Result<Quantize
     let groups = scheme.groups(cols);
     let nv = matches!(scheme.kind, super::QKind::Fp4 { format: super::Fp4Format::Nv });
     let s = tensor(model, &format!("{name}_scale"))?;
-    expect(&s, if nv { DType::F8_E4M3 } else { DType::U8 }, &[rows, groups])?;
+    expect(&s, scheme.scale_dtype_for(DType::F32), &[rows, groups])?;
     let global = if nv {
         let g = tensor(model, &format!("{name}_global_scale"))?;
         expect(&g, DType::F32, &[1])?;

@@ -93,7 +93,7 @@ impl Quantized {
         let row = &self.packed[r * s.packed_row_bytes(self.cols)..][..s.packed_row_bytes(self.cols)];
         let out = &mut out[..self.cols];
         let (bits, mask, off) = (u32::from(s.bits), (1u32 << s.bits) - 1, s.offset());
-        if s.is_fp8() || s.is_fp4() {
+        if s.is_float() {
             if s.is_fp8() {
                 for (o, &b) in out.iter_mut().zip(row) {
                     *o = super::fp8::e4m3_to_f32(b);
@@ -140,7 +140,7 @@ impl Quantized {
 
     /// Dequantizes to f32, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
-        if self.scheme.is_fp8() || self.scheme.is_fp4() {
+        if self.scheme.is_float() {
             let mut out = vec![0f32; self.rows * self.cols];
             for (r, row) in out.chunks_mut(self.cols).enumerate() {
                 self.dequantize_row(r, row);
@@ -206,6 +206,24 @@ impl Quantized {
             _ => self.scale.clone(),
         }
     }
+}
+
+/// FP8 or FP4 codes of `w` (`rows × cols`, row-major) under `rows × groups` scales: the packed
+/// rows, Σ (w − w')² and Σ w² (for the relative RMSE).
+pub(super) fn float_codes(s: &QScheme, w: &[f32], scale: &[f32], rows: usize, cols: usize) -> (Vec<u8>, f64, f64) {
+    let (groups, gl, rb) = (s.groups(cols), s.group_len(cols), s.packed_row_bytes(cols));
+    let mut packed = vec![0u8; rows * rb];
+    let (mut err2, mut ref2) = (0f64, 0f64);
+    for (r, (row, out)) in w.chunks(cols).zip(packed.chunks_mut(rb.max(1))).enumerate() {
+        for (c, &x) in row.iter().enumerate() {
+            let (code, v) = s.float_round(x, scale[r * groups + c / gl]);
+            s.put_float_code(out, c, code);
+            let d = f64::from(x - v);
+            err2 += d * d;
+            ref2 += f64::from(x) * f64::from(x);
+        }
+    }
+    (packed, err2, ref2)
 }
 
 /// Unsigned code `c` of a densely packed row (little-endian `u32` words as bytes): bits

@@ -105,6 +105,45 @@ impl QScheme {
         matches!(self.kind, QKind::Fp4 { .. })
     }
 
+    /// Whether the codes are floats (FP8 or FP4): stored as they are, scaled, no zero point.
+    pub fn is_float(&self) -> bool {
+        !matches!(self.kind, QKind::Int)
+    }
+
+    /// The value of a float code (FP8 or FP4) under `scale`.
+    #[inline]
+    pub fn float_value(&self, code: u8, scale: f32) -> f32 {
+        match self.kind {
+            QKind::Fp4 { .. } => super::fp4::e2m1_to_f32(code) * scale,
+            _ => super::fp8::e4m3_to_f32(code) * scale,
+        }
+    }
+
+    /// The float code (FP8 or FP4) of `x` under `scale` — nearest, ties to even, saturating at the
+    /// grid's largest value; 0 for a zero scale — and its value.
+    #[inline]
+    pub fn float_round(&self, x: f32, scale: f32) -> (u8, f32) {
+        if scale == 0.0 {
+            return (0, 0.0);
+        }
+        let code = match self.kind {
+            QKind::Fp4 { .. } => super::fp4::f32_to_e2m1((x / scale).clamp(-super::fp4::FP4_MAX, super::fp4::FP4_MAX)),
+            _ => super::fp8::f32_to_e4m3((x / scale).clamp(-super::fp8::FP8_MAX, super::fp8::FP8_MAX)),
+        };
+        (code, self.float_value(code, scale))
+    }
+
+    /// Stores float code `code` of column `c` in a packed row: a byte (FP8) or a nibble, the even
+    /// column low (FP4). The row must start zeroed.
+    #[inline]
+    pub fn put_float_code(&self, row: &mut [u8], c: usize, code: u8) {
+        if self.is_fp4() {
+            row[c / 2] |= code << (4 * (c % 2));
+        } else {
+            row[c] = code;
+        }
+    }
+
     /// Whether the codes are FP8.
     pub fn is_fp8(&self) -> bool {
         matches!(self.kind, QKind::Fp8 { .. })
