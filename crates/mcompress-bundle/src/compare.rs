@@ -84,7 +84,7 @@ pub struct Comparison {
 
 fn load(path: &Path) -> Result<(PathBuf, Value)> {
     let file = if path.is_dir() { path.join("report.json") } else { path.to_path_buf() };
-    let text = mcompress_core::fsutil::read_regular(&file, crate::MAX_JSON_BYTES).map_err(io(&file))?;
+    let text = crate::read_json_file(&file).map_err(io(&file))?;
     let v: Value = serde_json::from_slice(&text)
         .map_err(|e| Error::BadBundle { path: file.clone(), reason: format!("not JSON: {e}") })?;
     if !v["schema"].as_str().is_some_and(|s| s.starts_with("mcompress.report/")) {
@@ -111,7 +111,6 @@ pub fn compare(old: &Path, new: &Path, limits: &Limits) -> Result<Comparison> {
 /// limits cannot evaluate, never a panic).
 #[allow(clippy::many_single_char_names)] // a/b: old/new report, o/n: old/new value
 pub fn compare_reports(old_path: PathBuf, a: &Value, new_path: PathBuf, b: &Value, limits: &Limits) -> Comparison {
-    let (a, b) = (a.clone(), b.clone());
     let mut rows = Vec::new();
     // A limit the user set must be judged: a value it needs that is missing from either report
     // fails it ("cannot evaluate"), and so does a limit no row could apply (checked below).
@@ -138,12 +137,12 @@ pub fn compare_reports(old_path: PathBuf, a: &Value, new_path: PathBuf, b: &Valu
     let num = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_f64);
     push(
         "bundle bytes".into(),
-        num(&a, "/bundle/bytes"),
-        num(&b, "/bundle/bytes"),
+        num(a, "/bundle/bytes"),
+        num(b, "/bundle/bytes"),
         limits.max_size_growth.map(|t| (t, true)),
     );
-    push("weights bytes".into(), num(&a, "/bundle/weights_bytes"), num(&b, "/bundle/weights_bytes"), None);
-    push("bits per parameter".into(), num(&a, "/bundle/bits_per_param"), num(&b, "/bundle/bits_per_param"), None);
+    push("weights bytes".into(), num(a, "/bundle/weights_bytes"), num(b, "/bundle/weights_bytes"), None);
+    push("bits per parameter".into(), num(a, "/bundle/bits_per_param"), num(b, "/bundle/bits_per_param"), None);
     let metric =
         b.pointer("/eval/metric").and_then(Value::as_str).or(a.pointer("/eval/metric").and_then(Value::as_str));
     // Measured latency compares only on the same backend and adapter (reports before these
@@ -152,7 +151,7 @@ pub fn compare_reports(old_path: PathBuf, a: &Value, new_path: PathBuf, b: &Valu
         let s = |p: &str| v.pointer(p).and_then(Value::as_str).map(str::to_string);
         s("/eval/backend").map(|b| format!("{b} ({})", s("/eval/adapter").unwrap_or_default()))
     };
-    let (dev_a, dev_b) = (device(&a), device(&b));
+    let (dev_a, dev_b) = (device(a), device(b));
     let same_device = match (&dev_a, &dev_b) {
         (Some(x), Some(y)) => x == y,
         _ => true,
@@ -160,7 +159,7 @@ pub fn compare_reports(old_path: PathBuf, a: &Value, new_path: PathBuf, b: &Valu
     // Whether any row applies the latency limit (a row that cannot evaluate it fails it).
     let mut latency_judged = false;
     let metric_of = |v: &Value| v.pointer("/eval/metric").and_then(Value::as_str).map(str::to_string);
-    if let (Some(ma), Some(mb)) = (metric_of(&a), metric_of(&b))
+    if let (Some(ma), Some(mb)) = (metric_of(a), metric_of(b))
         && ma != mb
     {
         // Different metrics are not comparable: an accuracy limit cannot be judged.
@@ -168,16 +167,16 @@ pub fn compare_reports(old_path: PathBuf, a: &Value, new_path: PathBuf, b: &Valu
     } else if let Some(m) = metric {
         push(
             format!("eval {m} (compressed)"),
-            num(&a, "/eval/compressed"),
-            num(&b, "/eval/compressed"),
+            num(a, "/eval/compressed"),
+            num(b, "/eval/compressed"),
             limits.max_accuracy_drop.map(|t| (t, !higher_is_better(m))),
         );
         if same_device {
             latency_judged |= limits.max_latency_growth.is_some();
             push(
                 "eval latency p50 ms".into(),
-                num(&a, "/eval/latency_ms/compressed/p50"),
-                num(&b, "/eval/latency_ms/compressed/p50"),
+                num(a, "/eval/latency_ms/compressed/p50"),
+                num(b, "/eval/latency_ms/compressed/p50"),
                 limits.max_latency_growth.map(|t| (t, true)),
             );
         } else {
@@ -188,8 +187,8 @@ pub fn compare_reports(old_path: PathBuf, a: &Value, new_path: PathBuf, b: &Valu
                     dev_a.as_deref().unwrap_or("?"),
                     dev_b.as_deref().unwrap_or("?")
                 ),
-                num(&a, "/eval/latency_ms/compressed/p50"),
-                num(&b, "/eval/latency_ms/compressed/p50"),
+                num(a, "/eval/latency_ms/compressed/p50"),
+                num(b, "/eval/latency_ms/compressed/p50"),
                 None,
             );
         }
@@ -197,13 +196,13 @@ pub fn compare_reports(old_path: PathBuf, a: &Value, new_path: PathBuf, b: &Valu
         push("eval (accuracy)".into(), None, None, limits.max_accuracy_drop.map(|t| (t, false)));
     }
     let measured_latency = same_device
-        && num(&a, "/eval/latency_ms/compressed/p50").is_some()
-        && num(&b, "/eval/latency_ms/compressed/p50").is_some();
+        && num(a, "/eval/latency_ms/compressed/p50").is_some()
+        && num(b, "/eval/latency_ms/compressed/p50").is_some();
     let targets = |v: &Value| v["targets"].as_array().cloned().unwrap_or_default();
     // Old targets by name: one pass over each report, whatever their number.
     let old_targets: std::collections::HashMap<String, Value> =
-        targets(&a).into_iter().map(|t| (t["name"].as_str().unwrap_or("").to_string(), t)).collect();
-    for tb in targets(&b) {
+        targets(a).into_iter().map(|t| (t["name"].as_str().unwrap_or("").to_string(), t)).collect();
+    for tb in targets(b) {
         let name = tb["name"].as_str().unwrap_or("").to_string();
         let Some(ta) = old_targets.get(&name).cloned() else { continue };
         let ms = |t: &Value| {

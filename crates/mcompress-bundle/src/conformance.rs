@@ -49,11 +49,7 @@ pub fn check(dir: &Path) -> Vec<String> {
 
 /// Every sentence-transformers module with files (Pooling, Dense) has its directory.
 fn check_modules(dir: &Path, problems: &mut Vec<String>) {
-    let Ok(text) =
-        mcompress_core::fsutil::read_regular(&dir.join("modules.json"), mcompress_core::fsutil::MAX_JSON_BYTES)
-    else {
-        return;
-    };
+    let Ok(text) = crate::read_json_file(&dir.join("modules.json")) else { return };
     let Ok(Value::Array(modules)) = serde_json::from_slice::<Value>(&text) else {
         problems.push("modules.json: not a JSON list".into());
         return;

@@ -74,7 +74,26 @@ pub fn dequantize(src: &Path, out: &Path, dtype: DType) -> Result<usize> {
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     remove_stale_tmp(parent, &name);
     let tmp = parent.join(format!(".{name}.mcompress-tmp-{}", std::process::id()));
-    let written = write_dense(&model, &tmp, entries, &meta, &quantized, &sparse, &part_of_quantized, dtype, &bad);
+    let written = (|| {
+        let mut w = SafetensorsWriter::create(&tmp, SafetensorsLayout::new(entries, &meta)?)?;
+        for r in model.tensors() {
+            let v = model.view(r);
+            if !part_of_quantized(v.name) {
+                w.write_tensor(v.name, &v.data)?;
+            }
+        }
+        for (name, q) in &quantized {
+            let bytes =
+                dtype.encode_f32(&q.dequantize()).ok_or_else(|| bad(format!("--dtype {dtype} is not a float type")))?;
+            w.write_tensor(name, &bytes)?;
+        }
+        for (name, t) in &sparse {
+            let bytes = t.dtype.encode_f32(&t.to_dense()).ok_or_else(|| bad(format!("{name}: not a float tensor")))?;
+            w.write_tensor(name, &bytes)?;
+        }
+        w.finish()?;
+        Ok(())
+    })();
     if let Err(e) = written {
         let _ = fs_err::remove_file(&tmp);
         return Err(e);
@@ -123,36 +142,4 @@ fn remove_stale_tmp(dir: &Path, name: &str) {
             let _ = fs_err::remove_file(e.path());
         }
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn write_dense(
-    model: &ModelSource,
-    tmp: &Path,
-    entries: Vec<TensorEntry>,
-    meta: &BTreeMap<String, String>,
-    quantized: &BTreeMap<String, mcompress_passes::Quantized>,
-    sparse: &BTreeMap<String, mcompress_passes::sparse::SparseTensor>,
-    part_of_quantized: &dyn Fn(&str) -> bool,
-    dtype: DType,
-    bad: &dyn Fn(String) -> Error,
-) -> Result<()> {
-    let mut w = SafetensorsWriter::create(tmp, SafetensorsLayout::new(entries, meta)?)?;
-    for r in model.tensors() {
-        let v = model.view(r);
-        if !part_of_quantized(v.name) {
-            w.write_tensor(v.name, &v.data)?;
-        }
-    }
-    for (name, q) in quantized {
-        let bytes =
-            dtype.encode_f32(&q.dequantize()).ok_or_else(|| bad(format!("--dtype {dtype} is not a float type")))?;
-        w.write_tensor(name, &bytes)?;
-    }
-    for (name, t) in sparse {
-        let bytes = t.dtype.encode_f32(&t.to_dense()).ok_or_else(|| bad(format!("{name}: not a float tensor")))?;
-        w.write_tensor(name, &bytes)?;
-    }
-    w.finish()?;
-    Ok(())
 }

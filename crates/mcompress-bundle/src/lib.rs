@@ -116,14 +116,12 @@ pub enum Error {
 /// Result with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Reads a report, manifest or signature: a regular file of at most [`MAX_JSON_BYTES`].
+/// Reads a report, manifest or modules.json: a regular file of at most
+/// [`fsutil::MAX_JSON_BYTES`] (they are a few KiB to a few MiB for real bundles; a larger one is
+/// refused instead of read into memory).
 pub(crate) fn read_json_file(path: &Path) -> std::io::Result<Vec<u8>> {
-    fsutil::read_regular(path, MAX_JSON_BYTES)
+    fsutil::read_regular(path, fsutil::MAX_JSON_BYTES)
 }
-
-/// Largest report, manifest or signature this tool reads (64 MiB): they are a few KiB to a few
-/// MiB for real bundles; a larger one is refused instead of read into memory.
-pub const MAX_JSON_BYTES: u64 = fsutil::MAX_JSON_BYTES;
 
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.to_path_buf(), source }
@@ -278,7 +276,6 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     }
     // Calibrated passes (GPTQ, AWQ, Wanda, SparseGPT) and training passes (distill) run on the
     // model before anything streams, in recipe order.
-    let mut checkpoints: Vec<(PathBuf, bool)> = Vec::new();
     for (i, (spec, pass)) in recipe.passes.iter().zip(&passes).enumerate() {
         if pass.calibration().is_none() && pass.distillation().is_none() {
             continue;
@@ -319,7 +316,6 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
                 .map_err(|e| Error::Calibration(format!("pass[{}] {}: {e}", spec.index, spec.kind)))?;
             pass.provide(trained.tensors);
             pass.report_outcome(trained.outcome);
-            checkpoints.push(checkpoint_dirs[&d.index].clone());
         }
         pre_seconds[i] += t0.elapsed().as_secs_f64();
     }
@@ -533,7 +529,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         Ok(t) => {
             // The bundles are complete: the training checkpoints have served their purpose. Only
             // the checkpoint's own files go, and the directory only if this run created it.
-            for (c, keep_dir) in &checkpoints {
+            for (c, keep_dir) in checkpoint_dirs.values() {
                 for f in mcompress_passes::distill::CHECKPOINT_FILES {
                     let _ = fs_err::remove_file(c.join(f));
                 }
