@@ -92,10 +92,10 @@ pub fn check_regular(path: &Path) -> Result<()> {
     }
 }
 
-/// Reads a regular file of at most `limit` bytes. FIFOs, devices, sockets and directories are
-/// refused before they are opened (opening a FIFO would block until a writer comes), and a file
-/// that grows past `limit` is refused without being read whole.
-pub fn read_regular(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+/// Opens a regular file of at most `limit` bytes for reading. FIFOs, devices, sockets and
+/// directories are refused before they are opened (opening a FIFO would block until a writer
+/// comes), and so is a file larger than `limit`; the opened file is checked again (`fstat`).
+pub fn open_regular(path: &Path, limit: u64) -> std::io::Result<std::fs::File> {
     use std::io::{Error as IoError, ErrorKind};
     let meta = std::fs::metadata(path)?;
     if !meta.is_file() {
@@ -111,10 +111,20 @@ pub fn read_regular(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
     if !f.metadata()?.is_file() {
         return Err(IoError::new(ErrorKind::InvalidInput, "not a regular file"));
     }
-    let mut out = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    Ok(f)
+}
+
+/// Reads a regular file of at most `limit` bytes ([`open_regular`]); a file that grows past
+/// `limit` while it is read is refused without being read whole.
+pub fn read_regular(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    let f = open_regular(path, limit)?;
+    let mut out = Vec::with_capacity(usize::try_from(f.metadata()?.len()).unwrap_or(0));
     f.take(limit.saturating_add(1)).read_to_end(&mut out)?;
     if out.len() as u64 > limit {
-        return Err(IoError::new(ErrorKind::InvalidData, format!("larger than the {limit}-byte limit")));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than the {limit}-byte limit"),
+        ));
     }
     Ok(out)
 }

@@ -88,8 +88,7 @@ impl ModelSource {
         let (config_path, config) = if config_path.is_file() {
             let text = crate::fsutil::read_regular(&config_path, crate::fsutil::MAX_JSON_BYTES)
                 .map_err(|e| Error::io(&config_path, e))?;
-            let text = String::from_utf8(text).map_err(|e| Error::io(&config_path, std::io::Error::other(e)))?;
-            let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::InvalidModel {
+            let value: serde_json::Value = serde_json::from_slice(&text).map_err(|e| Error::InvalidModel {
                 path: config_path.clone(),
                 reason: format!("not valid JSON: {e}"),
             })?;
@@ -105,8 +104,7 @@ impl ModelSource {
         let (index_path, shards) = if index_path.is_file() {
             let text = crate::fsutil::read_regular(&index_path, crate::fsutil::MAX_JSON_BYTES)
                 .map_err(|e| Error::io(&index_path, e))?;
-            let text = String::from_utf8(text).map_err(|e| Error::io(&index_path, std::io::Error::other(e)))?;
-            let index: Index = serde_json::from_str(&text).map_err(|e| Error::InvalidModel {
+            let index: Index = serde_json::from_slice(&text).map_err(|e| Error::InvalidModel {
                 path: index_path.clone(),
                 reason: format!("not a valid safetensors index: {e}"),
             })?;

@@ -67,15 +67,9 @@ impl LabelledSet {
     /// Read a line at a time: a line longer than [`MAX_CSV_LINE`] bytes is refused without being
     /// held in memory, and the whole file is bounded like an IDX file.
     pub fn load_csv(path: &Path, features: usize, num_labels: usize) -> Result<Self> {
-        let meta = fs_err::metadata(path).map_err(|e| Error::Set(e.to_string()))?;
-        if !meta.is_file() {
-            return Err(Error::Set(format!("{}: not a regular file", path.display())));
-        }
-        if meta.len() > MAX_IDX_BYTES {
-            return Err(Error::Set(format!("{}: larger than {MAX_IDX_BYTES} bytes", path.display())));
-        }
-        let reader = std::io::BufReader::new(fs_err::File::open(path).map_err(|e| Error::Set(e.to_string()))?);
-        Self::read_csv(&path.display().to_string(), reader, features, num_labels)
+        let file = mcompress_core::fsutil::open_regular(path, MAX_IDX_BYTES)
+            .map_err(|e| Error::Set(format!("{}: {e}", path.display())))?;
+        Self::read_csv(&path.display().to_string(), std::io::BufReader::new(file), features, num_labels)
     }
 
     /// [`Self::load_csv`] from any reader; `name` names the source in errors.
