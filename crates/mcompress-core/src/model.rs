@@ -511,7 +511,7 @@ fn module_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// Largest head count a GGUF may declare.
 const MAX_HEADS: usize = 1 << 12;
 /// Largest dimension, layer count or context a GGUF may declare for config.json.
-const MAX_DIM: u64 = 1 << 24;
+const MAX_DIM: u64 = crate::config::MAX_DIM;
 
 /// config.json for a llama GGUF, from its metadata (the fields transformers' LlamaConfig reads).
 fn gguf_config(g: &GgufFile, has_lm_head: bool) -> std::result::Result<serde_json::Value, String> {

@@ -45,13 +45,7 @@ pub(crate) enum Batch {
 }
 
 fn cfg_usize(config: &serde_json::Value, k: &str) -> Result<usize> {
-    match config[k].as_u64() {
-        None => Err(Error::Model(format!("config.json: {k} missing or not a non-negative integer"))),
-        Some(v) if v == 0 || v > 1 << 24 => {
-            Err(Error::Model(format!("config.json: {k} = {v}: must be between 1 and {}", 1 << 24)))
-        }
-        Some(v) => Ok(v as usize),
-    }
+    mcompress_core::config::dim(config, k).map_err(Error::Model)
 }
 
 impl Arch {
@@ -66,13 +60,7 @@ impl Arch {
                     .map(|v| v.as_str().map(str::to_owned))
                     .collect::<Option<Vec<_>>>()
                     .ok_or_else(|| Error::Model("config.json: layer_names must be strings".into()))?;
-                let input_scale =
-                    match &config["input_scale"] {
-                        serde_json::Value::Null => 1.0,
-                        v => v.as_f64().filter(|x| x.is_finite() && (x.abs() as f32).is_finite()).ok_or_else(|| {
-                            Error::Model(format!("config.json: input_scale {v} is not a finite number"))
-                        })? as f32,
-                    };
+                let input_scale = mcompress_core::config::input_scale(config).map_err(Error::Model)?;
                 Ok(Arch::Mlp { layers, input_scale })
             }
             "bert" => Ok(Arch::Bert {

@@ -79,13 +79,7 @@ impl Bert {
     /// its linear layers on `device`.
     pub fn load(config: &serde_json::Value, w: &Weights, device: &Device) -> Result<Self> {
         let bad = |m: String| Error::Model(format!("BERT: {m}"));
-        let u = |k: &str| match config[k].as_u64() {
-            None => Err(bad(format!("config.json: {k} missing or not a non-negative integer"))),
-            Some(v) if v == 0 || v > 1 << 24 => {
-                Err(bad(format!("config.json: {k} = {v}: must be between 1 and {}", 1 << 24)))
-            }
-            Some(v) => Ok(v as usize),
-        };
+        let u = |k: &str| mcompress_core::config::dim(config, k).map_err(bad);
         let (hidden, heads, n_layers) = (u("hidden_size")?, u("num_attention_heads")?, u("num_hidden_layers")?);
         if heads == 0 || hidden % heads != 0 {
             return Err(bad(format!("hidden_size {hidden} not divisible by {heads} heads")));

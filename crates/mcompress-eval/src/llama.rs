@@ -60,13 +60,7 @@ impl Llama {
     /// with its linear layers (and lm_head, tied or not) on `device`.
     pub fn load(config: &serde_json::Value, w: &Weights, device: &Device) -> Result<Self> {
         let bad = |m: String| Error::Model(format!("llama: {m}"));
-        let u = |k: &str| match config[k].as_u64() {
-            None => Err(bad(format!("config.json: {k} missing or not a non-negative integer"))),
-            Some(v) if v == 0 || v > 1 << 24 => {
-                Err(bad(format!("config.json: {k} = {v}: must be between 1 and {}", 1 << 24)))
-            }
-            Some(v) => Ok(v as usize),
-        };
+        let u = |k: &str| mcompress_core::config::dim(config, k).map_err(bad);
         let (hidden, heads, n_layers, inter, vocab) = (
             u("hidden_size")?,
             u("num_attention_heads")?,

@@ -45,14 +45,7 @@ impl Mlp {
         if layers.is_empty() {
             return Err(bad("no layers".into()));
         }
-        let input_scale = match &config["input_scale"] {
-            serde_json::Value::Null => 1.0,
-            v => v
-                .as_f64()
-                .filter(|x| x.is_finite() && (x.abs() as f32).is_finite())
-                .ok_or_else(|| Error::Model(format!("mlp: config.json: input_scale {v} is not a finite number")))?
-                as f32,
-        };
+        let input_scale = mcompress_core::config::input_scale(config).map_err(|e| Error::Model(format!("mlp: {e}")))?;
         Ok(Mlp { layers, input_scale })
     }
 
