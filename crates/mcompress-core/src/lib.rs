@@ -25,6 +25,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod arch;
 pub mod config;
 mod dtype;
 mod error;

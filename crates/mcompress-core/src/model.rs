@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::arch::{Family, Geometry, Role};
 use crate::gguf::{self, GgufFile};
 use crate::{DType, Error, Result, SafetensorsFile, TensorInfo, TensorView};
 
@@ -53,9 +54,20 @@ struct GgufSource {
     path: PathBuf,
     map: memmap2::Mmap,
     file: GgufFile,
-    /// Per exposed tensor: its info (HF name, F32, row-major shape), the GGUF tensor index, and
-    /// the head count to un-permute Q/K rows with.
-    entries: Vec<(TensorInfo, usize, Option<usize>)>,
+    /// Per exposed tensor, in name order.
+    entries: Vec<GgufEntry>,
+}
+
+/// One GGUF tensor as exposed.
+struct GgufEntry {
+    /// Hugging Face name, F32, row-major shape.
+    info: TensorInfo,
+    /// Index of the GGUF tensor.
+    index: usize,
+    /// Head count to un-permute Q/K rows with (llama).
+    heads: Option<usize>,
+    /// Subtracted from every value (Gemma's norms, stored as `1 + w`).
+    offset: f32,
 }
 
 impl std::fmt::Debug for GgufSource {
@@ -207,31 +219,40 @@ impl ModelSource {
         let map = unsafe { memmap2::MmapOptions::new().map(file.file()) }.map_err(|e| Error::io(path, e))?;
         let parsed = GgufFile::parse(path, &map)?;
         let bad = |reason: String| Error::InvalidModel { path: path.to_path_buf(), reason };
-        let arch = parsed.get("general.architecture").and_then(gguf::GgufValue::as_str).unwrap_or("");
-        if arch != "llama" {
-            return Err(bad(format!("GGUF architecture {arch:?}: only llama models are read")));
-        }
+        let arch_name = parsed.get("general.architecture").and_then(gguf::GgufValue::as_str).unwrap_or("");
+        let family = Family::from_gguf(arch_name).ok_or_else(|| {
+            bad(format!("GGUF architecture {arch_name:?}: the decoder families read are llama, qwen2 and gemma3"))
+        })?;
+        let arch = family.gguf_arch();
         let meta_u = |k: &str| {
             parsed
                 .get(k)
                 .and_then(gguf::GgufValue::as_u64)
                 .ok_or_else(|| bad(format!("GGUF: missing or non-integer {k}")))
         };
-        let n_head = meta_u("llama.attention.head_count")? as usize;
+        let n_head = meta_u(&format!("{arch}.attention.head_count"))? as usize;
         let n_kv = parsed
-            .get("llama.attention.head_count_kv")
+            .get(&format!("{arch}.attention.head_count_kv"))
             .and_then(gguf::GgufValue::as_u64)
             .map_or(n_head, |v| v as usize);
         if n_head == 0 || n_kv == 0 || !n_head.is_multiple_of(n_kv) || n_head > MAX_HEADS {
             return Err(bad(format!(
-                "GGUF: llama.attention.head_count {n_head} and llama.attention.head_count_kv {n_kv}: both must be positive \
+                "GGUF: {arch}.attention.head_count {n_head} and {arch}.attention.head_count_kv {n_kv}: both must be positive \
                  (at most {MAX_HEADS}), the heads a multiple of the kv heads"
             )));
         }
         let mut entries = Vec::new();
         for (i, t) in parsed.tensors.iter().enumerate() {
-            let (name, heads) = gguf::llama_hf_name(&t.name, n_head, n_kv)
-                .ok_or_else(|| bad(format!("GGUF: unexpected llama tensor {:?}", t.name)))?;
+            let (role, layer) = family
+                .parse_gguf(&t.name)
+                .ok_or_else(|| bad(format!("GGUF: unexpected {arch} tensor {:?}", t.name)))?;
+            let name = family.hf(role, layer.unwrap_or(0));
+            let heads = match role {
+                Role::Q if family.permutes_qk() => Some(n_head),
+                Role::K if family.permutes_qk() => Some(n_kv),
+                _ => None,
+            };
+            let offset = if role.is_norm() { family.gguf_norm_offset() } else { 0.0 };
             let shape = t.shape();
             if let Some(h) = heads
                 && (shape.len() != 2 || !shape[0].is_multiple_of(2 * h.max(1)))
@@ -242,14 +263,25 @@ impl ModelSource {
                 )));
             }
             let n = t.numel() * 4;
-            entries.push((TensorInfo { name, dtype: DType::F32, shape, data_offsets: (0, n) }, i, heads));
+            entries.push(GgufEntry {
+                info: TensorInfo { name, dtype: DType::F32, shape, data_offsets: (0, n) },
+                index: i,
+                heads,
+                offset,
+            });
         }
-        entries.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-        if let Some(w) = entries.windows(2).find(|w| w[0].0.name == w[1].0.name) {
-            return Err(bad(format!("GGUF: two tensors map to {:?}", w[0].0.name)));
+        entries.sort_by(|a, b| a.info.name.cmp(&b.info.name));
+        if let Some(w) = entries.windows(2).find(|w| w[0].info.name == w[1].info.name) {
+            return Err(bad(format!("GGUF: two tensors map to {:?}", w[0].info.name)));
         }
-        let config = gguf_config(&parsed, entries.iter().any(|e| e.0.name == "lm_head.weight")).map_err(bad)?;
-        let tokenizer = gguf_tokenizer(&parsed);
+        let has_output = entries.iter().any(|e| family.parse_hf(&e.info.name).is_some_and(|r| r.0 == Role::Output));
+        let config = crate::arch::gguf_config(&parsed, family, has_output).map_err(bad)?;
+        // Every tensor accounted for, every expected one present, before anything reads them.
+        let geometry = Geometry::from_config(&config).map_err(|e| bad(format!("GGUF: {e}")))?;
+        geometry
+            .check_tensors(entries.iter().map(|e| (e.info.name.as_str(), e.info.shape.as_slice())))
+            .map_err(|e| bad(format!("GGUF: {e}")))?;
+        let tokenizer = gguf_tokenizer(&parsed).map_err(bad)?;
         let tensors = (0..entries.len()).map(|idx| TensorRef { shard: 0, idx }).collect();
         let mut generated = Vec::new();
         if let Some(t) = tokenizer {
@@ -333,7 +365,7 @@ impl ModelSource {
             return i;
         }
         match &self.gguf {
-            Some(g) => &g.entries[r.idx].0,
+            Some(g) => &g.entries[r.idx].info,
             None => &self.shards[r.shard].tensors()[r.idx],
         }
     }
@@ -352,13 +384,18 @@ impl ModelSource {
     fn view_stored(&self, r: &TensorRef) -> TensorView<'_> {
         match &self.gguf {
             Some(g) => {
-                let (info, ti, heads) = &g.entries[r.idx];
-                let t = &g.file.tensors[*ti];
+                let GgufEntry { info, index, heads, offset } = &g.entries[r.idx];
+                let t = &g.file.tensors[*index];
                 let mut v = Vec::with_capacity(t.numel());
                 gguf::dequantize(t.ggml_type, &g.map[t.range.0..t.range.1], &mut v);
                 if let Some(h) = heads {
                     let cols = info.shape[1..].iter().product();
                     v = gguf::unpermute_rows(&v, info.shape[0], cols, *h).expect("shape checked at open");
+                }
+                if *offset != 0.0 {
+                    for x in &mut v {
+                        *x -= offset;
+                    }
                 }
                 let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
                 TensorView {
@@ -380,7 +417,7 @@ impl ModelSource {
     pub fn release(&self, r: &TensorRef) {
         match &self.gguf {
             Some(g) => {
-                let t = &g.file.tensors[g.entries[r.idx].1];
+                let t = &g.file.tensors[g.entries[r.idx].index];
                 let page = 4096;
                 let (start, end) = (t.range.0.div_ceil(page) * page, t.range.1 / page * page);
                 if end > start {
@@ -403,7 +440,7 @@ impl ModelSource {
     pub fn stored(&self, r: &TensorRef) -> (String, u64) {
         match &self.gguf {
             Some(g) => {
-                let t = &g.file.tensors[g.entries[r.idx].1];
+                let t = &g.file.tensors[g.entries[r.idx].index];
                 (t.ggml_type.name().to_string(), (t.range.1 - t.range.0) as u64)
             }
             None => {
@@ -417,7 +454,7 @@ impl ModelSource {
     pub fn read_order(&self) -> Vec<TensorRef> {
         let mut v = self.tensors.clone();
         match &self.gguf {
-            Some(g) => v.sort_by_key(|r| g.file.tensors[g.entries[r.idx].1].range.0),
+            Some(g) => v.sort_by_key(|r| g.file.tensors[g.entries[r.idx].index].range.0),
             None => v.sort_by_key(|r| (r.shard, self.shards[r.shard].tensors()[r.idx].data_offsets.0)),
         }
         v
@@ -510,58 +547,6 @@ fn module_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Largest head count a GGUF may declare.
 const MAX_HEADS: usize = 1 << 12;
-/// Largest dimension, layer count or context a GGUF may declare for config.json.
-const MAX_DIM: u64 = crate::config::MAX_DIM;
-
-/// config.json for a llama GGUF, from its metadata (the fields transformers' LlamaConfig reads).
-fn gguf_config(g: &GgufFile, has_lm_head: bool) -> std::result::Result<serde_json::Value, String> {
-    // Every value copied into config.json is checked: a positive integer below a bound that no
-    // real model reaches, a positive finite float.
-    let u = |k: &str| {
-        let v =
-            g.get(k).and_then(gguf::GgufValue::as_u64).ok_or_else(|| format!("GGUF: missing or non-integer {k}"))?;
-        if v == 0 || v > MAX_DIM {
-            return Err(format!("GGUF: {k} = {v}: must be between 1 and {MAX_DIM}"));
-        }
-        Ok(v)
-    };
-    let uo = |k: &str| g.get(k).map(|_| u(k)).transpose();
-    let f = |k: &str| match g.get(k).and_then(gguf::GgufValue::as_f64) {
-        Some(v) if !(v.is_finite() && v > 0.0) => Err(format!("GGUF: {k} = {v}: must be a positive finite number")),
-        v => Ok(v),
-    };
-    let vocab = match g.get("llama.vocab_size").and_then(gguf::GgufValue::as_u64) {
-        Some(v) => v,
-        None => g.get("tokenizer.ggml.tokens").and_then(gguf::GgufValue::as_array).map_or(0, |a| a.len() as u64),
-    };
-    let n_head = u("llama.attention.head_count")?;
-    let mut config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": u("llama.embedding_length")?,
-        "intermediate_size": u("llama.feed_forward_length")?,
-        "num_hidden_layers": u("llama.block_count")?,
-        "num_attention_heads": n_head,
-        "num_key_value_heads": g.get("llama.attention.head_count_kv").and_then(gguf::GgufValue::as_u64).unwrap_or(n_head),
-        "rms_norm_eps": f("llama.attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
-        "rope_theta": f("llama.rope.freq_base")?.unwrap_or(10000.0),
-        "max_position_embeddings": uo("llama.context_length")?.unwrap_or(2048),
-        "vocab_size": vocab,
-        "hidden_act": "silu",
-        "tie_word_embeddings": !has_lm_head,
-        "bos_token_id": g.get("tokenizer.ggml.bos_token_id").and_then(gguf::GgufValue::as_u64),
-        "eos_token_id": g.get("tokenizer.ggml.eos_token_id").and_then(gguf::GgufValue::as_u64),
-        "torch_dtype": "float32",
-    });
-    // A head width other than embedding_length / head_count (heads pruned away).
-    if let Some(hd) = uo("llama.attention.key_length")? {
-        config["head_dim"] = hd.into();
-    }
-    if vocab > MAX_DIM {
-        return Err(format!("GGUF: vocabulary of {vocab} tokens: at most {MAX_DIM}"));
-    }
-    Ok(config)
-}
 
 /// `tokenizer_config.json`, `special_tokens_map.json` and `generation_config.json` from a GGUF's
 /// tokenizer metadata (special token ids, `tokenizer.chat_template`, add-BOS), as
@@ -619,39 +604,134 @@ fn gguf_tokenizer_files(g: &GgufFile) -> Vec<(String, Vec<u8>)> {
     ]
 }
 
-/// tokenizer.json for a GGUF with a GPT-2 style BPE vocabulary (`tokenizer.ggml.model = "gpt2"`),
-/// as llama.cpp's "smollm"/default pre-tokenizer splits: digits one by one, then byte-level BPE.
-fn gguf_tokenizer(g: &GgufFile) -> Option<Vec<u8>> {
-    if g.get("tokenizer.ggml.model").and_then(gguf::GgufValue::as_str) != Some("gpt2") {
-        return None;
-    }
-    let tokens: Vec<&str> =
-        g.get("tokenizer.ggml.tokens")?.as_array()?.iter().map(gguf::GgufValue::as_str).collect::<Option<_>>()?;
-    let merges: Vec<&str> =
-        g.get("tokenizer.ggml.merges")?.as_array()?.iter().map(gguf::GgufValue::as_str).collect::<Option<_>>()?;
+/// Qwen2's pre-tokenizer regex (llama.cpp's `qwen2` pre type; transformers' Qwen2 tokenizer.json).
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// tokenizer.json for a GGUF's vocabulary, through the `tokenizers` crate's JSON format:
+/// GPT-2 style byte-level BPE (`tokenizer.ggml.model = "gpt2"`) split as llama.cpp's pre type
+/// says (`smollm`/`default`: digits one by one, then byte-level; `qwen2`: Qwen2's regex, NFC),
+/// or SentencePiece BPE (`llama`, Gemma's) with merges rebuilt from the scores. `None` when the
+/// file carries no vocabulary; an error for a vocabulary kind or pre type we would split wrongly.
+fn gguf_tokenizer(g: &GgufFile) -> std::result::Result<Option<Vec<u8>>, String> {
+    let Some(model) = g.get("tokenizer.ggml.model").and_then(gguf::GgufValue::as_str) else { return Ok(None) };
+    let strings = |k: &str| -> std::result::Result<Vec<&str>, String> {
+        g.get(k)
+            .and_then(gguf::GgufValue::as_array)
+            .and_then(|a| a.iter().map(gguf::GgufValue::as_str).collect::<Option<_>>())
+            .ok_or_else(|| format!("GGUF: {k} missing or not a list of strings"))
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
     let types: Vec<u64> = g
         .get("tokenizer.ggml.token_type")
         .and_then(gguf::GgufValue::as_array)
         .map(|a| a.iter().map(|t| t.as_u64().unwrap_or(1)).collect())
         .unwrap_or_default();
+    // Control (3) and user-defined (4) tokens match as whole strings before the model runs.
     let added: Vec<serde_json::Value> = tokens
         .iter()
         .enumerate()
-        .filter(|(i, _)| types.get(*i) == Some(&3))
-        .map(|(i, s)| serde_json::json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .filter(|(i, _)| matches!(types.get(*i), Some(3 | 4)))
+        .map(|(i, s)| serde_json::json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": types.get(i) == Some(&3)}))
         .collect();
     let vocab: serde_json::Map<String, serde_json::Value> =
         tokens.iter().enumerate().map(|(i, s)| ((*s).to_string(), serde_json::json!(i))).collect();
-    let tj = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": true},
-            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                  "vocab": vocab, "merges": merges},
-    });
-    serde_json::to_vec(&tj).ok()
+    let tj = match model {
+        "gpt2" => {
+            let merges = strings("tokenizer.ggml.merges")?;
+            let pre = g.get("tokenizer.ggml.pre").and_then(gguf::GgufValue::as_str).unwrap_or("default");
+            let (normalizer, pre_tokenizer) = match pre {
+                "smollm" | "default" => (
+                    serde_json::Value::Null,
+                    serde_json::json!({"type": "Sequence", "pretokenizers": [
+                        {"type": "Digits", "individual_digits": true},
+                        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]}),
+                ),
+                "qwen2" => (
+                    serde_json::json!({"type": "NFC"}),
+                    serde_json::json!({"type": "Sequence", "pretokenizers": [
+                        {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": false},
+                        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}]}),
+                ),
+                other => {
+                    return Err(format!(
+                        "GGUF: tokenizer.ggml.pre {other:?}: this pre-tokenizer is not converted (smollm, default and qwen2 are)"
+                    ));
+                }
+            };
+            serde_json::json!({
+                "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": normalizer,
+                "pre_tokenizer": pre_tokenizer,
+                "post_processor": null,
+                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+                "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                          "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                          "vocab": vocab, "merges": merges},
+            })
+        }
+        "llama" => {
+            let scores: Vec<f64> = g
+                .get("tokenizer.ggml.scores")
+                .and_then(gguf::GgufValue::as_array)
+                .and_then(|a| a.iter().map(gguf::GgufValue::as_f64).collect::<Option<_>>())
+                .ok_or("GGUF: tokenizer.ggml.scores missing or not numbers")?;
+            if scores.len() != tokens.len() {
+                return Err(format!("GGUF: {} scores for {} tokens", scores.len(), tokens.len()));
+            }
+            let space_prefix =
+                g.get("tokenizer.ggml.add_space_prefix").and_then(gguf::GgufValue::as_bool).unwrap_or(true);
+            let unk = g
+                .get("tokenizer.ggml.unknown_token_id")
+                .and_then(gguf::GgufValue::as_u64)
+                .and_then(|i| tokens.get(usize::try_from(i).ok()?))
+                .map(|t| (*t).to_string());
+            let mut normalizers = Vec::new();
+            if space_prefix {
+                normalizers.push(serde_json::json!({"type": "Prepend", "prepend": "\u{2581}"}));
+            }
+            normalizers.push(serde_json::json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
+            serde_json::json!({
+                "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+                "normalizer": {"type": "Sequence", "normalizers": normalizers},
+                "pre_tokenizer": null,
+                "post_processor": null,
+                "decoder": {"type": "Sequence", "decoders": [
+                    {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                    {"type": "ByteFallback"}, {"type": "Fuse"}]},
+                "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                          "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                          "vocab": vocab, "merges": spm_merges(&tokens, &scores, &types)},
+            })
+        }
+        other => {
+            return Err(format!(
+                "GGUF: tokenizer.ggml.model {other:?}: only gpt2 (BPE) and llama (SentencePiece) vocabularies are converted"
+            ));
+        }
+    };
+    serde_json::to_vec(&tj).map(Some).map_err(|e| format!("GGUF: tokenizer: {e}"))
+}
+
+/// BPE merges of a SentencePiece vocabulary, as transformers' `SentencePieceExtractor` derives
+/// them: every split of a normal token into two normal tokens is a merge, ranked by the merged
+/// token's score (higher first), then by the pieces' ids.
+fn spm_merges(tokens: &[&str], scores: &[f64], types: &[u64]) -> Vec<serde_json::Value> {
+    let normal = |i: usize| types.get(i).is_none_or(|&t| t == 1);
+    let ids: std::collections::HashMap<&str, usize> =
+        tokens.iter().enumerate().filter(|(i, _)| normal(*i)).map(|(i, t)| (*t, i)).collect();
+    let mut merges: Vec<(f64, usize, usize, usize)> = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        if !normal(i) || t.chars().count() < 2 {
+            continue;
+        }
+        for (cut, _) in t.char_indices().skip(1) {
+            let (a, b) = t.split_at(cut);
+            if let (Some(&ia), Some(&ib)) = (ids.get(a), ids.get(b)) {
+                merges.push((scores[i], i, ia, ib));
+            }
+        }
+    }
+    merges.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)).then(x.3.cmp(&y.3)));
+    // As pairs, not "a b" strings: a piece may contain a space.
+    merges.into_iter().map(|(_, _, a, b)| serde_json::json!([tokens[a], tokens[b]])).collect()
 }

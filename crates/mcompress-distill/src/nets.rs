@@ -357,8 +357,9 @@ mod tests {
     fn test_llama_matches_the_eval_runtime() {
         let Some(gguf) = fixture("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
         let (config, tensors) = load(&gguf);
-        let eval = mcompress_eval::llama::Llama::load(&config, &Weights::from_dense(tensors.clone()), &EvalDevice::Cpu)
-            .unwrap();
+        let eval =
+            mcompress_eval::decoder::Decoder::load(&config, &Weights::from_dense(tensors.clone()), &EvalDevice::Cpu)
+                .unwrap();
         let ids: Vec<u32> = vec![1, 504, 3458, 282, 260, 1345, 28, 339, 2210, 30, 9, 14];
         let want = eval.logits(&ids).unwrap();
         let device = Device::flex();

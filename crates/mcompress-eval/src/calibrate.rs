@@ -12,7 +12,9 @@ use mcompress_passes::quant::scheme::scale_dtype;
 use mcompress_passes::{Calibrated, Calibration, CalibrationMethod, ParamMeta, Pass, Plan};
 
 use crate::linear::Device;
-use crate::{Error, Result, llama, model_tokenizer, sets, weights};
+use mcompress_core::arch::Family;
+
+use crate::{Error, Result, decoder, model_tokenizer, sets, weights};
 
 /// Where calibration windows come from.
 #[derive(Clone, Copy, Debug)]
@@ -96,11 +98,11 @@ pub fn run(
     progress: bool,
 ) -> Result<BTreeMap<String, Calibrated>> {
     let config = prior.as_ref().map_or_else(|| model.config().cloned().unwrap_or_default(), |p| p.config.clone());
-    let model_type = config["model_type"].as_str().unwrap_or("");
-    if model_type != "llama" {
+    if Family::of_config(&config).is_none() {
         return Err(Error::Model(format!(
-            "{}: calibration runs llama models; this model_type is {model_type:?}",
-            model.path().display()
+            "{}: calibration runs decoder models (llama, qwen2, gemma3_text); this model_type is {:?}",
+            model.path().display(),
+            config["model_type"].as_str().unwrap_or("")
         )));
     }
     let windows = windows(model, cal.into())?;
@@ -124,7 +126,7 @@ pub fn run(
         }
         None => weights::from_model(model),
     };
-    let mut llama = llama::Llama::load(&config, &weights, &Device::Cpu)?;
+    let mut llama = decoder::Decoder::load(&config, &weights, &Device::Cpu)?;
     drop(weights);
     // Selected for quantization: the scale dtype its pass would give it.
     let selected = |name: &str| -> Option<(mcompress_core::DType, Vec<usize>)> {
@@ -208,16 +210,16 @@ pub fn run(
 pub fn input_moments(model: &ModelSource, spec: WindowSpec<'_>) -> Result<BTreeMap<String, Vec<f32>>> {
     let config = model.config().cloned().unwrap_or_default();
     match config["model_type"].as_str().unwrap_or("") {
-        "llama" => {
+        t if Family::from_model_type(t).is_some() => {
             let windows = windows(model, spec)?;
-            llama::Llama::load(&config, &weights::from_model(model), &Device::Cpu)?.input_moments(&windows)
+            decoder::Decoder::load(&config, &weights::from_model(model), &Device::Cpu)?.input_moments(&windows)
         }
         "bert" => {
             let windows = windows(model, spec)?;
             crate::bert::Bert::load(&config, &weights::from_model(model), &Device::Cpu)?.input_moments(&windows)
         }
         other => Err(Error::Model(format!(
-            "{}: activation statistics are computed for llama and bert models (this model_type is {other:?}); \
+            "{}: activation statistics are computed for decoder (llama, qwen2, gemma3_text) and bert models (this model_type is {other:?}); \
              use no calibration for others",
             model.path().display()
         ))),
@@ -233,11 +235,13 @@ pub fn layer_scores(model: &ModelSource, spec: WindowSpec<'_>) -> Result<Vec<f64
     let windows = windows(model, spec)?;
     let w = weights::from_model(model);
     let cosines = match config["model_type"].as_str().unwrap_or("") {
-        "llama" => llama::Llama::load(&config, &w, &Device::Cpu)?.layer_cosines(&windows)?,
+        t if Family::from_model_type(t).is_some() => {
+            decoder::Decoder::load(&config, &w, &Device::Cpu)?.layer_cosines(&windows)?
+        }
         "bert" => crate::bert::Bert::load(&config, &w, &Device::Cpu)?.layer_cosines(&windows)?,
         other => {
             return Err(Error::Model(format!(
-                "{}: layer scores are computed for llama and bert models; this model_type is {other:?}",
+                "{}: layer scores are computed for decoder (llama, qwen2, gemma3_text) and bert models; this model_type is {other:?}",
                 model.path().display()
             )));
         }

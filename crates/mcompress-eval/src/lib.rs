@@ -8,7 +8,7 @@
 //!   weights decoded 16 rows at a time) or, with the `wgpu` feature, [`gpu`]: WGSL kernels that
 //!   multiply straight from the packed layout (fused dequantize) on a GPU or Mesa's llvmpipe.
 //! - [`sets`]: eval-set readers with errors naming file, line and column.
-//! - [`mlp`], [`bert`], [`llama`]: the architectures, from config.json.
+//! - [`mlp`], [`bert`], [`decoder`]: the architectures, from config.json.
 //! - [`evaluate`]: metric for both models on the same device, the drop, and per-batch latency
 //!   (p50/p95). Combinations that are not implemented answer [`Outcome::Unsupported`] so the
 //!   caller can say so instead of pretending an eval ran.
@@ -25,11 +25,11 @@
 
 pub mod bert;
 pub mod calibrate;
+pub mod decoder;
 #[cfg(feature = "wgpu")]
 pub mod gpu;
 pub mod linalg;
 pub mod linear;
-pub mod llama;
 pub mod mlp;
 pub mod sets;
 pub mod weights;
@@ -40,6 +40,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use linear::Device;
 use mcompress_core::ModelSource;
+use mcompress_core::arch::Family;
 use mcompress_recipe::{Backend, EvalSection, Metric};
 use serde::Serialize;
 
@@ -138,26 +139,31 @@ pub fn evaluate(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -
 /// [`evaluate`] with a backend override and progress bars.
 pub fn evaluate_with(section: &EvalSection, model: &ModelSource, bundle_dir: &Path, opts: &Options) -> Result<Outcome> {
     let model_type = model.config().and_then(|c| c["model_type"].as_str()).unwrap_or("");
+    // The decoder families of the architecture module all run through one decoder.
+    let kind = if Family::from_model_type(model_type).is_some() { "decoder" } else { model_type };
     let supported = matches!(
-        (model_type, section.metric),
+        (kind, section.metric),
         ("mlp", Metric::Accuracy)
             | ("bert", Metric::Cosine | Metric::Spearman)
-            | ("llama", Metric::Perplexity | Metric::Kl)
+            | ("decoder", Metric::Perplexity | Metric::Kl)
     );
     if !supported {
-        return Ok(Outcome::Unsupported(if matches!(model_type, "mlp" | "bert" | "llama") {
+        return Ok(Outcome::Unsupported(if matches!(kind, "mlp" | "bert" | "decoder") {
             format!(
-                "metric {:?} is not implemented for {model_type} models (mlp: accuracy; bert: cosine, spearman; llama: perplexity, kl)",
+                "metric {:?} is not implemented for {model_type} models (mlp: accuracy; bert: cosine, spearman; \
+                 llama, qwen2, gemma3_text: perplexity, kl)",
                 section.metric
             )
         } else {
-            format!("eval for model_type {model_type:?} is not implemented yet (mlp, bert and llama are)")
+            format!(
+                "eval for model_type {model_type:?} is not implemented yet (mlp, bert, llama, qwen2 and gemma3_text are)"
+            )
         }));
     }
     let requested = opts.backend.unwrap_or(section.backend);
     let (device, note) = resolve_device(requested)?;
     let ctx = Ctx { section, model, bundle_dir, device: &device, progress: opts.progress };
-    let mut r = match (model_type, section.metric) {
+    let mut r = match (kind, section.metric) {
         ("mlp", _) => eval_mlp_accuracy(&ctx)?,
         ("bert", Metric::Cosine) => eval_bert_cosine(&ctx)?,
         ("bert", _) => eval_bert_spearman(&ctx)?,
@@ -350,7 +356,7 @@ fn eval_bert_spearman(ctx: &Ctx) -> Result<EvalResult> {
 fn eval_llama_perplexity(ctx: &Ctx) -> Result<EvalResult> {
     let config = ctx.config();
     let (ids, window) = text_tokens(ctx.section, ctx.model)?;
-    let run = |m: &llama::Llama, what: &str| -> Result<(f64, Latency, f64, usize)> {
+    let run = |m: &decoder::Decoder, what: &str| -> Result<(f64, Latency, f64, usize)> {
         let (mut nll, mut n) = (0f64, 0usize);
         let (latency, secs) = ctx.timed(ids.chunks(window), ids.len().div_ceil(window), what, |w| {
             let (a, b) = m.nll(w, window)?;
@@ -360,11 +366,11 @@ fn eval_llama_perplexity(ctx: &Ctx) -> Result<EvalResult> {
         })?;
         Ok(((nll / n.max(1) as f64).exp(), latency, ids.len() as f64 / secs.max(1e-9), n))
     };
-    let reference = llama::Llama::load(&config, &weights::from_model(ctx.model), ctx.device)?;
+    let reference = decoder::Decoder::load(&config, &weights::from_model(ctx.model), ctx.device)?;
     let (ppl_ref, l_ref, t_ref, n) = run(&reference, "reference")?;
     drop(reference);
     let (bundle_config, bundle_weights) = ctx.bundle()?;
-    let compressed = llama::Llama::load(&bundle_config, &bundle_weights, ctx.device)?;
+    let compressed = decoder::Decoder::load(&bundle_config, &bundle_weights, ctx.device)?;
     let (ppl_new, l_new, t_new, _) = run(&compressed, "compressed")?;
     Ok(result(ctx.section, n, window, (ppl_ref, l_ref, t_ref), (ppl_new, l_new, t_new)))
 }
@@ -374,9 +380,9 @@ fn eval_llama_perplexity(ctx: &Ctx) -> Result<EvalResult> {
 fn eval_llama_kl(ctx: &Ctx) -> Result<EvalResult> {
     let config = ctx.config();
     let (ids, window) = text_tokens(ctx.section, ctx.model)?;
-    let reference = llama::Llama::load(&config, &weights::from_model(ctx.model), ctx.device)?;
+    let reference = decoder::Decoder::load(&config, &weights::from_model(ctx.model), ctx.device)?;
     let (bundle_config, bundle_weights) = ctx.bundle()?;
-    let compressed = llama::Llama::load(&bundle_config, &bundle_weights, ctx.device)?;
+    let compressed = decoder::Decoder::load(&bundle_config, &bundle_weights, ctx.device)?;
     let vocab = reference.vocab();
     let (mut kl, mut agree, mut n) = (0f64, 0usize, 0usize);
     let (mut t_ref, mut t_new) = (Vec::new(), Vec::new());

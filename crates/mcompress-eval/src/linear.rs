@@ -87,6 +87,16 @@ impl Lin {
         Ok(Lin { out, inp, bias, exec, act_fp8 })
     }
 
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+
+    /// The same layer (bias kept) with other dense weights, on the CPU.
+    pub fn with_dense(&self, w: Vec<f32>) -> Result<Lin> {
+        Lin::new(Matrix::Dense(w), self.out, self.inp, self.bias.clone(), &Device::Cpu)
+    }
+
     /// The weights, when they are dense f32 on the CPU.
     pub fn dense(&self) -> Option<&[f32]> {
         match &self.exec {

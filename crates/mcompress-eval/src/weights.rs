@@ -66,6 +66,10 @@ pub fn from_bundle(bundle: &ModelSource) -> Result<Weights> {
         let name = format!("{module}.weight");
         let q = load_quantized(bundle, &name, scheme)
             .map_err(|e| Error::Model(format!("{}: {name}: {e}", bundle.path().display())))?;
+        // The stored parts (`<name>` in FP8, `<name>_packed`, `_scale`, `_zero_point`,
+        // `_global_scale`, `_shape`) are this one weight now.
+        let parts = format!("{name}_");
+        out.dense.retain(|n, _| *n != name && !n.starts_with(&parts));
         out.packed.insert(name, Arc::new(q));
     }
     Ok(out)
@@ -80,6 +84,14 @@ impl Weights {
     /// Names of the packed (quantized) matrices.
     pub fn packed_names(&self) -> impl Iterator<Item = &str> {
         self.packed.keys().map(String::as_str)
+    }
+
+    /// Every tensor's name and shape (dense and packed), for the completeness check.
+    pub fn shapes(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.dense
+            .iter()
+            .map(|(n, (s, _))| (n.as_str(), s.as_slice()))
+            .chain(self.packed.iter().map(|(n, q)| (n.as_str(), q.shape.as_slice())))
     }
 
     /// `(out, inp)` of a two-dimensional tensor.

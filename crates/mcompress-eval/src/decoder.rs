@@ -1,7 +1,10 @@
-//! Llama decoder (`model_type = "llama"`, e.g. SmolLM2 from its GGUF): RMSNorm, rotary
-//! embeddings in the Hugging Face `rotate_half` layout, grouped-query attention, SwiGLU MLP,
-//! tied or separate lm_head. Plain f32 Rust (the CPU reference), following the numpy oracle in
-//! shared/fixtures/llama_ppl.py step for step.
+//! Decoder language models of every family in [`mcompress_core::arch`] (llama, Qwen2, Gemma 3):
+//! RMSNorm (Gemma's `1 + w` gain folded in at load), rotary embeddings in the Hugging Face
+//! `rotate_half` layout, grouped-query attention with optional q/k/v biases, q/k norms and
+//! sliding windows, SwiGLU or GeGLU MLPs, Gemma's post-norms and embedding scale, tied or separate
+//! lm_head. Plain f32 Rust (the CPU reference), following the numpy oracle in
+//! shared/fixtures/llama_ppl.py step for step for llama, and transformers' modeling files for the
+//! other families. Tensor names come from the architecture table, never spelled here.
 #![allow(clippy::many_single_char_names)] // the usual names: q, k, v, h, n, x
 
 use rayon::prelude::*;
@@ -9,6 +12,7 @@ use rayon::prelude::*;
 use std::collections::BTreeMap;
 
 use mcompress_core::DType;
+use mcompress_core::arch::{Family, Geometry, Role};
 use mcompress_passes::Calibrated;
 use mcompress_passes::quant::{QScheme, quantize};
 
@@ -23,120 +27,153 @@ struct Layer {
     k: Lin,
     v: Lin,
     o: Lin,
-    ln_post: Vec<f32>,
+    /// Per-head RMSNorm of queries and keys (Gemma 3).
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    /// RMSNorm of the attention output before the residual add (Gemma 3).
+    post_attn: Option<Vec<f32>>,
+    /// The norm in front of the MLP.
+    ln_ffn: Vec<f32>,
+    /// RMSNorm of the MLP output before the residual add (Gemma 3).
+    post_ffn: Option<Vec<f32>>,
     gate: Lin,
     up: Lin,
     down: Lin,
+    /// Sliding window, `None` for full attention.
+    window: Option<usize>,
+    /// Rotary frequencies of this layer (Gemma's local layers have their own base).
+    inv_freq: std::sync::Arc<Vec<f64>>,
 }
 
-/// A loaded llama model.
-pub struct Llama {
+/// A loaded decoder.
+pub struct Decoder {
+    g: Geometry,
     embed: Vec<f32>,
+    /// Multiplies the embeddings (Gemma: √hidden).
+    embed_scale: f32,
     lm_head: Lin,
     layers: Vec<Layer>,
     norm: Vec<f32>,
-    hidden: usize,
-    heads: usize,
-    kv_heads: usize,
-    /// Per-head width: config.json's `head_dim`, else `hidden / heads` (differs once structured
-    /// pruning removed heads).
-    hd: usize,
-    vocab: usize,
+    /// Added to every norm gain at load (Gemma's `1 + w`), taken off again when norms are
+    /// written back (AWQ).
+    norm_add: f32,
     eps: f32,
-    inv_freq: Vec<f64>,
+    gelu: bool,
 }
 
-impl std::fmt::Debug for Llama {
+impl std::fmt::Debug for Decoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Llama")
+        f.debug_struct("Decoder")
+            .field("family", &self.g.family)
             .field("layers", &self.layers.len())
-            .field("hidden", &self.hidden)
+            .field("hidden", &self.g.hidden)
             .finish_non_exhaustive()
     }
 }
 
-impl Llama {
-    /// Builds the model from config.json and weights (names as in transformers' LlamaForCausalLM),
-    /// with its linear layers (and lm_head, tied or not) on `device`.
+fn inv_freq(theta: f64, hd: usize) -> Vec<f64> {
+    (0..hd / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / hd as f64)).collect()
+}
+
+impl Decoder {
+    /// Builds the model from config.json and weights (names as transformers' `…ForCausalLM` of
+    /// the family has them), with its linear layers (and lm_head, tied or not) on `device`.
+    /// Every tensor must be accounted for: one the forward pass would not read is an error (a
+    /// Qwen2 read as a llama would silently lose its biases).
     pub fn load(config: &serde_json::Value, w: &Weights, device: &Device) -> Result<Self> {
-        let bad = |m: String| Error::Model(format!("llama: {m}"));
-        let u = |k: &str| mcompress_core::config::dim(config, k).map_err(bad);
-        let (hidden, heads, n_layers, inter, vocab) = (
-            u("hidden_size")?,
-            u("num_attention_heads")?,
-            u("num_hidden_layers")?,
-            u("intermediate_size")?,
-            u("vocab_size")?,
-        );
-        let kv_heads = config["num_key_value_heads"].as_u64().map_or(heads, |v| v as usize);
-        let hd = match config["head_dim"].as_u64() {
-            Some(d) => d as usize,
-            None if heads > 0 && hidden % heads == 0 => hidden / heads,
-            None => return Err(bad(format!("{heads} heads do not divide hidden size {hidden} (and no head_dim)"))),
+        let g = Geometry::from_config(config).map_err(|e| Error::Model(format!("decoder: {e}")))?;
+        let f = g.family;
+        let bad = |m: String| Error::Model(format!("{}: {m}", f.model_type()));
+        g.check_tensors(w.shapes()).map_err(bad)?;
+        let norm_add = f.gguf_norm_offset();
+        let get = |role: Role, l: usize| {
+            let mut v = w.get(&f.hf(role, l), &g.shape(role)).map_err(bad)?;
+            if role.is_norm() && norm_add != 0.0 {
+                for x in &mut v {
+                    *x += norm_add;
+                }
+            }
+            Ok::<_, Error>(v)
         };
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || hd == 0 || hd % 2 != 0 {
-            return Err(bad(format!("{heads} heads / {kv_heads} KV heads / head_dim {hd} are not a valid geometry")));
-        }
-        let get = |n: &str, shape: &[usize]| w.get(n, shape).map_err(bad);
-        let lin =
-            |n: &str, out: usize, inp: usize| Lin::new(w.matrix(n, out, inp).map_err(bad)?, out, inp, None, device);
-        let layers = (0..n_layers)
+        let opt = |role: Role, l: usize| if f.has(role) { get(role, l).map(Some) } else { Ok(None) };
+        let lin = |role: Role, bias: Option<Role>, l: usize| {
+            let s = g.shape(role);
+            let b = match bias {
+                Some(b) if f.has(b) => Some(get(b, l)?),
+                _ => None,
+            };
+            Lin::new(w.matrix(&f.hf(role, l), s[0], s[1]).map_err(bad)?, s[0], s[1], b, device)
+        };
+        let global = std::sync::Arc::new(inv_freq(g.rope_theta, g.head_dim));
+        let local = std::sync::Arc::new(inv_freq(g.rope_local_theta, g.head_dim));
+        let layers = (0..g.layers)
             .map(|i| {
-                let p = format!("model.layers.{i}");
+                let window = g.windows[i];
                 Ok(Layer {
-                    ln_in: get(&format!("{p}.input_layernorm.weight"), &[hidden])?,
-                    q: lin(&format!("{p}.self_attn.q_proj.weight"), heads * hd, hidden)?,
-                    k: lin(&format!("{p}.self_attn.k_proj.weight"), kv_heads * hd, hidden)?,
-                    v: lin(&format!("{p}.self_attn.v_proj.weight"), kv_heads * hd, hidden)?,
-                    o: lin(&format!("{p}.self_attn.o_proj.weight"), hidden, heads * hd)?,
-                    ln_post: get(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
-                    gate: lin(&format!("{p}.mlp.gate_proj.weight"), inter, hidden)?,
-                    up: lin(&format!("{p}.mlp.up_proj.weight"), inter, hidden)?,
-                    down: lin(&format!("{p}.mlp.down_proj.weight"), hidden, inter)?,
+                    ln_in: get(Role::AttnNorm, i)?,
+                    q: lin(Role::Q, Some(Role::QBias), i)?,
+                    k: lin(Role::K, Some(Role::KBias), i)?,
+                    v: lin(Role::V, Some(Role::VBias), i)?,
+                    o: lin(Role::O, None, i)?,
+                    q_norm: opt(Role::QNorm, i)?,
+                    k_norm: opt(Role::KNorm, i)?,
+                    post_attn: opt(Role::PostAttnNorm, i)?,
+                    ln_ffn: get(Role::FfnNorm, i)?,
+                    post_ffn: opt(Role::PostFfnNorm, i)?,
+                    gate: lin(Role::Gate, None, i)?,
+                    up: lin(Role::Up, None, i)?,
+                    down: lin(Role::Down, None, i)?,
+                    window,
+                    // Gemma 3's sliding layers rotate with the local base; Qwen2's with the one base.
+                    inv_freq: if window.is_some() && f == Family::Gemma3 { local.clone() } else { global.clone() },
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let theta = config["rope_theta"].as_f64().unwrap_or(10000.0);
-        let inv_freq = (0..hd / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / hd as f64)).collect();
-        let embed = get("model.embed_tokens.weight", &[vocab, hidden])?;
+        let embed = get(Role::Embed, 0)?;
         // Tied embeddings: lm_head is the embedding matrix (kept packed if the bundle quantized it).
-        let head_name = if w.contains("lm_head.weight") { "lm_head.weight" } else { "model.embed_tokens.weight" };
-        let lm_head = lin(head_name, vocab, hidden)?;
-        Ok(Llama {
+        let head = if w.contains(&f.hf(Role::Output, 0)) { Role::Output } else { Role::Embed };
+        let s = g.shape(Role::Output);
+        let lm_head = Lin::new(w.matrix(&f.hf(head, 0), s[0], s[1]).map_err(bad)?, s[0], s[1], None, device)?;
+        #[allow(clippy::cast_possible_truncation)]
+        Ok(Decoder {
             embed,
+            embed_scale: if f == Family::Gemma3 { (g.hidden as f32).sqrt() } else { 1.0 },
             lm_head,
             layers,
-            norm: get("model.norm.weight", &[hidden])?,
-            hidden,
-            heads,
-            kv_heads,
-            hd,
-            vocab,
-            eps: config["rms_norm_eps"].as_f64().unwrap_or(1e-5) as f32,
-            inv_freq,
+            norm: get(Role::OutputNorm, 0)?,
+            norm_add,
+            eps: g.eps as f32,
+            gelu: f == Family::Gemma3,
+            g,
         })
     }
 
     /// Vocabulary size.
     pub fn vocab(&self) -> usize {
-        self.vocab
+        self.g.vocab
+    }
+
+    /// The geometry it was built with.
+    pub fn geometry(&self) -> &Geometry {
+        &self.g
     }
 
     fn rms(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
+        let d = w.len();
         let mut out = Vec::with_capacity(x.len());
-        for r in x.chunks(self.hidden) {
-            let ms = r.iter().map(|v| v * v).sum::<f32>() / self.hidden as f32;
+        for r in x.chunks(d) {
+            let ms = r.iter().map(|v| v * v).sum::<f32>() / d as f32;
             let inv = 1.0 / (ms + self.eps).sqrt();
             out.extend(r.iter().zip(w).map(|(v, g)| v * inv * g));
         }
         out
     }
 
-    fn rope(&self, x: &mut [f32], n: usize, heads: usize) {
-        let hd = self.hd;
+    fn rope(&self, x: &mut [f32], n: usize, heads: usize, inv_freq: &[f64]) {
+        let hd = self.g.head_dim;
         let half = hd / 2;
         for t in 0..n {
-            for (i, f) in self.inv_freq.iter().enumerate() {
+            for (i, f) in inv_freq.iter().enumerate() {
                 let a = t as f64 * f;
                 let (c, s) = (a.cos() as f32, a.sin() as f32);
                 for h in 0..heads {
@@ -149,15 +186,18 @@ impl Llama {
         }
     }
 
-    /// Causal grouped-query attention over `n` positions: per head, scores `Q Kᵀ / √d` as one
-    /// sgemm, a causal softmax per row, then `P V` as another; heads in parallel, each into its own
-    /// buffer (fixed work per head, so results do not depend on the thread count).
-    fn attention(&self, q: &[f32], k: &[f32], v: &[f32], n: usize) -> Vec<f32> {
-        let hd = self.hd;
-        let group = self.heads / self.kv_heads;
-        let (qs, ks) = (self.heads * hd, self.kv_heads * hd);
-        let scale = 1.0 / (hd as f32).sqrt();
-        let heads: Vec<Vec<f32>> = (0..self.heads)
+    /// Causal grouped-query attention over `n` positions (keys within `window` of the query when
+    /// the layer slides): per head, scores `Q Kᵀ · scale` as one sgemm, a masked softmax per row,
+    /// then `P V` as another; heads in parallel, each into its own buffer (fixed work per head, so
+    /// results do not depend on the thread count).
+    fn attention(&self, q: &[f32], k: &[f32], v: &[f32], n: usize, window: Option<usize>) -> Vec<f32> {
+        let hd = self.g.head_dim;
+        let (heads, kv_heads) = (self.g.heads, self.g.kv_heads);
+        let group = heads / kv_heads;
+        let (qs, ks) = (heads * hd, kv_heads * hd);
+        #[allow(clippy::cast_possible_truncation)]
+        let scale = self.g.attn_scale as f32;
+        let outs: Vec<Vec<f32>> = (0..heads)
             .into_par_iter()
             .map(|head| {
                 let kvh = head / group;
@@ -173,7 +213,9 @@ impl Llama {
                     false,
                 );
                 for (i, row) in s.chunks_mut(n).enumerate() {
-                    let live = &mut row[..=i];
+                    let lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
+                    row[..lo].fill(0.0);
+                    let live = &mut row[lo..=i];
                     let m = live.iter().fold(f32::NEG_INFINITY, |m, v| m.max(v * scale));
                     let mut z = 0f32;
                     for x in live.iter_mut() {
@@ -200,7 +242,7 @@ impl Llama {
             })
             .collect();
         let mut ctx = vec![0f32; n * qs];
-        for (head, out) in heads.iter().enumerate() {
+        for (head, out) in outs.iter().enumerate() {
             for (i, row) in out.chunks(hd).enumerate() {
                 ctx[i * qs + head * hd..i * qs + (head + 1) * hd].copy_from_slice(row);
             }
@@ -210,47 +252,77 @@ impl Llama {
 
     /// Embeddings of a token sequence, `[n, hidden]`.
     fn embed_ids(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let h = self.hidden;
+        let h = self.g.hidden;
         let mut x = Vec::with_capacity(ids.len() * h);
         for &id in ids {
             let id = id as usize;
-            if id >= self.vocab {
-                return Err(Error::Model(format!("llama: token id {id} outside the vocabulary of {}", self.vocab)));
+            if id >= self.g.vocab {
+                return Err(Error::Model(format!("decoder: token id {id} outside the vocabulary of {}", self.g.vocab)));
             }
-            x.extend_from_slice(&self.embed[id * h..(id + 1) * h]);
+            x.extend(self.embed[id * h..(id + 1) * h].iter().map(|v| v * self.embed_scale));
         }
         Ok(x)
     }
 
     /// Attention context of block `l` for residual stream `x` (the input of `o_proj`).
     fn attn_context(&self, l: &Layer, x: &[f32]) -> Result<Vec<f32>> {
-        let n = x.len() / self.hidden;
+        let n = x.len() / self.g.hidden;
         let a = self.rms(x, &l.ln_in);
         let mut q = l.q.apply(&a)?;
         let mut k = l.k.apply(&a)?;
         let v = l.v.apply(&a)?;
-        self.rope(&mut q, n, self.heads);
-        self.rope(&mut k, n, self.kv_heads);
-        Ok(self.attention(&q, &k, &v, n))
+        if let Some(w) = &l.q_norm {
+            q = self.rms(&q, w);
+        }
+        if let Some(w) = &l.k_norm {
+            k = self.rms(&k, w);
+        }
+        self.rope(&mut q, n, self.g.heads, &l.inv_freq);
+        self.rope(&mut k, n, self.g.kv_heads, &l.inv_freq);
+        Ok(self.attention(&q, &k, &v, n, l.window))
     }
 
-    /// SwiGLU activation of block `l` for residual stream `x` (the input of `down_proj`).
-    fn mlp_act(l: &Layer, a: &[f32]) -> Result<Vec<f32>> {
+    /// What block `l`'s attention adds to the residual stream, from its context.
+    fn attn_out(&self, l: &Layer, ctx: &[f32]) -> Result<Vec<f32>> {
+        let o = l.o.apply(ctx)?;
+        Ok(match &l.post_attn {
+            Some(w) => self.rms(&o, w),
+            None => o,
+        })
+    }
+
+    /// The gated activation of block `l`'s MLP for its normed input `a` (the input of
+    /// `down_proj`): SwiGLU, or GeGLU with tanh-approximated GELU (Gemma).
+    fn mlp_act(&self, l: &Layer, a: &[f32]) -> Result<Vec<f32>> {
         let g = l.gate.apply(a)?;
         let u = l.up.apply(a)?;
-        Ok(g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect())
+        Ok(if self.gelu {
+            const C: f32 = 0.797_884_6; // √(2/π)
+            g.iter().zip(&u).map(|(g, u)| 0.5 * g * (1.0 + (C * (g + 0.044_715 * g * g * g)).tanh()) * u).collect()
+        } else {
+            g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect()
+        })
     }
 
-    /// `x += o_proj(attention(x))`: block `l`'s attention half on the residual stream.
+    /// What block `l`'s MLP adds to the residual stream, from its activation.
+    fn mlp_out(&self, l: &Layer, act: &[f32]) -> Result<Vec<f32>> {
+        let d = l.down.apply(act)?;
+        Ok(match &l.post_ffn {
+            Some(w) => self.rms(&d, w),
+            None => d,
+        })
+    }
+
+    /// `x += attention(x)`: block `l`'s attention half on the residual stream.
     fn add_attention(&self, l: &Layer, x: &mut [f32]) -> Result<()> {
-        let o = l.o.apply(&self.attn_context(l, x)?)?;
+        let o = self.attn_out(l, &self.attn_context(l, x)?)?;
         x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
         Ok(())
     }
 
-    /// `x += down_proj(swiglu(post_norm(x)))`: block `l`'s MLP half on the residual stream.
+    /// `x += mlp(norm(x))`: block `l`'s MLP half on the residual stream.
     fn add_mlp(&self, l: &Layer, x: &mut [f32]) -> Result<()> {
-        let d = l.down.apply(&Self::mlp_act(l, &self.rms(x, &l.ln_post))?)?;
+        let d = self.mlp_out(l, &self.mlp_act(l, &self.rms(x, &l.ln_ffn))?)?;
         x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
         Ok(())
     }
@@ -276,7 +348,7 @@ impl Llama {
                 let before = x.clone();
                 self.add_attention(l, &mut x)?;
                 self.add_mlp(l, &mut x)?;
-                a.add(&before, &x, self.hidden);
+                a.add(&before, &x, self.g.hidden);
             }
         }
         Ok(acc.into_iter().map(crate::calibrate::CosMean::mean).collect())
@@ -288,7 +360,7 @@ impl Llama {
         let mut ids = ids.to_vec();
         for _ in 0..steps {
             let lg = self.logits(&ids)?;
-            let last = &lg[lg.len() - self.vocab..];
+            let last = &lg[lg.len() - self.g.vocab..];
             ids.push(last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i as u32));
         }
         Ok(ids)
@@ -303,17 +375,17 @@ impl Llama {
     where
         F: FnMut(&str, &[f32], (usize, usize), Vec<f64>) -> Result<Option<Vec<f32>>>,
     {
+        let f = self.g.family;
         let mut xs: Vec<Vec<f32>> = windows.iter().map(|w| self.embed_ids(w)).collect::<Result<_>>()?;
         for li in 0..self.layers.len() {
-            let p = format!("model.layers.{li}");
             // q, k, v: inputs are the normed residual stream.
-            let mut hq = Hessian::new(self.hidden);
+            let mut hq = Hessian::new(self.g.hidden);
             for x in &xs {
                 hq.add(&self.rms(x, &self.layers[li].ln_in));
             }
             let l = &mut self.layers[li];
-            for (lin, n) in [(&mut l.q, "q_proj"), (&mut l.k, "k_proj"), (&mut l.v, "v_proj")] {
-                requantize(lin, &format!("{p}.self_attn.{n}.weight"), hq.h.clone(), &mut quantize)?;
+            for (lin, r) in [(&mut l.q, Role::Q), (&mut l.k, Role::K), (&mut l.v, Role::V)] {
+                requantize(lin, &f.hf(r, li), hq.h.clone(), &mut quantize)?;
             }
             // o: inputs are the attention contexts (computed with the quantized q, k, v).
             let ctxs: Vec<Vec<f32>> =
@@ -322,24 +394,24 @@ impl Llama {
             for c in &ctxs {
                 ho.add(c);
             }
-            requantize(&mut self.layers[li].o, &format!("{p}.self_attn.o_proj.weight"), ho.h, &mut quantize)?;
-            let mut hm = Hessian::new(self.hidden);
+            requantize(&mut self.layers[li].o, &f.hf(Role::O, li), ho.h, &mut quantize)?;
+            let mut hm = Hessian::new(self.g.hidden);
             for (x, c) in xs.iter_mut().zip(&ctxs) {
-                let o = self.layers[li].o.apply(c)?;
+                let o = self.attn_out(&self.layers[li], c)?;
                 x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
-                hm.add(&self.rms(x, &self.layers[li].ln_post));
+                hm.add(&self.rms(x, &self.layers[li].ln_ffn));
             }
             drop(ctxs);
             let l = &mut self.layers[li];
-            for (lin, n) in [(&mut l.gate, "gate_proj"), (&mut l.up, "up_proj")] {
-                requantize(lin, &format!("{p}.mlp.{n}.weight"), hm.h.clone(), &mut quantize)?;
+            for (lin, r) in [(&mut l.gate, Role::Gate), (&mut l.up, Role::Up)] {
+                requantize(lin, &f.hf(r, li), hm.h.clone(), &mut quantize)?;
             }
-            // down: inputs are the SwiGLU activations (from the quantized gate and up).
+            // down: inputs are the gated activations (from the quantized gate and up).
             let mut hd = Hessian::new(self.layers[li].down.inp);
             for x in &xs {
-                hd.add(&Self::mlp_act(&self.layers[li], &self.rms(x, &self.layers[li].ln_post))?);
+                hd.add(&self.mlp_act(&self.layers[li], &self.rms(x, &self.layers[li].ln_ffn))?);
             }
-            requantize(&mut self.layers[li].down, &format!("{p}.mlp.down_proj.weight"), hd.h, &mut quantize)?;
+            requantize(&mut self.layers[li].down, &f.hf(Role::Down, li), hd.h, &mut quantize)?;
             for x in &mut xs {
                 self.add_mlp(&self.layers[li], x)?;
             }
@@ -348,13 +420,19 @@ impl Llama {
         Ok(())
     }
 
+    /// A norm gain as stored (without the `1 + w` offset added at load).
+    fn stored_norm(&self, w: &[f32]) -> Calibrated {
+        Calibrated::Dense(w.iter().map(|v| v - self.norm_add).collect())
+    }
+
     /// AWQ, one block at a time: for each group of linear layers sharing an input (q/k/v;
     /// gate/up; down) whose members are all `selected`, search `s = mean|x|^α` on a grid of α,
     /// minimising the group's output error after rounding `W·diag(s)` (α = 0 is plain RTN, so
     /// the search never does worse than RTN on its objective), fold `1/s` into the producer of
-    /// the input (the norms; `up_proj`'s rows for `down_proj`), and finally round every selected
-    /// matrix of the block. Returns the quantized matrices and the rewritten dense tensors.
-    /// `selected(name)` gives the dtype and shape of a tensor to quantize.
+    /// the input (the norms in front of attention and MLP; `up_proj`'s rows for `down_proj`),
+    /// and finally round every selected matrix of the block. Returns the quantized matrices and
+    /// the rewritten dense tensors. `selected(name)` gives the dtype and shape of a tensor to
+    /// quantize.
     pub fn awq(
         &mut self,
         windows: &[Vec<u32>],
@@ -363,15 +441,14 @@ impl Llama {
         selected: Selected<'_>,
         progress: &dyn Fn(),
     ) -> Result<BTreeMap<String, Calibrated>> {
+        let f = self.g.family;
         let mut out = BTreeMap::new();
         let mut xs: Vec<Vec<f32>> = windows.iter().map(|w| self.embed_ids(w)).collect::<Result<_>>()?;
-        let h = self.hidden;
+        let h = self.g.hidden;
         for li in 0..self.layers.len() {
-            let p = format!("model.layers.{li}");
-            let name = |n: &str| format!("{p}.{n}.weight");
-            let all = |ns: &[&str]| ns.iter().all(|n| selected(&name(n)).is_some());
-            // q, k, v: scales folded into input_layernorm.
-            if all(&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]) {
+            let all = |rs: &[Role]| rs.iter().all(|r| selected(&f.hf(*r, li)).is_some());
+            // q, k, v: scales folded into the attention norm.
+            if all(&[Role::Q, Role::K, Role::V]) {
                 let a: Vec<f32> = xs.iter().flat_map(|x| self.rms(x, &self.layers[li].ln_in)).collect();
                 let l = &self.layers[li];
                 let s = awq_search(&a, h, &[dense(&l.q)?, dense(&l.k)?, dense(&l.v)?], scheme, grid);
@@ -382,39 +459,39 @@ impl Llama {
                 for lin in [&mut l.q, &mut l.k, &mut l.v] {
                     scale_columns(lin, &s)?;
                 }
-                out.insert(format!("{p}.input_layernorm.weight"), Calibrated::Dense(l.ln_in.clone()));
+                out.insert(f.hf(Role::AttnNorm, li), self.stored_norm(&self.layers[li].ln_in));
             }
             for x in &mut xs {
                 self.add_attention(&self.layers[li], x)?;
             }
-            // gate, up: scales folded into post_attention_layernorm.
-            if all(&["mlp.gate_proj", "mlp.up_proj"]) {
-                let a: Vec<f32> = xs.iter().flat_map(|x| self.rms(x, &self.layers[li].ln_post)).collect();
+            // gate, up: scales folded into the norm in front of the MLP.
+            if all(&[Role::Gate, Role::Up]) {
+                let a: Vec<f32> = xs.iter().flat_map(|x| self.rms(x, &self.layers[li].ln_ffn)).collect();
                 let l = &self.layers[li];
                 let s = awq_search(&a, h, &[dense(&l.gate)?, dense(&l.up)?], scheme, grid);
                 let l = &mut self.layers[li];
-                for (g, s) in l.ln_post.iter_mut().zip(&s) {
+                for (g, s) in l.ln_ffn.iter_mut().zip(&s) {
                     *g /= s;
                 }
                 for lin in [&mut l.gate, &mut l.up] {
                     scale_columns(lin, &s)?;
                 }
-                out.insert(format!("{p}.post_attention_layernorm.weight"), Calibrated::Dense(l.ln_post.clone()));
+                out.insert(f.hf(Role::FfnNorm, li), self.stored_norm(&self.layers[li].ln_ffn));
             }
-            // down: scales folded into up_proj's rows (the SwiGLU product is linear in up).
-            if all(&["mlp.down_proj"]) {
+            // down: scales folded into up_proj's rows (the gated product is linear in up).
+            if all(&[Role::Down]) {
                 let l = &self.layers[li];
                 let mut act = Vec::new();
                 for x in &xs {
-                    act.extend(Self::mlp_act(l, &self.rms(x, &l.ln_post))?);
+                    act.extend(self.mlp_act(l, &self.rms(x, &l.ln_ffn))?);
                 }
                 let s = awq_search(&act, l.down.inp, &[dense(&l.down)?], scheme, grid);
                 let l = &mut self.layers[li];
                 scale_columns(&mut l.down, &s)?;
                 let inv: Vec<f32> = s.iter().map(|v| 1.0 / v).collect();
                 scale_rows(&mut l.up, &inv)?;
-                if selected(&name("mlp.up_proj")).is_none() {
-                    out.insert(name("mlp.up_proj"), Calibrated::Dense(dense(&l.up)?.to_vec()));
+                if selected(&f.hf(Role::Up, li)).is_none() {
+                    out.insert(f.hf(Role::Up, li), Calibrated::Dense(dense(&l.up)?.to_vec()));
                 }
             }
             for x in &mut xs {
@@ -422,16 +499,9 @@ impl Llama {
             }
             // Round every selected matrix of the block, scaled or not.
             let l = &self.layers[li];
-            for (lin, n) in [
-                (&l.q, "self_attn.q_proj"),
-                (&l.k, "self_attn.k_proj"),
-                (&l.v, "self_attn.v_proj"),
-                (&l.o, "self_attn.o_proj"),
-                (&l.gate, "mlp.gate_proj"),
-                (&l.up, "mlp.up_proj"),
-                (&l.down, "mlp.down_proj"),
-            ] {
-                let full = name(n);
+            let lins = [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down];
+            for (lin, role) in lins.into_iter().zip(Role::LINEAR) {
+                let full = f.hf(role, li);
                 let Some((dtype, shape)) = selected(&full) else { continue };
                 let bytes = dtype
                     .encode_f32(dense(lin)?)
@@ -454,6 +524,7 @@ impl Llama {
                 }
             }
         }
+        let f = self.g.family;
         let mut xs: Vec<Vec<f32>> = windows.iter().map(|w| self.embed_ids(w)).collect::<Result<_>>()?;
         let tokens = windows.iter().map(Vec::len).sum::<usize>().max(1) as f64;
         let mut out = BTreeMap::new();
@@ -461,36 +532,35 @@ impl Llama {
             out.insert(name, m.iter().map(|v| (v / tokens) as f32).collect::<Vec<f32>>());
         };
         for (li, l) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{li}");
-            let (mut m_in, mut m_o) = (vec![0f64; self.hidden], vec![0f64; l.o.inp]);
-            let (mut m_post, mut m_down) = (vec![0f64; self.hidden], vec![0f64; l.down.inp]);
+            let (mut m_in, mut m_o) = (vec![0f64; self.g.hidden], vec![0f64; l.o.inp]);
+            let (mut m_post, mut m_down) = (vec![0f64; self.g.hidden], vec![0f64; l.down.inp]);
             for x in &mut xs {
                 acc(&mut m_in, &self.rms(x, &l.ln_in));
                 let c = self.attn_context(l, x)?;
                 acc(&mut m_o, &c);
-                let o = l.o.apply(&c)?;
+                let o = self.attn_out(l, &c)?;
                 x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
-                let a = self.rms(x, &l.ln_post);
+                let a = self.rms(x, &l.ln_ffn);
                 acc(&mut m_post, &a);
-                let act = Self::mlp_act(l, &a)?;
+                let act = self.mlp_act(l, &a)?;
                 acc(&mut m_down, &act);
-                let d = l.down.apply(&act)?;
+                let d = self.mlp_out(l, &act)?;
                 x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
             }
-            for n in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] {
-                put(format!("{p}.{n}.weight"), &m_in);
+            for r in [Role::Q, Role::K, Role::V] {
+                put(f.hf(r, li), &m_in);
             }
-            put(format!("{p}.self_attn.o_proj.weight"), &m_o);
-            put(format!("{p}.mlp.gate_proj.weight"), &m_post);
-            put(format!("{p}.mlp.up_proj.weight"), &m_post);
-            put(format!("{p}.mlp.down_proj.weight"), &m_down);
+            put(f.hf(Role::O, li), &m_o);
+            put(f.hf(Role::Gate, li), &m_post);
+            put(f.hf(Role::Up, li), &m_post);
+            put(f.hf(Role::Down, li), &m_down);
         }
         // The output head (lm_head, or the tied embedding) reads the final normed stream.
-        let mut m = vec![0f64; self.hidden];
+        let mut m = vec![0f64; self.g.hidden];
         for x in &xs {
             acc(&mut m, &self.rms(x, &self.norm));
         }
-        put("lm_head.weight".into(), &m);
+        put(f.hf(Role::Output, 0), &m);
         Ok(out)
     }
 
@@ -510,7 +580,7 @@ impl Llama {
             let lg = self.logits(w)?;
             // Per-position terms in parallel, summed in order (thread-count independent).
             let terms: Vec<f64> = lg
-                .par_chunks(self.vocab)
+                .par_chunks(self.g.vocab)
                 .take(w.len() - 1)
                 .enumerate()
                 .map(|(t, row)| {
@@ -555,7 +625,7 @@ where
 {
     let Some(w) = lin.dense() else { return Ok(()) };
     if let Some(new) = quantize(name, w, (lin.out, lin.inp), h)? {
-        *lin = Lin::new(crate::linear::Matrix::Dense(new), lin.out, lin.inp, None, &Device::Cpu)?;
+        *lin = lin.with_dense(new)?;
     }
     Ok(())
 }
@@ -575,11 +645,11 @@ fn scale_columns(lin: &mut Lin, s: &[f32]) -> Result<()> {
             *v *= s;
         }
     }
-    *lin = Lin::new(crate::linear::Matrix::Dense(w), lin.out, lin.inp, None, &Device::Cpu)?;
+    *lin = lin.with_dense(w)?;
     Ok(())
 }
 
-/// `diag(s)·W`: row `r` times `s[r]`.
+/// `diag(s)·W`: row `r` times `s[r]` (and its bias, so the layer's output row scales by `s[r]`).
 fn scale_rows(lin: &mut Lin, s: &[f32]) -> Result<()> {
     let mut w = dense(lin)?.to_vec();
     for (row, s) in w.chunks_mut(lin.inp).zip(s) {
@@ -587,7 +657,8 @@ fn scale_rows(lin: &mut Lin, s: &[f32]) -> Result<()> {
             *v *= s;
         }
     }
-    *lin = Lin::new(crate::linear::Matrix::Dense(w), lin.out, lin.inp, None, &Device::Cpu)?;
+    let bias = lin.bias().map(|b| b.iter().zip(s).map(|(b, s)| b * s).collect());
+    *lin = Lin::new(crate::linear::Matrix::Dense(w), lin.out, lin.inp, bias, &Device::Cpu)?;
     Ok(())
 }
 

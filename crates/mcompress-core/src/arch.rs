@@ -1,0 +1,644 @@
+//! What a decoder model is, in one place: the families mcompress reads (llama, Qwen2, Gemma 3),
+//! their geometry parsed once from config.json, the table of tensor roles with each family's
+//! Hugging Face and GGUF names (read both ways), the `{arch}.*` GGUF keys, whether GGUF stores
+//! Q/K rows permuted or norms offset, and a completeness check that accounts for every tensor.
+//!
+//! Adding a family is a row in [`Family`]'s tables and, where its forward pass differs, the
+//! switches in [`Geometry`] (see docs/architecture.md). Modelled on llama.cpp's `llm_arch`
+//! tensor tables and candle's per-family `Config`.
+
+use serde_json::Value;
+
+use crate::config::{MAX_DIM, dim};
+
+/// A decoder family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    /// Llama (SmolLM2, Llama 2/3): RMSNorm, SwiGLU, rotary, grouped-query attention.
+    Llama,
+    /// Qwen2 / Qwen2.5: llama with biases on q, k and v.
+    Qwen2,
+    /// Gemma 3 (text): (1+w) RMSNorm before and after attention and MLP, q/k norms, GeGLU,
+    /// embeddings scaled by √hidden, sliding-window layers with their own rope base.
+    Gemma3,
+}
+
+/// What a tensor is, independent of how a family spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[allow(missing_docs)] // the names say it
+pub enum Role {
+    Embed,
+    Output,
+    OutputNorm,
+    AttnNorm,
+    Q,
+    K,
+    V,
+    O,
+    QBias,
+    KBias,
+    VBias,
+    QNorm,
+    KNorm,
+    PostAttnNorm,
+    FfnNorm,
+    PostFfnNorm,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Role {
+    /// Whether the role is one tensor per block (`model.layers.{i}.…`).
+    pub fn per_layer(self) -> bool {
+        !matches!(self, Role::Embed | Role::Output | Role::OutputNorm)
+    }
+
+    /// Whether the tensor is a norm's gain vector.
+    pub fn is_norm(self) -> bool {
+        matches!(
+            self,
+            Role::OutputNorm
+                | Role::AttnNorm
+                | Role::QNorm
+                | Role::KNorm
+                | Role::PostAttnNorm
+                | Role::FfnNorm
+                | Role::PostFfnNorm
+        )
+    }
+
+    /// The linear layers of a block, in forward order.
+    pub const LINEAR: [Role; 7] = [Role::Q, Role::K, Role::V, Role::O, Role::Gate, Role::Up, Role::Down];
+}
+
+/// (role, Hugging Face name after `model.layers.{i}.` or in full, GGUF name after `blk.{i}.` or in full).
+type Row = (Role, &'static str, &'static str);
+
+const COMMON: &[Row] = &[
+    (Role::Embed, "model.embed_tokens.weight", "token_embd.weight"),
+    (Role::Output, "lm_head.weight", "output.weight"),
+    (Role::OutputNorm, "model.norm.weight", "output_norm.weight"),
+    (Role::AttnNorm, "input_layernorm.weight", "attn_norm.weight"),
+    (Role::Q, "self_attn.q_proj.weight", "attn_q.weight"),
+    (Role::K, "self_attn.k_proj.weight", "attn_k.weight"),
+    (Role::V, "self_attn.v_proj.weight", "attn_v.weight"),
+    (Role::O, "self_attn.o_proj.weight", "attn_output.weight"),
+    (Role::Gate, "mlp.gate_proj.weight", "ffn_gate.weight"),
+    (Role::Up, "mlp.up_proj.weight", "ffn_up.weight"),
+    (Role::Down, "mlp.down_proj.weight", "ffn_down.weight"),
+];
+
+const LLAMA: &[Row] = &[(Role::FfnNorm, "post_attention_layernorm.weight", "ffn_norm.weight")];
+
+const QWEN2: &[Row] = &[
+    (Role::FfnNorm, "post_attention_layernorm.weight", "ffn_norm.weight"),
+    (Role::QBias, "self_attn.q_proj.bias", "attn_q.bias"),
+    (Role::KBias, "self_attn.k_proj.bias", "attn_k.bias"),
+    (Role::VBias, "self_attn.v_proj.bias", "attn_v.bias"),
+];
+
+const GEMMA3: &[Row] = &[
+    (Role::QNorm, "self_attn.q_norm.weight", "attn_q_norm.weight"),
+    (Role::KNorm, "self_attn.k_norm.weight", "attn_k_norm.weight"),
+    (Role::PostAttnNorm, "post_attention_layernorm.weight", "post_attention_norm.weight"),
+    (Role::FfnNorm, "pre_feedforward_layernorm.weight", "ffn_norm.weight"),
+    (Role::PostFfnNorm, "post_feedforward_layernorm.weight", "post_ffw_norm.weight"),
+];
+
+/// Hugging Face prefix of block tensors.
+const HF_LAYER: &str = "model.layers.";
+/// GGUF prefix of block tensors.
+const GGUF_LAYER: &str = "blk.";
+
+impl Family {
+    /// Every family.
+    pub const ALL: [Family; 3] = [Family::Llama, Family::Qwen2, Family::Gemma3];
+
+    /// The family of a config.json `model_type`.
+    pub fn from_model_type(t: &str) -> Option<Family> {
+        Some(match t {
+            "llama" => Family::Llama,
+            "qwen2" => Family::Qwen2,
+            "gemma3_text" => Family::Gemma3,
+            _ => return None,
+        })
+    }
+
+    /// The family of a config.json, by `model_type`.
+    pub fn of_config(config: &Value) -> Option<Family> {
+        config["model_type"].as_str().and_then(Family::from_model_type)
+    }
+
+    /// The family of a GGUF `general.architecture`.
+    pub fn from_gguf(arch: &str) -> Option<Family> {
+        Self::ALL.into_iter().find(|f| f.gguf_arch() == arch)
+    }
+
+    /// config.json's `model_type`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Qwen2 => "qwen2",
+            Family::Gemma3 => "gemma3_text",
+        }
+    }
+
+    /// transformers' class (config.json `architectures`).
+    pub fn hf_class(self) -> &'static str {
+        match self {
+            Family::Llama => "LlamaForCausalLM",
+            Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Gemma3 => "Gemma3ForCausalLM",
+        }
+    }
+
+    /// GGUF `general.architecture`, the prefix of its `{arch}.*` keys.
+    pub fn gguf_arch(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Qwen2 => "qwen2",
+            Family::Gemma3 => "gemma3",
+        }
+    }
+
+    /// Whether llama.cpp's converter permutes Q and K rows for its rotary layout (llama only;
+    /// Qwen2 and Gemma use the NeoX layout, stored as Hugging Face stores it).
+    pub fn permutes_qk(self) -> bool {
+        self == Family::Llama
+    }
+
+    /// What GGUF adds to every norm gain: Gemma stores `1 + w` (its RMSNorm multiplies by
+    /// `1 + w`; llama.cpp's by the stored value), the others store `w`.
+    pub fn gguf_norm_offset(self) -> f32 {
+        if self == Family::Gemma3 { 1.0 } else { 0.0 }
+    }
+
+    fn rows(self) -> impl Iterator<Item = &'static Row> {
+        let own = match self {
+            Family::Llama => LLAMA,
+            Family::Qwen2 => QWEN2,
+            Family::Gemma3 => GEMMA3,
+        };
+        COMMON.iter().chain(own)
+    }
+
+    /// Roles this family has (whether optional or not).
+    pub fn roles(self) -> impl Iterator<Item = Role> {
+        self.rows().map(|r| r.0)
+    }
+
+    /// Whether the family has this role.
+    pub fn has(self, role: Role) -> bool {
+        self.rows().any(|r| r.0 == role)
+    }
+
+    /// The Hugging Face name of a role (`layer` for per-block roles).
+    ///
+    /// # Panics
+    /// A role the family does not have, or a per-block role without a layer (programming errors).
+    pub fn hf(self, role: Role, layer: usize) -> String {
+        let row = self.rows().find(|r| r.0 == role).unwrap_or_else(|| panic!("{self:?} has no {role:?}"));
+        if role.per_layer() { format!("{HF_LAYER}{layer}.{}", row.1) } else { row.1.to_string() }
+    }
+
+    /// The role and block of a Hugging Face tensor name.
+    pub fn parse_hf(self, name: &str) -> Option<(Role, Option<usize>)> {
+        parse(self.rows().map(|r| (r.0, r.1)), HF_LAYER, name)
+    }
+
+    /// The role and block of a GGUF tensor name.
+    pub fn parse_gguf(self, name: &str) -> Option<(Role, Option<usize>)> {
+        parse(self.rows().map(|r| (r.0, r.2)), GGUF_LAYER, name)
+    }
+
+    /// The GGUF name of a Hugging Face tensor name.
+    pub fn gguf_name(self, hf: &str) -> Option<String> {
+        let (role, layer) = self.parse_hf(hf)?;
+        let row = self.rows().find(|r| r.0 == role)?;
+        Some(layer.map_or_else(|| row.2.to_string(), |l| format!("{GGUF_LAYER}{l}.{}", row.2)))
+    }
+
+    /// The Hugging Face name of a GGUF tensor name.
+    pub fn hf_name(self, gguf: &str) -> Option<String> {
+        let (role, layer) = self.parse_gguf(gguf)?;
+        Some(self.hf(role, layer.unwrap_or(0)))
+    }
+}
+
+fn parse(rows: impl Iterator<Item = (Role, &'static str)>, prefix: &str, name: &str) -> Option<(Role, Option<usize>)> {
+    let layered = name.strip_prefix(prefix).and_then(|rest| {
+        let (l, rest) = rest.split_once('.')?;
+        // Canonical block numbers only ("07" would alias "7").
+        if l.is_empty() || (l.len() > 1 && l.starts_with('0')) {
+            return None;
+        }
+        Some((l.parse::<usize>().ok()?, rest))
+    });
+    for (role, n) in rows {
+        if role.per_layer() {
+            if let Some((l, rest)) = layered
+                && rest == n
+            {
+                return Some((role, Some(l)));
+            }
+        } else if name == n {
+            return Some((role, None));
+        }
+    }
+    None
+}
+
+/// Geometry and forward-pass switches of a decoder, parsed once from config.json.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Geometry {
+    /// Family.
+    pub family: Family,
+    /// Residual width.
+    pub hidden: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+    /// MLP width.
+    pub intermediate: usize,
+    /// Blocks.
+    pub layers: usize,
+    /// Vocabulary.
+    pub vocab: usize,
+    /// RMSNorm epsilon.
+    pub eps: f64,
+    /// Rotary base of full-attention layers.
+    pub rope_theta: f64,
+    /// Rotary base of sliding-window layers (Gemma 3's `rope_local_base_freq`).
+    pub rope_local_theta: f64,
+    /// Per block: the sliding window it attends over, `None` for full attention.
+    pub windows: Vec<Option<usize>>,
+    /// Attention score scale (`1/√head_dim`, Gemma's `query_pre_attn_scalar^-½`).
+    pub attn_scale: f64,
+    /// Whether lm_head is the embedding matrix.
+    pub tied: bool,
+    /// Context length.
+    pub max_positions: usize,
+}
+
+impl Geometry {
+    /// Parses and checks config.json. Errors name the key.
+    pub fn from_config(config: &Value) -> Result<Geometry, String> {
+        let model_type = config["model_type"].as_str().unwrap_or("");
+        let family = Family::from_model_type(model_type).ok_or_else(|| {
+            format!("config.json: model_type {model_type:?} is not a decoder family mcompress reads (llama, qwen2, gemma3_text)")
+        })?;
+        let u = |k: &str| dim(config, k);
+        let uo = |k: &str| if config[k].is_null() { Ok(None) } else { dim(config, k).map(Some) };
+        let f = |k: &str, default: f64| match &config[k] {
+            Value::Null => Ok(default),
+            v => v
+                .as_f64()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| format!("config.json: {k} = {v}: must be a positive finite number")),
+        };
+        let (hidden, heads, layers) = (u("hidden_size")?, u("num_attention_heads")?, u("num_hidden_layers")?);
+        let kv_heads = uo("num_key_value_heads")?.unwrap_or(heads);
+        let head_dim = match uo("head_dim")? {
+            Some(d) => d,
+            None if hidden.is_multiple_of(heads) => hidden / heads,
+            None => {
+                return Err(format!("config.json: {heads} heads do not divide hidden_size {hidden} (and no head_dim)"));
+            }
+        };
+        if !heads.is_multiple_of(kv_heads) || head_dim % 2 != 0 {
+            return Err(format!(
+                "config.json: num_attention_heads {heads} / num_key_value_heads {kv_heads} / head_dim {head_dim}: \
+                 the heads must be a multiple of the KV heads and head_dim even"
+            ));
+        }
+        let rope_theta = rope(config, "full_attention", "rope_theta")?.unwrap_or(match family {
+            Family::Llama => 10_000.0,
+            Family::Qwen2 | Family::Gemma3 => 1_000_000.0,
+        });
+        let rope_local_theta = rope(config, "sliding_attention", "rope_local_base_freq")?.unwrap_or(10_000.0);
+        let eps = f("rms_norm_eps", if family == Family::Gemma3 { 1e-6 } else { 1e-5 })?;
+        let windows = windows(config, family, layers)?;
+        let attn_scale = match family {
+            Family::Gemma3 => 1.0 / f("query_pre_attn_scalar", 256.0)?.sqrt(),
+            _ => 1.0 / (head_dim as f64).sqrt(),
+        };
+        let tied = match &config["tie_word_embeddings"] {
+            Value::Bool(b) => *b,
+            Value::Null => family == Family::Gemma3,
+            v => return Err(format!("config.json: tie_word_embeddings = {v}: must be true or false")),
+        };
+        for k in ["attn_logit_softcapping", "final_logit_softcapping"] {
+            if !config[k].is_null() {
+                return Err(format!("config.json: {k} is set; logit soft-capping (Gemma 2) is not implemented"));
+            }
+        }
+        if family != Family::Gemma3 && !config["rope_scaling"].is_null() {
+            return Err("config.json: rope_scaling is set; scaled rotary embeddings are not implemented".into());
+        }
+        Ok(Geometry {
+            family,
+            hidden,
+            heads,
+            kv_heads,
+            head_dim,
+            intermediate: u("intermediate_size")?,
+            layers,
+            vocab: u("vocab_size")?,
+            eps,
+            rope_theta,
+            rope_local_theta,
+            windows,
+            attn_scale,
+            tied,
+            max_positions: uo("max_position_embeddings")?.unwrap_or(2048),
+        })
+    }
+
+    /// The shape a tensor of this role must have.
+    pub fn shape(&self, role: Role) -> Vec<usize> {
+        let (h, q, kv, i) = (self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate);
+        match role {
+            Role::Embed | Role::Output => vec![self.vocab, h],
+            Role::OutputNorm | Role::AttnNorm | Role::PostAttnNorm | Role::FfnNorm | Role::PostFfnNorm => vec![h],
+            Role::Q => vec![q, h],
+            Role::K | Role::V => vec![kv, h],
+            Role::O => vec![h, q],
+            Role::QBias => vec![q],
+            Role::KBias | Role::VBias => vec![kv],
+            Role::QNorm | Role::KNorm => vec![self.head_dim],
+            Role::Gate | Role::Up => vec![i, h],
+            Role::Down => vec![h, i],
+        }
+    }
+
+    /// Every tensor the model must have, by Hugging Face name, with its shape (lm_head only when
+    /// untied).
+    pub fn expected(&self) -> Vec<(String, Role, Vec<usize>)> {
+        let mut out = Vec::new();
+        for role in self.family.roles() {
+            if role == Role::Output && self.tied {
+                continue;
+            }
+            if role.per_layer() {
+                out.extend((0..self.layers).map(|l| (self.family.hf(role, l), role, self.shape(role))));
+            } else {
+                out.push((self.family.hf(role, 0), role, self.shape(role)));
+            }
+        }
+        out
+    }
+
+    /// The completeness check: `tensors` (name, shape) are exactly the model's — every expected
+    /// tensor present with its shape, nothing unaccounted for. A tied model may carry an
+    /// lm_head anyway (some exporters write it); it is then used.
+    ///
+    /// # Errors
+    /// The first missing, misshapen or unknown tensor, named.
+    pub fn check_tensors<'a>(&self, tensors: impl IntoIterator<Item = (&'a str, &'a [usize])>) -> Result<(), String> {
+        let expected = self.expected();
+        let mut want: std::collections::BTreeMap<&str, &[usize]> =
+            expected.iter().map(|(n, _, s)| (n.as_str(), s.as_slice())).collect();
+        let output = self.family.hf(Role::Output, 0);
+        let output_shape = self.shape(Role::Output);
+        for (name, shape) in tensors {
+            match want.remove(name) {
+                Some(s) if s == shape => {}
+                Some(s) => return Err(format!("tensor {name} has shape {shape:?}, expected {s:?}")),
+                None if name == output && self.tied && shape == output_shape.as_slice() => {}
+                None => {
+                    return Err(format!(
+                        "tensor {name} is not part of a {} model with this config.json (a tensor the eval would ignore)",
+                        self.family.model_type()
+                    ));
+                }
+            }
+        }
+        match want.into_keys().next() {
+            Some(missing) => Err(format!("tensor {missing} missing")),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A rope base from `rope_parameters[kind].rope_theta` (transformers 5) or the legacy key.
+fn rope(config: &Value, kind: &str, legacy: &str) -> Result<Option<f64>, String> {
+    let params = &config["rope_parameters"];
+    let v = if params[kind].is_object() {
+        &params[kind]["rope_theta"]
+    } else if params.is_object() && legacy == "rope_theta" {
+        &params["rope_theta"]
+    } else {
+        &config[legacy]
+    };
+    for p in [&params[kind], params] {
+        if let Some(t) = p["rope_type"].as_str()
+            && t != "default"
+        {
+            return Err(format!("config.json: rope_type {t:?}: scaled rotary embeddings are not implemented"));
+        }
+    }
+    match v {
+        Value::Null => Ok(None),
+        v => v
+            .as_f64()
+            .filter(|x| x.is_finite() && *x > 0.0)
+            .map(Some)
+            .ok_or_else(|| format!("config.json: {legacy} = {v}: must be a positive finite number")),
+    }
+}
+
+/// Per block: the sliding window, from `layer_types` (or Gemma 3's every-sixth-layer-global
+/// pattern, or Qwen2's `use_sliding_window`).
+fn windows(config: &Value, family: Family, layers: usize) -> Result<Vec<Option<usize>>, String> {
+    let window = match &config["sliding_window"] {
+        Value::Null => None,
+        v => Some(
+            v.as_u64()
+                .filter(|&w| w > 0 && w <= MAX_DIM)
+                .ok_or_else(|| format!("config.json: sliding_window = {v}: must be between 1 and {MAX_DIM}"))?
+                as usize,
+        ),
+    };
+    let sliding: Vec<bool> = if let Some(types) = config["layer_types"].as_array() {
+        if types.len() != layers {
+            return Err(format!("config.json: layer_types has {} entries for {layers} layers", types.len()));
+        }
+        types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sliding_attention") => Ok(true),
+                Some("full_attention") => Ok(false),
+                _ => Err(format!("config.json: layer_types entry {t}: sliding_attention or full_attention")),
+            })
+            .collect::<Result<_, _>>()?
+    } else {
+        match family {
+            Family::Gemma3 => {
+                let pattern = config["sliding_window_pattern"].as_u64().unwrap_or(6).max(1) as usize;
+                (0..layers).map(|i| (i + 1) % pattern != 0).collect()
+            }
+            Family::Qwen2 if config["use_sliding_window"].as_bool() == Some(true) => {
+                let max = config["max_window_layers"].as_u64().unwrap_or(layers as u64) as usize;
+                (0..layers).map(|i| i >= max).collect()
+            }
+            _ => vec![false; layers],
+        }
+    };
+    if sliding.iter().any(|&s| s) && window.is_none() {
+        return Err("config.json: sliding-window layers but no sliding_window".into());
+    }
+    Ok(sliding.into_iter().map(|s| if s { window } else { None }).collect())
+}
+
+/// config.json for a decoder GGUF, from its `{arch}.*` metadata (the fields transformers' config
+/// class for the family reads). `has_output`: the file carries its own output matrix.
+///
+/// # Errors
+/// A missing or out-of-range key, named.
+#[allow(clippy::many_single_char_names)] // g: the file; u, f: its integer and float readers
+pub fn gguf_config(g: &crate::gguf::GgufFile, family: Family, has_output: bool) -> Result<Value, String> {
+    use crate::gguf::GgufValue;
+    let a = family.gguf_arch();
+    let key = |k: &str| format!("{a}.{k}");
+    let u = |k: &str| {
+        let k = key(k);
+        let v = g.get(&k).and_then(GgufValue::as_u64).ok_or_else(|| format!("GGUF: missing or non-integer {k}"))?;
+        if v == 0 || v > MAX_DIM {
+            return Err(format!("GGUF: {k} = {v}: must be between 1 and {MAX_DIM}"));
+        }
+        Ok(v)
+    };
+    let uo = |k: &str| g.get(&key(k)).map(|_| u(k)).transpose();
+    let f = |k: &str| {
+        let k = key(k);
+        match g.get(&k).and_then(GgufValue::as_f64) {
+            Some(v) if !(v.is_finite() && v > 0.0) => Err(format!("GGUF: {k} = {v}: must be a positive finite number")),
+            v => Ok(v),
+        }
+    };
+    let vocab = match g.get(&key("vocab_size")).and_then(GgufValue::as_u64) {
+        Some(v) => v,
+        None => g.get("tokenizer.ggml.tokens").and_then(GgufValue::as_array).map_or(0, |a| a.len() as u64),
+    };
+    if vocab == 0 || vocab > MAX_DIM {
+        return Err(format!("GGUF: vocabulary of {vocab} tokens: must be between 1 and {MAX_DIM}"));
+    }
+    let n_head = u("attention.head_count")?;
+    let n_kv = uo("attention.head_count_kv")?.unwrap_or(n_head);
+    let hidden = u("embedding_length")?;
+    let layers = u("block_count")?;
+    let token = |k: &str| g.get(&format!("tokenizer.ggml.{k}_token_id")).and_then(GgufValue::as_u64);
+    let mut config = serde_json::json!({
+        "architectures": [family.hf_class()],
+        "model_type": family.model_type(),
+        "hidden_size": hidden,
+        "intermediate_size": u("feed_forward_length")?,
+        "num_hidden_layers": layers,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "rms_norm_eps": f("attention.layer_norm_rms_epsilon")?.unwrap_or(if family == Family::Gemma3 { 1e-6 } else { 1e-5 }),
+        "max_position_embeddings": uo("context_length")?.unwrap_or(2048),
+        "vocab_size": vocab,
+        "tie_word_embeddings": !has_output,
+        "bos_token_id": token("bos"),
+        "eos_token_id": token("eos"),
+        "torch_dtype": "float32",
+    });
+    let theta = f("rope.freq_base")?;
+    // A head width other than embedding_length / head_count (heads pruned away, or Gemma's 256).
+    let key_length = uo("attention.key_length")?;
+    match family {
+        Family::Llama => {
+            config["hidden_act"] = "silu".into();
+            config["rope_theta"] = theta.unwrap_or(10_000.0).into();
+            if let Some(hd) = key_length {
+                config["head_dim"] = hd.into();
+            }
+        }
+        Family::Qwen2 => {
+            config["hidden_act"] = "silu".into();
+            config["rope_theta"] = theta.unwrap_or(1_000_000.0).into();
+            config["use_sliding_window"] = false.into();
+            if let Some(hd) = key_length {
+                config["head_dim"] = hd.into();
+            }
+        }
+        Family::Gemma3 => {
+            // llama.cpp's gemma3 loader fixes what the GGUF does not say: every sixth layer is
+            // global, local layers rotate with base 10 000, scores scale by 1/√head_dim (all
+            // sizes but 27B, whose query_pre_attn_scalar is hidden/heads).
+            let hd = key_length.unwrap_or(hidden / n_head);
+            let window = uo("attention.sliding_window")?.unwrap_or(4096);
+            config["hidden_activation"] = "gelu_pytorch_tanh".into();
+            config["head_dim"] = hd.into();
+            config["query_pre_attn_scalar"] = hd.into();
+            config["sliding_window"] = window.into();
+            config["layer_types"] = (0..layers)
+                .map(|i| if (i + 1) % 6 == 0 { "full_attention" } else { "sliding_attention" })
+                .collect::<Vec<_>>()
+                .into();
+            config["rope_theta"] = theta.unwrap_or(1_000_000.0).into();
+            config["rope_local_base_freq"] = 10_000.0.into();
+            config["rope_scaling"] = Value::Null;
+            config["final_logit_softcapping"] = Value::Null;
+            config["attn_logit_softcapping"] = Value::Null;
+            config["pad_token_id"] = token("padding").into();
+        }
+    }
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_names_round_trip_for_every_role_and_family() {
+        for f in Family::ALL {
+            for role in f.roles() {
+                let hf = f.hf(role, 3);
+                let g = f.gguf_name(&hf).unwrap();
+                assert_eq!(f.hf_name(&g).as_deref(), Some(hf.as_str()), "{f:?} {role:?}");
+                assert_eq!(f.parse_hf(&hf), Some((role, role.per_layer().then_some(3))));
+            }
+        }
+        assert_eq!(
+            Family::Gemma3.gguf_name("model.layers.0.pre_feedforward_layernorm.weight").unwrap(),
+            "blk.0.ffn_norm.weight"
+        );
+        assert_eq!(
+            Family::Llama.gguf_name("model.layers.0.post_attention_layernorm.weight").unwrap(),
+            "blk.0.ffn_norm.weight"
+        );
+        assert_eq!(Family::Llama.parse_hf("model.layers.0.self_attn.q_proj.bias"), None);
+        assert_eq!(Family::Llama.parse_hf("model.layers.07.self_attn.q_proj.weight"), None);
+    }
+
+    #[test]
+    fn test_geometry_and_completeness() {
+        let c = serde_json::json!({"model_type": "qwen2", "hidden_size": 8, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "num_hidden_layers": 1, "intermediate_size": 16, "vocab_size": 10,
+            "tie_word_embeddings": true});
+        let g = Geometry::from_config(&c).unwrap();
+        assert_eq!((g.head_dim, g.rope_theta), (4, 1e6));
+        let exp = g.expected();
+        let names: Vec<(&str, &[usize])> = exp.iter().map(|(n, _, s)| (n.as_str(), s.as_slice())).collect();
+        g.check_tensors(names.iter().copied()).unwrap();
+        let short = &names[1..];
+        assert!(g.check_tensors(short.iter().copied()).unwrap_err().contains("missing"));
+        let mut extra = names.clone();
+        extra.push(("model.layers.0.mlp.extra.weight", &[1]));
+        assert!(g.check_tensors(extra).unwrap_err().contains("model.layers.0.mlp.extra.weight"));
+        let gemma = serde_json::json!({"model_type": "gemma3_text", "hidden_size": 8, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "num_hidden_layers": 7, "intermediate_size": 16, "vocab_size": 10,
+            "head_dim": 16, "sliding_window": 4});
+        let g = Geometry::from_config(&gemma).unwrap();
+        assert_eq!(g.windows, vec![Some(4), Some(4), Some(4), Some(4), Some(4), None, Some(4)]);
+        assert!(g.tied);
+        assert!((g.attn_scale - 1.0 / 16.0).abs() < 1e-12);
+    }
+}
