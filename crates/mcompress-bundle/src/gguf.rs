@@ -1,7 +1,9 @@
-//! GGUF export: a llama-architecture file that llama.cpp loads, from the pipeline's output.
+//! GGUF export: a file of the model's architecture (llama, qwen2, gemma3) that llama.cpp loads,
+//! from the pipeline's output.
 //!
-//! - Names and layout: Hugging Face names map to llama.cpp's (`blk.N.attn_q.weight`, ...), Q and K
-//!   rows are permuted back to llama.cpp's rotary layout, dims are written innermost first.
+//! - Names and layout: Hugging Face names map to llama.cpp's (`blk.N.attn_q.weight`, ...) through
+//!   the architecture table ([`mcompress_core::arch`]); llama's Q and K rows are permuted back to
+//!   llama.cpp's rotary layout, Gemma's norms stored as `1 + w`; dims are written innermost first.
 //! - Types: [`TypePolicy`] applies a ggml type or a llama.cpp mix per tensor the way
 //!   `llama-quantize` does (norms F32; the output matrix, or the tied token embedding, Q6_K;
 //!   `attn_v`/`ffn_down` raised in the `_M` mixes; k-quants fall back to Q5_0/Q5_1/Q8_0 when a
@@ -15,7 +17,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use mcompress_core::gguf::{GgmlType, GgufBuilder, GgufLayout, GgufWriter, llama_gguf_name};
+use mcompress_core::arch::{Family, Role};
+use mcompress_core::gguf::{GgmlType, GgufBuilder, GgufLayout, GgufWriter};
 use mcompress_core::{ModelSource, ggml};
 use mcompress_passes::pipeline::Sink;
 use mcompress_passes::{Param, ParamMeta};
@@ -141,6 +144,8 @@ pub(crate) struct TensorPlan {
     pub layer: Option<usize>,
     /// The output matrix, or the token embedding tied to it.
     pub output: bool,
+    /// Added to every value (Gemma's norms: GGUF stores `1 + w`).
+    pub offset: f32,
 }
 
 /// Every tensor of the pipeline's output as it goes into a GGUF, by Hugging Face name.
@@ -148,28 +153,34 @@ pub(crate) fn tensor_plans(
     config: &Value,
     params: &BTreeMap<String, ParamMeta>,
 ) -> Result<BTreeMap<String, TensorPlan>, String> {
-    if config["model_type"].as_str() != Some("llama") {
-        return Err(format!(
-            "GGUF export writes llama-architecture models; this model_type is {:?}",
+    let family = Family::of_config(config).ok_or_else(|| {
+        format!(
+            "GGUF export writes the decoder families llama, qwen2 and gemma3_text; this model_type is {:?}",
             config["model_type"].as_str().unwrap_or("")
-        ));
-    }
+        )
+    })?;
     let n_head = config["num_attention_heads"].as_u64().unwrap_or(0) as usize;
     let n_kv = config["num_key_value_heads"].as_u64().map_or(n_head, |v| v as usize);
-    let tied = !params.contains_key("lm_head.weight");
+    let tied = !params.contains_key(&family.hf(Role::Output, 0));
     let mut out = BTreeMap::new();
     for (name, meta) in params {
-        let (gguf, heads) = llama_gguf_name(name, n_head, n_kv)
-            .ok_or_else(|| format!("tensor {name:?} has no llama.cpp name (GGUF export maps llama tensors)"))?;
+        let (Some((role, layer)), Some(gguf)) = (family.parse_hf(name), family.gguf_name(name)) else {
+            return Err(format!("tensor {name:?} has no llama.cpp name in a {} model", family.gguf_arch()));
+        };
+        let heads = match role {
+            Role::Q if family.permutes_qk() => Some(n_head),
+            Role::K if family.permutes_qk() => Some(n_kv),
+            _ => None,
+        };
         let dims: Vec<u64> = meta.shape().iter().rev().map(|&d| d as u64).collect();
         if let Some(h) = heads
             && (dims.len() != 2 || !dims[1].is_multiple_of((2 * h.max(1)) as u64))
         {
             return Err(format!("tensor {name:?} of shape {:?} cannot be permuted over {h} heads", meta.shape()));
         }
-        let layer = name.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|l| l.parse().ok());
-        let output = gguf == "output.weight" || (tied && gguf == "token_embd.weight");
-        out.insert(name.clone(), TensorPlan { gguf, dims, heads, layer, output });
+        let output = role == Role::Output || (tied && role == Role::Embed);
+        let offset = if role.is_norm() { family.gguf_norm_offset() } else { 0.0 };
+        out.insert(name.clone(), TensorPlan { gguf, dims, heads, layer, output, offset });
     }
     Ok(out)
 }
@@ -190,36 +201,44 @@ pub(crate) fn metadata(model: &ModelSource, config: &Value, ftype: u32) -> Resul
             .filter(|&v| v > 0)
             .ok_or_else(|| format!("config.json: {k} is missing or not a positive 32-bit integer (needed for GGUF)"))
     };
+    let family = Family::of_config(c).ok_or("GGUF export needs a decoder config.json (llama, qwen2, gemma3_text)")?;
+    let arch = family.gguf_arch();
+    let key = |k: &str| format!("{arch}.{k}");
     let hidden = u("hidden_size")?;
     let heads = u("num_attention_heads")?;
-    b.string("general.architecture", "llama");
+    b.string("general.architecture", arch);
     if !b.has("general.name") {
         let name = model.path().file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         b.string("general.name", &name);
     }
     b.u32("general.file_type", ftype);
     b.u32("general.quantization_version", 2);
-    b.u32("llama.context_length", u("max_position_embeddings").unwrap_or(2048));
-    b.u32("llama.embedding_length", hidden);
-    b.u32("llama.block_count", u("num_hidden_layers")?);
-    b.u32("llama.feed_forward_length", u("intermediate_size")?);
-    b.u32("llama.attention.head_count", heads);
-    b.u32("llama.attention.head_count_kv", u("num_key_value_heads").unwrap_or(heads));
-    let head_dim = u("head_dim").unwrap_or(hidden / heads.max(1));
-    b.u32("llama.rope.dimension_count", head_dim);
-    if head_dim * heads != hidden {
-        // Heads removed by structured pruning: llama.cpp takes the head width from these
-        // (otherwise it assumes embedding_length / head_count).
-        b.u32("llama.attention.key_length", head_dim);
-        b.u32("llama.attention.value_length", head_dim);
+    let g = mcompress_core::arch::Geometry::from_config(c)?;
+    let dim = |v: usize| u32::try_from(v).map_err(|_| format!("config.json: {v} does not fit a 32-bit GGUF key"));
+    b.u32(&key("context_length"), dim(g.max_positions)?);
+    b.u32(&key("embedding_length"), hidden);
+    b.u32(&key("block_count"), dim(g.layers)?);
+    b.u32(&key("feed_forward_length"), dim(g.intermediate)?);
+    b.u32(&key("attention.head_count"), heads);
+    b.u32(&key("attention.head_count_kv"), dim(g.kv_heads)?);
+    let head_dim = dim(g.head_dim)?;
+    b.u32(&key("rope.dimension_count"), head_dim);
+    if head_dim * heads != hidden || family == Family::Gemma3 {
+        // A head width other than embedding_length / head_count (heads removed by structured
+        // pruning, Gemma's 256): llama.cpp takes it from these.
+        b.u32(&key("attention.key_length"), head_dim);
+        b.u32(&key("attention.value_length"), head_dim);
+    }
+    if let Some(w) = g.windows.iter().flatten().next() {
+        b.u32(&key("attention.sliding_window"), dim(*w)?);
     }
     #[allow(clippy::cast_possible_truncation)]
     {
-        b.f32("llama.rope.freq_base", c["rope_theta"].as_f64().unwrap_or(10_000.0) as f32);
-        b.f32("llama.attention.layer_norm_rms_epsilon", c["rms_norm_eps"].as_f64().unwrap_or(1e-5) as f32);
+        b.f32(&key("rope.freq_base"), g.rope_theta as f32);
+        b.f32(&key("attention.layer_norm_rms_epsilon"), g.eps as f32);
     }
-    if let Ok(v) = u("vocab_size") {
-        b.u32("llama.vocab_size", v);
+    if family == Family::Llama {
+        b.u32(&key("vocab_size"), dim(g.vocab)?);
     }
     if !b.has("tokenizer.ggml.model") {
         let tok = model
@@ -229,14 +248,15 @@ pub(crate) fn metadata(model: &ModelSource, config: &Value, ftype: u32) -> Resul
             .ok_or("GGUF export needs the model's tokenizer (tokenizer.json beside config.json)")?;
         let text = mcompress_core::fsutil::read_regular(tok, 1 << 28).map_err(|e| format!("{}: {e}", tok.display()))?;
         let json: Value = serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", tok.display()))?;
-        bpe_tokenizer(&json, c, &mut b).map_err(|e| format!("{}: {e}", tok.display()))?;
+        bpe_tokenizer(&json, c, family, &mut b).map_err(|e| format!("{}: {e}", tok.display()))?;
     }
     Ok(b)
 }
 
 /// llama.cpp's `gpt2` tokenizer keys from a byte-level BPE tokenizer.json (what
-/// convert_hf_to_gguf.py writes for such models; `tokenizer.ggml.pre` is "default").
-fn bpe_tokenizer(t: &Value, config: &Value, b: &mut GgufBuilder) -> Result<(), String> {
+/// convert_hf_to_gguf.py writes for such models; `tokenizer.ggml.pre` is "qwen2" for Qwen2's
+/// split, else "default").
+fn bpe_tokenizer(t: &Value, config: &Value, family: Family, b: &mut GgufBuilder) -> Result<(), String> {
     let model = &t["model"];
     if model["type"].as_str() != Some("BPE") {
         return Err(format!(
@@ -281,7 +301,7 @@ fn bpe_tokenizer(t: &Value, config: &Value, b: &mut GgufBuilder) -> Result<(), S
         })
         .unwrap_or_default();
     b.string("tokenizer.ggml.model", "gpt2");
-    b.string("tokenizer.ggml.pre", "default");
+    b.string("tokenizer.ggml.pre", if family == Family::Qwen2 { "qwen2" } else { "default" });
     b.strings("tokenizer.ggml.tokens", &tokens);
     b.i32s("tokenizer.ggml.token_type", &types);
     b.strings("tokenizer.ggml.merges", &merges);
@@ -377,6 +397,11 @@ impl Sink for GgufSink {
             let src = heads.map_or(r, |h| permuted_source_row(r, rows, h));
             if !param_row(param, src, buf) {
                 bad.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            if p.offset != 0.0 {
+                for v in buf.iter_mut() {
+                    *v += p.offset;
+                }
             }
         })
         .ok_or_else(|| err(format!("rows of {cols} are not whole {} blocks", ty.name())))?;

@@ -571,63 +571,6 @@ pub fn permute_rows(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Optio
     Some(out)
 }
 
-/// The llama GGUF name of a Hugging Face tensor and, for Q and K, the head count to permute its
-/// rows over (the inverse of [`llama_hf_name`]).
-pub fn llama_gguf_name(hf: &str, n_head: usize, n_kv_head: usize) -> Option<(String, Option<usize>)> {
-    Some(match hf {
-        "model.embed_tokens.weight" => ("token_embd.weight".into(), None),
-        "model.norm.weight" => ("output_norm.weight".into(), None),
-        "lm_head.weight" => ("output.weight".into(), None),
-        _ => {
-            let rest = hf.strip_prefix("model.layers.")?;
-            let (layer, rest) = rest.split_once('.')?;
-            let layer: usize = layer.parse().ok()?;
-            let kind = rest.strip_suffix(".weight")?;
-            let (g, heads) = match kind {
-                "input_layernorm" => ("attn_norm", None),
-                "post_attention_layernorm" => ("ffn_norm", None),
-                "self_attn.q_proj" => ("attn_q", Some(n_head)),
-                "self_attn.k_proj" => ("attn_k", Some(n_kv_head)),
-                "self_attn.v_proj" => ("attn_v", None),
-                "self_attn.o_proj" => ("attn_output", None),
-                "mlp.gate_proj" => ("ffn_gate", None),
-                "mlp.up_proj" => ("ffn_up", None),
-                "mlp.down_proj" => ("ffn_down", None),
-                _ => return None,
-            };
-            (format!("blk.{layer}.{g}.weight"), heads)
-        }
-    })
-}
-
-/// Hugging Face name of a llama GGUF tensor, and the head count to un-permute it with (Q, K).
-pub fn llama_hf_name(name: &str, n_head: usize, n_kv_head: usize) -> Option<(String, Option<usize>)> {
-    Some(match name {
-        "token_embd.weight" => ("model.embed_tokens.weight".into(), None),
-        "output_norm.weight" => ("model.norm.weight".into(), None),
-        "output.weight" => ("lm_head.weight".into(), None),
-        _ => {
-            let rest = name.strip_prefix("blk.")?;
-            let (layer, rest) = rest.split_once('.')?;
-            let layer: usize = layer.parse().ok()?;
-            let kind = rest.strip_suffix(".weight")?;
-            let (hf, heads) = match kind {
-                "attn_norm" => ("input_layernorm", None),
-                "ffn_norm" => ("post_attention_layernorm", None),
-                "attn_q" => ("self_attn.q_proj", Some(n_head)),
-                "attn_k" => ("self_attn.k_proj", Some(n_kv_head)),
-                "attn_v" => ("self_attn.v_proj", None),
-                "attn_output" => ("self_attn.o_proj", None),
-                "ffn_gate" => ("mlp.gate_proj", None),
-                "ffn_up" => ("mlp.up_proj", None),
-                "ffn_down" => ("mlp.down_proj", None),
-                _ => return None,
-            };
-            (format!("model.layers.{layer}.{hf}.weight"), heads)
-        }
-    })
-}
-
 #[cfg(test)]
 #[allow(clippy::float_cmp)]
 mod tests {
