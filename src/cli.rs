@@ -471,6 +471,7 @@ fn dispatch(cli: Cli) -> Result<Status> {
             mcompress_bundle::check_sets(&loaded, &passes)?;
             // Where `run` would write: the same refusals (output over the model, a file in the way).
             let model = mcompress_core::ModelSource::open(&loaded.model_path)?;
+            model.check_architecture()?;
             mcompress_bundle::check_output(&loaded, None, &model)?;
             // The planned layout (group sizes, tied embeddings) as `run` checks it; structured
             // pruning changes shapes only once it has scored the model, so `run` checks that.

@@ -197,6 +197,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         recipe.targets.iter().enumerate().map(|(i, t)| ship::Shipping::of(recipe, i, t)).collect::<Result<Vec<_>>>()?;
     check_sets(recipe, &passes)?;
     let source = ModelSource::open(&recipe.model_path)?;
+    source.check_architecture()?;
     check_output(recipe, opts.out.as_deref(), &source)?;
     let prepare_err = |i: usize, e: String| Error::Prepare(format!("pass[{}] {}: {e}", i, recipe.passes[i].kind));
     // Per pass: wall seconds before the weights stream (scoring, calibration, training), added

@@ -393,8 +393,10 @@ impl Geometry {
     }
 
     /// The completeness check: `tensors` (name, shape) are exactly the model's — every expected
-    /// tensor present with its shape, nothing unaccounted for. A tied model may carry an
-    /// lm_head anyway (some exporters write it); it is then used.
+    /// tensor present with its shape, nothing unaccounted for. The output matrix is optional
+    /// either way: a tied model may carry an lm_head anyway (some exporters write it; it is then
+    /// used), and a model without one reads the embedding as its head (what mcompress has always
+    /// done for configs that omit `tie_word_embeddings`).
     ///
     /// # Errors
     /// The first missing, misshapen or unknown tensor, named.
@@ -404,11 +406,15 @@ impl Geometry {
             expected.iter().map(|(n, _, s)| (n.as_str(), s.as_slice())).collect();
         let output = self.family.hf(Role::Output, 0);
         let output_shape = self.shape(Role::Output);
+        want.remove(output.as_str());
         for (name, shape) in tensors {
             match want.remove(name) {
                 Some(s) if s == shape => {}
                 Some(s) => return Err(format!("tensor {name} has shape {shape:?}, expected {s:?}")),
-                None if name == output && self.tied && shape == output_shape.as_slice() => {}
+                None if name == output && shape == output_shape.as_slice() => {}
+                None if name == output => {
+                    return Err(format!("tensor {name} has shape {shape:?}, expected {output_shape:?}"));
+                }
                 None => {
                     return Err(format!(
                         "tensor {name} is not part of a {} model with this config.json (a tensor the eval would ignore)",
@@ -532,6 +538,9 @@ pub fn gguf_config(g: &crate::gguf::GgufFile, family: Family, has_output: bool) 
     let hidden = u("embedding_length")?;
     let layers = u("block_count")?;
     let token = |k: &str| g.get(&format!("tokenizer.ggml.{k}_token_id")).and_then(GgufValue::as_u64);
+    let theta = f("rope.freq_base")?.unwrap_or(if family == Family::Llama { 10_000.0 } else { 1_000_000.0 });
+    let eps = f("attention.layer_norm_rms_epsilon")?.unwrap_or(if family == Family::Gemma3 { 1e-6 } else { 1e-5 });
+    // Key order as mcompress has always written a llama config (bundles stay byte-identical).
     let mut config = serde_json::json!({
         "architectures": [family.hf_class()],
         "model_type": family.model_type(),
@@ -540,29 +549,25 @@ pub fn gguf_config(g: &crate::gguf::GgufFile, family: Family, has_output: bool) 
         "num_hidden_layers": layers,
         "num_attention_heads": n_head,
         "num_key_value_heads": n_kv,
-        "rms_norm_eps": f("attention.layer_norm_rms_epsilon")?.unwrap_or(if family == Family::Gemma3 { 1e-6 } else { 1e-5 }),
+        "rms_norm_eps": eps,
+        "rope_theta": theta,
         "max_position_embeddings": uo("context_length")?.unwrap_or(2048),
         "vocab_size": vocab,
-        "tie_word_embeddings": !has_output,
-        "bos_token_id": token("bos"),
-        "eos_token_id": token("eos"),
-        "torch_dtype": "float32",
     });
-    let theta = f("rope.freq_base")?;
+    if family != Family::Gemma3 {
+        config["hidden_act"] = "silu".into();
+    }
+    config["tie_word_embeddings"] = (!has_output).into();
+    config["bos_token_id"] = token("bos").into();
+    config["eos_token_id"] = token("eos").into();
+    config["torch_dtype"] = "float32".into();
     // A head width other than embedding_length / head_count (heads pruned away, or Gemma's 256).
     let key_length = uo("attention.key_length")?;
     match family {
-        Family::Llama => {
-            config["hidden_act"] = "silu".into();
-            config["rope_theta"] = theta.unwrap_or(10_000.0).into();
-            if let Some(hd) = key_length {
-                config["head_dim"] = hd.into();
+        Family::Llama | Family::Qwen2 => {
+            if family == Family::Qwen2 {
+                config["use_sliding_window"] = false.into();
             }
-        }
-        Family::Qwen2 => {
-            config["hidden_act"] = "silu".into();
-            config["rope_theta"] = theta.unwrap_or(1_000_000.0).into();
-            config["use_sliding_window"] = false.into();
             if let Some(hd) = key_length {
                 config["head_dim"] = hd.into();
             }
@@ -581,7 +586,6 @@ pub fn gguf_config(g: &crate::gguf::GgufFile, family: Family, has_output: bool) 
                 .map(|i| if (i + 1) % 6 == 0 { "full_attention" } else { "sliding_attention" })
                 .collect::<Vec<_>>()
                 .into();
-            config["rope_theta"] = theta.unwrap_or(1_000_000.0).into();
             config["rope_local_base_freq"] = 10_000.0.into();
             config["rope_scaling"] = Value::Null;
             config["final_logit_softcapping"] = Value::Null;

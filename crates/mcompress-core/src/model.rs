@@ -320,6 +320,28 @@ impl ModelSource {
         self.config.as_ref()
     }
 
+    /// The completeness check for a decoder (config.json `model_type` of a family in
+    /// [`crate::arch`]): the config parses, and every tensor is one the family has with the shape
+    /// the config gives it, none missing. Models of other kinds, and weights already compressed
+    /// (a `quantization_config`), pass unchecked here (their readers check them).
+    ///
+    /// # Errors
+    /// [`Error::InvalidModel`] naming the file and the first tensor or key at fault.
+    pub fn check_architecture(&self) -> Result<()> {
+        let Some(config) = &self.config else { return Ok(()) };
+        if Family::of_config(config).is_none() || !config["quantization_config"].is_null() {
+            return Ok(());
+        }
+        let path = self.config_path.clone().unwrap_or_else(|| self.path.clone());
+        let bad = |reason: String| Error::InvalidModel { path: path.clone(), reason };
+        let g = Geometry::from_config(config).map_err(bad)?;
+        g.check_tensors(self.tensors.iter().map(|r| {
+            let i = self.info(r);
+            (i.name.as_str(), i.shape.as_slice())
+        }))
+        .map_err(|e| Error::InvalidModel { path: self.path.clone(), reason: e })
+    }
+
     /// All tensors, sorted by name.
     pub fn tensors(&self) -> &[TensorRef] {
         &self.tensors
