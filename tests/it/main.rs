@@ -6,6 +6,7 @@ mod bundle;
 mod compare;
 mod crash;
 mod distill;
+mod families;
 mod gguf;
 mod gguf_export;
 mod hostile;

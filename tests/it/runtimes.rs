@@ -11,7 +11,7 @@ use std::process::Command;
 use crate::util::{fixture, mcompress, minilm, repo, run_report, tmp, write};
 
 /// The venv's python (scripts/test.sh exports MCOMPRESS_HF_PYTHON); `None` skips, except in CI.
-fn hf_python() -> Option<PathBuf> {
+pub(crate) fn hf_python() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("MCOMPRESS_HF_PYTHON") {
         return Some(PathBuf::from(p));
     }
@@ -21,7 +21,7 @@ fn hf_python() -> Option<PathBuf> {
 }
 
 /// tests/python/hf_load.py MODE ARGS…, which must exit 0; its JSON.
-fn hf_load(python: &Path, args: &[&str]) -> serde_json::Value {
+pub(crate) fn hf_load(python: &Path, args: &[&str]) -> serde_json::Value {
     let out = Command::new(python)
         .arg(repo().join("tests/python/hf_load.py"))
         .args(args)
