@@ -101,7 +101,9 @@ fn end_to_end(gguf: &Path, hamlet: &Path, model_type: &str, hf_class: &str) {
         let (prompt, want) = (ids("prompt_ids"), ids("ids"));
         let model = mcompress_core::ModelSource::open(gguf).unwrap();
         let w = mcompress_eval::weights::from_model(&model);
-        let dec = mcompress_eval::decoder::Decoder::load(model.config().unwrap(), &w, &Default::default()).unwrap();
+        let dec =
+            mcompress_eval::decoder::Decoder::load(model.config().unwrap(), &w, &mcompress_eval::linear::Device::Cpu)
+                .unwrap();
         let got = dec.greedy(&prompt, want.len()).unwrap();
         assert_eq!(&got[prompt.len()..], want.as_slice(), "greedy continuation ({})", v["text"]);
     }
