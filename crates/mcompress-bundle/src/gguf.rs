@@ -229,6 +229,13 @@ pub(crate) fn metadata(model: &ModelSource, config: &Value, ftype: u32) -> Resul
         b.u32(&key("attention.key_length"), head_dim);
         b.u32(&key("attention.value_length"), head_dim);
     }
+    if family == Family::Gemma3 && g.windows.iter().enumerate().any(|(i, w)| w.is_none() != (i + 1).is_multiple_of(6)) {
+        // llama.cpp's gemma3 loader fixes the pattern (every sixth layer global); a model whose
+        // layers were removed keeps its own pattern, which the file cannot say.
+        return Err("GGUF export of Gemma 3: llama.cpp assumes every sixth layer attends globally, and this \
+                    model's layer_types (after layer removal) differ; export safetensors instead"
+            .into());
+    }
     if let Some(w) = g.windows.iter().flatten().next() {
         b.u32(&key("attention.sliding_window"), dim(*w)?);
     }

@@ -165,13 +165,19 @@ impl KvGeometry {
     /// From config.json; `None` for models without a KV cache (encoders, MLPs).
     pub fn from_config(config: Option<&serde_json::Value>) -> Option<Self> {
         let c = config?;
+        // The families mcompress runs: their geometry as the architecture module reads it.
+        if let Ok(g) = mcompress_core::arch::Geometry::from_config(c) {
+            return Some(KvGeometry {
+                layers: g.layers as u64,
+                kv_heads: g.kv_heads as u64,
+                head_dim: g.head_dim as u64,
+                bytes: 2,
+            });
+        }
+        // Another causal LM (an estimate from the usual config keys; mcompress does not run it).
         let decoder = c["architectures"]
             .as_array()
-            .is_some_and(|a| a.iter().any(|x| x.as_str().is_some_and(|s| s.ends_with("ForCausalLM"))))
-            || matches!(
-                c["model_type"].as_str(),
-                Some("llama" | "mistral" | "qwen2" | "gemma" | "phi3" | "gpt2" | "gpt_neox")
-            );
+            .is_some_and(|a| a.iter().any(|x| x.as_str().is_some_and(|s| s.ends_with("ForCausalLM"))));
         if !decoder {
             return None;
         }

@@ -62,7 +62,7 @@ impl Data {
                 let x: Vec<f32> = s.batches(n).flat_map(|(x, _)| x.to_vec()).collect();
                 Ok(Data::Rows { x, features, n })
             }
-            Arch::Llama { .. } => {
+            Arch::Decoder(_) => {
                 // Windows at offsets drawn from the seed, as calibration draws them; enough for
                 // every step's batch to be distinct where the text allows.
                 let samples = (c.steps * c.batch).clamp(1, 65_536);

@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use burn::tensor::activation::{gelu, relu, silu, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use mcompress_core::arch::{Family, Geometry, Role};
+
 use crate::{Error, Result};
 
 /// One model's weights on a device.
@@ -24,9 +26,17 @@ pub(crate) struct Net {
 /// Architecture and the config values its forward pass needs.
 #[derive(Debug, Clone)]
 pub(crate) enum Arch {
-    Mlp { layers: Vec<String>, input_scale: f32 },
-    Bert { layers: usize, heads: usize, eps: f64 },
-    Llama { layers: usize, heads: usize, kv_heads: usize, hd: usize, eps: f64, theta: f64, tied: bool },
+    Mlp {
+        layers: Vec<String>,
+        input_scale: f32,
+    },
+    Bert {
+        layers: usize,
+        heads: usize,
+        eps: f64,
+    },
+    /// A decoder of any family the architecture module knows (llama, Qwen2, Gemma 3).
+    Decoder(Box<Geometry>),
 }
 
 /// What a forward pass returns: logits (MLP, llama) and the last hidden state (BERT, llama).
@@ -68,23 +78,11 @@ impl Arch {
                 heads: cfg_usize(config, "num_attention_heads")?,
                 eps: config["layer_norm_eps"].as_f64().unwrap_or(1e-12),
             }),
-            "llama" => {
-                let heads = cfg_usize(config, "num_attention_heads")?;
-                let hidden = cfg_usize(config, "hidden_size")?;
-                // Head-pruned models keep their head width in `head_dim`.
-                let hd = config["head_dim"].as_u64().map_or(hidden / heads.max(1), |v| v as usize);
-                Ok(Arch::Llama {
-                    layers: cfg_usize(config, "num_hidden_layers")?,
-                    heads,
-                    kv_heads: config["num_key_value_heads"].as_u64().map_or(heads, |v| v as usize),
-                    hd,
-                    eps: config["rms_norm_eps"].as_f64().unwrap_or(1e-5),
-                    theta: config["rope_theta"].as_f64().unwrap_or(10000.0),
-                    tied: config["tie_word_embeddings"].as_bool().unwrap_or(false),
-                })
+            t if Family::from_model_type(t).is_some() => {
+                Ok(Arch::Decoder(Box::new(Geometry::from_config(config).map_err(Error::Model)?)))
             }
             other => Err(Error::Model(format!(
-                "distillation trains mlp, bert and llama models; this model_type is {other:?}"
+                "distillation trains mlp, bert and decoder (llama, qwen2, gemma3_text) models; this model_type is {other:?}"
             ))),
         }
     }
@@ -127,21 +125,9 @@ impl Net {
                 }
                 v
             }
-            Arch::Llama { layers, tied, .. } => {
-                let mut v = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".to_string()];
-                if !tied {
-                    v.push("lm_head.weight".into());
-                }
-                for i in 0..*layers {
-                    for n in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"] {
-                        v.push(format!("model.layers.{i}.{n}.weight"));
-                    }
-                    for n in ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] {
-                        v.push(format!("model.layers.{i}.{n}.weight"));
-                    }
-                }
-                v
-            }
+            // Every tensor of the family except the output matrix (a model without one reads
+            // the embedding as its head).
+            Arch::Decoder(g) => g.expected().into_iter().filter(|e| e.1 != Role::Output).map(|e| e.0).collect(),
         };
         match need.iter().find(|n| !self.w.contains_key(*n)) {
             Some(n) => Err(Error::Model(format!("{n} missing"))),
@@ -169,11 +155,6 @@ impl Net {
         c / var.add_scalar(eps).sqrt() * self.get(&format!("{p}.weight")) + self.get(&format!("{p}.bias"))
     }
 
-    fn rms_norm(&self, name: &str, x: Tensor<2>, eps: f64) -> Tensor<2> {
-        let ms = x.clone().square().mean_dim(1);
-        x / ms.add_scalar(eps).sqrt() * self.get(name)
-    }
-
     /// The forward pass.
     pub(crate) fn forward(&self, batch: &Batch) -> Result<Out> {
         match (&self.arch, batch) {
@@ -190,7 +171,7 @@ impl Net {
             (Arch::Bert { layers, heads, eps }, Batch::Tokens { ids, mask, b, t }) => {
                 Ok(self.bert(*layers, *heads, *eps, ids, mask, *b, *t))
             }
-            (Arch::Llama { .. }, Batch::Tokens { ids, b, t, .. }) => Ok(self.llama(ids, *b, *t)),
+            (Arch::Decoder(g), Batch::Tokens { ids, b, t, .. }) => Ok(self.decoder(g, ids, *b, *t)),
             _ => Err(Error::Model("batch does not match the architecture".into())),
         }
     }
@@ -237,66 +218,119 @@ impl Net {
         Out { logits: None, hidden: x }
     }
 
-    fn llama(&self, ids: &Tensor<2, Int>, b: usize, t: usize) -> Out {
-        let Arch::Llama { layers, heads, kv_heads, hd, eps, theta, tied } = self.arch.clone() else {
-            unreachable!("llama() runs llama nets")
-        };
+    /// RMSNorm with gain `offset + w` (Gemma: 1 + w) over the last dim of `[rows, d]`.
+    fn rms_norm_off(&self, name: &str, x: Tensor<2>, eps: f64, offset: f32) -> Tensor<2> {
+        let ms = x.clone().square().mean_dim(1);
+        let w = self.get(name);
+        let w = if offset == 0.0 { w } else { w.add_scalar(offset) };
+        x / ms.add_scalar(eps).sqrt() * w
+    }
+
+    /// The decoder of the eval runtime (`mcompress_eval::decoder`), in burn: the same families,
+    /// names from the architecture table.
+    #[allow(clippy::too_many_lines)] // one forward pass, step for step as the eval's
+    fn decoder(&self, g: &Geometry, ids: &Tensor<2, Int>, b: usize, t: usize) -> Out {
+        let f = g.family;
+        let (heads, kv_heads, hd, eps) = (g.heads, g.kv_heads, g.head_dim, g.eps);
+        let gemma = f == Family::Gemma3;
+        let off = f.gguf_norm_offset();
         let device = ids.device();
-        let embed = self.get("model.embed_tokens.weight");
+        let embed = self.get(&f.hf(Role::Embed, 0));
         let group = heads / kv_heads;
         let mut x = embed.clone().select(0, ids.clone().reshape([b * t]));
-        // Rotary embeddings, Hugging Face rotate_half layout: cos/sin [1, 1, t, hd].
-        let half = hd / 2;
-        let mut cos = Vec::with_capacity(t * hd);
-        let mut sin = Vec::with_capacity(t * hd);
-        for pos in 0..t {
-            for j in 0..hd {
-                let inv = 1.0 / theta.powf((2 * (j % half)) as f64 / hd as f64);
-                let a = pos as f64 * inv;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
+        if gemma {
+            #[allow(clippy::cast_possible_truncation)]
+            let scale = (g.hidden as f32).sqrt();
+            x = x.mul_scalar(scale);
         }
-        let cos = Tensor::<2>::from_data(TensorData::new(cos, [t, hd]), &device).reshape([1, 1, t, hd]);
-        let sin = Tensor::<2>::from_data(TensorData::new(sin, [t, hd]), &device).reshape([1, 1, t, hd]);
-        let rope = |x: Tensor<4>| {
+        // Rotary embeddings, Hugging Face rotate_half layout: cos/sin [1, 1, t, hd], per base.
+        let half = hd / 2;
+        let tables = |theta: f64| {
+            let mut cos = Vec::with_capacity(t * hd);
+            let mut sin = Vec::with_capacity(t * hd);
+            for pos in 0..t {
+                for j in 0..hd {
+                    let inv = 1.0 / theta.powf((2 * (j % half)) as f64 / hd as f64);
+                    let a = pos as f64 * inv;
+                    cos.push(a.cos() as f32);
+                    sin.push(a.sin() as f32);
+                }
+            }
+            let c = Tensor::<2>::from_data(TensorData::new(cos, [t, hd]), &device).reshape([1, 1, t, hd]);
+            let s = Tensor::<2>::from_data(TensorData::new(sin, [t, hd]), &device).reshape([1, 1, t, hd]);
+            (c, s)
+        };
+        let global = tables(g.rope_theta);
+        let local = if gemma { tables(g.rope_local_theta) } else { global.clone() };
+        let rope = |x: Tensor<4>, (cos, sin): &(Tensor<4>, Tensor<4>)| {
             let x1 = x.clone().narrow(3, 0, half);
             let x2 = x.clone().narrow(3, half, half);
             let rot = Tensor::cat(vec![x2.neg(), x1], 3);
             x * cos.clone() + rot * sin.clone()
         };
-        // Causal mask: −∞ above the diagonal.
-        let mut m = vec![0f32; t * t];
-        for i in 0..t {
-            for j in i + 1..t {
-                m[i * t + j] = f32::NEG_INFINITY;
+        // Causal mask (−∞ above the diagonal), and per window size the sliding one.
+        let mask = |window: Option<usize>| {
+            let mut m = vec![0f32; t * t];
+            for i in 0..t {
+                for j in 0..t {
+                    if j > i || window.is_some_and(|w| i - j >= w) {
+                        m[i * t + j] = f32::NEG_INFINITY;
+                    }
+                }
             }
+            Tensor::<2>::from_data(TensorData::new(m, [t, t]), &device).reshape([1, 1, t, t])
+        };
+        let causal = mask(None);
+        let mut masks: BTreeMap<usize, Tensor<4>> = BTreeMap::new();
+        for w in g.windows.iter().flatten() {
+            masks.entry(*w).or_insert_with(|| mask(Some(*w)));
         }
-        let causal = Tensor::<2>::from_data(TensorData::new(m, [t, t]), &device).reshape([1, 1, t, t]);
-        for i in 0..layers {
-            let p = format!("model.layers.{i}");
-            let hn = self.rms_norm(&format!("{p}.input_layernorm.weight"), x.clone(), eps);
-            let q =
-                self.linear(&format!("{p}.self_attn.q_proj"), hn.clone()).reshape([b, t, heads, hd]).swap_dims(1, 2);
-            let k =
-                self.linear(&format!("{p}.self_attn.k_proj"), hn.clone()).reshape([b, t, kv_heads, hd]).swap_dims(1, 2);
-            let v = self.linear(&format!("{p}.self_attn.v_proj"), hn).reshape([b, t, kv_heads, hd]).swap_dims(1, 2);
-            let (q, k) = (rope(q), rope(k));
+        let name = |r: Role, i: usize| f.hf(r, i);
+        let module = |r: Role, i: usize| f.hf(r, i).trim_end_matches(".weight").to_string();
+        for i in 0..g.layers {
+            let hn = self.rms_norm_off(&name(Role::AttnNorm, i), x.clone(), eps, off);
+            let mut q = self.linear(&module(Role::Q, i), hn.clone());
+            let mut k = self.linear(&module(Role::K, i), hn.clone());
+            let v = self.linear(&module(Role::V, i), hn).reshape([b, t, kv_heads, hd]).swap_dims(1, 2);
+            if f.has(Role::QNorm) {
+                q = self.rms_norm_off(&name(Role::QNorm, i), q.reshape([b * t * heads, hd]), eps, off);
+                k = self.rms_norm_off(&name(Role::KNorm, i), k.reshape([b * t * kv_heads, hd]), eps, off);
+            }
+            let q = q.reshape([b, t, heads, hd]).swap_dims(1, 2);
+            let k = k.reshape([b, t, kv_heads, hd]).swap_dims(1, 2);
+            let window = g.windows[i];
+            let table = if window.is_some() && gemma { &local } else { &global };
+            let (q, k) = (rope(q, table), rope(k, table));
             // Grouped-query attention: each KV head serves `group` query heads.
             let expand = |y: Tensor<4>| {
                 y.reshape([b, kv_heads, 1, t, hd]).expand([b, kv_heads, group, t, hd]).reshape([b, heads, t, hd])
             };
             let (k, v) = (expand(k), expand(v));
-            let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (hd as f64).sqrt()) + causal.clone();
+            let m = window.map_or_else(|| causal.clone(), |w| masks[&w].clone());
+            let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(g.attn_scale) + m;
             let ctx = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b * t, heads * hd]);
-            x = x + self.linear(&format!("{p}.self_attn.o_proj"), ctx);
-            let hn = self.rms_norm(&format!("{p}.post_attention_layernorm.weight"), x.clone(), eps);
-            let g = silu(self.linear(&format!("{p}.mlp.gate_proj"), hn.clone()))
-                * self.linear(&format!("{p}.mlp.up_proj"), hn);
-            x = x + self.linear(&format!("{p}.mlp.down_proj"), g);
+            let mut o = self.linear(&module(Role::O, i), ctx);
+            if f.has(Role::PostAttnNorm) {
+                o = self.rms_norm_off(&name(Role::PostAttnNorm, i), o, eps, off);
+            }
+            x = x + o;
+            let hn = self.rms_norm_off(&name(Role::FfnNorm, i), x.clone(), eps, off);
+            let gate = self.linear(&module(Role::Gate, i), hn.clone());
+            let act = if gemma {
+                // GELU, tanh approximation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+                let inner = (gate.clone() + gate.clone().powi_scalar(3).mul_scalar(0.044_715)).mul_scalar(0.797_884_6);
+                gate.mul_scalar(0.5) * inner.tanh().add_scalar(1.0)
+            } else {
+                silu(gate)
+            };
+            let mut d = self.linear(&module(Role::Down, i), act * self.linear(&module(Role::Up, i), hn));
+            if f.has(Role::PostFfnNorm) {
+                d = self.rms_norm_off(&name(Role::PostFfnNorm, i), d, eps, off);
+            }
+            x = x + d;
         }
-        let hidden = self.rms_norm("model.norm.weight", x, eps);
-        let head = if tied { embed } else { self.get("lm_head.weight") };
+        let hidden = self.rms_norm_off(&name(Role::OutputNorm, 0), x, eps, off);
+        let head = self.w.get(&name(Role::Output, 0)).cloned().unwrap_or(embed);
         let logits = hidden.clone().matmul(head.transpose());
         Out { logits: Some(logits), hidden }
     }
@@ -353,15 +387,14 @@ mod tests {
         assert!(max_rel(&got, &want) < 1e-5, "{got:?} vs {want:?}");
     }
 
-    #[test]
-    fn test_llama_matches_the_eval_runtime() {
-        let Some(gguf) = fixture("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    /// The burn decoder's logits against the eval's on a dozen tokens of a real model.
+    fn decoder_matches(rel: &str, ids: &[u32]) {
+        let Some(gguf) = fixture(rel) else { return };
         let (config, tensors) = load(&gguf);
         let eval =
             mcompress_eval::decoder::Decoder::load(&config, &Weights::from_dense(tensors.clone()), &EvalDevice::Cpu)
                 .unwrap();
-        let ids: Vec<u32> = vec![1, 504, 3458, 282, 260, 1345, 28, 339, 2210, 30, 9, 14];
-        let want = eval.logits(&ids).unwrap();
+        let want = eval.logits(ids).unwrap();
         let device = Device::flex();
         let net = Net::load(Arch::from_config(&config).unwrap(), &tensors, &device).unwrap();
         let t = ids.len();
@@ -375,7 +408,28 @@ mod tests {
             t,
         };
         let got = net.forward(&batch).unwrap().logits.unwrap().into_data().try_to_vec::<f32>().unwrap();
-        assert!(max_rel(&got, &want) < 1e-4, "max relative difference {}", max_rel(&got, &want));
+        assert!(max_rel(&got, &want) < 1e-4, "{rel}: max relative difference {}", max_rel(&got, &want));
+    }
+
+    #[test]
+    fn test_llama_matches_the_eval_runtime() {
+        decoder_matches(
+            "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            &[1, 504, 3458, 282, 260, 1345, 28, 339, 2210, 30, 9, 14],
+        );
+    }
+
+    #[test]
+    fn test_qwen2_matches_the_eval_runtime() {
+        decoder_matches(
+            "qwen2/qwen2.5-coder-0.5b-instruct.gguf",
+            &[785, 6722, 315, 9625, 374, 12095, 13, 12095, 374, 7407],
+        );
+    }
+
+    #[test]
+    fn test_gemma3_matches_the_eval_runtime() {
+        decoder_matches("gemma3/gemma-3-270m-q4_k_m.gguf", &[2, 818, 5279, 529, 7001, 563, 506, 5279, 529, 506, 2891]);
     }
 
     #[test]

@@ -427,9 +427,13 @@ fn dividing_group_sizes(cols: usize) -> String {
 /// some runtimes but not others comes back as warnings.
 pub fn check_plan(model: &ModelSource, passes: &[Box<dyn Pass>]) -> Result<Vec<String>> {
     let planned = plan(model, passes);
+    // A decoder without its own output matrix reads the embedding as its head (arch's rule).
+    let family = model.config().and_then(mcompress_core::arch::Family::of_config);
     let tied = model.config().is_some_and(|c| c["tie_word_embeddings"].as_bool().unwrap_or(false))
-        || (model.config().is_some_and(|c| c["model_type"] == "llama")
-            && !model.tensors().iter().any(|r| model.info(r).name == "lm_head.weight"));
+        || family.is_some_and(|f| {
+            let head = f.hf(mcompress_core::arch::Role::Output, 0);
+            !model.tensors().iter().any(|r| model.info(r).name == head)
+        });
     for (r, changes) in model.tensors().iter().zip(&planned.changes) {
         let name = &model.info(r).name;
         let Some(ParamMeta::Quantized { scheme, shape, .. }) = planned.params.get(name) else { continue };

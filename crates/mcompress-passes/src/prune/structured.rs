@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use mcompress_core::ModelSource;
+use mcompress_core::arch::{Family, Role};
 use mcompress_recipe::Recipe;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -104,6 +105,11 @@ impl LayerMap {
         let mut c = config.clone();
         if let Some(obj) = c.as_object_mut() {
             obj.insert("num_hidden_layers".into(), self.kept.len().into());
+            // Per-layer attention kinds (Gemma 3's sliding and full layers) follow their layers.
+            if let Some(Value::Array(types)) = obj.get("layer_types").cloned() {
+                let kept: Vec<Value> = self.kept.iter().filter_map(|&i| types.get(i).cloned()).collect();
+                obj.insert("layer_types".into(), kept.into());
+            }
             if let Some(Value::Object(ph)) = obj.get("pruned_heads").cloned() {
                 let renumbered: serde_json::Map<String, Value> = ph
                     .into_iter()
@@ -172,13 +178,14 @@ fn neuron_blocks(model: &ModelSource, config: &Value) -> Result<Vec<Block>, Stri
         original: Vec::new(),
     };
     let mut out = Vec::new();
-    match config["model_type"].as_str().unwrap_or("") {
-        "llama" => {
+    let model_type = config["model_type"].as_str().unwrap_or("");
+    match model_type {
+        t if Family::from_model_type(t).is_some() => {
+            let f = Family::from_model_type(t).expect("matched");
             for i in 0..n_layers {
-                let p = format!("model.layers.{i}.mlp");
-                let g = format!("{p}.gate_proj.weight");
+                let g = f.hf(Role::Gate, i);
                 let size = size_of(&g).ok_or_else(|| format!("{g} missing"))?;
-                out.push(block(vec![g, format!("{p}.up_proj.weight")], vec![format!("{p}.down_proj.weight")], size));
+                out.push(block(vec![g, f.hf(Role::Up, i)], vec![f.hf(Role::Down, i)], size));
             }
         }
         "bert" => {
@@ -210,7 +217,11 @@ fn neuron_blocks(model: &ModelSource, config: &Value) -> Result<Vec<Block>, Stri
                 out.push(block(rows_of, vec![next], size));
             }
         }
-        other => return Err(format!("model_type {other:?}: structured pruning knows llama, bert and mlp models")),
+        other => {
+            return Err(format!(
+                "model_type {other:?}: structured pruning knows the decoders (llama, qwen2, gemma3_text), bert and mlp models"
+            ));
+        }
     }
     if out.is_empty() {
         return Err("no feed-forward blocks found".into());
@@ -236,8 +247,9 @@ fn head_blocks(model: &ModelSource, config: &Value) -> Result<(Vec<Block>, Geome
     };
     let rows_of = |n: &str| model.tensors().iter().find(|r| model.info(r).name == n).map(|r| model.info(r).shape[0]);
     let model_type = config["model_type"].as_str().unwrap_or("");
-    if !matches!(model_type, "llama" | "bert") {
-        return Err(format!("model_type {model_type:?}: attention heads are pruned in llama and bert models"));
+    let family = Family::from_model_type(model_type);
+    if family.is_none() && model_type != "bert" {
+        return Err(format!("model_type {model_type:?}: attention heads are pruned in decoder and bert models"));
     }
     let (hidden, heads, n_layers) =
         (u(config, "hidden_size")?, u(config, "num_attention_heads")?, u(config, "num_hidden_layers")?);
@@ -245,24 +257,23 @@ fn head_blocks(model: &ModelSource, config: &Value) -> Result<(Vec<Block>, Geome
         return Err("config.json: num_attention_heads is 0".into());
     }
     let mut out = Vec::with_capacity(n_layers);
-    match model_type {
-        "llama" => {
-            let kv = config["num_key_value_heads"].as_u64().map_or(heads, |v| v as usize);
-            let hd = config["head_dim"].as_u64().map_or(hidden / heads, |v| v as usize);
-            if kv == 0 || heads % kv != 0 {
-                return Err(format!("config.json: {heads} heads are not a multiple of {kv} KV heads"));
-            }
+    #[allow(clippy::single_match_else)] // two kinds of model, side by side
+    match family {
+        Some(f) => {
+            let g = mcompress_core::arch::Geometry::from_config(config)?;
+            let (kv, hd) = (g.kv_heads, g.head_dim);
             for i in 0..n_layers {
-                let p = format!("model.layers.{i}.self_attn");
                 // Query heads that share a KV head are removed alone; a head with its own KV
-                // head takes its key and value rows with it.
-                let mut names = vec!["q_proj"];
+                // head takes its key and value rows with it (and their biases, Qwen2's).
+                let mut roles = vec![Role::Q];
                 if kv == heads {
-                    names.extend(["k_proj", "v_proj"]);
+                    roles.extend([Role::K, Role::V]);
                 }
+                let modules: Vec<String> =
+                    roles.iter().map(|r| f.hf(*r, i).trim_end_matches(".weight").to_string()).collect();
                 out.push(Block {
-                    rows_of: with_biases(&names.iter().map(|n| format!("{p}.{n}")).collect::<Vec<_>>()),
-                    cols_of: vec![format!("{p}.o_proj.weight")],
+                    rows_of: with_biases(&modules),
+                    cols_of: vec![f.hf(Role::O, i)],
                     size: heads,
                     width: hd,
                     groups: if kv == heads { 1 } else { kv },
@@ -271,7 +282,7 @@ fn head_blocks(model: &ModelSource, config: &Value) -> Result<(Vec<Block>, Geome
             }
             Ok((out, Geometry { heads, kv, hd }))
         }
-        "bert" => {
+        None => {
             if hidden % heads != 0 {
                 return Err(format!("config.json: hidden_size {hidden} is not a multiple of {heads} heads"));
             }
@@ -297,7 +308,6 @@ fn head_blocks(model: &ModelSource, config: &Value) -> Result<(Vec<Block>, Geome
             }
             Ok((out, Geometry { heads, kv: heads, hd }))
         }
-        other => Err(format!("model_type {other:?}: attention heads are pruned in llama and bert models")),
     }
 }
 
@@ -468,8 +478,10 @@ impl Pass for Structured {
             }
             "layers" => {
                 let model_type = config["model_type"].as_str().unwrap_or("");
-                if !matches!(model_type, "llama" | "bert") {
-                    return Err(format!("model_type {model_type:?}: whole layers are pruned in llama and bert models"));
+                if Family::from_model_type(model_type).is_none() && model_type != "bert" {
+                    return Err(format!(
+                        "model_type {model_type:?}: whole layers are pruned in decoder (llama, qwen2, gemma3_text) and bert models"
+                    ));
                 }
                 let n = u(&config, "num_hidden_layers")?;
                 let remove = (n as f64 * s).floor() as usize;
@@ -485,9 +497,9 @@ impl Pass for Structured {
     }
 
     fn warning(&self, model: &ModelSource) -> Option<String> {
-        let llama = model.config().and_then(|c| c["model_type"].as_str()) == Some("llama");
-        (llama && self.config.unit != "layers" && self.config.calibration.is_none()).then(|| {
-            "scores llama units by weight norms alone, which can remove the few neurons that carry massive \
+        let decoder = model.config().and_then(Family::of_config).is_some();
+        (decoder && self.config.unit != "layers" && self.config.calibration.is_none()).then(|| {
+            "scores decoder units by weight norms alone, which can remove the few neurons that carry massive \
              activations (SmolLM2, 25 % of neurons: perplexity 36.7 -> 734,000; with calibration 54.0): add \
              calibration = { set = \"<text>\" } to the pass"
                 .into()
@@ -594,7 +606,7 @@ impl Pass for Structured {
             "heads" => {
                 let Some((model_type, g)) = &st.heads else { return };
                 let Some(first) = st.blocks.first() else { return };
-                if model_type == "llama" {
+                if Family::from_model_type(model_type).is_some() {
                     let left = first.keep_count(s);
                     obj.insert("num_attention_heads".into(), left.into());
                     obj.insert("num_key_value_heads".into(), (if g.kv == g.heads { left } else { g.kv }).into());
