@@ -236,7 +236,7 @@ fn test_bad_structured_settings_exit_2() {
         (pass("unit = \"layers\"\nsparsity = 0.5"), "needs calibration"),
         (
             pass(&format!("unit = \"neurons\"\nsparsity = 0.5\n{cal}")),
-            "activation statistics are computed for llama and bert models",
+            "activation statistics are computed for decoder (llama, qwen2, gemma3_text) and bert models",
         ),
         (
             format!(
@@ -245,8 +245,11 @@ fn test_bad_structured_settings_exit_2() {
             ),
             "must be the recipe's first pass",
         ),
-        (pass("unit = \"heads\"\nsparsity = 0.5"), "attention heads are pruned in llama and bert models"),
-        (pass(&format!("unit = \"layers\"\nsparsity = 0.5\n{cal}")), "whole layers are pruned in llama and bert"),
+        (pass("unit = \"heads\"\nsparsity = 0.5"), "attention heads are pruned in decoder and bert models"),
+        (
+            pass(&format!("unit = \"layers\"\nsparsity = 0.5\n{cal}")),
+            "whole layers are pruned in decoder (llama, qwen2, gemma3_text) and bert",
+        ),
         (pass("unit = \"channels\"\nsparsity = 0.5"), "unit \"channels\""),
         (
             format!("{}{}", pass("unit = \"neurons\"\nsparsity = 0.25"), pass("unit = \"neurons\"\nsparsity = 0.25")),

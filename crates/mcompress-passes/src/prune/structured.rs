@@ -472,9 +472,40 @@ impl Pass for Structured {
                         removal_hint(per)
                     ));
                 }
+                // transformers' LlamaConfig and Gemma3TextConfig refuse a hidden size that is not
+                // a multiple of the head count (even with head_dim set): such a bundle would not load.
+                let model_type = config["model_type"].as_str().unwrap_or("");
+                if let (Some(b), Some(Family::Llama | Family::Gemma3)) =
+                    (blocks.first(), Family::from_model_type(model_type))
+                {
+                    let hidden = u(&config, "hidden_size")?;
+                    let left = b.keep_count(s);
+                    if !hidden.is_multiple_of(left) {
+                        let per = b.size / b.groups;
+                        let ok: Vec<String> = (1..per)
+                            .map(|k| k * b.groups)
+                            .filter(|k| hidden.is_multiple_of(*k))
+                            .map(|k| {
+                                let gone = (b.size - k) / b.groups;
+                                // The smallest sparsity (three decimals) that removes `gone` per group.
+                                let mut milli = (gone as f64 * 1000.0 / per as f64).ceil() as u64;
+                                while ((per as f64 * milli as f64 / 1000.0).floor() as usize) < gone {
+                                    milli += 1;
+                                }
+                                format!("{}.{:03} ({k} heads)", milli / 1000, milli % 1000)
+                            })
+                            .collect();
+                        return Err(format!(
+                            "sparsity = {s} leaves {left} of {} heads, and transformers refuses a {model_type} config whose \
+                             hidden_size {hidden} is not a multiple of the head count; sparsities that load: {}",
+                            b.size,
+                            if ok.is_empty() { "none".to_string() } else { ok.join(", ") }
+                        ));
+                    }
+                }
                 self.choose_units(model, &blocks, &mut st)?;
                 st.blocks = blocks;
-                st.heads = Some((config["model_type"].as_str().unwrap_or("").to_string(), geometry));
+                st.heads = Some((model_type.to_string(), geometry));
             }
             "layers" => {
                 let model_type = config["model_type"].as_str().unwrap_or("");
