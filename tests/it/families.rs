@@ -41,6 +41,10 @@ fn llama_cpp_ppl(py: &str, gguf: &Path, hamlet: &Path) -> f64 {
 /// and llama.cpp on our F32 export of the same weights, 90.06 llama.cpp on the Q4_K_M file; 0.25 %
 /// apart on 2048 tokens, docs/benchmarks.md).
 fn end_to_end(gguf: &Path, hamlet: &Path, model_type: &str, hf_class: &str) {
+    // One family at a time: each run holds its model in f32 twice (reference and bundle evals,
+    // ~5 GiB for Qwen2), and CI's machine runs two tests at once.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let t = tmp();
     let out = t.path().join("dist");
     let recipe = t.path().join("r.toml");
