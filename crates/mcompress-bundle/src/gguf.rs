@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use mcompress_core::arch::{Family, Role};
+use mcompress_core::arch::{Family, Geometry, Role};
 use mcompress_core::gguf::{GgmlType, GgufBuilder, GgufLayout, GgufWriter};
 use mcompress_core::{ModelSource, ggml};
 use mcompress_passes::pipeline::Sink;
@@ -159,19 +159,15 @@ pub(crate) fn tensor_plans(
             config["model_type"].as_str().unwrap_or("")
         )
     })?;
-    let n_head = config["num_attention_heads"].as_u64().unwrap_or(0) as usize;
-    let n_kv = config["num_key_value_heads"].as_u64().map_or(n_head, |v| v as usize);
+    let g = Geometry::from_config(config)?;
     let tied = !params.contains_key(&family.hf(Role::Output, 0));
     let mut out = BTreeMap::new();
     for (name, meta) in params {
-        let (Some((role, layer)), Some(gguf)) = (family.parse_hf(name), family.gguf_name(name)) else {
-            return Err(format!("tensor {name:?} has no llama.cpp name in a {} model", family.gguf_arch()));
-        };
-        let heads = match role {
-            Role::Q if family.permutes_qk() => Some(n_head),
-            Role::K if family.permutes_qk() => Some(n_kv),
-            _ => None,
-        };
+        let (role, layer) = family
+            .parse_hf(name)
+            .ok_or_else(|| format!("tensor {name:?} has no llama.cpp name in a {} model", family.gguf_arch()))?;
+        let gguf = family.gguf(role, layer.unwrap_or(0));
+        let heads = family.gguf_permute_heads(role, g.heads, g.kv_heads);
         let dims: Vec<u64> = meta.shape().iter().rev().map(|&d| d as u64).collect();
         if let Some(h) = heads
             && (dims.len() != 2 || !dims[1].is_multiple_of((2 * h.max(1)) as u64))
@@ -179,8 +175,7 @@ pub(crate) fn tensor_plans(
             return Err(format!("tensor {name:?} of shape {:?} cannot be permuted over {h} heads", meta.shape()));
         }
         let output = role == Role::Output || (tied && role == Role::Embed);
-        let offset = if role.is_norm() { family.gguf_norm_offset() } else { 0.0 };
-        out.insert(name.clone(), TensorPlan { gguf, dims, heads, layer, output, offset });
+        out.insert(name.clone(), TensorPlan { gguf, dims, heads, layer, output, offset: family.gguf_offset(role) });
     }
     Ok(out)
 }
@@ -195,17 +190,9 @@ pub(crate) fn metadata(model: &ModelSource, config: &Value, ftype: u32) -> Resul
         }
     }
     let c = config;
-    let u = |k: &str| -> Result<u32, String> {
-        c[k].as_u64()
-            .and_then(|v| u32::try_from(v).ok())
-            .filter(|&v| v > 0)
-            .ok_or_else(|| format!("config.json: {k} is missing or not a positive 32-bit integer (needed for GGUF)"))
-    };
     let family = Family::of_config(c).ok_or("GGUF export needs a decoder config.json (llama, qwen2, gemma3_text)")?;
     let arch = family.gguf_arch();
     let key = |k: &str| format!("{arch}.{k}");
-    let hidden = u("hidden_size")?;
-    let heads = u("num_attention_heads")?;
     b.string("general.architecture", arch);
     if !b.has("general.name") {
         let name = model.path().file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -213,8 +200,9 @@ pub(crate) fn metadata(model: &ModelSource, config: &Value, ftype: u32) -> Resul
     }
     b.u32("general.file_type", ftype);
     b.u32("general.quantization_version", 2);
-    let g = mcompress_core::arch::Geometry::from_config(c)?;
+    let g = Geometry::from_config(c)?;
     let dim = |v: usize| u32::try_from(v).map_err(|_| format!("config.json: {v} does not fit a 32-bit GGUF key"));
+    let (hidden, heads) = (dim(g.hidden)?, dim(g.heads)?);
     b.u32(&key("context_length"), dim(g.max_positions)?);
     b.u32(&key("embedding_length"), hidden);
     b.u32(&key("block_count"), dim(g.layers)?);
@@ -229,9 +217,7 @@ pub(crate) fn metadata(model: &ModelSource, config: &Value, ftype: u32) -> Resul
         b.u32(&key("attention.key_length"), head_dim);
         b.u32(&key("attention.value_length"), head_dim);
     }
-    if family == Family::Gemma3 && g.windows.iter().enumerate().any(|(i, w)| w.is_none() != (i + 1).is_multiple_of(6)) {
-        // llama.cpp's gemma3 loader fixes the pattern (every sixth layer global); a model whose
-        // layers were removed keeps its own pattern, which the file cannot say.
+    if !g.gguf_layer_pattern_ok() {
         return Err("GGUF export of Gemma 3: llama.cpp assumes every sixth layer attends globally, and this \
                     model's layer_types (after layer removal) differ; export safetensors instead"
             .into());
@@ -308,7 +294,7 @@ fn bpe_tokenizer(t: &Value, config: &Value, family: Family, b: &mut GgufBuilder)
         })
         .unwrap_or_default();
     b.string("tokenizer.ggml.model", "gpt2");
-    b.string("tokenizer.ggml.pre", if family == Family::Qwen2 { "qwen2" } else { "default" });
+    b.string("tokenizer.ggml.pre", family.gguf_bpe_pre());
     b.strings("tokenizer.ggml.tokens", &tokens);
     b.i32s("tokenizer.ggml.token_type", &types);
     b.strings("tokenizer.ggml.merges", &merges);

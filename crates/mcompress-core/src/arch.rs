@@ -106,6 +106,15 @@ const GEMMA3: &[Row] = &[
     (Role::PostFfnNorm, "post_feedforward_layernorm.weight", "post_ffw_norm.weight"),
 ];
 
+/// Gemma 3 attends globally in every sixth layer and over a sliding window in the others
+/// (transformers' default `sliding_window_pattern`; what llama.cpp's gemma3 loader assumes).
+const GEMMA3_GLOBAL_EVERY: u64 = 6;
+
+/// Whether Gemma 3 layer `i` slides, for a pattern of one global layer in `every`.
+fn gemma3_slides(i: u64, every: u64) -> bool {
+    !(i + 1).is_multiple_of(every)
+}
+
 /// Hugging Face prefix of block tensors.
 const HF_LAYER: &str = "model.layers.";
 /// GGUF prefix of block tensors.
@@ -174,6 +183,44 @@ impl Family {
         if self == Family::Gemma3 { 1.0 } else { 0.0 }
     }
 
+    /// The head count llama.cpp's converter permutes this role's rows over (Q: heads, K: KV
+    /// heads; llama only), or `None`.
+    pub fn gguf_permute_heads(self, role: Role, heads: usize, kv_heads: usize) -> Option<usize> {
+        match role {
+            Role::Q if self.permutes_qk() => Some(heads),
+            Role::K if self.permutes_qk() => Some(kv_heads),
+            _ => None,
+        }
+    }
+
+    /// What GGUF adds to every value of a tensor of this role ([`Family::gguf_norm_offset`] for
+    /// norms, else 0).
+    pub fn gguf_offset(self, role: Role) -> f32 {
+        if role.is_norm() { self.gguf_norm_offset() } else { 0.0 }
+    }
+
+    /// Whether the forward pass multiplies the embeddings by √hidden (Gemma).
+    pub fn scales_embeddings(self) -> bool {
+        self == Family::Gemma3
+    }
+
+    /// Whether the MLP gates with tanh-approximated GELU (Gemma's GeGLU) rather than SiLU.
+    pub fn gelu_mlp(self) -> bool {
+        self == Family::Gemma3
+    }
+
+    /// Whether transformers' config class for the family refuses a `hidden_size` that is not a
+    /// multiple of `num_attention_heads` (LlamaConfig, Gemma3TextConfig in transformers 5.25,
+    /// even with `head_dim` set); Qwen2Config does not check.
+    pub fn hf_needs_heads_dividing_hidden(self) -> bool {
+        matches!(self, Family::Llama | Family::Gemma3)
+    }
+
+    /// llama.cpp's `tokenizer.ggml.pre` for the family's byte-level BPE tokenizer.
+    pub fn gguf_bpe_pre(self) -> &'static str {
+        if self == Family::Qwen2 { "qwen2" } else { "default" }
+    }
+
     fn rows(self) -> impl Iterator<Item = &'static Row> {
         let own = match self {
             Family::Llama => LLAMA,
@@ -212,11 +259,19 @@ impl Family {
         parse(self.rows().map(|r| (r.0, r.2)), GGUF_LAYER, name)
     }
 
+    /// The GGUF name of a role (`layer` for per-block roles).
+    ///
+    /// # Panics
+    /// A role the family does not have (a programming error).
+    pub fn gguf(self, role: Role, layer: usize) -> String {
+        let row = self.rows().find(|r| r.0 == role).unwrap_or_else(|| panic!("{self:?} has no {role:?}"));
+        if role.per_layer() { format!("{GGUF_LAYER}{layer}.{}", row.2) } else { row.2.to_string() }
+    }
+
     /// The GGUF name of a Hugging Face tensor name.
     pub fn gguf_name(self, hf: &str) -> Option<String> {
         let (role, layer) = self.parse_hf(hf)?;
-        let row = self.rows().find(|r| r.0 == role)?;
-        Some(layer.map_or_else(|| row.2.to_string(), |l| format!("{GGUF_LAYER}{l}.{}", row.2)))
+        Some(self.gguf(role, layer.unwrap_or(0)))
     }
 
     /// The Hugging Face name of a GGUF tensor name.
@@ -358,6 +413,30 @@ impl Geometry {
         })
     }
 
+    /// The rotary base of layer `layer`: Gemma 3's sliding layers rotate with the local base,
+    /// every other layer (Qwen2's sliding ones included) with the global one.
+    pub fn layer_rope_theta(&self, layer: usize) -> f64 {
+        if self.family == Family::Gemma3 && self.windows[layer].is_some() {
+            self.rope_local_theta
+        } else {
+            self.rope_theta
+        }
+    }
+
+    /// What the embeddings are multiplied by (√hidden for Gemma, else 1).
+    #[allow(clippy::cast_possible_truncation)]
+    pub fn embed_scale(&self) -> f32 {
+        if self.family.scales_embeddings() { (self.hidden as f32).sqrt() } else { 1.0 }
+    }
+
+    /// Whether a GGUF can say this model's layer pattern: llama.cpp's gemma3 loader fixes it
+    /// (every sixth layer global), so a Gemma whose `layer_types` differ (layers removed) cannot
+    /// be written as GGUF. Other families have no pattern to lose.
+    pub fn gguf_layer_pattern_ok(&self) -> bool {
+        self.family != Family::Gemma3
+            || (0u64..).zip(&self.windows).all(|(i, w)| w.is_some() == gemma3_slides(i, GEMMA3_GLOBAL_EVERY))
+    }
+
     /// The shape a tensor of this role must have.
     pub fn shape(&self, role: Role) -> Vec<usize> {
         let (h, q, kv, i) = (self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate);
@@ -495,8 +574,8 @@ fn windows(config: &Value, family: Family, layers: usize) -> Result<Vec<Option<u
     } else {
         match family {
             Family::Gemma3 => {
-                let pattern = config["sliding_window_pattern"].as_u64().unwrap_or(6).max(1) as usize;
-                (0..layers).map(|i| (i + 1) % pattern != 0).collect()
+                let every = config["sliding_window_pattern"].as_u64().map_or(GEMMA3_GLOBAL_EVERY, |p| p.max(1));
+                (0..layers as u64).map(|i| gemma3_slides(i, every)).collect()
             }
             Family::Qwen2 if config["use_sliding_window"].as_bool() == Some(true) => {
                 let max = config["max_window_layers"].as_u64().unwrap_or(layers as u64) as usize;
@@ -596,7 +675,7 @@ pub fn gguf_config(g: &crate::gguf::GgufFile, family: Family, has_output: bool) 
             config["query_pre_attn_scalar"] = hd.into();
             config["sliding_window"] = window.into();
             config["layer_types"] = (0..layers)
-                .map(|i| if (i + 1) % 6 == 0 { "full_attention" } else { "sliding_attention" })
+                .map(|i| if gemma3_slides(i, GEMMA3_GLOBAL_EVERY) { "sliding_attention" } else { "full_attention" })
                 .collect::<Vec<_>>()
                 .into();
             config["rope_local_base_freq"] = 10_000.0.into();

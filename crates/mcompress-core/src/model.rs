@@ -247,12 +247,8 @@ impl ModelSource {
                 .parse_gguf(&t.name)
                 .ok_or_else(|| bad(format!("GGUF: unexpected {arch} tensor {:?}", t.name)))?;
             let name = family.hf(role, layer.unwrap_or(0));
-            let heads = match role {
-                Role::Q if family.permutes_qk() => Some(n_head),
-                Role::K if family.permutes_qk() => Some(n_kv),
-                _ => None,
-            };
-            let offset = if role.is_norm() { family.gguf_norm_offset() } else { 0.0 };
+            let heads = family.gguf_permute_heads(role, n_head, n_kv);
+            let offset = family.gguf_offset(role);
             let shape = t.shape();
             if let Some(h) = heads
                 && (shape.len() != 2 || !shape[0].is_multiple_of(2 * h.max(1)))
@@ -274,7 +270,8 @@ impl ModelSource {
         if let Some(w) = entries.windows(2).find(|w| w[0].info.name == w[1].info.name) {
             return Err(bad(format!("GGUF: two tensors map to {:?}", w[0].info.name)));
         }
-        let has_output = entries.iter().any(|e| family.parse_hf(&e.info.name).is_some_and(|r| r.0 == Role::Output));
+        let output = family.hf(Role::Output, 0);
+        let has_output = entries.iter().any(|e| e.info.name == output);
         let config = crate::arch::gguf_config(&parsed, family, has_output).map_err(bad)?;
         // Whether the tensors make a whole model is `check_architecture`'s (run, recipe check) and
         // the eval's question; inspect and dequantize read any well-formed file.

@@ -232,16 +232,13 @@ impl Net {
     fn decoder(&self, g: &Geometry, ids: &Tensor<2, Int>, b: usize, t: usize) -> Out {
         let f = g.family;
         let (heads, kv_heads, hd, eps) = (g.heads, g.kv_heads, g.head_dim, g.eps);
-        let gemma = f == Family::Gemma3;
         let off = f.gguf_norm_offset();
         let device = ids.device();
         let embed = self.get(&f.hf(Role::Embed, 0));
         let group = heads / kv_heads;
         let mut x = embed.clone().select(0, ids.clone().reshape([b * t]));
-        if gemma {
-            #[allow(clippy::cast_possible_truncation)]
-            let scale = (g.hidden as f32).sqrt();
-            x = x.mul_scalar(scale);
+        if f.scales_embeddings() {
+            x = x.mul_scalar(g.embed_scale());
         }
         // Rotary embeddings, Hugging Face rotate_half layout: cos/sin [1, 1, t, hd], per base.
         let half = hd / 2;
@@ -260,8 +257,12 @@ impl Net {
             let s = Tensor::<2>::from_data(TensorData::new(sin, [t, hd]), &device).reshape([1, 1, t, hd]);
             (c, s)
         };
-        let global = tables(g.rope_theta);
-        let local = if gemma { tables(g.rope_local_theta) } else { global.clone() };
+        // One table per distinct base (Gemma 3: the global and the local one).
+        let mut rope_tables = BTreeMap::new();
+        for i in 0..g.layers {
+            let theta = g.layer_rope_theta(i);
+            rope_tables.entry(theta.to_bits()).or_insert_with(|| tables(theta));
+        }
         let rope = |x: Tensor<4>, (cos, sin): &(Tensor<4>, Tensor<4>)| {
             let x1 = x.clone().narrow(3, 0, half);
             let x2 = x.clone().narrow(3, half, half);
@@ -299,7 +300,7 @@ impl Net {
             let q = q.reshape([b, t, heads, hd]).swap_dims(1, 2);
             let k = k.reshape([b, t, kv_heads, hd]).swap_dims(1, 2);
             let window = g.windows[i];
-            let table = if window.is_some() && gemma { &local } else { &global };
+            let table = &rope_tables[&g.layer_rope_theta(i).to_bits()];
             let (q, k) = (rope(q, table), rope(k, table));
             // Grouped-query attention: each KV head serves `group` query heads.
             let expand = |y: Tensor<4>| {
@@ -316,7 +317,7 @@ impl Net {
             x = x + o;
             let hn = self.rms_norm_off(&name(Role::FfnNorm, i), x.clone(), eps, off);
             let gate = self.linear(&module(Role::Gate, i), hn.clone());
-            let act = if gemma {
+            let act = if f.gelu_mlp() {
                 // GELU, tanh approximation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
                 let inner = (gate.clone() + gate.clone().powi_scalar(3).mul_scalar(0.044_715)).mul_scalar(0.797_884_6);
                 gate.mul_scalar(0.5) * inner.tanh().add_scalar(1.0)

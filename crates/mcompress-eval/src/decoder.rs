@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use std::collections::BTreeMap;
 
 use mcompress_core::DType;
-use mcompress_core::arch::{Family, Geometry, Role};
+use mcompress_core::arch::{Geometry, Role};
 use mcompress_passes::Calibrated;
 use mcompress_passes::quant::{QScheme, quantize};
 
@@ -42,15 +42,13 @@ struct Layer {
     /// Sliding window, `None` for full attention.
     window: Option<usize>,
     /// Rotary frequencies of this layer (Gemma's local layers have their own base).
-    inv_freq: std::sync::Arc<Vec<f64>>,
+    inv_freq: Vec<f64>,
 }
 
 /// A loaded decoder.
 pub struct Decoder {
     g: Geometry,
     embed: Vec<f32>,
-    /// Multiplies the embeddings (Gemma: √hidden).
-    embed_scale: f32,
     lm_head: Lin,
     layers: Vec<Layer>,
     norm: Vec<f32>,
@@ -58,7 +56,6 @@ pub struct Decoder {
     /// written back (AWQ).
     norm_add: f32,
     eps: f32,
-    gelu: bool,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -104,8 +101,6 @@ impl Decoder {
             };
             Lin::new(w.matrix(&f.hf(role, l), s[0], s[1]).map_err(bad)?, s[0], s[1], b, device)
         };
-        let global = std::sync::Arc::new(inv_freq(g.rope_theta, g.head_dim));
-        let local = std::sync::Arc::new(inv_freq(g.rope_local_theta, g.head_dim));
         let layers = (0..g.layers)
             .map(|i| {
                 let window = g.windows[i];
@@ -124,8 +119,7 @@ impl Decoder {
                     up: lin(Role::Up, None, i)?,
                     down: lin(Role::Down, None, i)?,
                     window,
-                    // Gemma 3's sliding layers rotate with the local base; Qwen2's with the one base.
-                    inv_freq: if window.is_some() && f == Family::Gemma3 { local.clone() } else { global.clone() },
+                    inv_freq: inv_freq(g.layer_rope_theta(i), g.head_dim),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -135,17 +129,7 @@ impl Decoder {
         let s = g.shape(Role::Output);
         let lm_head = Lin::new(w.matrix(&f.hf(head, 0), s[0], s[1]).map_err(bad)?, s[0], s[1], None, device)?;
         #[allow(clippy::cast_possible_truncation)]
-        Ok(Decoder {
-            embed,
-            embed_scale: if f == Family::Gemma3 { (g.hidden as f32).sqrt() } else { 1.0 },
-            lm_head,
-            layers,
-            norm: get(Role::OutputNorm, 0)?,
-            norm_add,
-            eps: g.eps as f32,
-            gelu: f == Family::Gemma3,
-            g,
-        })
+        Ok(Decoder { embed, lm_head, layers, norm: get(Role::OutputNorm, 0)?, norm_add, eps: g.eps as f32, g })
     }
 
     /// Vocabulary size.
@@ -252,14 +236,14 @@ impl Decoder {
 
     /// Embeddings of a token sequence, `[n, hidden]`.
     fn embed_ids(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let h = self.g.hidden;
+        let (h, scale) = (self.g.hidden, self.g.embed_scale());
         let mut x = Vec::with_capacity(ids.len() * h);
         for &id in ids {
             let id = id as usize;
             if id >= self.g.vocab {
                 return Err(Error::Model(format!("decoder: token id {id} outside the vocabulary of {}", self.g.vocab)));
             }
-            x.extend(self.embed[id * h..(id + 1) * h].iter().map(|v| v * self.embed_scale));
+            x.extend(self.embed[id * h..(id + 1) * h].iter().map(|v| v * scale));
         }
         Ok(x)
     }
@@ -282,13 +266,17 @@ impl Decoder {
         Ok(self.attention(&q, &k, &v, n, l.window))
     }
 
+    /// `y`, through a post-norm where the block has one (Gemma's after attention and MLP).
+    fn post_norm(&self, y: Vec<f32>, norm: Option<&Vec<f32>>) -> Vec<f32> {
+        match norm {
+            Some(w) => self.rms(&y, w),
+            None => y,
+        }
+    }
+
     /// What block `l`'s attention adds to the residual stream, from its context.
     fn attn_out(&self, l: &Layer, ctx: &[f32]) -> Result<Vec<f32>> {
-        let o = l.o.apply(ctx)?;
-        Ok(match &l.post_attn {
-            Some(w) => self.rms(&o, w),
-            None => o,
-        })
+        Ok(self.post_norm(l.o.apply(ctx)?, l.post_attn.as_ref()))
     }
 
     /// The gated activation of block `l`'s MLP for its normed input `a` (the input of
@@ -296,7 +284,7 @@ impl Decoder {
     fn mlp_act(&self, l: &Layer, a: &[f32]) -> Result<Vec<f32>> {
         let g = l.gate.apply(a)?;
         let u = l.up.apply(a)?;
-        Ok(if self.gelu {
+        Ok(if self.g.family.gelu_mlp() {
             const C: f32 = 0.797_884_6; // √(2/π)
             g.iter().zip(&u).map(|(g, u)| 0.5 * g * (1.0 + (C * (g + 0.044_715 * g * g * g)).tanh()) * u).collect()
         } else {
@@ -306,11 +294,7 @@ impl Decoder {
 
     /// What block `l`'s MLP adds to the residual stream, from its activation.
     fn mlp_out(&self, l: &Layer, act: &[f32]) -> Result<Vec<f32>> {
-        let d = l.down.apply(act)?;
-        Ok(match &l.post_ffn {
-            Some(w) => self.rms(&d, w),
-            None => d,
-        })
+        Ok(self.post_norm(l.down.apply(act)?, l.post_ffn.as_ref()))
     }
 
     /// `x += attention(x)`: block `l`'s attention half on the residual stream.

@@ -179,16 +179,15 @@ fn neuron_blocks(model: &ModelSource, config: &Value) -> Result<Vec<Block>, Stri
     };
     let mut out = Vec::new();
     let model_type = config["model_type"].as_str().unwrap_or("");
-    match model_type {
-        t if Family::from_model_type(t).is_some() => {
-            let f = Family::from_model_type(t).expect("matched");
+    match (Family::from_model_type(model_type), model_type) {
+        (Some(f), _) => {
             for i in 0..n_layers {
                 let g = f.hf(Role::Gate, i);
                 let size = size_of(&g).ok_or_else(|| format!("{g} missing"))?;
                 out.push(block(vec![g, f.hf(Role::Up, i)], vec![f.hf(Role::Down, i)], size));
             }
         }
-        "bert" => {
+        (None, "bert") => {
             for i in 0..n_layers {
                 let p = format!("encoder.layer.{i}");
                 let w = format!("{p}.intermediate.dense.weight");
@@ -201,7 +200,7 @@ fn neuron_blocks(model: &ModelSource, config: &Value) -> Result<Vec<Block>, Stri
                 out.push(block(rows_of, vec![format!("{p}.output.dense.weight")], size));
             }
         }
-        "mlp" => {
+        (None, "mlp") => {
             let names: Vec<String> = config["layer_names"]
                 .as_array()
                 .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
@@ -217,7 +216,7 @@ fn neuron_blocks(model: &ModelSource, config: &Value) -> Result<Vec<Block>, Stri
                 out.push(block(rows_of, vec![next], size));
             }
         }
-        other => {
+        (None, other) => {
             return Err(format!(
                 "model_type {other:?}: structured pruning knows the decoders (llama, qwen2, gemma3_text), bert and mlp models"
             ));
@@ -313,14 +312,14 @@ fn head_blocks(model: &ModelSource, config: &Value) -> Result<(Vec<Block>, Geome
 
 /// What to write instead when a sparsity removes none of `n` units.
 fn removal_hint(n: usize) -> String {
-    if n <= 1 { "a single one cannot be removed".into() } else { format!("use at least {}", smallest_removing_one(n)) }
+    if n <= 1 { "a single one cannot be removed".into() } else { format!("use at least {}", smallest_removing(1, n)) }
 }
 
-/// The smallest sparsity with three decimals that removes one of `n` units (`⌊n · s⌋ ≥ 1`):
-/// 1/n rounded up, so that the value suggested in an error really works.
-fn smallest_removing_one(n: usize) -> String {
-    let mut milli = (1000.0 / n.max(1) as f64).ceil() as u64;
-    while (n as f64 * milli as f64 / 1000.0).floor() < 1.0 {
+/// The smallest sparsity with three decimals that removes `k` of `n` units (`⌊n · s⌋ ≥ k`):
+/// k/n rounded up, so that the value suggested in an error really works.
+fn smallest_removing(k: usize, n: usize) -> String {
+    let mut milli = (k as f64 * 1000.0 / n.max(1) as f64).ceil() as u64;
+    while (n as f64 * milli as f64 / 1000.0).floor() < k as f64 {
         milli += 1;
     }
     format!("{}.{:03}", milli / 1000, milli % 1000)
@@ -472,11 +471,10 @@ impl Pass for Structured {
                         removal_hint(per)
                     ));
                 }
-                // transformers' LlamaConfig and Gemma3TextConfig refuse a hidden size that is not
-                // a multiple of the head count (even with head_dim set): such a bundle would not load.
+                // A head count transformers' config class refuses: such a bundle would not load.
                 let model_type = config["model_type"].as_str().unwrap_or("");
-                if let (Some(b), Some(Family::Llama | Family::Gemma3)) =
-                    (blocks.first(), Family::from_model_type(model_type))
+                if let (Some(b), Some(true)) =
+                    (blocks.first(), Family::from_model_type(model_type).map(Family::hf_needs_heads_dividing_hidden))
                 {
                     let hidden = u(&config, "hidden_size")?;
                     let left = b.keep_count(s);
@@ -485,15 +483,7 @@ impl Pass for Structured {
                         let ok: Vec<String> = (1..per)
                             .map(|k| k * b.groups)
                             .filter(|k| hidden.is_multiple_of(*k))
-                            .map(|k| {
-                                let gone = (b.size - k) / b.groups;
-                                // The smallest sparsity (three decimals) that removes `gone` per group.
-                                let mut milli = (gone as f64 * 1000.0 / per as f64).ceil() as u64;
-                                while ((per as f64 * milli as f64 / 1000.0).floor() as usize) < gone {
-                                    milli += 1;
-                                }
-                                format!("{}.{:03} ({k} heads)", milli / 1000, milli % 1000)
-                            })
+                            .map(|k| format!("{} ({k} heads)", smallest_removing((b.size - k) / b.groups, per)))
                             .collect();
                         return Err(format!(
                             "sparsity = {s} leaves {left} of {} heads, and transformers refuses a {model_type} config whose \
@@ -759,7 +749,7 @@ mod tests {
     fn suggested_sparsity_removes_one() {
         assert_eq!(removal_hint(1), "a single one cannot be removed");
         for (n, want) in [(2, "0.500"), (3, "0.334"), (12, "0.084"), (30, "0.034"), (1000, "0.001")] {
-            let got = smallest_removing_one(n);
+            let got = smallest_removing(1, n);
             assert_eq!(got, want, "{n}");
             let s: f64 = got.parse().unwrap();
             assert!((n as f64 * s).floor() >= 1.0, "{n}: {s}");
