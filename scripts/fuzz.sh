@@ -13,7 +13,7 @@ gguf="${MCOMPRESS_FIXTURES:-$HOME/.cache/mcompress/fixtures}/smollm2/SmolLM2-135
 if [ -f "$gguf" ] && [ ! -f corpus/gguf_header/smollm2-head ]; then
   mkdir -p corpus/gguf_header && head -c 65536 "$gguf" > corpus/gguf_header/smollm2-head
 fi
-for t in safetensors_header gguf_header recipe packed_layout config_json eval_sets; do
+for t in safetensors_header gguf_header recipe packed_layout config_json eval_sets compare; do
   mkdir -p "corpus/$t"
   log=$(mktemp)
   if cargo fuzz run "$t" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=2048 >"$log" 2>&1; then

@@ -9,8 +9,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use mcompress_bundle::{RunOptions, RunSummary};
 use mcompress_passes::pipeline::Progress;
+use mcompress_run::{RunOptions, RunSummary};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -278,7 +278,7 @@ fn dispatch(cli: Cli) -> Result<Status> {
                 distill_stop_after,
             };
             let mut progress = ProgressOut::new(quiet || json);
-            let summary = mcompress_bundle::run(&loaded, &opts, &mut |p| progress.update(p))?;
+            let summary = mcompress_run::run(&loaded, &opts, &mut |p| progress.update(p))?;
             progress.finish();
             for w in &summary.warnings {
                 #[allow(clippy::print_stderr)]
@@ -464,26 +464,20 @@ fn dispatch(cli: Cli) -> Result<Status> {
         }
         Command::Recipe { command: RecipeCommand::Check { recipe } } => {
             let loaded = mcompress_recipe::Recipe::load(&recipe)?;
-            let passes = mcompress_passes::build_passes(&loaded)?;
-            let targets = mcompress_bundle::targets::resolve(&loaded)?;
-            mcompress_bundle::check_targets(&loaded)?;
-            anyhow::ensure!(loaded.model_path.exists(), "{}: model path does not exist", loaded.model_path.display());
-            mcompress_bundle::check_sets(&loaded, &passes)?;
-            // Where `run` would write: the same refusals (output over the model, a file in the way).
-            let model = mcompress_core::ModelSource::open(&loaded.model_path)?;
-            model.check_architecture()?;
-            mcompress_bundle::check_output(&loaded, None, &model)?;
-            // The planned layout (group sizes, tied embeddings) as `run` checks it; structured
-            // pruning changes shapes only once it has scored the model, so `run` checks that.
-            if !passes.iter().any(|p| p.name() == "prune-structured") {
-                mcompress_passes::pipeline::check_plan(&model, &passes)?;
+            // The plan `run` starts from: every check it makes before reading a weight.
+            let plan = mcompress_run::Plan::new(&loaded, None)?;
+            for w in &plan.warnings {
+                #[allow(clippy::print_stderr)]
+                {
+                    eprintln!("warning: {w}");
+                }
             }
             writeln!(
                 out,
                 "ok: {} ({} passes, {} targets, eval: {})",
                 recipe.display(),
-                passes.len(),
-                targets.len(),
+                plan.passes.len(),
+                plan.resolved.len(),
                 loaded.eval.as_ref().map_or("none".to_string(), |e| format!("{:?}", e.metric).to_lowercase())
             )?;
             Ok(Status::Ok)

@@ -235,13 +235,13 @@ fn check_safetensors(model: &ModelSource, problems: &mut Vec<String>) {
         }
     }
     // A quantized tied embedding cannot be looked up as the output head.
-    if config["tie_word_embeddings"].as_bool() == Some(true) {
+    if mcompress_core::arch::ties_word_embeddings(&config) {
         // The decoder families name their embedding in the architecture table; other models by
         // the usual spelling.
         let family = mcompress_core::arch::Family::of_config(&config);
         let is_embedding = |m: &str| match family {
             Some(f) => f.hf(mcompress_core::arch::Role::Embed, 0).strip_suffix(".weight") == Some(m),
-            None => m.contains("embed"),
+            None => mcompress_core::arch::is_embedding_name(m),
         };
         for m in claimed.keys() {
             if is_embedding(m) {

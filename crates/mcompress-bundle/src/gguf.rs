@@ -59,11 +59,11 @@ impl TypePolicy {
         }
     }
 
-    /// The type of one tensor: `gguf` its llama.cpp name, `dims` innermost first, `layer` its
-    /// block, `output` whether it is the output matrix (or the embedding tied to it).
+    /// The type of one tensor: `role` its place in the model, `dims` innermost first, `layer`
+    /// its block, `output` whether it is the output matrix (or the embedding tied to it).
     pub(crate) fn choose(
         self,
-        gguf: &str,
+        role: Role,
         dims: &[u64],
         layer: Option<usize>,
         n_layer: usize,
@@ -83,13 +83,11 @@ impl TypePolicy {
             if base == GgmlType::Q8_0 || !dims[0].is_multiple_of(256) { GgmlType::Q8_0 } else { GgmlType::Q6_K }
         } else {
             match (self, layer) {
-                (TypePolicy::KMedium(_), Some(i))
-                    if (gguf.contains("attn_v") || gguf.contains("ffn_down")) && more_bits(i) =>
-                {
+                (TypePolicy::KMedium(_), Some(i)) if matches!(role, Role::V | Role::Down) && more_bits(i) => {
                     GgmlType::Q6_K
                 }
-                (TypePolicy::KSmall(GgmlType::Q4_K), Some(i)) if gguf.contains("attn_v") && i < 4 => GgmlType::Q5_K,
-                (TypePolicy::KSmall(GgmlType::Q4_K), Some(i)) if gguf.contains("ffn_down") && i < n_layer / 8 => {
+                (TypePolicy::KSmall(GgmlType::Q4_K), Some(i)) if role == Role::V && i < 4 => GgmlType::Q5_K,
+                (TypePolicy::KSmall(GgmlType::Q4_K), Some(i)) if role == Role::Down && i < n_layer / 8 => {
                     GgmlType::Q5_K
                 }
                 _ => base,
@@ -136,6 +134,8 @@ pub(crate) fn ftype_of(t: GgmlType) -> u32 {
 pub(crate) struct TensorPlan {
     /// llama.cpp name.
     pub gguf: String,
+    /// Its role in the model.
+    pub role: Role,
     /// ggml dims, innermost first.
     pub dims: Vec<u64>,
     /// Head count to permute rows over (Q, K).
@@ -156,7 +156,7 @@ pub(crate) fn tensor_plans(
     let family = Family::of_config(config).ok_or_else(|| {
         format!(
             "GGUF export writes the decoder families llama, qwen2 and gemma3_text; this model_type is {:?}",
-            config["model_type"].as_str().unwrap_or("")
+            mcompress_core::arch::model_type(config)
         )
     })?;
     let g = Geometry::from_config(config)?;
@@ -175,7 +175,10 @@ pub(crate) fn tensor_plans(
             return Err(format!("tensor {name:?} of shape {:?} cannot be permuted over {h} heads", meta.shape()));
         }
         let output = role == Role::Output || (tied && role == Role::Embed);
-        out.insert(name.clone(), TensorPlan { gguf, dims, heads, layer, output, offset: family.gguf_offset(role) });
+        out.insert(
+            name.clone(),
+            TensorPlan { gguf, role, dims, heads, layer, output, offset: family.gguf_offset(role) },
+        );
     }
     Ok(out)
 }
@@ -321,7 +324,7 @@ pub(crate) fn plan_file(
     // llama.cpp's own order: embeddings, blocks in order, then the head.
     let mut order: Vec<(&String, &TensorPlan)> = plans.iter().collect();
     order.sort_by_key(|(_, p)| {
-        (p.layer.map_or(if p.gguf.starts_with("token_embd") { 0 } else { 2 }, |_| 1), p.layer, p.gguf.clone())
+        (p.layer.map_or(if p.role == Role::Embed { 0 } else { 2 }, |_| 1), p.layer, p.gguf.clone())
     });
     for (name, p) in order {
         meta.tensor(&p.gguf, &p.dims, types[name]);
@@ -331,7 +334,7 @@ pub(crate) fn plan_file(
 }
 
 /// A pipeline sink writing one GGUF file.
-pub(crate) struct GgufSink {
+pub struct GgufSink {
     path: PathBuf,
     writer: Option<GgufWriter>,
     plans: BTreeMap<String, TensorPlan>,
@@ -463,13 +466,13 @@ mod tests {
     fn test_type_policy_follows_llama_quantize() {
         let p = TypePolicy::parse("q4_k_m").unwrap();
         let d = [2048u64, 2048];
-        assert_eq!(p.choose("blk.0.attn_v.weight", &d, Some(0), 32, false), GgmlType::Q6_K);
-        assert_eq!(p.choose("blk.5.attn_v.weight", &d, Some(5), 32, false), GgmlType::Q4_K);
-        assert_eq!(p.choose("blk.6.ffn_down.weight", &d, Some(6), 32, false), GgmlType::Q6_K);
-        assert_eq!(p.choose("output.weight", &d, None, 32, true), GgmlType::Q6_K);
-        assert_eq!(p.choose("blk.5.attn_q.weight", &[576, 576], Some(5), 32, false), GgmlType::Q5_0);
-        assert_eq!(p.choose("blk.5.attn_norm.weight", &[576], Some(5), 32, false), GgmlType::F32);
-        assert_eq!(TypePolicy::parse("Q8_0").unwrap().choose("output.weight", &d, None, 32, true), GgmlType::Q8_0);
+        assert_eq!(p.choose(Role::V, &d, Some(0), 32, false), GgmlType::Q6_K);
+        assert_eq!(p.choose(Role::V, &d, Some(5), 32, false), GgmlType::Q4_K);
+        assert_eq!(p.choose(Role::Down, &d, Some(6), 32, false), GgmlType::Q6_K);
+        assert_eq!(p.choose(Role::Output, &d, None, 32, true), GgmlType::Q6_K);
+        assert_eq!(p.choose(Role::Q, &[576, 576], Some(5), 32, false), GgmlType::Q5_0);
+        assert_eq!(p.choose(Role::AttnNorm, &[576], Some(5), 32, false), GgmlType::F32);
+        assert_eq!(TypePolicy::parse("Q8_0").unwrap().choose(Role::Output, &d, None, 32, true), GgmlType::Q8_0);
         assert_eq!(fallback(GgmlType::Q6_K, 576), GgmlType::Q8_0);
         assert_eq!(fallback(GgmlType::Q4_0, 100), GgmlType::F16);
         assert!(TypePolicy::parse("Q3_X").is_none());

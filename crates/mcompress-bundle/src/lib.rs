@@ -1,19 +1,19 @@
-//! Bundles: staging, manifest, reports, verification and inspection.
+//! Bundles: the files a run writes, and the tools that read them back.
 //!
 //! # Overview
-//! [`run`] streams a model through a recipe's passes and writes one bundle per target:
-//! `<out>/<target>/` with `model.safetensors`, `config.json` (with `quantization_config`),
-//! the tokenizer files, `report.json`, `report.md` and `manifest.json` (written last). Each bundle
-//! is staged in a hidden temp dir beside its final place and renamed into place when complete, so
-//! a killed run never leaves a bundle that looks complete; stale temp dirs of dead runs are
-//! removed by the next run. [`verify`] re-hashes a bundle against its manifest.
+//! One bundle per target: `<out>/<target>/` with `model.safetensors`, `config.json` (with
+//! `quantization_config`), the tokenizer files, and/or `model.gguf`; `report.json`, `report.md`,
+//! `report.html` and `manifest.json` (written last). This crate writes those pieces
+//! ([`write_payload`], the GGUF export in [`ship`], [`report`], [`manifest`], [`sign`]), stages
+//! and replaces bundle directories ([`replace_dir`], [`clean_stale`]), and reads bundles back
+//! ([`verify`], [`inspect`], [`dequantize`], [`compare`], [`conformance`]). It runs no model:
+//! the orchestrator that calibrates, trains and evaluates (`mcompress_run`) sits above it, so
+//! this crate builds without burn (the training runtime).
 //!
 //! # Example
 //! ```no_run
-//! use mcompress_bundle::{run, RunOptions};
-//! let recipe = mcompress_recipe::Recipe::load("recipes/quickstart.toml".as_ref())?;
-//! let summary = run(&recipe, &RunOptions::default(), &mut |_| {})?;
-//! assert!(summary.targets.iter().all(|t| t.passed));
+//! let (manifest, problems) = mcompress_bundle::verify("out/cpu".as_ref())?;
+//! assert!(problems.is_empty(), "{problems:?}");
 //! # Ok::<(), mcompress_bundle::Error>(())
 //! ```
 #![deny(missing_docs)]
@@ -25,20 +25,18 @@ mod fit;
 mod gguf;
 mod html;
 mod inspect;
-mod manifest;
-mod report;
-mod ship;
-mod sign;
+pub mod manifest;
+pub mod report;
+pub mod ship;
+pub mod sign;
 pub mod targets;
 mod verify;
 
 use std::path::{Path, PathBuf};
 
-use std::time::Instant;
-
 use mcompress_core::{ModelSource, fsutil};
-use mcompress_passes::pipeline::{self, Progress};
-use mcompress_recipe::{MaxSize, Recipe};
+use mcompress_passes::pipeline;
+use mcompress_recipe::Recipe;
 use serde_json::Value;
 
 pub use dequantize::dequantize;
@@ -127,59 +125,6 @@ pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.to_path_buf(), source }
 }
 
-/// Options of [`run`] that do not come from the recipe.
-#[derive(Debug, Default)]
-pub struct RunOptions {
-    /// Overrides the recipe's `[output] dir`.
-    pub out: Option<PathBuf>,
-    /// Leave wall-clock measurements out of the bundle (`seconds: null`), so two runs give
-    /// byte-identical bundles including reports and manifest.
-    pub reproducible: bool,
-    /// Sign each bundle's manifest with this Ed25519 key (`manifest.sig`).
-    pub sign: Option<ed25519_dalek::SigningKey>,
-    /// Overrides `[eval] backend`.
-    pub backend: Option<mcompress_recipe::Backend>,
-    /// Progress bars for the eval on stderr (drawn only on a terminal).
-    pub progress: bool,
-    /// `distill` passes continue from their last checkpoint.
-    pub resume: bool,
-    /// Overrides every `distill` pass's `device`.
-    pub distill_device: Option<mcompress_passes::distill::TrainDevice>,
-    /// `distill` passes stop after this many steps of this process, leaving a checkpoint (the
-    /// run then fails; `--resume` continues). For tests of interrupted runs.
-    pub distill_stop_after: Option<usize>,
-}
-
-/// Outcome for one target.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct TargetOutcome {
-    /// Target name.
-    pub name: String,
-    /// Bundle directory.
-    pub dir: PathBuf,
-    /// Bytes of the deployable files (everything but manifest and reports).
-    pub bundle_bytes: u64,
-    /// All gates passed.
-    pub passed: bool,
-    /// Gates evaluated.
-    pub gates: Vec<Gate>,
-}
-
-/// Outcome of a run.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct RunSummary {
-    /// Per target.
-    pub targets: Vec<TargetOutcome>,
-    /// Model parameters.
-    pub params: u64,
-    /// Input weight bytes.
-    pub model_bytes: u64,
-    /// Wall seconds of the whole run (measured even in reproducible mode; not written to bundles then).
-    pub seconds: f64,
-    /// Warnings for the user (e.g. an `[eval]` this version does not execute).
-    pub warnings: Vec<String>,
-}
-
 /// Checks every target's formats and GGUF settings (what `run` checks before it starts).
 pub fn check_targets(recipe: &Recipe) -> Result<()> {
     for (i, t) in recipe.targets.iter().enumerate() {
@@ -188,422 +133,11 @@ pub fn check_targets(recipe: &Recipe) -> Result<()> {
     Ok(())
 }
 
-/// Runs a recipe: passes, then one bundle per target.
-pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress)) -> Result<RunSummary> {
-    let started = Instant::now();
-    let passes = mcompress_passes::build_passes(recipe)?;
-    let resolved = targets::resolve(recipe)?;
-    let shipping =
-        recipe.targets.iter().enumerate().map(|(i, t)| ship::Shipping::of(recipe, i, t)).collect::<Result<Vec<_>>>()?;
-    check_sets(recipe, &passes)?;
-    let source = ModelSource::open(&recipe.model_path)?;
-    source.check_architecture()?;
-    check_output(recipe, opts.out.as_deref(), &source)?;
-    let prepare_err = |i: usize, e: String| Error::Prepare(format!("pass[{}] {}: {e}", i, recipe.passes[i].kind));
-    // Per pass: wall seconds before the weights stream (scoring, calibration, training), added
-    // to its streaming time in the report.
-    let mut pre_seconds = vec![0f64; passes.len()];
-    // Whole layers removed (structured pruning, always the first pass): scored on calibration
-    // text, then every later step sees the smaller, renumbered model. `source` stays the model
-    // as given: the eval's reference and the default distillation teacher.
-    let mut restructured = None;
-    if let Some((first, c)) = passes.first().and_then(|p| p.layer_removal().map(|c| (p, c))) {
-        let t0 = Instant::now();
-        first.prepare(&source).map_err(|e| prepare_err(0, e))?;
-        let scores = mcompress_eval::calibrate::layer_scores(&source, c.into())
-            .map_err(|e| Error::Calibration(format!("pass[0] {}: layer scores: {e}", first.name())))?;
-        let map = first.choose_layers(&source, &scores).map_err(|e| prepare_err(0, e))?;
-        let config = map.config(&source.config().cloned().unwrap_or_default());
-        restructured = Some(ModelSource::open(&recipe.model_path)?.restructured(|n| map.rename(n), config)?);
-        pre_seconds[0] += t0.elapsed().as_secs_f64();
-    }
-    let model = restructured.as_ref().unwrap_or(&source);
-    // Passes that read the whole model first (structured pruning's importances).
-    let mut early_warnings = Vec::new();
-    // Side files that are links are not shipped (a link would ship whatever it points at).
-    if source.path().is_dir() {
-        for f in mcompress_core::AUX_FILES {
-            let p = source.path().join(f);
-            if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
-                early_warnings.push(format!(
-                    "{}: a symbolic link: not copied into the bundle (bundles ship regular files only; copy the file \
-                     itself into the model directory to ship it)",
-                    p.display()
-                ));
-            }
-        }
-    }
-    for (i, pass) in passes.iter().enumerate() {
-        if let Some(w) = pass.warning(model) {
-            early_warnings.push(format!("pass[{i}] {} {w}", pass.name()));
-        }
-        if i == 0 && restructured.is_some() {
-            continue;
-        }
-        let t0 = Instant::now();
-        if let Some(c) = pass.unit_calibration() {
-            let moments = mcompress_eval::calibrate::input_moments(model, c.into())
-                .map_err(|e| Error::Calibration(format!("pass[{i}] {}: calibration: {e}", recipe.passes[i].kind)))?;
-            pass.provide_moments(moments);
-        }
-        pass.prepare(model).map_err(|e| prepare_err(i, e))?;
-        pre_seconds[i] += t0.elapsed().as_secs_f64();
-    }
-    // What runtimes would reject (a short last group, a quantized tied embedding) fails here,
-    // before minutes of calibration or training.
-    early_warnings.extend(pipeline::check_plan(model, &passes)?);
-    let out_dir = opts.out.clone().unwrap_or_else(|| recipe.output_dir.clone());
-    fs_err::create_dir_all(&out_dir).map_err(io(&out_dir))?;
-    let out_dir = fs_err::canonicalize(&out_dir).map_err(io(&out_dir))?;
-    // Each training pass's checkpoint directory: absent, empty or ours (checked before any
-    // work; an explicit `checkpoint-dir` was checked when the recipe was read), and whether it
-    // was there before, so that only what this run created is removed when the bundles are done.
-    let mut checkpoint_dirs = std::collections::BTreeMap::new();
-    for pass in &passes {
-        if let Some(d) = pass.distillation() {
-            let dir =
-                d.config.checkpoint_dir.clone().unwrap_or_else(|| out_dir.join(format!(".distill-pass{}", d.index)));
-            if let Some(problem) = mcompress_passes::distill::checkpoint_dir_problem(&dir) {
-                return Err(Error::UnsafeOutput {
-                    path: dir,
-                    reason: format!("pass[{}] distill checkpoint directory: {problem}", d.index),
-                });
-            }
-            // The default directory is the tool's own; a directory the user named and that was
-            // there before stays (emptied of the checkpoint's files).
-            let keep_dir = d.config.checkpoint_dir.is_some() && dir.exists();
-            checkpoint_dirs.insert(d.index, (dir, keep_dir));
-        }
-    }
-    // Calibrated passes (GPTQ, AWQ, Wanda, SparseGPT) and training passes (distill) run on the
-    // model before anything streams, in recipe order.
-    for (i, (spec, pass)) in recipe.passes.iter().zip(&passes).enumerate() {
-        if pass.calibration().is_none() && pass.distillation().is_none() {
-            continue;
-        }
-        let t0 = Instant::now();
-        // Each calibrates or trains on the model as the passes before it leave it.
-        let earlier = &passes[..i];
-        let prior = if earlier.is_empty() {
-            None
-        } else {
-            Some(mcompress_eval::calibrate::Prior {
-                config: pipeline::output_config(model, earlier).unwrap_or_default(),
-                tensors: pipeline::transformed_f32(model, earlier)?,
-                // Unstructured and N:M pruning leave exact zeros that must stay zero; structured
-                // pruning leaves none (its removed units are gone), and a zero it did not make
-                // (a quantized input's grid point) must stay trainable.
-                keep_zeros: earlier.iter().any(|p| p.name().starts_with("prune-") && p.name() != "prune-structured"),
-            })
-        };
-        if let Some(cal) = pass.calibration() {
-            let results = mcompress_eval::calibrate::run(model, pass.as_ref(), cal, prior, opts.progress)
-                .map_err(|e| Error::Calibration(format!("pass[{}] {}: calibration: {e}", spec.index, spec.kind)))?;
-            pass.provide(results);
-        } else if let Some(d) = pass.distillation() {
-            let checkpoint_dir = checkpoint_dirs[&d.index].0.clone();
-            let dopts = mcompress_distill::Options {
-                progress: opts.progress,
-                resume: opts.resume,
-                checkpoint_dir: checkpoint_dir.clone(),
-                reproducible: opts.reproducible,
-                stop_after: opts.distill_stop_after,
-            };
-            let mut d = d.clone();
-            if let Some(dev) = opts.distill_device {
-                d.device = dev;
-            }
-            let trained = mcompress_distill::run(&source, pass.as_ref(), &d, prior, &dopts)
-                .map_err(|e| Error::Calibration(format!("pass[{}] {}: {e}", spec.index, spec.kind)))?;
-            pass.provide(trained.tensors);
-            pass.report_outcome(trained.outcome);
-        }
-        pre_seconds[i] += t0.elapsed().as_secs_f64();
-    }
-    for t in &recipe.targets {
-        check_output_safe(&out_dir.join(&t.name), model)?;
-    }
-    clean_stale(&out_dir);
-
-    let pid = std::process::id();
-    let stage = |name: &str| out_dir.join(format!(".{name}.mcompress-tmp-{pid}"));
-    // The safetensors payload is shared by every target that ships it; it is staged once.
-    let payload_dir = out_dir.join(format!(".payload.mcompress-tmp-{pid}"));
-    let staged: Vec<PathBuf> = recipe.targets.iter().map(|t| stage(&t.name)).chain([payload_dir.clone()]).collect();
-    for d in &staged {
-        if d.exists() {
-            fs_err::remove_dir_all(d).map_err(io(d))?;
-        }
-        fs_err::create_dir_all(d).map_err(io(d))?;
-    }
-
-    let result = (|| {
-        let any_st = shipping.iter().any(|s| s.safetensors);
-        // GGUF targets: tensor types planned (fit: solved) before the weights stream.
-        let planned = pipeline::plan(model, &passes);
-        let mut ggufs: Vec<Option<ship::GgufTarget>> = Vec::with_capacity(shipping.len());
-        for (i, s) in shipping.iter().enumerate() {
-            ggufs.push(match &s.gguf {
-                Some(g) => Some(ship::GgufTarget::plan(recipe, i, model, &planned.params, &passes, g, &resolved[i])?),
-                None => None,
-            });
-        }
-        // Hash the inputs on a second thread while the passes stream the weights.
-        let inputs = model.input_files();
-        let (hashes, output) = std::thread::scope(|s| {
-            let h = s.spawn(|| manifest::hash_inputs(model, &inputs));
-            let out = (|| -> Result<pipeline::Output> {
-                let mut sinks = Vec::new();
-                for (g, t) in ggufs.iter().zip(&recipe.targets) {
-                    if let Some(g) = g {
-                        sinks.push(g.sink(&stage(&t.name).join("model.gguf"))?);
-                    }
-                }
-                let mut refs: Vec<&mut dyn pipeline::Sink> =
-                    sinks.iter_mut().map(|s| s as &mut dyn pipeline::Sink).collect();
-                let st = any_st.then(|| payload_dir.join("model.safetensors"));
-                Ok(pipeline::run(model, &passes, st.as_deref(), &mut refs, !opts.reproducible, progress)?)
-            })();
-            (h.join().expect("hash thread does not panic"), out)
-        });
-        let (hashes, mut output): (_, pipeline::Output) = (hashes?, output?);
-        for (r, pre) in output.passes.iter_mut().zip(&pre_seconds) {
-            if let Some(sec) = &mut r.seconds {
-                *sec += pre;
-            }
-        }
-
-        // The safetensors payload and its eval, shared by the targets that ship it.
-        let mut st_files = std::collections::BTreeMap::new();
-        let mut st_eval = (None, None, Vec::new());
-        if any_st {
-            write_payload(model, &passes, &output, &payload_dir)?;
-            st_files = manifest::hash_dir(&payload_dir)?;
-            st_eval = run_eval(recipe, &source, &payload_dir, opts)?;
-        }
-        let mut warnings = st_eval.2.clone();
-        // KV cache of the model as the passes leave it (fewer heads or layers after pruning).
-        let kv = targets::KvGeometry::from_config(pipeline::output_config(model, &passes).as_ref());
-        let st_dtypes = targets::weight_dtypes(&output.params);
-
-        // Per target: its files, eval (GGUF: with fit retries) and fit.
-        let mut shipped = Vec::with_capacity(shipping.len());
-        for (i, (s, t)) in shipping.iter().zip(&recipe.targets).enumerate() {
-            let dir = stage(&t.name);
-            let mut files = std::collections::BTreeMap::new();
-            let mut formats = Vec::new();
-            let mut weights_bytes = 0;
-            let mut dtypes = Vec::new();
-            let mut est_dtypes = Vec::new();
-            if s.safetensors {
-                copy_payload(&payload_dir, &dir)?;
-                files.extend(st_files.clone());
-                formats.push("safetensors");
-                weights_bytes += output.bytes;
-                dtypes.extend(st_dtypes.clone());
-            }
-            let (mut eval_json, mut eval_gate) = (st_eval.0.clone(), st_eval.1.clone());
-            let mut gguf_json = None;
-            if let Some(g) = &mut ggufs[i] {
-                let file = dir.join("model.gguf");
-                let (e, gate, w) = g.evaluate(model, &passes, &file, &mut |f| run_eval(recipe, &source, f, opts))?;
-                warnings.extend(w);
-                let entry = FileEntry {
-                    sha256: fsutil::sha256_file(&file)?,
-                    bytes: fs_err::metadata(&file).map_err(io(&file))?.len(),
-                };
-                weights_bytes += entry.bytes;
-                gguf_json = Some(g.summary(entry.bytes));
-                files.insert("model.gguf".to_string(), entry);
-                formats.push("gguf");
-                est_dtypes.extend(g.dtypes());
-                // The GGUF is what this target runs when it ships no safetensors; with both,
-                // both evals are reported and both gate.
-                if s.safetensors {
-                    if let (Some(Value::Object(obj)), Some(e)) = (&mut eval_json, e) {
-                        obj.insert("gguf".into(), e);
-                    }
-                    eval_gate = match (eval_gate, gate) {
-                        (Some(a), Some(b)) => Some(if a.passed { b } else { a }),
-                        (a, b) => a.or(b),
-                    };
-                } else {
-                    eval_json = e;
-                    eval_gate = gate;
-                }
-            }
-            // llama.cpp runs every ggml type of a GGUF: only the safetensors dtypes are checked
-            // against the target's weight-dtypes; estimates see all of them.
-            est_dtypes.extend(dtypes.clone());
-            est_dtypes.sort();
-            est_dtypes.dedup();
-            let bytes: u64 = files.values().map(|f| f.bytes).sum();
-            shipped.push(ship::Shipped {
-                dir,
-                files,
-                formats,
-                weights_bytes,
-                dtypes,
-                est_dtypes,
-                bytes,
-                eval_json,
-                eval_gate,
-                gguf_json,
-            });
-        }
-        // Where each bundle fits and what it would cost, for every target of the run.
-        let reports: Vec<TargetReport> = resolved
-            .iter()
-            .zip(&shipped)
-            .map(|(r, s)| TargetReport {
-                name: r.name.clone(),
-                hardware: r.clone(),
-                fit: targets::fit(r, s.weights_bytes, &s.dtypes, &s.formats, kv),
-                estimates: targets::estimate(r, s.weights_bytes, output.param_count(), &s.est_dtypes, kv),
-            })
-            .collect();
-        let mut targets = Vec::new();
-        for (i, (t, s)) in recipe.targets.iter().zip(shipped).enumerate() {
-            let mut gates = Vec::new();
-            match t.max_size {
-                Some(MaxSize::Bytes(limit)) => gates.push(Gate::max_size(limit.0, s.bytes)),
-                Some(MaxSize::Auto) => gates.push(Gate::fit(&reports[i].fit, s.weights_bytes)),
-                None => {}
-            }
-            gates.extend(s.eval_gate.clone());
-            // The bundle as its runtime will read it: a bundle that would not load never passes.
-            gates.push(Gate::conformance(&conformance::check(&s.dir)));
-            let passed = gates.iter().all(|g| g.passed);
-            let report = Report::new(
-                recipe,
-                &source,
-                &output,
-                &reports[i],
-                &reports,
-                report::Shipped {
-                    bytes: s.bytes,
-                    weights_bytes: s.weights_bytes,
-                    files: &s.files,
-                    gguf: s.gguf_json.clone(),
-                },
-                gates.clone(),
-                passed,
-                s.eval_json.clone(),
-            );
-            let mut files = s.files.clone();
-            let report_json = serde_json::to_vec_pretty(&report).expect("report is JSON");
-            let report_md = report.to_markdown().into_bytes();
-            let report_html = report.to_html().into_bytes();
-            for (name, bytes) in
-                [("report.json", &report_json), ("report.md", &report_md), ("report.html", &report_html)]
-            {
-                fsutil::write_atomic(&s.dir.join(name), bytes)?;
-                files.insert(name.into(), FileEntry { sha256: fsutil::sha256_bytes(bytes), bytes: bytes.len() as u64 });
-            }
-            let m = Manifest::new(recipe, &hashes, &passes, t, files, passed);
-            fsutil::write_atomic(
-                &s.dir.join("manifest.json"),
-                &serde_json::to_vec_pretty(&m).expect("manifest is JSON"),
-            )?;
-            if let Some(key) = &opts.sign {
-                sign::sign_bundle(&s.dir, key)?;
-            }
-            targets.push((
-                s.dir,
-                TargetOutcome {
-                    name: t.name.clone(),
-                    dir: out_dir.join(&t.name),
-                    bundle_bytes: s.bytes,
-                    passed,
-                    gates,
-                },
-            ));
-        }
-        // Every bundle is complete: move them into place.
-        for (staged, t) in &targets {
-            replace_dir(staged, &t.dir)?;
-        }
-        Ok((targets.into_iter().map(|(_, t)| t).collect(), warnings))
-    })();
-    let _ = fs_err::remove_dir_all(&payload_dir);
-    let (targets, warnings) = match result {
-        Ok(t) => {
-            // The bundles are complete: the training checkpoints have served their purpose. Only
-            // the checkpoint's own files go, and the directory only if this run created it.
-            for (c, keep_dir) in checkpoint_dirs.values() {
-                for f in mcompress_passes::distill::CHECKPOINT_FILES {
-                    let _ = fs_err::remove_file(c.join(f));
-                }
-                if !keep_dir {
-                    let _ = fs_err::remove_dir(c);
-                }
-            }
-            t
-        }
-        Err(e) => {
-            for d in &staged {
-                let _ = fs_err::remove_dir_all(d);
-            }
-            return Err(e);
-        }
-    };
-    early_warnings.extend(warnings);
-    Ok(RunSummary {
-        warnings: early_warnings,
-        targets,
-        params: source.params(),
-        model_bytes: source.weight_bytes(),
-        seconds: started.elapsed().as_secs_f64(),
-    })
-}
-
 /// The report's `eval` object, the `max-drop` gate and warnings.
-pub(crate) type EvalOutcome = (Option<Value>, Option<Gate>, Vec<String>);
-
-/// Runs `[eval]` on the reference model and the staged bundle: the report's `eval` object, the
-/// `max-drop` gate, and warnings (an eval this version cannot run is reported as not run, never
-/// silently skipped).
-fn run_eval(recipe: &Recipe, model: &ModelSource, staged: &Path, opts: &RunOptions) -> Result<EvalOutcome> {
-    let reproducible = opts.reproducible;
-    let Some(section) = &recipe.eval else { return Ok((None, None, Vec::new())) };
-    let set = section.set.file_name().map(|n| n.to_string_lossy().into_owned());
-    let eval_opts = mcompress_eval::Options { backend: opts.backend, progress: opts.progress };
-    match mcompress_eval::evaluate_with(section, model, staged, &eval_opts).map_err(|e| Error::Eval(e.to_string()))? {
-        mcompress_eval::Outcome::Unsupported(reason) => {
-            let json = serde_json::json!({
-                "status": "not-run", "reason": reason, "metric": section.metric, "set": set,
-                "backend": section.backend, "max_drop": section.max_drop,
-            });
-            let warning = format!(
-                "[eval] not run: {reason}; no accuracy gate was applied (report.json eval.status = \"not-run\")"
-            );
-            Ok((Some(json), None, vec![warning]))
-        }
-        mcompress_eval::Outcome::Ran(r) => {
-            let higher = mcompress_eval::higher_is_better(r.metric);
-            let drop = if higher { r.reference - r.compressed } else { r.compressed - r.reference };
-            let drop_percent = if r.reference == 0.0 { 0.0 } else { drop / r.reference.abs() * 100.0 };
-            let gate =
-                section.max_drop.map(|m| Gate::max_drop(r.metric, r.reference, r.compressed, drop, drop_percent, m));
-            let mut json = serde_json::to_value(&r).expect("eval result is JSON");
-            let obj = json.as_object_mut().expect("object");
-            obj.insert("status".into(), "ran".into());
-            obj.insert("drop".into(), drop.into());
-            obj.insert("drop_percent".into(), drop_percent.into());
-            obj.insert("max_drop".into(), serde_json::to_value(section.max_drop).expect("JSON"));
-            obj.insert("passed".into(), gate.as_ref().is_none_or(|g| g.passed).into());
-            if reproducible {
-                obj.insert("latency_ms".into(), Value::Null);
-                obj.insert("throughput".into(), Value::Null);
-                obj.insert("threads".into(), Value::Null);
-            }
-            Ok((Some(json), gate, Vec::new()))
-        }
-    }
-}
+pub type EvalOutcome = (Option<Value>, Option<Gate>, Vec<String>);
 
 /// config.json (with `quantization_config`) and auxiliary files beside the weights.
-fn write_payload(
+pub fn write_payload(
     model: &ModelSource,
     passes: &[Box<dyn mcompress_passes::Pass>],
     output: &pipeline::Output,
@@ -675,7 +209,7 @@ fn torch_dtype(params: &std::collections::BTreeMap<String, mcompress_passes::Par
 }
 
 /// Copies the deployable files of one staged bundle into another.
-fn copy_payload(from: &Path, to: &Path) -> Result<()> {
+pub fn copy_payload(from: &Path, to: &Path) -> Result<()> {
     // The stage may already hold this target's model.gguf (written while the weights
     // streamed): only the payload's own files are replaced.
     fs_err::create_dir_all(to).map_err(io(to))?;
@@ -750,36 +284,8 @@ fn absolute_through_existing(p: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// Checks the recipe's eval and calibration sets before any work: each a regular, non-empty file.
-pub fn check_sets(recipe: &Recipe, passes: &[Box<dyn mcompress_passes::Pass>]) -> Result<()> {
-    let check = |path: &Path, what: String| -> Result<()> {
-        let bad = |reason: String| Error::BadBundle { path: path.to_path_buf(), reason: format!("{what}: {reason}") };
-        match std::fs::metadata(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(bad("no such file".into())),
-            Err(e) => Err(bad(e.to_string())),
-            Ok(m) if !m.is_file() => Err(bad("not a regular file".into())),
-            Ok(m) if m.len() == 0 => Err(bad("empty file".into())),
-            Ok(_) => Ok(()),
-        }
-    };
-    if let Some(e) = &recipe.eval {
-        check(&e.set, "[eval] set".into())?;
-    }
-    for (spec, pass) in recipe.passes.iter().zip(passes) {
-        if let Some(c) = pass.calibration() {
-            check(&c.set, format!("pass[{}] {}: calibration set", spec.index, spec.kind))?;
-        }
-    }
-    for t in &recipe.targets {
-        if let Some(c) = &t.calibration {
-            check(&c.set, format!("target {}: calibration set", t.name))?;
-        }
-    }
-    Ok(())
-}
-
 /// Refuses a bundle directory that is, contains, or sits inside the model's files.
-fn check_output_safe(bundle: &Path, model: &ModelSource) -> Result<()> {
+pub fn check_output_safe(bundle: &Path, model: &ModelSource) -> Result<()> {
     let model_path = fs_err::canonicalize(model.path()).map_err(io(model.path()))?;
     let model_dir = if model_path.is_dir() {
         model_path.clone()
@@ -805,7 +311,7 @@ fn check_output_safe(bundle: &Path, model: &ModelSource) -> Result<()> {
 }
 
 /// Removes temp dirs left by runs that are no longer alive.
-fn clean_stale(out_dir: &Path) {
+pub fn clean_stale(out_dir: &Path) {
     let Ok(rd) = fs_err::read_dir(out_dir) else {
         return;
     };
@@ -828,7 +334,7 @@ fn clean_stale(out_dir: &Path) {
 }
 
 /// Moves `staged` to `dest`, replacing a previous bundle there.
-fn replace_dir(staged: &Path, dest: &Path) -> Result<()> {
+pub fn replace_dir(staged: &Path, dest: &Path) -> Result<()> {
     // Another run may be moving its bundle to the same place at the same moment: whichever rename
     // lands last wins, and neither fails. A previous bundle is moved aside (never deleted before
     // the new one is in place) and removed after.

@@ -64,7 +64,9 @@ pub struct PassEntry {
 }
 
 impl Manifest {
-    pub(crate) fn new(
+    /// The manifest of one target's bundle: recipe, input hashes, passes with settings, target,
+    /// every file's hash, and whether every gate passed.
+    pub fn new(
         recipe: &Recipe,
         inputs: &BTreeMap<String, FileEntry>,
         passes: &[Box<dyn Pass>],
@@ -85,7 +87,8 @@ impl Manifest {
     }
 }
 
-pub(crate) fn recipe_named(recipe: &Recipe) -> FileNamed {
+/// The recipe file's name and sha256 of its text.
+pub fn recipe_named(recipe: &Recipe) -> FileNamed {
     FileNamed {
         file: recipe.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         sha256: fsutil::sha256_bytes(recipe.source.as_bytes()),
@@ -93,7 +96,7 @@ pub(crate) fn recipe_named(recipe: &Recipe) -> FileNamed {
 }
 
 /// Hashes the model's input files; keys are paths relative to the model directory.
-pub(crate) fn hash_inputs(model: &ModelSource, files: &[PathBuf]) -> Result<BTreeMap<String, FileEntry>> {
+pub fn hash_inputs(model: &ModelSource, files: &[PathBuf]) -> Result<BTreeMap<String, FileEntry>> {
     let base = if model.path().is_dir() { model.path() } else { model.path().parent().unwrap_or(Path::new("")) };
     files
         .iter()
@@ -107,7 +110,7 @@ pub(crate) fn hash_inputs(model: &ModelSource, files: &[PathBuf]) -> Result<BTre
 
 /// Hashes every regular file under `dir` except `manifest.json` and `manifest.sig`; keys are
 /// `/`-separated relative paths. Anything that is not a regular file or directory is an error.
-pub(crate) fn hash_dir(dir: &Path) -> Result<BTreeMap<String, FileEntry>> {
+pub fn hash_dir(dir: &Path) -> Result<BTreeMap<String, FileEntry>> {
     let mut out = BTreeMap::new();
     walk(dir, dir, &mut out, None)?;
     Ok(out)
@@ -115,7 +118,7 @@ pub(crate) fn hash_dir(dir: &Path) -> Result<BTreeMap<String, FileEntry>> {
 
 /// [`hash_dir`] for verification: entries that are not regular files or directories (links,
 /// FIFOs, devices) are returned by relative path instead of failing the walk (and never opened).
-pub(crate) fn hash_dir_checked(dir: &Path) -> Result<(BTreeMap<String, FileEntry>, Vec<String>)> {
+pub fn hash_dir_checked(dir: &Path) -> Result<(BTreeMap<String, FileEntry>, Vec<String>)> {
     let mut out = BTreeMap::new();
     let mut odd = Vec::new();
     walk(dir, dir, &mut out, Some(&mut odd))?;

@@ -35,7 +35,7 @@ pub struct Gate {
 
 impl Gate {
     /// The conformance check ([`crate::conformance`]): passed when there is no problem.
-    pub(crate) fn conformance(problems: &[String]) -> Self {
+    pub fn conformance(problems: &[String]) -> Self {
         let detail = if problems.is_empty() {
             "loads as its runtime reads it (compressed-tensors layout, config, files)".to_string()
         } else {
@@ -50,7 +50,8 @@ impl Gate {
         }
     }
 
-    pub(crate) fn fit(fit: &Fit, weights_bytes: u64) -> Self {
+    /// The `max-size = "auto"` gate: the weights fit what the target's memory leaves them.
+    pub fn fit(fit: &Fit, weights_bytes: u64) -> Self {
         let limit = fit.weights_budget_bytes.unwrap_or(0);
         let detail = if fit.fits {
             format!("weights {} fit the {} left for weights", ByteSize(weights_bytes), ByteSize(limit))
@@ -60,7 +61,8 @@ impl Gate {
         Gate { name: "fit".into(), limit: limit as f64, value: weights_bytes as f64, passed: fit.fits, detail }
     }
 
-    pub(crate) fn max_drop(
+    /// The eval's `max-drop` gate: the metric's drop from the reference within the limit.
+    pub fn max_drop(
         metric: mcompress_recipe::Metric,
         reference: f64,
         compressed: f64,
@@ -80,7 +82,8 @@ impl Gate {
         Gate { name: "max-drop".into(), limit, value, passed, detail }
     }
 
-    pub(crate) fn max_size(limit: u64, value: u64) -> Self {
+    /// The `max-size` gate: the bundle's bytes within the limit.
+    pub fn max_size(limit: u64, value: u64) -> Self {
         let passed = value <= limit;
         let detail = if passed {
             format!("bundle {} ≤ max-size {}", ByteSize(value), ByteSize(limit))
@@ -142,7 +145,7 @@ pub struct BundleInfo {
 }
 
 /// What a target's bundle holds, for its report.
-pub(crate) struct Shipped<'a> {
+pub struct Shipped<'a> {
     /// Deployable bytes.
     pub bytes: u64,
     /// Bytes of the weight files (model.safetensors and/or model.gguf).
@@ -183,8 +186,9 @@ pub struct Report {
 }
 
 impl Report {
+    /// The report of one target's bundle.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
+    pub fn new(
         recipe: &Recipe,
         model: &ModelSource,
         output: &Output,
@@ -425,7 +429,7 @@ impl Report {
 /// Untrusted text (tensor names from a model file, paths, messages that quote them) as one
 /// Markdown table cell or code span: control characters (a newline would end the table row and
 /// start raw Markdown) escaped as text, `|` escaped, backticks replaced so a code span cannot end.
-pub(crate) fn md(text: &str) -> String {
+pub fn md(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -438,6 +442,7 @@ pub(crate) fn md(text: &str) -> String {
     out
 }
 
-pub(crate) fn round6(x: f64) -> f64 {
+/// `x` rounded to 6 decimals (reports keep figures readable and stable).
+pub fn round6(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
 }

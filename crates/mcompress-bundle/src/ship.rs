@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use mcompress_core::ModelSource;
+use mcompress_core::arch::{Geometry, Role};
 use mcompress_core::gguf::{GgmlType, GgufBuilder};
 use mcompress_passes::pipeline;
 use mcompress_passes::{ParamMeta, Pass};
@@ -17,14 +18,16 @@ use crate::{Error, EvalOutcome, FileEntry, Gate, Result, fit};
 
 /// Formats and GGUF settings of one target, validated before anything runs.
 #[derive(Clone, Debug)]
-pub(crate) struct Shipping {
+pub struct Shipping {
+    /// Ships the safetensors payload.
     pub safetensors: bool,
+    /// Ships a GGUF, with these settings.
     pub gguf: Option<GgufSpec>,
 }
 
 /// A GGUF target's settings.
 #[derive(Clone, Debug)]
-pub(crate) struct GgufSpec {
+pub struct GgufSpec {
     /// `gguf-type` (fixed policy).
     fixed: Option<TypePolicy>,
     /// What the report calls the policy (`Q4_K_M`, `fit`).
@@ -32,10 +35,27 @@ pub(crate) struct GgufSpec {
     fit_types: Vec<GgmlType>,
     tries: u32,
     calibration: Option<TargetCalibration>,
+    /// Activation statistics from `calibration` (see [`GgufSpec::set_moments`]).
+    moments: BTreeMap<String, Vec<f32>>,
+}
+
+impl GgufSpec {
+    /// The fit policy's calibration text, whose activation statistics weigh each tensor's
+    /// quantization error; `None`: unweighted.
+    pub fn calibration(&self) -> Option<&TargetCalibration> {
+        self.calibration.as_ref()
+    }
+
+    /// Hands the fit policy `E[x_c²]` of every input column of every linear layer, by weight
+    /// name, measured on [`GgufSpec::calibration`].
+    pub fn set_moments(&mut self, moments: BTreeMap<String, Vec<f32>>) {
+        self.moments = moments;
+    }
 }
 
 impl Shipping {
-    pub(crate) fn of(recipe: &Recipe, i: usize, t: &TargetSection) -> Result<Self> {
+    /// Target `i`'s formats and GGUF settings, checked.
+    pub fn of(recipe: &Recipe, i: usize, t: &TargetSection) -> Result<Self> {
         let err = |m: String| Error::Recipe(recipe.target_error(i, m));
         let formats = t.formats.clone().unwrap_or_else(|| vec!["safetensors".into()]);
         let mut safetensors = false;
@@ -130,24 +150,39 @@ impl Shipping {
             .map_or_else(|| if fixed.is_some() { "Q8_0".into() } else { "fit".into() }, |s| s.to_ascii_uppercase());
         Ok(Shipping {
             safetensors,
-            gguf: Some(GgufSpec { fixed, label, fit_types, tries, calibration: t.calibration.clone() }),
+            gguf: Some(GgufSpec {
+                fixed,
+                label,
+                fit_types,
+                tries,
+                calibration: t.calibration.clone(),
+                moments: BTreeMap::new(),
+            }),
         })
     }
 }
 
 /// A target's finished files and evals, before its report.
-pub(crate) struct Shipped {
+pub struct Shipped {
+    /// Staged bundle directory.
     pub dir: PathBuf,
+    /// Deployable files with their hashes.
     pub files: BTreeMap<String, FileEntry>,
+    /// Formats shipped (`safetensors`, `gguf`).
     pub formats: Vec<&'static str>,
+    /// Bytes of the weight files.
     pub weights_bytes: u64,
     /// Weight dtypes checked against the target's `weight-dtypes` (safetensors only).
     pub dtypes: Vec<String>,
     /// Every weight dtype shipped, for the estimates.
     pub est_dtypes: Vec<String>,
+    /// Bytes of the deployable files.
     pub bytes: u64,
+    /// The report's `eval` object.
     pub eval_json: Option<Value>,
+    /// The eval's `max-drop` gate.
     pub eval_gate: Option<Gate>,
+    /// The report's `gguf` object.
     pub gguf_json: Option<Value>,
 }
 
@@ -162,7 +197,7 @@ struct FitState {
 }
 
 /// A GGUF file being made for one target.
-pub(crate) struct GgufTarget {
+pub struct GgufTarget {
     /// The file's metadata (tokenizer and llama keys from the config as the passes leave it);
     /// `general.file_type` is set when the types are known.
     meta: GgufBuilder,
@@ -178,7 +213,7 @@ const PAD: u64 = 32;
 
 impl GgufTarget {
     /// Plans the file: every tensor's type (fit: solved under the budget).
-    pub(crate) fn plan(
+    pub fn plan(
         recipe: &Recipe,
         index: usize,
         model: &ModelSource,
@@ -193,7 +228,8 @@ impl GgufTarget {
         // follow structured pruning.
         let config = pipeline::output_config(model, passes).unwrap_or_default();
         let plans = gguf::tensor_plans(&config, params).map_err(|e| err(format!("gguf: {e}")))?;
-        let n_layer = config["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+        let geometry = Geometry::from_config(&config).map_err(|e| err(format!("gguf: {e}")))?;
+        let (n_layer, family) = (geometry.layers, geometry.family);
         // Built once, before anything streams: metadata problems (missing config keys, an
         // unsupported tokenizer) are errors here.
         let meta = gguf::metadata(model, &config, 0).map_err(|e| err(format!("gguf: {e}")))?;
@@ -209,7 +245,7 @@ impl GgufTarget {
             me.types = me
                 .plans
                 .iter()
-                .map(|(n, tp)| (n.clone(), p.choose(&tp.gguf, &tp.dims, tp.layer, n_layer, tp.output)))
+                .map(|(n, tp)| (n.clone(), p.choose(tp.role, &tp.dims, tp.layer, n_layer, tp.output)))
                 .collect();
             return Ok(me);
         }
@@ -220,19 +256,9 @@ impl GgufTarget {
                 .weights_budget_bytes
                 .ok_or_else(|| err("max-size = \"auto\" needs the target's memory".into()))?,
         };
-        let moments = match &spec.calibration {
-            Some(c) => {
-                let ws = mcompress_eval::calibrate::WindowSpec {
-                    set: &c.set,
-                    samples: c.samples.unwrap_or(32),
-                    seq_len: c.seq_len.unwrap_or(512),
-                    seed: c.seed.unwrap_or(0),
-                };
-                mcompress_eval::calibrate::input_moments(model, ws)
-                    .map_err(|e| Error::Calibration(format!("target[{index}] {}: calibration: {e}", target.name)))?
-            }
-            None => BTreeMap::new(),
-        };
+        // `E[x²]` per input column from the target's calibration text (set by the orchestrator,
+        // which runs the model; none: every column weighs the same).
+        let moments = &spec.moments;
         // Header size does not depend on the types; 1-D tensors stay F32.
         let all_f32: BTreeMap<String, GgmlType> = me.plans.keys().map(|k| (k.clone(), GgmlType::F32)).collect();
         let header = gguf::plan_file(me.meta.clone(), &me.plans, all_f32).map_err(&err)?.layout.header_bytes();
@@ -253,7 +279,10 @@ impl GgufTarget {
             if allowed.is_empty() {
                 return Err(err(format!("fit-types: none divides the {}-element rows of {:?}", tp.dims[0], v.name)));
             }
-            let key = if tp.output { "lm_head.weight" } else { v.name };
+            // The moments of the head's inputs are filed under its own name, also when the
+            // embedding stands in for it.
+            let head = tp.output.then(|| family.hf(Role::Output, 0));
+            let key = head.as_deref().unwrap_or(v.name);
             let m = moments.get(key).filter(|m| m.len() == tp.dims[0] as usize);
             let errs = fit::errors(&w, tp.dims[0] as usize, m.map(Vec::as_slice), &allowed);
             let choices = allowed
@@ -298,7 +327,7 @@ impl GgufTarget {
     }
 
     /// The pipeline sink writing this target's file at `path`.
-    pub(crate) fn sink(&self, path: &Path) -> Result<gguf::GgufSink> {
+    pub fn sink(&self, path: &Path) -> Result<gguf::GgufSink> {
         let planned = gguf::plan_file(self.metadata(), &self.plans, self.types.clone())
             .map_err(|e| Error::Export(format!("target {}: gguf: {e}", self.name)))?;
         gguf::GgufSink::create(path, planned, self.plans.clone())
@@ -306,7 +335,7 @@ impl GgufTarget {
 
     /// Evaluates the written file; under `fit`, on a failed gate raises the most sensitive
     /// tensors, re-solves, rewrites the file and evaluates again (at most `fit-tries` in all).
-    pub(crate) fn evaluate(
+    pub fn evaluate(
         &mut self,
         model: &ModelSource,
         passes: &[Box<dyn Pass>],
@@ -347,13 +376,13 @@ impl GgufTarget {
     }
 
     /// The report's `gguf` object.
-    pub(crate) fn summary(&self, bytes: u64) -> Value {
+    pub fn summary(&self, bytes: u64) -> Value {
         let tries = self.fit.as_ref().map(|f| json!({"max_size": f.limit, "tries": f.log, "solver": "multiple-choice knapsack, dynamic programming over a 16384-cell byte grid (sizes rounded up)"}));
         gguf::summary(&self.spec.label, &self.plans, &self.types, bytes, tries.as_ref())
     }
 
     /// Weight dtype names for the fit check and estimates (`int4`, `int5`, `int6`, `int8`, floats).
-    pub(crate) fn dtypes(&self) -> Vec<String> {
+    pub fn dtypes(&self) -> Vec<String> {
         let mut v: Vec<String> = self
             .types
             .values()

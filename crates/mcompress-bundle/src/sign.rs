@@ -63,7 +63,7 @@ pub fn load_verifying_key(path: &Path) -> Result<VerifyingKey> {
 }
 
 /// Signs `dir/manifest.json` into `dir/manifest.sig`.
-pub(crate) fn sign_bundle(dir: &Path, key: &SigningKey) -> Result<()> {
+pub fn sign_bundle(dir: &Path, key: &SigningKey) -> Result<()> {
     let mpath = dir.join("manifest.json");
     let manifest = crate::read_json_file(&mpath).map_err(io(&mpath))?;
     let sig = key.sign(&manifest);

@@ -688,6 +688,331 @@ pub fn gguf_config(g: &crate::gguf::GgufFile, family: Family, has_output: bool) 
     Ok(config)
 }
 
+/// What kind of model a config.json describes: a decoder family, a BERT encoder, or mcompress's
+/// plain MLP classifier (`model_type = "mlp"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelKind {
+    /// A decoder of one of the [`Family`]s.
+    Decoder(Family),
+    /// transformers' `BertModel` (sentence-transformers encoders such as all-MiniLM-L6-v2).
+    Bert,
+    /// Linear layers named by `layer_names`, ReLU between them.
+    Mlp,
+}
+
+impl ModelKind {
+    /// The kind of a config.json, by `model_type`; `None` for any other.
+    pub fn of_config(config: &Value) -> Option<ModelKind> {
+        match model_type(config) {
+            "bert" => Some(ModelKind::Bert),
+            "mlp" => Some(ModelKind::Mlp),
+            t => Family::from_model_type(t).map(ModelKind::Decoder),
+        }
+    }
+
+    /// Name prefix of block `i`'s tensors and of the blocks' index (`model.layers.` /
+    /// `encoder.layer.`); `None` for an MLP, whose layers are named by its config.
+    pub fn blocks_prefix(self) -> Option<&'static str> {
+        match self {
+            ModelKind::Decoder(_) => Some(HF_LAYER),
+            ModelKind::Bert => Some(BERT_LAYER),
+            ModelKind::Mlp => None,
+        }
+    }
+}
+
+/// Whether config.json ties the input embedding to the output head (`tie_word_embeddings`;
+/// absent: Gemma 3 ties, as its transformers config defaults to, other models do not).
+pub fn ties_word_embeddings(config: &Value) -> bool {
+    match &config["tie_word_embeddings"] {
+        Value::Bool(b) => *b,
+        _ => Family::of_config(config) == Some(Family::Gemma3),
+    }
+}
+
+/// Whether a tensor name is an embedding table in any model the tool reads, by the spellings
+/// of transformers' models (`model.embed_tokens.weight`, `embeddings.word_embeddings.weight`,
+/// GPT-2's `wte`/`wpe`). Passes decide default targets by name before a config is consulted:
+/// embeddings are left alone (a tied input embedding cannot be quantized in place, and vLLM
+/// loads no quantized embedding).
+pub fn is_embedding_name(name: &str) -> bool {
+    name.contains("embed") || name.ends_with("wte.weight") || name.ends_with("wpe.weight")
+}
+
+/// Whether a tensor name is a decoder's output head (`lm_head.weight`) by transformers' spelling.
+pub fn is_output_head_name(name: &str) -> bool {
+    name.starts_with("lm_head")
+}
+
+/// Whether a tensor name is a normalization layer's (`…norm…`, `LayerNorm`), by transformers'
+/// spellings.
+pub fn is_norm_name(name: &str) -> bool {
+    name.to_ascii_lowercase().contains("norm")
+}
+
+/// config.json's `model_type` (empty when absent), for dispatch and messages.
+pub fn model_type(config: &Value) -> &str {
+    config["model_type"].as_str().unwrap_or("")
+}
+
+/// Prefix of BERT's encoder blocks.
+const BERT_LAYER: &str = "encoder.layer.";
+
+/// A tensor's role in a BERT encoder (transformers' `BertModel` names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BertRole {
+    /// `embeddings.word_embeddings`.
+    WordEmbed,
+    /// `embeddings.position_embeddings`.
+    PosEmbed,
+    /// `embeddings.token_type_embeddings`.
+    TypeEmbed,
+    /// `embeddings.LayerNorm`.
+    EmbedNorm,
+    /// Attention query projection.
+    Query,
+    /// Attention key projection.
+    Key,
+    /// Attention value projection.
+    Value,
+    /// Attention output projection.
+    AttnOut,
+    /// LayerNorm after attention.
+    AttnNorm,
+    /// Feed-forward up projection (`intermediate.dense`).
+    Inter,
+    /// Feed-forward down projection (`output.dense`).
+    Out,
+    /// LayerNorm after the feed-forward block.
+    OutNorm,
+}
+
+impl BertRole {
+    /// The embedding tables.
+    pub const EMBEDDINGS: [BertRole; 3] = [BertRole::WordEmbed, BertRole::PosEmbed, BertRole::TypeEmbed];
+    /// The linear layers of a block.
+    pub const LINEAR: [BertRole; 6] =
+        [BertRole::Query, BertRole::Key, BertRole::Value, BertRole::AttnOut, BertRole::Inter, BertRole::Out];
+
+    /// The module's name (append `.weight` or `.bias`); `layer` is ignored for the embeddings.
+    pub fn module(self, layer: usize) -> String {
+        let local = match self {
+            BertRole::WordEmbed => return "embeddings.word_embeddings".into(),
+            BertRole::PosEmbed => return "embeddings.position_embeddings".into(),
+            BertRole::TypeEmbed => return "embeddings.token_type_embeddings".into(),
+            BertRole::EmbedNorm => return "embeddings.LayerNorm".into(),
+            BertRole::Query => "attention.self.query",
+            BertRole::Key => "attention.self.key",
+            BertRole::Value => "attention.self.value",
+            BertRole::AttnOut => "attention.output.dense",
+            BertRole::AttnNorm => "attention.output.LayerNorm",
+            BertRole::Inter => "intermediate.dense",
+            BertRole::Out => "output.dense",
+            BertRole::OutNorm => "output.LayerNorm",
+        };
+        format!("{BERT_LAYER}{layer}.{local}")
+    }
+
+    /// The module's weight.
+    pub fn weight(self, layer: usize) -> String {
+        format!("{}.weight", self.module(layer))
+    }
+
+    /// The module's bias.
+    pub fn bias(self, layer: usize) -> String {
+        format!("{}.bias", self.module(layer))
+    }
+}
+
+/// A BERT encoder's geometry, parsed once from config.json.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BertGeometry {
+    /// Hidden width.
+    pub hidden: usize,
+    /// Attention heads (before `pruned_heads`).
+    pub heads: usize,
+    /// Encoder blocks.
+    pub layers: usize,
+    /// Feed-forward width.
+    pub intermediate: usize,
+    /// Vocabulary.
+    pub vocab: usize,
+    /// Position table length.
+    pub max_positions: usize,
+    /// Token-type table length (2 when absent).
+    pub type_vocab: usize,
+    /// LayerNorm epsilon (1e-12 when absent).
+    pub eps: f64,
+}
+
+impl BertGeometry {
+    /// Reads and checks the geometry; errors name the key.
+    pub fn from_config(config: &Value) -> Result<BertGeometry, String> {
+        let (hidden, heads) = (dim(config, "hidden_size")?, dim(config, "num_attention_heads")?);
+        if hidden % heads != 0 {
+            return Err(format!("config.json: hidden_size {hidden} not divisible by {heads} heads"));
+        }
+        if config["hidden_act"].as_str().is_some_and(|a| a != "gelu") {
+            return Err(format!("config.json: hidden_act {} is not supported (gelu is)", config["hidden_act"]));
+        }
+        let type_vocab = match &config["type_vocab_size"] {
+            Value::Null => 2,
+            _ => dim(config, "type_vocab_size")?,
+        };
+        Ok(BertGeometry {
+            hidden,
+            heads,
+            layers: dim(config, "num_hidden_layers")?,
+            intermediate: dim(config, "intermediate_size")?,
+            vocab: dim(config, "vocab_size")?,
+            max_positions: dim(config, "max_position_embeddings")?,
+            type_vocab,
+            eps: config["layer_norm_eps"].as_f64().filter(|e| e.is_finite() && *e > 0.0).unwrap_or(1e-12),
+        })
+    }
+
+    /// Per-head width.
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+}
+
+/// mcompress's MLP classifier (`model_type = "mlp"`): linear layers in order, ReLU between.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MlpGeometry {
+    /// Module names of the linear layers, input to output (each has `.weight` and `.bias`).
+    pub layers: Vec<String>,
+    /// Input features (`input_size`; 0 when absent: read from the first layer).
+    pub input_size: usize,
+    /// Output classes (`num_labels`; 0 when absent: read from the last layer).
+    pub num_labels: usize,
+    /// What inputs are multiplied by before the first layer (`input_scale`, 1 when absent).
+    pub input_scale: f32,
+}
+
+impl MlpGeometry {
+    /// Reads and checks `layer_names`, `hidden_act`, `input_size`, `num_labels`, `input_scale`.
+    pub fn from_config(config: &Value) -> Result<MlpGeometry, String> {
+        if config["hidden_act"].as_str().is_some_and(|a| a != "relu") {
+            return Err(format!("config.json: hidden_act {} is not supported (relu is)", config["hidden_act"]));
+        }
+        let layers = config["layer_names"]
+            .as_array()
+            .ok_or_else(|| "config.json: layer_names missing".to_string())?
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| "config.json: layer_names must be strings".to_string())?;
+        let opt = |k: &str| if config[k].is_null() { Ok(0) } else { dim(config, k) };
+        Ok(MlpGeometry {
+            layers,
+            input_size: opt("input_size")?,
+            num_labels: opt("num_labels")?,
+            input_scale: crate::config::input_scale(config)?,
+        })
+    }
+}
+
+impl ModelKind {
+    /// Blocks (layers) of the model: `num_hidden_layers` for decoders and BERT, the linear
+    /// layers of an MLP.
+    pub fn blocks(self, config: &Value) -> Result<usize, String> {
+        match self {
+            ModelKind::Decoder(_) | ModelKind::Bert => dim(config, "num_hidden_layers"),
+            ModelKind::Mlp => Ok(MlpGeometry::from_config(config)?.layers.len()),
+        }
+    }
+}
+
+/// config.json after whole blocks were removed: `num_hidden_layers` is the count kept, and the
+/// per-layer keys follow their layers (`layer_types`, Gemma 3's sliding and full layers; BERT's
+/// `pruned_heads`, keyed by layer). `kept`: original indices of the kept blocks, in order.
+pub fn config_keeping_layers(config: &Value, kept: &[usize]) -> Value {
+    let mut c = config.clone();
+    if let Some(obj) = c.as_object_mut() {
+        obj.insert("num_hidden_layers".into(), kept.len().into());
+        if let Some(Value::Array(types)) = obj.get("layer_types").cloned() {
+            let kept: Vec<Value> = kept.iter().filter_map(|&i| types.get(i).cloned()).collect();
+            obj.insert("layer_types".into(), kept.into());
+        }
+        if let Some(Value::Object(ph)) = obj.get("pruned_heads").cloned() {
+            let renumbered: serde_json::Map<String, Value> = ph
+                .into_iter()
+                .filter_map(|(k, v)| {
+                    let old: usize = k.parse().ok()?;
+                    let new = kept.iter().position(|&x| x == old)?;
+                    Some((new.to_string(), v))
+                })
+                .collect();
+            obj.insert("pruned_heads".into(), Value::Object(renumbered));
+        }
+    }
+    c
+}
+
+/// config.json after feed-forward neurons were removed: `intermediate_size` (decoders, BERT:
+/// one width for every block, `widths[0]`) or `hidden_sizes` (MLP: one per hidden layer).
+pub fn set_ffn_widths(config: &mut Value, widths: &[usize]) {
+    let Some(obj) = config.as_object_mut() else { return };
+    if obj.contains_key("intermediate_size")
+        && let Some(w) = widths.first()
+    {
+        obj.insert("intermediate_size".into(), (*w).into());
+    }
+    if obj.contains_key("hidden_sizes") {
+        obj.insert("hidden_sizes".into(), widths.to_vec().into());
+    }
+}
+
+/// config.json of a decoder whose attention heads were removed: head counts and an explicit
+/// `head_dim` (no longer `hidden / heads`).
+pub fn set_decoder_heads(config: &mut Value, heads: usize, kv_heads: usize, head_dim: usize) {
+    let Some(obj) = config.as_object_mut() else { return };
+    obj.insert("num_attention_heads".into(), heads.into());
+    obj.insert("num_key_value_heads".into(), kv_heads.into());
+    obj.insert("head_dim".into(), head_dim.into());
+}
+
+/// config.json of a BERT whose attention heads were removed: transformers' `pruned_heads`
+/// (original head indices by layer), which `BertModel` prunes before loading the weights.
+/// `gone`: per layer, every head removed so far (earlier prunings included), sorted.
+pub fn set_bert_pruned_heads(config: &mut Value, gone: &[Vec<usize>]) {
+    let Some(obj) = config.as_object_mut() else { return };
+    let mut ph = obj.get("pruned_heads").and_then(Value::as_object).cloned().unwrap_or_default();
+    for (layer, g) in gone.iter().enumerate() {
+        if !g.is_empty() {
+            ph.insert(layer.to_string(), g.clone().into());
+        }
+    }
+    obj.insert("pruned_heads".into(), Value::Object(ph));
+}
+
+/// BERT: Layer `layer`'s entries of config.json's `pruned_heads` (transformers' convention: original
+/// head indices by layer, the key a decimal string), checked and deduplicated.
+///
+/// # Errors
+/// A malformed entry or a head index out of range.
+pub fn bert_pruned_heads(config: &serde_json::Value, layer: usize, heads: usize) -> Result<Vec<usize>, String> {
+    let entry = &config["pruned_heads"][layer.to_string()];
+    if entry.is_null() {
+        return Ok(Vec::new());
+    }
+    let list = entry.as_array().ok_or_else(|| format!("config.json: pruned_heads[\"{layer}\"] is not a list"))?;
+    let mut out = Vec::with_capacity(list.len());
+    for v in list {
+        match v.as_u64() {
+            Some(h) if (h as usize) < heads => out.push(h as usize),
+            _ => return Err(format!("config.json: pruned_heads[\"{layer}\"]: {v} is not a head index below {heads}")),
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    if out.len() >= heads {
+        return Err(format!("config.json: pruned_heads[\"{layer}\"] removes every head"));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use mcompress_core::ModelSource;
+use mcompress_core::arch::{BertGeometry, MlpGeometry};
 use mcompress_eval::calibrate::{WindowSpec, windows};
 use mcompress_eval::{model_tokenizer, sets};
 use mcompress_passes::distill::DistillConfig;
@@ -52,8 +53,8 @@ impl Data {
         let set = &c.set;
         match arch {
             Arch::Mlp { .. } => {
-                let features = config["input_size"].as_u64().unwrap_or(0) as usize;
-                let labels = config["num_labels"].as_u64().unwrap_or(0) as usize;
+                let mlp = MlpGeometry::from_config(config).map_err(Error::Model)?;
+                let (features, labels) = (mlp.input_size, mlp.num_labels);
                 let s = sets::LabelledSet::load(set, features, labels).map_err(|e| Error::Set(format!("set: {e}")))?;
                 if s.is_empty() {
                     return Err(Error::Set(format!("set: {}: no rows", set.display())));
@@ -73,7 +74,7 @@ impl Data {
             Arch::Bert { .. } => {
                 let lines = sets::load_lines(set).map_err(|e| Error::Set(format!("set: {e}")))?;
                 let tok = model_tokenizer(model).map_err(|e| Error::Set(e.to_string()))?;
-                let max_pos = config["max_position_embeddings"].as_u64().unwrap_or(512) as usize;
+                let max_pos = BertGeometry::from_config(config).map_err(Error::Model)?.max_positions;
                 let limit = c.seq_len.min(max_pos);
                 let mut seqs = Vec::with_capacity(lines.len());
                 for (i, l) in lines.iter().enumerate() {

@@ -27,8 +27,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use mcompress_core::{DType, ModelSource};
 use mcompress_eval::calibrate::Prior;
+use mcompress_passes::DenseTensors;
 use mcompress_passes::distill::{Distillation, TrainDevice};
-use mcompress_passes::pipeline::DenseTensors;
 use mcompress_passes::{Calibrated, ParamMeta, Pass, Plan};
 
 use nets::{Arch, Batch, Net, Out};

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use burn::tensor::activation::{gelu, relu, silu, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use mcompress_core::arch::{Family, Geometry, Role};
+use mcompress_core::arch::{BertGeometry, BertRole, Geometry, MlpGeometry, ModelKind, Role, model_type};
 
 use crate::{Error, Result};
 
@@ -54,35 +54,24 @@ pub(crate) enum Batch {
     Tokens { ids: Tensor<2, Int>, mask: Tensor<2>, b: usize, t: usize },
 }
 
-fn cfg_usize(config: &serde_json::Value, k: &str) -> Result<usize> {
-    mcompress_core::config::dim(config, k).map_err(Error::Model)
-}
-
 impl Arch {
     /// Reads the architecture from config.json.
     pub(crate) fn from_config(config: &serde_json::Value) -> Result<Arch> {
-        match config["model_type"].as_str().unwrap_or("") {
-            "mlp" => {
-                let layers = config["layer_names"]
-                    .as_array()
-                    .ok_or_else(|| Error::Model("config.json: layer_names missing".into()))?
-                    .iter()
-                    .map(|v| v.as_str().map(str::to_owned))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| Error::Model("config.json: layer_names must be strings".into()))?;
-                let input_scale = mcompress_core::config::input_scale(config).map_err(Error::Model)?;
-                Ok(Arch::Mlp { layers, input_scale })
+        match ModelKind::of_config(config) {
+            Some(ModelKind::Mlp) => {
+                let g = MlpGeometry::from_config(config).map_err(Error::Model)?;
+                Ok(Arch::Mlp { layers: g.layers, input_scale: g.input_scale })
             }
-            "bert" => Ok(Arch::Bert {
-                layers: cfg_usize(config, "num_hidden_layers")?,
-                heads: cfg_usize(config, "num_attention_heads")?,
-                eps: config["layer_norm_eps"].as_f64().unwrap_or(1e-12),
-            }),
-            t if Family::from_model_type(t).is_some() => {
+            Some(ModelKind::Bert) => {
+                let g = BertGeometry::from_config(config).map_err(Error::Model)?;
+                Ok(Arch::Bert { layers: g.layers, heads: g.heads, eps: g.eps })
+            }
+            Some(ModelKind::Decoder(_)) => {
                 Ok(Arch::Decoder(Box::new(Geometry::from_config(config).map_err(Error::Model)?)))
             }
-            other => Err(Error::Model(format!(
-                "distillation trains mlp, bert and decoder (llama, qwen2, gemma3_text) models; this model_type is {other:?}"
+            None => Err(Error::Model(format!(
+                "distillation trains mlp, bert and decoder (llama, qwen2, gemma3_text) models; this model_type is {:?}",
+                model_type(config)
             ))),
         }
     }
@@ -111,17 +100,11 @@ impl Net {
                 layers.iter().flat_map(|l| [format!("{l}.weight"), format!("{l}.bias")]).collect()
             }
             Arch::Bert { layers, .. } => {
-                let mut v: Vec<String> = ["word_embeddings", "position_embeddings", "token_type_embeddings"]
-                    .iter()
-                    .map(|n| format!("embeddings.{n}.weight"))
-                    .collect();
+                let mut v: Vec<String> = BertRole::EMBEDDINGS.iter().map(|r| r.weight(0)).collect();
                 for i in 0..*layers {
-                    let p = format!("encoder.layer.{i}");
-                    for l in ["attention.self.query", "attention.self.key", "attention.self.value"] {
-                        v.push(format!("{p}.{l}.weight"));
+                    for r in [BertRole::Query, BertRole::Key, BertRole::Value, BertRole::Inter, BertRole::Out] {
+                        v.push(r.weight(i));
                     }
-                    v.push(format!("{p}.intermediate.dense.weight"));
-                    v.push(format!("{p}.output.dense.weight"));
                 }
                 v
             }
@@ -188,32 +171,32 @@ impl Net {
         t: usize,
     ) -> Out {
         let device = ids.device();
-        let word = self.get("embeddings.word_embeddings.weight");
+        let word = self.get(&BertRole::WordEmbed.weight(0));
         let h = word.dims()[1];
         let hd = h / heads;
         let flat = ids.clone().reshape([b * t]);
         let pos_ids = Tensor::<1, Int>::arange(0..t as i64, &device);
-        let pos = self.get("embeddings.position_embeddings.weight").select(0, pos_ids); // [t, h]
-        let typ = self.get("embeddings.token_type_embeddings.weight").narrow(0, 0, 1); // [1, h]
+        let pos = self.get(&BertRole::PosEmbed.weight(0)).select(0, pos_ids); // [t, h]
+        let typ = self.get(&BertRole::TypeEmbed.weight(0)).narrow(0, 0, 1); // [1, h]
         let x = word.select(0, flat).reshape([b, t, h]) + pos.unsqueeze_dim::<3>(0) + typ.unsqueeze_dim::<3>(0);
-        let mut x = self.layer_norm("embeddings.LayerNorm", x.reshape([b * t, h]), eps);
+        let mut x = self.layer_norm(&BertRole::EmbedNorm.module(0), x.reshape([b * t, h]), eps);
         // Padding keys get −10⁴ added to their scores (BERT's extended attention mask).
         let key_bias = mask.clone().sub_scalar(1.0).mul_scalar(1.0e4).reshape([b, 1, 1, t]);
         for i in 0..layers {
-            let p = format!("encoder.layer.{i}");
+            let m = |r: BertRole| r.module(i);
             // Heads left in this layer (config.json's `pruned_heads` may have removed some).
-            let lh = self.get(&format!("{p}.attention.self.query.weight")).dims()[0] / hd;
+            let lh = self.get(&BertRole::Query.weight(i)).dims()[0] / hd;
             let split = |y: Tensor<2>| y.reshape([b, t, lh, hd]).swap_dims(1, 2);
-            let q = split(self.linear(&format!("{p}.attention.self.query"), x.clone()));
-            let k = split(self.linear(&format!("{p}.attention.self.key"), x.clone()));
-            let v = split(self.linear(&format!("{p}.attention.self.value"), x.clone()));
+            let q = split(self.linear(&m(BertRole::Query), x.clone()));
+            let k = split(self.linear(&m(BertRole::Key), x.clone()));
+            let v = split(self.linear(&m(BertRole::Value), x.clone()));
             let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (hd as f64).sqrt()) + key_bias.clone();
             let ctx = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b * t, lh * hd]);
-            let a = self.linear(&format!("{p}.attention.output.dense"), ctx) + x;
-            let a = self.layer_norm(&format!("{p}.attention.output.LayerNorm"), a, eps);
-            let f = gelu(self.linear(&format!("{p}.intermediate.dense"), a.clone()));
-            let y = self.linear(&format!("{p}.output.dense"), f) + a;
-            x = self.layer_norm(&format!("{p}.output.LayerNorm"), y, eps);
+            let a = self.linear(&m(BertRole::AttnOut), ctx) + x;
+            let a = self.layer_norm(&m(BertRole::AttnNorm), a, eps);
+            let f = gelu(self.linear(&m(BertRole::Inter), a.clone()));
+            let y = self.linear(&m(BertRole::Out), f) + a;
+            x = self.layer_norm(&m(BertRole::OutNorm), y, eps);
         }
         Out { logits: None, hidden: x }
     }
@@ -363,7 +346,7 @@ mod tests {
         }
     }
 
-    fn load(path: &std::path::Path) -> (serde_json::Value, mcompress_passes::pipeline::DenseTensors) {
+    fn load(path: &std::path::Path) -> (serde_json::Value, mcompress_passes::DenseTensors) {
         let m = ModelSource::open(path).unwrap();
         (m.config().cloned().unwrap(), mcompress_passes::pipeline::transformed_f32(&m, &[]).unwrap())
     }

@@ -3,7 +3,7 @@
 //! → mean over tokens (attention mask) → L2 normalisation. Plain f32 Rust, the CPU reference.
 #![allow(clippy::many_single_char_names)] // the usual names: q, k, v, h, n, x
 
-use mcompress_passes::prune::structured::pruned_heads;
+use mcompress_core::arch::{BertGeometry, BertRole, bert_pruned_heads};
 
 use crate::linear::{Device, Lin};
 use crate::weights::Weights;
@@ -79,50 +79,41 @@ impl Bert {
     /// its linear layers on `device`.
     pub fn load(config: &serde_json::Value, w: &Weights, device: &Device) -> Result<Self> {
         let bad = |m: String| Error::Model(format!("BERT: {m}"));
-        let u = |k: &str| mcompress_core::config::dim(config, k).map_err(bad);
-        let (hidden, heads, n_layers) = (u("hidden_size")?, u("num_attention_heads")?, u("num_hidden_layers")?);
-        if heads == 0 || hidden % heads != 0 {
-            return Err(bad(format!("hidden_size {hidden} not divisible by {heads} heads")));
-        }
-        if config["hidden_act"].as_str().is_some_and(|a| a != "gelu") {
-            return Err(bad(format!("hidden_act {} is not supported (gelu is)", config["hidden_act"])));
-        }
-        let eps = config["layer_norm_eps"].as_f64().unwrap_or(1e-12) as f32;
+        let g = BertGeometry::from_config(config).map_err(bad)?;
+        let (hidden, heads, n_layers) = (g.hidden, g.heads, g.layers);
+        let eps = g.eps as f32;
         let get = |n: &str, shape: &[usize]| w.get(n, shape).map_err(bad);
-        let lin = |p: &str, out: usize, inp: usize| -> Result<Lin> {
-            let m = w.matrix(&format!("{p}.weight"), out, inp).map_err(bad)?;
-            Lin::new(m, out, inp, Some(get(&format!("{p}.bias"), &[out])?), device)
+        let lin = |r: BertRole, i: usize, out: usize, inp: usize| -> Result<Lin> {
+            let m = w.matrix(&r.weight(i), out, inp).map_err(bad)?;
+            Lin::new(m, out, inp, Some(get(&r.bias(i), &[out])?), device)
         };
-        let norm = |p: &str| -> Result<Norm> {
-            Ok(Norm { g: get(&format!("{p}.weight"), &[hidden])?, b: get(&format!("{p}.bias"), &[hidden])?, eps })
+        let norm = |r: BertRole, i: usize| -> Result<Norm> {
+            Ok(Norm { g: get(&r.weight(i), &[hidden])?, b: get(&r.bias(i), &[hidden])?, eps })
         };
-        let inter = u("intermediate_size")?;
-        let (vocab, max_pos) = (u("vocab_size")?, u("max_position_embeddings")?);
-        let types = config["type_vocab_size"].as_u64().unwrap_or(2) as usize;
-        let hd = hidden / heads;
+        let (inter, vocab, max_pos, types) = (g.intermediate, g.vocab, g.max_positions, g.type_vocab);
+        let hd = g.head_dim();
         let layers = (0..n_layers)
             .map(|i| {
-                let p = format!("encoder.layer.{i}");
-                let lh = heads - pruned_heads(config, i, heads).map_err(bad)?.len();
+                let lh = heads - bert_pruned_heads(config, i, heads).map_err(bad)?.len();
                 let width = lh * hd;
                 Ok(Layer {
-                    q: lin(&format!("{p}.attention.self.query"), width, hidden)?,
-                    k: lin(&format!("{p}.attention.self.key"), width, hidden)?,
-                    v: lin(&format!("{p}.attention.self.value"), width, hidden)?,
-                    o: lin(&format!("{p}.attention.output.dense"), hidden, width)?,
-                    ln1: norm(&format!("{p}.attention.output.LayerNorm"))?,
-                    up: lin(&format!("{p}.intermediate.dense"), inter, hidden)?,
-                    down: lin(&format!("{p}.output.dense"), hidden, inter)?,
-                    ln2: norm(&format!("{p}.output.LayerNorm"))?,
+                    q: lin(BertRole::Query, i, width, hidden)?,
+                    k: lin(BertRole::Key, i, width, hidden)?,
+                    v: lin(BertRole::Value, i, width, hidden)?,
+                    o: lin(BertRole::AttnOut, i, hidden, width)?,
+                    ln1: norm(BertRole::AttnNorm, i)?,
+                    up: lin(BertRole::Inter, i, inter, hidden)?,
+                    down: lin(BertRole::Out, i, hidden, inter)?,
+                    ln2: norm(BertRole::OutNorm, i)?,
                     heads: lh,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Bert {
-            word: get("embeddings.word_embeddings.weight", &[vocab, hidden])?,
-            pos: get("embeddings.position_embeddings.weight", &[max_pos, hidden])?,
-            typ: get("embeddings.token_type_embeddings.weight", &[types, hidden])?,
-            ln: norm("embeddings.LayerNorm")?,
+            word: get(&BertRole::WordEmbed.weight(0), &[vocab, hidden])?,
+            pos: get(&BertRole::PosEmbed.weight(0), &[max_pos, hidden])?,
+            typ: get(&BertRole::TypeEmbed.weight(0), &[types, hidden])?,
+            ln: norm(BertRole::EmbedNorm, 0)?,
             layers,
             hidden,
             hd,

@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 
 use mcompress_core::DType;
 use mcompress_core::arch::{Geometry, Role};
-use mcompress_passes::Calibrated;
-use mcompress_passes::quant::{QScheme, quantize};
+use mcompress_format::Calibrated;
+use mcompress_format::quant::{QScheme, quantize};
 
 use crate::linalg::{Strides, linear, sgemm};
 use crate::linear::{Device, Lin};

@@ -11,7 +11,7 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use mcompress_passes::quant::Quantized;
+use mcompress_format::quant::Quantized;
 use wgpu::util::DeviceExt;
 
 use crate::{Error, Result};
@@ -241,9 +241,9 @@ impl GpuLinear {
         let layout = Layout {
             bits: u32::from(s.bits),
             kind: match s.kind {
-                mcompress_passes::QKind::Int => 0,
-                mcompress_passes::QKind::Fp8 { .. } => 1,
-                mcompress_passes::QKind::Fp4 { .. } => 2,
+                mcompress_format::QKind::Int => 0,
+                mcompress_format::QKind::Fp8 { .. } => 1,
+                mcompress_format::QKind::Fp4 { .. } => 2,
             },
             groups: groups as u32,
             group_len: s.group_len(inp) as u32,
@@ -465,7 +465,7 @@ mod tests {
         let x = values(n * cols, 21);
         // 1 KiB per binding: weights in chunks of a few rows, inputs in chunks of a few rows.
         let limit = 1024;
-        let q = quantized(&mcompress_passes::quant::QScheme::int(4, 32, false), rows, cols, 22);
+        let q = quantized(&mcompress_format::quant::QScheme::int(4, 32, false), rows, cols, 22);
         let lin = GpuLinear::packed_limited(&gpu, &q, None, limit).unwrap();
         assert!(lin.chunks.len() > 1);
         close(&lin.apply(&x).unwrap(), &linalg::linear(&x, &q.dequantize(), None, cols, rows), "packed, split");

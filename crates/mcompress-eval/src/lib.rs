@@ -40,7 +40,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use linear::Device;
 use mcompress_core::ModelSource;
-use mcompress_core::arch::Family;
+use mcompress_core::arch::ModelKind;
 use mcompress_recipe::{Backend, EvalSection, Metric};
 use serde::Serialize;
 
@@ -138,9 +138,15 @@ pub fn evaluate(section: &EvalSection, model: &ModelSource, bundle_dir: &Path) -
 
 /// [`evaluate`] with a backend override and progress bars.
 pub fn evaluate_with(section: &EvalSection, model: &ModelSource, bundle_dir: &Path, opts: &Options) -> Result<Outcome> {
-    let model_type = model.config().and_then(|c| c["model_type"].as_str()).unwrap_or("");
+    let config = model.config().cloned().unwrap_or_default();
+    let model_type = mcompress_core::arch::model_type(&config);
     // The decoder families of the architecture module all run through one decoder.
-    let kind = if Family::from_model_type(model_type).is_some() { "decoder" } else { model_type };
+    let kind = match ModelKind::of_config(&config) {
+        Some(ModelKind::Decoder(_)) => "decoder",
+        Some(ModelKind::Bert) => "bert",
+        Some(ModelKind::Mlp) => "mlp",
+        None => "",
+    };
     let supported = matches!(
         (kind, section.metric),
         ("mlp", Metric::Accuracy)

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::Result;
 use crate::linalg;
-use mcompress_passes::quant::Quantized;
+use mcompress_format::quant::Quantized;
 
 /// Where the models run.
 #[derive(Clone, Debug, Default)]
@@ -109,7 +109,7 @@ impl Lin {
     pub fn apply(&self, x: &[f32]) -> Result<Vec<f32>> {
         let quantized;
         let x = if self.act_fp8 {
-            quantized = mcompress_passes::quant::fp8::fake_quant_rows(x, self.inp);
+            quantized = mcompress_format::quant::fp8::fake_quant_rows(x, self.inp);
             &quantized[..]
         } else {
             x
@@ -139,7 +139,7 @@ pub fn linear_packed(x: &[f32], q: &Quantized, bias: Option<&[f32]>) -> Vec<f32>
 #[cfg(test)]
 pub(crate) mod testing {
     use mcompress_core::DType;
-    use mcompress_passes::quant::{Fp4Format, Fp8Strategy, QScheme, Quantized, quantize};
+    use mcompress_format::quant::{Fp4Format, Fp8Strategy, QScheme, Quantized, quantize};
 
     /// Deterministic values in about [-1, 1] with some larger outliers.
     pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {

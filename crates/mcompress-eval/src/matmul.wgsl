@@ -10,7 +10,7 @@
 //            occupies bits c·bits .. (c+1)·bits of the row's bit stream (a 3-bit code may straddle
 //            two words), stored unsigned with offset 2^(bits-1).
 // Value = (code - zero_point[g]) * scale[g], g = r * groups + c / group_len: the formula of
-// mcompress_passes::quant::dequant_value, so the CPU and GPU paths decode identical f32 weights.
+// mcompress_format::quant::dequant_value, so the CPU and GPU paths decode identical f32 weights.
 //
 // Tiling: a 16 × 16 workgroup computes a 64 × 64 block of y, each invocation a 4 × 4 register
 // block (rows ly + 16i, columns lx + 16j); K advances 32 at a time through workgroup memory, so
@@ -47,7 +47,7 @@ const TK: u32 = 32u; // k per step
 var<workgroup> xs: array<array<f32, 33>, 64>;
 var<workgroup> ws: array<array<f32, 33>, 64>;
 
-// FP8 E4M3FN code → f32 (mcompress_passes::quant::fp8::e4m3_to_f32): bias 7, subnormals at
+// FP8 E4M3FN code → f32 (mcompress_format::quant::fp8::e4m3_to_f32): bias 7, subnormals at
 // 2^-9 steps; the NaN codes are refused when a bundle is read.
 fn e4m3(u: u32) -> f32 {
     let s = select(1.0, -1.0, (u & 0x80u) != 0u);
@@ -60,7 +60,7 @@ fn e4m3(u: u32) -> f32 {
     return s * (1.0 + m / 8.0) * bitcast<f32>((e + 120u) << 23u);
 }
 
-// FP4 E2M1 code → f32 (mcompress_passes::quant::fp4::e2m1_to_f32): magnitudes 0, .5, 1, 1.5, 2,
+// FP4 E2M1 code → f32 (mcompress_format::quant::fp4::e2m1_to_f32): magnitudes 0, .5, 1, 1.5, 2,
 // 3, 4, 6 by index, sign in bit 3. Exact: m/2 for index < 4, else 2^(i/2 - 1) · (1 + (i & 1)/2).
 fn e2m1(u: u32) -> f32 {
     let s = select(1.0, -1.0, (u & 8u) != 0u);

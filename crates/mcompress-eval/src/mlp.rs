@@ -17,17 +17,9 @@ impl Mlp {
     /// Builds the MLP from config.json and weights, checking every shape, on `device`.
     pub fn load(config: &serde_json::Value, weights: &Weights, device: &Device) -> Result<Self> {
         let bad = |m: String| Error::Model(format!("config.json / weights: {m}"));
-        if config["hidden_act"].as_str().is_some_and(|a| a != "relu") {
-            return Err(bad(format!("hidden_act {} is not supported (relu is)", config["hidden_act"])));
-        }
-        let names: Vec<&str> = config["layer_names"]
-            .as_array()
-            .ok_or_else(|| bad("layer_names missing".into()))?
-            .iter()
-            .map(|v| v.as_str().ok_or_else(|| bad("layer_names must be strings".into())))
-            .collect::<Result<_>>()?;
+        let g = mcompress_core::arch::MlpGeometry::from_config(config).map_err(bad)?;
         let mut layers: Vec<Lin> = Vec::new();
-        for n in names {
+        for n in &g.layers {
             let (wn, bn) = (format!("{n}.weight"), format!("{n}.bias"));
             let (out, inp) = weights
                 .shape2(&wn)
@@ -45,8 +37,7 @@ impl Mlp {
         if layers.is_empty() {
             return Err(bad("no layers".into()));
         }
-        let input_scale = mcompress_core::config::input_scale(config).map_err(|e| Error::Model(format!("mlp: {e}")))?;
-        Ok(Mlp { layers, input_scale })
+        Ok(Mlp { layers, input_scale: g.input_scale })
     }
 
     /// Features per sample.

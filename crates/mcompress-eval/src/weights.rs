@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use mcompress_core::ModelSource;
-use mcompress_passes::quant::{Quantized, load_quantized, schemes_from_config};
+use mcompress_format::quant::{Quantized, load_quantized, schemes_from_config};
 
 use crate::linear::Matrix;
 use crate::{Error, Result};
@@ -53,10 +53,10 @@ pub fn from_bundle(bundle: &ModelSource) -> Result<Weights> {
         .filter_map(|r| bundle.info(r).name.strip_suffix(".bitmask").map(|m| format!("{m}.weight")))
         .collect();
     for name in sparse {
-        let t = mcompress_passes::sparse::SparseTensor::load(bundle, &name)
+        let t = mcompress_format::sparse::SparseTensor::load(bundle, &name)
             .map_err(|e| Error::Model(format!("{}: {name}: {e}", bundle.path().display())))?;
         if let Some(t) = t {
-            for part in mcompress_passes::sparse::names(&name) {
+            for part in mcompress_format::sparse::names(&name) {
                 out.dense.remove(&part);
             }
             out.dense.insert(name, (t.shape.clone(), t.to_dense()));

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+use mcompress_core::arch;
 use mcompress_recipe::Recipe;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -170,9 +171,8 @@ pub struct Distill {
 impl Distill {
     /// Whether the training updates `name` (a float tensor of `shape`).
     pub fn trains(&self, name: &str, shape: &[usize]) -> bool {
-        let matrix = shape.len() == 2 && !name.contains("embed") && !name.starts_with("lm_head");
-        let bias =
-            shape.len() == 1 && name.rsplit('.').next() == Some("bias") && !name.to_ascii_lowercase().contains("norm");
+        let matrix = shape.len() == 2 && !arch::is_embedding_name(name) && !arch::is_output_head_name(name);
+        let bias = shape.len() == 1 && name.rsplit('.').next() == Some("bias") && !arch::is_norm_name(name);
         self.selector.select(name, matrix || bias).is_some() && shape.iter().all(|&d| d > 0)
     }
 }

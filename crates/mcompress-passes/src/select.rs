@@ -68,14 +68,6 @@ impl ParamSelector {
     }
 }
 
-/// Whether `name` is an embedding table (`model.embed_tokens.weight`,
-/// `embeddings.word_embeddings.weight`, …). Default targets leave embeddings alone: an input
-/// embedding tied to the output head cannot be quantized in place, and vLLM loads no quantized
-/// embedding at all.
-pub(crate) fn is_embedding(name: &str) -> bool {
-    name.contains("embed") || name.ends_with("wte.weight") || name.ends_with("wpe.weight")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

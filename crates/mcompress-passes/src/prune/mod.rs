@@ -401,8 +401,10 @@ impl Select {
             };
         };
         let eligible = dtype.is_float() && shape.len() == 2 && shape.iter().all(|&d| d > 0);
-        let default =
-            eligible && name.ends_with("weight") && !crate::select::is_embedding(name) && !name.starts_with("lm_head");
+        let default = eligible
+            && name.ends_with("weight")
+            && !mcompress_core::arch::is_embedding_name(name)
+            && !mcompress_core::arch::is_output_head_name(name);
         match self.selector.select(name, default) {
             None => Plan::Keep,
             // A pattern that does not divide the rows is an error at apply time (or in the
@@ -434,6 +436,9 @@ pub(crate) fn stat(before: &[f32], after: &[f32]) -> f64 {
 impl Pass for Magnitude {
     fn name(&self) -> &'static str {
         MAGNITUDE_INFO.name
+    }
+    fn leaves_zeros(&self) -> bool {
+        true
     }
 
     fn settings(&self) -> serde_json::Value {
@@ -468,6 +473,9 @@ pub struct CalibratedPrune {
 impl Pass for CalibratedPrune {
     fn name(&self) -> &'static str {
         self.info.name
+    }
+    fn leaves_zeros(&self) -> bool {
+        true
     }
 
     fn settings(&self) -> serde_json::Value {

@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use mcompress_core::ModelSource;
-use mcompress_core::arch::{Family, Role};
+use mcompress_core::arch::{self, BertGeometry, BertRole, Family, MlpGeometry, ModelKind, Role};
 use mcompress_recipe::Recipe;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -100,29 +100,9 @@ impl LayerMap {
         Some(format!("{}{new}.{tail}", self.prefix))
     }
 
-    /// config.json with the smaller `num_hidden_layers` (and BERT's `pruned_heads` renumbered).
+    /// config.json with the smaller `num_hidden_layers` (per-layer keys renumbered).
     pub fn config(&self, config: &Value) -> Value {
-        let mut c = config.clone();
-        if let Some(obj) = c.as_object_mut() {
-            obj.insert("num_hidden_layers".into(), self.kept.len().into());
-            // Per-layer attention kinds (Gemma 3's sliding and full layers) follow their layers.
-            if let Some(Value::Array(types)) = obj.get("layer_types").cloned() {
-                let kept: Vec<Value> = self.kept.iter().filter_map(|&i| types.get(i).cloned()).collect();
-                obj.insert("layer_types".into(), kept.into());
-            }
-            if let Some(Value::Object(ph)) = obj.get("pruned_heads").cloned() {
-                let renumbered: serde_json::Map<String, Value> = ph
-                    .into_iter()
-                    .filter_map(|(k, v)| {
-                        let old: usize = k.parse().ok()?;
-                        let new = self.kept.iter().position(|&x| x == old)?;
-                        Some((new.to_string(), v))
-                    })
-                    .collect();
-                obj.insert("pruned_heads".into(), Value::Object(renumbered));
-            }
-        }
-        c
+        mcompress_core::arch::config_keeping_layers(config, &self.kept)
     }
 }
 
@@ -145,7 +125,7 @@ struct State {
     /// both roles.
     role: BTreeMap<String, Vec<(usize, bool)>>,
     /// Heads: the model type and its attention geometry before pruning.
-    heads: Option<(String, Geometry)>,
+    heads: Option<(ModelKind, Geometry)>,
     /// Layers: how many go, and (after [`Pass::choose_layers`]) the scores and the map.
     layers_to_remove: usize,
     layer_scores: Vec<f64>,
@@ -160,15 +140,10 @@ struct Geometry {
     hd: usize,
 }
 
-fn u(config: &Value, k: &str) -> Result<usize, String> {
-    config[k].as_u64().map(|v| v as usize).ok_or_else(|| format!("config.json: {k} missing"))
-}
-
 /// The feed-forward blocks of a llama, BERT or MLP model.
 fn neuron_blocks(model: &ModelSource, config: &Value) -> Result<Vec<Block>, String> {
     let has = |n: &str| model.tensors().iter().any(|r| model.info(r).name == n);
     let size_of = |n: &str| model.tensors().iter().find(|r| model.info(r).name == n).map(|r| model.info(r).shape[0]);
-    let n_layers = config["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
     let block = |rows_of: Vec<String>, cols_of: Vec<String>, size| Block {
         rows_of,
         cols_of,
@@ -178,33 +153,28 @@ fn neuron_blocks(model: &ModelSource, config: &Value) -> Result<Vec<Block>, Stri
         original: Vec::new(),
     };
     let mut out = Vec::new();
-    let model_type = config["model_type"].as_str().unwrap_or("");
-    match (Family::from_model_type(model_type), model_type) {
-        (Some(f), _) => {
-            for i in 0..n_layers {
+    match ModelKind::of_config(config) {
+        Some(ModelKind::Decoder(f)) => {
+            for i in 0..ModelKind::Decoder(f).blocks(config)? {
                 let g = f.hf(Role::Gate, i);
                 let size = size_of(&g).ok_or_else(|| format!("{g} missing"))?;
                 out.push(block(vec![g, f.hf(Role::Up, i)], vec![f.hf(Role::Down, i)], size));
             }
         }
-        (None, "bert") => {
-            for i in 0..n_layers {
-                let p = format!("encoder.layer.{i}");
-                let w = format!("{p}.intermediate.dense.weight");
+        Some(ModelKind::Bert) => {
+            for i in 0..ModelKind::Bert.blocks(config)? {
+                let w = BertRole::Inter.weight(i);
                 let size = size_of(&w).ok_or_else(|| format!("{w} missing"))?;
                 let mut rows_of = vec![w];
-                let b = format!("{p}.intermediate.dense.bias");
+                let b = BertRole::Inter.bias(i);
                 if has(&b) {
                     rows_of.push(b);
                 }
-                out.push(block(rows_of, vec![format!("{p}.output.dense.weight")], size));
+                out.push(block(rows_of, vec![BertRole::Out.weight(i)], size));
             }
         }
-        (None, "mlp") => {
-            let names: Vec<String> = config["layer_names"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
-                .unwrap_or_default();
+        Some(ModelKind::Mlp) => {
+            let names = MlpGeometry::from_config(config)?.layers;
             for w in names.windows(2) {
                 let (this, next) = (format!("{}.weight", w[0]), format!("{}.weight", w[1]));
                 let size = size_of(&this).ok_or_else(|| format!("{this} missing"))?;
@@ -216,9 +186,10 @@ fn neuron_blocks(model: &ModelSource, config: &Value) -> Result<Vec<Block>, Stri
                 out.push(block(rows_of, vec![next], size));
             }
         }
-        (None, other) => {
+        None => {
             return Err(format!(
-                "model_type {other:?}: structured pruning knows the decoders (llama, qwen2, gemma3_text), bert and mlp models"
+                "model_type {:?}: structured pruning knows the decoders (llama, qwen2, gemma3_text), bert and mlp models",
+                arch::model_type(config)
             ));
         }
     }
@@ -245,23 +216,12 @@ fn head_blocks(model: &ModelSource, config: &Value) -> Result<(Vec<Block>, Geome
         v
     };
     let rows_of = |n: &str| model.tensors().iter().find(|r| model.info(r).name == n).map(|r| model.info(r).shape[0]);
-    let model_type = config["model_type"].as_str().unwrap_or("");
-    let family = Family::from_model_type(model_type);
-    if family.is_none() && model_type != "bert" {
-        return Err(format!("model_type {model_type:?}: attention heads are pruned in decoder and bert models"));
-    }
-    let (hidden, heads, n_layers) =
-        (u(config, "hidden_size")?, u(config, "num_attention_heads")?, u(config, "num_hidden_layers")?);
-    if heads == 0 {
-        return Err("config.json: num_attention_heads is 0".into());
-    }
-    let mut out = Vec::with_capacity(n_layers);
-    #[allow(clippy::single_match_else)] // two kinds of model, side by side
-    match family {
-        Some(f) => {
-            let g = mcompress_core::arch::Geometry::from_config(config)?;
-            let (kv, hd) = (g.kv_heads, g.head_dim);
-            for i in 0..n_layers {
+    let mut out = Vec::new();
+    match ModelKind::of_config(config) {
+        Some(ModelKind::Decoder(f)) => {
+            let g = arch::Geometry::from_config(config)?;
+            let (heads, kv, hd) = (g.heads, g.kv_heads, g.head_dim);
+            for i in 0..g.layers {
                 // Query heads that share a KV head are removed alone; a head with its own KV
                 // head takes its key and value rows with it (and their biases, Qwen2's).
                 let mut roles = vec![Role::Q];
@@ -281,24 +241,21 @@ fn head_blocks(model: &ModelSource, config: &Value) -> Result<(Vec<Block>, Geome
             }
             Ok((out, Geometry { heads, kv, hd }))
         }
-        None => {
-            if hidden % heads != 0 {
-                return Err(format!("config.json: hidden_size {hidden} is not a multiple of {heads} heads"));
-            }
-            let hd = hidden / heads;
-            for i in 0..n_layers {
-                let p = format!("encoder.layer.{i}.attention");
-                let q = format!("{p}.self.query.weight");
+        Some(ModelKind::Bert) => {
+            let g = BertGeometry::from_config(config)?;
+            let (heads, hd) = (g.heads, g.head_dim());
+            for i in 0..g.layers {
+                let q = BertRole::Query.weight(i);
                 let rows = rows_of(&q).ok_or_else(|| format!("{q} missing"))?;
                 // Heads an earlier pruning removed (transformers' `pruned_heads`, original indices).
-                let gone = pruned_heads(config, i, heads)?;
+                let gone = mcompress_core::arch::bert_pruned_heads(config, i, heads)?;
                 let original: Vec<usize> = (0..heads).filter(|h| !gone.contains(h)).collect();
                 if rows != original.len() * hd {
                     return Err(format!("{q}: {rows} rows, {} heads of {hd} expected", original.len()));
                 }
                 out.push(Block {
-                    rows_of: with_biases(&["query", "key", "value"].map(|n| format!("{p}.self.{n}"))),
-                    cols_of: vec![format!("{p}.output.dense.weight")],
+                    rows_of: with_biases(&[BertRole::Query, BertRole::Key, BertRole::Value].map(|r| r.module(i))),
+                    cols_of: vec![BertRole::AttnOut.weight(i)],
                     size: original.len(),
                     width: hd,
                     groups: 1,
@@ -307,6 +264,10 @@ fn head_blocks(model: &ModelSource, config: &Value) -> Result<(Vec<Block>, Geome
             }
             Ok((out, Geometry { heads, kv: heads, hd }))
         }
+        _ => Err(format!(
+            "model_type {:?}: attention heads are pruned in decoder and bert models",
+            arch::model_type(config)
+        )),
     }
 }
 
@@ -323,32 +284,6 @@ fn smallest_removing(k: usize, n: usize) -> String {
         milli += 1;
     }
     format!("{}.{:03}", milli / 1000, milli % 1000)
-}
-
-/// Layer `layer`'s entries of config.json's `pruned_heads` (transformers' convention: original
-/// head indices by layer, the key a decimal string), checked and deduplicated.
-///
-/// # Errors
-/// A malformed entry or a head index out of range.
-pub fn pruned_heads(config: &serde_json::Value, layer: usize, heads: usize) -> Result<Vec<usize>, String> {
-    let entry = &config["pruned_heads"][layer.to_string()];
-    if entry.is_null() {
-        return Ok(Vec::new());
-    }
-    let list = entry.as_array().ok_or_else(|| format!("config.json: pruned_heads[\"{layer}\"] is not a list"))?;
-    let mut out = Vec::with_capacity(list.len());
-    for v in list {
-        match v.as_u64() {
-            Some(h) if (h as usize) < heads => out.push(h as usize),
-            _ => return Err(format!("config.json: pruned_heads[\"{layer}\"]: {v} is not a head index below {heads}")),
-        }
-    }
-    out.sort_unstable();
-    out.dedup();
-    if out.len() >= heads {
-        return Err(format!("config.json: pruned_heads[\"{layer}\"] removes every head"));
-    }
-    Ok(out)
 }
 
 /// Reads a tensor as f32.
@@ -434,6 +369,9 @@ impl Pass for Structured {
     fn name(&self) -> &'static str {
         STRUCTURED_INFO.name
     }
+    fn reshapes(&self) -> bool {
+        true
+    }
 
     fn settings(&self) -> Value {
         let mut v = serde_json::to_value(&self.config).expect("config is JSON");
@@ -472,11 +410,12 @@ impl Pass for Structured {
                     ));
                 }
                 // A head count transformers' config class refuses: such a bundle would not load.
-                let model_type = config["model_type"].as_str().unwrap_or("");
-                if let (Some(b), Some(true)) =
-                    (blocks.first(), Family::from_model_type(model_type).map(Family::hf_needs_heads_dividing_hidden))
+                let kind = ModelKind::of_config(&config).ok_or("not a decoder or bert model")?;
+                let model_type = arch::model_type(&config);
+                if let (Some(b), ModelKind::Decoder(f)) = (blocks.first(), kind)
+                    && f.hf_needs_heads_dividing_hidden()
                 {
-                    let hidden = u(&config, "hidden_size")?;
+                    let hidden = arch::Geometry::from_config(&config)?.hidden;
                     let left = b.keep_count(s);
                     if !hidden.is_multiple_of(left) {
                         let per = b.size / b.groups;
@@ -495,16 +434,16 @@ impl Pass for Structured {
                 }
                 self.choose_units(model, &blocks, &mut st)?;
                 st.blocks = blocks;
-                st.heads = Some((model_type.to_string(), geometry));
+                st.heads = Some((kind, geometry));
             }
             "layers" => {
-                let model_type = config["model_type"].as_str().unwrap_or("");
-                if Family::from_model_type(model_type).is_none() && model_type != "bert" {
+                let Some(kind @ (ModelKind::Decoder(_) | ModelKind::Bert)) = ModelKind::of_config(&config) else {
                     return Err(format!(
-                        "model_type {model_type:?}: whole layers are pruned in decoder (llama, qwen2, gemma3_text) and bert models"
+                        "model_type {:?}: whole layers are pruned in decoder (llama, qwen2, gemma3_text) and bert models",
+                        arch::model_type(&config)
                     ));
-                }
-                let n = u(&config, "num_hidden_layers")?;
+                };
+                let n = kind.blocks(&config)?;
                 let remove = (n as f64 * s).floor() as usize;
                 if remove == 0 {
                     return Err(format!("sparsity = {s} of {n} layers removes none; {}", removal_hint(n)));
@@ -541,11 +480,12 @@ impl Pass for Structured {
 
     fn choose_layers(&self, model: &ModelSource, scores: &[f64]) -> Result<LayerMap, String> {
         let config = model.config().cloned().unwrap_or_default();
-        let n = u(&config, "num_hidden_layers")?;
+        let kind = ModelKind::of_config(&config).ok_or("not a decoder or bert model")?;
+        let n = kind.blocks(&config)?;
         if scores.len() != n {
             return Err(format!("{} layer scores for {n} layers", scores.len()));
         }
-        let prefix = if config["model_type"].as_str() == Some("bert") { "encoder.layer." } else { "model.layers." };
+        let prefix = kind.blocks_prefix().ok_or("an MLP has no blocks to remove")?;
         let mut st = self.state();
         // Lowest block influence first (the layer that changes its input least), ties by index.
         let mut order: Vec<usize> = (0..n).collect();
@@ -611,40 +551,30 @@ impl Pass for Structured {
     fn update_config(&self, config: &mut Value) {
         let st = self.state();
         let s = self.config.sparsity;
-        let Some(obj) = config.as_object_mut() else { return };
         match self.config.unit.as_str() {
             "neurons" => {
-                if obj.contains_key("intermediate_size")
-                    && let Some(b) = st.blocks.first()
-                {
-                    obj.insert("intermediate_size".into(), b.keep_count(s).into());
-                }
-                if obj.contains_key("hidden_sizes") {
-                    let sizes: Vec<usize> = st.blocks.iter().map(|b| b.keep_count(s)).collect();
-                    obj.insert("hidden_sizes".into(), sizes.into());
-                }
+                let widths: Vec<usize> = st.blocks.iter().map(|b| b.keep_count(s)).collect();
+                arch::set_ffn_widths(config, &widths);
             }
             "heads" => {
-                let Some((model_type, g)) = &st.heads else { return };
+                let Some((kind, g)) = &st.heads else { return };
                 let Some(first) = st.blocks.first() else { return };
-                if Family::from_model_type(model_type).is_some() {
+                if let ModelKind::Decoder(_) = kind {
                     let left = first.keep_count(s);
-                    obj.insert("num_attention_heads".into(), left.into());
-                    obj.insert("num_key_value_heads".into(), (if g.kv == g.heads { left } else { g.kv }).into());
-                    obj.insert("head_dim".into(), g.hd.into());
+                    arch::set_decoder_heads(config, left, if g.kv == g.heads { left } else { g.kv }, g.hd);
                 } else {
-                    // transformers' BertModel builds the full layer and prunes these heads
-                    // (original indices) before loading the weights.
-                    let mut ph = obj.get("pruned_heads").and_then(Value::as_object).cloned().unwrap_or_default();
-                    for (layer, (block, kept)) in st.blocks.iter().zip(&st.kept).enumerate() {
-                        let mut gone: Vec<usize> = (0..g.heads).filter(|h| !block.original.contains(h)).collect();
-                        gone.extend((0..block.size).filter(|j| !kept.contains(j)).map(|j| block.original[j]));
-                        gone.sort_unstable();
-                        if !gone.is_empty() {
-                            ph.insert(layer.to_string(), gone.into());
-                        }
-                    }
-                    obj.insert("pruned_heads".into(), Value::Object(ph));
+                    let gone: Vec<Vec<usize>> = st
+                        .blocks
+                        .iter()
+                        .zip(&st.kept)
+                        .map(|(block, kept)| {
+                            let mut gone: Vec<usize> = (0..g.heads).filter(|h| !block.original.contains(h)).collect();
+                            gone.extend((0..block.size).filter(|j| !kept.contains(j)).map(|j| block.original[j]));
+                            gone.sort_unstable();
+                            gone
+                        })
+                        .collect();
+                    arch::set_bert_pruned_heads(config, &gone);
                 }
             }
             _ => {}

@@ -1,20 +1,16 @@
 //! Quantization passes.
 
-pub mod fp4;
-pub mod fp8;
 pub mod gptq;
-pub mod load;
-pub mod rtn;
-pub mod scheme;
 
 use mcompress_recipe::Recipe;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use gptq::{GptqOptions, gptq};
-pub use load::{load_quantized, schemes_from_config};
-pub use rtn::{QuantError, Quantized, quantize, quantize_ref};
-pub use scheme::{Fp4Format, Fp8Strategy, QKind, QScheme};
+pub use mcompress_format::quant::{
+    Fp4Format, Fp8Strategy, QKind, QScheme, QuantError, Quantized, fp4, fp8, load, load_quantized, quantize,
+    quantize_ref, rtn, scheme, schemes_from_config,
+};
 
 use crate::{
     Applied, Calibrated, Calibration, CalibrationMethod, Param, ParamMeta, ParamSelector, Pass, PassInfo, Plan, Status,
@@ -208,7 +204,7 @@ impl Pass for Rtn {
             };
         };
         let eligible = dtype.is_float() && shape.len() >= 2 && shape.iter().all(|&d| d > 0);
-        let default = eligible && name.ends_with("weight") && !crate::select::is_embedding(name);
+        let default = eligible && name.ends_with("weight") && !mcompress_core::arch::is_embedding_name(name);
         match self.selector.select(name, default) {
             None => Plan::Keep,
             Some(_) if eligible => Plan::Change(ParamMeta::Quantized {
