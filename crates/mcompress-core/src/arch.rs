@@ -1062,4 +1062,66 @@ mod tests {
         assert!(g.tied);
         assert!((g.attn_scale - 1.0 / 16.0).abs() < 1e-12);
     }
+
+    #[test]
+    fn test_model_kinds_and_bert_names() {
+        let kind = |t: &str| ModelKind::of_config(&serde_json::json!({ "model_type": t }));
+        assert_eq!(kind("bert"), Some(ModelKind::Bert));
+        assert_eq!(kind("mlp"), Some(ModelKind::Mlp));
+        assert_eq!(kind("qwen2"), Some(ModelKind::Decoder(Family::Qwen2)));
+        assert_eq!(kind("gpt2"), None);
+        assert_eq!(ModelKind::Bert.blocks_prefix(), Some("encoder.layer."));
+        assert_eq!(ModelKind::Decoder(Family::Llama).blocks_prefix(), Some("model.layers."));
+        // transformers' BertModel state-dict names (all-MiniLM-L6-v2's safetensors).
+        assert_eq!(BertRole::Query.weight(2), "encoder.layer.2.attention.self.query.weight");
+        assert_eq!(BertRole::AttnNorm.bias(0), "encoder.layer.0.attention.output.LayerNorm.bias");
+        assert_eq!(BertRole::Inter.weight(5), "encoder.layer.5.intermediate.dense.weight");
+        assert_eq!(BertRole::Out.weight(5), "encoder.layer.5.output.dense.weight");
+        assert_eq!(BertRole::WordEmbed.weight(9), "embeddings.word_embeddings.weight");
+        assert_eq!(BertRole::EmbedNorm.module(0), "embeddings.LayerNorm");
+    }
+
+    #[test]
+    fn test_bert_and_mlp_geometry_refuse_what_they_cannot_run() {
+        let mut c = serde_json::json!({
+            "model_type": "bert", "hidden_size": 384, "num_attention_heads": 12, "num_hidden_layers": 6,
+            "intermediate_size": 1536, "vocab_size": 30522, "max_position_embeddings": 512, "hidden_act": "gelu"
+        });
+        let g = BertGeometry::from_config(&c).unwrap();
+        assert_eq!((g.head_dim(), g.type_vocab, g.eps), (32, 2, 1e-12));
+        c["num_attention_heads"] = 7.into();
+        assert!(BertGeometry::from_config(&c).unwrap_err().contains("not divisible by 7 heads"));
+        c["num_attention_heads"] = 12.into();
+        c["hidden_act"] = "relu".into();
+        assert!(BertGeometry::from_config(&c).unwrap_err().contains("hidden_act"));
+        let m = serde_json::json!({"model_type": "mlp", "layer_names": ["a", "b"], "input_size": 64});
+        let g = MlpGeometry::from_config(&m).unwrap();
+        assert_eq!((g.layers.len(), g.input_size, g.num_labels, g.input_scale), (2, 64, 0, 1.0));
+        assert!(MlpGeometry::from_config(&serde_json::json!({"layer_names": [1]})).is_err());
+        assert_eq!(ModelKind::Mlp.blocks(&m), Ok(2));
+    }
+
+    #[test]
+    fn test_config_edits_follow_the_kept_layers_and_units() {
+        let c = serde_json::json!({
+            "num_hidden_layers": 4, "layer_types": ["a", "b", "c", "d"],
+            "pruned_heads": {"1": [0], "3": [2]}, "intermediate_size": 100
+        });
+        let k = config_keeping_layers(&c, &[1, 2]);
+        assert_eq!(k["num_hidden_layers"], 2);
+        assert_eq!(k["layer_types"], serde_json::json!(["b", "c"]));
+        assert_eq!(k["pruned_heads"], serde_json::json!({"0": [0]}));
+        let mut k = k;
+        set_ffn_widths(&mut k, &[75, 75]);
+        assert_eq!(k["intermediate_size"], 75);
+        assert!(k.get("hidden_sizes").is_none());
+        set_bert_pruned_heads(&mut k, &[vec![0, 3], vec![]]);
+        assert_eq!(k["pruned_heads"], serde_json::json!({"0": [0, 3]}));
+        set_decoder_heads(&mut k, 6, 2, 64);
+        assert_eq!((k["num_attention_heads"].as_u64(), k["num_key_value_heads"].as_u64()), (Some(6), Some(2)));
+        // Gemma 3 ties by default; llama only when it says so.
+        assert!(ties_word_embeddings(&serde_json::json!({"model_type": "gemma3_text"})));
+        assert!(!ties_word_embeddings(&serde_json::json!({"model_type": "llama"})));
+        assert!(ties_word_embeddings(&serde_json::json!({"model_type": "llama", "tie_word_embeddings": true})));
+    }
 }
