@@ -1,7 +1,7 @@
 //! What calibrated passes read from a model: token windows drawn from a text, the model as the
 //! recipe's earlier passes leave it ([`Prior`]), activation statistics ([`input_moments`]) and
-//! block influence ([`layer_scores`]). The block-by-block trace with weights swapped in place is
-//! [`crate::decoder::Decoder::calibrate`]; the algorithms that observe it (GPTQ, AWQ, Wanda,
+//! block influence ([`layer_scores`]). The block-by-block trace that may rewrite each block in
+//! place is [`crate::decoder::Decoder::trace`]; the algorithms that observe it (GPTQ, AWQ, Wanda,
 //! SparseGPT) live with the passes (`mcompress_passes::calibrate`).
 
 use std::collections::BTreeMap;

@@ -11,12 +11,9 @@ use rayon::prelude::*;
 
 use std::collections::BTreeMap;
 
-use mcompress_core::DType;
-use mcompress_core::arch::{Geometry, Role};
-use mcompress_format::Calibrated;
-use mcompress_format::quant::{QScheme, quantize};
+use mcompress_core::arch::{Family, Geometry, Role};
 
-use crate::linalg::{Strides, linear, sgemm};
+use crate::linalg::{Strides, sgemm};
 use crate::linear::{Device, Lin};
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -350,152 +347,65 @@ impl Decoder {
         Ok(ids)
     }
 
-    /// Sequential calibration, one block at a time (GPTQ): every window's residual stream goes
-    /// through block `i`; the inputs of each of its linear layers give a Hessian `Σ xᵀx` (f64);
-    /// `quantize(name, weights, (out, in), hessian)` may return replacement weights (the
-    /// dequantized result), which the block then uses to produce block `i + 1`'s inputs. Memory:
-    /// the windows' residual streams and one block's attention contexts.
-    pub fn calibrate<F>(&mut self, windows: &[Vec<u32>], mut quantize: F, progress: &dyn Fn()) -> Result<()>
-    where
-        F: FnMut(&str, &[f32], (usize, usize), Vec<f64>) -> Result<Option<Vec<f32>>>,
-    {
-        let f = self.g.family;
+    /// The block-by-block trace calibrated passes observe. Every window's residual stream goes
+    /// through block `i` one input site at a time — the normed stream (read by q, k, v), the
+    /// attention context (o), the normed stream after attention (gate, up), the gated activation
+    /// (down) — and at each site `obs` first sees every window's input
+    /// ([`Observer::input`]), then may rewrite the block's weights ([`Observer::rewrite`]); the
+    /// trace continues with what it leaves, so a rewritten layer feeds the next site and block
+    /// `i + 1`. [`Observer::block_done`] comes after the block's output is computed. Memory: the
+    /// windows' residual streams and one block's attention contexts. The runtime knows the
+    /// architecture; the observer sees roles, names and matrices only.
+    pub fn trace(&mut self, windows: &[Vec<u32>], obs: &mut dyn Observer, progress: &dyn Fn()) -> Result<()> {
+        let family = self.g.family;
         let mut xs: Vec<Vec<f32>> = windows.iter().map(|w| self.embed_ids(w)).collect::<Result<_>>()?;
+        let hidden = self.g.hidden;
         for li in 0..self.layers.len() {
-            // q, k, v: inputs are the normed residual stream.
-            let mut hq = Hessian::new(self.g.hidden);
+            let site = |readers, producer, width| Site { family, layer: li, readers, producer, width };
+            // q, k, v: the normed residual stream.
+            let s = site(&[Role::Q, Role::K, Role::V][..], Producer::Norm(Role::AttnNorm), hidden);
             for x in &xs {
-                hq.add(&self.rms(x, &self.layers[li].ln_in));
+                obs.input(&s, &self.rms(x, &self.layers[li].ln_in))?;
             }
-            let l = &mut self.layers[li];
-            for (lin, r) in [(&mut l.q, Role::Q), (&mut l.k, Role::K), (&mut l.v, Role::V)] {
-                requantize(lin, &f.hf(r, li), hq.h.clone(), &mut quantize)?;
-            }
-            // o: inputs are the attention contexts (computed with the quantized q, k, v).
+            obs.rewrite(&s, &mut self.block(li))?;
+            // o: the attention contexts (from q, k, v as rewritten).
             let ctxs: Vec<Vec<f32>> =
                 xs.iter().map(|x| self.attn_context(&self.layers[li], x)).collect::<Result<_>>()?;
-            let mut ho = Hessian::new(self.layers[li].o.inp);
+            let s = site(&[Role::O][..], Producer::Opaque, self.layers[li].o.inp);
             for c in &ctxs {
-                ho.add(c);
+                obs.input(&s, c)?;
             }
-            requantize(&mut self.layers[li].o, &f.hf(Role::O, li), ho.h, &mut quantize)?;
-            let mut hm = Hessian::new(self.g.hidden);
+            obs.rewrite(&s, &mut self.block(li))?;
             for (x, c) in xs.iter_mut().zip(&ctxs) {
                 let o = self.attn_out(&self.layers[li], c)?;
                 x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
-                hm.add(&self.rms(x, &self.layers[li].ln_ffn));
             }
             drop(ctxs);
-            let l = &mut self.layers[li];
-            for (lin, r) in [(&mut l.gate, Role::Gate), (&mut l.up, Role::Up)] {
-                requantize(lin, &f.hf(r, li), hm.h.clone(), &mut quantize)?;
-            }
-            // down: inputs are the gated activations (from the quantized gate and up).
-            let mut hd = Hessian::new(self.layers[li].down.inp);
+            // gate, up: the normed stream after attention.
+            let s = site(&[Role::Gate, Role::Up][..], Producer::Norm(Role::FfnNorm), hidden);
             for x in &xs {
-                hd.add(&self.mlp_act(&self.layers[li], &self.rms(x, &self.layers[li].ln_ffn))?);
+                obs.input(&s, &self.rms(x, &self.layers[li].ln_ffn))?;
             }
-            requantize(&mut self.layers[li].down, &f.hf(Role::Down, li), hd.h, &mut quantize)?;
+            obs.rewrite(&s, &mut self.block(li))?;
+            // down: the gated activations (from gate and up as rewritten).
+            let s = site(&[Role::Down][..], Producer::Rows(Role::Up), self.layers[li].down.inp);
+            for x in &xs {
+                let l = &self.layers[li];
+                obs.input(&s, &self.mlp_act(l, &self.rms(x, &l.ln_ffn))?)?;
+            }
+            obs.rewrite(&s, &mut self.block(li))?;
             for x in &mut xs {
                 self.add_mlp(&self.layers[li], x)?;
             }
+            obs.block_done(li, &mut self.block(li))?;
             progress();
         }
         Ok(())
     }
 
-    /// A norm gain as stored (without the `1 + w` offset added at load).
-    fn stored_norm(&self, w: &[f32]) -> Calibrated {
-        Calibrated::Dense(w.iter().map(|v| v - self.norm_add).collect())
-    }
-
-    /// AWQ, one block at a time: for each group of linear layers sharing an input (q/k/v;
-    /// gate/up; down) whose members are all `selected`, search `s = mean|x|^α` on a grid of α,
-    /// minimising the group's output error after rounding `W·diag(s)` (α = 0 is plain RTN, so
-    /// the search never does worse than RTN on its objective), fold `1/s` into the producer of
-    /// the input (the norms in front of attention and MLP; `up_proj`'s rows for `down_proj`),
-    /// and finally round every selected matrix of the block. Returns the quantized matrices and
-    /// the rewritten dense tensors. `selected(name)` gives the dtype and shape of a tensor to
-    /// quantize.
-    pub fn awq(
-        &mut self,
-        windows: &[Vec<u32>],
-        scheme: &QScheme,
-        grid: usize,
-        selected: Selected<'_>,
-        progress: &dyn Fn(),
-    ) -> Result<BTreeMap<String, Calibrated>> {
-        let f = self.g.family;
-        let mut out = BTreeMap::new();
-        let mut xs: Vec<Vec<f32>> = windows.iter().map(|w| self.embed_ids(w)).collect::<Result<_>>()?;
-        let h = self.g.hidden;
-        for li in 0..self.layers.len() {
-            let all = |rs: &[Role]| rs.iter().all(|r| selected(&f.hf(*r, li)).is_some());
-            // q, k, v: scales folded into the attention norm.
-            if all(&[Role::Q, Role::K, Role::V]) {
-                let a: Vec<f32> = xs.iter().flat_map(|x| self.rms(x, &self.layers[li].ln_in)).collect();
-                let l = &self.layers[li];
-                let s = awq_search(&a, h, &[dense(&l.q)?, dense(&l.k)?, dense(&l.v)?], scheme, grid);
-                let l = &mut self.layers[li];
-                for (g, s) in l.ln_in.iter_mut().zip(&s) {
-                    *g /= s;
-                }
-                for lin in [&mut l.q, &mut l.k, &mut l.v] {
-                    scale_columns(lin, &s)?;
-                }
-                out.insert(f.hf(Role::AttnNorm, li), self.stored_norm(&self.layers[li].ln_in));
-            }
-            for x in &mut xs {
-                self.add_attention(&self.layers[li], x)?;
-            }
-            // gate, up: scales folded into the norm in front of the MLP.
-            if all(&[Role::Gate, Role::Up]) {
-                let a: Vec<f32> = xs.iter().flat_map(|x| self.rms(x, &self.layers[li].ln_ffn)).collect();
-                let l = &self.layers[li];
-                let s = awq_search(&a, h, &[dense(&l.gate)?, dense(&l.up)?], scheme, grid);
-                let l = &mut self.layers[li];
-                for (g, s) in l.ln_ffn.iter_mut().zip(&s) {
-                    *g /= s;
-                }
-                for lin in [&mut l.gate, &mut l.up] {
-                    scale_columns(lin, &s)?;
-                }
-                out.insert(f.hf(Role::FfnNorm, li), self.stored_norm(&self.layers[li].ln_ffn));
-            }
-            // down: scales folded into up_proj's rows (the gated product is linear in up).
-            if all(&[Role::Down]) {
-                let l = &self.layers[li];
-                let mut act = Vec::new();
-                for x in &xs {
-                    act.extend(self.mlp_act(l, &self.rms(x, &l.ln_ffn))?);
-                }
-                let s = awq_search(&act, l.down.inp, &[dense(&l.down)?], scheme, grid);
-                let l = &mut self.layers[li];
-                scale_columns(&mut l.down, &s)?;
-                let inv: Vec<f32> = s.iter().map(|v| 1.0 / v).collect();
-                scale_rows(&mut l.up, &inv)?;
-                if selected(&f.hf(Role::Up, li)).is_none() {
-                    out.insert(f.hf(Role::Up, li), Calibrated::Dense(dense(&l.up)?.to_vec()));
-                }
-            }
-            for x in &mut xs {
-                self.add_mlp(&self.layers[li], x)?;
-            }
-            // Round every selected matrix of the block, scaled or not.
-            let l = &self.layers[li];
-            let lins = [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down];
-            for (lin, role) in lins.into_iter().zip(Role::LINEAR) {
-                let full = f.hf(role, li);
-                let Some((dtype, shape)) = selected(&full) else { continue };
-                let bytes = dtype
-                    .encode_f32(dense(lin)?)
-                    .ok_or_else(|| Error::Model(format!("{full}: cannot encode as {dtype}")))?;
-                let q = quantize(scheme, dtype, &shape, &bytes).map_err(|e| Error::Model(format!("{full}: {e:?}")))?;
-                out.insert(full, Calibrated::Quantized(q));
-            }
-            progress();
-        }
-        Ok(out)
+    /// Block `li`'s weights, for an observer to read and rewrite.
+    fn block(&mut self, li: usize) -> Block<'_> {
+        Block { layer: &mut self.layers[li], index: li, family: self.g.family, norm_add: self.norm_add }
     }
 
     /// `E[x_c²]` of every linear layer's input channels over `windows`, by weight name (one
@@ -580,113 +490,156 @@ impl Decoder {
     }
 }
 
-/// `Σ xᵀx` over the rows of every input seen, in f64 (each call's product in f32 by sgemm).
-struct Hessian {
-    k: usize,
-    h: Vec<f64>,
+/// Who produces the input a [`Site`]'s layers read, for passes that fold a per-channel scale
+/// into it (AWQ).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Producer {
+    /// A norm's gain: scaling the input's channels divides the gain.
+    Norm(Role),
+    /// A linear layer's rows: the gated product is linear in `up`'s rows.
+    Rows(Role),
+    /// Nothing a scale folds into (the attention context).
+    Opaque,
 }
 
-impl Hessian {
-    fn new(k: usize) -> Self {
-        Hessian { k, h: vec![0f64; k * k] }
-    }
+/// One input site of a block: the linear layers that read the same input.
+#[derive(Clone, Copy, Debug)]
+pub struct Site {
+    /// The model's family (names come from its table).
+    pub family: Family,
+    /// Block index.
+    pub layer: usize,
+    /// The layers reading this input, in the order they are offered.
+    pub readers: &'static [Role],
+    /// Where the input comes from.
+    pub producer: Producer,
+    /// Input width (columns of the readers' weights).
+    pub width: usize,
+}
 
-    fn add(&mut self, x: &[f32]) {
-        let k = self.k;
-        let n = x.len() / k;
-        let mut g = vec![0f32; k * k];
-        sgemm((k, n, k), x, Strides::transposed(k), x, Strides::row_major(k), &mut g, Strides::row_major(k), false);
-        for (h, g) in self.h.iter_mut().zip(&g) {
-            *h += f64::from(*g);
-        }
+impl Site {
+    /// A role's tensor name in this block.
+    pub fn name(&self, role: Role) -> String {
+        self.family.hf(role, self.layer)
     }
 }
 
-/// Offers one linear layer to the calibration callback and swaps in what it returns.
-fn requantize<F>(lin: &mut Lin, name: &str, h: Vec<f64>, quantize: &mut F) -> Result<()>
-where
-    F: FnMut(&str, &[f32], (usize, usize), Vec<f64>) -> Result<Option<Vec<f32>>>,
-{
-    let Some(w) = lin.dense() else { return Ok(()) };
-    if let Some(new) = quantize(name, w, (lin.out, lin.inp), h)? {
-        *lin = lin.with_dense(new)?;
+/// A calibrated pass attached to [`Decoder::trace`].
+pub trait Observer {
+    /// One window's input at `site`, `[tokens, width]` row-major; windows come in order.
+    fn input(&mut self, site: &Site, x: &[f32]) -> Result<()>;
+    /// Every window's input at `site` was seen: rewrite what the pass changes.
+    fn rewrite(&mut self, site: &Site, block: &mut Block<'_>) -> Result<()>;
+    /// Block `layer`'s output is computed (what the next block reads no longer changes).
+    fn block_done(&mut self, _layer: usize, _block: &mut Block<'_>) -> Result<()> {
+        Ok(())
     }
-    Ok(())
 }
 
-/// Which tensors a calibrated pass quantizes: dtype and shape of the selected ones.
-pub type Selected<'a> = &'a dyn Fn(&str) -> Option<(DType, Vec<usize>)>;
-
-fn dense(lin: &Lin) -> Result<&[f32]> {
-    lin.dense().ok_or_else(|| Error::Model("calibration needs dense f32 weights on the CPU".into()))
+/// One block's weights as an [`Observer`] sees them: linear layers and norms by role.
+pub struct Block<'a> {
+    layer: &'a mut Layer,
+    index: usize,
+    family: Family,
+    norm_add: f32,
 }
 
-/// `W·diag(s)`: every row's column `c` times `s[c]`.
-fn scale_columns(lin: &mut Lin, s: &[f32]) -> Result<()> {
-    let mut w = dense(lin)?.to_vec();
-    for row in w.chunks_mut(lin.inp) {
-        for (v, s) in row.iter_mut().zip(s) {
-            *v *= s;
-        }
+impl Block<'_> {
+    /// A role's tensor name in this block.
+    pub fn name(&self, role: Role) -> String {
+        self.family.hf(role, self.index)
     }
-    *lin = lin.with_dense(w)?;
-    Ok(())
-}
 
-/// `diag(s)·W`: row `r` times `s[r]` (and its bias, so the layer's output row scales by `s[r]`).
-fn scale_rows(lin: &mut Lin, s: &[f32]) -> Result<()> {
-    let mut w = dense(lin)?.to_vec();
-    for (row, s) in w.chunks_mut(lin.inp).zip(s) {
-        for v in row {
-            *v *= s;
-        }
+    fn lin(&self, role: Role) -> Result<&Lin> {
+        let l = &*self.layer;
+        Ok(match role {
+            Role::Q => &l.q,
+            Role::K => &l.k,
+            Role::V => &l.v,
+            Role::O => &l.o,
+            Role::Gate => &l.gate,
+            Role::Up => &l.up,
+            Role::Down => &l.down,
+            other => return Err(Error::Model(format!("{other:?} is not a linear layer"))),
+        })
     }
-    let bias = lin.bias().map(|b| b.iter().zip(s).map(|(b, s)| b * s).collect());
-    *lin = Lin::new(crate::linear::Matrix::Dense(w), lin.out, lin.inp, bias, &Device::Cpu)?;
-    Ok(())
-}
 
-/// Rows of calibration input the AWQ search scores each candidate on.
-const AWQ_ROWS: usize = 2048;
+    fn lin_mut(&mut self, role: Role) -> Result<&mut Lin> {
+        let l = &mut *self.layer;
+        Ok(match role {
+            Role::Q => &mut l.q,
+            Role::K => &mut l.k,
+            Role::V => &mut l.v,
+            Role::O => &mut l.o,
+            Role::Gate => &mut l.gate,
+            Role::Up => &mut l.up,
+            Role::Down => &mut l.down,
+            other => return Err(Error::Model(format!("{other:?} is not a linear layer"))),
+        })
+    }
 
-/// AWQ's scale search for layers `ws` (each `[m_i, k]`) sharing input `x` (`[n, k]`): per-channel
-/// `s = mean|x|^α`, normalised by `sqrt(max·min)`, for α on the grid; the α whose rounded
-/// `Q(W·diag(s))·diag(1/s)` gives the smallest summed squared output error on (a stride sample
-/// of) `x` wins.
-fn awq_search(x: &[f32], k: usize, ws: &[&[f32]], scheme: &QScheme, grid: usize) -> Vec<f32> {
-    let n = x.len() / k;
-    let mut mean = vec![0f64; k];
-    for row in x.chunks(k) {
-        for (m, v) in mean.iter_mut().zip(row) {
-            *m += f64::from(v.abs());
-        }
+    /// `(out, in)` of a linear layer.
+    pub fn shape(&self, role: Role) -> Result<(usize, usize)> {
+        self.lin(role).map(|l| (l.out, l.inp))
     }
-    let stride = n.div_ceil(AWQ_ROWS).max(1);
-    let xs: Vec<f32> = x.chunks(k).step_by(stride).flatten().copied().collect();
-    let base: Vec<Vec<f32>> = ws.iter().map(|w| linear(&xs, w, None, k, w.len() / k)).collect();
-    let (mut best, mut best_err) = (vec![1f32; k], f64::INFINITY);
-    for g in 0..grid.max(1) {
-        let alpha = g as f64 / grid.max(1) as f64;
-        let mut s: Vec<f64> = mean.iter().map(|m| (m / n.max(1) as f64).max(1e-4).powf(alpha)).collect();
-        let (lo, hi) = s.iter().fold((f64::INFINITY, 0f64), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
-        let norm = (lo * hi).sqrt();
-        for v in &mut s {
-            *v /= norm;
-        }
-        let s: Vec<f32> = s.iter().map(|v| *v as f32).collect();
-        let x_div: Vec<f32> = xs.chunks(k).flat_map(|r| r.iter().zip(&s).map(|(v, s)| v / s)).collect();
-        let mut err = 0f64;
-        for (w, y) in ws.iter().zip(&base) {
-            let m = w.len() / k;
-            let scaled: Vec<u8> =
-                w.chunks(k).flat_map(|r| r.iter().zip(&s).flat_map(|(v, s)| (v * s).to_le_bytes())).collect();
-            let Ok(q) = quantize(scheme, DType::F32, &[m, k], &scaled) else { return vec![1f32; k] };
-            let yq = linear(&x_div, &q.dequantize(), None, k, m);
-            err += y.iter().zip(&yq).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>();
-        }
-        if err < best_err {
-            (best, best_err) = (s, err);
-        }
+
+    /// A linear layer's weights, `[out, in]` row-major, when held dense in f32 on the CPU (as
+    /// calibration loads them).
+    pub fn dense(&self, role: Role) -> Result<Option<&[f32]>> {
+        Ok(self.lin(role)?.dense())
     }
-    best
+
+    /// A linear layer's dense weights, or an error naming the need.
+    pub fn weights(&self, role: Role) -> Result<&[f32]> {
+        self.dense(role)?.ok_or_else(|| Error::Model("calibration needs dense f32 weights on the CPU".into()))
+    }
+
+    /// Replaces a linear layer's weights (its bias stays).
+    pub fn set_weights(&mut self, role: Role, w: Vec<f32>) -> Result<()> {
+        let lin = self.lin_mut(role)?;
+        *lin = lin.with_dense(w)?;
+        Ok(())
+    }
+
+    /// `W·diag(s)`: every row's column `c` times `s[c]`.
+    pub fn scale_columns(&mut self, role: Role, s: &[f32]) -> Result<()> {
+        let mut w = self.weights(role)?.to_vec();
+        let inp = self.shape(role)?.1;
+        for row in w.chunks_mut(inp) {
+            for (v, s) in row.iter_mut().zip(s) {
+                *v *= s;
+            }
+        }
+        self.set_weights(role, w)
+    }
+
+    /// `diag(s)·W`: row `r` times `s[r]`, and its bias, so the layer's output row `r` scales by
+    /// `s[r]`.
+    pub fn scale_rows(&mut self, role: Role, s: &[f32]) -> Result<()> {
+        let mut w = self.weights(role)?.to_vec();
+        let (out, inp) = self.shape(role)?;
+        for (row, s) in w.chunks_mut(inp).zip(s) {
+            for v in row {
+                *v *= s;
+            }
+        }
+        let lin = self.lin_mut(role)?;
+        let bias = lin.bias().map(|b| b.iter().zip(s).map(|(b, s)| b * s).collect());
+        *lin = Lin::new(crate::linear::Matrix::Dense(w), out, inp, bias, &Device::Cpu)?;
+        Ok(())
+    }
+
+    /// Divides a norm's gain by `s` per channel; returns the gain as stored in the model's file
+    /// (Gemma's `1 + w` offset taken off again).
+    pub fn divide_norm(&mut self, role: Role, s: &[f32]) -> Result<Vec<f32>> {
+        let gain = match role {
+            Role::AttnNorm => &mut self.layer.ln_in,
+            Role::FfnNorm => &mut self.layer.ln_ffn,
+            other => return Err(Error::Model(format!("{other:?} is not a norm in front of linear layers"))),
+        };
+        for (g, s) in gain.iter_mut().zip(s) {
+            *g /= s;
+        }
+        Ok(gain.iter().map(|v| v - self.norm_add).collect())
+    }
 }

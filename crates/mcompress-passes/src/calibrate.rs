@@ -1,7 +1,7 @@
 //! Calibrated passes on the eval runtime: GPTQ, AWQ, Wanda and SparseGPT observe the
-//! runtime's block-by-block trace ([`Decoder::calibrate`]: each selected linear layer's weights
-//! and input Hessian, the rewritten block feeding the next) and return what they computed, by
-//! tensor name, for [`Pass::provide`]. The algorithms know no architecture; the runtime does.
+//! runtime's block-by-block trace ([`Decoder::trace`]: every site's input, then a rewrite of the
+//! block in place, the rewritten block feeding the next) as [`Observer`]s and return what they
+//! computed, by tensor name, for [`Pass::provide`]. The algorithms know no architecture; the runtime does.
 
 use std::collections::BTreeMap;
 
@@ -9,7 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mcompress_core::ModelSource;
 use mcompress_core::arch::Family;
 use mcompress_eval::calibrate::{Prior, WindowSpec, windows};
-use mcompress_eval::decoder::Decoder;
+use mcompress_eval::decoder::{Block, Decoder, Observer, Site};
+use mcompress_eval::linalg::{Strides, sgemm};
 use mcompress_eval::linear::Device;
 use mcompress_eval::{Error, Result, weights};
 
@@ -80,30 +81,28 @@ pub fn run(
             .expect("valid template")
             .progress_chars("=> "),
     );
-    let mut out = BTreeMap::new();
-    match cal.method {
+    let tick = || bar.inc(1);
+    let out = match cal.method {
         CalibrationMethod::Gptq(opts, scheme) => {
             bar.set_message(format!("gptq, {} x {} tokens", cal.samples, cal.seq_len));
-            llama.calibrate(
-                &windows,
-                |name, w, (rows, cols), h| {
-                    let Some((dtype, shape)) = selected(name) else { return Ok(None) };
-                    debug_assert_eq!(rows * cols, w.len());
-                    // After pruning: the zeros stay zeros (their codes are the zero point).
-                    let keep: Option<Vec<bool>> =
-                        (keep_zeros && w.contains(&0.0)).then(|| w.iter().map(|v| *v != 0.0).collect());
-                    let q = gptq::gptq_masked(&scheme, scale_dtype(dtype), &shape, w, h, &opts, keep.as_deref())
-                        .map_err(|e| Error::Model(format!("{name}: {e}")))?;
-                    let deq = q.dequantize();
-                    out.insert(name.to_string(), Calibrated::Quantized(q));
-                    Ok(Some(deq))
-                },
-                &|| bar.inc(1),
-            )?;
+            let mut obs = Rewrite::new(|name: &str, w: &[f32], _: (usize, usize), h: Vec<f64>| {
+                let Some((dtype, shape)) = selected(name) else { return Ok(None) };
+                // After pruning: the zeros stay zeros (their codes are the zero point).
+                let keep: Option<Vec<bool>> =
+                    (keep_zeros && w.contains(&0.0)).then(|| w.iter().map(|v| *v != 0.0).collect());
+                let q = gptq::gptq_masked(&scheme, scale_dtype(dtype), &shape, w, h, &opts, keep.as_deref())
+                    .map_err(|e| format!("{name}: {e}"))?;
+                let deq = q.dequantize();
+                Ok(Some((Calibrated::Quantized(q), deq)))
+            });
+            llama.trace(&windows, &mut obs, &tick)?;
+            obs.out
         }
         CalibrationMethod::Awq { grid, scheme } => {
             bar.set_message(format!("awq, {} x {} tokens", cal.samples, cal.seq_len));
-            out = llama.awq(&windows, &scheme, grid, &selected, &|| bar.inc(1))?;
+            let mut obs = crate::quant::awq::Awq::new(scheme, grid, &selected);
+            llama.trace(&windows, &mut obs, &tick)?;
+            obs.into_results()
         }
         CalibrationMethod::Wanda(pattern) | CalibrationMethod::SparseGpt { pattern, .. } => {
             let sparsegpt = match cal.method {
@@ -117,28 +116,89 @@ pub fn run(
                 cal.seq_len
             ));
             // Each pruned layer feeds the next one's inputs (block by block, as GPTQ).
-            llama.calibrate(
-                &windows,
-                |name, w, (_, cols), h| {
-                    if selected(name).is_none() {
-                        return Ok(None);
-                    }
-                    let fail = |e: String| Error::Model(format!("{name}: {e}"));
-                    let (pruned, keep) = if let Some(opts) = &sparsegpt {
-                        prune::sparsegpt(w, cols, h, pattern, opts).map_err(fail)?
-                    } else {
-                        let diag: Vec<f64> = (0..cols).map(|i| h[i * cols + i]).collect();
-                        let mut p = w.to_vec();
-                        let keep = prune::wanda(&mut p, cols, &diag, pattern).map_err(fail)?;
-                        (p, keep)
-                    };
-                    out.insert(name.to_string(), Calibrated::Pruned { values: pruned.clone(), keep });
-                    Ok(Some(pruned))
-                },
-                &|| bar.inc(1),
-            )?;
+            let mut obs = Rewrite::new(|name: &str, w: &[f32], (_, cols): (usize, usize), h: Vec<f64>| {
+                if selected(name).is_none() {
+                    return Ok(None);
+                }
+                let fail = |e: String| format!("{name}: {e}");
+                let (pruned, keep) = if let Some(opts) = &sparsegpt {
+                    prune::sparsegpt(w, cols, h, pattern, opts).map_err(fail)?
+                } else {
+                    let diag: Vec<f64> = (0..cols).map(|i| h[i * cols + i]).collect();
+                    let mut p = w.to_vec();
+                    let keep = prune::wanda(&mut p, cols, &diag, pattern).map_err(fail)?;
+                    (p, keep)
+                };
+                Ok(Some((Calibrated::Pruned { values: pruned.clone(), keep }, pruned)))
+            });
+            llama.trace(&windows, &mut obs, &tick)?;
+            obs.out
         }
-    }
+    };
     bar.finish_and_clear();
     Ok(out)
+}
+
+/// `Σ xᵀx` over the rows of every input seen, in f64 (each call's product in f32 by sgemm).
+struct Hessian {
+    k: usize,
+    h: Vec<f64>,
+}
+
+impl Hessian {
+    fn new(k: usize) -> Self {
+        Hessian { k, h: vec![0f64; k * k] }
+    }
+
+    fn add(&mut self, x: &[f32]) {
+        let k = self.k;
+        let n = x.len() / k;
+        let mut g = vec![0f32; k * k];
+        sgemm((k, n, k), x, Strides::transposed(k), x, Strides::row_major(k), &mut g, Strides::row_major(k), false);
+        for (h, g) in self.h.iter_mut().zip(&g) {
+            *h += f64::from(*g);
+        }
+    }
+}
+
+/// What a Hessian-based method does to one layer: `(name, weights, (out, in), Σ xᵀx)` → the
+/// result to hand back and the weights the trace continues with, or `None` to leave the layer.
+type RewriteFn<'a> = dyn FnMut(&str, &[f32], (usize, usize), Vec<f64>) -> std::result::Result<Option<(Calibrated, Vec<f32>)>, String>
+    + 'a;
+
+/// GPTQ, Wanda and SparseGPT on the trace: the Hessian of each site's input, then each reading
+/// layer rewritten in turn (the rewritten layer is what later sites and blocks see).
+struct Rewrite<'a> {
+    hessian: Option<Hessian>,
+    f: Box<RewriteFn<'a>>,
+    out: BTreeMap<String, Calibrated>,
+}
+
+impl<'a> Rewrite<'a> {
+    fn new(
+        f: impl FnMut(&str, &[f32], (usize, usize), Vec<f64>) -> std::result::Result<Option<(Calibrated, Vec<f32>)>, String>
+        + 'a,
+    ) -> Self {
+        Rewrite { hessian: None, f: Box::new(f), out: BTreeMap::new() }
+    }
+}
+
+impl Observer for Rewrite<'_> {
+    fn input(&mut self, site: &Site, x: &[f32]) -> Result<()> {
+        self.hessian.get_or_insert_with(|| Hessian::new(site.width)).add(x);
+        Ok(())
+    }
+
+    fn rewrite(&mut self, site: &Site, block: &mut Block<'_>) -> Result<()> {
+        let h = self.hessian.take().unwrap_or_else(|| Hessian::new(site.width)).h;
+        for &role in site.readers {
+            let name = block.name(role);
+            let shape = block.shape(role)?;
+            let Some(w) = block.dense(role)? else { continue };
+            let Some((result, w)) = (self.f)(&name, w, shape, h.clone()).map_err(Error::Model)? else { continue };
+            block.set_weights(role, w)?;
+            self.out.insert(name, result);
+        }
+        Ok(())
+    }
 }

@@ -1,5 +1,6 @@
 //! Quantization passes.
 
+pub mod awq;
 pub mod gptq;
 
 use mcompress_recipe::Recipe;
