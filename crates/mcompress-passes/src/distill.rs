@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
 
 use mcompress_core::arch;
 use mcompress_recipe::Recipe;
@@ -14,7 +13,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::select::ParamSelector;
-use crate::{Applied, Calibrated, Param, ParamMeta, Pass, PassInfo, Plan, Status};
+use crate::{Applied, Calibrated, Need, Param, ParamMeta, Pass, PassError, PassInfo, Plan, Provided, Status};
 
 /// `distill` settings.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
@@ -164,8 +163,9 @@ pub struct Distill {
     settings: serde_json::Value,
     distillation: Distillation,
     selector: ParamSelector,
-    results: Mutex<BTreeMap<String, Vec<f32>>>,
-    outcome: Mutex<Option<serde_json::Value>>,
+    /// Trained values by tensor name, and the training's figures; empty until provided.
+    results: BTreeMap<String, Vec<f32>>,
+    outcome: Option<serde_json::Value>,
 }
 
 impl Distill {
@@ -184,9 +184,7 @@ impl Pass for Distill {
 
     fn settings(&self) -> serde_json::Value {
         let mut s = self.settings.clone();
-        if let (Some(obj), Some(o)) =
-            (s.as_object_mut(), self.outcome.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
-        {
+        if let (Some(obj), Some(o)) = (s.as_object_mut(), self.outcome.clone()) {
             obj.insert("trained".into(), o);
         }
         s
@@ -209,13 +207,8 @@ impl Pass for Distill {
     fn apply<'a>(&self, name: &str, param: Param<'a>) -> Result<Applied<'a>, String> {
         // Kept (not taken): a later calibrated or training pass replays this pass on the whole
         // model (`pipeline::transformed_f32`) before the weights stream.
-        let values = self
-            .results
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(name)
-            .cloned()
-            .ok_or("no trained values: the distillation did not reach this tensor")?;
+        let values =
+            self.results.get(name).cloned().ok_or("no trained values: the distillation did not reach this tensor")?;
         let (dtype, shape, before) = param.dense_f32().ok_or("not a float tensor")?;
         if values.len() != before.len() {
             return Err(format!("trained {} values for {} weights", values.len(), before.len()));
@@ -237,21 +230,24 @@ impl Pass for Distill {
         Ok(Applied { param, rel_rmse })
     }
 
-    fn distillation(&self) -> Option<&Distillation> {
-        Some(&self.distillation)
+    fn needs(&self) -> Need<'_> {
+        Need::Training(&self.distillation)
     }
 
-    fn provide(&self, results: BTreeMap<String, Calibrated>) {
-        let mut out = self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (k, v) in results {
-            if let Calibrated::Dense(v) = v {
-                out.insert(k, v);
+    fn provide(&mut self, _model: &mcompress_core::ModelSource, what: Provided) -> Result<(), PassError> {
+        let Provided::Trained { tensors, outcome } = what else {
+            return Err(PassError::Provided(format!("needs trained tensors, was given {}", what.kind())));
+        };
+        for (k, v) in tensors {
+            match v {
+                Calibrated::Dense(v) => {
+                    self.results.insert(k, v);
+                }
+                _ => return Err(PassError::Provided(format!("{k}: trained values must be dense"))),
             }
         }
-    }
-
-    fn report_outcome(&self, outcome: serde_json::Value) {
-        *self.outcome.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(outcome);
+        self.outcome = Some(outcome);
+        Ok(())
     }
 }
 
@@ -308,8 +304,8 @@ fn build(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recip
         settings,
         distillation: Distillation { config, device, index },
         selector,
-        results: Mutex::default(),
-        outcome: Mutex::default(),
+        results: BTreeMap::new(),
+        outcome: None,
     }))
 }
 

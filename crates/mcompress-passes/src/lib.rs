@@ -92,17 +92,26 @@ pub trait Pass: fmt::Debug + Send + Sync {
     fn plan(&self, name: &str, meta: &ParamMeta) -> Plan;
     /// Rewrites one parameter for which [`Pass::plan`] returned [`Plan::Change`].
     fn apply<'a>(&self, name: &str, param: Param<'a>) -> std::result::Result<Applied<'a>, String>;
-    /// What a calibrated pass (GPTQ) needs run on the model before streaming; `None` for
-    /// tensor-local passes.
-    fn calibration(&self) -> Option<&Calibration> {
-        None
+    /// What the pass needs from the whole model before the weights stream. The runner computes
+    /// it and hands it over with [`Pass::provide`].
+    fn needs(&self) -> Need<'_> {
+        Need::Nothing
     }
-    /// Hands a calibrated pass what its calibration produced, by tensor name.
-    fn provide(&self, _results: std::collections::BTreeMap<String, Calibrated>) {}
-    /// Reads what a pass needs from the whole model before anything streams (structured
-    /// pruning's neuron importances). Called once, before [`Pass::plan`].
-    fn prepare(&self, _model: &mcompress_core::ModelSource) -> std::result::Result<(), String> {
+    /// Reads what the pass needs to know about the model before anything runs on it (geometry,
+    /// units, whether the settings fit); cheap, and called for every pass before any statistic,
+    /// calibration or training. Structured pruning without calibration chooses its units here.
+    fn prepare(&mut self, _model: &mcompress_core::ModelSource) -> std::result::Result<(), PassError> {
         Ok(())
+    }
+    /// Receives what [`Pass::needs`] asked for, computed on `model` (the model as the passes
+    /// before this one leave it).
+    fn provide(&mut self, _model: &mcompress_core::ModelSource, what: Provided) -> std::result::Result<(), PassError> {
+        Err(PassError::Provided(format!("asked for nothing, was given {}", what.kind())))
+    }
+    /// The whole layers this pass removed (structured pruning's `unit = "layers"`, after its
+    /// [`Need::LayerScores`] were provided): every later step sees the renumbered model.
+    fn layer_map(&self) -> Option<&prune::structured::LayerMap> {
+        None
     }
     /// Whether the pass changes parameter shapes from what it reads of the model (structured
     /// pruning): the output layout is known, and checked, only after [`Pass::prepare`].
@@ -117,41 +126,88 @@ pub trait Pass: fmt::Debug + Send + Sync {
     }
     /// Edits the bundle's config.json for what the pass changed (structured pruning's sizes).
     fn update_config(&self, _config: &mut serde_json::Value) {}
-    /// What a training pass (`distill`) needs trained before streaming; `None` for the others.
-    /// The results come back through [`Pass::provide`] as [`Calibrated::Dense`].
-    fn distillation(&self) -> Option<&distill::Distillation> {
-        None
-    }
-    /// Receives what the training measured (steps, losses, speed) for the report.
-    fn report_outcome(&self, _outcome: serde_json::Value) {}
     /// A caution about what this pass will do to `model`, for `mcompress run` to print,
-    /// phrased to follow the pass's name (`prune-structured scores llama units by …`).
+    /// phrased to follow the pass's name (`prune-structured scores decoder units by …`).
     fn warning(&self, _model: &mcompress_core::ModelSource) -> Option<String> {
         None
     }
-    /// Calibration text whose activation statistics score this pass's units (structured
-    /// pruning of neurons or heads with `calibration`); `None` for the others. The statistics
-    /// come back through [`Pass::provide_moments`] before [`Pass::prepare`].
-    fn unit_calibration(&self) -> Option<&quant::CalibrationConfig> {
-        None
+}
+
+/// What a pass needs computed on the whole model before the weights stream ([`Pass::needs`]).
+#[derive(Clone, Copy, Debug)]
+pub enum Need<'a> {
+    /// Nothing: the pass is tensor-local (RTN, FP8, FP4, cast, magnitude pruning).
+    Nothing,
+    /// Activation statistics: `E[x_c²]` of every input column of every linear layer on
+    /// calibration text (structured pruning of neurons or heads), as [`Provided::Moments`],
+    /// after [`Pass::prepare`] and before [`Pass::plan`].
+    Moments(&'a quant::CalibrationConfig),
+    /// Each block's influence on calibration text, `1 − E[cos(x_in, x_out)]` (structured
+    /// pruning of whole layers), as [`Provided::LayerScores`]; the pass then answers
+    /// [`Pass::layer_map`].
+    LayerScores(&'a quant::CalibrationConfig),
+    /// A calibration on the runtime's block trace (GPTQ, AWQ, Wanda, SparseGPT), as
+    /// [`Provided::Tensors`].
+    Calibration(&'a Calibration),
+    /// Training against a teacher (distill), as [`Provided::Trained`].
+    Training(&'a distill::Distillation),
+}
+
+impl Need<'_> {
+    /// Whether the need runs the model on text after every pass has prepared (calibration,
+    /// training), as opposed to statistics read while preparing.
+    pub fn runs_model(&self) -> bool {
+        matches!(self, Need::Calibration(_) | Need::Training(_))
     }
-    /// Receives `E[x_c²]` of every input column of every linear layer, by weight name.
-    fn provide_moments(&self, _moments: std::collections::BTreeMap<String, Vec<f32>>) {}
-    /// Whole layers this pass removes before anything else runs (structured pruning's
-    /// `unit = "layers"`): the calibration text to score them on; `None` for the others.
-    fn layer_removal(&self) -> Option<&quant::CalibrationConfig> {
-        None
+}
+
+/// What the runner hands a pass for its [`Need`].
+#[derive(Debug)]
+pub enum Provided {
+    /// For [`Need::Moments`]: by weight name, one value per input column.
+    Moments(std::collections::BTreeMap<String, Vec<f32>>),
+    /// For [`Need::LayerScores`]: one score per block, in order.
+    LayerScores(Vec<f64>),
+    /// For [`Need::Calibration`]: what the calibration produced, by tensor name.
+    Tensors(std::collections::BTreeMap<String, Calibrated>),
+    /// For [`Need::Training`]: the trained tensors, and what the training measured (steps,
+    /// losses, speed) for the report.
+    Trained {
+        /// Trained values ([`Calibrated::Dense`]), by tensor name.
+        tensors: std::collections::BTreeMap<String, Calibrated>,
+        /// Training figures for the report.
+        outcome: serde_json::Value,
+    },
+}
+
+impl Provided {
+    /// What this is, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Provided::Moments(_) => "activation statistics",
+            Provided::LayerScores(_) => "layer scores",
+            Provided::Tensors(_) => "calibrated tensors",
+            Provided::Trained { .. } => "trained tensors",
+        }
     }
-    /// Receives each layer's score (block influence, `1 − E[cos(x_in, x_out)]`) and decides
-    /// which layers go. Called only when [`Pass::layer_removal`] is `Some`, after
-    /// [`Pass::prepare`].
-    fn choose_layers(
-        &self,
-        _model: &mcompress_core::ModelSource,
-        _scores: &[f64],
-    ) -> std::result::Result<prune::structured::LayerMap, String> {
-        Err("this pass removes no layers".into())
-    }
+}
+
+/// Why a pass cannot work on a model, before anything streams ([`Pass::prepare`],
+/// [`Pass::provide`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PassError {
+    /// The pass's settings do not fit this model (a sparsity that removes nothing, a head count
+    /// transformers refuses); the message names the setting.
+    #[error("{0}")]
+    Settings(String),
+    /// The model lacks what the pass works on (its family, geometry, a tensor of the expected
+    /// shape); the message names the tensor or config key.
+    #[error("{0}")]
+    Model(String),
+    /// What the runner provided does not match the model or the need.
+    #[error("{0}")]
+    Provided(String),
 }
 
 /// What a calibration computes.

@@ -213,7 +213,8 @@ pub struct TargetSection {
     /// Weight dtypes the target's runtimes execute (`f32`, `f16`, `bf16`, `int8`, `int4`, ...).
     pub weight_dtypes: Option<Vec<String>>,
     /// Weight files the bundle ships: `safetensors` (the packed layout, default) and/or `gguf`
-    /// (a llama.cpp file; llama models). Also what the target's runtimes load, for the fit check.
+    /// (a llama.cpp file; decoder models: llama, qwen2, gemma3_text). Also what the target's
+    /// runtimes load, for the fit check.
     pub formats: Option<Vec<String>>,
     /// GGUF tensor types (with `formats = ["gguf"]`): a ggml type (`Q8_0`, `Q4_0`, `Q4_1`, `Q5_0`,
     /// `Q5_1`, `Q4_K`, `Q5_K`, `Q6_K`, `F16`, `F32`) or a llama.cpp mix (`Q4_K_M`, `Q4_K_S`,
@@ -227,7 +228,7 @@ pub struct TargetSection {
     pub fit_types: Option<Vec<String>>,
     /// `policy = "fit"`: tries in all when the eval gate fails (default 3, at most 10).
     pub fit_tries: Option<u32>,
-    /// `policy = "fit"`: text whose activations weight each tensor's error (llama models);
+    /// `policy = "fit"`: text whose activations weight each tensor's error (decoder models);
     /// without it every input channel weighs the same.
     pub calibration: Option<TargetCalibration>,
     /// Managed on-demand price, $/hour.

@@ -34,8 +34,8 @@ use mcompress_bundle::{
     ship, sign, targets, write_payload,
 };
 use mcompress_core::{ModelSource, fsutil};
-use mcompress_passes::Pass;
 use mcompress_passes::pipeline::{self, Progress};
+use mcompress_passes::{Need, Pass, PassError, Provided};
 use mcompress_recipe::{MaxSize, Recipe};
 use serde_json::Value;
 
@@ -142,8 +142,8 @@ impl Plan {
 /// Runs a recipe: passes, then one bundle per target.
 pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress)) -> Result<RunSummary> {
     let started = Instant::now();
-    let Plan { passes, resolved, shipping, source, .. } = Plan::new(recipe, opts.out.as_deref())?;
-    let prepare_err = |i: usize, e: String| Error::Prepare(format!("pass[{}] {}: {e}", i, recipe.passes[i].kind));
+    let Plan { mut passes, resolved, shipping, source, .. } = Plan::new(recipe, opts.out.as_deref())?;
+    let prepare_err = |i: usize, e: PassError| Error::Prepare(format!("pass[{}] {}: {e}", i, recipe.passes[i].kind));
     // Per pass: wall seconds before the weights stream (scoring, calibration, training), added
     // to its streaming time in the report.
     let mut pre_seconds = vec![0f64; passes.len()];
@@ -151,13 +151,17 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     // text, then every later step sees the smaller, renumbered model. `source` stays the model
     // as given: the eval's reference and the default distillation teacher.
     let mut restructured = None;
-    if let Some((first, c)) = passes.first().and_then(|p| p.layer_removal().map(|c| (p, c))) {
+    if let Some(first) = passes.first_mut()
+        && let Need::LayerScores(c) = first.needs()
+    {
         let t0 = Instant::now();
+        let c = c.clone();
+        let spec = mcompress_passes::calibrate::config_window_spec(&c);
         first.prepare(&source).map_err(|e| prepare_err(0, e))?;
-        let scores =
-            mcompress_eval::calibrate::layer_scores(&source, mcompress_passes::calibrate::config_window_spec(c))
-                .map_err(|e| Error::Calibration(format!("pass[0] {}: layer scores: {e}", first.name())))?;
-        let map = first.choose_layers(&source, &scores).map_err(|e| prepare_err(0, e))?;
+        let scores = mcompress_eval::calibrate::layer_scores(&source, spec)
+            .map_err(|e| Error::Calibration(format!("pass[0] {}: layer scores: {e}", recipe.passes[0].kind)))?;
+        first.provide(&source, Provided::LayerScores(scores)).map_err(|e| prepare_err(0, e))?;
+        let map = first.layer_map().ok_or_else(|| prepare_err(0, PassError::Provided("no layers chosen".into())))?;
         let config = map.config(&source.config().cloned().unwrap_or_default());
         restructured = Some(ModelSource::open(&recipe.model_path)?.restructured(|n| map.rename(n), config)?);
         pre_seconds[0] += t0.elapsed().as_secs_f64();
@@ -178,7 +182,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
             }
         }
     }
-    for (i, pass) in passes.iter().enumerate() {
+    for (i, pass) in passes.iter_mut().enumerate() {
         if let Some(w) = pass.warning(model) {
             early_warnings.push(format!("pass[{i}] {} {w}", pass.name()));
         }
@@ -186,15 +190,15 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
             continue;
         }
         let t0 = Instant::now();
-        if let Some(c) = pass.unit_calibration() {
+        pass.prepare(model).map_err(|e| prepare_err(i, e))?;
+        if let Need::Moments(c) = pass.needs() {
             let moments =
                 mcompress_eval::calibrate::input_moments(model, mcompress_passes::calibrate::config_window_spec(c))
                     .map_err(|e| {
                         Error::Calibration(format!("pass[{i}] {}: calibration: {e}", recipe.passes[i].kind))
                     })?;
-            pass.provide_moments(moments);
+            pass.provide(model, Provided::Moments(moments)).map_err(|e| prepare_err(i, e))?;
         }
-        pass.prepare(model).map_err(|e| prepare_err(i, e))?;
         pre_seconds[i] += t0.elapsed().as_secs_f64();
     }
     // What runtimes would reject (a short last group, a quantized tied embedding) fails here,
@@ -208,7 +212,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     // was there before, so that only what this run created is removed when the bundles are done.
     let mut checkpoint_dirs = std::collections::BTreeMap::new();
     for pass in &passes {
-        if let Some(d) = pass.distillation() {
+        if let Need::Training(d) = pass.needs() {
             let dir =
                 d.config.checkpoint_dir.clone().unwrap_or_else(|| out_dir.join(format!(".distill-pass{}", d.index)));
             if let Some(problem) = mcompress_passes::distill::checkpoint_dir_problem(&dir) {
@@ -225,13 +229,15 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     }
     // Calibrated passes (GPTQ, AWQ, Wanda, SparseGPT) and training passes (distill) run on the
     // model before anything streams, in recipe order.
-    for (i, (spec, pass)) in recipe.passes.iter().zip(&passes).enumerate() {
-        if pass.calibration().is_none() && pass.distillation().is_none() {
+    for i in 0..passes.len() {
+        if !passes[i].needs().runs_model() {
             continue;
         }
+        let spec = &recipe.passes[i];
         let t0 = Instant::now();
         // Each calibrates or trains on the model as the passes before it leave it.
-        let earlier = &passes[..i];
+        let (earlier, rest) = passes.split_at_mut(i);
+        let pass = &mut rest[0];
         let prior = if earlier.is_empty() {
             None
         } else {
@@ -244,28 +250,31 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
                 keep_zeros: earlier.iter().any(|p| p.leaves_zeros()),
             })
         };
-        if let Some(cal) = pass.calibration() {
-            let results = mcompress_passes::calibrate::run(model, pass.as_ref(), cal, prior, opts.progress)
-                .map_err(|e| Error::Calibration(format!("pass[{}] {}: calibration: {e}", spec.index, spec.kind)))?;
-            pass.provide(results);
-        } else if let Some(d) = pass.distillation() {
-            let checkpoint_dir = checkpoint_dirs[&d.index].0.clone();
-            let dopts = mcompress_distill::Options {
-                progress: opts.progress,
-                resume: opts.resume,
-                checkpoint_dir: checkpoint_dir.clone(),
-                reproducible: opts.reproducible,
-                stop_after: opts.distill_stop_after,
-            };
-            let mut d = d.clone();
-            if let Some(dev) = opts.distill_device {
-                d.device = dev;
+        let provided = match pass.needs() {
+            Need::Calibration(cal) => Provided::Tensors(
+                mcompress_passes::calibrate::run(model, pass.as_ref(), cal, prior, opts.progress)
+                    .map_err(|e| Error::Calibration(format!("pass[{}] {}: calibration: {e}", spec.index, spec.kind)))?,
+            ),
+            Need::Training(d) => {
+                let checkpoint_dir = checkpoint_dirs[&d.index].0.clone();
+                let dopts = mcompress_distill::Options {
+                    progress: opts.progress,
+                    resume: opts.resume,
+                    checkpoint_dir: checkpoint_dir.clone(),
+                    reproducible: opts.reproducible,
+                    stop_after: opts.distill_stop_after,
+                };
+                let mut d = d.clone();
+                if let Some(dev) = opts.distill_device {
+                    d.device = dev;
+                }
+                let trained = mcompress_distill::run(&source, pass.as_ref(), &d, prior, &dopts)
+                    .map_err(|e| Error::Calibration(format!("pass[{}] {}: {e}", spec.index, spec.kind)))?;
+                Provided::Trained { tensors: trained.tensors, outcome: trained.outcome }
             }
-            let trained = mcompress_distill::run(&source, pass.as_ref(), &d, prior, &dopts)
-                .map_err(|e| Error::Calibration(format!("pass[{}] {}: {e}", spec.index, spec.kind)))?;
-            pass.provide(trained.tensors);
-            pass.report_outcome(trained.outcome);
-        }
+            _ => continue,
+        };
+        pass.provide(model, provided).map_err(|e| prepare_err(i, e))?;
         pre_seconds[i] += t0.elapsed().as_secs_f64();
     }
     for t in &recipe.targets {
@@ -580,8 +589,14 @@ fn check_sets(recipe: &Recipe, passes: &[Box<dyn Pass>]) -> Result<()> {
         check(&e.set, "[eval] set".into())?;
     }
     for (spec, pass) in recipe.passes.iter().zip(passes) {
-        if let Some(c) = pass.calibration() {
-            check(&c.set, format!("pass[{}] {}: calibration set", spec.index, spec.kind))?;
+        let set = match pass.needs() {
+            Need::Calibration(c) => Some((&c.set, "calibration set")),
+            Need::Moments(c) | Need::LayerScores(c) => Some((&c.set, "calibration set")),
+            Need::Training(d) => Some((&d.config.set, "training set")),
+            Need::Nothing => None,
+        };
+        if let Some((set, what)) = set {
+            check(set, format!("pass[{}] {}: {what}", spec.index, spec.kind))?;
         }
     }
     for t in &recipe.targets {

@@ -346,7 +346,7 @@ pub struct CalibratedPruneConfig {
     pub block_size: Option<usize>,
     /// Calibration text and sampling.
     pub calibration: CalibrationConfig,
-    /// Tensors to prune (default: the linear layers of the llama blocks).
+    /// Tensors to prune (default: the linear layers of the decoder blocks).
     pub targets: Option<Vec<String>>,
     /// Tensors to leave alone.
     #[serde(default)]
@@ -466,8 +466,8 @@ pub struct CalibratedPrune {
     settings: serde_json::Value,
     select: Select,
     calibration: Calibration,
-    results: std::sync::Mutex<std::collections::BTreeMap<String, Calibrated>>,
-    done: std::sync::Mutex<bool>,
+    /// The masks and compensated values, by tensor name; `None` until provided.
+    results: Option<std::collections::BTreeMap<String, Calibrated>>,
 }
 
 impl Pass for CalibratedPrune {
@@ -484,13 +484,10 @@ impl Pass for CalibratedPrune {
 
     fn plan(&self, name: &str, meta: &ParamMeta) -> Plan {
         let plan = self.select.plan(name, meta);
-        if !*self.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
-            return plan;
-        }
-        let has = self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains_key(name);
+        let Some(results) = self.results.as_ref() else { return plan };
         match plan {
-            Plan::Change(_) if !has => Plan::Skip(
-                "not a linear layer of a llama block (calibrated pruning reaches those; prune-magnitude prunes any matrix)"
+            Plan::Change(_) if !results.contains_key(name) => Plan::Skip(
+                "not a linear layer of a decoder block (calibrated pruning reaches those; prune-magnitude prunes any matrix)"
                     .into(),
             ),
             other => other,
@@ -500,22 +497,25 @@ impl Pass for CalibratedPrune {
     fn apply<'a>(&self, name: &str, param: Param<'a>) -> Result<Applied<'a>, String> {
         let (dtype, shape, before) =
             param.dense_f32().ok_or("already quantized (prune before quantizing) or not a float tensor")?;
-        let Some(Calibrated::Pruned { values, keep }) =
-            self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned()
-        else {
+        let Some(Calibrated::Pruned { values, keep }) = self.results.as_ref().and_then(|r| r.get(name)).cloned() else {
             return Err("no calibrated result: the calibration did not reach this tensor".into());
         };
         let rel = stat(&before, &values);
         Ok(Applied { param: self.select.store(dtype, shape, &values, &keep)?, rel_rmse: Some(rel) })
     }
 
-    fn calibration(&self) -> Option<&Calibration> {
-        Some(&self.calibration)
+    fn needs(&self) -> crate::Need<'_> {
+        crate::Need::Calibration(&self.calibration)
     }
 
-    fn provide(&self, results: std::collections::BTreeMap<String, Calibrated>) {
-        *self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = results;
-        *self.done.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+    fn provide(&mut self, _model: &mcompress_core::ModelSource, what: crate::Provided) -> Result<(), crate::PassError> {
+        match what {
+            crate::Provided::Tensors(results) => {
+                self.results = Some(results);
+                Ok(())
+            }
+            other => Err(crate::PassError::Provided(format!("needs calibrated tensors, was given {}", other.kind()))),
+        }
     }
 }
 
@@ -555,14 +555,7 @@ fn build_calibrated(
     let c = &config.calibration;
     let calibration = Calibration { set: c.set.clone(), samples: c.samples, seq_len: c.seq_len, seed: c.seed, method };
     let settings = serde_json::to_value(&config).expect("config is JSON");
-    Ok(Box::new(CalibratedPrune {
-        info,
-        settings,
-        select,
-        calibration,
-        results: std::sync::Mutex::default(),
-        done: std::sync::Mutex::default(),
-    }))
+    Ok(Box::new(CalibratedPrune { info, settings, select, calibration, results: None }))
 }
 
 fn build_wanda(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
@@ -586,7 +579,7 @@ pub const MAGNITUDE_INFO: PassInfo = PassInfo {
 /// Registry entry of `prune-wanda`.
 pub const WANDA_INFO: PassInfo = PassInfo {
     name: "prune-wanda",
-    summary: "Wanda: prune by |weight| x input norm from calibration, per row or N:M (llama models)",
+    summary: "Wanda: prune by |weight| x input norm from calibration, per row or N:M (decoder models)",
     docs: include_str!("prune.md"),
     status: Status::Preview,
     build: build_wanda,
@@ -596,7 +589,7 @@ pub const WANDA_INFO: PassInfo = PassInfo {
 /// Registry entry of `prune-sparsegpt`.
 pub const SPARSEGPT_INFO: PassInfo = PassInfo {
     name: "prune-sparsegpt",
-    summary: "SparseGPT: prune with second-order error compensation from calibration, unstructured or N:M (llama models)",
+    summary: "SparseGPT: prune with second-order error compensation from calibration, unstructured or N:M (decoder models)",
     docs: include_str!("prune.md"),
     status: Status::Preview,
     build: build_sparsegpt,

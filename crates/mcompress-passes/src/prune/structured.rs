@@ -25,7 +25,6 @@
 //! removed and the rest renumbered (a [`LayerMap`] over the model's tensor names).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 
 use mcompress_core::ModelSource;
 use mcompress_core::arch::{self, BertGeometry, BertRole, Family, MlpGeometry, ModelKind, Role};
@@ -35,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::quant::CalibrationConfig;
-use crate::{Applied, Param, ParamMeta, Pass, PassInfo, Plan, Status};
+use crate::{Applied, Need, Param, ParamMeta, Pass, PassError, PassInfo, Plan, Provided, Status};
 
 /// `prune-structured` settings.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
@@ -110,15 +109,13 @@ impl LayerMap {
 #[derive(Debug)]
 pub struct Structured {
     config: StructuredConfig,
-    state: Mutex<State>,
-    /// Neurons and heads with `calibration`: `E[x_c²]` of every input column of every linear
-    /// layer on the calibration text, by weight name ([`Pass::provide_moments`]).
-    moments: Mutex<BTreeMap<String, Vec<f32>>>,
+    state: State,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    /// Per block: kept units, ascending (filled by [`Pass::prepare`]).
+    /// Per block: kept units, ascending (filled by [`Pass::prepare`], or with `calibration` when
+    /// the activation statistics are provided).
     kept: Vec<Vec<usize>>,
     blocks: Vec<Block>,
     /// Tensor → (block, units on its rows (true) or columns (false)); an MLP's middle layer has
@@ -126,7 +123,7 @@ struct State {
     role: BTreeMap<String, Vec<(usize, bool)>>,
     /// Heads: the model type and its attention geometry before pruning.
     heads: Option<(ModelKind, Geometry)>,
-    /// Layers: how many go, and (after [`Pass::choose_layers`]) the scores and the map.
+    /// Layers: how many go, and (once the layer scores are provided) the scores and the map.
     layers_to_remove: usize,
     layer_scores: Vec<f64>,
     layer_map: Option<LayerMap>,
@@ -295,14 +292,15 @@ fn f32_of(model: &ModelSource, name: &str) -> Result<(Vec<usize>, Vec<f32>), Str
 }
 
 impl Structured {
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Scores every unit of every block and keeps the most important per group.
-    fn choose_units(&self, model: &ModelSource, blocks: &[Block], st: &mut State) -> Result<(), String> {
+    /// Scores every unit of every block and keeps the most important per group; with
+    /// `moments` (`E[x_c²]` of every input column of every linear layer on the calibration
+    /// text, by weight name), by each unit's expected contribution to the output.
+    fn choose_units(&mut self, model: &ModelSource, moments: &BTreeMap<String, Vec<f32>>) -> Result<(), String> {
         let s = self.config.sparsity;
-        let moments = self.moments.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let st = &mut self.state;
+        let blocks = &st.blocks;
+        st.kept.clear();
+        st.role.clear();
         for (b, block) in blocks.iter().enumerate() {
             let (n, w) = (block.size, block.width);
             let mut imp_in = vec![0f64; n];
@@ -365,6 +363,29 @@ impl Structured {
     }
 }
 
+impl Structured {
+    /// Removes the layers of lowest block influence (the layer that changes its input least),
+    /// ties by index.
+    fn choose_layers(&mut self, model: &ModelSource, scores: &[f64]) -> Result<(), PassError> {
+        let config = model.config().cloned().unwrap_or_default();
+        let kind = ModelKind::of_config(&config).ok_or(PassError::Model("not a decoder or bert model".into()))?;
+        let n = kind.blocks(&config).map_err(PassError::Model)?;
+        if scores.len() != n {
+            return Err(PassError::Provided(format!("{} layer scores for {n} layers", scores.len())));
+        }
+        let prefix = kind.blocks_prefix().ok_or(PassError::Model("an MLP has no blocks to remove".into()))?;
+        let st = &mut self.state;
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
+        let mut removed = order[..st.layers_to_remove.min(n)].to_vec();
+        removed.sort_unstable();
+        let kept = (0..n).filter(|i| !removed.contains(i)).collect();
+        st.layer_scores = scores.to_vec();
+        st.layer_map = Some(LayerMap { prefix, kept, removed });
+        Ok(())
+    }
+}
+
 impl Pass for Structured {
     fn name(&self) -> &'static str {
         STRUCTURED_INFO.name
@@ -375,7 +396,7 @@ impl Pass for Structured {
 
     fn settings(&self) -> Value {
         let mut v = serde_json::to_value(&self.config).expect("config is JSON");
-        let st = self.state();
+        let st = &self.state;
         if let (Some(map), Some(obj)) = (&st.layer_map, v.as_object_mut()) {
             obj.insert("removed_layers".into(), map.removed.clone().into());
             obj.insert("block_influence".into(), st.layer_scores.clone().into());
@@ -386,36 +407,35 @@ impl Pass for Structured {
         v
     }
 
-    fn prepare(&self, model: &ModelSource) -> Result<(), String> {
+    fn prepare(&mut self, model: &ModelSource) -> Result<(), PassError> {
         let config = model.config().cloned().unwrap_or_default();
         let s = self.config.sparsity;
         let mut st = State::default();
         match self.config.unit.as_str() {
             "neurons" => {
-                let blocks = neuron_blocks(model, &config)?;
-                self.choose_units(model, &blocks, &mut st)?;
-                st.blocks = blocks;
+                st.blocks = neuron_blocks(model, &config).map_err(PassError::Model)?;
             }
             "heads" => {
-                let (blocks, geometry) = head_blocks(model, &config)?;
+                let (blocks, geometry) = head_blocks(model, &config).map_err(PassError::Model)?;
                 if let Some(b) = blocks.first()
                     && b.keep_count(s) == b.size
                 {
                     let per = b.size / b.groups;
-                    return Err(format!(
+                    return Err(PassError::Settings(format!(
                         "sparsity = {s} removes no head: {} per layer{}; {}",
                         b.size,
                         if b.groups > 1 { format!(" in {} KV groups of {per}", b.groups) } else { String::new() },
                         removal_hint(per)
-                    ));
+                    )));
                 }
                 // A head count transformers' config class refuses: such a bundle would not load.
-                let kind = ModelKind::of_config(&config).ok_or("not a decoder or bert model")?;
+                let kind =
+                    ModelKind::of_config(&config).ok_or(PassError::Model("not a decoder or bert model".into()))?;
                 let model_type = arch::model_type(&config);
                 if let (Some(b), ModelKind::Decoder(f)) = (blocks.first(), kind)
                     && f.hf_needs_heads_dividing_hidden()
                 {
-                    let hidden = arch::Geometry::from_config(&config)?.hidden;
+                    let hidden = arch::Geometry::from_config(&config).map_err(PassError::Model)?.hidden;
                     let left = b.keep_count(s);
                     if !hidden.is_multiple_of(left) {
                         let per = b.size / b.groups;
@@ -424,35 +444,42 @@ impl Pass for Structured {
                             .filter(|k| hidden.is_multiple_of(*k))
                             .map(|k| format!("{} ({k} heads)", smallest_removing((b.size - k) / b.groups, per)))
                             .collect();
-                        return Err(format!(
+                        return Err(PassError::Settings(format!(
                             "sparsity = {s} leaves {left} of {} heads, and transformers refuses a {model_type} config whose \
                              hidden_size {hidden} is not a multiple of the head count; sparsities that load: {}",
                             b.size,
                             if ok.is_empty() { "none".to_string() } else { ok.join(", ") }
-                        ));
+                        )));
                     }
                 }
-                self.choose_units(model, &blocks, &mut st)?;
                 st.blocks = blocks;
                 st.heads = Some((kind, geometry));
             }
             "layers" => {
                 let Some(kind @ (ModelKind::Decoder(_) | ModelKind::Bert)) = ModelKind::of_config(&config) else {
-                    return Err(format!(
+                    return Err(PassError::Model(format!(
                         "model_type {:?}: whole layers are pruned in decoder (llama, qwen2, gemma3_text) and bert models",
                         arch::model_type(&config)
-                    ));
+                    )));
                 };
-                let n = kind.blocks(&config)?;
+                let n = kind.blocks(&config).map_err(PassError::Model)?;
                 let remove = (n as f64 * s).floor() as usize;
                 if remove == 0 {
-                    return Err(format!("sparsity = {s} of {n} layers removes none; {}", removal_hint(n)));
+                    return Err(PassError::Settings(format!(
+                        "sparsity = {s} of {n} layers removes none; {}",
+                        removal_hint(n)
+                    )));
                 }
                 st.layers_to_remove = remove;
             }
-            other => return Err(format!("unit {other:?}")),
+            other => return Err(PassError::Settings(format!("unit {other:?}"))),
         }
-        *self.state() = st;
+        self.state = st;
+        // Without calibration the units are chosen by weight norms now; with it, once the
+        // activation statistics are provided.
+        if self.config.unit != "layers" && self.config.calibration.is_none() {
+            self.choose_units(model, &BTreeMap::new()).map_err(PassError::Model)?;
+        }
         Ok(())
     }
 
@@ -466,41 +493,32 @@ impl Pass for Structured {
         })
     }
 
-    fn unit_calibration(&self) -> Option<&CalibrationConfig> {
-        (self.config.unit != "layers").then_some(self.config.calibration.as_ref()).flatten()
-    }
-
-    fn provide_moments(&self, moments: BTreeMap<String, Vec<f32>>) {
-        *self.moments.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = moments;
-    }
-
-    fn layer_removal(&self) -> Option<&CalibrationConfig> {
-        (self.config.unit == "layers").then_some(self.config.calibration.as_ref()).flatten()
-    }
-
-    fn choose_layers(&self, model: &ModelSource, scores: &[f64]) -> Result<LayerMap, String> {
-        let config = model.config().cloned().unwrap_or_default();
-        let kind = ModelKind::of_config(&config).ok_or("not a decoder or bert model")?;
-        let n = kind.blocks(&config)?;
-        if scores.len() != n {
-            return Err(format!("{} layer scores for {n} layers", scores.len()));
+    fn needs(&self) -> Need<'_> {
+        match (&self.config.calibration, self.config.unit.as_str()) {
+            (None, _) => Need::Nothing,
+            (Some(c), "layers") => Need::LayerScores(c),
+            (Some(c), _) => Need::Moments(c),
         }
-        let prefix = kind.blocks_prefix().ok_or("an MLP has no blocks to remove")?;
-        let mut st = self.state();
-        // Lowest block influence first (the layer that changes its input least), ties by index.
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
-        let mut removed = order[..st.layers_to_remove].to_vec();
-        removed.sort_unstable();
-        let kept = (0..n).filter(|i| !removed.contains(i)).collect();
-        let map = LayerMap { prefix, kept, removed };
-        st.layer_scores = scores.to_vec();
-        st.layer_map = Some(map.clone());
-        Ok(map)
+    }
+
+    fn provide(&mut self, model: &ModelSource, what: Provided) -> Result<(), PassError> {
+        match what {
+            Provided::Moments(moments) if matches!(self.needs(), Need::Moments(_)) => {
+                self.choose_units(model, &moments).map_err(PassError::Provided)
+            }
+            Provided::LayerScores(scores) if matches!(self.needs(), Need::LayerScores(_)) => {
+                self.choose_layers(model, &scores)
+            }
+            other => Err(PassError::Provided(format!("unit = {:?} was given {}", self.config.unit, other.kind()))),
+        }
+    }
+
+    fn layer_map(&self) -> Option<&LayerMap> {
+        self.state.layer_map.as_ref()
     }
 
     fn plan(&self, name: &str, meta: &ParamMeta) -> Plan {
-        let st = self.state();
+        let st = &self.state;
         let Some(roles) = st.role.get(name) else { return Plan::Keep };
         let (ParamMeta::Dense { dtype, shape } | ParamMeta::Sparse { dtype, shape, .. }) = meta else {
             return Plan::Skip("already quantized: prune before quantizing".into());
@@ -515,7 +533,7 @@ impl Pass for Structured {
 
     fn apply<'a>(&self, name: &str, param: Param<'a>) -> Result<Applied<'a>, String> {
         let (dtype, shape, w) = param.dense_f32().ok_or("already quantized: prune before quantizing")?;
-        let st = self.state();
+        let st = &self.state;
         let roles = st.role.get(name).cloned().ok_or("not a tensor this pass prunes")?;
         let (mut out, mut new_shape) = (w.clone(), shape.clone());
         for (b, rows) in roles {
@@ -549,7 +567,7 @@ impl Pass for Structured {
     }
 
     fn update_config(&self, config: &mut Value) {
-        let st = self.state();
+        let st = &self.state;
         let s = self.config.sparsity;
         match self.config.unit.as_str() {
             "neurons" => {
@@ -628,13 +646,13 @@ fn build(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recip
         (_, Some(c)) => config.calibration = Some(crate::quant::calibration_config(recipe, index, c)?),
         (_, None) => {}
     }
-    Ok(Box::new(Structured { config, state: Mutex::default(), moments: Mutex::default() }))
+    Ok(Box::new(Structured { config, state: State::default() }))
 }
 
 /// Registry entry of `prune-structured`.
 pub const STRUCTURED_INFO: PassInfo = PassInfo {
     name: "prune-structured",
-    summary: "Remove feed-forward neurons, attention heads or whole layers (llama, BERT; MLP neurons): smaller matrices and config, faster everywhere",
+    summary: "Remove feed-forward neurons, attention heads or whole layers (decoders, BERT; MLP neurons): smaller matrices and config, faster everywhere",
     docs: include_str!("structured.md"),
     status: Status::Preview,
     build,

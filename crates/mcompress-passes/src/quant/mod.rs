@@ -13,8 +13,11 @@ pub use mcompress_format::quant::{
     quantize_ref, rtn, scheme, schemes_from_config,
 };
 
+use mcompress_core::ModelSource;
+
 use crate::{
-    Applied, Calibrated, Calibration, CalibrationMethod, Param, ParamMeta, ParamSelector, Pass, PassInfo, Plan, Status,
+    Applied, Calibrated, Calibration, CalibrationMethod, Need, Param, ParamMeta, ParamSelector, Pass, PassError,
+    PassInfo, Plan, Provided, Status,
 };
 
 /// `quantize-rtn` settings.
@@ -355,11 +358,10 @@ pub struct CalibratedQuant {
     settings: serde_json::Value,
     rtn: Rtn,
     calibration: Calibration,
-    results: std::sync::Mutex<std::collections::BTreeMap<String, Calibrated>>,
-    /// What the calibration produced, by name (true: a quantized matrix; false: rewritten dense
-    /// weights, e.g. a norm with AWQ's scales folded in). Selected tensors outside it are
-    /// skipped with a reason instead of failing.
-    calibrated: std::sync::Mutex<Option<std::collections::BTreeMap<String, bool>>>,
+    /// What the calibration produced, by name (quantized matrices; rewritten dense weights such
+    /// as a norm with AWQ's scales folded in); `None` until provided. Selected tensors outside
+    /// it are skipped with a reason instead of failing.
+    results: Option<std::collections::BTreeMap<String, Calibrated>>,
 }
 
 /// Validates the shared calibration settings and resolves the set's path.
@@ -405,14 +407,7 @@ fn build_calibrated_with(
         seed: c.seed,
         method: method(rtn.scheme),
     };
-    Box::new(CalibratedQuant {
-        info,
-        settings,
-        rtn,
-        calibration,
-        results: std::sync::Mutex::default(),
-        calibrated: std::sync::Mutex::default(),
-    })
+    Box::new(CalibratedQuant { info, settings, rtn, calibration, results: None })
 }
 
 fn build_gptq(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
@@ -494,7 +489,7 @@ fn build_awq(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_r
 /// Registry entry of `quantize-gptq`.
 pub const GPTQ_INFO: PassInfo = PassInfo {
     name: "quantize-gptq",
-    summary: "GPTQ: int8/4/3/2, FP8, NVFP4 or MXFP4 with error compensation from calibration activations (llama models)",
+    summary: "GPTQ: int8/4/3/2, FP8, NVFP4 or MXFP4 with error compensation from calibration activations (decoder models)",
     docs: include_str!("gptq.md"),
     status: Status::Preview,
     build: build_gptq,
@@ -504,7 +499,7 @@ pub const GPTQ_INFO: PassInfo = PassInfo {
 /// Registry entry of `quantize-awq`.
 pub const AWQ_INFO: PassInfo = PassInfo {
     name: "quantize-awq",
-    summary: "AWQ: activation-aware per-channel scales folded into norms/linears, then int8/4/3/2 (llama models)",
+    summary: "AWQ: activation-aware per-channel scales folded into norms/linears, then int8/4/3/2 (decoder models)",
     docs: include_str!("awq.md"),
     status: Status::Preview,
     build: build_awq,
@@ -522,12 +517,11 @@ impl Pass for CalibratedQuant {
 
     fn plan(&self, name: &str, meta: &ParamMeta) -> Plan {
         let plan = self.rtn.plan(name, meta);
-        let calibrated = self.calibrated.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some(done) = calibrated.as_ref() else { return plan };
+        let Some(done) = self.results.as_ref() else { return plan };
         match (done.get(name), plan, meta) {
-            (Some(false), _, ParamMeta::Dense { .. }) => Plan::Change(meta.clone()),
+            (Some(Calibrated::Dense(_)), _, ParamMeta::Dense { .. }) => Plan::Change(meta.clone()),
             (None, Plan::Change(_), _) => Plan::Skip(
-                "not a linear layer of a llama block (calibrated passes reach those; use quantize-rtn for the rest)"
+                "not a linear layer of a decoder block (calibrated passes reach those; use quantize-rtn for the rest)"
                     .into(),
             ),
             (_, plan, _) => plan,
@@ -542,9 +536,8 @@ impl Pass for CalibratedQuant {
         };
         let result = self
             .results
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(name)
+            .as_ref()
+            .and_then(|r| r.get(name))
             .cloned()
             .ok_or("no calibrated result: the calibration did not reach this tensor")?;
         match result {
@@ -563,13 +556,17 @@ impl Pass for CalibratedQuant {
         }
     }
 
-    fn calibration(&self) -> Option<&Calibration> {
-        Some(&self.calibration)
+    fn needs(&self) -> Need<'_> {
+        Need::Calibration(&self.calibration)
     }
 
-    fn provide(&self, results: std::collections::BTreeMap<String, Calibrated>) {
-        *self.calibrated.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some(results.iter().map(|(k, v)| (k.clone(), matches!(v, Calibrated::Quantized(_)))).collect());
-        *self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = results;
+    fn provide(&mut self, _model: &ModelSource, what: Provided) -> Result<(), PassError> {
+        match what {
+            Provided::Tensors(results) => {
+                self.results = Some(results);
+                Ok(())
+            }
+            other => Err(PassError::Provided(format!("needs calibrated tensors, was given {}", other.kind()))),
+        }
     }
 }
