@@ -14,6 +14,7 @@
 //! - Data: each tensor streams from the pipeline ([`Sink`]) through ggml's reference quantizers
 //!   ([`mcompress_core::ggml`]) to its planned offset.
 
+use mcompress_core::arch::DECODERS;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -155,7 +156,7 @@ pub(crate) fn tensor_plans(
 ) -> Result<BTreeMap<String, TensorPlan>, String> {
     let family = Family::of_config(config).ok_or_else(|| {
         format!(
-            "GGUF export writes the decoder families llama, qwen2 and gemma3_text; this model_type is {:?}",
+            "GGUF export writes the decoder families {DECODERS}; this model_type is {:?}",
             mcompress_core::arch::model_type(config)
         )
     })?;
@@ -193,7 +194,7 @@ pub(crate) fn metadata(model: &ModelSource, config: &Value, ftype: u32) -> Resul
         }
     }
     let c = config;
-    let family = Family::of_config(c).ok_or("GGUF export needs a decoder config.json (llama, qwen2, gemma3_text)")?;
+    let family = Family::of_config(c).ok_or_else(|| format!("GGUF export needs a decoder config.json ({DECODERS})"))?;
     let arch = family.gguf_arch();
     let key = |k: &str| format!("{arch}.{k}");
     b.string("general.architecture", arch);
@@ -225,7 +226,9 @@ pub(crate) fn metadata(model: &ModelSource, config: &Value, ftype: u32) -> Resul
                     model's layer_types (after layer removal) differ; export safetensors instead"
             .into());
     }
-    if let Some(w) = g.windows.iter().flatten().next() {
+    if family.gguf_sliding_window()
+        && let Some(w) = g.windows.iter().flatten().next()
+    {
         b.u32(&key("attention.sliding_window"), dim(*w)?);
     }
     #[allow(clippy::cast_possible_truncation)]
@@ -233,7 +236,7 @@ pub(crate) fn metadata(model: &ModelSource, config: &Value, ftype: u32) -> Resul
         b.f32(&key("rope.freq_base"), g.rope_theta as f32);
         b.f32(&key("attention.layer_norm_rms_epsilon"), g.eps as f32);
     }
-    if family == Family::Llama {
+    if family.gguf_arch() == "llama" {
         b.u32(&key("vocab_size"), dim(g.vocab)?);
     }
     if !b.has("tokenizer.ggml.model") {
@@ -244,15 +247,14 @@ pub(crate) fn metadata(model: &ModelSource, config: &Value, ftype: u32) -> Resul
             .ok_or("GGUF export needs the model's tokenizer (tokenizer.json beside config.json)")?;
         let text = mcompress_core::fsutil::read_regular(tok, 1 << 28).map_err(|e| format!("{}: {e}", tok.display()))?;
         let json: Value = serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", tok.display()))?;
-        bpe_tokenizer(&json, c, family, &mut b).map_err(|e| format!("{}: {e}", tok.display()))?;
+        bpe_tokenizer(&json, &text, c, &mut b).map_err(|e| format!("{}: {e}", tok.display()))?;
     }
     Ok(b)
 }
 
 /// llama.cpp's `gpt2` tokenizer keys from a byte-level BPE tokenizer.json (what
-/// convert_hf_to_gguf.py writes for such models; `tokenizer.ggml.pre` is "qwen2" for Qwen2's
-/// split, else "default").
-fn bpe_tokenizer(t: &Value, config: &Value, family: Family, b: &mut GgufBuilder) -> Result<(), String> {
+/// convert_hf_to_gguf.py writes for such models, `tokenizer.ggml.pre` by [`bpe_pre`]).
+fn bpe_tokenizer(t: &Value, bytes: &[u8], config: &Value, b: &mut GgufBuilder) -> Result<(), String> {
     let model = &t["model"];
     if model["type"].as_str() != Some("BPE") {
         return Err(format!(
@@ -297,7 +299,7 @@ fn bpe_tokenizer(t: &Value, config: &Value, family: Family, b: &mut GgufBuilder)
         })
         .unwrap_or_default();
     b.string("tokenizer.ggml.model", "gpt2");
-    b.string("tokenizer.ggml.pre", family.gguf_bpe_pre());
+    b.string("tokenizer.ggml.pre", bpe_pre(bytes)?);
     b.strings("tokenizer.ggml.tokens", &tokens);
     b.i32s("tokenizer.ggml.token_type", &types);
     b.strings("tokenizer.ggml.merges", &merges);
@@ -307,6 +309,30 @@ fn bpe_tokenizer(t: &Value, config: &Value, family: Family, b: &mut GgufBuilder)
         }
     }
     Ok(())
+}
+
+/// llama.cpp's `tokenizer.ggml.pre` for a byte-level BPE tokenizer.json, decided as llama.cpp's
+/// converter decides it: the sha256 of the ids the tokenizer gives
+/// [`arch::GGUF_BPE_CHECK_TEXT`](mcompress_core::arch::GGUF_BPE_CHECK_TEXT), looked up in
+/// [`arch::GGUF_BPE_PRE`](mcompress_core::arch::GGUF_BPE_PRE). An unknown pre-tokenizer is an
+/// error: under another name llama.cpp would split the text differently from the model's own
+/// tokenizer, and every figure measured on it would be wrong.
+fn bpe_pre(bytes: &[u8]) -> Result<&'static str, String> {
+    use sha2::Digest;
+    let tok = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| format!("cannot load the tokenizer: {e}"))?;
+    let enc = tok
+        .encode(mcompress_core::arch::GGUF_BPE_CHECK_TEXT, true)
+        .map_err(|e| format!("cannot tokenize llama.cpp's check text: {e}"))?;
+    let list = enc.get_ids().iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+    let hash = hex::encode(sha2::Sha256::digest(format!("[{list}]")));
+    mcompress_core::arch::GGUF_BPE_PRE.iter().find(|(h, _)| *h == hash).map(|(_, name)| *name).ok_or_else(|| {
+        let known: Vec<&str> = mcompress_core::arch::GGUF_BPE_PRE.iter().map(|(_, n)| *n).collect();
+        format!(
+            "byte-level BPE pre-tokenizer not recognised (llama.cpp's check hash {hash}; known: {}): llama.cpp \
+             would split text differently from this tokenizer; export safetensors instead",
+            known.join(", ")
+        )
+    })
 }
 
 /// The planned file: layout and each tensor's type.

@@ -1,4 +1,5 @@
-//! What a decoder model is, in one place: the families mcompress reads (llama, Qwen2, Gemma 3),
+//! What a decoder model is, in one place: the families mcompress reads (llama, Mistral, Qwen2,
+//! Gemma 3),
 //! their geometry parsed once from config.json, the table of tensor roles with each family's
 //! Hugging Face and GGUF names (read both ways), the `{arch}.*` GGUF keys, whether GGUF stores
 //! Q/K rows permuted or norms offset, and a completeness check that accounts for every tensor.
@@ -16,6 +17,10 @@ use crate::config::{MAX_DIM, dim};
 pub enum Family {
     /// Llama (SmolLM2, Llama 2/3): RMSNorm, SwiGLU, rotary, grouped-query attention.
     Llama,
+    /// Mistral: llama's tensors and forward pass with sliding-window attention on every layer
+    /// (`sliding_window`; transformers' default 4096 when the key is absent, none when null).
+    /// llama.cpp converts it as a llama (no window).
+    Mistral,
     /// Qwen2 / Qwen2.5: llama with biases on q, k and v.
     Qwen2,
     /// Gemma 3 (text): (1+w) RMSNorm before and after attention and MLP, q/k norms, GeGLU,
@@ -115,6 +120,33 @@ fn gemma3_slides(i: u64, every: u64) -> bool {
     !(i + 1).is_multiple_of(every)
 }
 
+/// The decoder `model_type`s mcompress reads, for messages (one per [`Family::ALL`], checked by a
+/// test).
+pub const DECODERS: &str = "llama, mistral, qwen2, gemma3_text";
+
+/// The text llama.cpp's converter (convert_hf_to_gguf.py, `get_vocab_base_pre`) tokenizes to tell
+/// byte-level BPE pre-tokenizers apart: the sha256 of the token ids, written as Python writes a
+/// list (`[1, 2, 3]`), names the pre-tokenizer ([`GGUF_BPE_PRE`]).
+pub const GGUF_BPE_CHECK_TEXT: &str = "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\u{1f680} (normal) \u{1f636}\u{200d}\u{1f32b}\u{fe0f} (multiple emojis concatenated) \u{2705} \u{1f999}\u{1f999} 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 \u{1780}\u{17b6}\u{1793}\u{17cb}\u{178f}\u{17c2}\u{1796}\u{17b7}\u{179f}\u{17c1}\u{179f}\u{17a2}\u{17b6}\u{1785}\u{1f601} ?\u{6211}\u{60f3}\u{5728}apple\u{5de5}\u{4f5c}1314151\u{5929}\u{ff5e} ------======= \u{43d}\u{435}\u{449}\u{43e} \u{43d}\u{430} \u{411}\u{44a}\u{43b}\u{433}\u{430}\u{440}\u{441}\u{43a}\u{438} ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL";
+
+/// llama.cpp's `tokenizer.ggml.pre` by the check hash of [`GGUF_BPE_CHECK_TEXT`] (the entries of
+/// convert_hf_to_gguf.py for decoder families' byte-level BPE tokenizers). A tokenizer not in
+/// the table has no pre-tokenizer llama.cpp is known to split its text with.
+pub const GGUF_BPE_PRE: &[(&str, &str)] = &[
+    ("855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249", "smollm"), // SmolLM, SmolLM2
+    ("0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5", "llama-bpe"), // Llama 3
+    ("e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea", "qwen2"),  // Qwen1.5, Qwen2, Qwen2.5
+    ("b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5", "deepseek-r1-qwen"),
+    ("63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e", "tekken"), // Mistral Nemo
+    ("3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454", "gpt-2"),
+    ("9d032fcbd5501f4a38150912590928bfb36091efb5df11b8e2124b0390e3fb1e", "falcon3"),
+    ("35d91631860c815f952d711435f48d356ebac988362536bed955d43bfa436e34", "starcoder"),
+    ("32d85c31273f8019248f2559fed492d929ea28b17e51d81d3bb36fff23ca72b3", "stablelm2"),
+    ("fcace8b9cac38ce847670c970cd5892031a753a1ef381abd1d9af00f713da085", "phi-2"),
+    ("ccc2ef013c104be7bae2965776d611e1d7a8a2a9c547dd93a682c9a9fc80352e", "gpt-4o"),
+    ("d353350c764d8c3b39c763113960e4fb4919bea5fbf208a0e3b22e8469dc7406", "llama4"),
+];
+
 /// Hugging Face prefix of block tensors.
 const HF_LAYER: &str = "model.layers.";
 /// GGUF prefix of block tensors.
@@ -122,12 +154,15 @@ const GGUF_LAYER: &str = "blk.";
 
 impl Family {
     /// Every family.
-    pub const ALL: [Family; 3] = [Family::Llama, Family::Qwen2, Family::Gemma3];
+    /// Every family. Llama comes before Mistral, which shares its GGUF architecture: a GGUF
+    /// `llama` reads as Llama.
+    pub const ALL: [Family; 4] = [Family::Llama, Family::Mistral, Family::Qwen2, Family::Gemma3];
 
     /// The family of a config.json `model_type`.
     pub fn from_model_type(t: &str) -> Option<Family> {
         Some(match t {
             "llama" => Family::Llama,
+            "mistral" => Family::Mistral,
             "qwen2" => Family::Qwen2,
             "gemma3_text" => Family::Gemma3,
             _ => return None,
@@ -148,6 +183,7 @@ impl Family {
     pub fn model_type(self) -> &'static str {
         match self {
             Family::Llama => "llama",
+            Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
             Family::Gemma3 => "gemma3_text",
         }
@@ -157,24 +193,33 @@ impl Family {
     pub fn hf_class(self) -> &'static str {
         match self {
             Family::Llama => "LlamaForCausalLM",
+            Family::Mistral => "MistralForCausalLM",
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Gemma3 => "Gemma3ForCausalLM",
         }
     }
 
-    /// GGUF `general.architecture`, the prefix of its `{arch}.*` keys.
+    /// GGUF `general.architecture`, the prefix of its `{arch}.*` keys (Mistral: `llama`, as
+    /// llama.cpp's converter writes it).
     pub fn gguf_arch(self) -> &'static str {
         match self {
-            Family::Llama => "llama",
+            Family::Llama | Family::Mistral => "llama",
             Family::Qwen2 => "qwen2",
             Family::Gemma3 => "gemma3",
         }
     }
 
-    /// Whether llama.cpp's converter permutes Q and K rows for its rotary layout (llama only;
-    /// Qwen2 and Gemma use the NeoX layout, stored as Hugging Face stores it).
+    /// Whether llama.cpp's converter permutes Q and K rows for its rotary layout (llama and
+    /// Mistral; Qwen2 and Gemma use the NeoX layout, stored as Hugging Face stores it).
     pub fn permutes_qk(self) -> bool {
-        self == Family::Llama
+        matches!(self, Family::Llama | Family::Mistral)
+    }
+
+    /// Whether llama.cpp's architecture for the family attends within a sliding window (Qwen2,
+    /// Gemma 3: `{arch}.attention.sliding_window`); a Mistral GGUF is a llama, which attends over
+    /// the whole context.
+    pub fn gguf_sliding_window(self) -> bool {
+        matches!(self, Family::Qwen2 | Family::Gemma3)
     }
 
     /// What GGUF adds to every norm gain: Gemma stores `1 + w` (its RMSNorm multiplies by
@@ -216,14 +261,9 @@ impl Family {
         matches!(self, Family::Llama | Family::Gemma3)
     }
 
-    /// llama.cpp's `tokenizer.ggml.pre` for the family's byte-level BPE tokenizer.
-    pub fn gguf_bpe_pre(self) -> &'static str {
-        if self == Family::Qwen2 { "qwen2" } else { "default" }
-    }
-
     fn rows(self) -> impl Iterator<Item = &'static Row> {
         let own = match self {
-            Family::Llama => LLAMA,
+            Family::Llama | Family::Mistral => LLAMA,
             Family::Qwen2 => QWEN2,
             Family::Gemma3 => GEMMA3,
         };
@@ -344,7 +384,7 @@ impl Geometry {
     pub fn from_config(config: &Value) -> Result<Geometry, String> {
         let model_type = config["model_type"].as_str().unwrap_or("");
         let family = Family::from_model_type(model_type).ok_or_else(|| {
-            format!("config.json: model_type {model_type:?} is not a decoder family mcompress reads (llama, qwen2, gemma3_text)")
+            format!("config.json: model_type {model_type:?} is not a decoder family mcompress reads ({DECODERS})")
         })?;
         let u = |k: &str| dim(config, k);
         let uo = |k: &str| if config[k].is_null() { Ok(None) } else { dim(config, k).map(Some) };
@@ -371,11 +411,11 @@ impl Geometry {
             ));
         }
         let rope_theta = rope(config, "full_attention", "rope_theta")?.unwrap_or(match family {
-            Family::Llama => 10_000.0,
+            Family::Llama | Family::Mistral => 10_000.0,
             Family::Qwen2 | Family::Gemma3 => 1_000_000.0,
         });
         let rope_local_theta = rope(config, "sliding_attention", "rope_local_base_freq")?.unwrap_or(10_000.0);
-        let eps = f("rms_norm_eps", if family == Family::Gemma3 { 1e-6 } else { 1e-5 })?;
+        let eps = f("rms_norm_eps", if matches!(family, Family::Gemma3 | Family::Mistral) { 1e-6 } else { 1e-5 })?;
         let windows = windows(config, family, layers)?;
         let attn_scale = match family {
             Family::Gemma3 => 1.0 / f("query_pre_attn_scalar", 256.0)?.sqrt(),
@@ -409,7 +449,12 @@ impl Geometry {
             windows,
             attn_scale,
             tied,
-            max_positions: uo("max_position_embeddings")?.unwrap_or(2048),
+            // transformers' defaults where the key is absent: MistralConfig 4096 × 32.
+            max_positions: uo("max_position_embeddings")?.unwrap_or(if family == Family::Mistral {
+                131_072
+            } else {
+                2048
+            }),
         })
     }
 
@@ -435,6 +480,16 @@ impl Geometry {
     pub fn gguf_layer_pattern_ok(&self) -> bool {
         self.family != Family::Gemma3
             || (0u64..).zip(&self.windows).all(|(i, w)| w.is_some() == gemma3_slides(i, GEMMA3_GLOBAL_EVERY))
+    }
+
+    /// The sliding window a GGUF of this model loses: llama.cpp runs a Mistral as a llama, over
+    /// the whole context, so beyond the window its outputs differ from transformers'. `None`
+    /// when the GGUF architecture keeps the window or no window is shorter than the context.
+    pub fn gguf_window_lost(&self) -> Option<usize> {
+        if self.family.gguf_sliding_window() {
+            return None;
+        }
+        self.windows.iter().flatten().copied().filter(|&w| w < self.max_positions).min()
     }
 
     /// The shape a tensor of this role must have.
@@ -551,6 +606,8 @@ fn rope(config: &Value, kind: &str, legacy: &str) -> Result<Option<f64>, String>
 /// pattern, or Qwen2's `use_sliding_window`).
 fn windows(config: &Value, family: Family, layers: usize) -> Result<Vec<Option<usize>>, String> {
     let window = match &config["sliding_window"] {
+        // MistralConfig's default when the key is absent (an explicit null means none).
+        Value::Null if family == Family::Mistral && config.get("sliding_window").is_none() => Some(4096),
         Value::Null => None,
         v => Some(
             v.as_u64()
@@ -559,7 +616,10 @@ fn windows(config: &Value, family: Family, layers: usize) -> Result<Vec<Option<u
                 as usize,
         ),
     };
-    let sliding: Vec<bool> = if let Some(types) = config["layer_types"].as_array() {
+    // MistralModel windows every layer when sliding_window is set, whatever layer_types says.
+    let sliding: Vec<bool> = if family == Family::Mistral {
+        vec![window.is_some(); layers]
+    } else if let Some(types) = config["layer_types"].as_array() {
         if types.len() != layers {
             return Err(format!("config.json: layer_types has {} entries for {layers} layers", types.len()));
         }
@@ -630,7 +690,7 @@ pub fn gguf_config(g: &crate::gguf::GgufFile, family: Family, has_output: bool) 
     let hidden = u("embedding_length")?;
     let layers = u("block_count")?;
     let token = |k: &str| g.get(&format!("tokenizer.ggml.{k}_token_id")).and_then(GgufValue::as_u64);
-    let theta = f("rope.freq_base")?.unwrap_or(if family == Family::Llama { 10_000.0 } else { 1_000_000.0 });
+    let theta = f("rope.freq_base")?.unwrap_or(if family.gguf_arch() == "llama" { 10_000.0 } else { 1_000_000.0 });
     let eps = f("attention.layer_norm_rms_epsilon")?.unwrap_or(if family == Family::Gemma3 { 1e-6 } else { 1e-5 });
     // Key order as mcompress has always written a llama config (bundles stay byte-identical).
     let mut config = serde_json::json!({
@@ -656,7 +716,11 @@ pub fn gguf_config(g: &crate::gguf::GgufFile, family: Family, has_output: bool) 
     // A head width other than embedding_length / head_count (heads pruned away, or Gemma's 256).
     let key_length = uo("attention.key_length")?;
     match family {
-        Family::Llama | Family::Qwen2 => {
+        Family::Llama | Family::Mistral | Family::Qwen2 => {
+            if family == Family::Mistral {
+                // Never read from a GGUF (llama.cpp writes Mistral as llama): no window.
+                config["sliding_window"] = Value::Null;
+            }
             if family == Family::Qwen2 {
                 config["use_sliding_window"] = false.into();
             }
@@ -1016,6 +1080,36 @@ pub fn bert_pruned_heads(config: &serde_json::Value, layer: usize, heads: usize)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_mistral_windows_follow_transformers_defaults() {
+        let mut c = serde_json::json!({"model_type": "mistral", "hidden_size": 8, "num_attention_heads": 2,
+            "num_hidden_layers": 2, "intermediate_size": 16, "vocab_size": 10,
+            "layer_types": ["full_attention", "full_attention"]});
+        // Absent: MistralConfig's 4096, on every layer (MistralModel ignores layer_types).
+        let g = Geometry::from_config(&c).unwrap();
+        assert_eq!(g.windows, vec![Some(4096), Some(4096)]);
+        assert_eq!((g.eps, g.rope_theta, g.max_positions), (1e-6, 10_000.0, 131_072));
+        assert_eq!(g.gguf_window_lost(), Some(4096));
+        c["sliding_window"] = Value::Null;
+        assert_eq!(Geometry::from_config(&c).unwrap().windows, vec![None, None]);
+        c["sliding_window"] = 64.into();
+        c["max_position_embeddings"] = 64.into();
+        let g = Geometry::from_config(&c).unwrap();
+        assert_eq!((g.windows[1], g.gguf_window_lost()), (Some(64), None));
+    }
+
+    #[test]
+    fn test_decoders_lists_every_family() {
+        let names: Vec<&str> = Family::ALL.iter().map(|f| f.model_type()).collect();
+        assert_eq!(DECODERS, names.join(", "));
+        for f in Family::ALL {
+            assert_eq!(Family::from_model_type(f.model_type()), Some(f));
+        }
+        // A GGUF `llama` is a llama; a Mistral is written as one.
+        assert_eq!(Family::from_gguf("llama"), Some(Family::Llama));
+        assert_eq!(Family::Mistral.gguf_arch(), "llama");
+    }
 
     #[test]
     fn test_names_round_trip_for_every_role_and_family() {

@@ -7,6 +7,7 @@
 // Tensor code reads best with the usual short names (b, t, h, x, q, k, v).
 #![allow(clippy::many_single_char_names)]
 
+use mcompress_core::arch::DECODERS;
 use std::collections::BTreeMap;
 
 use burn::tensor::activation::{gelu, relu, silu, softmax};
@@ -70,7 +71,7 @@ impl Arch {
                 Ok(Arch::Decoder(Box::new(Geometry::from_config(config).map_err(Error::Model)?)))
             }
             None => Err(Error::Model(format!(
-                "distillation trains mlp, bert and decoder (llama, qwen2, gemma3_text) models; this model_type is {:?}",
+                "distillation trains mlp, bert and decoder ({DECODERS}) models; this model_type is {:?}",
                 model_type(config)
             ))),
         }

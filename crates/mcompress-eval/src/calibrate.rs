@@ -4,6 +4,7 @@
 //! place is [`crate::decoder::Decoder::trace`]; the algorithms that observe it (GPTQ, AWQ, Wanda,
 //! SparseGPT) live with the passes (`mcompress_passes::calibrate`).
 
+use mcompress_core::arch::DECODERS;
 use std::collections::BTreeMap;
 
 use mcompress_core::ModelSource;
@@ -88,7 +89,7 @@ pub fn input_moments(model: &ModelSource, spec: WindowSpec<'_>) -> Result<BTreeM
             crate::bert::Bert::load(&config, &weights::from_model(model), &Device::Cpu)?.input_moments(&windows)
         }
         _ => Err(Error::Model(format!(
-            "{}: activation statistics are computed for decoder (llama, qwen2, gemma3_text) and bert models (this model_type is {:?}); \
+            "{}: activation statistics are computed for decoder ({DECODERS}) and bert models (this model_type is {:?}); \
              use no calibration for others",
             model.path().display(),
             model_type(&config)
@@ -109,7 +110,7 @@ pub fn layer_scores(model: &ModelSource, spec: WindowSpec<'_>) -> Result<Vec<f64
         Some(ModelKind::Bert) => crate::bert::Bert::load(&config, &w, &Device::Cpu)?.layer_cosines(&windows)?,
         _ => {
             return Err(Error::Model(format!(
-                "{}: layer scores are computed for decoder (llama, qwen2, gemma3_text) and bert models; this model_type is {:?}",
+                "{}: layer scores are computed for decoder ({DECODERS}) and bert models; this model_type is {:?}",
                 model.path().display(),
                 model_type(&config)
             )));

@@ -34,6 +34,7 @@ pub mod mlp;
 pub mod sets;
 pub mod weights;
 
+use mcompress_core::arch::DECODERS;
 use std::path::Path;
 use std::time::Instant;
 
@@ -157,13 +158,11 @@ pub fn evaluate_with(section: &EvalSection, model: &ModelSource, bundle_dir: &Pa
         return Ok(Outcome::Unsupported(if matches!(kind, "mlp" | "bert" | "decoder") {
             format!(
                 "metric {:?} is not implemented for {model_type} models (mlp: accuracy; bert: cosine, spearman; \
-                 llama, qwen2, gemma3_text: perplexity, kl)",
+                 {DECODERS}: perplexity, kl)",
                 section.metric
             )
         } else {
-            format!(
-                "eval for model_type {model_type:?} is not implemented yet (mlp, bert, llama, qwen2 and gemma3_text are)"
-            )
+            format!("eval for model_type {model_type:?} is not implemented yet (mlp, bert, {DECODERS} are)")
         }));
     }
     let requested = opts.backend.unwrap_or(section.backend);

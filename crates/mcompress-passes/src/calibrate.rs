@@ -3,6 +3,7 @@
 //! block in place, the rewritten block feeding the next) as [`Observer`]s and return what they
 //! computed, by tensor name, for [`Pass::provide`]. The algorithms know no architecture; the runtime does.
 
+use mcompress_core::arch::DECODERS;
 use std::collections::BTreeMap;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -41,7 +42,7 @@ pub fn run(
     let config = prior.as_ref().map_or_else(|| model.config().cloned().unwrap_or_default(), |p| p.config.clone());
     if Family::of_config(&config).is_none() {
         return Err(Error::Model(format!(
-            "{}: calibration runs decoder models (llama, qwen2, gemma3_text); this model_type is {:?}",
+            "{}: calibration runs decoder models ({DECODERS}); this model_type is {:?}",
             model.path().display(),
             mcompress_core::arch::model_type(&config)
         )));

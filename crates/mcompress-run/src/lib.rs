@@ -133,10 +133,37 @@ impl Plan {
         check_sets(recipe, &passes)?;
         source.check_architecture()?;
         check_output(recipe, out, &source)?;
-        let warnings =
+        let mut warnings =
             if passes.iter().any(|p| p.reshapes()) { Vec::new() } else { pipeline::check_plan(&source, &passes)? };
+        warnings.extend(gguf_warnings(recipe, &shipping, &source));
         Ok(Plan { passes, resolved, shipping, source, warnings })
     }
+}
+
+/// What a GGUF target will compute differently from the model (a Mistral's sliding window,
+/// which llama.cpp does not apply).
+fn gguf_warnings(recipe: &Recipe, shipping: &[ship::Shipping], model: &ModelSource) -> Vec<String> {
+    let Some(window) = model
+        .config()
+        .and_then(|c| mcompress_core::arch::Geometry::from_config(c).ok())
+        .and_then(|g| g.gguf_window_lost().map(|w| (w, g.max_positions)))
+    else {
+        return Vec::new();
+    };
+    recipe
+        .targets
+        .iter()
+        .zip(shipping)
+        .filter(|(_, s)| s.gguf.is_some())
+        .map(|(t, _)| {
+            format!(
+                "target {}: llama.cpp runs this model as a llama, attending over the whole context: beyond its \
+                 sliding_window of {} tokens (context {}) its outputs differ from transformers'; the GGUF target's \
+                 eval scores what llama.cpp computes",
+                t.name, window.0, window.1
+            )
+        })
+        .collect()
 }
 
 /// Runs a recipe: passes, then one bundle per target.
@@ -204,6 +231,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     // What runtimes would reject (a short last group, a quantized tied embedding) fails here,
     // before minutes of calibration or training.
     early_warnings.extend(pipeline::check_plan(model, &passes)?);
+    early_warnings.extend(gguf_warnings(recipe, &shipping, model));
     let out_dir = opts.out.clone().unwrap_or_else(|| recipe.output_dir.clone());
     fs_err::create_dir_all(&out_dir).map_err(io(&out_dir))?;
     let out_dir = fs_err::canonicalize(&out_dir).map_err(io(&out_dir))?;

@@ -24,6 +24,7 @@
 //! `mcompress_eval::calibrate::layer_scores`): the layers that change their input least are
 //! removed and the rest renumbered (a [`LayerMap`] over the model's tensor names).
 
+use mcompress_core::arch::DECODERS;
 use std::collections::BTreeMap;
 
 use mcompress_core::ModelSource;
@@ -185,7 +186,7 @@ fn neuron_blocks(model: &ModelSource, config: &Value) -> Result<Vec<Block>, Stri
         }
         None => {
             return Err(format!(
-                "model_type {:?}: structured pruning knows the decoders (llama, qwen2, gemma3_text), bert and mlp models",
+                "model_type {:?}: structured pruning knows the decoders ({DECODERS}), bert and mlp models",
                 arch::model_type(config)
             ));
         }
@@ -458,7 +459,7 @@ impl Pass for Structured {
             "layers" => {
                 let Some(kind @ (ModelKind::Decoder(_) | ModelKind::Bert)) = ModelKind::of_config(&config) else {
                     return Err(PassError::Model(format!(
-                        "model_type {:?}: whole layers are pruned in decoder (llama, qwen2, gemma3_text) and bert models",
+                        "model_type {:?}: whole layers are pruned in decoder ({DECODERS}) and bert models",
                         arch::model_type(&config)
                     )));
                 };
