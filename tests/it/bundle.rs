@@ -558,3 +558,23 @@ fn test_gptq_on_a_model_it_cannot_calibrate_is_exit_2() {
     );
     assert!(!out.join("default").exists());
 }
+
+/// A `max-size = "auto"` target whose hardware does not run the planned weight dtypes (bf16 on a
+/// Raspberry Pi 5) is refused by `recipe check` and by `run` before any work, the target named:
+/// its fit gate could only fail (a shipped Qwen2 recipe once cast to bf16 for a T4 and failed
+/// after its whole run).
+#[test]
+fn test_a_target_that_cannot_run_the_dtypes_is_refused_at_plan_time() {
+    let t = tmp();
+    let out = t.path().join("dist");
+    let extra = "\n[[target]]\nname = \"pi\"\nprofile = \"raspberry-pi-5-8gb\"\nmax-size = \"auto\"\n";
+    let r = recipe(t.path(), &repo().join("fixtures/digits-mlp"), &out, extra);
+    for cmd in [&["recipe", "check"][..], &["run", "-q"][..]] {
+        let mut args = cmd.to_vec();
+        args.push(r.to_str().unwrap());
+        let (code, so, se) = mcompress(&args, t.path());
+        assert_eq!(code, 2, "{cmd:?}: {so}{se}");
+        assert!(se.contains("target[0] pi") && se.contains("bf16 do not run natively"), "{cmd:?}: {se}");
+        assert!(!out.exists(), "{cmd:?}: nothing may be written");
+    }
+}

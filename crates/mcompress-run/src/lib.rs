@@ -136,8 +136,42 @@ impl Plan {
         let mut warnings =
             if passes.iter().any(|p| p.reshapes()) { Vec::new() } else { pipeline::check_plan(&source, &passes)? };
         warnings.extend(gguf_warnings(recipe, &shipping, &source));
+        check_dtypes(recipe, &passes, &shipping, &resolved, &source)?;
         Ok(Plan { passes, resolved, shipping, source, warnings })
     }
+}
+
+/// A `max-size = "auto"` target whose hardware does not run the weight dtypes the passes leave
+/// (bf16 on a T4 or a Raspberry Pi) cannot pass its fit gate: refused before any work, as the
+/// gate would after it. The dtypes are the plan's (structured pruning changes shapes, not dtypes).
+fn check_dtypes(
+    recipe: &Recipe,
+    passes: &[Box<dyn Pass>],
+    shipping: &[ship::Shipping],
+    resolved: &[targets::ResolvedTarget],
+    source: &ModelSource,
+) -> Result<()> {
+    let mut dtypes = None;
+    for (i, ((t, s), r)) in recipe.targets.iter().zip(shipping).zip(resolved).enumerate() {
+        let (Some(MaxSize::Auto), true, Some(supported)) = (&t.max_size, s.safetensors, &r.weight_dtypes) else {
+            continue;
+        };
+        let dtypes = dtypes.get_or_insert_with(|| targets::weight_dtypes(&pipeline::plan(source, passes).params));
+        let missing: Vec<&str> = dtypes.iter().filter(|d| !supported.contains(d)).map(String::as_str).collect();
+        if !missing.is_empty() {
+            return Err(Error::Recipe(recipe.target_error(
+                i,
+                format!(
+                    "max-size = \"auto\": the bundle's weight dtypes {} do not run natively on {} (supported: {}); \
+                     cast to one it runs (a cast pass) or drop max-size",
+                    missing.join(", "),
+                    r.hardware.as_deref().or(r.profile.as_deref()).unwrap_or("this target"),
+                    supported.join(", ")
+                ),
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// What a GGUF target will compute differently from the model (a Mistral's sliding window,
