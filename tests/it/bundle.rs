@@ -550,12 +550,7 @@ fn test_gptq_on_a_model_it_cannot_calibrate_is_exit_2() {
     .unwrap();
     let (code, _, stderr) = mcompress(&["run", "-q", r.to_str().unwrap()], t.path());
     assert_eq!(code, 2, "{stderr}");
-    assert!(
-        stderr.contains(
-            "calibration runs decoder models (llama, mistral, qwen2, gemma3_text); this model_type is \"mlp\""
-        ),
-        "{stderr}"
-    );
+    assert!(stderr.contains("calibration runs decoder models (llama, mistral, qwen2, gemma3_text, phi3"), "{stderr}");
     assert!(!out.join("default").exists());
 }
 

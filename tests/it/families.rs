@@ -298,3 +298,112 @@ fn test_mistral_sliding_window_agrees_with_transformers_and_llama_cpp() {
         assert!((theirs / f16 - 1.0).abs() < 0.002, "llama.cpp {theirs} vs ours {f16}");
     }
 }
+
+/// Phi-3's layout built from SmolLM2: q/k/v stacked into `qkv_proj`, gate/up into
+/// `gate_up_proj`, `model_type = "phi3"`. The forward pass is the same, so the reference is
+/// SmolLM2's to the last bit; RTN int8 of the fused matrices loads in transformers'
+/// Phi3ForCausalLM with its perplexity, and the GGUF (`phi3`: `attn_qkv`, fused `ffn_up`) loads in
+/// llama.cpp with ours. Passes that work per projection are refused before any work.
+#[test]
+fn test_phi3_fused_projections_agree_with_transformers_and_llama_cpp() {
+    let (Some(gguf), Some(hamlet)) = (fixture("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2"), hamlet()) else {
+        return;
+    };
+    let t = tmp();
+    let base = t.path().join("base");
+    run_short(t.path(), &gguf, &hamlet, "", "[[target]]\nname = \"st\"\n", &base);
+    let (llama, _) = ppl(&base, "st");
+
+    // The fused model. (Not named "phi3": llama.cpp gives Phi-3 SentencePiece token attributes
+    // by general.name, which the exporter takes from the model's file name.)
+    let dir = t.path().join("smol-fused");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+        std::fs::hard_link(base.join("st").join(f), dir.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(base.join("st/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let f32s = |name: &str| -> Vec<u8> { st.tensor(name).unwrap().data().to_vec() };
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(base.join("st/config.json")).unwrap()).unwrap();
+    let layers = config["num_hidden_layers"].as_u64().unwrap() as usize;
+    for (name, view) in st.tensors() {
+        if ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"].iter().any(|p| name.contains(p)) {
+            continue;
+        }
+        assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+        tensors.push((name.clone(), view.shape().to_vec(), view.data().to_vec()));
+    }
+    for i in 0..layers {
+        let p = format!("model.layers.{i}.");
+        for (fused, parts) in [
+            (
+                "self_attn.qkv_proj.weight",
+                &["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"][..],
+            ),
+            ("mlp.gate_up_proj.weight", &["mlp.gate_proj.weight", "mlp.up_proj.weight"][..]),
+        ] {
+            let rows: usize = parts.iter().map(|q| st.tensor(&format!("{p}{q}")).unwrap().shape()[0]).sum();
+            let cols = st.tensor(&format!("{p}{}", parts[0])).unwrap().shape()[1];
+            let data: Vec<u8> = parts.iter().flat_map(|q| f32s(&format!("{p}{q}"))).collect();
+            tensors.push((format!("{p}{fused}"), vec![rows, cols], data));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, s, d)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    config["model_type"] = "phi3".into();
+    config["architectures"] = serde_json::json!(["Phi3ForCausalLM"]);
+    config["sliding_window"] = serde_json::Value::Null;
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+
+    let out = t.path().join("phi3");
+    run_short(
+        t.path(),
+        &dir,
+        &hamlet,
+        "[[pass]]\ntype = \"quantize-rtn\"\nbits = 8\ngroup-size = 0\n",
+        "[[target]]\nname = \"st\"\n\n[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n",
+        &out,
+    );
+    let (reference, int8) = ppl(&out, "st");
+    let (_, f16) = ppl(&out, "f16");
+    assert_eq!(reference.to_bits(), llama.to_bits(), "fused {reference} vs separate {llama}");
+    assert!((int8 / reference - 1.0).abs() < 0.02 && (f16 / int8 - 1.0).abs() < 0.01, "{reference} {int8} {f16}");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("st/config.json")).unwrap()).unwrap();
+    let groups = config["quantization_config"]["config_groups"].to_string();
+    assert!(groups.contains("\"model.layers.0.self_attn.qkv_proj\"") && groups.contains("gate_up_proj"), "{config}");
+    if let Some(python) = hf_python() {
+        let bundle = out.join("st");
+        let hf = hf_load(&python, &["causal", bundle.to_str().unwrap(), hamlet.to_str().unwrap(), TOKENS, WINDOW]);
+        for k in ["missing_keys", "unexpected_keys", "mismatched_keys"] {
+            assert_eq!(hf["loading_info"][k], serde_json::json!([]), "{k}: {hf}");
+        }
+        let theirs = hf["perplexity"].as_f64().unwrap();
+        assert!((theirs / int8 - 1.0).abs() < 0.002, "transformers {theirs} vs ours {int8}");
+    }
+    if let Some(py) = llama_python() {
+        let theirs = llama_cpp_ppl(&py, &out.join("f16/model.gguf"), &hamlet);
+        assert!((theirs / f16 - 1.0).abs() < 0.002, "llama.cpp {theirs} vs ours {f16}");
+    }
+    // Per-projection passes are refused at plan time, the pass named.
+    let recipe = t.path().join("gptq.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "[model]\npath = {:?}\n\n[[pass]]\ntype = \"quantize-gptq\"\nbits = 4\ncalibration = {{ set = {:?} }}\n",
+            dir.display().to_string(),
+            hamlet.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (code, so, se) = mcompress(&["recipe", "check", recipe.to_str().unwrap()], t.path());
+    assert_eq!(code, 2, "{so}{se}");
+    assert!(se.contains("quantize-gptq on fused projections is not implemented"), "{se}");
+}

@@ -241,7 +241,11 @@ fn test_bad_gguf_settings_exit_2() {
         ("formats = [\"gguf\"]\npolicy = \"fit\"", "", "needs max-size"),
         ("formats = [\"gguf\"]\npolicy = \"fit\"\nmax-size = \"1MB\"\ngguf-type = \"Q4_0\"", "", "exclude each other"),
         ("formats = [\"gguf\"]\npolicy = \"fit\"\nmax-size = \"1MB\"\nfit-tries = 0", "", "fit-tries = 0"),
-        ("formats = [\"gguf\"]", "", "GGUF export writes the decoder families llama, mistral, qwen2, gemma3_text"),
+        (
+            "formats = [\"gguf\"]",
+            "",
+            "GGUF export writes the decoder families llama, mistral, qwen2, gemma3_text, phi3",
+        ),
     ];
     for (target, _, want) in cases {
         let recipe = t.path().join("r.toml");

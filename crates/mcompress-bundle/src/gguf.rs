@@ -87,6 +87,9 @@ impl TypePolicy {
                 (TypePolicy::KMedium(_), Some(i)) if matches!(role, Role::V | Role::Down) && more_bits(i) => {
                     GgmlType::Q6_K
                 }
+                // llama-quantize raises a fused attn_qkv one step in the medium mixes.
+                (TypePolicy::KMedium(GgmlType::Q4_K), Some(_)) if role == Role::Qkv => GgmlType::Q5_K,
+                (TypePolicy::KMedium(GgmlType::Q5_K), Some(_)) if role == Role::Qkv => GgmlType::Q6_K,
                 (TypePolicy::KSmall(GgmlType::Q4_K), Some(i)) if role == Role::V && i < 4 => GgmlType::Q5_K,
                 (TypePolicy::KSmall(GgmlType::Q4_K), Some(i)) if role == Role::Down && i < n_layer / 8 => {
                     GgmlType::Q5_K

@@ -26,6 +26,9 @@ pub enum Family {
     /// Gemma 3 (text): (1+w) RMSNorm before and after attention and MLP, q/k norms, GeGLU,
     /// embeddings scaled by √hidden, sliding-window layers with their own rope base.
     Gemma3,
+    /// Phi-3 / Phi-3.5 mini: llama's forward pass with q/k/v fused into `qkv_proj` and gate/up
+    /// into `gate_up_proj` (gate rows first), NeoX rotary as Hugging Face stores it.
+    Phi3,
 }
 
 /// What a tensor is, independent of how a family spells it.
@@ -51,6 +54,10 @@ pub enum Role {
     Gate,
     Up,
     Down,
+    /// q, k and v rows stacked in one matrix (Phi-3's `qkv_proj`).
+    Qkv,
+    /// gate then up rows stacked in one matrix (Phi-3's `gate_up_proj`).
+    GateUp,
 }
 
 impl Role {
@@ -85,16 +92,32 @@ const COMMON: &[Row] = &[
     (Role::Output, "lm_head.weight", "output.weight"),
     (Role::OutputNorm, "model.norm.weight", "output_norm.weight"),
     (Role::AttnNorm, "input_layernorm.weight", "attn_norm.weight"),
+];
+
+/// q/k/v as three matrices (every family but Phi-3).
+const QKV: &[Row] = &[
     (Role::Q, "self_attn.q_proj.weight", "attn_q.weight"),
     (Role::K, "self_attn.k_proj.weight", "attn_k.weight"),
     (Role::V, "self_attn.v_proj.weight", "attn_v.weight"),
-    (Role::O, "self_attn.o_proj.weight", "attn_output.weight"),
-    (Role::Gate, "mlp.gate_proj.weight", "ffn_gate.weight"),
-    (Role::Up, "mlp.up_proj.weight", "ffn_up.weight"),
-    (Role::Down, "mlp.down_proj.weight", "ffn_down.weight"),
 ];
 
+/// q/k/v fused (Phi-3).
+const QKV_FUSED: &[Row] = &[(Role::Qkv, "self_attn.qkv_proj.weight", "attn_qkv.weight")];
+
+const O: &[Row] = &[(Role::O, "self_attn.o_proj.weight", "attn_output.weight")];
+
+/// gate and up as two matrices.
+const GATE_UP: &[Row] =
+    &[(Role::Gate, "mlp.gate_proj.weight", "ffn_gate.weight"), (Role::Up, "mlp.up_proj.weight", "ffn_up.weight")];
+
+/// gate and up fused (Phi-3; llama.cpp's `ffn_up` holds both, gate first).
+const GATE_UP_FUSED: &[Row] = &[(Role::GateUp, "mlp.gate_up_proj.weight", "ffn_up.weight")];
+
+const DOWN: &[Row] = &[(Role::Down, "mlp.down_proj.weight", "ffn_down.weight")];
+
 const LLAMA: &[Row] = &[(Role::FfnNorm, "post_attention_layernorm.weight", "ffn_norm.weight")];
+
+const PHI3: &[Row] = LLAMA;
 
 const QWEN2: &[Row] = &[
     (Role::FfnNorm, "post_attention_layernorm.weight", "ffn_norm.weight"),
@@ -122,7 +145,7 @@ fn gemma3_slides(i: u64, every: u64) -> bool {
 
 /// The decoder `model_type`s mcompress reads, for messages (one per [`Family::ALL`], checked by a
 /// test).
-pub const DECODERS: &str = "llama, mistral, qwen2, gemma3_text";
+pub const DECODERS: &str = "llama, mistral, qwen2, gemma3_text, phi3";
 
 /// The text llama.cpp's converter (convert_hf_to_gguf.py, `get_vocab_base_pre`) tokenizes to tell
 /// byte-level BPE pre-tokenizers apart: the sha256 of the token ids, written as Python writes a
@@ -156,7 +179,7 @@ impl Family {
     /// Every family.
     /// Every family. Llama comes before Mistral, which shares its GGUF architecture: a GGUF
     /// `llama` reads as Llama.
-    pub const ALL: [Family; 4] = [Family::Llama, Family::Mistral, Family::Qwen2, Family::Gemma3];
+    pub const ALL: [Family; 5] = [Family::Llama, Family::Mistral, Family::Qwen2, Family::Gemma3, Family::Phi3];
 
     /// The family of a config.json `model_type`.
     pub fn from_model_type(t: &str) -> Option<Family> {
@@ -165,6 +188,7 @@ impl Family {
             "mistral" => Family::Mistral,
             "qwen2" => Family::Qwen2,
             "gemma3_text" => Family::Gemma3,
+            "phi3" => Family::Phi3,
             _ => return None,
         })
     }
@@ -186,6 +210,7 @@ impl Family {
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
             Family::Gemma3 => "gemma3_text",
+            Family::Phi3 => "phi3",
         }
     }
 
@@ -196,6 +221,7 @@ impl Family {
             Family::Mistral => "MistralForCausalLM",
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Gemma3 => "Gemma3ForCausalLM",
+            Family::Phi3 => "Phi3ForCausalLM",
         }
     }
 
@@ -206,7 +232,15 @@ impl Family {
             Family::Llama | Family::Mistral => "llama",
             Family::Qwen2 => "qwen2",
             Family::Gemma3 => "gemma3",
+            Family::Phi3 => "phi3",
         }
+    }
+
+    /// Whether q/k/v and gate/up are fused matrices ([`Role::Qkv`], [`Role::GateUp`]): the
+    /// eval reads them (split at load), RTN and GGUF write them; calibration, structured
+    /// pruning and distillation, which work per projection, refuse the family.
+    pub fn fuses_projections(self) -> bool {
+        self == Family::Phi3
     }
 
     /// Whether llama.cpp's converter permutes Q and K rows for its rotary layout (llama and
@@ -266,8 +300,10 @@ impl Family {
             Family::Llama | Family::Mistral => LLAMA,
             Family::Qwen2 => QWEN2,
             Family::Gemma3 => GEMMA3,
+            Family::Phi3 => PHI3,
         };
-        COMMON.iter().chain(own)
+        let (qkv, gate_up) = if self.fuses_projections() { (QKV_FUSED, GATE_UP_FUSED) } else { (QKV, GATE_UP) };
+        COMMON.iter().chain(qkv).chain(O).chain(gate_up).chain(DOWN).chain(own)
     }
 
     /// Roles this family has (whether optional or not).
@@ -411,9 +447,17 @@ impl Geometry {
             ));
         }
         let rope_theta = rope(config, "full_attention", "rope_theta")?.unwrap_or(match family {
-            Family::Llama | Family::Mistral => 10_000.0,
+            Family::Llama | Family::Mistral | Family::Phi3 => 10_000.0,
             Family::Qwen2 | Family::Gemma3 => 1_000_000.0,
         });
+        if family == Family::Phi3
+            && let Some(p) = config["partial_rotary_factor"].as_f64()
+            && (p - 1.0).abs() > f64::EPSILON
+        {
+            return Err(format!(
+                "config.json: partial_rotary_factor = {p}: partial rotary embeddings are not implemented"
+            ));
+        }
         let rope_local_theta = rope(config, "sliding_attention", "rope_local_base_freq")?.unwrap_or(10_000.0);
         let eps = f("rms_norm_eps", if matches!(family, Family::Gemma3 | Family::Mistral) { 1e-6 } else { 1e-5 })?;
         let windows = windows(config, family, layers)?;
@@ -450,10 +494,10 @@ impl Geometry {
             attn_scale,
             tied,
             // transformers' defaults where the key is absent: MistralConfig 4096 × 32.
-            max_positions: uo("max_position_embeddings")?.unwrap_or(if family == Family::Mistral {
-                131_072
-            } else {
-                2048
+            max_positions: uo("max_position_embeddings")?.unwrap_or(match family {
+                Family::Mistral => 131_072,
+                Family::Phi3 => 4096,
+                _ => 2048,
             }),
         })
     }
@@ -506,6 +550,8 @@ impl Geometry {
             Role::QNorm | Role::KNorm => vec![self.head_dim],
             Role::Gate | Role::Up => vec![i, h],
             Role::Down => vec![h, i],
+            Role::Qkv => vec![q + 2 * kv, h],
+            Role::GateUp => vec![2 * i, h],
         }
     }
 
@@ -616,8 +662,9 @@ fn windows(config: &Value, family: Family, layers: usize) -> Result<Vec<Option<u
                 as usize,
         ),
     };
-    // MistralModel windows every layer when sliding_window is set, whatever layer_types says.
-    let sliding: Vec<bool> = if family == Family::Mistral {
+    // MistralModel and Phi3Model window every layer when sliding_window is set, whatever
+    // layer_types says.
+    let sliding: Vec<bool> = if matches!(family, Family::Mistral | Family::Phi3) {
         vec![window.is_some(); layers]
     } else if let Some(types) = config["layer_types"].as_array() {
         if types.len() != layers {
@@ -716,7 +763,13 @@ pub fn gguf_config(g: &crate::gguf::GgufFile, family: Family, has_output: bool) 
     // A head width other than embedding_length / head_count (heads pruned away, or Gemma's 256).
     let key_length = uo("attention.key_length")?;
     match family {
-        Family::Llama | Family::Mistral | Family::Qwen2 => {
+        Family::Llama | Family::Mistral | Family::Qwen2 | Family::Phi3 => {
+            if family == Family::Phi3 {
+                // Phi3Config's own defaults (pad 32000, a 2047 window in some checkpoints) are
+                // not the file's: say what the GGUF says.
+                config["sliding_window"] = Value::Null;
+                config["pad_token_id"] = token("padding").into();
+            }
             if family == Family::Mistral {
                 // Never read from a GGUF (llama.cpp writes Mistral as llama): no window.
                 config["sliding_window"] = Value::Null;

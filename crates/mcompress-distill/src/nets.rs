@@ -67,6 +67,10 @@ impl Arch {
                 let g = BertGeometry::from_config(config).map_err(Error::Model)?;
                 Ok(Arch::Bert { layers: g.layers, heads: g.heads, eps: g.eps })
             }
+            Some(ModelKind::Decoder(f)) if f.fuses_projections() => Err(Error::Model(format!(
+                "distillation of {}'s fused projections (qkv_proj, gate_up_proj) is not implemented yet",
+                f.model_type()
+            ))),
             Some(ModelKind::Decoder(_)) => {
                 Ok(Arch::Decoder(Box::new(Geometry::from_config(config).map_err(Error::Model)?)))
             }

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use mcompress_core::arch::{Family, Geometry, Role};
 
 use crate::linalg::{Strides, sgemm};
-use crate::linear::{Device, Lin};
+use crate::linear::{Device, Lin, Matrix};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
@@ -98,22 +98,54 @@ impl Decoder {
             };
             Lin::new(w.matrix(&f.hf(role, l), s[0], s[1]).map_err(bad)?, s[0], s[1], b, device)
         };
+        // A fused matrix (Phi-3's qkv_proj, gate_up_proj) is split by rows into the layers the
+        // forward pass runs (a packed one is dequantized first: its rows are its values).
+        let split = |role: Role, l: usize, parts: &[usize]| -> Result<Vec<Lin>> {
+            let w = get(role, l)?;
+            let inp = g.hidden;
+            let mut at = 0;
+            parts
+                .iter()
+                .map(|&rows| {
+                    let part = w[at * inp..(at + rows) * inp].to_vec();
+                    at += rows;
+                    Lin::new(Matrix::Dense(part), rows, inp, None, device)
+                })
+                .collect()
+        };
+        let (qd, kvd) = (g.heads * g.head_dim, g.kv_heads * g.head_dim);
         let layers = (0..g.layers)
             .map(|i| {
                 let window = g.windows[i];
+                let (q, k, v) = if f.has(Role::Qkv) {
+                    let mut p = split(Role::Qkv, i, &[qd, kvd, kvd])?.into_iter();
+                    (p.next().expect("3 parts"), p.next().expect("3 parts"), p.next().expect("3 parts"))
+                } else {
+                    (
+                        lin(Role::Q, Some(Role::QBias), i)?,
+                        lin(Role::K, Some(Role::KBias), i)?,
+                        lin(Role::V, Some(Role::VBias), i)?,
+                    )
+                };
+                let (gate, up) = if f.has(Role::GateUp) {
+                    let mut p = split(Role::GateUp, i, &[g.intermediate, g.intermediate])?.into_iter();
+                    (p.next().expect("2 parts"), p.next().expect("2 parts"))
+                } else {
+                    (lin(Role::Gate, None, i)?, lin(Role::Up, None, i)?)
+                };
                 Ok(Layer {
                     ln_in: get(Role::AttnNorm, i)?,
-                    q: lin(Role::Q, Some(Role::QBias), i)?,
-                    k: lin(Role::K, Some(Role::KBias), i)?,
-                    v: lin(Role::V, Some(Role::VBias), i)?,
+                    q,
+                    k,
+                    v,
                     o: lin(Role::O, None, i)?,
                     q_norm: opt(Role::QNorm, i)?,
                     k_norm: opt(Role::KNorm, i)?,
                     post_attn: opt(Role::PostAttnNorm, i)?,
                     ln_ffn: get(Role::FfnNorm, i)?,
                     post_ffn: opt(Role::PostFfnNorm, i)?,
-                    gate: lin(Role::Gate, None, i)?,
-                    up: lin(Role::Up, None, i)?,
+                    gate,
+                    up,
                     down: lin(Role::Down, None, i)?,
                     window,
                     inv_freq: inv_freq(g.layer_rope_theta(i), g.head_dim),
@@ -441,12 +473,17 @@ impl Decoder {
                 let d = self.mlp_out(l, &act)?;
                 x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
             }
-            for r in [Role::Q, Role::K, Role::V] {
-                put(f.hf(r, li), &m_in);
+            for r in [Role::Q, Role::K, Role::V, Role::Qkv] {
+                if f.has(r) {
+                    put(f.hf(r, li), &m_in);
+                }
             }
             put(f.hf(Role::O, li), &m_o);
-            put(f.hf(Role::Gate, li), &m_post);
-            put(f.hf(Role::Up, li), &m_post);
+            for r in [Role::Gate, Role::Up, Role::GateUp] {
+                if f.has(r) {
+                    put(f.hf(r, li), &m_post);
+                }
+            }
             put(f.hf(Role::Down, li), &m_down);
         }
         // The output head (lm_head, or the tied embedding) reads the final normed stream.

@@ -131,6 +131,7 @@ impl Plan {
             .collect::<Result<Vec<_>>>()?;
         let source = ModelSource::open(&recipe.model_path)?;
         check_sets(recipe, &passes)?;
+        check_fused(recipe, &passes, &source)?;
         source.check_architecture()?;
         check_output(recipe, out, &source)?;
         let mut warnings =
@@ -139,6 +140,32 @@ impl Plan {
         check_dtypes(recipe, &passes, &shipping, &resolved, &source)?;
         Ok(Plan { passes, resolved, shipping, source, warnings })
     }
+}
+
+/// A model with fused projections (Phi-3's `qkv_proj`, `gate_up_proj`) runs the data-free passes
+/// (RTN, FP8, FP4, cast, magnitude pruning) and GGUF export; the passes that work per projection
+/// on the runtime's trace (GPTQ, AWQ, Wanda, SparseGPT), structured pruning and distillation are
+/// refused before any work.
+fn check_fused(recipe: &Recipe, passes: &[Box<dyn Pass>], source: &ModelSource) -> Result<()> {
+    let Some(family) = source.config().and_then(mcompress_core::arch::Family::of_config) else { return Ok(()) };
+    if !family.fuses_projections() {
+        return Ok(());
+    }
+    for (spec, pass) in recipe.passes.iter().zip(passes) {
+        if !matches!(pass.needs(), Need::Nothing) || pass.reshapes() {
+            return Err(Error::Recipe(recipe.pass_error(
+                spec.index,
+                format!(
+                    "model_type {:?} fuses q/k/v (qkv_proj) and gate/up (gate_up_proj): {} on fused projections is not \
+                     implemented yet (quantize-rtn, quantize-fp8, quantize-fp4, cast, prune-magnitude and GGUF \
+                     targets are)",
+                    family.model_type(),
+                    spec.kind
+                ),
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A `max-size = "auto"` target whose hardware does not run the weight dtypes the passes leave

@@ -152,6 +152,9 @@ fn neuron_blocks(model: &ModelSource, config: &Value) -> Result<Vec<Block>, Stri
     };
     let mut out = Vec::new();
     match ModelKind::of_config(config) {
+        Some(ModelKind::Decoder(f)) if f.fuses_projections() => {
+            return Err(format!("{}: pruning neurons inside gate_up_proj is not implemented yet", f.model_type()));
+        }
         Some(ModelKind::Decoder(f)) => {
             for i in 0..ModelKind::Decoder(f).blocks(config)? {
                 let g = f.hf(Role::Gate, i);
@@ -214,6 +217,11 @@ fn head_blocks(model: &ModelSource, config: &Value) -> Result<(Vec<Block>, Geome
         v
     };
     let rows_of = |n: &str| model.tensors().iter().find(|r| model.info(r).name == n).map(|r| model.info(r).shape[0]);
+    if let Some(ModelKind::Decoder(f)) = ModelKind::of_config(config)
+        && f.fuses_projections()
+    {
+        return Err(format!("{}: pruning heads inside qkv_proj is not implemented yet", f.model_type()));
+    }
     let mut out = Vec::new();
     match ModelKind::of_config(config) {
         Some(ModelKind::Decoder(f)) => {
