@@ -303,7 +303,8 @@ fn test_mistral_sliding_window_agrees_with_transformers_and_llama_cpp() {
 /// `gate_up_proj`, `model_type = "phi3"`. The forward pass is the same, so the reference is
 /// SmolLM2's to the last bit; RTN int8 of the fused matrices loads in transformers'
 /// Phi3ForCausalLM with its perplexity, and the GGUF (`phi3`: `attn_qkv`, fused `ffn_up`) loads in
-/// llama.cpp with ours. Passes that work per projection are refused before any work.
+/// llama.cpp with ours. GPTQ of the fused matrices equals GPTQ of the separate ones (one Hessian
+/// per input, rows independent); structured pruning inside them is refused before any work.
 #[test]
 fn test_phi3_fused_projections_agree_with_transformers_and_llama_cpp() {
     let (Some(gguf), Some(hamlet)) = (fixture("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2"), hamlet()) else {
@@ -392,18 +393,40 @@ fn test_phi3_fused_projections_agree_with_transformers_and_llama_cpp() {
         let theirs = llama_cpp_ppl(&py, &out.join("f16/model.gguf"), &hamlet);
         assert!((theirs / f16 - 1.0).abs() < 0.002, "llama.cpp {theirs} vs ours {f16}");
     }
-    // Per-projection passes are refused at plan time, the pass named.
-    let recipe = t.path().join("gptq.toml");
+    // GPTQ of a fused matrix is GPTQ of its parts: one Hessian per input, rows independent. The
+    // fused model's GPTQ bundle scores what the separate model's does, and transformers agrees.
+    let gptq = |model: &Path, name: &str| -> (PathBuf, f64) {
+        let out = t.path().join(name);
+        let passes = format!(
+            "[[pass]]\ntype = \"quantize-gptq\"\nbits = 4\ngroup-size = 64\ntargets = [\"re:model\\\\.layers\\\\.[0-3]\\\\..*_proj\\\\.weight\"]\n\
+             calibration = {{ set = {:?}, samples = 8, seq-len = 128 }}\n",
+            hamlet.display().to_string()
+        );
+        run_short(t.path(), model, &hamlet, &passes, "[[target]]\nname = \"st\"\n", &out);
+        let p = ppl(&out, "st").1;
+        (out, p)
+    };
+    let (_, separate) = gptq(&base.join("st"), "gptq-llama");
+    let (fused_out, fused) = gptq(&dir, "gptq-phi3");
+    assert!((fused / separate - 1.0).abs() < 1e-4, "GPTQ fused {fused} vs separate {separate}");
+    if let Some(python) = hf_python() {
+        let bundle = fused_out.join("st");
+        let hf = hf_load(&python, &["causal", bundle.to_str().unwrap(), hamlet.to_str().unwrap(), TOKENS, WINDOW]);
+        let theirs = hf["perplexity"].as_f64().unwrap();
+        assert!((theirs / fused - 1.0).abs() < 0.002, "transformers {theirs} vs ours {fused} (GPTQ)");
+    }
+
+    // Units inside fused matrices are not pruned yet: refused at plan time, the pass named.
+    let recipe = t.path().join("structured.toml");
     std::fs::write(
         &recipe,
         format!(
-            "[model]\npath = {:?}\n\n[[pass]]\ntype = \"quantize-gptq\"\nbits = 4\ncalibration = {{ set = {:?} }}\n",
-            dir.display().to_string(),
-            hamlet.display().to_string()
+            "[model]\npath = {:?}\n\n[[pass]]\ntype = \"prune-structured\"\nunit = \"neurons\"\nsparsity = 0.25\n",
+            dir.display().to_string()
         ),
     )
     .unwrap();
     let (code, so, se) = mcompress(&["recipe", "check", recipe.to_str().unwrap()], t.path());
     assert_eq!(code, 2, "{so}{se}");
-    assert!(se.contains("quantize-gptq on fused projections is not implemented"), "{se}");
+    assert!(se.contains("prune-structured on fused projections is not implemented"), "{se}");
 }

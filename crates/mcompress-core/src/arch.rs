@@ -79,9 +79,6 @@ impl Role {
                 | Role::PostFfnNorm
         )
     }
-
-    /// The linear layers of a block, in forward order.
-    pub const LINEAR: [Role; 7] = [Role::Q, Role::K, Role::V, Role::O, Role::Gate, Role::Up, Role::Down];
 }
 
 /// (role, Hugging Face name after `model.layers.{i}.` or in full, GGUF name after `blk.{i}.` or in full).
@@ -304,6 +301,13 @@ impl Family {
         };
         let (qkv, gate_up) = if self.fuses_projections() { (QKV_FUSED, GATE_UP_FUSED) } else { (QKV, GATE_UP) };
         COMMON.iter().chain(qkv).chain(O).chain(gate_up).chain(DOWN).chain(own)
+    }
+
+    /// The linear layers of a block, in forward order (fused ones for a family that fuses).
+    pub fn linear_roles(self) -> impl Iterator<Item = Role> {
+        [Role::Q, Role::K, Role::V, Role::Qkv, Role::O, Role::Gate, Role::Up, Role::GateUp, Role::Down]
+            .into_iter()
+            .filter(move |r| self.has(*r))
     }
 
     /// Roles this family has (whether optional or not).

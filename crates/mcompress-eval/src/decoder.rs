@@ -14,15 +14,43 @@ use std::collections::BTreeMap;
 use mcompress_core::arch::{Family, Geometry, Role};
 
 use crate::linalg::{Strides, sgemm};
-use crate::linear::{Device, Lin, Matrix};
+use crate::linear::{Device, Lin};
 use crate::weights::Weights;
 use crate::{Error, Result};
 
+/// q, k and v: three layers, or one fused layer (Phi-3's `qkv_proj`) whose output columns are
+/// q's, k's and v's.
+#[allow(clippy::large_enum_variant)] // one per block
+enum Qkv {
+    Split([Lin; 3]),
+    Fused(Lin, [usize; 3]),
+}
+
+/// gate and up: two layers, or one fused layer (Phi-3's `gate_up_proj`, gate first).
+#[allow(clippy::large_enum_variant)] // one per block
+enum GateUp {
+    Split([Lin; 2]),
+    Fused(Lin),
+}
+
+/// Splits `[n, Σ widths]` row-major into `[n, width]` parts.
+fn split_cols(y: &[f32], widths: &[usize]) -> Vec<Vec<f32>> {
+    let total: usize = widths.iter().sum::<usize>().max(1);
+    let n = y.len() / total;
+    let mut parts: Vec<Vec<f32>> = widths.iter().map(|w| Vec::with_capacity(n * w)).collect();
+    for row in y.chunks(total) {
+        let mut at = 0;
+        for (p, w) in parts.iter_mut().zip(widths) {
+            p.extend_from_slice(&row[at..at + w]);
+            at += w;
+        }
+    }
+    parts
+}
+
 struct Layer {
     ln_in: Vec<f32>,
-    q: Lin,
-    k: Lin,
-    v: Lin,
+    qkv: Qkv,
     o: Lin,
     /// Per-head RMSNorm of queries and keys (Gemma 3).
     q_norm: Option<Vec<f32>>,
@@ -33,8 +61,7 @@ struct Layer {
     ln_ffn: Vec<f32>,
     /// RMSNorm of the MLP output before the residual add (Gemma 3).
     post_ffn: Option<Vec<f32>>,
-    gate: Lin,
-    up: Lin,
+    gate_up: GateUp,
     down: Lin,
     /// Sliding window, `None` for full attention.
     window: Option<usize>,
@@ -98,54 +125,34 @@ impl Decoder {
             };
             Lin::new(w.matrix(&f.hf(role, l), s[0], s[1]).map_err(bad)?, s[0], s[1], b, device)
         };
-        // A fused matrix (Phi-3's qkv_proj, gate_up_proj) is split by rows into the layers the
-        // forward pass runs (a packed one is dequantized first: its rows are its values).
-        let split = |role: Role, l: usize, parts: &[usize]| -> Result<Vec<Lin>> {
-            let w = get(role, l)?;
-            let inp = g.hidden;
-            let mut at = 0;
-            parts
-                .iter()
-                .map(|&rows| {
-                    let part = w[at * inp..(at + rows) * inp].to_vec();
-                    at += rows;
-                    Lin::new(Matrix::Dense(part), rows, inp, None, device)
-                })
-                .collect()
-        };
         let (qd, kvd) = (g.heads * g.head_dim, g.kv_heads * g.head_dim);
         let layers = (0..g.layers)
             .map(|i| {
                 let window = g.windows[i];
-                let (q, k, v) = if f.has(Role::Qkv) {
-                    let mut p = split(Role::Qkv, i, &[qd, kvd, kvd])?.into_iter();
-                    (p.next().expect("3 parts"), p.next().expect("3 parts"), p.next().expect("3 parts"))
+                let qkv = if f.has(Role::Qkv) {
+                    Qkv::Fused(lin(Role::Qkv, None, i)?, [qd, kvd, kvd])
                 } else {
-                    (
+                    Qkv::Split([
                         lin(Role::Q, Some(Role::QBias), i)?,
                         lin(Role::K, Some(Role::KBias), i)?,
                         lin(Role::V, Some(Role::VBias), i)?,
-                    )
+                    ])
                 };
-                let (gate, up) = if f.has(Role::GateUp) {
-                    let mut p = split(Role::GateUp, i, &[g.intermediate, g.intermediate])?.into_iter();
-                    (p.next().expect("2 parts"), p.next().expect("2 parts"))
+                let gate_up = if f.has(Role::GateUp) {
+                    GateUp::Fused(lin(Role::GateUp, None, i)?)
                 } else {
-                    (lin(Role::Gate, None, i)?, lin(Role::Up, None, i)?)
+                    GateUp::Split([lin(Role::Gate, None, i)?, lin(Role::Up, None, i)?])
                 };
                 Ok(Layer {
                     ln_in: get(Role::AttnNorm, i)?,
-                    q,
-                    k,
-                    v,
+                    qkv,
                     o: lin(Role::O, None, i)?,
                     q_norm: opt(Role::QNorm, i)?,
                     k_norm: opt(Role::KNorm, i)?,
                     post_attn: opt(Role::PostAttnNorm, i)?,
                     ln_ffn: get(Role::FfnNorm, i)?,
                     post_ffn: opt(Role::PostFfnNorm, i)?,
-                    gate,
-                    up,
+                    gate_up,
                     down: lin(Role::Down, None, i)?,
                     window,
                     inv_freq: inv_freq(g.layer_rope_theta(i), g.head_dim),
@@ -281,9 +288,14 @@ impl Decoder {
     fn attn_context(&self, l: &Layer, x: &[f32]) -> Result<Vec<f32>> {
         let n = x.len() / self.g.hidden;
         let a = self.rms(x, &l.ln_in);
-        let mut q = l.q.apply(&a)?;
-        let mut k = l.k.apply(&a)?;
-        let v = l.v.apply(&a)?;
+        let (mut q, mut k, v) = match &l.qkv {
+            Qkv::Split([q, k, v]) => (q.apply(&a)?, k.apply(&a)?, v.apply(&a)?),
+            Qkv::Fused(w, widths) => {
+                let mut p = split_cols(&w.apply(&a)?, widths).into_iter();
+                let mut next = || p.next().unwrap_or_default();
+                (next(), next(), next())
+            }
+        };
         if let Some(w) = &l.q_norm {
             q = self.rms(&q, w);
         }
@@ -311,8 +323,14 @@ impl Decoder {
     /// The gated activation of block `l`'s MLP for its normed input `a` (the input of
     /// `down_proj`): SwiGLU, or GeGLU with tanh-approximated GELU (Gemma).
     fn mlp_act(&self, l: &Layer, a: &[f32]) -> Result<Vec<f32>> {
-        let g = l.gate.apply(a)?;
-        let u = l.up.apply(a)?;
+        let (g, u) = match &l.gate_up {
+            GateUp::Split([g, u]) => (g.apply(a)?, u.apply(a)?),
+            GateUp::Fused(w) => {
+                let mut p = split_cols(&w.apply(a)?, &[w.out / 2, w.out / 2]).into_iter();
+                let mut next = || p.next().unwrap_or_default();
+                (next(), next())
+            }
+        };
         Ok(if self.g.family.gelu_mlp() {
             const C: f32 = 0.797_884_6; // √(2/π)
             g.iter().zip(&u).map(|(g, u)| 0.5 * g * (1.0 + (C * (g + 0.044_715 * g * g * g)).tanh()) * u).collect()
@@ -395,7 +413,9 @@ impl Decoder {
         for li in 0..self.layers.len() {
             let site = |readers, producer, width| Site { family, layer: li, readers, producer, width };
             // q, k, v: the normed residual stream.
-            let s = site(&[Role::Q, Role::K, Role::V][..], Producer::Norm(Role::AttnNorm), hidden);
+            let fused = family.fuses_projections();
+            let qkv: &'static [Role] = if fused { &[Role::Qkv] } else { &[Role::Q, Role::K, Role::V] };
+            let s = site(qkv, Producer::Norm(Role::AttnNorm), hidden);
             for x in &xs {
                 obs.input(&s, &self.rms(x, &self.layers[li].ln_in))?;
             }
@@ -414,13 +434,16 @@ impl Decoder {
             }
             drop(ctxs);
             // gate, up: the normed stream after attention.
-            let s = site(&[Role::Gate, Role::Up][..], Producer::Norm(Role::FfnNorm), hidden);
+            let gate_up: &'static [Role] = if fused { &[Role::GateUp] } else { &[Role::Gate, Role::Up] };
+            let s = site(gate_up, Producer::Norm(Role::FfnNorm), hidden);
             for x in &xs {
                 obs.input(&s, &self.rms(x, &self.layers[li].ln_ffn))?;
             }
             obs.rewrite(&s, &mut self.block(li))?;
             // down: the gated activations (from gate and up as rewritten).
-            let s = site(&[Role::Down][..], Producer::Rows(Role::Up), self.layers[li].down.inp);
+            // A fused gate/up has no rows of up alone to fold a scale into.
+            let producer = if fused { Producer::Opaque } else { Producer::Rows(Role::Up) };
+            let s = site(&[Role::Down][..], producer, self.layers[li].down.inp);
             for x in &xs {
                 let l = &self.layers[li];
                 obs.input(&s, &self.mlp_act(l, &self.rms(x, &l.ln_ffn))?)?;
@@ -587,31 +610,38 @@ impl Block<'_> {
         self.family.hf(role, self.index)
     }
 
+    /// The model's family (which linear roles a block has: [`Family::linear_roles`]).
+    pub fn family(&self) -> Family {
+        self.family
+    }
+
     fn lin(&self, role: Role) -> Result<&Lin> {
         let l = &*self.layer;
-        Ok(match role {
-            Role::Q => &l.q,
-            Role::K => &l.k,
-            Role::V => &l.v,
-            Role::O => &l.o,
-            Role::Gate => &l.gate,
-            Role::Up => &l.up,
-            Role::Down => &l.down,
-            other => return Err(Error::Model(format!("{other:?} is not a linear layer"))),
+        Ok(match (role, &l.qkv, &l.gate_up) {
+            (Role::Q, Qkv::Split(a), _) => &a[0],
+            (Role::K, Qkv::Split(a), _) => &a[1],
+            (Role::V, Qkv::Split(a), _) => &a[2],
+            (Role::Qkv, Qkv::Fused(w, _), _) | (Role::GateUp, _, GateUp::Fused(w)) => w,
+            (Role::O, _, _) => &l.o,
+            (Role::Gate, _, GateUp::Split(a)) => &a[0],
+            (Role::Up, _, GateUp::Split(a)) => &a[1],
+            (Role::Down, _, _) => &l.down,
+            _ => return Err(Error::Model(format!("{role:?} is not a linear layer of this block"))),
         })
     }
 
     fn lin_mut(&mut self, role: Role) -> Result<&mut Lin> {
         let l = &mut *self.layer;
-        Ok(match role {
-            Role::Q => &mut l.q,
-            Role::K => &mut l.k,
-            Role::V => &mut l.v,
-            Role::O => &mut l.o,
-            Role::Gate => &mut l.gate,
-            Role::Up => &mut l.up,
-            Role::Down => &mut l.down,
-            other => return Err(Error::Model(format!("{other:?} is not a linear layer"))),
+        Ok(match (role, &mut l.qkv, &mut l.gate_up) {
+            (Role::Q, Qkv::Split(a), _) => &mut a[0],
+            (Role::K, Qkv::Split(a), _) => &mut a[1],
+            (Role::V, Qkv::Split(a), _) => &mut a[2],
+            (Role::Qkv, Qkv::Fused(w, _), _) | (Role::GateUp, _, GateUp::Fused(w)) => w,
+            (Role::O, _, _) => &mut l.o,
+            (Role::Gate, _, GateUp::Split(a)) => &mut a[0],
+            (Role::Up, _, GateUp::Split(a)) => &mut a[1],
+            (Role::Down, _, _) => &mut l.down,
+            _ => return Err(Error::Model(format!("{role:?} is not a linear layer of this block"))),
         })
     }
 

@@ -40,9 +40,9 @@ pub fn run(
     progress: bool,
 ) -> Result<BTreeMap<String, Calibrated>> {
     let config = prior.as_ref().map_or_else(|| model.config().cloned().unwrap_or_default(), |p| p.config.clone());
-    if Family::of_config(&config).is_none_or(Family::fuses_projections) {
+    if Family::of_config(&config).is_none() {
         return Err(Error::Model(format!(
-            "{}: calibration runs decoder models ({DECODERS}; not yet phi3's fused projections); this model_type is {:?}",
+            "{}: calibration runs decoder models ({DECODERS}); this model_type is {:?}",
             model.path().display(),
             mcompress_core::arch::model_type(&config)
         )));

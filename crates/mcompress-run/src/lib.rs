@@ -142,22 +142,22 @@ impl Plan {
     }
 }
 
-/// A model with fused projections (Phi-3's `qkv_proj`, `gate_up_proj`) runs the data-free passes
-/// (RTN, FP8, FP4, cast, magnitude pruning) and GGUF export; the passes that work per projection
-/// on the runtime's trace (GPTQ, AWQ, Wanda, SparseGPT), structured pruning and distillation are
-/// refused before any work.
+/// A model with fused projections (Phi-3's `qkv_proj`, `gate_up_proj`) runs the data-free passes,
+/// GGUF export and the calibrated passes (GPTQ, AWQ, Wanda, SparseGPT work on each fused matrix
+/// as one layer); structured pruning (units inside fused matrices) and distillation are refused
+/// before any work.
 fn check_fused(recipe: &Recipe, passes: &[Box<dyn Pass>], source: &ModelSource) -> Result<()> {
     let Some(family) = source.config().and_then(mcompress_core::arch::Family::of_config) else { return Ok(()) };
     if !family.fuses_projections() {
         return Ok(());
     }
     for (spec, pass) in recipe.passes.iter().zip(passes) {
-        if !matches!(pass.needs(), Need::Nothing) || pass.reshapes() {
+        if !matches!(pass.needs(), Need::Nothing | Need::Calibration(_)) || pass.reshapes() {
             return Err(Error::Recipe(recipe.pass_error(
                 spec.index,
                 format!(
                     "model_type {:?} fuses q/k/v (qkv_proj) and gate/up (gate_up_proj): {} on fused projections is not \
-                     implemented yet (quantize-rtn, quantize-fp8, quantize-fp4, cast, prune-magnitude and GGUF \
+                     implemented yet (quantization, GPTQ, AWQ, Wanda, SparseGPT, magnitude pruning and GGUF \
                      targets are)",
                     family.model_type(),
                     spec.kind

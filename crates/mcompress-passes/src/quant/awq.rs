@@ -10,7 +10,6 @@
 use std::collections::BTreeMap;
 
 use mcompress_core::DType;
-use mcompress_core::arch::Role;
 use mcompress_eval::decoder::{Block, Observer, Producer, Site};
 use mcompress_eval::linalg::linear;
 use mcompress_eval::{Error, Result};
@@ -99,7 +98,7 @@ impl Observer for Awq<'_> {
 
     fn block_done(&mut self, _layer: usize, block: &mut Block<'_>) -> Result<()> {
         // Round every selected matrix of the block, scaled or not.
-        for role in Role::LINEAR {
+        for role in block.family().linear_roles() {
             let full = block.name(role);
             let Some((dtype, shape)) = (self.selected)(&full) else { continue };
             let bytes = dtype
