@@ -203,6 +203,24 @@ fn test_a_missing_or_extra_tensor_is_refused_before_any_work() {
     }
 }
 
+/// transformers' perplexity on a bundle equals ours within 0.2 %, every weight loaded.
+fn transformers_agrees(bundle: &Path, hamlet: &Path, ours: f64) {
+    let Some(python) = hf_python() else { return };
+    let hf = hf_load(&python, &["causal", bundle.to_str().unwrap(), hamlet.to_str().unwrap(), TOKENS, WINDOW]);
+    for k in ["missing_keys", "unexpected_keys", "mismatched_keys"] {
+        assert_eq!(hf["loading_info"][k], serde_json::json!([]), "{k}: {hf}");
+    }
+    let theirs = hf["perplexity"].as_f64().unwrap();
+    assert!((theirs / ours - 1.0).abs() < 0.002, "transformers {theirs} vs ours {ours} on {}", bundle.display());
+}
+
+/// llama.cpp's perplexity on a GGUF equals ours within 0.2 %.
+fn llama_cpp_agrees(gguf: &Path, hamlet: &Path, ours: f64) {
+    let Some(py) = llama_python() else { return };
+    let theirs = llama_cpp_ppl(&py, gguf, hamlet);
+    assert!((theirs / ours - 1.0).abs() < 0.002, "llama.cpp {theirs} vs ours {ours} on {}", gguf.display());
+}
+
 /// Perplexity (reference, compressed) of one target's report.
 fn ppl(out: &Path, target: &str) -> (f64, f64) {
     let r: serde_json::Value =
@@ -229,6 +247,18 @@ fn run_short(dir: &Path, model: &Path, hamlet: &Path, passes: &str, targets: &st
     se
 }
 
+/// SmolLM2 from its GGUF as a Hugging Face directory (`base/st`, f32), with its reference
+/// perplexity on the short Hamlet eval: the model the Mistral and Phi-3 layouts are built from.
+fn smollm2_base() -> Option<(tempfile::TempDir, PathBuf, PathBuf, f64)> {
+    let gguf = fixture("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2")?;
+    let hamlet = hamlet()?;
+    let t = tmp();
+    let base = t.path().join("base");
+    run_short(t.path(), &gguf, &hamlet, "", "[[target]]\nname = \"st\"\n", &base);
+    let (llama, _) = ppl(&base, "st");
+    Some((t, hamlet, base, llama))
+}
+
 /// Mistral built from SmolLM2 (its weights under `model_type = "mistral"` with a
 /// `sliding_window`), held to the clients. A window at least the eval's gives llama's perplexity
 /// exactly; a 64-token window changes it (every query sees 64 keys), and transformers'
@@ -239,13 +269,7 @@ fn run_short(dir: &Path, model: &Path, hamlet: &Path, passes: &str, targets: &st
 /// old "default" split Hamlet into other tokens and moved llama.cpp's perplexity by 8 %).
 #[test]
 fn test_mistral_sliding_window_agrees_with_transformers_and_llama_cpp() {
-    let (Some(gguf), Some(hamlet)) = (fixture("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2"), hamlet()) else {
-        return;
-    };
-    let t = tmp();
-    let base = t.path().join("base");
-    run_short(t.path(), &gguf, &hamlet, "", "[[target]]\nname = \"st\"\n", &base);
-    let (llama, _) = ppl(&base, "st");
+    let Some((t, hamlet, base, llama)) = smollm2_base() else { return };
     let mistral = |window: u64| -> PathBuf {
         let dir = t.path().join(format!("mistral-{window}"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -284,19 +308,8 @@ fn test_mistral_sliding_window_agrees_with_transformers_and_llama_cpp() {
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(narrow.join("st/config.json")).unwrap()).unwrap();
     assert_eq!((config["model_type"].as_str(), config["sliding_window"].as_u64()), (Some("mistral"), Some(64)));
-    if let Some(python) = hf_python() {
-        let bundle = narrow.join("st");
-        let hf = hf_load(&python, &["causal", bundle.to_str().unwrap(), hamlet.to_str().unwrap(), TOKENS, WINDOW]);
-        for k in ["missing_keys", "unexpected_keys", "mismatched_keys"] {
-            assert_eq!(hf["loading_info"][k], serde_json::json!([]), "{k}: {hf}");
-        }
-        let theirs = hf["perplexity"].as_f64().unwrap();
-        assert!((theirs / st - 1.0).abs() < 0.002, "transformers {theirs} vs ours {st}");
-    }
-    if let Some(py) = llama_python() {
-        let theirs = llama_cpp_ppl(&py, &narrow.join("f16/model.gguf"), &hamlet);
-        assert!((theirs / f16 - 1.0).abs() < 0.002, "llama.cpp {theirs} vs ours {f16}");
-    }
+    transformers_agrees(&narrow.join("st"), &hamlet, st);
+    llama_cpp_agrees(&narrow.join("f16/model.gguf"), &hamlet, f16);
 }
 
 /// Phi-3's layout built from SmolLM2: q/k/v stacked into `qkv_proj`, gate/up into
@@ -307,13 +320,7 @@ fn test_mistral_sliding_window_agrees_with_transformers_and_llama_cpp() {
 /// per input, rows independent); structured pruning inside them is refused before any work.
 #[test]
 fn test_phi3_fused_projections_agree_with_transformers_and_llama_cpp() {
-    let (Some(gguf), Some(hamlet)) = (fixture("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2"), hamlet()) else {
-        return;
-    };
-    let t = tmp();
-    let base = t.path().join("base");
-    run_short(t.path(), &gguf, &hamlet, "", "[[target]]\nname = \"st\"\n", &base);
-    let (llama, _) = ppl(&base, "st");
+    let Some((t, hamlet, base, llama)) = smollm2_base() else { return };
 
     // The fused model. (Not named "phi3": llama.cpp gives Phi-3 SentencePiece token attributes
     // by general.name, which the exporter takes from the model's file name.)
@@ -380,19 +387,8 @@ fn test_phi3_fused_projections_agree_with_transformers_and_llama_cpp() {
         serde_json::from_slice(&std::fs::read(out.join("st/config.json")).unwrap()).unwrap();
     let groups = config["quantization_config"]["config_groups"].to_string();
     assert!(groups.contains("\"model.layers.0.self_attn.qkv_proj\"") && groups.contains("gate_up_proj"), "{config}");
-    if let Some(python) = hf_python() {
-        let bundle = out.join("st");
-        let hf = hf_load(&python, &["causal", bundle.to_str().unwrap(), hamlet.to_str().unwrap(), TOKENS, WINDOW]);
-        for k in ["missing_keys", "unexpected_keys", "mismatched_keys"] {
-            assert_eq!(hf["loading_info"][k], serde_json::json!([]), "{k}: {hf}");
-        }
-        let theirs = hf["perplexity"].as_f64().unwrap();
-        assert!((theirs / int8 - 1.0).abs() < 0.002, "transformers {theirs} vs ours {int8}");
-    }
-    if let Some(py) = llama_python() {
-        let theirs = llama_cpp_ppl(&py, &out.join("f16/model.gguf"), &hamlet);
-        assert!((theirs / f16 - 1.0).abs() < 0.002, "llama.cpp {theirs} vs ours {f16}");
-    }
+    transformers_agrees(&out.join("st"), &hamlet, int8);
+    llama_cpp_agrees(&out.join("f16/model.gguf"), &hamlet, f16);
     // GPTQ of a fused matrix is GPTQ of its parts: one Hessian per input, rows independent. The
     // fused model's GPTQ bundle scores what the separate model's does, and transformers agrees.
     let gptq = |model: &Path, name: &str| -> (PathBuf, f64) {
@@ -409,12 +405,7 @@ fn test_phi3_fused_projections_agree_with_transformers_and_llama_cpp() {
     let (_, separate) = gptq(&base.join("st"), "gptq-llama");
     let (fused_out, fused) = gptq(&dir, "gptq-phi3");
     assert!((fused / separate - 1.0).abs() < 1e-4, "GPTQ fused {fused} vs separate {separate}");
-    if let Some(python) = hf_python() {
-        let bundle = fused_out.join("st");
-        let hf = hf_load(&python, &["causal", bundle.to_str().unwrap(), hamlet.to_str().unwrap(), TOKENS, WINDOW]);
-        let theirs = hf["perplexity"].as_f64().unwrap();
-        assert!((theirs / fused - 1.0).abs() < 0.002, "transformers {theirs} vs ours {fused} (GPTQ)");
-    }
+    transformers_agrees(&fused_out.join("st"), &hamlet, fused);
 
     // Units inside fused matrices are not pruned yet: refused at plan time, the pass named.
     let recipe = t.path().join("structured.toml");
