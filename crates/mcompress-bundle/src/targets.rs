@@ -159,6 +159,12 @@ pub struct KvGeometry {
     pub head_dim: u64,
     /// Bytes per element (2: f16).
     pub bytes: u64,
+    /// Layers that attend within a sliding window, whose cache holds at most `window` tokens
+    /// (Gemma 3's local layers, Qwen2's sliding ones; vLLM, llama.cpp and transformers all cap
+    /// them). 0 when every layer attends over the whole context.
+    pub sliding_layers: u64,
+    /// The sliding window, in tokens (0: none).
+    pub window: u64,
 }
 
 impl KvGeometry {
@@ -167,11 +173,17 @@ impl KvGeometry {
         let c = config?;
         // The families mcompress runs: their geometry as the architecture module reads it.
         if let Ok(g) = mcompress_core::arch::Geometry::from_config(c) {
+            // A window llama.cpp does not apply (a Mistral's) is not counted on: its GGUF caches
+            // the whole context.
+            let capped = g.gguf_window_lost().is_none();
+            let windows: Vec<usize> = g.windows.iter().flatten().copied().filter(|_| capped).collect();
             return Some(KvGeometry {
                 layers: g.layers as u64,
                 kv_heads: g.kv_heads as u64,
                 head_dim: g.head_dim as u64,
                 bytes: 2,
+                sliding_layers: windows.len() as u64,
+                window: windows.iter().max().copied().unwrap_or(0) as u64,
             });
         }
         // Another causal LM (an estimate from the usual config keys; mcompress does not run it).
@@ -187,12 +199,15 @@ impl KvGeometry {
         let hidden = get("hidden_size").or(get("n_embd"))?;
         let kv_heads = get("num_key_value_heads").unwrap_or(heads);
         let head_dim = get("head_dim").unwrap_or(hidden / heads.max(1));
-        Some(KvGeometry { layers, kv_heads, head_dim, bytes: 2 })
+        Some(KvGeometry { layers, kv_heads, head_dim, bytes: 2, sliding_layers: 0, window: 0 })
     }
 
-    /// Bytes for `tokens` tokens of one sequence: K and V per layer.
+    /// Bytes for `tokens` tokens of one sequence: K and V per layer, a sliding layer holding at
+    /// most its window.
     pub fn bytes_for(&self, tokens: u64) -> u64 {
-        2 * self.layers * self.kv_heads * self.head_dim * self.bytes * tokens
+        let sliding = self.sliding_layers.min(self.layers);
+        let cached = (self.layers - sliding) * tokens + sliding * tokens.min(self.window);
+        2 * self.kv_heads * self.head_dim * self.bytes * cached
     }
 }
 
@@ -392,6 +407,24 @@ mod tests {
         assert!(f.reasons[0].contains("KV cache 8.00 GiB"), "{:?}", f.reasons);
         let f = fit(t, 4 << 30, &["bf16".into()], &["safetensors"], Some(kv));
         assert!(f.reasons.iter().any(|r| r.contains("bf16 do not run natively")), "{:?}", f.reasons);
+    }
+
+    #[test]
+    fn test_sliding_layers_cache_at_most_their_window() {
+        // Gemma 3 270M's shape: 18 layers, every sixth global, the others over 512 tokens.
+        let gemma = serde_json::json!({"model_type": "gemma3_text", "hidden_size": 640, "num_attention_heads": 4,
+            "num_key_value_heads": 1, "head_dim": 256, "num_hidden_layers": 18, "intermediate_size": 2048,
+            "vocab_size": 262144, "sliding_window": 512});
+        let kv = KvGeometry::from_config(Some(&gemma)).unwrap();
+        assert_eq!((kv.sliding_layers, kv.window), (15, 512));
+        let per_token_layer = 2 * 256 * 2;
+        assert_eq!(kv.bytes_for(32_768), per_token_layer * (3 * 32_768 + 15 * 512));
+        assert_eq!(kv.bytes_for(100), per_token_layer * 18 * 100);
+        // A Mistral's window is not applied by llama.cpp: the whole context is cached.
+        let mistral = serde_json::json!({"model_type": "mistral", "hidden_size": 64, "num_attention_heads": 4,
+            "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100, "sliding_window": 16,
+            "max_position_embeddings": 1024});
+        assert_eq!(KvGeometry::from_config(Some(&mistral)).unwrap().sliding_layers, 0);
     }
 
     #[test]
