@@ -414,7 +414,7 @@ mod tests {
         // Gemma 3 270M's shape: 18 layers, every sixth global, the others over 512 tokens.
         let gemma = serde_json::json!({"model_type": "gemma3_text", "hidden_size": 640, "num_attention_heads": 4,
             "num_key_value_heads": 1, "head_dim": 256, "num_hidden_layers": 18, "intermediate_size": 2048,
-            "vocab_size": 262144, "sliding_window": 512});
+            "vocab_size": 262_144, "sliding_window": 512});
         let kv = KvGeometry::from_config(Some(&gemma)).unwrap();
         assert_eq!((kv.sliding_layers, kv.window), (15, 512));
         let per_token_layer = 2 * 256 * 2;
