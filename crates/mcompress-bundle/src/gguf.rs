@@ -14,11 +14,10 @@
 //! - Data: each tensor streams from the pipeline ([`Sink`]) through ggml's reference quantizers
 //!   ([`mcompress_core::ggml`]) to its planned offset.
 
-use mcompress_core::arch::DECODERS;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use mcompress_core::arch::{Family, Geometry, Role};
+use mcompress_core::arch::{DECODERS, Family, Geometry, Role};
 use mcompress_core::gguf::{GgmlType, GgufBuilder, GgufLayout, GgufWriter};
 use mcompress_core::{ModelSource, ggml};
 use mcompress_passes::pipeline::Sink;

@@ -268,6 +268,16 @@ pub fn weight_dtypes(params: &BTreeMap<String, ParamMeta>) -> Vec<String> {
     set.into_iter().collect()
 }
 
+impl ResolvedTarget {
+    /// The weight dtypes among `dtypes` this hardware does not run natively, `None` when it runs
+    /// them all (or states none).
+    pub fn foreign_dtypes<'a>(&self, dtypes: &'a [String]) -> Option<Vec<&'a str>> {
+        let supported = self.weight_dtypes.as_ref()?;
+        let missing: Vec<&str> = dtypes.iter().filter(|d| !supported.contains(d)).map(String::as_str).collect();
+        (!missing.is_empty()).then_some(missing)
+    }
+}
+
 /// Fits the bundle to a target.
 pub fn fit(t: &ResolvedTarget, weights_bytes: u64, dtypes: &[String], formats: &[&str], kv: Option<KvGeometry>) -> Fit {
     let kv_cache_bytes = kv.map_or(0, |g| g.bytes_for(u64::from(t.context)) * u64::from(t.batch));
@@ -285,15 +295,12 @@ pub fn fit(t: &ResolvedTarget, weights_bytes: u64, dtypes: &[String], formats: &
             kv_cache_bytes as f64 / GIB
         ));
     }
-    if let Some(supported) = &t.weight_dtypes {
-        let missing: Vec<&str> = dtypes.iter().filter(|d| !supported.contains(d)).map(String::as_str).collect();
-        if !missing.is_empty() {
-            reasons.push(format!(
-                "weight dtypes {} do not run natively here (supported: {})",
-                missing.join(", "),
-                supported.join(", ")
-            ));
-        }
+    if let Some(missing) = t.foreign_dtypes(dtypes) {
+        reasons.push(format!(
+            "weight dtypes {} do not run natively here (supported: {})",
+            missing.join(", "),
+            t.weight_dtypes.as_deref().unwrap_or_default().join(", ")
+        ));
     }
     if let Some(supported) = &t.formats
         && !formats.iter().any(|f| supported.iter().any(|s| s == f))

@@ -173,7 +173,6 @@ const HF_LAYER: &str = "model.layers.";
 const GGUF_LAYER: &str = "blk.";
 
 impl Family {
-    /// Every family.
     /// Every family. Llama comes before Mistral, which shares its GGUF architecture: a GGUF
     /// `llama` reads as Llama.
     pub const ALL: [Family; 5] = [Family::Llama, Family::Mistral, Family::Qwen2, Family::Gemma3, Family::Phi3];
@@ -234,10 +233,22 @@ impl Family {
     }
 
     /// Whether q/k/v and gate/up are fused matrices ([`Role::Qkv`], [`Role::GateUp`]): the
-    /// eval reads them (split at load), RTN and GGUF write them; calibration, structured
-    /// pruning and distillation, which work per projection, refuse the family.
+    /// eval runs each as one layer and calibration treats it as one; structured pruning and
+    /// distillation, which work on units inside a projection, refuse the family.
     pub fn fuses_projections(self) -> bool {
         self == Family::Phi3
+    }
+
+    /// The linear layers that read the normed stream in front of attention, in order (q, k, v;
+    /// or the fused `qkv_proj`).
+    pub fn attn_readers(self) -> &'static [Role] {
+        if self.fuses_projections() { &[Role::Qkv] } else { &[Role::Q, Role::K, Role::V] }
+    }
+
+    /// The linear layers that read the normed stream in front of the MLP, in order (gate, up;
+    /// or the fused `gate_up_proj`).
+    pub fn mlp_readers(self) -> &'static [Role] {
+        if self.fuses_projections() { &[Role::GateUp] } else { &[Role::Gate, Role::Up] }
     }
 
     /// Whether llama.cpp's converter permutes Q and K rows for its rotary layout (llama and
@@ -305,9 +316,8 @@ impl Family {
 
     /// The linear layers of a block, in forward order (fused ones for a family that fuses).
     pub fn linear_roles(self) -> impl Iterator<Item = Role> {
-        [Role::Q, Role::K, Role::V, Role::Qkv, Role::O, Role::Gate, Role::Up, Role::GateUp, Role::Down]
-            .into_iter()
-            .filter(move |r| self.has(*r))
+        let (attn, mlp) = (self.attn_readers(), self.mlp_readers());
+        attn.iter().chain(&[Role::O]).chain(mlp).chain(&[Role::Down]).copied()
     }
 
     /// Roles this family has (whether optional or not).

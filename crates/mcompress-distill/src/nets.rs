@@ -7,13 +7,12 @@
 // Tensor code reads best with the usual short names (b, t, h, x, q, k, v).
 #![allow(clippy::many_single_char_names)]
 
-use mcompress_core::arch::DECODERS;
 use std::collections::BTreeMap;
 
 use burn::tensor::activation::{gelu, relu, silu, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use mcompress_core::arch::{BertGeometry, BertRole, Geometry, MlpGeometry, ModelKind, Role, model_type};
+use mcompress_core::arch::{BertGeometry, BertRole, DECODERS, Geometry, MlpGeometry, ModelKind, Role, model_type};
 
 use crate::{Error, Result};
 

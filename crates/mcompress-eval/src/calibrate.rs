@@ -4,13 +4,12 @@
 //! place is [`crate::decoder::Decoder::trace`]; the algorithms that observe it (GPTQ, AWQ, Wanda,
 //! SparseGPT) live with the passes (`mcompress_passes::calibrate`).
 
-use mcompress_core::arch::DECODERS;
 use std::collections::BTreeMap;
 
 use mcompress_core::ModelSource;
 
 use crate::linear::Device;
-use mcompress_core::arch::{ModelKind, model_type};
+use mcompress_core::arch::{DECODERS, ModelKind, model_type};
 
 use crate::{Error, Result, decoder, model_tokenizer, sets, weights};
 

@@ -413,9 +413,7 @@ impl Decoder {
         for li in 0..self.layers.len() {
             let site = |readers, producer, width| Site { family, layer: li, readers, producer, width };
             // q, k, v: the normed residual stream.
-            let fused = family.fuses_projections();
-            let qkv: &'static [Role] = if fused { &[Role::Qkv] } else { &[Role::Q, Role::K, Role::V] };
-            let s = site(qkv, Producer::Norm(Role::AttnNorm), hidden);
+            let s = site(family.attn_readers(), Producer::Norm(Role::AttnNorm), hidden);
             for x in &xs {
                 obs.input(&s, &self.rms(x, &self.layers[li].ln_in))?;
             }
@@ -434,15 +432,14 @@ impl Decoder {
             }
             drop(ctxs);
             // gate, up: the normed stream after attention.
-            let gate_up: &'static [Role] = if fused { &[Role::GateUp] } else { &[Role::Gate, Role::Up] };
-            let s = site(gate_up, Producer::Norm(Role::FfnNorm), hidden);
+            let s = site(family.mlp_readers(), Producer::Norm(Role::FfnNorm), hidden);
             for x in &xs {
                 obs.input(&s, &self.rms(x, &self.layers[li].ln_ffn))?;
             }
             obs.rewrite(&s, &mut self.block(li))?;
             // down: the gated activations (from gate and up as rewritten).
             // A fused gate/up has no rows of up alone to fold a scale into.
-            let producer = if fused { Producer::Opaque } else { Producer::Rows(Role::Up) };
+            let producer = if family.has(Role::Up) { Producer::Rows(Role::Up) } else { Producer::Opaque };
             let s = site(&[Role::Down][..], producer, self.layers[li].down.inp);
             for x in &xs {
                 let l = &self.layers[li];
@@ -496,16 +493,12 @@ impl Decoder {
                 let d = self.mlp_out(l, &act)?;
                 x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
             }
-            for r in [Role::Q, Role::K, Role::V, Role::Qkv] {
-                if f.has(r) {
-                    put(f.hf(r, li), &m_in);
-                }
+            for &r in f.attn_readers() {
+                put(f.hf(r, li), &m_in);
             }
             put(f.hf(Role::O, li), &m_o);
-            for r in [Role::Gate, Role::Up, Role::GateUp] {
-                if f.has(r) {
-                    put(f.hf(r, li), &m_post);
-                }
+            for &r in f.mlp_readers() {
+                put(f.hf(r, li), &m_post);
             }
             put(f.hf(Role::Down, li), &m_down);
         }

@@ -34,14 +34,13 @@ pub mod mlp;
 pub mod sets;
 pub mod weights;
 
-use mcompress_core::arch::DECODERS;
 use std::path::Path;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use linear::Device;
 use mcompress_core::ModelSource;
-use mcompress_core::arch::ModelKind;
+use mcompress_core::arch::{DECODERS, ModelKind};
 use mcompress_recipe::{Backend, EvalSection, Metric};
 use serde::Serialize;
 

@@ -1,14 +1,14 @@
 //! Calibrated passes on the eval runtime: GPTQ, AWQ, Wanda and SparseGPT observe the
 //! runtime's block-by-block trace ([`Decoder::trace`]: every site's input, then a rewrite of the
 //! block in place, the rewritten block feeding the next) as [`Observer`]s and return what they
-//! computed, by tensor name, for [`Pass::provide`]. The algorithms know no architecture; the runtime does.
+//! computed, by tensor name, for [`Pass::provide`]. The algorithms know no architecture; the
+//! runtime does.
 
-use mcompress_core::arch::DECODERS;
 use std::collections::BTreeMap;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use mcompress_core::ModelSource;
-use mcompress_core::arch::Family;
+use mcompress_core::arch::{DECODERS, Family};
 use mcompress_eval::calibrate::{Prior, WindowSpec, windows};
 use mcompress_eval::decoder::{Block, Decoder, Observer, Site};
 use mcompress_eval::linalg::{Strides, sgemm};

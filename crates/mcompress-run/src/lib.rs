@@ -180,12 +180,11 @@ fn check_dtypes(
 ) -> Result<()> {
     let mut dtypes = None;
     for (i, ((t, s), r)) in recipe.targets.iter().zip(shipping).zip(resolved).enumerate() {
-        let (Some(MaxSize::Auto), true, Some(supported)) = (&t.max_size, s.safetensors, &r.weight_dtypes) else {
+        if !matches!(t.max_size, Some(MaxSize::Auto)) || !s.safetensors || r.weight_dtypes.is_none() {
             continue;
-        };
+        }
         let dtypes = dtypes.get_or_insert_with(|| targets::weight_dtypes(&pipeline::plan(source, passes).params));
-        let missing: Vec<&str> = dtypes.iter().filter(|d| !supported.contains(d)).map(String::as_str).collect();
-        if !missing.is_empty() {
+        if let Some(missing) = r.foreign_dtypes(dtypes) {
             return Err(Error::Recipe(recipe.target_error(
                 i,
                 format!(
@@ -193,7 +192,7 @@ fn check_dtypes(
                      cast to one it runs (a cast pass) or drop max-size",
                     missing.join(", "),
                     r.hardware.as_deref().or(r.profile.as_deref()).unwrap_or("this target"),
-                    supported.join(", ")
+                    r.weight_dtypes.as_deref().unwrap_or_default().join(", ")
                 ),
             )));
         }

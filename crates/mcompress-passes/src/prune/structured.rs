@@ -24,11 +24,10 @@
 //! `mcompress_eval::calibrate::layer_scores`): the layers that change their input least are
 //! removed and the rest renumbered (a [`LayerMap`] over the model's tensor names).
 
-use mcompress_core::arch::DECODERS;
 use std::collections::BTreeMap;
 
 use mcompress_core::ModelSource;
-use mcompress_core::arch::{self, BertGeometry, BertRole, Family, MlpGeometry, ModelKind, Role};
+use mcompress_core::arch::{self, BertGeometry, BertRole, DECODERS, Family, MlpGeometry, ModelKind, Role};
 use mcompress_recipe::Recipe;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
