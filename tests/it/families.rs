@@ -421,3 +421,168 @@ fn test_phi3_fused_projections_agree_with_transformers_and_llama_cpp() {
     assert_eq!(code, 2, "{so}{se}");
     assert!(se.contains("prune-structured on fused projections is not implemented"), "{se}");
 }
+
+/// A Mixtral-layout mixture of experts built from SmolLM2: each block's MLP copied into 4 experts
+/// (`block_sparse_moe.experts.{e}.w1/w2/w3`) behind a router of fixed pseudo-random weights, 2
+/// experts per token. `perturb`: expert `e`'s gate rows times `s_e`, its down rows times
+/// `2 − s_e` (s from 0.906 to 1.094), so which experts a token reaches, and with what weight,
+/// changes the output.
+fn smollm2_moe(t: &Path, base: &Path, name: &str, perturb: bool) -> PathBuf {
+    const EXPERTS: usize = 4;
+    let dir = t.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+        std::fs::hard_link(base.join("st").join(f), dir.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(base.join("st/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(base.join("st/config.json")).unwrap()).unwrap();
+    let layers = config["num_hidden_layers"].as_u64().unwrap() as usize;
+    let hidden = config["hidden_size"].as_u64().unwrap() as usize;
+    let scaled = |data: &[u8], s: f32| -> Vec<u8> {
+        data.chunks(4).flat_map(|b| (f32::from_le_bytes(b.try_into().unwrap()) * s).to_le_bytes()).collect()
+    };
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        if !name.contains(".mlp.") {
+            tensors.push((name.clone(), view.shape().to_vec(), view.data().to_vec()));
+        }
+    }
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    for i in 0..layers {
+        let p = format!("model.layers.{i}.");
+        let router: Vec<u8> = (0..EXPERTS * hidden)
+            .flat_map(|_| {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                (((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.5).to_le_bytes()
+            })
+            .collect();
+        tensors.push((format!("{p}block_sparse_moe.gate.weight"), vec![EXPERTS, hidden], router));
+        for e in 0..EXPERTS {
+            let s = if perturb { 1.0 + 0.25 * (e as f32 - 1.5) / EXPERTS as f32 } else { 1.0 };
+            for (w, src, k) in [("w1", "gate_proj", s), ("w3", "up_proj", 1.0), ("w2", "down_proj", 2.0 - s)] {
+                let v = st.tensor(&format!("{p}mlp.{src}.weight")).unwrap();
+                tensors.push((
+                    format!("{p}block_sparse_moe.experts.{e}.{w}.weight"),
+                    v.shape().to_vec(),
+                    scaled(v.data(), k),
+                ));
+            }
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, s, d)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    config["model_type"] = "mixtral".into();
+    config["architectures"] = serde_json::json!(["MixtralForCausalLM"]);
+    config["num_local_experts"] = EXPERTS.into();
+    config["num_experts_per_tok"] = 2.into();
+    config["sliding_window"] = serde_json::Value::Null;
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    dir
+}
+
+/// Mixtral's layout built from SmolLM2. With identical experts the mixture is the dense model
+/// (the renormalized top-2 weights sum to 1): its perplexity is SmolLM2's to float rounding.
+/// With perturbed experts routing matters: RTN int8 of every expert loads in transformers'
+/// MixtralForCausalLM (compressed-tensors experts decompressed into its stacked layout) with our
+/// perplexity; the GGUF (llama with `ffn_*_exps` stacks, F32 `ffn_gate_inp`) loads in llama.cpp
+/// with ours, F16 within 0.2 %, Q4_K_M within 1 %. GPTQ calibrates each expert on the tokens
+/// routed to it; a bundle transformers could not load (some experts quantized, others dense) is
+/// refused before any work.
+#[test]
+fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
+    let Some((t, hamlet, base, llama)) = smollm2_base() else { return };
+
+    let same = smollm2_moe(t.path(), &base, "moe-same", false);
+    let out = t.path().join("same");
+    run_short(t.path(), &same, &hamlet, "", "[[target]]\nname = \"st\"\n", &out);
+    let (reference, _) = ppl(&out, "st");
+    assert!((reference / llama - 1.0).abs() < 1e-5, "identical experts {reference} vs dense {llama}");
+    std::fs::remove_dir_all(&same).unwrap();
+
+    let moe = smollm2_moe(t.path(), &base, "moe", true);
+    let out = t.path().join("moe-int8");
+    run_short(
+        t.path(),
+        &moe,
+        &hamlet,
+        "[[pass]]\ntype = \"quantize-rtn\"\nbits = 8\ngroup-size = 0\n",
+        "[[target]]\nname = \"st\"\n\n[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n\n\
+         [[target]]\nname = \"q4km\"\nformats = [\"gguf\"]\ngguf-type = \"Q4_K_M\"\n",
+        &out,
+    );
+    let (reference, int8) = ppl(&out, "st");
+    let (_, f16) = ppl(&out, "f16");
+    let (_, q4km) = ppl(&out, "q4km");
+    assert!((reference / llama - 1.0).abs() > 1e-3, "perturbed experts must change the model: {reference}");
+    assert!((int8 / reference - 1.0).abs() < 0.02 && (f16 / int8 - 1.0).abs() < 0.01, "{reference} {int8} {f16}");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("st/config.json")).unwrap()).unwrap();
+    let ignore = config["quantization_config"]["ignore"].to_string();
+    assert!(ignore.contains("model.layers.0.block_sparse_moe.gate\""), "routers stay dense: {ignore}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("q4km/report.json")).unwrap()).unwrap();
+    let types = &report["bundle"]["gguf"]["tensors"];
+    assert_eq!(types["blk.0.ffn_gate_inp.weight"], "F32", "{types}");
+    assert_eq!(types["blk.0.ffn_down_exps.weight"], "Q6_K", "{types}");
+    assert_eq!(types["blk.4.ffn_down_exps.weight"], "Q4_K", "{types}");
+    // 576-wide rows are no whole number of 256-blocks: Q5_0, as llama-quantize falls back.
+    assert_eq!(types["blk.4.ffn_up_exps.weight"], "Q5_0", "{types}");
+    transformers_agrees(&out.join("st"), &hamlet, int8);
+    llama_cpp_agrees(&out.join("f16/model.gguf"), &hamlet, f16);
+    if let Some(py) = llama_python() {
+        let theirs = llama_cpp_ppl(&py, &out.join("q4km/model.gguf"), &hamlet);
+        assert!((theirs / q4km - 1.0).abs() < 0.01, "llama.cpp {theirs} vs ours {q4km} on Q4_K_M");
+    }
+
+    // GPTQ per expert, on the tokens routed to it (blocks 0–1; a GGUF target, since a
+    // compressed-tensors bundle needs every expert quantized alike).
+    let gptq_passes = |blocks: &str| {
+        format!(
+            "[[pass]]\ntype = \"quantize-gptq\"\nbits = 4\ngroup-size = 64\n\
+             targets = [\"re:model\\\\.layers\\\\.[{blocks}]\\\\..*experts.*\\\\.weight\"]\n\
+             calibration = {{ set = {:?}, samples = 8, seq-len = 128 }}\n",
+            hamlet.display().to_string()
+        )
+    };
+    let gptq = t.path().join("moe-gptq");
+    run_short(
+        t.path(),
+        &moe,
+        &hamlet,
+        &gptq_passes("0-1"),
+        "[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n",
+        &gptq,
+    );
+    let rtn = t.path().join("moe-rtn");
+    let rtn_passes = gptq_passes("0-1").replace("quantize-gptq", "quantize-rtn");
+    let rtn_passes: String =
+        rtn_passes.lines().filter(|l| !l.starts_with("calibration")).flat_map(|l| [l, "\n"]).collect();
+    run_short(
+        t.path(),
+        &moe,
+        &hamlet,
+        &rtn_passes,
+        "[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n",
+        &rtn,
+    );
+    let (g, r) = (ppl(&gptq, "f16").1, ppl(&rtn, "f16").1);
+    assert!(g < r, "GPTQ of the experts {g} must beat RTN {r}");
+
+    // Some experts quantized, others dense: transformers could not load it; refused up front.
+    let recipe = t.path().join("partial.toml");
+    std::fs::write(
+        &recipe,
+        format!("[model]\npath = {:?}\n\n{}\n[[target]]\nname = \"st\"\n", moe.display().to_string(), rtn_passes),
+    )
+    .unwrap();
+    let (code, so, se) = mcompress(&["recipe", "check", recipe.to_str().unwrap()], t.path());
+    assert_eq!(code, 2, "{so}{se}");
+    assert!(se.contains("every expert is quantized") && se.contains("experts.0.w1.weight"), "{se}");
+}

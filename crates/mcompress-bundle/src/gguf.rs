@@ -60,16 +60,19 @@ impl TypePolicy {
     }
 
     /// The type of one tensor: `role` its place in the model, `dims` innermost first, `layer`
-    /// its block, `output` whether it is the output matrix (or the embedding tied to it).
+    /// its block, `output` whether it is the output matrix (or the embedding tied to it),
+    /// `n_expert` the experts per block (0 for a dense model).
     pub(crate) fn choose(
         self,
         role: Role,
         dims: &[u64],
         layer: Option<usize>,
-        n_layer: usize,
+        (n_layer, n_expert): (usize, usize),
         output: bool,
     ) -> GgmlType {
-        if dims.len() < 2 {
+        // Routers stay F32: convert_hf_to_gguf.py writes ffn_gate_inp in F32 and llama-quantize
+        // never quantizes it.
+        if dims.len() < 2 || role == Role::Router {
             return GgmlType::F32;
         }
         let base = match self {
@@ -81,16 +84,23 @@ impl TypePolicy {
         let more_bits = |i: usize| i < n_layer / 8 || i >= 7 * n_layer / 8 || (i - n_layer / 8) % 3 == 2;
         let ty = if output {
             if base == GgmlType::Q8_0 || !dims[0].is_multiple_of(256) { GgmlType::Q8_0 } else { GgmlType::Q6_K }
+        } else if n_expert == 8 && matches!(role, Role::K | Role::V) {
+            // llama-quantize: "for the 8-expert model, bumping this to Q8_0 trades just ~128MB".
+            GgmlType::Q8_0
         } else {
             match (self, layer) {
-                (TypePolicy::KMedium(_), Some(i)) if matches!(role, Role::V | Role::Down) && more_bits(i) => {
+                (TypePolicy::KMedium(_), Some(i))
+                    if matches!(role, Role::V | Role::Down | Role::ExpertDown) && more_bits(i) =>
+                {
                     GgmlType::Q6_K
                 }
                 // llama-quantize raises a fused attn_qkv one step in the medium mixes.
                 (TypePolicy::KMedium(GgmlType::Q4_K), Some(_)) if role == Role::Qkv => GgmlType::Q5_K,
                 (TypePolicy::KMedium(GgmlType::Q5_K), Some(_)) if role == Role::Qkv => GgmlType::Q6_K,
                 (TypePolicy::KSmall(GgmlType::Q4_K), Some(i)) if role == Role::V && i < 4 => GgmlType::Q5_K,
-                (TypePolicy::KSmall(GgmlType::Q4_K), Some(i)) if role == Role::Down && i < n_layer / 8 => {
+                (TypePolicy::KSmall(GgmlType::Q4_K), Some(i))
+                    if matches!(role, Role::Down | Role::ExpertDown) && i < n_layer / 8 =>
+                {
                     GgmlType::Q5_K
                 }
                 _ => base,
@@ -149,6 +159,10 @@ pub(crate) struct TensorPlan {
     pub output: bool,
     /// Added to every value (Gemma's norms: GGUF stores `1 + w`).
     pub offset: f32,
+    /// For one expert's matrix: (its index, the experts in the stack). GGUF stacks a block's
+    /// experts into one 3-D tensor (`dims` are the stack's), each expert's rows one contiguous
+    /// part of it.
+    pub expert: Option<(usize, usize)>,
 }
 
 /// Every tensor of the pipeline's output as it goes into a GGUF, by Hugging Face name.
@@ -166,12 +180,17 @@ pub(crate) fn tensor_plans(
     let tied = !params.contains_key(&family.hf(Role::Output, 0));
     let mut out = BTreeMap::new();
     for (name, meta) in params {
-        let (role, layer) = family
-            .parse_hf(name)
+        let slot = family
+            .slot_hf(name)
             .ok_or_else(|| format!("tensor {name:?} has no llama.cpp name in a {} model", family.gguf_arch()))?;
+        let (role, layer) = (slot.role, slot.layer);
         let gguf = family.gguf(role, layer.unwrap_or(0));
         let heads = family.gguf_permute_heads(role, g.heads, g.kv_heads);
-        let dims: Vec<u64> = meta.shape().iter().rev().map(|&d| d as u64).collect();
+        let mut dims: Vec<u64> = meta.shape().iter().rev().map(|&d| d as u64).collect();
+        let expert = slot.expert.map(|e| (e, g.experts));
+        if expert.is_some() {
+            dims.push(g.experts as u64);
+        }
         if let Some(h) = heads
             && (dims.len() != 2 || !dims[1].is_multiple_of((2 * h.max(1)) as u64))
         {
@@ -180,7 +199,7 @@ pub(crate) fn tensor_plans(
         let output = role == Role::Output || (tied && role == Role::Embed);
         out.insert(
             name.clone(),
-            TensorPlan { gguf, role, dims, heads, layer, output, offset: family.gguf_offset(role) },
+            TensorPlan { gguf, role, dims, heads, layer, output, offset: family.gguf_offset(role), expert },
         );
     }
     Ok(out)
@@ -240,6 +259,10 @@ pub(crate) fn metadata(model: &ModelSource, config: &Value, ftype: u32) -> Resul
     }
     if family.gguf_arch() == "llama" {
         b.u32(&key("vocab_size"), dim(g.vocab)?);
+    }
+    if g.experts > 0 {
+        b.u32(&key("expert_count"), dim(g.experts)?);
+        b.u32(&key("expert_used_count"), dim(g.experts_used)?);
     }
     if !b.has("tokenizer.ggml.model") {
         let tok = model
@@ -354,7 +377,23 @@ pub(crate) fn plan_file(
     order.sort_by_key(|(_, p)| {
         (p.layer.map_or(if p.role == Role::Embed { 0 } else { 2 }, |_| 1), p.layer, p.gguf.clone())
     });
+    let mut stacked = std::collections::BTreeMap::new();
     for (name, p) in order {
+        // A stack of experts is one tensor of one type, planned once.
+        if p.expert.is_some() {
+            match stacked.insert(p.gguf.clone(), types[name]) {
+                Some(t) if t != types[name] => {
+                    return Err(format!(
+                        "{}: experts of one stack must share a type ({} and {})",
+                        p.gguf,
+                        t.name(),
+                        types[name].name()
+                    ));
+                }
+                Some(_) => continue,
+                None => {}
+            }
+        }
         meta.tensor(&p.gguf, &p.dims, types[name]);
     }
     let layout = meta.layout().map_err(|e| e.to_string())?;
@@ -410,7 +449,8 @@ impl Sink for GgufSink {
             return Err(err("not in the planned GGUF".into()));
         };
         let cols = p.dims[0] as usize;
-        let rows = p.dims[1..].iter().product::<u64>() as usize;
+        // One expert's rows of a stack: its own matrix.
+        let rows = if p.expert.is_some() { p.dims[1] as usize } else { p.dims[1..].iter().product::<u64>() as usize };
         let heads = p.heads.filter(|&h| h > 0 && rows.is_multiple_of(2 * h));
         if p.heads.is_some() && heads.is_none() {
             return Err(err(format!("{rows} rows cannot be permuted over {:?} heads", p.heads)));
@@ -433,7 +473,11 @@ impl Sink for GgufSink {
             return Err(err("not a float tensor".into()));
         }
         let w = self.writer.as_mut().ok_or_else(|| err("writer already finished".into()))?;
-        w.write_tensor(&p.gguf, &bytes).map_err(mcompress_passes::Error::Core)
+        match p.expert {
+            Some((e, n)) => w.write_tensor_part(&p.gguf, e, n, &bytes),
+            None => w.write_tensor(&p.gguf, &bytes),
+        }
+        .map_err(mcompress_passes::Error::Core)
     }
 
     fn finish(&mut self) -> mcompress_passes::Result<()> {
@@ -456,9 +500,10 @@ pub(crate) fn summary(
     let mut tensors = serde_json::Map::new();
     for (name, p) in plans {
         let t = types[name];
-        let n: u64 = p.dims.iter().product();
+        // One expert of a stack: its share of the stack's parameters; the stack counts once.
+        let n: u64 = p.dims.iter().product::<u64>() / p.expert.map_or(1, |(_, n)| n.max(1) as u64);
         let e = by_type.entry(t.name()).or_default();
-        e.0 += 1;
+        e.0 += u64::from(p.expert.is_none_or(|(i, _)| i == 0));
         e.1 += n;
         e.2 += ggml::nbytes(t, n as usize) as u64;
         tensors.insert(p.gguf.clone(), t.name().into());
@@ -494,13 +539,13 @@ mod tests {
     fn test_type_policy_follows_llama_quantize() {
         let p = TypePolicy::parse("q4_k_m").unwrap();
         let d = [2048u64, 2048];
-        assert_eq!(p.choose(Role::V, &d, Some(0), 32, false), GgmlType::Q6_K);
-        assert_eq!(p.choose(Role::V, &d, Some(5), 32, false), GgmlType::Q4_K);
-        assert_eq!(p.choose(Role::Down, &d, Some(6), 32, false), GgmlType::Q6_K);
-        assert_eq!(p.choose(Role::Output, &d, None, 32, true), GgmlType::Q6_K);
-        assert_eq!(p.choose(Role::Q, &[576, 576], Some(5), 32, false), GgmlType::Q5_0);
-        assert_eq!(p.choose(Role::AttnNorm, &[576], Some(5), 32, false), GgmlType::F32);
-        assert_eq!(TypePolicy::parse("Q8_0").unwrap().choose(Role::Output, &d, None, 32, true), GgmlType::Q8_0);
+        assert_eq!(p.choose(Role::V, &d, Some(0), (32, 0), false), GgmlType::Q6_K);
+        assert_eq!(p.choose(Role::V, &d, Some(5), (32, 0), false), GgmlType::Q4_K);
+        assert_eq!(p.choose(Role::Down, &d, Some(6), (32, 0), false), GgmlType::Q6_K);
+        assert_eq!(p.choose(Role::Output, &d, None, (32, 0), true), GgmlType::Q6_K);
+        assert_eq!(p.choose(Role::Q, &[576, 576], Some(5), (32, 0), false), GgmlType::Q5_0);
+        assert_eq!(p.choose(Role::AttnNorm, &[576], Some(5), (32, 0), false), GgmlType::F32);
+        assert_eq!(TypePolicy::parse("Q8_0").unwrap().choose(Role::Output, &d, None, (32, 0), true), GgmlType::Q8_0);
         assert_eq!(fallback(GgmlType::Q6_K, 576), GgmlType::Q8_0);
         assert_eq!(fallback(GgmlType::Q4_0, 100), GgmlType::F16);
         assert!(TypePolicy::parse("Q3_X").is_none());

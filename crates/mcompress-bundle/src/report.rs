@@ -120,6 +120,10 @@ pub struct ModelInfo {
     pub tensors: usize,
     /// Tensor count per dtype.
     pub dtypes: BTreeMap<String, usize>,
+    /// A mixture of experts: the parameters one token runs through (every tensor outside the
+    /// experts plus `num_experts_per_tok` experts per block). Absent for dense models.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub active_params: Option<u64>,
 }
 
 /// The bundle.
@@ -233,7 +237,18 @@ impl Report {
             target: target.clone(),
             targets: targets.to_vec(),
             estimate_model: crate::targets::ESTIMATE_MODEL,
-            model: ModelInfo { name, params, bytes: model.weight_bytes(), tensors: model.tensors().len(), dtypes },
+            model: ModelInfo {
+                name,
+                params,
+                bytes: model.weight_bytes(),
+                tensors: model.tensors().len(),
+                dtypes,
+                active_params: model
+                    .config()
+                    .and_then(|c| mcompress_core::arch::Geometry::from_config(c).ok())
+                    .filter(|g| g.experts > 0)
+                    .map(|g| (params as f64 * g.active_share()).round() as u64),
+            },
             bundle: BundleInfo {
                 bytes: bundle_bytes,
                 weights_bytes,

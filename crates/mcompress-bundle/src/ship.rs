@@ -245,11 +245,20 @@ impl GgufTarget {
             me.types = me
                 .plans
                 .iter()
-                .map(|(n, tp)| (n.clone(), p.choose(tp.role, &tp.dims, tp.layer, n_layer, tp.output)))
+                .map(|(n, tp)| {
+                    (n.clone(), p.choose(tp.role, &tp.dims, tp.layer, (n_layer, geometry.experts), tp.output))
+                })
                 .collect();
             return Ok(me);
         }
         // policy = "fit".
+        if geometry.experts > 0 {
+            return Err(err(
+                "gguf: policy = \"fit\" on a mixture of experts is not implemented yet (a stack of experts takes one \
+                 type); name a gguf-type"
+                    .into(),
+            ));
+        }
         let limit = match target.max_size {
             Some(MaxSize::Bytes(b)) => b.0,
             _ => crate::targets::fit(resolved, 0, &[], &[], crate::targets::KvGeometry::from_config(Some(&config)))

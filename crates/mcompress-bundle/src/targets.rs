@@ -18,6 +18,7 @@ pub const DEFAULT_CONTEXT: u32 = 2048;
 
 /// The estimate model, as written into reports.
 pub const ESTIMATE_MODEL: &str = "decode step (B sequences): time = max(bytes / (0.8 × bandwidth), B × 2 × params / (0.5 × peak)); \
+(a mixture of E experts, k per token: params counts the experts a token runs, bytes the experts a step reads, 1 − (1 − k/E)^B of them); \
 bytes = weight bytes + B × KV cache at half the context; peak = the target's f16 (bf16, else f32) TFLOP/s for weight-only \
 quantized or 16-bit weights, f32 TFLOP/s for f32 weights; tokens/s = B / time. Prefill: 0.5 × peak / (2 × params) tokens/s. \
 $/1M tokens = $/hour / (3600 × decode tokens/s) × 1e6. Fit: weights ≤ memory − overhead − KV cache at full context.";
@@ -165,6 +166,11 @@ pub struct KvGeometry {
     pub sliding_layers: u64,
     /// The sliding window, in tokens (0: none).
     pub window: u64,
+    /// A mixture of experts, for the speed estimate: (experts per block, experts per token,
+    /// share of all parameters that are experts'). `None` for a dense model.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub experts: Option<(u64, u64, f64)>,
 }
 
 impl KvGeometry {
@@ -184,6 +190,7 @@ impl KvGeometry {
                 bytes: 2,
                 sliding_layers: windows.len() as u64,
                 window: windows.iter().max().copied().unwrap_or(0) as u64,
+                experts: (g.experts > 0).then(|| (g.experts as u64, g.experts_used as u64, g.expert_share())),
             });
         }
         // Another causal LM (an estimate from the usual config keys; mcompress does not run it).
@@ -199,7 +206,7 @@ impl KvGeometry {
         let hidden = get("hidden_size").or(get("n_embd"))?;
         let kv_heads = get("num_key_value_heads").unwrap_or(heads);
         let head_dim = get("head_dim").unwrap_or(hidden / heads.max(1));
-        Some(KvGeometry { layers, kv_heads, head_dim, bytes: 2, sliding_layers: 0, window: 0 })
+        Some(KvGeometry { layers, kv_heads, head_dim, bytes: 2, sliding_layers: 0, window: 0, experts: None })
     }
 
     /// Bytes for `tokens` tokens of one sequence: K and V per layer, a sliding layer holding at
@@ -340,8 +347,17 @@ pub fn estimate(
     }
     let b = f64::from(t.batch);
     let kv_half = kv.map_or(0, |g| g.bytes_for(u64::from(t.context) / 2)) as f64;
-    let flops_per_token = 2.0 * params as f64;
-    let t_mem = (weights_bytes as f64 + b * kv_half) / bw;
+    // A mixture multiplies by the experts a token is routed to, and a step of B tokens reads the
+    // experts any of them reaches (expected share 1 − (1 − k/E)^B, routing taken as uniform).
+    let (active, read) = match kv.and_then(|g| g.experts) {
+        Some((e, k, share)) if e > 0 => {
+            let used = k as f64 / e as f64;
+            (1.0 - share * (1.0 - used), 1.0 - share * (1.0 - used).powf(b))
+        }
+        _ => (1.0, 1.0),
+    };
+    let flops_per_token = 2.0 * params as f64 * active;
+    let t_mem = (weights_bytes as f64 * read + b * kv_half) / bw;
     let t_comp = b * flops_per_token / compute;
     let decode = b / t_mem.max(t_comp);
     let cost = |price: Option<f64>| price.map(|p| round4(p / (3600.0 * decode) * 1e6));

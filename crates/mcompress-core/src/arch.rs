@@ -1,5 +1,5 @@
 //! What a decoder model is, in one place: the families mcompress reads (llama, Mistral, Qwen2,
-//! Gemma 3),
+//! Gemma 3, Phi-3, Mixtral),
 //! their geometry parsed once from config.json, the table of tensor roles with each family's
 //! Hugging Face and GGUF names (read both ways), the `{arch}.*` GGUF keys, whether GGUF stores
 //! Q/K rows permuted or norms offset, and a completeness check that accounts for every tensor.
@@ -29,6 +29,11 @@ pub enum Family {
     /// Phi-3 / Phi-3.5 mini: llama's forward pass with q/k/v fused into `qkv_proj` and gate/up
     /// into `gate_up_proj` (gate rows first), NeoX rotary as Hugging Face stores it.
     Phi3,
+    /// Mixtral: Mistral's attention with a mixture-of-experts MLP — a router
+    /// (`block_sparse_moe.gate`) picks `num_experts_per_tok` of `num_local_experts` SwiGLU experts
+    /// per token (softmax, top-k, renormalized), each stored as `experts.{e}.w1/w2/w3` (gate, down,
+    /// up). llama.cpp converts it as a llama with `ffn_*_exps` tensors stacking the experts.
+    Mixtral,
 }
 
 /// What a tensor is, independent of how a family spells it.
@@ -58,12 +63,26 @@ pub enum Role {
     Qkv,
     /// gate then up rows stacked in one matrix (Phi-3's `gate_up_proj`).
     GateUp,
+    /// A mixture of experts' router, `[experts, hidden]`.
+    Router,
+    /// One expert's gate (Mixtral's `w1`), `[intermediate, hidden]`.
+    ExpertGate,
+    /// One expert's up (Mixtral's `w3`), `[intermediate, hidden]`.
+    ExpertUp,
+    /// One expert's down (Mixtral's `w2`), `[hidden, intermediate]`.
+    ExpertDown,
 }
 
 impl Role {
     /// Whether the role is one tensor per block (`model.layers.{i}.…`).
     pub fn per_layer(self) -> bool {
         !matches!(self, Role::Embed | Role::Output | Role::OutputNorm)
+    }
+
+    /// Whether the role is one tensor per expert of a block (`….experts.{e}.…`); GGUF stacks a
+    /// block's experts into one 3-D tensor of the role.
+    pub fn per_expert(self) -> bool {
+        matches!(self, Role::ExpertGate | Role::ExpertUp | Role::ExpertDown)
     }
 
     /// Whether the tensor is a norm's gain vector.
@@ -82,7 +101,20 @@ impl Role {
 }
 
 /// (role, Hugging Face name after `model.layers.{i}.` or in full, GGUF name after `blk.{i}.` or in full).
+/// A per-expert role's Hugging Face name has `{e}` where the expert index goes; its GGUF name is
+/// the stacked tensor's.
 type Row = (Role, &'static str, &'static str);
+
+/// Where a tensor name sits in a model: its role, block and expert.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Slot {
+    /// What the tensor is.
+    pub role: Role,
+    /// Its block, for per-block roles.
+    pub layer: Option<usize>,
+    /// Its expert, for per-expert roles (`None` in a GGUF name: the stack of every expert).
+    pub expert: Option<usize>,
+}
 
 const COMMON: &[Row] = &[
     (Role::Embed, "model.embed_tokens.weight", "token_embd.weight"),
@@ -116,6 +148,15 @@ const LLAMA: &[Row] = &[(Role::FfnNorm, "post_attention_layernorm.weight", "ffn_
 
 const PHI3: &[Row] = LLAMA;
 
+/// Mixtral's mixture of experts in place of gate/up/down.
+const MIXTRAL_MOE: &[Row] = &[
+    (Role::FfnNorm, "post_attention_layernorm.weight", "ffn_norm.weight"),
+    (Role::Router, "block_sparse_moe.gate.weight", "ffn_gate_inp.weight"),
+    (Role::ExpertGate, "block_sparse_moe.experts.{e}.w1.weight", "ffn_gate_exps.weight"),
+    (Role::ExpertDown, "block_sparse_moe.experts.{e}.w2.weight", "ffn_down_exps.weight"),
+    (Role::ExpertUp, "block_sparse_moe.experts.{e}.w3.weight", "ffn_up_exps.weight"),
+];
+
 const QWEN2: &[Row] = &[
     (Role::FfnNorm, "post_attention_layernorm.weight", "ffn_norm.weight"),
     (Role::QBias, "self_attn.q_proj.bias", "attn_q.bias"),
@@ -142,7 +183,7 @@ fn gemma3_slides(i: u64, every: u64) -> bool {
 
 /// The decoder `model_type`s mcompress reads, for messages (one per [`Family::ALL`], checked by a
 /// test).
-pub const DECODERS: &str = "llama, mistral, qwen2, gemma3_text, phi3";
+pub const DECODERS: &str = "llama, mistral, qwen2, gemma3_text, phi3, mixtral";
 
 /// The text llama.cpp's converter (convert_hf_to_gguf.py, `get_vocab_base_pre`) tokenizes to tell
 /// byte-level BPE pre-tokenizers apart: the sha256 of the token ids, written as Python writes a
@@ -167,6 +208,9 @@ pub const GGUF_BPE_PRE: &[(&str, &str)] = &[
     ("d353350c764d8c3b39c763113960e4fb4919bea5fbf208a0e3b22e8469dc7406", "llama4"),
 ];
 
+/// The most experts per block a config may claim (DeepSeek-V3 and Qwen3-MoE have 256 and 128).
+pub const MAX_EXPERTS: usize = 4096;
+
 /// Hugging Face prefix of block tensors.
 const HF_LAYER: &str = "model.layers.";
 /// GGUF prefix of block tensors.
@@ -175,7 +219,8 @@ const GGUF_LAYER: &str = "blk.";
 impl Family {
     /// Every family. Llama comes before Mistral, which shares its GGUF architecture: a GGUF
     /// `llama` reads as Llama.
-    pub const ALL: [Family; 5] = [Family::Llama, Family::Mistral, Family::Qwen2, Family::Gemma3, Family::Phi3];
+    pub const ALL: [Family; 6] =
+        [Family::Llama, Family::Mistral, Family::Qwen2, Family::Gemma3, Family::Phi3, Family::Mixtral];
 
     /// The family of a config.json `model_type`.
     pub fn from_model_type(t: &str) -> Option<Family> {
@@ -185,6 +230,7 @@ impl Family {
             "qwen2" => Family::Qwen2,
             "gemma3_text" => Family::Gemma3,
             "phi3" => Family::Phi3,
+            "mixtral" => Family::Mixtral,
             _ => return None,
         })
     }
@@ -207,6 +253,7 @@ impl Family {
             Family::Qwen2 => "qwen2",
             Family::Gemma3 => "gemma3_text",
             Family::Phi3 => "phi3",
+            Family::Mixtral => "mixtral",
         }
     }
 
@@ -218,14 +265,15 @@ impl Family {
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Gemma3 => "Gemma3ForCausalLM",
             Family::Phi3 => "Phi3ForCausalLM",
+            Family::Mixtral => "MixtralForCausalLM",
         }
     }
 
-    /// GGUF `general.architecture`, the prefix of its `{arch}.*` keys (Mistral: `llama`, as
-    /// llama.cpp's converter writes it).
+    /// GGUF `general.architecture`, the prefix of its `{arch}.*` keys (Mistral and Mixtral:
+    /// `llama`, as llama.cpp's converter writes them).
     pub fn gguf_arch(self) -> &'static str {
         match self {
-            Family::Llama | Family::Mistral => "llama",
+            Family::Llama | Family::Mistral | Family::Mixtral => "llama",
             Family::Qwen2 => "qwen2",
             Family::Gemma3 => "gemma3",
             Family::Phi3 => "phi3",
@@ -246,15 +294,26 @@ impl Family {
     }
 
     /// The linear layers that read the normed stream in front of the MLP, in order (gate, up;
-    /// or the fused `gate_up_proj`).
+    /// or the fused `gate_up_proj`; or a mixture's router and every expert's gate and up).
     pub fn mlp_readers(self) -> &'static [Role] {
-        if self.fuses_projections() { &[Role::GateUp] } else { &[Role::Gate, Role::Up] }
+        if self.is_moe() {
+            &[Role::Router, Role::ExpertGate, Role::ExpertUp]
+        } else if self.fuses_projections() {
+            &[Role::GateUp]
+        } else {
+            &[Role::Gate, Role::Up]
+        }
+    }
+
+    /// Whether the MLP is a mixture of experts ([`Role::Router`], per-expert roles).
+    pub fn is_moe(self) -> bool {
+        self == Family::Mixtral
     }
 
     /// Whether llama.cpp's converter permutes Q and K rows for its rotary layout (llama and
     /// Mistral; Qwen2 and Gemma use the NeoX layout, stored as Hugging Face stores it).
     pub fn permutes_qk(self) -> bool {
-        matches!(self, Family::Llama | Family::Mistral)
+        matches!(self, Family::Llama | Family::Mistral | Family::Mixtral)
     }
 
     /// Whether llama.cpp's architecture for the family attends within a sliding window (Qwen2,
@@ -304,20 +363,24 @@ impl Family {
     }
 
     fn rows(self) -> impl Iterator<Item = &'static Row> {
-        let own = match self {
-            Family::Llama | Family::Mistral => LLAMA,
-            Family::Qwen2 => QWEN2,
-            Family::Gemma3 => GEMMA3,
-            Family::Phi3 => PHI3,
+        let (own, mlp): (&[Row], &[Row]) = match self {
+            Family::Llama | Family::Mistral => (LLAMA, GATE_UP),
+            Family::Qwen2 => (QWEN2, GATE_UP),
+            Family::Gemma3 => (GEMMA3, GATE_UP),
+            Family::Phi3 => (PHI3, GATE_UP_FUSED),
+            Family::Mixtral => (MIXTRAL_MOE, &[]),
         };
-        let (qkv, gate_up) = if self.fuses_projections() { (QKV_FUSED, GATE_UP_FUSED) } else { (QKV, GATE_UP) };
-        COMMON.iter().chain(qkv).chain(O).chain(gate_up).chain(DOWN).chain(own)
+        let qkv = if self.fuses_projections() { QKV_FUSED } else { QKV };
+        let down = if self.is_moe() { &[][..] } else { DOWN };
+        COMMON.iter().chain(qkv).chain(O).chain(mlp).chain(down).chain(own)
     }
 
-    /// The linear layers of a block, in forward order (fused ones for a family that fuses).
+    /// The linear layers of a block, in forward order (fused ones for a family that fuses; a
+    /// mixture's router, then each expert's gate, up and down).
     pub fn linear_roles(self) -> impl Iterator<Item = Role> {
         let (attn, mlp) = (self.attn_readers(), self.mlp_readers());
-        attn.iter().chain(&[Role::O]).chain(mlp).chain(&[Role::Down]).copied()
+        let down = if self.is_moe() { &[Role::ExpertDown] } else { &[Role::Down] };
+        attn.iter().chain(&[Role::O]).chain(mlp).chain(down).copied()
     }
 
     /// Roles this family has (whether optional or not).
@@ -335,18 +398,45 @@ impl Family {
     /// # Panics
     /// A role the family does not have, or a per-block role without a layer (programming errors).
     pub fn hf(self, role: Role, layer: usize) -> String {
+        assert!(!role.per_expert(), "{role:?} needs an expert index (Family::hf_expert)");
         let row = self.rows().find(|r| r.0 == role).unwrap_or_else(|| panic!("{self:?} has no {role:?}"));
         if role.per_layer() { format!("{HF_LAYER}{layer}.{}", row.1) } else { row.1.to_string() }
     }
 
-    /// The role and block of a Hugging Face tensor name.
+    /// The Hugging Face name of expert `expert`'s tensor of a per-expert role in block `layer`.
+    ///
+    /// # Panics
+    /// A role the family does not have (a programming error).
+    pub fn hf_expert(self, role: Role, layer: usize, expert: usize) -> String {
+        let row = self.rows().find(|r| r.0 == role).unwrap_or_else(|| panic!("{self:?} has no {role:?}"));
+        format!("{HF_LAYER}{layer}.{}", row.1.replace("{e}", &expert.to_string()))
+    }
+
+    /// The Hugging Face name of a [`Slot`] (an expert's tensor for per-expert roles).
+    ///
+    /// # Panics
+    /// A role the family does not have, or a slot without the block or expert its role needs.
+    pub fn hf_slot(self, slot: Slot) -> String {
+        if slot.role.per_expert() {
+            self.hf_expert(slot.role, slot.layer.unwrap_or(0), slot.expert.expect("per-expert slot"))
+        } else {
+            self.hf(slot.role, slot.layer.unwrap_or(0))
+        }
+    }
+
+    /// The role and block of a Hugging Face tensor name (an expert's tensor reads as its role).
     pub fn parse_hf(self, name: &str) -> Option<(Role, Option<usize>)> {
+        self.slot_hf(name).map(|s| (s.role, s.layer))
+    }
+
+    /// Where a Hugging Face tensor name sits: role, block, expert.
+    pub fn slot_hf(self, name: &str) -> Option<Slot> {
         parse(self.rows().map(|r| (r.0, r.1)), HF_LAYER, name)
     }
 
-    /// The role and block of a GGUF tensor name.
+    /// The role and block of a GGUF tensor name (a stacked expert tensor reads as its role).
     pub fn parse_gguf(self, name: &str) -> Option<(Role, Option<usize>)> {
-        parse(self.rows().map(|r| (r.0, r.2)), GGUF_LAYER, name)
+        parse(self.rows().map(|r| (r.0, r.2)), GGUF_LAYER, name).map(|s| (s.role, s.layer))
     }
 
     /// The GGUF name of a role (`layer` for per-block roles).
@@ -358,37 +448,45 @@ impl Family {
         if role.per_layer() { format!("{GGUF_LAYER}{layer}.{}", row.2) } else { row.2.to_string() }
     }
 
-    /// The GGUF name of a Hugging Face tensor name.
+    /// The GGUF name of a Hugging Face tensor name (an expert's tensor: the stack it goes into).
     pub fn gguf_name(self, hf: &str) -> Option<String> {
         let (role, layer) = self.parse_hf(hf)?;
         Some(self.gguf(role, layer.unwrap_or(0)))
     }
 
-    /// The Hugging Face name of a GGUF tensor name.
+    /// The Hugging Face name of a GGUF tensor name (`None` for a stack of experts, which is many).
     pub fn hf_name(self, gguf: &str) -> Option<String> {
         let (role, layer) = self.parse_gguf(gguf)?;
-        Some(self.hf(role, layer.unwrap_or(0)))
+        (!role.per_expert()).then(|| self.hf(role, layer.unwrap_or(0)))
     }
 }
 
-fn parse(rows: impl Iterator<Item = (Role, &'static str)>, prefix: &str, name: &str) -> Option<(Role, Option<usize>)> {
+/// A canonical decimal index ("07" would alias "7").
+fn index(s: &str) -> Option<usize> {
+    if s.is_empty() || (s.len() > 1 && s.starts_with('0')) || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+fn parse(rows: impl Iterator<Item = (Role, &'static str)>, prefix: &str, name: &str) -> Option<Slot> {
     let layered = name.strip_prefix(prefix).and_then(|rest| {
         let (l, rest) = rest.split_once('.')?;
-        // Canonical block numbers only ("07" would alias "7").
-        if l.is_empty() || (l.len() > 1 && l.starts_with('0')) {
-            return None;
-        }
-        Some((l.parse::<usize>().ok()?, rest))
+        Some((index(l)?, rest))
     });
     for (role, n) in rows {
         if role.per_layer() {
-            if let Some((l, rest)) = layered
-                && rest == n
-            {
-                return Some((role, Some(l)));
+            let Some((l, rest)) = layered else { continue };
+            let layer = Some(l);
+            if let Some((head, tail)) = n.split_once("{e}") {
+                if let Some(e) = rest.strip_prefix(head).and_then(|r| r.strip_suffix(tail)).and_then(index) {
+                    return Some(Slot { role, layer, expert: Some(e) });
+                }
+            } else if rest == n {
+                return Some(Slot { role, layer, expert: None });
             }
         } else if name == n {
-            return Some((role, None));
+            return Some(Slot { role, layer: None, expert: None });
         }
     }
     None
@@ -427,6 +525,10 @@ pub struct Geometry {
     pub tied: bool,
     /// Context length.
     pub max_positions: usize,
+    /// Experts per block of a mixture ([`Family::is_moe`]), 0 for a dense MLP.
+    pub experts: usize,
+    /// Experts each token is routed to (`num_experts_per_tok`), 0 for a dense MLP.
+    pub experts_used: usize,
 }
 
 impl Geometry {
@@ -462,8 +564,22 @@ impl Geometry {
         }
         let rope_theta = rope(config, "full_attention", "rope_theta")?.unwrap_or(match family {
             Family::Llama | Family::Mistral | Family::Phi3 => 10_000.0,
-            Family::Qwen2 | Family::Gemma3 => 1_000_000.0,
+            Family::Qwen2 | Family::Gemma3 | Family::Mixtral => 1_000_000.0,
         });
+        // MixtralConfig's defaults: 8 experts, 2 per token.
+        let (experts, experts_used) = if family.is_moe() {
+            let e = uo("num_local_experts")?.unwrap_or(8);
+            let k = uo("num_experts_per_tok")?.unwrap_or(2);
+            if k > e || e > MAX_EXPERTS {
+                return Err(format!(
+                    "config.json: num_experts_per_tok {k} / num_local_experts {e}: at most {MAX_EXPERTS} experts, \
+                     and no more used per token than there are"
+                ));
+            }
+            (e, k)
+        } else {
+            (0, 0)
+        };
         if family == Family::Phi3
             && let Some(p) = config["partial_rotary_factor"].as_f64()
             && (p - 1.0).abs() > f64::EPSILON
@@ -509,10 +625,12 @@ impl Geometry {
             tied,
             // transformers' defaults where the key is absent: MistralConfig 4096 × 32.
             max_positions: uo("max_position_embeddings")?.unwrap_or(match family {
-                Family::Mistral => 131_072,
+                Family::Mistral | Family::Mixtral => 131_072,
                 Family::Phi3 => 4096,
                 _ => 2048,
             }),
+            experts,
+            experts_used,
         })
     }
 
@@ -562,11 +680,54 @@ impl Geometry {
             Role::QBias => vec![q],
             Role::KBias | Role::VBias => vec![kv],
             Role::QNorm | Role::KNorm => vec![self.head_dim],
-            Role::Gate | Role::Up => vec![i, h],
-            Role::Down => vec![h, i],
+            Role::Gate | Role::Up | Role::ExpertGate | Role::ExpertUp => vec![i, h],
+            Role::Down | Role::ExpertDown => vec![h, i],
             Role::Qkv => vec![q + 2 * kv, h],
             Role::GateUp => vec![2 * i, h],
+            Role::Router => vec![self.experts, h],
         }
+    }
+
+    /// The share of all parameters that are experts' (0 for a dense model).
+    pub fn expert_share(&self) -> f64 {
+        let (total, one_expert) = self.param_split();
+        if total == 0.0 { 0.0 } else { one_expert * self.experts as f64 / total }
+    }
+
+    /// Parameters per token the forward pass multiplies by (every expert counted for a dense
+    /// MLP; only `experts_used` of `experts` for a mixture), as a share of all: 1 for a dense
+    /// model.
+    pub fn active_share(&self) -> f64 {
+        let (total, one_expert) = self.param_split();
+        let idle = self.experts.saturating_sub(self.experts_used) as f64 * one_expert;
+        if total == 0.0 { 1.0 } else { (total - idle) / total }
+    }
+
+    /// (all parameters, the parameters of one expert over every block), counted from the shapes
+    /// without listing tensors (an untrusted config may claim 2^24 layers).
+    fn param_split(&self) -> (f64, f64) {
+        let size = |r: Role| self.shape(r).iter().product::<usize>() as f64;
+        let (layers, experts) = (self.layers as f64, self.experts as f64);
+        let total: f64 = self
+            .family
+            .roles()
+            .filter(|r| !(*r == Role::Output && self.tied))
+            .map(|r| {
+                if r.per_expert() {
+                    size(r) * layers * experts
+                } else if r.per_layer() {
+                    size(r) * layers
+                } else {
+                    size(r)
+                }
+            })
+            .sum();
+        let one_expert = if self.experts == 0 {
+            0.0
+        } else {
+            [Role::ExpertGate, Role::ExpertUp, Role::ExpertDown].into_iter().map(size).sum::<f64>() * layers
+        };
+        (total, one_expert)
     }
 
     /// Every tensor the model must have, by Hugging Face name, with its shape (lm_head only when
@@ -577,7 +738,11 @@ impl Geometry {
             if role == Role::Output && self.tied {
                 continue;
             }
-            if role.per_layer() {
+            if role.per_expert() {
+                for l in 0..self.layers {
+                    out.extend((0..self.experts).map(|e| (self.family.hf_expert(role, l, e), role, self.shape(role))));
+                }
+            } else if role.per_layer() {
                 out.extend((0..self.layers).map(|l| (self.family.hf(role, l), role, self.shape(role))));
             } else {
                 out.push((self.family.hf(role, 0), role, self.shape(role)));
@@ -606,28 +771,37 @@ impl Geometry {
                     f.model_type()
                 )
             };
-            let (role, layer) = f.parse_hf(name).ok_or_else(unknown)?;
-            if layer.is_some_and(|l| l >= self.layers) {
+            let slot = f.slot_hf(name).ok_or_else(unknown)?;
+            if slot.layer.is_some_and(|l| l >= self.layers) || slot.expert.is_some_and(|e| e >= self.experts) {
                 return Err(unknown());
             }
-            let want = self.shape(role);
+            let want = self.shape(slot.role);
             if shape != want.as_slice() {
                 return Err(format!("tensor {name} has shape {shape:?}, expected {want:?}"));
             }
-            seen.insert((role, layer));
+            seen.insert(slot);
         }
         // The output matrix is optional (see above); every other role must be there.
         let globals: Vec<Role> = f.roles().filter(|r| !r.per_layer() && *r != Role::Output).collect();
-        let per_layer: Vec<Role> = f.roles().filter(|r| r.per_layer()).collect();
-        if let Some(r) = globals.iter().find(|r| !seen.contains(&(**r, None))) {
+        let slot = |role, layer, expert| Slot { role, layer, expert };
+        if let Some(r) = globals.iter().find(|r| !seen.contains(&slot(**r, None, None))) {
             return Err(format!("tensor {} missing", f.hf(*r, 0)));
         }
-        let present = seen.iter().filter(|(_, l)| l.is_some()).count();
-        if present < per_layer.len() * self.layers {
-            // The first gap lies within the first `present + 1` (role, layer) pairs.
+        // Per block: each per-block role once, each per-expert role once per expert.
+        let per_block: Vec<Slot> = f
+            .roles()
+            .filter(|r| r.per_layer())
+            .flat_map(|r| {
+                let experts = if r.per_expert() { (0..self.experts).map(Some).collect() } else { vec![None] };
+                experts.into_iter().map(move |e| slot(r, None, e))
+            })
+            .collect();
+        let present = seen.iter().filter(|s| s.layer.is_some()).count();
+        if present < per_block.len() * self.layers {
+            // The first gap lies within the first `present + 1` slots.
             for l in 0..self.layers {
-                if let Some(r) = per_layer.iter().find(|r| !seen.contains(&(**r, Some(l)))) {
-                    return Err(format!("tensor {} missing", f.hf(*r, l)));
+                if let Some(s) = per_block.iter().map(|s| Slot { layer: Some(l), ..*s }).find(|s| !seen.contains(s)) {
+                    return Err(format!("tensor {} missing", f.hf_slot(s)));
                 }
             }
         }
@@ -666,7 +840,8 @@ fn rope(config: &Value, kind: &str, legacy: &str) -> Result<Option<f64>, String>
 /// pattern, or Qwen2's `use_sliding_window`).
 fn windows(config: &Value, family: Family, layers: usize) -> Result<Vec<Option<usize>>, String> {
     let window = match &config["sliding_window"] {
-        // MistralConfig's default when the key is absent (an explicit null means none).
+        // MistralConfig's default when the key is absent (an explicit null means none;
+        // MixtralConfig's default is none).
         Value::Null if family == Family::Mistral && config.get("sliding_window").is_none() => Some(4096),
         Value::Null => None,
         v => Some(
@@ -676,9 +851,9 @@ fn windows(config: &Value, family: Family, layers: usize) -> Result<Vec<Option<u
                 as usize,
         ),
     };
-    // MistralModel and Phi3Model window every layer when sliding_window is set, whatever
-    // layer_types says.
-    let sliding: Vec<bool> = if matches!(family, Family::Mistral | Family::Phi3) {
+    // MistralModel, MixtralModel and Phi3Model window every layer when sliding_window is set,
+    // whatever layer_types says.
+    let sliding: Vec<bool> = if matches!(family, Family::Mistral | Family::Phi3 | Family::Mixtral) {
         vec![window.is_some(); layers]
     } else if let Some(types) = config["layer_types"].as_array() {
         if types.len() != layers {
@@ -777,7 +952,7 @@ pub fn gguf_config(g: &crate::gguf::GgufFile, family: Family, has_output: bool) 
     // A head width other than embedding_length / head_count (heads pruned away, or Gemma's 256).
     let key_length = uo("attention.key_length")?;
     match family {
-        Family::Llama | Family::Mistral | Family::Qwen2 | Family::Phi3 => {
+        Family::Llama | Family::Mistral | Family::Qwen2 | Family::Phi3 | Family::Mixtral => {
             if family == Family::Phi3 {
                 // Phi3Config's own defaults (pad 32000, a 2047 window in some checkpoints) are
                 // not the file's: say what the GGUF says.
@@ -786,6 +961,11 @@ pub fn gguf_config(g: &crate::gguf::GgufFile, family: Family, has_output: bool) 
             }
             if family == Family::Mistral {
                 // Never read from a GGUF (llama.cpp writes Mistral as llama): no window.
+                config["sliding_window"] = Value::Null;
+            }
+            if family == Family::Mixtral {
+                config["num_local_experts"] = u("expert_count")?.into();
+                config["num_experts_per_tok"] = u("expert_used_count")?.into();
                 config["sliding_window"] = Value::Null;
             }
             if family == Family::Qwen2 {
@@ -868,6 +1048,14 @@ pub fn ties_word_embeddings(config: &Value) -> bool {
 /// loads no quantized embedding).
 pub fn is_embedding_name(name: &str) -> bool {
     name.contains("embed") || name.ends_with("wte.weight") || name.ends_with("wpe.weight")
+}
+
+/// Whether a tensor name is a mixture of experts' router (Mixtral's `block_sparse_moe.gate`,
+/// Qwen-MoE's `mlp.gate`). Passes leave routers alone by default, as llm-compressor's recipes
+/// ignore them and llama.cpp keeps `ffn_gate_inp` in F32: a few thousand parameters per block
+/// that decide which experts run.
+pub fn is_router_name(name: &str) -> bool {
+    name.ends_with(".block_sparse_moe.gate.weight") || name.ends_with(".mlp.gate.weight")
 }
 
 /// Whether a tensor name is a decoder's output head (`lm_head.weight`) by transformers' spelling.
@@ -1182,6 +1370,14 @@ mod tests {
     fn test_names_round_trip_for_every_role_and_family() {
         for f in Family::ALL {
             for role in f.roles() {
+                if role.per_expert() {
+                    // Many Hugging Face tensors, one GGUF stack.
+                    let hf = f.hf_expert(role, 3, 5);
+                    let g = f.gguf_name(&hf).unwrap();
+                    assert_eq!((f.hf_name(&g), f.parse_gguf(&g)), (None, Some((role, Some(3)))));
+                    assert_eq!(f.slot_hf(&hf), Some(Slot { role, layer: Some(3), expert: Some(5) }));
+                    continue;
+                }
                 let hf = f.hf(role, 3);
                 let g = f.gguf_name(&hf).unwrap();
                 assert_eq!(f.hf_name(&g).as_deref(), Some(hf.as_str()), "{f:?} {role:?}");
@@ -1198,6 +1394,51 @@ mod tests {
         );
         assert_eq!(Family::Llama.parse_hf("model.layers.0.self_attn.q_proj.bias"), None);
         assert_eq!(Family::Llama.parse_hf("model.layers.07.self_attn.q_proj.weight"), None);
+        assert_eq!(Family::Llama.parse_hf("model.layers.+7.self_attn.q_proj.weight"), None);
+        let m = Family::Mixtral;
+        assert_eq!(
+            m.gguf_name("model.layers.2.block_sparse_moe.experts.7.w2.weight").unwrap(),
+            "blk.2.ffn_down_exps.weight"
+        );
+        assert_eq!(m.gguf_name("model.layers.2.block_sparse_moe.gate.weight").unwrap(), "blk.2.ffn_gate_inp.weight");
+        assert_eq!(m.slot_hf("model.layers.2.block_sparse_moe.experts.07.w2.weight"), None);
+        assert_eq!(m.slot_hf("model.layers.2.block_sparse_moe.experts..w2.weight"), None);
+        assert_eq!(m.parse_hf("model.layers.2.mlp.down_proj.weight"), None);
+    }
+
+    #[test]
+    fn test_mixtral_geometry_completeness_and_active_share() {
+        let c = serde_json::json!({"model_type": "mixtral", "hidden_size": 8, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "num_hidden_layers": 2, "intermediate_size": 16, "vocab_size": 10,
+            "num_local_experts": 4, "num_experts_per_tok": 2});
+        let g = Geometry::from_config(&c).unwrap();
+        assert_eq!((g.experts, g.experts_used, g.rope_theta, g.windows.clone()), (4, 2, 1e6, vec![None, None]));
+        assert_eq!(g.shape(Role::Router), vec![4, 8]);
+        let exp = g.expected();
+        // Per block: norms 2, q k v o 4, router 1, 4 experts × 3.
+        assert_eq!(exp.len(), 3 + 2 * (2 + 4 + 1 + 12) - 1 + 1);
+        let names: Vec<(&str, &[usize])> = exp.iter().map(|(n, _, s)| (n.as_str(), s.as_slice())).collect();
+        g.check_tensors(names.iter().copied()).unwrap();
+        let missing: Vec<_> = names
+            .iter()
+            .copied()
+            .filter(|(n, _)| *n != "model.layers.1.block_sparse_moe.experts.3.w3.weight")
+            .collect();
+        assert_eq!(
+            g.check_tensors(missing).unwrap_err(),
+            "tensor model.layers.1.block_sparse_moe.experts.3.w3.weight missing"
+        );
+        let mut extra = names.clone();
+        extra.push(("model.layers.0.block_sparse_moe.experts.4.w1.weight", &[16, 8]));
+        assert!(g.check_tensors(extra).unwrap_err().contains("experts.4.w1"));
+        // Experts: 2 blocks × 4 × 3 × 128 = 3072; per block norms 16, q k v o 192, router 32;
+        // embedding, lm_head (untied) and final norm 168: 3720 in all.
+        let total = 3072.0 + 2.0 * 240.0 + 168.0;
+        assert!((g.expert_share() - 3072.0 / total).abs() < 1e-12, "{} {total}", g.expert_share());
+        assert!((g.active_share() - (total - 1536.0) / total).abs() < 1e-12);
+        let mut bad = c.clone();
+        bad["num_experts_per_tok"] = 5.into();
+        assert!(Geometry::from_config(&bad).unwrap_err().contains("num_experts_per_tok"));
     }
 
     #[test]

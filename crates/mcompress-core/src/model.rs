@@ -68,6 +68,23 @@ struct GgufEntry {
     heads: Option<usize>,
     /// Subtracted from every value (Gemma's norms, stored as `1 + w`).
     offset: f32,
+    /// One expert of a stacked tensor: (its index, the experts in the stack); its rows are the
+    /// stack's bytes cut in that many equal parts.
+    part: Option<(usize, usize)>,
+}
+
+impl GgufEntry {
+    /// The bytes of this entry in the file.
+    fn range(&self, file: &GgufFile) -> (usize, usize) {
+        let (s, e) = file.tensors[self.index].range;
+        match self.part {
+            Some((i, n)) => {
+                let len = (e - s) / n.max(1);
+                (s + i * len, s + (i + 1) * len)
+            }
+            None => (s, e),
+        }
+    }
 }
 
 impl std::fmt::Debug for GgufSource {
@@ -221,9 +238,19 @@ impl ModelSource {
         let bad = |reason: String| Error::InvalidModel { path: path.to_path_buf(), reason };
         let arch_name = parsed.get("general.architecture").and_then(gguf::GgufValue::as_str).unwrap_or("");
         let family = Family::from_gguf(arch_name).ok_or_else(|| {
-            bad(format!("GGUF architecture {arch_name:?}: the decoder families read are llama, qwen2 and gemma3"))
+            bad(format!("GGUF architecture {arch_name:?}: the decoder families read are llama, qwen2, gemma3 and phi3"))
         })?;
         let arch = family.gguf_arch();
+        // A llama with experts is a Mixtral (what llama.cpp's converter writes for one).
+        let experts = parsed.get(&format!("{arch}.expert_count")).and_then(gguf::GgufValue::as_u64).unwrap_or(0);
+        let family = if experts > 0 && family == Family::Llama { Family::Mixtral } else { family };
+        if experts > 0 && !family.is_moe() || experts > crate::arch::MAX_EXPERTS as u64 {
+            return Err(bad(format!(
+                "GGUF: {arch}.expert_count = {experts}: a {arch} mixture of experts is not read (at most {} experts, \
+                 llama layout)",
+                crate::arch::MAX_EXPERTS
+            )));
+        }
         let meta_u = |k: &str| {
             parsed
                 .get(k)
@@ -246,10 +273,37 @@ impl ModelSource {
             let (role, layer) = family
                 .parse_gguf(&t.name)
                 .ok_or_else(|| bad(format!("GGUF: unexpected {arch} tensor {:?}", t.name)))?;
-            let name = family.hf(role, layer.unwrap_or(0));
             let heads = family.gguf_permute_heads(role, n_head, n_kv);
             let offset = family.gguf_offset(role);
             let shape = t.shape();
+            if role.per_expert() {
+                // A stack of experts: one entry per expert, each its own contiguous rows.
+                let n = experts as usize;
+                if shape.len() != 3 || shape[0] != n || !(t.range.1 - t.range.0).is_multiple_of(n) {
+                    return Err(bad(format!(
+                        "GGUF: tensor {:?} of shape {shape:?} is not a stack of {n} expert matrices",
+                        t.name
+                    )));
+                }
+                for e in 0..n {
+                    let name = family.hf_expert(role, layer.unwrap_or(0), e);
+                    let bytes = shape[1] * shape[2] * 4;
+                    entries.push(GgufEntry {
+                        info: TensorInfo {
+                            name,
+                            dtype: DType::F32,
+                            shape: shape[1..].to_vec(),
+                            data_offsets: (0, bytes),
+                        },
+                        index: i,
+                        heads: None,
+                        offset,
+                        part: Some((e, n)),
+                    });
+                }
+                continue;
+            }
+            let name = family.hf(role, layer.unwrap_or(0));
             if let Some(h) = heads
                 && (shape.len() != 2 || !shape[0].is_multiple_of(2 * h.max(1)))
             {
@@ -264,6 +318,7 @@ impl ModelSource {
                 index: i,
                 heads,
                 offset,
+                part: None,
             });
         }
         entries.sort_by(|a, b| a.info.name.cmp(&b.info.name));
@@ -400,10 +455,12 @@ impl ModelSource {
     fn view_stored(&self, r: &TensorRef) -> TensorView<'_> {
         match &self.gguf {
             Some(g) => {
-                let GgufEntry { info, index, heads, offset } = &g.entries[r.idx];
+                let entry = &g.entries[r.idx];
+                let GgufEntry { info, index, heads, offset, .. } = entry;
                 let t = &g.file.tensors[*index];
-                let mut v = Vec::with_capacity(t.numel());
-                gguf::dequantize(t.ggml_type, &g.map[t.range.0..t.range.1], &mut v);
+                let (start, end) = entry.range(&g.file);
+                let mut v = Vec::with_capacity(info.shape.iter().product());
+                gguf::dequantize(t.ggml_type, &g.map[start..end], &mut v);
                 if let Some(h) = heads {
                     let cols = info.shape[1..].iter().product();
                     v = gguf::unpermute_rows(&v, info.shape[0], cols, *h).expect("shape checked at open");
@@ -433,9 +490,9 @@ impl ModelSource {
     pub fn release(&self, r: &TensorRef) {
         match &self.gguf {
             Some(g) => {
-                let t = &g.file.tensors[g.entries[r.idx].index];
+                let (s, e) = g.entries[r.idx].range(&g.file);
                 let page = 4096;
-                let (start, end) = (t.range.0.div_ceil(page) * page, t.range.1 / page * page);
+                let (start, end) = (s.div_ceil(page) * page, e / page * page);
                 if end > start {
                     // SAFETY: as in `SafetensorsFile::release`: a private read-only mapping.
                     #[allow(unsafe_code)]
@@ -456,8 +513,9 @@ impl ModelSource {
     pub fn stored(&self, r: &TensorRef) -> (String, u64) {
         match &self.gguf {
             Some(g) => {
-                let t = &g.file.tensors[g.entries[r.idx].index];
-                (t.ggml_type.name().to_string(), (t.range.1 - t.range.0) as u64)
+                let entry = &g.entries[r.idx];
+                let (s, e) = entry.range(&g.file);
+                (g.file.tensors[entry.index].ggml_type.name().to_string(), (e - s) as u64)
             }
             None => {
                 let i = self.info(r);
@@ -470,7 +528,7 @@ impl ModelSource {
     pub fn read_order(&self) -> Vec<TensorRef> {
         let mut v = self.tensors.clone();
         match &self.gguf {
-            Some(g) => v.sort_by_key(|r| g.file.tensors[g.entries[r.idx].index].range.0),
+            Some(g) => v.sort_by_key(|r| g.entries[r.idx].range(&g.file).0),
             None => v.sort_by_key(|r| (r.shard, self.shards[r.shard].tensors()[r.idx].data_offsets.0)),
         }
         v

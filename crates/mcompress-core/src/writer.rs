@@ -129,6 +129,8 @@ pub(crate) struct SlotFile {
     slots: Vec<(String, u64, u64)>,
     index: HashMap<String, usize>,
     written: Vec<bool>,
+    /// Slots written in parts: which parts are in.
+    parts: HashMap<usize, Vec<bool>>,
 }
 
 impl SlotFile {
@@ -140,7 +142,7 @@ impl SlotFile {
         file.set_len(total).map_err(io)?;
         let index = slots.iter().enumerate().map(|(i, s)| (s.0.clone(), i)).collect();
         let written = vec![false; slots.len()];
-        Ok(Self { path: path.to_path_buf(), file, slots, index, written })
+        Ok(Self { path: path.to_path_buf(), file, slots, index, written, parts: HashMap::new() })
     }
 
     /// Writes one slot's bytes at its offset.
@@ -153,10 +155,32 @@ impl SlotFile {
         if bytes.len() as u64 != *len {
             return Err(mismatch(format!("{} bytes produced, {len} planned", bytes.len())));
         }
-        if std::mem::replace(&mut self.written[i], true) {
+        if self.parts.contains_key(&i) || std::mem::replace(&mut self.written[i], true) {
             return Err(mismatch("written twice".into()));
         }
         self.file.file().write_all_at(bytes, *start).map_err(|e| Error::io(&self.path, e))
+    }
+
+    /// Writes part `part` of a slot cut into `parts` equal parts; the slot counts as written
+    /// when every part is.
+    pub(crate) fn write_part(&mut self, name: &str, part: usize, parts: usize, bytes: &[u8]) -> Result<()> {
+        let mismatch = |reason: String| Error::WriteMismatch { path: self.path.clone(), name: name.into(), reason };
+        let Some(&i) = self.index.get(name) else {
+            return Err(mismatch("not in the planned layout".into()));
+        };
+        let (_, start, len) = self.slots[i];
+        let n = parts as u64;
+        if parts == 0 || part >= parts || !len.is_multiple_of(n) || bytes.len() as u64 != len / n {
+            return Err(mismatch(format!("part {part} of {parts}: {} bytes produced, slot of {len}", bytes.len())));
+        }
+        let done = self.parts.entry(i).or_insert_with(|| vec![false; parts]);
+        if done.len() != parts || std::mem::replace(&mut done[part], true) || self.written[i] {
+            return Err(mismatch(format!("part {part} of {parts} written twice")));
+        }
+        if done.iter().all(|d| *d) {
+            self.written[i] = true;
+        }
+        self.file.file().write_all_at(bytes, start + part as u64 * (len / n)).map_err(|e| Error::io(&self.path, e))
     }
 
     /// Checks every slot was written and flushes the file to disk.

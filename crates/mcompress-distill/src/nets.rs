@@ -70,6 +70,10 @@ impl Arch {
                 "distillation of {}'s fused projections (qkv_proj, gate_up_proj) is not implemented yet",
                 f.model_type()
             ))),
+            Some(ModelKind::Decoder(f)) if f.is_moe() => Err(Error::Model(format!(
+                "distillation of {}'s mixture of experts (router and experts) is not implemented yet",
+                f.model_type()
+            ))),
             Some(ModelKind::Decoder(_)) => {
                 Ok(Arch::Decoder(Box::new(Geometry::from_config(config).map_err(Error::Model)?)))
             }

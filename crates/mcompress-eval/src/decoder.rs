@@ -33,6 +33,64 @@ enum GateUp {
     Fused(Lin),
 }
 
+/// One expert of a mixture: a SwiGLU MLP.
+struct Expert {
+    gate: Lin,
+    up: Lin,
+    down: Lin,
+}
+
+/// A block's MLP: dense, or a mixture of experts behind a router.
+#[allow(clippy::large_enum_variant)] // one per block
+enum Ffn {
+    Dense {
+        gate_up: GateUp,
+        down: Lin,
+    },
+    /// Softmax over the router's logits, the `top_k` largest kept and renormalized (Mixtral's
+    /// `MixtralTopKRouter`), each token's output the weighted sum of its experts'.
+    Moe {
+        router: Lin,
+        experts: Vec<Expert>,
+        top_k: usize,
+    },
+}
+
+/// Per token, its `k` experts and their weights: softmax over `logits` (`[n, e]`, in f32 as
+/// transformers computes it), the `k` largest (lower index first on ties), renormalized.
+fn route(logits: &[f32], e: usize, k: usize) -> Vec<Vec<(usize, f32)>> {
+    logits
+        .chunks(e)
+        .map(|row| {
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let p: Vec<f32> = row.iter().map(|v| (v - m).exp()).collect();
+            let z: f32 = p.iter().sum();
+            let mut idx: Vec<usize> = (0..e).collect();
+            idx.sort_by(|a, b| p[*b].total_cmp(&p[*a]).then(a.cmp(b)));
+            idx.truncate(k);
+            let top: Vec<f32> = idx.iter().map(|i| p[*i] / z).collect();
+            let sum: f32 = top.iter().sum();
+            idx.into_iter().zip(top).map(|(i, w)| (i, w / sum)).collect()
+        })
+        .collect()
+}
+
+/// Per expert, the rows of `a` (`[n, hidden]`) routed to it and their weights.
+fn routes(router: &Lin, experts: usize, top_k: usize, a: &[f32]) -> Result<Vec<Vec<(usize, f32)>>> {
+    let mut per_expert = vec![Vec::new(); experts];
+    for (t, picks) in route(&router.apply(a)?, experts, top_k).into_iter().enumerate() {
+        for (e, w) in picks {
+            per_expert[e].push((t, w));
+        }
+    }
+    Ok(per_expert)
+}
+
+/// Rows `rows` of `x` (`[n, width]`), gathered.
+fn gather(x: &[f32], width: usize, rows: &[usize]) -> Vec<f32> {
+    rows.iter().flat_map(|r| &x[r * width..(r + 1) * width]).copied().collect()
+}
+
 /// Splits `[n, Σ widths]` row-major into `[n, width]` parts.
 fn split_cols(y: &[f32], widths: &[usize]) -> Vec<Vec<f32>> {
     let total: usize = widths.iter().sum::<usize>().max(1);
@@ -61,8 +119,7 @@ struct Layer {
     ln_ffn: Vec<f32>,
     /// RMSNorm of the MLP output before the residual add (Gemma 3).
     post_ffn: Option<Vec<f32>>,
-    gate_up: GateUp,
-    down: Lin,
+    ffn: Ffn,
     /// Sliding window, `None` for full attention.
     window: Option<usize>,
     /// Rotary frequencies of this layer (Gemma's local layers have their own base).
@@ -138,10 +195,36 @@ impl Decoder {
                         lin(Role::V, Some(Role::VBias), i)?,
                     ])
                 };
-                let gate_up = if f.has(Role::GateUp) {
-                    GateUp::Fused(lin(Role::GateUp, None, i)?)
+                let ffn = if f.is_moe() {
+                    let expert = |e: usize| {
+                        let lin = |role: Role| {
+                            let s = g.shape(role);
+                            Lin::new(
+                                w.matrix(&f.hf_expert(role, i, e), s[0], s[1]).map_err(bad)?,
+                                s[0],
+                                s[1],
+                                None,
+                                device,
+                            )
+                        };
+                        Ok::<_, Error>(Expert {
+                            gate: lin(Role::ExpertGate)?,
+                            up: lin(Role::ExpertUp)?,
+                            down: lin(Role::ExpertDown)?,
+                        })
+                    };
+                    Ffn::Moe {
+                        router: lin(Role::Router, None, i)?,
+                        experts: (0..g.experts).map(expert).collect::<Result<_>>()?,
+                        top_k: g.experts_used,
+                    }
                 } else {
-                    GateUp::Split([lin(Role::Gate, None, i)?, lin(Role::Up, None, i)?])
+                    let gate_up = if f.has(Role::GateUp) {
+                        GateUp::Fused(lin(Role::GateUp, None, i)?)
+                    } else {
+                        GateUp::Split([lin(Role::Gate, None, i)?, lin(Role::Up, None, i)?])
+                    };
+                    Ffn::Dense { gate_up, down: lin(Role::Down, None, i)? }
                 };
                 Ok(Layer {
                     ln_in: get(Role::AttnNorm, i)?,
@@ -152,8 +235,7 @@ impl Decoder {
                     post_attn: opt(Role::PostAttnNorm, i)?,
                     ln_ffn: get(Role::FfnNorm, i)?,
                     post_ffn: opt(Role::PostFfnNorm, i)?,
-                    gate_up,
-                    down: lin(Role::Down, None, i)?,
+                    ffn,
                     window,
                     inv_freq: inv_freq(g.layer_rope_theta(i), g.head_dim),
                 })
@@ -320,10 +402,20 @@ impl Decoder {
         Ok(self.post_norm(l.o.apply(ctx)?, l.post_attn.as_ref()))
     }
 
-    /// The gated activation of block `l`'s MLP for its normed input `a` (the input of
-    /// `down_proj`): SwiGLU, or GeGLU with tanh-approximated GELU (Gemma).
-    fn mlp_act(&self, l: &Layer, a: &[f32]) -> Result<Vec<f32>> {
-        let (g, u) = match &l.gate_up {
+    /// The gated activation `act(gate) · up`: SwiGLU, or GeGLU with tanh-approximated GELU
+    /// (Gemma).
+    fn glu(&self, g: &[f32], u: &[f32]) -> Vec<f32> {
+        if self.g.family.gelu_mlp() {
+            const C: f32 = 0.797_884_6; // √(2/π)
+            g.iter().zip(u).map(|(g, u)| 0.5 * g * (1.0 + (C * (g + 0.044_715 * g * g * g)).tanh()) * u).collect()
+        } else {
+            g.iter().zip(u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect()
+        }
+    }
+
+    /// The gated activation of a dense MLP for its normed input `a` (the input of `down_proj`).
+    fn mlp_act(&self, gate_up: &GateUp, a: &[f32]) -> Result<Vec<f32>> {
+        let (g, u) = match gate_up {
             GateUp::Split([g, u]) => (g.apply(a)?, u.apply(a)?),
             GateUp::Fused(w) => {
                 let mut p = split_cols(&w.apply(a)?, &[w.out / 2, w.out / 2]).into_iter();
@@ -331,17 +423,39 @@ impl Decoder {
                 (next(), next())
             }
         };
-        Ok(if self.g.family.gelu_mlp() {
-            const C: f32 = 0.797_884_6; // √(2/π)
-            g.iter().zip(&u).map(|(g, u)| 0.5 * g * (1.0 + (C * (g + 0.044_715 * g * g * g)).tanh()) * u).collect()
-        } else {
-            g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect()
-        })
+        Ok(self.glu(&g, &u))
     }
 
-    /// What block `l`'s MLP adds to the residual stream, from its activation.
-    fn mlp_out(&self, l: &Layer, act: &[f32]) -> Result<Vec<f32>> {
-        Ok(self.post_norm(l.down.apply(act)?, l.post_ffn.as_ref()))
+    /// An expert's gated activation for its rows `a`.
+    fn expert_act(&self, e: &Expert, a: &[f32]) -> Result<Vec<f32>> {
+        Ok(self.glu(&e.gate.apply(a)?, &e.up.apply(a)?))
+    }
+
+    /// What block `l`'s MLP adds to the residual stream for its normed input `a`. A mixture runs
+    /// each expert on the rows routed to it and adds them back weighted, expert by expert in
+    /// order (the same sums at any thread count).
+    fn mlp(&self, l: &Layer, a: &[f32]) -> Result<Vec<f32>> {
+        let y = match &l.ffn {
+            Ffn::Dense { gate_up, down } => down.apply(&self.mlp_act(gate_up, a)?)?,
+            Ffn::Moe { router, experts, top_k } => {
+                let h = self.g.hidden;
+                let mut y = vec![0f32; a.len()];
+                for (e, rows) in experts.iter().zip(routes(router, experts.len(), *top_k, a)?) {
+                    if rows.is_empty() {
+                        continue;
+                    }
+                    let idx: Vec<usize> = rows.iter().map(|r| r.0).collect();
+                    let out = e.down.apply(&self.expert_act(e, &gather(a, h, &idx))?)?;
+                    for ((t, w), o) in rows.iter().zip(out.chunks(h)) {
+                        for (y, o) in y[t * h..(t + 1) * h].iter_mut().zip(o) {
+                            *y += w * o;
+                        }
+                    }
+                }
+                y
+            }
+        };
+        Ok(self.post_norm(y, l.post_ffn.as_ref()))
     }
 
     /// `x += attention(x)`: block `l`'s attention half on the residual stream.
@@ -353,7 +467,7 @@ impl Decoder {
 
     /// `x += mlp(norm(x))`: block `l`'s MLP half on the residual stream.
     fn add_mlp(&self, l: &Layer, x: &mut [f32]) -> Result<()> {
-        let d = self.mlp_out(l, &self.mlp_act(l, &self.rms(x, &l.ln_ffn))?)?;
+        let d = self.mlp(l, &self.rms(x, &l.ln_ffn))?;
         x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
         Ok(())
     }
@@ -411,13 +525,13 @@ impl Decoder {
         let mut xs: Vec<Vec<f32>> = windows.iter().map(|w| self.embed_ids(w)).collect::<Result<_>>()?;
         let hidden = self.g.hidden;
         for li in 0..self.layers.len() {
-            let site = |readers, producer, width| Site { family, layer: li, readers, producer, width };
+            let site = |readers, producer, width| Site { family, layer: li, expert: None, readers, producer, width };
             // q, k, v: the normed residual stream.
             let s = site(family.attn_readers(), Producer::Norm(Role::AttnNorm), hidden);
             for x in &xs {
                 obs.input(&s, &self.rms(x, &self.layers[li].ln_in))?;
             }
-            obs.rewrite(&s, &mut self.block(li))?;
+            obs.rewrite(&s, &mut self.block(li, None))?;
             // o: the attention contexts (from q, k, v as rewritten).
             let ctxs: Vec<Vec<f32>> =
                 xs.iter().map(|x| self.attn_context(&self.layers[li], x)).collect::<Result<_>>()?;
@@ -425,39 +539,84 @@ impl Decoder {
             for c in &ctxs {
                 obs.input(&s, c)?;
             }
-            obs.rewrite(&s, &mut self.block(li))?;
+            obs.rewrite(&s, &mut self.block(li, None))?;
             for (x, c) in xs.iter_mut().zip(&ctxs) {
                 let o = self.attn_out(&self.layers[li], c)?;
                 x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             }
             drop(ctxs);
-            // gate, up: the normed stream after attention.
-            let s = site(family.mlp_readers(), Producer::Norm(Role::FfnNorm), hidden);
-            for x in &xs {
-                obs.input(&s, &self.rms(x, &self.layers[li].ln_ffn))?;
+            let normed: Vec<Vec<f32>> = xs.iter().map(|x| self.rms(x, &self.layers[li].ln_ffn)).collect();
+            if family.is_moe() {
+                self.trace_experts(li, &normed, obs)?;
+            } else {
+                // gate, up: the normed stream after attention.
+                let s = site(family.mlp_readers(), Producer::Norm(Role::FfnNorm), hidden);
+                for a in &normed {
+                    obs.input(&s, a)?;
+                }
+                obs.rewrite(&s, &mut self.block(li, None))?;
+                // down: the gated activations (from gate and up as rewritten).
+                // A fused gate/up has no rows of up alone to fold a scale into.
+                let producer = if family.has(Role::Up) { Producer::Rows(Role::Up) } else { Producer::Opaque };
+                let Ffn::Dense { down, .. } = &self.layers[li].ffn else { unreachable!("dense family") };
+                let s = site(&[Role::Down][..], producer, down.inp);
+                for a in &normed {
+                    let Ffn::Dense { gate_up, .. } = &self.layers[li].ffn else { unreachable!("dense family") };
+                    obs.input(&s, &self.mlp_act(gate_up, a)?)?;
+                }
+                obs.rewrite(&s, &mut self.block(li, None))?;
             }
-            obs.rewrite(&s, &mut self.block(li))?;
-            // down: the gated activations (from gate and up as rewritten).
-            // A fused gate/up has no rows of up alone to fold a scale into.
-            let producer = if family.has(Role::Up) { Producer::Rows(Role::Up) } else { Producer::Opaque };
-            let s = site(&[Role::Down][..], producer, self.layers[li].down.inp);
-            for x in &xs {
-                let l = &self.layers[li];
-                obs.input(&s, &self.mlp_act(l, &self.rms(x, &l.ln_ffn))?)?;
+            for (x, a) in xs.iter_mut().zip(&normed) {
+                let d = self.mlp(&self.layers[li], a)?;
+                x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
             }
-            obs.rewrite(&s, &mut self.block(li))?;
-            for x in &mut xs {
-                self.add_mlp(&self.layers[li], x)?;
-            }
-            obs.block_done(li, &mut self.block(li))?;
+            obs.block_done(li, &mut self.block(li, None))?;
             progress();
         }
         Ok(())
     }
 
+    /// The mixture of block `li` on the trace: the router reads every token (its own site: a
+    /// scale folded into the shared norm would have to reach every expert); then, expert by
+    /// expert, gate and up read the tokens routed to the expert (by the router as rewritten),
+    /// down their activations. An expert no token reached sees sites with no rows.
+    fn trace_experts(&mut self, li: usize, normed: &[Vec<f32>], obs: &mut dyn Observer) -> Result<()> {
+        let (family, hidden) = (self.g.family, self.g.hidden);
+        let site = |expert, readers, producer, width| Site { family, layer: li, expert, readers, producer, width };
+        let s = site(None, &[Role::Router][..], Producer::Opaque, hidden);
+        for a in normed {
+            obs.input(&s, a)?;
+        }
+        obs.rewrite(&s, &mut self.block(li, None))?;
+        let Ffn::Moe { router, experts, top_k } = &self.layers[li].ffn else { unreachable!("mixture family") };
+        let routes: Vec<Vec<Vec<usize>>> = normed
+            .iter()
+            .map(|a| {
+                let r = routes(router, experts.len(), *top_k, a)?;
+                Ok(r.into_iter().map(|rows| rows.into_iter().map(|(t, _)| t).collect()).collect())
+            })
+            .collect::<Result<_>>()?;
+        let n_experts = experts.len();
+        for e in 0..n_experts {
+            let s = site(Some(e), &[Role::ExpertGate, Role::ExpertUp][..], Producer::Opaque, hidden);
+            for (a, r) in normed.iter().zip(&routes) {
+                obs.input(&s, &gather(a, hidden, &r[e]))?;
+            }
+            obs.rewrite(&s, &mut self.block(li, Some(e)))?;
+            let Ffn::Moe { experts, .. } = &self.layers[li].ffn else { unreachable!("mixture family") };
+            let ex = &experts[e];
+            let s = site(Some(e), &[Role::ExpertDown][..], Producer::Rows(Role::ExpertUp), ex.down.inp);
+            for (a, r) in normed.iter().zip(&routes) {
+                obs.input(&s, &self.expert_act(ex, &gather(a, hidden, &r[e]))?)?;
+            }
+            obs.rewrite(&s, &mut self.block(li, Some(e)))?;
+        }
+        Ok(())
+    }
+
     /// Block `li`'s weights, for an observer to read and rewrite.
-    fn block(&mut self, li: usize) -> Block<'_> {
-        Block { layer: &mut self.layers[li], index: li, family: self.g.family, norm_add: self.norm_add }
+    fn block(&mut self, li: usize, expert: Option<usize>) -> Block<'_> {
+        Block { layer: &mut self.layers[li], index: li, expert, family: self.g.family, norm_add: self.norm_add }
     }
 
     /// `E[x_c²]` of every linear layer's input channels over `windows`, by weight name (one
@@ -471,6 +630,12 @@ impl Decoder {
             }
         }
         let f = self.g.family;
+        if f.is_moe() {
+            return Err(Error::Model(format!(
+                "{}: input moments of a mixture of experts are not implemented",
+                f.model_type()
+            )));
+        }
         let mut xs: Vec<Vec<f32>> = windows.iter().map(|w| self.embed_ids(w)).collect::<Result<_>>()?;
         let tokens = windows.iter().map(Vec::len).sum::<usize>().max(1) as f64;
         let mut out = BTreeMap::new();
@@ -478,8 +643,9 @@ impl Decoder {
             out.insert(name, m.iter().map(|v| (v / tokens) as f32).collect::<Vec<f32>>());
         };
         for (li, l) in self.layers.iter().enumerate() {
+            let Ffn::Dense { gate_up, down } = &l.ffn else { unreachable!("dense family") };
             let (mut m_in, mut m_o) = (vec![0f64; self.g.hidden], vec![0f64; l.o.inp]);
-            let (mut m_post, mut m_down) = (vec![0f64; self.g.hidden], vec![0f64; l.down.inp]);
+            let (mut m_post, mut m_down) = (vec![0f64; self.g.hidden], vec![0f64; down.inp]);
             for x in &mut xs {
                 acc(&mut m_in, &self.rms(x, &l.ln_in));
                 let c = self.attn_context(l, x)?;
@@ -488,9 +654,9 @@ impl Decoder {
                 x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
                 let a = self.rms(x, &l.ln_ffn);
                 acc(&mut m_post, &a);
-                let act = self.mlp_act(l, &a)?;
+                let act = self.mlp_act(gate_up, &a)?;
                 acc(&mut m_down, &act);
-                let d = self.mlp_out(l, &act)?;
+                let d = self.post_norm(down.apply(&act)?, l.post_ffn.as_ref());
                 x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
             }
             for &r in f.attn_readers() {
@@ -562,6 +728,8 @@ pub struct Site {
     pub family: Family,
     /// Block index.
     pub layer: usize,
+    /// The expert whose layers these are (a mixture's per-expert roles), else `None`.
+    pub expert: Option<usize>,
     /// The layers reading this input, in the order they are offered.
     pub readers: &'static [Role],
     /// Where the input comes from.
@@ -571,9 +739,16 @@ pub struct Site {
 }
 
 impl Site {
-    /// A role's tensor name in this block.
+    /// A role's tensor name in this block (this expert's, for a per-expert role).
     pub fn name(&self, role: Role) -> String {
-        self.family.hf(role, self.layer)
+        name(self.family, role, self.layer, self.expert)
+    }
+}
+
+fn name(family: Family, role: Role, layer: usize, expert: Option<usize>) -> String {
+    match expert {
+        Some(e) if role.per_expert() => family.hf_expert(role, layer, e),
+        _ => family.hf(role, layer),
     }
 }
 
@@ -593,14 +768,29 @@ pub trait Observer {
 pub struct Block<'a> {
     layer: &'a mut Layer,
     index: usize,
+    /// The expert per-expert roles resolve to (a site of one expert), else `None`.
+    expert: Option<usize>,
     family: Family,
     norm_add: f32,
 }
 
 impl Block<'_> {
-    /// A role's tensor name in this block.
+    /// A role's tensor name in this block (the block's expert's, for a per-expert role).
     pub fn name(&self, role: Role) -> String {
-        self.family.hf(role, self.index)
+        name(self.family, role, self.index, self.expert)
+    }
+
+    /// Experts of the block (0 for a dense MLP).
+    pub fn experts(&self) -> usize {
+        match &self.layer.ffn {
+            Ffn::Moe { experts, .. } => experts.len(),
+            Ffn::Dense { .. } => 0,
+        }
+    }
+
+    /// The same block with per-expert roles resolving to expert `e`.
+    pub fn expert(&mut self, e: usize) -> Block<'_> {
+        Block { layer: self.layer, index: self.index, expert: Some(e), family: self.family, norm_add: self.norm_add }
     }
 
     /// The model's family (which linear roles a block has: [`Family::linear_roles`]).
@@ -610,31 +800,51 @@ impl Block<'_> {
 
     fn lin(&self, role: Role) -> Result<&Lin> {
         let l = &*self.layer;
-        Ok(match (role, &l.qkv, &l.gate_up) {
+        let missing = || Error::Model(format!("{role:?} is not a linear layer of this block"));
+        Ok(match (role, &l.qkv, &l.ffn) {
             (Role::Q, Qkv::Split(a), _) => &a[0],
             (Role::K, Qkv::Split(a), _) => &a[1],
             (Role::V, Qkv::Split(a), _) => &a[2],
-            (Role::Qkv, Qkv::Fused(w, _), _) | (Role::GateUp, _, GateUp::Fused(w)) => w,
+            (Role::Qkv, Qkv::Fused(w, _), _) | (Role::GateUp, _, Ffn::Dense { gate_up: GateUp::Fused(w), .. }) => w,
             (Role::O, _, _) => &l.o,
-            (Role::Gate, _, GateUp::Split(a)) => &a[0],
-            (Role::Up, _, GateUp::Split(a)) => &a[1],
-            (Role::Down, _, _) => &l.down,
-            _ => return Err(Error::Model(format!("{role:?} is not a linear layer of this block"))),
+            (Role::Gate, _, Ffn::Dense { gate_up: GateUp::Split(a), .. }) => &a[0],
+            (Role::Up, _, Ffn::Dense { gate_up: GateUp::Split(a), .. }) => &a[1],
+            (Role::Down, _, Ffn::Dense { down, .. }) => down,
+            (Role::Router, _, Ffn::Moe { router, .. }) => router,
+            (Role::ExpertGate | Role::ExpertUp | Role::ExpertDown, _, Ffn::Moe { experts, .. }) => {
+                let e = experts.get(self.expert.ok_or_else(missing)?).ok_or_else(missing)?;
+                match role {
+                    Role::ExpertGate => &e.gate,
+                    Role::ExpertUp => &e.up,
+                    _ => &e.down,
+                }
+            }
+            _ => return Err(missing()),
         })
     }
 
     fn lin_mut(&mut self, role: Role) -> Result<&mut Lin> {
         let l = &mut *self.layer;
-        Ok(match (role, &mut l.qkv, &mut l.gate_up) {
+        let missing = || Error::Model(format!("{role:?} is not a linear layer of this block"));
+        Ok(match (role, &mut l.qkv, &mut l.ffn) {
             (Role::Q, Qkv::Split(a), _) => &mut a[0],
             (Role::K, Qkv::Split(a), _) => &mut a[1],
             (Role::V, Qkv::Split(a), _) => &mut a[2],
-            (Role::Qkv, Qkv::Fused(w, _), _) | (Role::GateUp, _, GateUp::Fused(w)) => w,
+            (Role::Qkv, Qkv::Fused(w, _), _) | (Role::GateUp, _, Ffn::Dense { gate_up: GateUp::Fused(w), .. }) => w,
             (Role::O, _, _) => &mut l.o,
-            (Role::Gate, _, GateUp::Split(a)) => &mut a[0],
-            (Role::Up, _, GateUp::Split(a)) => &mut a[1],
-            (Role::Down, _, _) => &mut l.down,
-            _ => return Err(Error::Model(format!("{role:?} is not a linear layer of this block"))),
+            (Role::Gate, _, Ffn::Dense { gate_up: GateUp::Split(a), .. }) => &mut a[0],
+            (Role::Up, _, Ffn::Dense { gate_up: GateUp::Split(a), .. }) => &mut a[1],
+            (Role::Down, _, Ffn::Dense { down, .. }) => down,
+            (Role::Router, _, Ffn::Moe { router, .. }) => router,
+            (Role::ExpertGate | Role::ExpertUp | Role::ExpertDown, _, Ffn::Moe { experts, .. }) => {
+                let e = experts.get_mut(self.expert.ok_or_else(missing)?).ok_or_else(missing)?;
+                match role {
+                    Role::ExpertGate => &mut e.gate,
+                    Role::ExpertUp => &mut e.up,
+                    _ => &mut e.down,
+                }
+            }
+            _ => return Err(missing()),
         })
     }
 

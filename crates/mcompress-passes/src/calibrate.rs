@@ -30,15 +30,17 @@ pub fn config_window_spec(c: &crate::quant::CalibrationConfig) -> WindowSpec<'_>
 }
 
 /// Runs `pass`'s calibration on `model` (or on `prior`, the model after the recipe's earlier
-/// passes): the tensors it produced, by name, for [`Pass::provide`]. Decoder families of
-/// [`Family`] only.
+/// passes): the tensors it produced, by name, for [`Pass::provide`], and the layers whose input
+/// had no calibration row (experts no token was routed to), which GPTQ, Wanda and SparseGPT
+/// rewrote without data (an identity Hessian: round-to-nearest, magnitude pruning). Decoder
+/// families of [`Family`] only.
 pub fn run(
     model: &ModelSource,
     pass: &dyn Pass,
     cal: &Calibration,
     prior: Option<Prior>,
     progress: bool,
-) -> Result<BTreeMap<String, Calibrated>> {
+) -> Result<(BTreeMap<String, Calibrated>, Vec<String>)> {
     let config = prior.as_ref().map_or_else(|| model.config().cloned().unwrap_or_default(), |p| p.config.clone());
     if Family::of_config(&config).is_none() {
         return Err(Error::Model(format!(
@@ -97,7 +99,7 @@ pub fn run(
                 Ok(Some((Calibrated::Quantized(q), deq)))
             });
             llama.trace(&windows, &mut obs, &tick)?;
-            obs.out
+            (obs.out, obs.unseen)
         }
         CalibrationMethod::Awq { grid, scheme } => {
             bar.set_message(format!("awq, {} x {} tokens", cal.samples, cal.seq_len));
@@ -133,7 +135,7 @@ pub fn run(
                 Ok(Some((Calibrated::Pruned { values: pruned.clone(), keep }, pruned)))
             });
             llama.trace(&windows, &mut obs, &tick)?;
-            obs.out
+            (obs.out, obs.unseen)
         }
     };
     bar.finish_and_clear();
@@ -144,16 +146,31 @@ pub fn run(
 struct Hessian {
     k: usize,
     h: Vec<f64>,
+    rows: usize,
 }
 
 impl Hessian {
     fn new(k: usize) -> Self {
-        Hessian { k, h: vec![0f64; k * k] }
+        Hessian { k, h: vec![0f64; k * k], rows: 0 }
+    }
+
+    /// The identity: what a layer whose input had no row is rewritten with (GPTQ becomes
+    /// round-to-nearest, Wanda and SparseGPT magnitude pruning).
+    fn identity(k: usize) -> Vec<f64> {
+        let mut h = vec![0f64; k * k];
+        for i in 0..k {
+            h[i * k + i] = 1.0;
+        }
+        h
     }
 
     fn add(&mut self, x: &[f32]) {
         let k = self.k;
         let n = x.len() / k;
+        if n == 0 {
+            return;
+        }
+        self.rows += n;
         let mut g = vec![0f32; k * k];
         sgemm((k, n, k), x, Strides::transposed(k), x, Strides::row_major(k), &mut g, Strides::row_major(k), false);
         for (h, g) in self.h.iter_mut().zip(&g) {
@@ -173,6 +190,8 @@ struct Rewrite<'a> {
     hessian: Option<Hessian>,
     f: Box<RewriteFn<'a>>,
     out: BTreeMap<String, Calibrated>,
+    /// Layers rewritten without data (their input had no row).
+    unseen: Vec<String>,
 }
 
 impl<'a> Rewrite<'a> {
@@ -180,7 +199,7 @@ impl<'a> Rewrite<'a> {
         f: impl FnMut(&str, &[f32], (usize, usize), Vec<f64>) -> std::result::Result<Option<(Calibrated, Vec<f32>)>, String>
         + 'a,
     ) -> Self {
-        Rewrite { hessian: None, f: Box::new(f), out: BTreeMap::new() }
+        Rewrite { hessian: None, f: Box::new(f), out: BTreeMap::new(), unseen: Vec::new() }
     }
 }
 
@@ -191,13 +210,18 @@ impl Observer for Rewrite<'_> {
     }
 
     fn rewrite(&mut self, site: &Site, block: &mut Block<'_>) -> Result<()> {
-        let h = self.hessian.take().unwrap_or_else(|| Hessian::new(site.width)).h;
+        let hessian = self.hessian.take().unwrap_or_else(|| Hessian::new(site.width));
+        let seen = hessian.rows > 0;
+        let h = if seen { hessian.h } else { Hessian::identity(site.width) };
         for &role in site.readers {
             let name = block.name(role);
             let shape = block.shape(role)?;
             let Some(w) = block.dense(role)? else { continue };
             let Some((result, w)) = (self.f)(&name, w, shape, h.clone()).map_err(Error::Model)? else { continue };
             block.set_weights(role, w)?;
+            if !seen {
+                self.unseen.push(name.clone());
+            }
             self.out.insert(name, result);
         }
         Ok(())

@@ -138,27 +138,38 @@ impl Plan {
             if passes.iter().any(|p| p.reshapes()) { Vec::new() } else { pipeline::check_plan(&source, &passes)? };
         warnings.extend(gguf_warnings(recipe, &shipping, &source));
         check_dtypes(recipe, &passes, &shipping, &resolved, &source)?;
+        if let Some(i) = shipping.iter().position(|s| s.safetensors)
+            && !passes.iter().any(|p| p.reshapes())
+        {
+            check_experts(&source, &pipeline::plan(&source, &passes).params)
+                .map_err(|m| Error::Recipe(recipe.target_error(i, m)))?;
+        }
         Ok(Plan { passes, resolved, shipping, source, warnings })
     }
 }
 
-/// A model with fused projections (Phi-3's `qkv_proj`, `gate_up_proj`) runs the data-free passes,
-/// GGUF export and the calibrated passes (GPTQ, AWQ, Wanda, SparseGPT work on each fused matrix
-/// as one layer); structured pruning (units inside fused matrices) and distillation are refused
+/// A model with fused projections (Phi-3's `qkv_proj`, `gate_up_proj`) or a mixture of experts
+/// (Mixtral) runs the data-free passes, GGUF export and the calibrated passes (GPTQ, AWQ, Wanda,
+/// SparseGPT work on each fused matrix as one layer, on each expert from the tokens routed to
+/// it); structured pruning (units inside fused matrices or experts) and distillation are refused
 /// before any work.
 fn check_fused(recipe: &Recipe, passes: &[Box<dyn Pass>], source: &ModelSource) -> Result<()> {
     let Some(family) = source.config().and_then(mcompress_core::arch::Family::of_config) else { return Ok(()) };
-    if !family.fuses_projections() {
+    let what = if family.fuses_projections() {
+        "fuses q/k/v (qkv_proj) and gate/up (gate_up_proj)"
+    } else if family.is_moe() {
+        "is a mixture of experts"
+    } else {
         return Ok(());
-    }
+    };
+    let on = if family.is_moe() { "mixtures of experts" } else { "fused projections" };
     for (spec, pass) in recipe.passes.iter().zip(passes) {
         if !matches!(pass.needs(), Need::Nothing | Need::Calibration(_)) || pass.reshapes() {
             return Err(Error::Recipe(recipe.pass_error(
                 spec.index,
                 format!(
-                    "model_type {:?} fuses q/k/v (qkv_proj) and gate/up (gate_up_proj): {} on fused projections is not \
-                     implemented yet (quantization, GPTQ, AWQ, Wanda, SparseGPT, magnitude pruning and GGUF \
-                     targets are)",
+                    "model_type {:?} {what}: {} on {on} is not implemented yet (quantization, GPTQ, AWQ, Wanda, \
+                     SparseGPT, magnitude pruning and GGUF targets are)",
                     family.model_type(),
                     spec.kind
                 ),
@@ -198,6 +209,48 @@ fn check_dtypes(
         }
     }
     Ok(())
+}
+
+/// A mixture's safetensors bundle must load in transformers 5.25, which decompresses a
+/// compressed-tensors checkpoint's experts all alike (every block's stacked experts through the
+/// scheme of the first config group): the experts are all quantized with the scheme every other
+/// quantized layer has, or none is. Refused before any work otherwise, naming two tensors that
+/// differ.
+fn check_experts(
+    source: &ModelSource,
+    params: &std::collections::BTreeMap<String, mcompress_passes::ParamMeta>,
+) -> std::result::Result<(), String> {
+    use mcompress_passes::ParamMeta;
+    let Some(family) = source.config().and_then(mcompress_core::arch::Family::of_config) else { return Ok(()) };
+    if !family.is_moe() {
+        return Ok(());
+    }
+    let scheme = |m: &ParamMeta| match m {
+        ParamMeta::Quantized { scheme, .. } => Some(*scheme),
+        _ => None,
+    };
+    let experts: Vec<(&String, Option<_>)> = params
+        .iter()
+        .filter(|(n, _)| family.slot_hf(n).is_some_and(|s| s.role.per_expert()))
+        .map(|(n, m)| (n, scheme(m)))
+        .collect();
+    let Some(quantized) = experts.iter().find(|e| e.1.is_some()) else { return Ok(()) };
+    let other = experts
+        .iter()
+        .find(|e| e.1 != quantized.1)
+        .map(|e| (e.0, e.1))
+        .or_else(|| params.iter().map(|(n, m)| (n, scheme(m))).find(|(_, s)| s.is_some() && *s != quantized.1));
+    match other {
+        None => Ok(()),
+        Some((name, s)) => Err(format!(
+            "mixture of experts: transformers loads a compressed-tensors bundle's experts only when every expert is \
+             quantized with the one scheme of every quantized layer; {} is {} but {name} is {} (quantize every \
+             expert alike, or write GGUF targets only)",
+            quantized.0,
+            quantized.1.map_or("dense".into(), |s| s.label()),
+            s.map_or("dense".into(), |s| s.label()),
+        )),
+    }
 }
 
 /// What a GGUF target will compute differently from the model (a Mistral's sliding window,
@@ -339,10 +392,23 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
             })
         };
         let provided = match pass.needs() {
-            Need::Calibration(cal) => Provided::Tensors(
-                mcompress_passes::calibrate::run(model, pass.as_ref(), cal, prior, opts.progress)
-                    .map_err(|e| Error::Calibration(format!("pass[{}] {}: calibration: {e}", spec.index, spec.kind)))?,
-            ),
+            Need::Calibration(cal) => {
+                let (tensors, unseen) =
+                    mcompress_passes::calibrate::run(model, pass.as_ref(), cal, prior, opts.progress).map_err(|e| {
+                        Error::Calibration(format!("pass[{}] {}: calibration: {e}", spec.index, spec.kind))
+                    })?;
+                if !unseen.is_empty() {
+                    early_warnings.push(format!(
+                        "pass[{}] {}: {} layer(s) saw no calibration token (experts the router never chose) and were \
+                         rewritten without data (round-to-nearest / magnitude): {}",
+                        spec.index,
+                        spec.kind,
+                        unseen.len(),
+                        unseen.join(", ")
+                    ));
+                }
+                Provided::Tensors(tensors)
+            }
             Need::Training(d) => {
                 let checkpoint_dir = checkpoint_dirs[&d.index].0.clone();
                 let dopts = mcompress_distill::Options {

@@ -217,6 +217,12 @@ impl GgufWriter {
         self.file.write(name, bytes)
     }
 
+    /// Writes part `part` of `parts` equal parts of one planned tensor (one expert of a stack:
+    /// each expert's rows are a contiguous part).
+    pub fn write_tensor_part(&mut self, name: &str, part: usize, parts: usize, bytes: &[u8]) -> Result<()> {
+        self.file.write_part(name, part, parts, bytes)
+    }
+
     /// Checks every tensor was written and flushes the file.
     pub fn finish(self) -> Result<()> {
         self.file.finish()

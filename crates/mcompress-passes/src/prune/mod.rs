@@ -404,7 +404,8 @@ impl Select {
         let default = eligible
             && name.ends_with("weight")
             && !mcompress_core::arch::is_embedding_name(name)
-            && !mcompress_core::arch::is_output_head_name(name);
+            && !mcompress_core::arch::is_output_head_name(name)
+            && !mcompress_core::arch::is_router_name(name);
         match self.selector.select(name, default) {
             None => Plan::Keep,
             // A pattern that does not divide the rows is an error at apply time (or in the

@@ -154,6 +154,9 @@ fn neuron_blocks(model: &ModelSource, config: &Value) -> Result<Vec<Block>, Stri
         Some(ModelKind::Decoder(f)) if f.fuses_projections() => {
             return Err(format!("{}: pruning neurons inside gate_up_proj is not implemented yet", f.model_type()));
         }
+        Some(ModelKind::Decoder(f)) if f.is_moe() => {
+            return Err(format!("{}: pruning neurons inside experts is not implemented yet", f.model_type()));
+        }
         Some(ModelKind::Decoder(f)) => {
             for i in 0..ModelKind::Decoder(f).blocks(config)? {
                 let g = f.hf(Role::Gate, i);

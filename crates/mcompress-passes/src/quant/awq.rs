@@ -31,17 +31,32 @@ pub struct Awq<'a> {
     /// The current site's inputs, every window's rows (only for a site AWQ scales).
     acts: Vec<f32>,
     out: BTreeMap<String, Calibrated>,
+    /// Layers whose site had no row (experts no token reached): rounded unscaled.
+    unseen: Vec<String>,
 }
 
 impl<'a> Awq<'a> {
     /// AWQ to `scheme` with `grid` exponents, on the tensors `selected` names.
     pub fn new(scheme: QScheme, grid: usize, selected: Selected<'a>) -> Self {
-        Awq { scheme, grid, selected, acts: Vec::new(), out: BTreeMap::new() }
+        Awq { scheme, grid, selected, acts: Vec::new(), out: BTreeMap::new(), unseen: Vec::new() }
     }
 
-    /// The quantized matrices and the rewritten dense tensors (norms, `up_proj`), by name.
-    pub fn into_results(self) -> BTreeMap<String, Calibrated> {
-        self.out
+    /// The quantized matrices and the rewritten dense tensors (norms, `up_proj`), by name; and
+    /// the layers that were rounded without scales because their input had no row.
+    pub fn into_results(self) -> (BTreeMap<String, Calibrated>, Vec<String>) {
+        (self.out, self.unseen)
+    }
+
+    /// Rounds a layer of the block, if selected, into the results.
+    fn round(&mut self, block: &Block<'_>, role: mcompress_core::arch::Role) -> Result<()> {
+        let full = block.name(role);
+        let Some((dtype, shape)) = (self.selected)(&full) else { return Ok(()) };
+        let bytes = dtype
+            .encode_f32(block.weights(role)?)
+            .ok_or_else(|| Error::Model(format!("{full}: cannot encode as {dtype}")))?;
+        let q = quantize(&self.scheme, dtype, &shape, &bytes).map_err(|e| Error::Model(format!("{full}: {e:?}")))?;
+        self.out.insert(full, Calibrated::Quantized(q));
+        Ok(())
     }
 
     /// Whether AWQ scales at `site`: every reader selected and a producer to fold into.
@@ -67,6 +82,10 @@ impl Observer for Awq<'_> {
     fn rewrite(&mut self, site: &Site, block: &mut Block<'_>) -> Result<()> {
         let acts = std::mem::take(&mut self.acts);
         if !self.scales(site) {
+            return Ok(());
+        }
+        if acts.is_empty() {
+            self.unseen.extend(site.readers.iter().map(|r| site.name(*r)));
             return Ok(());
         }
         let ws = site.readers.iter().map(|r| block.weights(*r)).collect::<Result<Vec<_>>>()?;
@@ -99,14 +118,13 @@ impl Observer for Awq<'_> {
     fn block_done(&mut self, _layer: usize, block: &mut Block<'_>) -> Result<()> {
         // Round every selected matrix of the block, scaled or not.
         for role in block.family().linear_roles() {
-            let full = block.name(role);
-            let Some((dtype, shape)) = (self.selected)(&full) else { continue };
-            let bytes = dtype
-                .encode_f32(block.weights(role)?)
-                .ok_or_else(|| Error::Model(format!("{full}: cannot encode as {dtype}")))?;
-            let q =
-                quantize(&self.scheme, dtype, &shape, &bytes).map_err(|e| Error::Model(format!("{full}: {e:?}")))?;
-            self.out.insert(full, Calibrated::Quantized(q));
+            if role.per_expert() {
+                for e in 0..block.experts() {
+                    self.round(&block.expert(e), role)?;
+                }
+            } else {
+                self.round(block, role)?;
+            }
         }
         Ok(())
     }

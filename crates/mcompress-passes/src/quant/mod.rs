@@ -33,7 +33,7 @@ pub struct RtnConfig {
     #[serde(default = "yes")]
     pub symmetric: bool,
     /// Tensors to quantize: globs or `re:` regexes over full names. Default: every float tensor
-    /// of rank ≥ 2 whose name ends in `weight`, except embeddings.
+    /// of rank ≥ 2 whose name ends in `weight`, except embeddings and mixture-of-experts routers.
     pub targets: Option<Vec<String>>,
     /// Tensors to leave alone, same syntax.
     #[serde(default)]
@@ -96,7 +96,8 @@ pub struct Fp8Config {
     /// FP8_DYNAMIC scheme vLLM serves on H100/H200/MI300); `"none"`: weight-only FP8.
     #[serde(default = "default_fp8_activations")]
     pub activations: String,
-    /// Tensors to quantize (default: float matrices named `*weight`, except embeddings).
+    /// Tensors to quantize (default: float matrices named `*weight`, except embeddings and
+    /// mixture-of-experts routers).
     pub targets: Option<Vec<String>>,
     /// Tensors to leave alone.
     #[serde(default)]
@@ -134,7 +135,8 @@ pub struct Fp4Config {
     /// (groups of 32, power-of-two scales).
     #[serde(default = "default_fp4_format")]
     pub format: String,
-    /// Tensors to quantize (default: float matrices named `*weight`, except embeddings).
+    /// Tensors to quantize (default: float matrices named `*weight`, except embeddings and
+    /// mixture-of-experts routers).
     pub targets: Option<Vec<String>>,
     /// Tensors to leave alone.
     #[serde(default)]
@@ -208,7 +210,10 @@ impl Pass for Rtn {
             };
         };
         let eligible = dtype.is_float() && shape.len() >= 2 && shape.iter().all(|&d| d > 0);
-        let default = eligible && name.ends_with("weight") && !mcompress_core::arch::is_embedding_name(name);
+        let default = eligible
+            && name.ends_with("weight")
+            && !mcompress_core::arch::is_embedding_name(name)
+            && !mcompress_core::arch::is_router_name(name);
         match self.selector.select(name, default) {
             None => Plan::Keep,
             Some(_) if eligible => Plan::Change(ParamMeta::Quantized {
@@ -301,7 +306,7 @@ pub struct GptqConfig {
     pub block_size: usize,
     /// Calibration text and sampling.
     pub calibration: CalibrationConfig,
-    /// Tensors to quantize (default: float tensors of rank ≥ 2 named `*weight`; only linear
+    /// Tensors to quantize (default: float tensors of rank ≥ 2 named `*weight` but routers; only linear
     /// layers the eval runtime runs can be calibrated).
     pub targets: Option<Vec<String>>,
     /// Tensors to leave alone.
@@ -338,7 +343,7 @@ pub struct AwqConfig {
     pub grid: usize,
     /// Calibration text and sampling.
     pub calibration: CalibrationConfig,
-    /// Tensors to quantize (default: float tensors of rank ≥ 2 named `*weight`; only linear
+    /// Tensors to quantize (default: float tensors of rank ≥ 2 named `*weight` but routers; only linear
     /// layers the eval runtime runs can be calibrated).
     pub targets: Option<Vec<String>>,
     /// Tensors to leave alone.
