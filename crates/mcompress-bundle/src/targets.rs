@@ -416,6 +416,30 @@ mod tests {
     }
 
     #[test]
+    fn test_mixture_reads_and_runs_only_its_routed_experts() {
+        let recipe = Recipe::parse(
+            "r.toml".as_ref(),
+            "[model]\npath = \"m\"\n[[target]]\nname = \"l4\"\nprofile = \"l4-24gb\"\n".into(),
+        )
+        .unwrap();
+        let t = &resolve(&recipe).unwrap()[0];
+        let dense = estimate(t, 3_500_000_000, 7_000_000_000, &["int4".into()], None).unwrap();
+        // 8 experts, 2 per token, 80 % of the weights experts': one sequence reads 20 % + 80 % / 4.
+        let kv = KvGeometry {
+            layers: 1,
+            kv_heads: 0,
+            head_dim: 0,
+            bytes: 2,
+            sliding_layers: 0,
+            window: 0,
+            experts: Some((8, 2, 0.8)),
+        };
+        let moe = estimate(t, 3_500_000_000, 7_000_000_000, &["int4".into()], Some(kv)).unwrap();
+        assert!((moe.decode_tokens_per_s / dense.decode_tokens_per_s - 2.5).abs() < 1e-3, "{moe:?}");
+        assert!((moe.prefill_tokens_per_s / dense.prefill_tokens_per_s - 2.5).abs() < 1e-3, "{moe:?}");
+    }
+
+    #[test]
     fn test_kv_cache_counts_against_memory() {
         let cfg = serde_json::json!({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 32, "num_attention_heads": 32,
             "num_key_value_heads": 8, "hidden_size": 4096});

@@ -277,6 +277,31 @@ mod tests {
     }
 
     #[test]
+    fn test_stacked_tensor_written_in_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.gguf");
+        let mut b = GgufBuilder::new();
+        b.tensor("exps", &[32, 2, 3], GgmlType::Q8_0);
+        let mut w = GgufWriter::create(&path, b.layout().unwrap()).unwrap();
+        let part = |e: usize| crate::ggml::quantize(GgmlType::Q8_0, &vec![e as f32; 64]).unwrap();
+        assert!(w.write_tensor_part("exps", 3, 3, &part(0)).is_err());
+        assert!(w.write_tensor_part("exps", 0, 3, &part(0)[1..]).is_err());
+        w.write_tensor_part("exps", 2, 3, &part(2)).unwrap();
+        w.write_tensor_part("exps", 0, 3, &part(0)).unwrap();
+        assert!(w.write_tensor_part("exps", 0, 3, &part(0)).is_err(), "a part written twice");
+        assert!(w.write_tensor("exps", &[part(0), part(1), part(2)].concat()).is_err());
+        w.write_tensor_part("exps", 1, 3, &part(1)).unwrap();
+        w.finish().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let g = GgufFile::parse(&path, &bytes).unwrap();
+        let t = &g.tensors[0];
+        let mut y = Vec::new();
+        dequantize(t.ggml_type, &bytes[t.range.0..t.range.1], &mut y);
+        // Q8_0 keeps 1 and 2 within its f16 scale.
+        assert_eq!(y.chunks(64).map(|c| c[0].round()).collect::<Vec<_>>(), vec![0.0, 1.0, 2.0]);
+    }
+
+    #[test]
     fn test_unwritten_tensor_fails_finish() {
         let dir = tempfile::tempdir().unwrap();
         let mut b = GgufBuilder::new();
