@@ -493,8 +493,9 @@ fn smollm2_moe(t: &Path, base: &Path, name: &str, perturb: bool) -> PathBuf {
 /// MixtralForCausalLM (compressed-tensors experts decompressed into its stacked layout) with our
 /// perplexity; the GGUF (llama with `ffn_*_exps` stacks, F32 `ffn_gate_inp`) loads in llama.cpp
 /// with ours, F16 within 0.2 %, Q4_K_M within 1 %. GPTQ calibrates each expert on the tokens
-/// routed to it; a bundle transformers could not load (some experts quantized, others dense) is
-/// refused before any work.
+/// routed to it; pruning a quarter of the experts by router-weighted activation leaves a
+/// 3-expert mixture both clients load with our perplexity; a bundle transformers could not load
+/// (some experts quantized, others dense) is refused before any work.
 #[test]
 fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
     let Some((t, hamlet, base, llama)) = smollm2_base() else { return };
@@ -574,6 +575,38 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
     );
     let (g, r) = (ppl(&gptq, "f16").1, ppl(&rtn, "f16").1);
     assert!(g < r, "GPTQ of the experts {g} must beat RTN {r}");
+
+    // Expert pruning: a quarter of the experts (1 of 4 per block) by router-weighted activation on
+    // Hamlet; the survivors renumbered, the routers' rows and num_local_experts follow, and both
+    // clients load the smaller mixture with our perplexity.
+    let pruned = t.path().join("moe-pruned");
+    run_short(
+        t.path(),
+        &moe,
+        &hamlet,
+        &format!(
+            "[[pass]]\ntype = \"prune-structured\"\nunit = \"experts\"\nsparsity = 0.25\n\
+             calibration = {{ set = {:?}, samples = 8, seq-len = 128 }}\n",
+            hamlet.display().to_string()
+        ),
+        "[[target]]\nname = \"st\"\n\n[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n",
+        &pruned,
+    );
+    let (reference, smaller) = ppl(&pruned, "st");
+    let (_, smaller_f16) = ppl(&pruned, "f16");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pruned.join("st/config.json")).unwrap()).unwrap();
+    assert_eq!(config["num_local_experts"], 3, "{config}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pruned.join("st/report.json")).unwrap()).unwrap();
+    let settings = &report["passes"][0]["settings"];
+    let removed = settings["removed_experts"].as_array().unwrap();
+    assert_eq!(removed.len(), 30, "{settings}");
+    assert!(removed.iter().all(|b| b.as_array().unwrap().len() == 1), "{settings}");
+    // Routing picks 2 of the 3 left; the model changes but stays close to the 4-expert one.
+    assert!(smaller > reference && smaller < reference * 1.5, "pruned {smaller} vs {reference}");
+    transformers_agrees(&pruned.join("st"), &hamlet, smaller);
+    llama_cpp_agrees(&pruned.join("f16/model.gguf"), &hamlet, smaller_f16);
 
     // Some experts quantized, others dense: transformers could not load it; refused up front.
     let recipe = t.path().join("partial.toml");

@@ -118,6 +118,28 @@ pub fn layer_scores(model: &ModelSource, spec: WindowSpec<'_>) -> Result<Vec<f64
     Ok(cosines.into_iter().map(|c| 1.0 - c).collect())
 }
 
+/// Per block of a mixture of experts, per expert: its router-weighted output norm summed over
+/// the calibration tokens routed to it, divided by all tokens, and how many tokens reached it
+/// ([`decoder::Decoder::expert_scores`]).
+///
+/// # Errors
+/// A model that is not a mixture of experts, or what loading and running it report.
+pub fn expert_scores(model: &ModelSource, spec: WindowSpec<'_>) -> Result<Vec<Vec<(f64, usize)>>> {
+    let config = model.config().cloned().unwrap_or_default();
+    if !mcompress_core::arch::Family::of_config(&config).is_some_and(mcompress_core::arch::Family::is_moe) {
+        return Err(Error::Model(format!(
+            "{}: experts are scored in mixtures of experts; this model_type is {:?}",
+            model.path().display(),
+            model_type(&config)
+        )));
+    }
+    let windows = windows(model, spec)?;
+    let tokens = windows.iter().map(Vec::len).sum::<usize>().max(1) as f64;
+    let w = weights::from_model(model);
+    let scores = decoder::Decoder::load(&config, &w, &Device::Cpu)?.expert_scores(&windows)?;
+    Ok(scores.into_iter().map(|b| b.into_iter().map(|(s, n)| (s / tokens, n)).collect()).collect())
+}
+
 /// Accumulates the mean cosine between matching rows of two `[n, width]` streams.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct CosMean {

@@ -483,6 +483,41 @@ impl Decoder {
         self.lm_head.apply(&x)
     }
 
+    /// Per block of a mixture, per expert: `(Σ g · ‖f_e(x)‖₂, tokens)` over the tokens routed to
+    /// the expert in every window — its router weight `g` times the norm of its output, summed
+    /// (the router-weighted activation that expert pruning ranks by; REAP, Lasby et al. 2025),
+    /// and how many tokens reached it. Windows run block by block with the model as it is.
+    pub fn expert_scores(&self, windows: &[Vec<u32>]) -> Result<Vec<Vec<(f64, usize)>>> {
+        let h = self.g.hidden;
+        let mut out = Vec::with_capacity(self.layers.len());
+        let mut xs: Vec<Vec<f32>> = windows.iter().map(|w| self.embed_ids(w)).collect::<Result<_>>()?;
+        for l in &self.layers {
+            let Ffn::Moe { router, experts, top_k } = &l.ffn else {
+                return Err(Error::Model(format!("{}: expert scores of a dense MLP", self.g.family.model_type())));
+            };
+            let mut acc = vec![(0f64, 0usize); experts.len()];
+            for x in &mut xs {
+                self.add_attention(l, x)?;
+                let a = self.rms(x, &l.ln_ffn);
+                for ((e, rows), acc) in experts.iter().zip(routes(router, experts.len(), *top_k, &a)?).zip(&mut acc) {
+                    if rows.is_empty() {
+                        continue;
+                    }
+                    let idx: Vec<usize> = rows.iter().map(|r| r.0).collect();
+                    let y = e.down.apply(&self.expert_act(e, &gather(&a, h, &idx))?)?;
+                    for ((_, w), row) in rows.iter().zip(y.chunks(h)) {
+                        acc.0 += f64::from(*w) * row.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+                    }
+                    acc.1 += rows.len();
+                }
+                let d = self.mlp(l, &a)?;
+                x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
+            }
+            out.push(acc);
+        }
+        Ok(out)
+    }
+
     /// Per layer, the mean cosine between each token's residual stream before and after the
     /// layer, over every window (what block influence is computed from).
     pub fn layer_cosines(&self, windows: &[Vec<u32>]) -> Result<Vec<f64>> {

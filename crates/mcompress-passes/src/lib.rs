@@ -146,6 +146,10 @@ pub enum Need<'a> {
     /// pruning of whole layers), as [`Provided::LayerScores`]; the pass then answers
     /// [`Pass::layer_map`].
     LayerScores(&'a quant::CalibrationConfig),
+    /// Each expert's router-weighted output norm and token count on calibration text
+    /// (structured pruning of experts), as [`Provided::ExpertScores`]; the pass then answers
+    /// [`Pass::layer_map`] (experts renumbered).
+    ExpertScores(&'a quant::CalibrationConfig),
     /// A calibration on the runtime's block trace (GPTQ, AWQ, Wanda, SparseGPT), as
     /// [`Provided::Tensors`].
     Calibration(&'a Calibration),
@@ -168,6 +172,8 @@ pub enum Provided {
     Moments(std::collections::BTreeMap<String, Vec<f32>>),
     /// For [`Need::LayerScores`]: one score per block, in order.
     LayerScores(Vec<f64>),
+    /// For [`Need::ExpertScores`]: per block, per expert, (score, tokens routed to it).
+    ExpertScores(Vec<Vec<(f64, usize)>>),
     /// For [`Need::Calibration`]: what the calibration produced, by tensor name.
     Tensors(std::collections::BTreeMap<String, Calibrated>),
     /// For [`Need::Training`]: the trained tensors, and what the training measured (steps,
@@ -186,6 +192,7 @@ impl Provided {
         match self {
             Provided::Moments(_) => "activation statistics",
             Provided::LayerScores(_) => "layer scores",
+            Provided::ExpertScores(_) => "expert scores",
             Provided::Tensors(_) => "calibrated tensors",
             Provided::Trained { .. } => "trained tensors",
         }

@@ -151,8 +151,8 @@ impl Plan {
 /// A model with fused projections (Phi-3's `qkv_proj`, `gate_up_proj`) or a mixture of experts
 /// (Mixtral) runs the data-free passes, GGUF export and the calibrated passes (GPTQ, AWQ, Wanda,
 /// SparseGPT work on each fused matrix as one layer, on each expert from the tokens routed to
-/// it); structured pruning (units inside fused matrices or experts) and distillation are refused
-/// before any work.
+/// it); a mixture's whole experts and layers can be pruned; structured pruning of units inside
+/// fused matrices or experts and distillation are refused before any work.
 fn check_fused(recipe: &Recipe, passes: &[Box<dyn Pass>], source: &ModelSource) -> Result<()> {
     let Some(family) = source.config().and_then(mcompress_core::arch::Family::of_config) else { return Ok(()) };
     let what = if family.fuses_projections() {
@@ -162,14 +162,20 @@ fn check_fused(recipe: &Recipe, passes: &[Box<dyn Pass>], source: &ModelSource) 
     } else {
         return Ok(());
     };
-    let on = if family.is_moe() { "mixtures of experts" } else { "fused projections" };
+    let (on, also) = if family.is_moe() {
+        ("units inside experts", ", prune-structured unit = \"experts\" and \"layers\"")
+    } else {
+        ("fused projections", "")
+    };
     for (spec, pass) in recipe.passes.iter().zip(passes) {
-        if !matches!(pass.needs(), Need::Nothing | Need::Calibration(_)) || pass.reshapes() {
+        // Whole experts (or layers) of a mixture go without touching the units inside them.
+        let whole = family.is_moe() && matches!(pass.needs(), Need::ExpertScores(_) | Need::LayerScores(_));
+        if !whole && (!matches!(pass.needs(), Need::Nothing | Need::Calibration(_)) || pass.reshapes()) {
             return Err(Error::Recipe(recipe.pass_error(
                 spec.index,
                 format!(
                     "model_type {:?} {what}: {} on {on} is not implemented yet (quantization, GPTQ, AWQ, Wanda, \
-                     SparseGPT, magnitude pruning and GGUF targets are)",
+                     SparseGPT, magnitude pruning{also} and GGUF targets are)",
                     family.model_type(),
                     spec.kind
                 ),
@@ -292,15 +298,21 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     // as given: the eval's reference and the default distillation teacher.
     let mut restructured = None;
     if let Some(first) = passes.first_mut()
-        && let Need::LayerScores(c) = first.needs()
+        && let Need::LayerScores(c) | Need::ExpertScores(c) = first.needs()
     {
         let t0 = Instant::now();
+        let experts = matches!(first.needs(), Need::ExpertScores(_));
         let c = c.clone();
         let spec = mcompress_passes::calibrate::config_window_spec(&c);
         first.prepare(&source).map_err(|e| prepare_err(0, e))?;
-        let scores = mcompress_eval::calibrate::layer_scores(&source, spec)
-            .map_err(|e| Error::Calibration(format!("pass[0] {}: layer scores: {e}", recipe.passes[0].kind)))?;
-        first.provide(&source, Provided::LayerScores(scores)).map_err(|e| prepare_err(0, e))?;
+        let what = if experts { "expert scores" } else { "layer scores" };
+        let scored = |e| Error::Calibration(format!("pass[0] {}: {what}: {e}", recipe.passes[0].kind));
+        let provided = if experts {
+            Provided::ExpertScores(mcompress_eval::calibrate::expert_scores(&source, spec).map_err(scored)?)
+        } else {
+            Provided::LayerScores(mcompress_eval::calibrate::layer_scores(&source, spec).map_err(scored)?)
+        };
+        first.provide(&source, provided).map_err(|e| prepare_err(0, e))?;
         let map = first.layer_map().ok_or_else(|| prepare_err(0, PassError::Provided("no layers chosen".into())))?;
         let config = map.config(&source.config().cloned().unwrap_or_default());
         restructured = Some(ModelSource::open(&recipe.model_path)?.restructured(|n| map.rename(n), config)?);
@@ -745,7 +757,7 @@ fn check_sets(recipe: &Recipe, passes: &[Box<dyn Pass>]) -> Result<()> {
     for (spec, pass) in recipe.passes.iter().zip(passes) {
         let set = match pass.needs() {
             Need::Calibration(c) => Some((&c.set, "calibration set")),
-            Need::Moments(c) | Need::LayerScores(c) => Some((&c.set, "calibration set")),
+            Need::Moments(c) | Need::LayerScores(c) | Need::ExpertScores(c) => Some((&c.set, "calibration set")),
             Need::Training(d) => Some((&d.config.set, "training set")),
             Need::Nothing => None,
         };

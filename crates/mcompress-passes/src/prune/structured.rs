@@ -23,6 +23,13 @@
 //! `1 − E[cos(x_in, x_out)]` of each layer's residual stream on calibration text (measured by
 //! `mcompress_eval::calibrate::layer_scores`): the layers that change their input least are
 //! removed and the rest renumbered (a [`LayerMap`] over the model's tensor names).
+//!
+//! **Experts.** In a mixture of experts (Mixtral) the same number of experts goes from every
+//! block, scored on calibration text by REAP's router-weighted activation (the mean over tokens
+//! of the router weight times the norm of the expert's output, a token counting for the experts
+//! it is routed to): the lowest go, the rest are renumbered (the [`LayerMap`]'s expert map), the
+//! router loses their rows and `num_local_experts` shrinks. At least `num_experts_per_tok`
+//! experts stay.
 
 use std::collections::BTreeMap;
 
@@ -40,13 +47,14 @@ use crate::{Applied, Need, Param, ParamMeta, Pass, PassError, PassInfo, Plan, Pr
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct StructuredConfig {
-    /// What to remove: `"neurons"` (feed-forward neurons), `"heads"` (attention heads) or
-    /// `"layers"` (whole decoder / encoder layers).
+    /// What to remove: `"neurons"` (feed-forward neurons), `"heads"` (attention heads),
+    /// `"layers"` (whole decoder / encoder layers) or `"experts"` (whole experts of a mixture).
     pub unit: String,
     /// Fraction to remove, in [0, 1): of each feed-forward block's neurons, of each layer's
     /// heads (of each KV group's query heads under grouped-query attention), or of the layers.
     pub sparsity: f64,
-    /// The text units are scored on: required for `"layers"` (block influence); optional for
+    /// The text units are scored on: required for `"layers"` (block influence) and `"experts"`
+    /// (router-weighted activation); optional for
     /// `"neurons"` and `"heads"` of llama and BERT models (activation-weighted scores instead of
     /// weight norms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -87,11 +95,22 @@ pub struct LayerMap {
     pub kept: Vec<usize>,
     /// Removed layers' original indices, ascending.
     pub removed: Vec<usize>,
+    /// Experts removed instead (every layer kept): the family naming them and, per block, the
+    /// surviving experts' original indices, ascending (new index = position).
+    pub experts: Option<(Family, Vec<Vec<usize>>)>,
 }
 
 impl LayerMap {
-    /// The tensor's name after the removal, `None` if its layer is removed.
+    /// The tensor's name after the removal, `None` if its layer (or expert) is removed.
     pub fn rename(&self, name: &str) -> Option<String> {
+        if let Some((family, kept)) = &self.experts {
+            let Some(slot) = family.slot_hf(name).filter(|s| s.role.per_expert()) else {
+                return Some(name.to_string());
+            };
+            let (layer, expert) = (slot.layer?, slot.expert?);
+            let new = kept.get(layer)?.iter().position(|&k| k == expert)?;
+            return Some(family.hf_expert(slot.role, layer, new));
+        }
         let Some(rest) = name.strip_prefix(self.prefix) else { return Some(name.to_string()) };
         let Some((index, tail)) = rest.split_once('.') else { return Some(name.to_string()) };
         let Ok(old) = index.parse::<usize>() else { return Some(name.to_string()) };
@@ -99,8 +118,14 @@ impl LayerMap {
         Some(format!("{}{new}.{tail}", self.prefix))
     }
 
-    /// config.json with the smaller `num_hidden_layers` (per-layer keys renumbered).
+    /// config.json with the smaller `num_hidden_layers` (per-layer keys renumbered), or the
+    /// smaller `num_local_experts`.
     pub fn config(&self, config: &Value) -> Value {
+        if let Some((_, kept)) = &self.experts {
+            let mut c = config.clone();
+            c["num_local_experts"] = kept.first().map_or(0, Vec::len).into();
+            return c;
+        }
         mcompress_core::arch::config_keeping_layers(config, &self.kept)
     }
 }
@@ -127,6 +152,10 @@ struct State {
     layers_to_remove: usize,
     layer_scores: Vec<f64>,
     layer_map: Option<LayerMap>,
+    /// Experts: how many go per block, and (once scored) per block each expert's score and
+    /// routed tokens.
+    experts_to_remove: usize,
+    expert_scores: Vec<Vec<(f64, usize)>>,
 }
 
 /// Attention geometry of a layer: query heads, KV heads, head width.
@@ -392,7 +421,52 @@ impl Structured {
         removed.sort_unstable();
         let kept = (0..n).filter(|i| !removed.contains(i)).collect();
         st.layer_scores = scores.to_vec();
-        st.layer_map = Some(LayerMap { prefix, kept, removed });
+        st.layer_map = Some(LayerMap { prefix, kept, removed, experts: None });
+        Ok(())
+    }
+}
+
+impl Structured {
+    /// Removes the lowest-scoring experts of every block (ties by index); the router keeps the
+    /// rows of the survivors.
+    fn choose_experts(&mut self, model: &ModelSource, scores: &[Vec<(f64, usize)>]) -> Result<(), PassError> {
+        let config = model.config().cloned().unwrap_or_default();
+        let g = arch::Geometry::from_config(&config).map_err(PassError::Model)?;
+        if scores.len() != g.layers || scores.iter().any(|b| b.len() != g.experts) {
+            return Err(PassError::Provided(format!(
+                "expert scores for {} blocks, {} × {} expected",
+                scores.len(),
+                g.layers,
+                g.experts
+            )));
+        }
+        let st = &mut self.state;
+        let mut kept_all = Vec::with_capacity(g.layers);
+        for (b, s) in scores.iter().enumerate() {
+            let mut order: Vec<usize> = (0..g.experts).collect();
+            order.sort_by(|&x, &y| s[y].0.total_cmp(&s[x].0).then(x.cmp(&y)));
+            let mut kept = order[..g.experts - st.experts_to_remove].to_vec();
+            kept.sort_unstable();
+            let router = g.family.hf(Role::Router, b);
+            st.role.insert(router.clone(), vec![(b, true)]);
+            st.blocks.push(Block {
+                rows_of: vec![router],
+                cols_of: Vec::new(),
+                size: g.experts,
+                width: 1,
+                groups: 1,
+                original: Vec::new(),
+            });
+            st.kept.push(kept.clone());
+            kept_all.push(kept);
+        }
+        st.expert_scores = scores.to_vec();
+        st.layer_map = Some(LayerMap {
+            prefix: "model.layers.",
+            kept: (0..g.layers).collect(),
+            removed: Vec::new(),
+            experts: Some((g.family, kept_all)),
+        });
         Ok(())
     }
 }
@@ -409,8 +483,23 @@ impl Pass for Structured {
         let mut v = serde_json::to_value(&self.config).expect("config is JSON");
         let st = &self.state;
         if let (Some(map), Some(obj)) = (&st.layer_map, v.as_object_mut()) {
-            obj.insert("removed_layers".into(), map.removed.clone().into());
-            obj.insert("block_influence".into(), st.layer_scores.clone().into());
+            if let Some((_, kept)) = &map.experts {
+                let removed: Vec<Vec<usize>> = kept
+                    .iter()
+                    .zip(&st.expert_scores)
+                    .map(|(k, s)| (0..s.len()).filter(|e| !k.contains(e)).collect())
+                    .collect();
+                obj.insert("removed_experts".into(), removed.into());
+                let scores: Vec<Vec<f64>> =
+                    st.expert_scores.iter().map(|b| b.iter().map(|s| (s.0 * 1e6).round() / 1e6).collect()).collect();
+                obj.insert("expert_scores".into(), scores.into());
+                let tokens: Vec<Vec<usize>> =
+                    st.expert_scores.iter().map(|b| b.iter().map(|s| s.1).collect()).collect();
+                obj.insert("expert_tokens".into(), tokens.into());
+            } else {
+                obj.insert("removed_layers".into(), map.removed.clone().into());
+                obj.insert("block_influence".into(), st.layer_scores.clone().into());
+            }
         }
         if let (Some((_, g)), Some(b), Some(obj)) = (&st.heads, st.blocks.first(), v.as_object_mut()) {
             obj.insert("heads_per_layer".into(), serde_json::json!([g.heads, b.keep_count(self.config.sparsity)]));
@@ -483,12 +572,43 @@ impl Pass for Structured {
                 }
                 st.layers_to_remove = remove;
             }
+            "experts" => {
+                let g = Family::of_config(&config)
+                    .filter(|f| f.is_moe())
+                    .map(|_| arch::Geometry::from_config(&config))
+                    .transpose()
+                    .map_err(PassError::Model)?
+                    .ok_or_else(|| {
+                        PassError::Model(format!(
+                            "model_type {:?}: experts are pruned in mixtures of experts (mixtral)",
+                            arch::model_type(&config)
+                        ))
+                    })?;
+                let remove = (g.experts as f64 * s).floor() as usize;
+                if remove == 0 {
+                    return Err(PassError::Settings(format!(
+                        "sparsity = {s} of {} experts removes none; {}",
+                        g.experts,
+                        removal_hint(g.experts)
+                    )));
+                }
+                if g.experts - remove < g.experts_used {
+                    return Err(PassError::Settings(format!(
+                        "sparsity = {s} leaves {} of {} experts, fewer than the {} each token is routed to \
+                         (num_experts_per_tok)",
+                        g.experts - remove,
+                        g.experts,
+                        g.experts_used
+                    )));
+                }
+                st.experts_to_remove = remove;
+            }
             other => return Err(PassError::Settings(format!("unit {other:?}"))),
         }
         self.state = st;
         // Without calibration the units are chosen by weight norms now; with it, once the
         // activation statistics are provided.
-        if self.config.unit != "layers" && self.config.calibration.is_none() {
+        if !matches!(self.config.unit.as_str(), "layers" | "experts") && self.config.calibration.is_none() {
             self.choose_units(model, &BTreeMap::new()).map_err(PassError::Model)?;
         }
         Ok(())
@@ -508,6 +628,7 @@ impl Pass for Structured {
         match (&self.config.calibration, self.config.unit.as_str()) {
             (None, _) => Need::Nothing,
             (Some(c), "layers") => Need::LayerScores(c),
+            (Some(c), "experts") => Need::ExpertScores(c),
             (Some(c), _) => Need::Moments(c),
         }
     }
@@ -519,6 +640,9 @@ impl Pass for Structured {
             }
             Provided::LayerScores(scores) if matches!(self.needs(), Need::LayerScores(_)) => {
                 self.choose_layers(model, &scores)
+            }
+            Provided::ExpertScores(scores) if matches!(self.needs(), Need::ExpertScores(_)) => {
+                self.choose_experts(model, &scores)
             }
             other => Err(PassError::Provided(format!("unit = {:?} was given {}", self.config.unit, other.kind()))),
         }
@@ -581,6 +705,11 @@ impl Pass for Structured {
         let st = &self.state;
         let s = self.config.sparsity;
         match self.config.unit.as_str() {
+            "experts" => {
+                if let Some(map) = &st.layer_map {
+                    *config = map.config(config);
+                }
+            }
             "neurons" => {
                 let widths: Vec<usize> = st.blocks.iter().map(|b| b.keep_count(s)).collect();
                 arch::set_ffn_widths(config, &widths);
@@ -613,10 +742,11 @@ impl Pass for Structured {
 
 fn build(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recipe::Error> {
     let mut config: StructuredConfig = recipe.pass_config(index)?;
-    if !matches!(config.unit.as_str(), "neurons" | "heads" | "layers") {
-        return Err(
-            recipe.pass_error(index, format!("unit {:?}: one of \"neurons\", \"heads\", \"layers\"", config.unit))
-        );
+    if !matches!(config.unit.as_str(), "neurons" | "heads" | "layers" | "experts") {
+        return Err(recipe.pass_error(
+            index,
+            format!("unit {:?}: one of \"neurons\", \"heads\", \"layers\", \"experts\"", config.unit),
+        ));
     }
     if !(config.sparsity.is_finite() && (0.0..1.0).contains(&config.sparsity)) {
         return Err(recipe.pass_error(index, format!("sparsity = {}: must be in [0, 1)", config.sparsity)));
@@ -627,7 +757,7 @@ fn build(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recip
         if recipe.passes[j].kind == STRUCTURED_INFO.name
             && let Ok(earlier) = recipe.pass_config::<StructuredConfig>(j)
             && earlier.unit == config.unit
-            && config.unit != "layers"
+            && !matches!(config.unit.as_str(), "layers" | "experts")
         {
             return Err(recipe.pass_error(
                 index,
@@ -639,17 +769,19 @@ fn build(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recip
         }
     }
     match (config.unit.as_str(), config.calibration.take()) {
-        ("layers", None) => {
+        (unit @ ("layers" | "experts"), None) => {
             return Err(recipe.pass_error(
                 index,
-                "unit = \"layers\" needs calibration = { set = \"<text>\" } to score the layers on",
+                format!("unit = {unit:?} needs calibration = {{ set = \"<text>\" }} to score the {unit} on"),
             ));
         }
-        ("layers", Some(c)) => {
+        (unit @ ("layers" | "experts"), Some(c)) => {
             if index != 0 {
                 return Err(recipe.pass_error(
                     index,
-                    "unit = \"layers\" must be the recipe's first pass (it renumbers the layers later passes see)",
+                    format!(
+                        "unit = {unit:?} must be the recipe's first pass (it renumbers the {unit} later passes see)"
+                    ),
                 ));
             }
             config.calibration = Some(crate::quant::calibration_config(recipe, index, c)?);
@@ -663,7 +795,7 @@ fn build(recipe: &Recipe, index: usize) -> Result<Box<dyn Pass>, mcompress_recip
 /// Registry entry of `prune-structured`.
 pub const STRUCTURED_INFO: PassInfo = PassInfo {
     name: "prune-structured",
-    summary: "Remove feed-forward neurons, attention heads or whole layers (decoders, BERT; MLP neurons): smaller matrices and config, faster everywhere",
+    summary: "Remove feed-forward neurons, attention heads, whole layers (decoders, BERT; MLP neurons) or experts (mixtures): smaller matrices and config, faster everywhere",
     docs: include_str!("structured.md"),
     status: Status::Preview,
     build,
@@ -676,7 +808,7 @@ mod tests {
 
     #[test]
     fn layer_map_renumbers_survivors_and_drops_the_rest() {
-        let map = LayerMap { prefix: "model.layers.", kept: vec![0, 2, 3], removed: vec![1] };
+        let map = LayerMap { prefix: "model.layers.", kept: vec![0, 2, 3], removed: vec![1], experts: None };
         assert_eq!(
             map.rename("model.layers.0.mlp.up_proj.weight").as_deref(),
             Some("model.layers.0.mlp.up_proj.weight")
@@ -692,6 +824,26 @@ mod tests {
         let c = map.config(&serde_json::json!({"num_hidden_layers": 4, "pruned_heads": {"1": [0], "3": [2, 5]}}));
         assert_eq!(c["num_hidden_layers"], 3);
         assert_eq!(c["pruned_heads"], serde_json::json!({"2": [2, 5]}));
+    }
+
+    #[test]
+    fn expert_map_renumbers_each_blocks_survivors() {
+        let map = LayerMap {
+            prefix: "model.layers.",
+            kept: vec![0, 1],
+            removed: vec![],
+            experts: Some((Family::Mixtral, vec![vec![0, 2, 3], vec![1, 2, 3]])),
+        };
+        let e = |l: usize, x: usize| format!("model.layers.{l}.block_sparse_moe.experts.{x}.w2.weight");
+        assert_eq!(map.rename(&e(0, 1)), None);
+        assert_eq!(map.rename(&e(0, 3)), Some(e(0, 2)));
+        assert_eq!(map.rename(&e(1, 0)), None);
+        assert_eq!(map.rename(&e(1, 1)), Some(e(1, 0)));
+        assert_eq!(map.rename(&e(2, 0)), None, "a block the map does not know");
+        let router = "model.layers.1.block_sparse_moe.gate.weight";
+        assert_eq!(map.rename(router).as_deref(), Some(router));
+        let c = map.config(&serde_json::json!({"num_local_experts": 4, "num_hidden_layers": 2}));
+        assert_eq!((c["num_local_experts"].as_u64(), c["num_hidden_layers"].as_u64()), (Some(3), Some(2)));
     }
 
     #[test]
