@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Write a synthetic BF16 llama-shaped model for benchmarks (no download needed).
 
-    gen_synthetic.py OUT_DIR [--preset tinyllama-1.1b|llama-7b]
+    gen_synthetic.py OUT_DIR [--preset tinyllama-1.1b|llama-7b|mixtral-synth]
 
 tinyllama-1.1b: hidden 2048, intermediate 5632, 22 layers, 32 heads / 4 KV heads, vocab 32000
 (1.1B parameters, ~2.2 GB). llama-7b: hidden 4096, intermediate 11008, 32 layers, vocab 32000
-(6.7B, ~13.5 GB). Weights are N(0, 0.02) with a few outliers, written tensor by tensor (memory
+(6.7B, ~13.5 GB). mixtral-synth: a mixture of experts in Mixtral's layout with Qwen3-MoE-like
+expert shapes (hidden 2048, 24 layers, 32 heads / 4 KV heads, 32 experts of width 768 per block,
+4 per token; 4.0B parameters, ~8 GB, largest tensor the 131 MB embedding). Weights are N(0, 0.02) with a few outliers, written tensor by tensor (memory
 stays at one tensor), seeded, as model.safetensors + config.json, plus a byte-level BPE
 tokenizer.json of the vocabulary's size (256 byte tokens, the rest placeholders; no merges) so
 the GGUF export has a tokenizer to embed.
@@ -21,6 +23,7 @@ import numpy as np
 PRESETS = {
     "tinyllama-1.1b": dict(hidden=2048, inter=5632, layers=22, heads=32, kv=4, vocab=32000),
     "llama-7b": dict(hidden=4096, inter=11008, layers=32, heads=32, kv=32, vocab=32000),
+    "mixtral-synth": dict(hidden=2048, inter=768, layers=24, heads=32, kv=4, vocab=32000, experts=32, used=4),
 }
 
 
@@ -35,6 +38,13 @@ def tensors(p):
         yield pre + "self_attn.v_proj.weight", (p["kv"] * hd, h)
         yield pre + "self_attn.o_proj.weight", (h, h)
         yield pre + "post_attention_layernorm.weight", (h,)
+        if "experts" in p:
+            yield pre + "block_sparse_moe.gate.weight", (p["experts"], h)
+            for e in range(p["experts"]):
+                yield pre + f"block_sparse_moe.experts.{e}.w1.weight", (i, h)
+                yield pre + f"block_sparse_moe.experts.{e}.w2.weight", (h, i)
+                yield pre + f"block_sparse_moe.experts.{e}.w3.weight", (i, h)
+            continue
         yield pre + "mlp.gate_proj.weight", (i, h)
         yield pre + "mlp.up_proj.weight", (i, h)
         yield pre + "mlp.down_proj.weight", (h, i)
@@ -103,6 +113,9 @@ def main():
         "num_key_value_heads": p["kv"], "vocab_size": p["vocab"], "rms_norm_eps": 1e-5,
         "tie_word_embeddings": False, "torch_dtype": "bfloat16", "synthetic": preset,
     }
+    if "experts" in p:
+        config.update({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                       "num_local_experts": p["experts"], "num_experts_per_tok": p["used"], "sliding_window": None})
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     write_tokenizer(out, p["vocab"])

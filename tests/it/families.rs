@@ -426,8 +426,9 @@ fn test_phi3_fused_projections_agree_with_transformers_and_llama_cpp() {
 /// (`block_sparse_moe.experts.{e}.w1/w2/w3`) behind a router of fixed pseudo-random weights, 2
 /// experts per token. `perturb`: expert `e`'s gate rows times `s_e`, its down rows times
 /// `2 − s_e` (s from 0.906 to 1.094), so which experts a token reaches, and with what weight,
-/// changes the output.
-fn smollm2_moe(t: &Path, base: &Path, name: &str, perturb: bool) -> PathBuf {
+/// changes the output. `qwen3`: Qwen3-MoE's layout instead (`mlp.gate`,
+/// `mlp.experts.{e}.gate_proj/up_proj/down_proj`, q/k norms of ones, `norm_topk_prob`).
+fn smollm2_moe(t: &Path, base: &Path, name: &str, perturb: bool, qwen3: bool) -> PathBuf {
     const EXPERTS: usize = 4;
     let dir = t.join(name);
     std::fs::create_dir_all(&dir).unwrap();
@@ -450,24 +451,38 @@ fn smollm2_moe(t: &Path, base: &Path, name: &str, perturb: bool) -> PathBuf {
         }
     }
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let head_dim = hidden / config["num_attention_heads"].as_u64().unwrap() as usize;
+    let router_name = if qwen3 { "mlp.gate.weight" } else { "block_sparse_moe.gate.weight" };
+    let expert_name = |e: usize, w: &str| {
+        if qwen3 {
+            return format!("mlp.experts.{e}.{w}.weight");
+        }
+        let w = match w {
+            "gate_proj" => "w1",
+            "up_proj" => "w3",
+            _ => "w2",
+        };
+        format!("block_sparse_moe.experts.{e}.{w}.weight")
+    };
     for i in 0..layers {
         let p = format!("model.layers.{i}.");
+        if qwen3 {
+            let ones: Vec<u8> = (0..head_dim).flat_map(|_| 1f32.to_le_bytes()).collect();
+            tensors.push((format!("{p}self_attn.q_norm.weight"), vec![head_dim], ones.clone()));
+            tensors.push((format!("{p}self_attn.k_norm.weight"), vec![head_dim], ones));
+        }
         let router: Vec<u8> = (0..EXPERTS * hidden)
             .flat_map(|_| {
                 seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
                 (((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.5).to_le_bytes()
             })
             .collect();
-        tensors.push((format!("{p}block_sparse_moe.gate.weight"), vec![EXPERTS, hidden], router));
+        tensors.push((format!("{p}{router_name}"), vec![EXPERTS, hidden], router));
         for e in 0..EXPERTS {
             let s = if perturb { 1.0 + 0.25 * (e as f32 - 1.5) / EXPERTS as f32 } else { 1.0 };
-            for (w, src, k) in [("w1", "gate_proj", s), ("w3", "up_proj", 1.0), ("w2", "down_proj", 2.0 - s)] {
+            for (src, k) in [("gate_proj", s), ("up_proj", 1.0), ("down_proj", 2.0 - s)] {
                 let v = st.tensor(&format!("{p}mlp.{src}.weight")).unwrap();
-                tensors.push((
-                    format!("{p}block_sparse_moe.experts.{e}.{w}.weight"),
-                    v.shape().to_vec(),
-                    scaled(v.data(), k),
-                ));
+                tensors.push((format!("{p}{}", expert_name(e, src)), v.shape().to_vec(), scaled(v.data(), k)));
             }
         }
     }
@@ -478,9 +493,21 @@ fn smollm2_moe(t: &Path, base: &Path, name: &str, perturb: bool) -> PathBuf {
         })
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
-    config["model_type"] = "mixtral".into();
-    config["architectures"] = serde_json::json!(["MixtralForCausalLM"]);
-    config["num_local_experts"] = EXPERTS.into();
+    if qwen3 {
+        config["model_type"] = "qwen3_moe".into();
+        config["architectures"] = serde_json::json!(["Qwen3MoeForCausalLM"]);
+        config["num_experts"] = EXPERTS.into();
+        config["moe_intermediate_size"] = config["intermediate_size"].clone();
+        config["norm_topk_prob"] = true.into();
+        config["head_dim"] = head_dim.into();
+        config["decoder_sparse_step"] = 1.into();
+        config["mlp_only_layers"] = serde_json::json!([]);
+        config["use_sliding_window"] = false.into();
+    } else {
+        config["model_type"] = "mixtral".into();
+        config["architectures"] = serde_json::json!(["MixtralForCausalLM"]);
+        config["num_local_experts"] = EXPERTS.into();
+    }
     config["num_experts_per_tok"] = 2.into();
     config["sliding_window"] = serde_json::Value::Null;
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
@@ -500,14 +527,14 @@ fn smollm2_moe(t: &Path, base: &Path, name: &str, perturb: bool) -> PathBuf {
 fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
     let Some((t, hamlet, base, llama)) = smollm2_base() else { return };
 
-    let same = smollm2_moe(t.path(), &base, "moe-same", false);
+    let same = smollm2_moe(t.path(), &base, "moe-same", false, false);
     let out = t.path().join("same");
     run_short(t.path(), &same, &hamlet, "", "[[target]]\nname = \"st\"\n", &out);
     let (reference, _) = ppl(&out, "st");
     assert!((reference / llama - 1.0).abs() < 1e-5, "identical experts {reference} vs dense {llama}");
     std::fs::remove_dir_all(&same).unwrap();
 
-    let moe = smollm2_moe(t.path(), &base, "moe", true);
+    let moe = smollm2_moe(t.path(), &base, "moe", true, false);
     let out = t.path().join("moe-int8");
     run_short(
         t.path(),
@@ -618,4 +645,54 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
     let (code, so, se) = mcompress(&["recipe", "check", recipe.to_str().unwrap()], t.path());
     assert_eq!(code, 2, "{so}{se}");
     assert!(se.contains("every expert is quantized") && se.contains("experts.0.w1.weight"), "{se}");
+}
+
+/// Qwen3-MoE's layout built from SmolLM2 (4 perturbed experts, 2 per token, q/k norms of ones,
+/// `norm_topk_prob = true`): RTN int8 loads in transformers' Qwen3MoeForCausalLM with our
+/// perplexity, the GGUF (`qwen3moe`, q/k norms, stacked experts) in llama.cpp with ours. With
+/// `norm_topk_prob = false` llama.cpp (which renormalizes) computes another model: the run warns,
+/// and the GGUF target's eval scores what llama.cpp computes.
+#[test]
+fn test_qwen3_moe_agrees_with_transformers_and_llama_cpp() {
+    let Some((t, hamlet, base, _)) = smollm2_base() else { return };
+    let moe = smollm2_moe(t.path(), &base, "qwen3moe", true, true);
+    let out = t.path().join("qwen3moe-int8");
+    run_short(
+        t.path(),
+        &moe,
+        &hamlet,
+        "[[pass]]\ntype = \"quantize-rtn\"\nbits = 8\ngroup-size = 0\n",
+        "[[target]]\nname = \"st\"\n\n[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n",
+        &out,
+    );
+    let (reference, int8) = ppl(&out, "st");
+    let (_, f16) = ppl(&out, "f16");
+    assert!((int8 / reference - 1.0).abs() < 0.03 && (f16 / int8 - 1.0).abs() < 0.01, "{reference} {int8} {f16}");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("st/config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "Qwen3MoeForCausalLM");
+    let ignore = config["quantization_config"]["ignore"].to_string();
+    assert!(ignore.contains("model.layers.0.mlp.gate\""), "routers stay dense: {ignore}");
+    transformers_agrees(&out.join("st"), &hamlet, int8);
+    llama_cpp_agrees(&out.join("f16/model.gguf"), &hamlet, f16);
+
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(moe.join("config.json")).unwrap()).unwrap();
+    config["norm_topk_prob"] = false.into();
+    std::fs::write(moe.join("config.json"), config.to_string()).unwrap();
+    let out = t.path().join("qwen3moe-unnormed");
+    let stderr = run_short(
+        t.path(),
+        &moe,
+        &hamlet,
+        "",
+        "[[target]]\nname = \"st\"\n\n[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n",
+        &out,
+    );
+    assert!(stderr.contains("renormalizes the chosen experts' weights"), "{stderr}");
+    let (unnormed, _) = ppl(&out, "st");
+    let (_, f16) = ppl(&out, "f16");
+    assert!((unnormed / reference - 1.0).abs() > 1e-3, "the weights' sum must matter: {unnormed} vs {reference}");
+    transformers_agrees(&out.join("st"), &hamlet, unnormed);
+    llama_cpp_agrees(&out.join("f16/model.gguf"), &hamlet, f16);
 }

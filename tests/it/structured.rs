@@ -236,7 +236,7 @@ fn test_bad_structured_settings_exit_2() {
         (pass("unit = \"layers\"\nsparsity = 0.5"), "needs calibration"),
         (
             pass(&format!("unit = \"neurons\"\nsparsity = 0.5\n{cal}")),
-            "activation statistics are computed for decoder (llama, mistral, qwen2, gemma3_text, phi3, mixtral) and bert models",
+            "activation statistics are computed for decoder (llama, mistral, qwen2, gemma3_text, phi3, mixtral, qwen3_moe) and bert models",
         ),
         (
             format!(
@@ -248,7 +248,7 @@ fn test_bad_structured_settings_exit_2() {
         (pass("unit = \"heads\"\nsparsity = 0.5"), "attention heads are pruned in decoder and bert models"),
         (
             pass(&format!("unit = \"layers\"\nsparsity = 0.5\n{cal}")),
-            "whole layers are pruned in decoder (llama, mistral, qwen2, gemma3_text, phi3, mixtral) and bert",
+            "whole layers are pruned in decoder (llama, mistral, qwen2, gemma3_text, phi3, mixtral, qwen3_moe) and bert",
         ),
         (pass("unit = \"channels\"\nsparsity = 0.5"), "unit \"channels\""),
         (

@@ -263,6 +263,9 @@ pub(crate) fn metadata(model: &ModelSource, config: &Value, ftype: u32) -> Resul
     if g.experts > 0 {
         b.u32(&key("expert_count"), dim(g.experts)?);
         b.u32(&key("expert_used_count"), dim(g.experts_used)?);
+        if family == Family::Qwen3Moe {
+            b.u32(&key("expert_feed_forward_length"), dim(g.intermediate)?);
+        }
     }
     if !b.has("tokenizer.ggml.model") {
         let tok = model

@@ -1,5 +1,5 @@
 //! What a decoder model is, in one place: the families mcompress reads (llama, Mistral, Qwen2,
-//! Gemma 3, Phi-3, Mixtral),
+//! Gemma 3, Phi-3, Mixtral, Qwen3-MoE),
 //! their geometry parsed once from config.json, the table of tensor roles with each family's
 //! Hugging Face and GGUF names (read both ways), the `{arch}.*` GGUF keys, whether GGUF stores
 //! Q/K rows permuted or norms offset, and a completeness check that accounts for every tensor.
@@ -34,6 +34,11 @@ pub enum Family {
     /// per token (softmax, top-k, renormalized), each stored as `experts.{e}.w1/w2/w3` (gate, down,
     /// up). llama.cpp converts it as a llama with `ffn_*_exps` tensors stacking the experts.
     Mixtral,
+    /// Qwen3-MoE: Qwen3's attention (per-head RMSNorm of queries and keys, no biases, NeoX
+    /// rotary) with a mixture of experts in every block (`mlp.gate`, `mlp.experts.{e}.gate_proj/
+    /// up_proj/down_proj`, `moe_intermediate_size` wide; top-k weights renormalized only with
+    /// `norm_topk_prob`). llama.cpp's `qwen3moe`.
+    Qwen3Moe,
 }
 
 /// What a tensor is, independent of how a family spells it.
@@ -148,6 +153,17 @@ const LLAMA: &[Row] = &[(Role::FfnNorm, "post_attention_layernorm.weight", "ffn_
 
 const PHI3: &[Row] = LLAMA;
 
+/// Qwen3-MoE: q/k norms and the mixture of experts in place of gate/up/down.
+const QWEN3_MOE: &[Row] = &[
+    (Role::QNorm, "self_attn.q_norm.weight", "attn_q_norm.weight"),
+    (Role::KNorm, "self_attn.k_norm.weight", "attn_k_norm.weight"),
+    (Role::FfnNorm, "post_attention_layernorm.weight", "ffn_norm.weight"),
+    (Role::Router, "mlp.gate.weight", "ffn_gate_inp.weight"),
+    (Role::ExpertGate, "mlp.experts.{e}.gate_proj.weight", "ffn_gate_exps.weight"),
+    (Role::ExpertUp, "mlp.experts.{e}.up_proj.weight", "ffn_up_exps.weight"),
+    (Role::ExpertDown, "mlp.experts.{e}.down_proj.weight", "ffn_down_exps.weight"),
+];
+
 /// Mixtral's mixture of experts in place of gate/up/down.
 const MIXTRAL_MOE: &[Row] = &[
     (Role::FfnNorm, "post_attention_layernorm.weight", "ffn_norm.weight"),
@@ -183,7 +199,7 @@ fn gemma3_slides(i: u64, every: u64) -> bool {
 
 /// The decoder `model_type`s mcompress reads, for messages (one per [`Family::ALL`], checked by a
 /// test).
-pub const DECODERS: &str = "llama, mistral, qwen2, gemma3_text, phi3, mixtral";
+pub const DECODERS: &str = "llama, mistral, qwen2, gemma3_text, phi3, mixtral, qwen3_moe";
 
 /// The text llama.cpp's converter (convert_hf_to_gguf.py, `get_vocab_base_pre`) tokenizes to tell
 /// byte-level BPE pre-tokenizers apart: the sha256 of the token ids, written as Python writes a
@@ -219,8 +235,15 @@ const GGUF_LAYER: &str = "blk.";
 impl Family {
     /// Every family. Llama comes before Mistral, which shares its GGUF architecture: a GGUF
     /// `llama` reads as Llama.
-    pub const ALL: [Family; 6] =
-        [Family::Llama, Family::Mistral, Family::Qwen2, Family::Gemma3, Family::Phi3, Family::Mixtral];
+    pub const ALL: [Family; 7] = [
+        Family::Llama,
+        Family::Mistral,
+        Family::Qwen2,
+        Family::Gemma3,
+        Family::Phi3,
+        Family::Mixtral,
+        Family::Qwen3Moe,
+    ];
 
     /// The family of a config.json `model_type`.
     pub fn from_model_type(t: &str) -> Option<Family> {
@@ -231,6 +254,7 @@ impl Family {
             "gemma3_text" => Family::Gemma3,
             "phi3" => Family::Phi3,
             "mixtral" => Family::Mixtral,
+            "qwen3_moe" => Family::Qwen3Moe,
             _ => return None,
         })
     }
@@ -254,6 +278,7 @@ impl Family {
             Family::Gemma3 => "gemma3_text",
             Family::Phi3 => "phi3",
             Family::Mixtral => "mixtral",
+            Family::Qwen3Moe => "qwen3_moe",
         }
     }
 
@@ -266,6 +291,7 @@ impl Family {
             Family::Gemma3 => "Gemma3ForCausalLM",
             Family::Phi3 => "Phi3ForCausalLM",
             Family::Mixtral => "MixtralForCausalLM",
+            Family::Qwen3Moe => "Qwen3MoeForCausalLM",
         }
     }
 
@@ -277,6 +303,7 @@ impl Family {
             Family::Qwen2 => "qwen2",
             Family::Gemma3 => "gemma3",
             Family::Phi3 => "phi3",
+            Family::Qwen3Moe => "qwen3moe",
         }
     }
 
@@ -307,7 +334,7 @@ impl Family {
 
     /// Whether the MLP is a mixture of experts ([`Role::Router`], per-expert roles).
     pub fn is_moe(self) -> bool {
-        self == Family::Mixtral
+        matches!(self, Family::Mixtral | Family::Qwen3Moe)
     }
 
     /// Whether llama.cpp's converter permutes Q and K rows for its rotary layout (llama and
@@ -369,6 +396,7 @@ impl Family {
             Family::Gemma3 => (GEMMA3, GATE_UP),
             Family::Phi3 => (PHI3, GATE_UP_FUSED),
             Family::Mixtral => (MIXTRAL_MOE, &[]),
+            Family::Qwen3Moe => (QWEN3_MOE, &[]),
         };
         let qkv = if self.fuses_projections() { QKV_FUSED } else { QKV };
         let down = if self.is_moe() { &[][..] } else { DOWN };
@@ -529,6 +557,9 @@ pub struct Geometry {
     pub experts: usize,
     /// Experts each token is routed to (`num_experts_per_tok`), 0 for a dense MLP.
     pub experts_used: usize,
+    /// Whether the chosen experts' softmax weights are renormalized to sum to 1 (Mixtral always;
+    /// Qwen3-MoE with `norm_topk_prob`).
+    pub norm_topk: bool,
 }
 
 impl Geometry {
@@ -563,13 +594,33 @@ impl Geometry {
             ));
         }
         let rope_theta = rope(config, "full_attention", "rope_theta")?.unwrap_or(match family {
-            Family::Llama | Family::Mistral | Family::Phi3 => 10_000.0,
+            Family::Llama | Family::Mistral | Family::Phi3 | Family::Qwen3Moe => 10_000.0,
             Family::Qwen2 | Family::Gemma3 | Family::Mixtral => 1_000_000.0,
         });
-        // MixtralConfig's defaults: 8 experts, 2 per token.
+        if family == Family::Qwen3Moe {
+            if config["attention_bias"].as_bool() == Some(true) {
+                return Err(
+                    "config.json: attention_bias = true: q/k/v biases in a qwen3_moe are not implemented".into()
+                );
+            }
+            let dense = config["mlp_only_layers"].as_array().is_some_and(|a| !a.is_empty());
+            if dense || config["decoder_sparse_step"].as_u64().is_some_and(|s| s != 1) {
+                return Err(
+                    "config.json: mlp_only_layers / decoder_sparse_step: dense MLP blocks between the mixtures \
+                            are not implemented (every block must be a mixture)"
+                        .into(),
+                );
+            }
+        }
+        // MixtralConfig's defaults: 8 experts, 2 per token; Qwen3MoeConfig's: 128 and 8
+        // (`num_experts`, which transformers 5 also writes as `num_local_experts`).
         let (experts, experts_used) = if family.is_moe() {
-            let e = uo("num_local_experts")?.unwrap_or(8);
-            let k = uo("num_experts_per_tok")?.unwrap_or(2);
+            let qwen = family == Family::Qwen3Moe;
+            let e = match uo("num_local_experts")? {
+                Some(e) => e,
+                None => uo("num_experts")?.unwrap_or(if qwen { 128 } else { 8 }),
+            };
+            let k = uo("num_experts_per_tok")?.unwrap_or(if qwen { 8 } else { 2 });
             if k > e || e > MAX_EXPERTS {
                 return Err(format!(
                     "config.json: num_experts_per_tok {k} / num_local_experts {e}: at most {MAX_EXPERTS} experts, \
@@ -589,7 +640,18 @@ impl Geometry {
             ));
         }
         let rope_local_theta = rope(config, "sliding_attention", "rope_local_base_freq")?.unwrap_or(10_000.0);
-        let eps = f("rms_norm_eps", if matches!(family, Family::Gemma3 | Family::Mistral) { 1e-6 } else { 1e-5 })?;
+        let eps = f(
+            "rms_norm_eps",
+            if matches!(family, Family::Gemma3 | Family::Mistral | Family::Qwen3Moe) { 1e-6 } else { 1e-5 },
+        )?;
+        let norm_topk = match family {
+            Family::Qwen3Moe => match &config["norm_topk_prob"] {
+                Value::Null => false,
+                Value::Bool(b) => *b,
+                v => return Err(format!("config.json: norm_topk_prob = {v}: must be true or false")),
+            },
+            _ => true,
+        };
         let windows = windows(config, family, layers)?;
         let attn_scale = match family {
             Family::Gemma3 => 1.0 / f("query_pre_attn_scalar", 256.0)?.sqrt(),
@@ -614,7 +676,11 @@ impl Geometry {
             heads,
             kv_heads,
             head_dim,
-            intermediate: u("intermediate_size")?,
+            intermediate: if family == Family::Qwen3Moe {
+                uo("moe_intermediate_size")?.unwrap_or(768)
+            } else {
+                u("intermediate_size")?
+            },
             layers,
             vocab: u("vocab_size")?,
             eps,
@@ -627,10 +693,12 @@ impl Geometry {
             max_positions: uo("max_position_embeddings")?.unwrap_or(match family {
                 Family::Mistral | Family::Mixtral => 131_072,
                 Family::Phi3 => 4096,
+                Family::Qwen3Moe => 32_768,
                 _ => 2048,
             }),
             experts,
             experts_used,
+            norm_topk,
         })
     }
 
@@ -873,7 +941,7 @@ fn windows(config: &Value, family: Family, layers: usize) -> Result<Vec<Option<u
                 let every = config["sliding_window_pattern"].as_u64().map_or(GEMMA3_GLOBAL_EVERY, |p| p.max(1));
                 (0..layers as u64).map(|i| gemma3_slides(i, every)).collect()
             }
-            Family::Qwen2 if config["use_sliding_window"].as_bool() == Some(true) => {
+            Family::Qwen2 | Family::Qwen3Moe if config["use_sliding_window"].as_bool() == Some(true) => {
                 let max = config["max_window_layers"].as_u64().unwrap_or(layers as u64) as usize;
                 (0..layers).map(|i| i >= max).collect()
             }
@@ -952,7 +1020,7 @@ pub fn gguf_config(g: &crate::gguf::GgufFile, family: Family, has_output: bool) 
     // A head width other than embedding_length / head_count (heads pruned away, or Gemma's 256).
     let key_length = uo("attention.key_length")?;
     match family {
-        Family::Llama | Family::Mistral | Family::Qwen2 | Family::Phi3 | Family::Mixtral => {
+        Family::Llama | Family::Mistral | Family::Qwen2 | Family::Phi3 | Family::Mixtral | Family::Qwen3Moe => {
             if family == Family::Phi3 {
                 // Phi3Config's own defaults (pad 32000, a 2047 window in some checkpoints) are
                 // not the file's: say what the GGUF says.
@@ -963,10 +1031,16 @@ pub fn gguf_config(g: &crate::gguf::GgufFile, family: Family, has_output: bool) 
                 // Never read from a GGUF (llama.cpp writes Mistral as llama): no window.
                 config["sliding_window"] = Value::Null;
             }
-            if family == Family::Mixtral {
+            if family.is_moe() {
                 config["num_local_experts"] = u("expert_count")?.into();
                 config["num_experts_per_tok"] = u("expert_used_count")?.into();
                 config["sliding_window"] = Value::Null;
+            }
+            if family == Family::Qwen3Moe {
+                // llama.cpp's qwen3moe renormalizes the chosen experts' weights.
+                config["moe_intermediate_size"] = u("expert_feed_forward_length")?.into();
+                config["norm_topk_prob"] = true.into();
+                config["use_sliding_window"] = false.into();
             }
             if family == Family::Qwen2 {
                 config["use_sliding_window"] = false.into();

@@ -57,8 +57,9 @@ enum Ffn {
 }
 
 /// Per token, its `k` experts and their weights: softmax over `logits` (`[n, e]`, in f32 as
-/// transformers computes it), the `k` largest (lower index first on ties), renormalized.
-fn route(logits: &[f32], e: usize, k: usize) -> Vec<Vec<(usize, f32)>> {
+/// transformers computes it), the `k` largest (lower index first on ties), renormalized to sum
+/// to 1 when `norm`.
+fn route(logits: &[f32], e: usize, k: usize, norm: bool) -> Vec<Vec<(usize, f32)>> {
     logits
         .chunks(e)
         .map(|row| {
@@ -69,16 +70,16 @@ fn route(logits: &[f32], e: usize, k: usize) -> Vec<Vec<(usize, f32)>> {
             idx.sort_by(|a, b| p[*b].total_cmp(&p[*a]).then(a.cmp(b)));
             idx.truncate(k);
             let top: Vec<f32> = idx.iter().map(|i| p[*i] / z).collect();
-            let sum: f32 = top.iter().sum();
+            let sum: f32 = if norm { top.iter().sum() } else { 1.0 };
             idx.into_iter().zip(top).map(|(i, w)| (i, w / sum)).collect()
         })
         .collect()
 }
 
 /// Per expert, the rows of `a` (`[n, hidden]`) routed to it and their weights.
-fn routes(router: &Lin, experts: usize, top_k: usize, a: &[f32]) -> Result<Vec<Vec<(usize, f32)>>> {
+fn routes(router: &Lin, experts: usize, (top_k, norm): (usize, bool), a: &[f32]) -> Result<Vec<Vec<(usize, f32)>>> {
     let mut per_expert = vec![Vec::new(); experts];
-    for (t, picks) in route(&router.apply(a)?, experts, top_k).into_iter().enumerate() {
+    for (t, picks) in route(&router.apply(a)?, experts, top_k, norm).into_iter().enumerate() {
         for (e, w) in picks {
             per_expert[e].push((t, w));
         }
@@ -440,7 +441,7 @@ impl Decoder {
             Ffn::Moe { router, experts, top_k } => {
                 let h = self.g.hidden;
                 let mut y = vec![0f32; a.len()];
-                for (e, rows) in experts.iter().zip(routes(router, experts.len(), *top_k, a)?) {
+                for (e, rows) in experts.iter().zip(routes(router, experts.len(), (*top_k, self.g.norm_topk), a)?) {
                     if rows.is_empty() {
                         continue;
                     }
@@ -499,7 +500,9 @@ impl Decoder {
             for x in &mut xs {
                 self.add_attention(l, x)?;
                 let a = self.rms(x, &l.ln_ffn);
-                for ((e, rows), acc) in experts.iter().zip(routes(router, experts.len(), *top_k, &a)?).zip(&mut acc) {
+                for ((e, rows), acc) in
+                    experts.iter().zip(routes(router, experts.len(), (*top_k, self.g.norm_topk), &a)?).zip(&mut acc)
+                {
                     if rows.is_empty() {
                         continue;
                     }
@@ -627,7 +630,7 @@ impl Decoder {
         let routes: Vec<Vec<Vec<usize>>> = normed
             .iter()
             .map(|a| {
-                let r = routes(router, experts.len(), *top_k, a)?;
+                let r = routes(router, experts.len(), (*top_k, self.g.norm_topk), a)?;
                 Ok(r.into_iter().map(|rows| rows.into_iter().map(|(t, _)| t).collect()).collect())
             })
             .collect::<Result<_>>()?;

@@ -260,29 +260,34 @@ fn check_experts(
 }
 
 /// What a GGUF target will compute differently from the model (a Mistral's sliding window,
-/// which llama.cpp does not apply).
+/// which llama.cpp does not apply; a Qwen3-MoE's un-renormalized expert weights, which
+/// llama.cpp renormalizes).
 fn gguf_warnings(recipe: &Recipe, shipping: &[ship::Shipping], model: &ModelSource) -> Vec<String> {
-    let Some(window) = model
-        .config()
-        .and_then(|c| mcompress_core::arch::Geometry::from_config(c).ok())
-        .and_then(|g| g.gguf_window_lost().map(|w| (w, g.max_positions)))
-    else {
+    let Some(g) = model.config().and_then(|c| mcompress_core::arch::Geometry::from_config(c).ok()) else {
         return Vec::new();
     };
-    recipe
-        .targets
-        .iter()
-        .zip(shipping)
-        .filter(|(_, s)| s.gguf.is_some())
-        .map(|(t, _)| {
-            format!(
-                "target {}: llama.cpp runs this model as a llama, attending over the whole context: beyond its \
-                 sliding_window of {} tokens (context {}) its outputs differ from transformers'; the GGUF target's \
-                 eval scores what llama.cpp computes",
-                t.name, window.0, window.1
-            )
-        })
-        .collect()
+    let arch = g.family.gguf_arch();
+    let mut why = Vec::new();
+    if let Some(w) = g.gguf_window_lost() {
+        why.push(format!(
+            "llama.cpp's {arch} attends over the whole context: beyond the sliding_window of {w} tokens (context {}) \
+             its outputs differ from transformers'",
+            g.max_positions
+        ));
+    }
+    if g.experts > 0 && !g.norm_topk {
+        why.push(format!(
+            "llama.cpp's {arch} renormalizes the chosen experts' weights to sum to 1, which this model \
+             (norm_topk_prob = false) does not"
+        ));
+    }
+    let mut out = Vec::new();
+    for (t, _) in recipe.targets.iter().zip(shipping).filter(|(_, s)| s.gguf.is_some()) {
+        for w in &why {
+            out.push(format!("target {}: {w}; the GGUF target's eval scores what llama.cpp computes", t.name));
+        }
+    }
+    out
 }
 
 /// Runs a recipe: passes, then one bundle per target.
