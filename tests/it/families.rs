@@ -542,7 +542,8 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
         &hamlet,
         "[[pass]]\ntype = \"quantize-rtn\"\nbits = 8\ngroup-size = 0\n",
         "[[target]]\nname = \"st\"\n\n[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n\n\
-         [[target]]\nname = \"q4km\"\nformats = [\"gguf\"]\ngguf-type = \"Q4_K_M\"\n",
+         [[target]]\nname = \"q4km\"\nformats = [\"gguf\"]\ngguf-type = \"Q4_K_M\"\n\n\
+         [[target]]\nname = \"fit\"\nformats = [\"gguf\"]\npolicy = \"fit\"\nmax-size = \"250MB\"\n",
         &out,
     );
     let (reference, int8) = ppl(&out, "st");
@@ -562,9 +563,16 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
     assert_eq!(types["blk.4.ffn_down_exps.weight"], "Q4_K", "{types}");
     // 576-wide rows are no whole number of 256-blocks: Q5_0, as llama-quantize falls back.
     assert_eq!(types["blk.4.ffn_up_exps.weight"], "Q5_0", "{types}");
+    // policy = "fit" sizes the file choosing one type per stack of experts (their errors summed).
+    let fit: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("fit/report.json")).unwrap()).unwrap();
+    assert!(fit["bundle"]["weights_bytes"].as_u64().unwrap() <= 250_000_000, "{}", fit["bundle"]);
+    let (_, fitted) = ppl(&out, "fit");
     transformers_agrees(&out.join("st"), &hamlet, int8);
     llama_cpp_agrees(&out.join("f16/model.gguf"), &hamlet, f16);
     if let Some(py) = llama_python() {
+        let theirs = llama_cpp_ppl(&py, &out.join("fit/model.gguf"), &hamlet);
+        assert!((theirs / fitted - 1.0).abs() < 0.01, "llama.cpp {theirs} vs ours {fitted} on the fitted GGUF");
         let theirs = llama_cpp_ppl(&py, &out.join("q4km/model.gguf"), &hamlet);
         assert!((theirs / q4km - 1.0).abs() < 0.01, "llama.cpp {theirs} vs ours {q4km} on Q4_K_M");
     }

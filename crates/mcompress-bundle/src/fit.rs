@@ -33,6 +33,9 @@ pub(crate) struct Item {
     pub choices: Vec<(GgmlType, u64, f64)>,
     /// Multiplier of the error in the objective (raised on retries).
     pub weight: f64,
+    /// Further Hugging Face names that take the same type (the other experts of a GGUF stack,
+    /// which is one tensor of one type).
+    pub members: Vec<String>,
 }
 
 /// `ε_t` for each of `types` on the row-major `rows × cols` matrix `w`, channel weights `m`
@@ -120,9 +123,13 @@ pub(crate) fn raise(items: &mut [Item], chosen: &[usize], share: f64, factor: f6
     raised
 }
 
-/// Types chosen, by name.
+/// Types chosen, by name (every member of an item).
 pub(crate) fn types_of(items: &[Item], chosen: &[usize]) -> BTreeMap<String, GgmlType> {
-    items.iter().zip(chosen).map(|(i, &k)| (i.name.clone(), i.choices[k].0)).collect()
+    items
+        .iter()
+        .zip(chosen)
+        .flat_map(|(i, &k)| std::iter::once(&i.name).chain(&i.members).map(move |n| (n.clone(), i.choices[k].0)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -130,7 +137,12 @@ mod tests {
     use super::*;
 
     fn item(name: &str, choices: &[(u64, f64)]) -> Item {
-        Item { name: name.into(), choices: choices.iter().map(|&(b, e)| (GgmlType::Q4_0, b, e)).collect(), weight: 1.0 }
+        Item {
+            name: name.into(),
+            choices: choices.iter().map(|&(b, e)| (GgmlType::Q4_0, b, e)).collect(),
+            weight: 1.0,
+            members: Vec::new(),
+        }
     }
 
     /// Exhaustive search over all combinations.

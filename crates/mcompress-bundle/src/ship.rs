@@ -252,13 +252,6 @@ impl GgufTarget {
             return Ok(me);
         }
         // policy = "fit".
-        if geometry.experts > 0 {
-            return Err(err(
-                "gguf: policy = \"fit\" on a mixture of experts is not implemented yet (a stack of experts takes one \
-                 type); name a gguf-type"
-                    .into(),
-            ));
-        }
         let limit = match target.max_size {
             Some(MaxSize::Bytes(b)) => b.0,
             _ => crate::targets::fit(resolved, 0, &[], &[], crate::targets::KvGeometry::from_config(Some(&config)))
@@ -272,12 +265,16 @@ impl GgufTarget {
         let all_f32: BTreeMap<String, GgmlType> = me.plans.keys().map(|k| (k.clone(), GgmlType::F32)).collect();
         let header = gguf::plan_file(me.meta.clone(), &me.plans, all_f32).map_err(&err)?.layout.header_bytes();
         let mut fixed = header;
-        let mut items = Vec::new();
+        let mut items: Vec<fit::Item> = Vec::new();
+        // A GGUF stack of experts is one tensor of one type: its experts are one item, their
+        // bytes and errors summed.
+        let mut stacks: BTreeMap<String, usize> = BTreeMap::new();
         for r in model.tensors() {
             let v = model.view(r);
             let Some(tp) = me.plans.get(v.name) else { continue };
             let n: u64 = tp.dims.iter().product();
-            if tp.dims.len() < 2 {
+            // Vectors, and routers (llama.cpp keeps ffn_gate_inp in F32), stay F32.
+            if tp.dims.len() < 2 || tp.role == Role::Router {
                 fixed += n * 4 + PAD;
                 continue;
             }
@@ -294,12 +291,33 @@ impl GgufTarget {
             let key = head.as_deref().unwrap_or(v.name);
             let m = moments.get(key).filter(|m| m.len() == tp.dims[0] as usize);
             let errs = fit::errors(&w, tp.dims[0] as usize, m.map(Vec::as_slice), &allowed);
+            if let Some((_, experts)) = tp.expert {
+                // One expert's share of the stack (`n` counts the whole stack).
+                let per = n as usize / experts.max(1);
+                if let Some(&i) = stacks.get(&tp.gguf) {
+                    let item = &mut items[i];
+                    for (c, e) in item.choices.iter_mut().zip(errs) {
+                        c.1 += mcompress_core::ggml::nbytes(c.0, per) as u64;
+                        c.2 += e;
+                    }
+                    item.members.push(v.name.to_string());
+                    continue;
+                }
+                stacks.insert(tp.gguf.clone(), items.len());
+                let choices = allowed
+                    .iter()
+                    .zip(errs)
+                    .map(|(&ty, e)| (ty, mcompress_core::ggml::nbytes(ty, per) as u64 + PAD, e))
+                    .collect();
+                items.push(fit::Item { name: v.name.to_string(), choices, weight: 1.0, members: Vec::new() });
+                continue;
+            }
             let choices = allowed
                 .iter()
                 .zip(errs)
                 .map(|(&ty, e)| (ty, mcompress_core::ggml::nbytes(ty, n as usize) as u64 + PAD, e))
                 .collect();
-            items.push(fit::Item { name: v.name.to_string(), choices, weight: 1.0 });
+            items.push(fit::Item { name: v.name.to_string(), choices, weight: 1.0, members: Vec::new() });
         }
         let smallest: u64 = fixed + items.iter().map(|i| i.choices.iter().map(|c| c.1).min().unwrap_or(0)).sum::<u64>();
         let budget = limit.saturating_sub(fixed);
@@ -324,8 +342,11 @@ impl GgufTarget {
         } else {
             let mut by: BTreeMap<u32, u64> = BTreeMap::new();
             for (n, t) in &self.types {
-                if self.plans[n].dims.len() >= 2 {
-                    *by.entry(gguf::ftype_of(*t)).or_default() += self.plans[n].dims.iter().product::<u64>();
+                let p = &self.plans[n];
+                if p.dims.len() >= 2 {
+                    // One expert counts its share of its stack.
+                    let share = p.expert.map_or(1, |(_, e)| e.max(1) as u64);
+                    *by.entry(gguf::ftype_of(*t)).or_default() += p.dims.iter().product::<u64>() / share;
                 }
             }
             by.into_iter().max_by_key(|(f, p)| (*p, *f)).map_or(0, |(f, _)| f)
