@@ -564,8 +564,7 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
     // 576-wide rows are no whole number of 256-blocks: Q5_0, as llama-quantize falls back.
     assert_eq!(types["blk.4.ffn_up_exps.weight"], "Q5_0", "{types}");
     // policy = "fit" sizes the file choosing one type per stack of experts (their errors summed).
-    let fit: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("fit/report.json")).unwrap()).unwrap();
+    let fit: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("fit/report.json")).unwrap()).unwrap();
     assert!(fit["bundle"]["weights_bytes"].as_u64().unwrap() <= 250_000_000, "{}", fit["bundle"]);
     let (_, fitted) = ppl(&out, "fit");
     transformers_agrees(&out.join("st"), &hamlet, int8);
@@ -642,6 +641,37 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
     assert!(smaller > reference && smaller < reference * 1.5, "pruned {smaller} vs {reference}");
     transformers_agrees(&pruned.join("st"), &hamlet, smaller);
     llama_cpp_agrees(&pruned.join("f16/model.gguf"), &hamlet, smaller_f16);
+
+    // Distillation of the 3-expert student towards the 4-expert model (routers and experts of
+    // blocks 0–1, a few steps on short windows): the loss on the first batch falls, and the
+    // distilled mixture still loads in transformers with our perplexity.
+    let distilled = t.path().join("moe-distilled");
+    let report = {
+        run_short(
+            t.path(),
+            &moe,
+            &hamlet,
+            &format!(
+                "[[pass]]\ntype = \"prune-structured\"\nunit = \"experts\"\nsparsity = 0.25\n\
+                 calibration = {{ set = {hamlet:?}, samples = 8, seq-len = 128 }}\n\n\
+                 [[pass]]\ntype = \"distill\"\nset = {hamlet:?}\nsteps = 4\nbatch = 1\nseq-len = 32\nlr = 1e-4\n\
+                 targets = [\"re:model\\\\.layers\\\\.[01]\\\\.block_sparse_moe\\\\..*\"]\n",
+                hamlet = hamlet.display().to_string()
+            ),
+            "[[target]]\nname = \"st\"\n",
+            &distilled,
+        );
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(distilled.join("st/report.json")).unwrap()).unwrap();
+        r
+    };
+    let tr = &report["passes"][1]["settings"]["trained"];
+    // Per block: the router and 3 experts × 3 matrices.
+    assert_eq!(tr["trained_tensors"], 20, "{tr}");
+    let (before, after) =
+        (tr["loss_on_first_batch_before"].as_f64().unwrap(), tr["loss_on_first_batch_after"].as_f64().unwrap());
+    assert!(after < before, "loss {before} -> {after}");
+    transformers_agrees(&distilled.join("st"), &hamlet, ppl(&distilled, "st").1);
 
     // Some experts quantized, others dense: transformers could not load it; refused up front.
     let recipe = t.path().join("partial.toml");

@@ -70,10 +70,6 @@ impl Arch {
                 "distillation of {}'s fused projections (qkv_proj, gate_up_proj) is not implemented yet",
                 f.model_type()
             ))),
-            Some(ModelKind::Decoder(f)) if f.is_moe() => Err(Error::Model(format!(
-                "distillation of {}'s mixture of experts (router and experts) is not implemented yet",
-                f.model_type()
-            ))),
             Some(ModelKind::Decoder(_)) => {
                 Ok(Arch::Decoder(Box::new(Geometry::from_config(config).map_err(Error::Model)?)))
             }
@@ -217,6 +213,38 @@ impl Net {
         x / ms.add_scalar(eps).sqrt() * w
     }
 
+    /// Block `i`'s mixture of experts on its normed input `[n, hidden]`, as a dense sum every
+    /// expert computes: each token's weight for an expert is its softmax probability when the
+    /// expert is among its `experts_used` largest (renormalized over them where the family does),
+    /// else 0 — the eval's routing, with gradients through the router as transformers has them.
+    /// Every expert runs on every token (`experts / experts_used` times the routed work; fine for
+    /// the small mixtures distillation trains here).
+    fn experts(&self, g: &Geometry, i: usize, hn: &Tensor<2>) -> Tensor<2> {
+        let f = g.family;
+        let [n, _] = hn.dims();
+        let e = g.experts;
+        let router = f.hf(Role::Router, i).trim_end_matches(".weight").to_string();
+        let p = softmax(self.linear(&router, hn.clone()), 1);
+        let kth = p.clone().topk(g.experts_used, 1).narrow(1, g.experts_used - 1, 1).expand([n, e]);
+        let mut w = p.clone() * p.greater_equal(kth).float();
+        if g.norm_topk {
+            let sum = w.clone().sum_dim(1).expand([n, e]);
+            w = w / sum;
+        }
+        let expert = |r: Role, x: usize| f.hf_expert(r, i, x).trim_end_matches(".weight").to_string();
+        let mut out: Option<Tensor<2>> = None;
+        for x in 0..e {
+            let act = silu(self.linear(&expert(Role::ExpertGate, x), hn.clone()))
+                * self.linear(&expert(Role::ExpertUp, x), hn.clone());
+            let y = self.linear(&expert(Role::ExpertDown, x), act) * w.clone().narrow(1, x, 1).expand([n, g.hidden]);
+            out = Some(match out {
+                Some(o) => o + y,
+                None => y,
+            });
+        }
+        out.unwrap_or_else(|| hn.zeros_like())
+    }
+
     /// The decoder of the eval runtime (`mcompress_eval::decoder`), in burn: the same families,
     /// names from the architecture table.
     #[allow(clippy::too_many_lines)] // one forward pass, step for step as the eval's
@@ -307,6 +335,10 @@ impl Net {
             }
             x = x + o;
             let hn = self.rms_norm_off(&name(Role::FfnNorm, i), x.clone(), eps, off);
+            if f.is_moe() {
+                x = x + self.experts(g, i, &hn);
+                continue;
+            }
             let gate = self.linear(&module(Role::Gate, i), hn.clone());
             let act = if f.gelu_mlp() {
                 // GELU, tanh approximation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
@@ -422,6 +454,65 @@ mod tests {
     #[test]
     fn test_gemma3_matches_the_eval_runtime() {
         decoder_matches("gemma3/gemma-3-270m-q4_k_m.gguf", &[2, 818, 5279, 529, 7001, 563, 506, 5279, 529, 506, 2891]);
+    }
+
+    /// A small mixture of pseudo-random weights (every tensor its config's geometry asks for).
+    fn tiny_moe(config: &serde_json::Value) -> mcompress_passes::DenseTensors {
+        let g = Geometry::from_config(config).unwrap();
+        let mut seed = 7u64;
+        let mut out = mcompress_passes::DenseTensors::new();
+        for (name, role, shape) in g.expected() {
+            let v: Vec<f32> = (0..shape.iter().product::<usize>())
+                .map(|_| {
+                    seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                    let u = (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                    if role.is_norm() { 1.0 + 0.2 * u } else { u * 0.6 }
+                })
+                .collect();
+            out.insert(name, (shape, v));
+        }
+        out
+    }
+
+    #[test]
+    fn test_mixtures_match_the_eval_runtime() {
+        for (model_type, extra) in [
+            ("mixtral", serde_json::json!({"num_local_experts": 4, "num_experts_per_tok": 2})),
+            (
+                "qwen3_moe",
+                serde_json::json!({"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": false,
+                "moe_intermediate_size": 24, "head_dim": 8}),
+            ),
+        ] {
+            let mut config = serde_json::json!({"model_type": model_type, "hidden_size": 16, "num_attention_heads": 2,
+                "num_key_value_heads": 1, "num_hidden_layers": 2, "intermediate_size": 24, "vocab_size": 40});
+            for (k, v) in extra.as_object().unwrap() {
+                config[k] = v.clone();
+            }
+            let tensors = tiny_moe(&config);
+            let eval = mcompress_eval::decoder::Decoder::load(
+                &config,
+                &Weights::from_dense(tensors.clone()),
+                &EvalDevice::Cpu,
+            )
+            .unwrap();
+            let ids = [1u32, 5, 9, 3, 22, 17, 8, 39, 0, 12];
+            let want = eval.logits(&ids).unwrap();
+            let device = Device::flex();
+            let net = Net::load(Arch::from_config(&config).unwrap(), &tensors, &device).unwrap();
+            let t = ids.len();
+            let batch = Batch::Tokens {
+                ids: Tensor::<2, Int>::from_data(
+                    TensorData::new(ids.iter().map(|&v| i64::from(v)).collect(), [1, t]),
+                    &device,
+                ),
+                mask: Tensor::ones([1, t], &device),
+                b: 1,
+                t,
+            };
+            let got = net.forward(&batch).unwrap().logits.unwrap().into_data().try_to_vec::<f32>().unwrap();
+            assert!(max_rel(&got, &want) < 1e-4, "{model_type}: max relative difference {}", max_rel(&got, &want));
+        }
     }
 
     #[test]

@@ -151,8 +151,9 @@ impl Plan {
 /// A model with fused projections (Phi-3's `qkv_proj`, `gate_up_proj`) or a mixture of experts
 /// (Mixtral) runs the data-free passes, GGUF export and the calibrated passes (GPTQ, AWQ, Wanda,
 /// SparseGPT work on each fused matrix as one layer, on each expert from the tokens routed to
-/// it); a mixture's whole experts and layers can be pruned; structured pruning of units inside
-/// fused matrices or experts and distillation are refused before any work.
+/// it); a mixture's whole experts and layers can be pruned and a mixture distilled; structured
+/// pruning of units inside fused matrices or experts, and distillation of fused projections, are
+/// refused before any work.
 fn check_fused(recipe: &Recipe, passes: &[Box<dyn Pass>], source: &ModelSource) -> Result<()> {
     let Some(family) = source.config().and_then(mcompress_core::arch::Family::of_config) else { return Ok(()) };
     let what = if family.fuses_projections() {
@@ -163,13 +164,15 @@ fn check_fused(recipe: &Recipe, passes: &[Box<dyn Pass>], source: &ModelSource) 
         return Ok(());
     };
     let (on, also) = if family.is_moe() {
-        ("units inside experts", ", prune-structured unit = \"experts\" and \"layers\"")
+        ("units inside experts", ", prune-structured unit = \"experts\" and \"layers\", distill")
     } else {
         ("fused projections", "")
     };
     for (spec, pass) in recipe.passes.iter().zip(passes) {
-        // Whole experts (or layers) of a mixture go without touching the units inside them.
-        let whole = family.is_moe() && matches!(pass.needs(), Need::ExpertScores(_) | Need::LayerScores(_));
+        // Whole experts (or layers) of a mixture go without touching the units inside them, and
+        // distillation trains a mixture as the eval runs it.
+        let whole =
+            family.is_moe() && matches!(pass.needs(), Need::ExpertScores(_) | Need::LayerScores(_) | Need::Training(_));
         if !whole && (!matches!(pass.needs(), Need::Nothing | Need::Calibration(_)) || pass.reshapes()) {
             return Err(Error::Recipe(recipe.pass_error(
                 spec.index,
