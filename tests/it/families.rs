@@ -41,10 +41,7 @@ fn llama_cpp_ppl(py: &str, gguf: &Path, hamlet: &Path) -> f64 {
 /// and llama.cpp on our F32 export of the same weights, 90.06 llama.cpp on the Q4_K_M file; 0.25 %
 /// apart on 2048 tokens, docs/benchmarks.md).
 fn end_to_end(gguf: &Path, hamlet: &Path, model_type: &str, hf_class: &str) {
-    // One family at a time: each run holds its model in f32 twice (reference and bundle evals,
-    // ~5 GiB for Qwen2), and CI's machine runs two tests at once.
-    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _guard = one_at_a_time();
     let t = tmp();
     let out = t.path().join("dist");
     let recipe = t.path().join("r.toml");
@@ -201,6 +198,14 @@ fn test_a_missing_or_extra_tensor_is_refused_before_any_work() {
             }
         }
     }
+}
+
+/// One big model at a time: each run holds its model in f32 twice (reference and bundle evals,
+/// ~5 GiB for Qwen2; the SmolLM2 mixtures write 1.5 GB models and gigabytes of bundles), and
+/// CI's machine runs two tests at once.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// transformers' perplexity on a bundle equals ours within 0.2 %, every weight loaded.
@@ -525,6 +530,7 @@ fn smollm2_moe(t: &Path, base: &Path, name: &str, perturb: bool, qwen3: bool) ->
 /// (some experts quantized, others dense) is refused before any work.
 #[test]
 fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
+    let _guard = one_at_a_time();
     let Some((t, hamlet, base, llama)) = smollm2_base() else { return };
 
     let same = smollm2_moe(t.path(), &base, "moe-same", false, false);
@@ -533,6 +539,7 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
     let (reference, _) = ppl(&out, "st");
     assert!((reference / llama - 1.0).abs() < 1e-5, "identical experts {reference} vs dense {llama}");
     std::fs::remove_dir_all(&same).unwrap();
+    std::fs::remove_dir_all(&out).unwrap();
 
     let moe = smollm2_moe(t.path(), &base, "moe", true, false);
     let out = t.path().join("moe-int8");
@@ -576,6 +583,8 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
         assert!((theirs / q4km - 1.0).abs() < 0.01, "llama.cpp {theirs} vs ours {q4km} on Q4_K_M");
     }
 
+    std::fs::remove_dir_all(&out).unwrap();
+
     // GPTQ per expert, on the tokens routed to it (blocks 0–1; a GGUF target, since a
     // compressed-tensors bundle needs every expert quantized alike).
     let gptq_passes = |blocks: &str| {
@@ -609,6 +618,8 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
     );
     let (g, r) = (ppl(&gptq, "f16").1, ppl(&rtn, "f16").1);
     assert!(g < r, "GPTQ of the experts {g} must beat RTN {r}");
+    std::fs::remove_dir_all(&gptq).unwrap();
+    std::fs::remove_dir_all(&rtn).unwrap();
 
     // Expert pruning: a quarter of the experts (1 of 4 per block) by router-weighted activation on
     // Hamlet; the survivors renumbered, the routers' rows and num_local_experts follow, and both
@@ -641,6 +652,7 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
     assert!(smaller > reference && smaller < reference * 1.5, "pruned {smaller} vs {reference}");
     transformers_agrees(&pruned.join("st"), &hamlet, smaller);
     llama_cpp_agrees(&pruned.join("f16/model.gguf"), &hamlet, smaller_f16);
+    std::fs::remove_dir_all(&pruned).unwrap();
 
     // Distillation of the 3-expert student towards the 4-expert model (routers and experts of
     // blocks 0–1, a few steps on short windows): the loss on the first batch falls, and the
@@ -672,6 +684,7 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
         (tr["loss_on_first_batch_before"].as_f64().unwrap(), tr["loss_on_first_batch_after"].as_f64().unwrap());
     assert!(after < before, "loss {before} -> {after}");
     transformers_agrees(&distilled.join("st"), &hamlet, ppl(&distilled, "st").1);
+    std::fs::remove_dir_all(&distilled).unwrap();
 
     // Some experts quantized, others dense: transformers could not load it; refused up front.
     let recipe = t.path().join("partial.toml");
@@ -692,6 +705,7 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
 /// and the GGUF target's eval scores what llama.cpp computes.
 #[test]
 fn test_qwen3_moe_agrees_with_transformers_and_llama_cpp() {
+    let _guard = one_at_a_time();
     let Some((t, hamlet, base, _)) = smollm2_base() else { return };
     let moe = smollm2_moe(t.path(), &base, "qwen3moe", true, true);
     let out = t.path().join("qwen3moe-int8");
