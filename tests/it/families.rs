@@ -476,15 +476,25 @@ fn smollm2_moe(t: &Path, base: &Path, name: &str, perturb: bool, qwen3: bool) ->
             tensors.push((format!("{p}self_attn.q_norm.weight"), vec![head_dim], ones.clone()));
             tensors.push((format!("{p}self_attn.k_norm.weight"), vec![head_dim], ones));
         }
-        let router: Vec<u8> = (0..EXPERTS * hidden)
+        let mut router: Vec<u8> = (0..EXPERTS * hidden)
             .flat_map(|_| {
                 seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
                 (((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.5).to_le_bytes()
             })
             .collect();
+        // Block 0: experts 1–3 one expert under three names, their router rows equal. Ties go to
+        // the lower index, so expert 3 is never chosen (expert 2 only with expert 1): a layer
+        // calibration never reaches, whatever a runtime's tie order (the three are the same).
+        let row = 4 * hidden;
+        if i == 0 {
+            let one = router[row..2 * row].to_vec();
+            router[2 * row..3 * row].copy_from_slice(&one);
+            router[3 * row..4 * row].copy_from_slice(&one);
+        }
         tensors.push((format!("{p}{router_name}"), vec![EXPERTS, hidden], router));
         for e in 0..EXPERTS {
-            let s = if perturb { 1.0 + 0.25 * (e as f32 - 1.5) / EXPERTS as f32 } else { 1.0 };
+            let e_s = if i == 0 { e.min(1) } else { e };
+            let s = if perturb { 1.0 + 0.25 * (e_s as f32 - 1.5) / EXPERTS as f32 } else { 1.0 };
             for (src, k) in [("gate_proj", s), ("up_proj", 1.0), ("down_proj", 2.0 - s)] {
                 let v = st.tensor(&format!("{p}mlp.{src}.weight")).unwrap();
                 tensors.push((format!("{p}{}", expert_name(e, src)), v.shape().to_vec(), scaled(v.data(), k)));
@@ -596,7 +606,7 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
         )
     };
     let gptq = t.path().join("moe-gptq");
-    run_short(
+    let stderr = run_short(
         t.path(),
         &moe,
         &hamlet,
@@ -604,6 +614,13 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
         "[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n",
         &gptq,
     );
+    // Block 0's expert 3 is never routed to: rounded without data, warned and reported.
+    let never = "model.layers.0.block_sparse_moe.experts.3.w1.weight";
+    assert!(stderr.contains("saw no calibration token") && stderr.contains(never), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(gptq.join("f16/report.json")).unwrap()).unwrap();
+    let uncalibrated = report["passes"][0]["settings"]["uncalibrated"].to_string();
+    assert!(uncalibrated.contains(never) && !uncalibrated.contains("experts.2."), "{uncalibrated}");
     let rtn = t.path().join("moe-rtn");
     let rtn_passes = gptq_passes("0-1").replace("quantize-gptq", "quantize-rtn");
     let rtn_passes: String =
@@ -647,6 +664,8 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
     let settings = &report["passes"][0]["settings"];
     let removed = settings["removed_experts"].as_array().unwrap();
     assert_eq!(removed.len(), 30, "{settings}");
+    // Block 0's expert 3, which no token reaches, scores 0 and goes.
+    assert_eq!(removed[0], serde_json::json!([3]), "{settings}");
     assert!(removed.iter().all(|b| b.as_array().unwrap().len() == 1), "{settings}");
     // Routing picks 2 of the 3 left; the model changes but stays close to the 4-expert one.
     assert!(smaller > reference && smaller < reference * 1.5, "pruned {smaller} vs {reference}");

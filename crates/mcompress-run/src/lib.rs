@@ -301,6 +301,9 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     // Per pass: wall seconds before the weights stream (scoring, calibration, training), added
     // to its streaming time in the report.
     let mut pre_seconds = vec![0f64; passes.len()];
+    // Per pass: layers its calibration rewrote without data (experts no token reached), for the
+    // report.
+    let mut uncalibrated: Vec<Vec<String>> = vec![Vec::new(); passes.len()];
     // Whole layers removed (structured pruning, always the first pass): scored on calibration
     // text, then every later step sees the smaller, renumbered model. `source` stays the model
     // as given: the eval's reference and the default distillation teacher.
@@ -418,6 +421,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
                         Error::Calibration(format!("pass[{}] {}: calibration: {e}", spec.index, spec.kind))
                     })?;
                 if !unseen.is_empty() {
+                    uncalibrated[i].clone_from(&unseen);
                     early_warnings.push(format!(
                         "pass[{}] {}: {} layer(s) saw no calibration token (experts the router never chose) and were \
                          rewritten without data (round-to-nearest / magnitude): {}",
@@ -515,9 +519,14 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
             (h.join().expect("hash thread does not panic"), out)
         });
         let (hashes, mut output): (_, pipeline::Output) = (hashes?, output?);
-        for (r, pre) in output.passes.iter_mut().zip(&pre_seconds) {
+        for ((r, pre), unseen) in output.passes.iter_mut().zip(&pre_seconds).zip(&uncalibrated) {
             if let Some(sec) = &mut r.seconds {
                 *sec += pre;
+            }
+            if !unseen.is_empty()
+                && let Some(s) = r.settings.as_object_mut()
+            {
+                s.insert("uncalibrated".into(), unseen.clone().into());
             }
         }
 
