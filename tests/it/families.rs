@@ -635,6 +635,7 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
     );
     let (g, r) = (ppl(&gptq, "f16").1, ppl(&rtn, "f16").1);
     assert!(g < r, "GPTQ of the experts {g} must beat RTN {r}");
+    eprintln!("mixtral figures: reference {reference} int8 {int8} f16 {f16} q4km {q4km} fit {fitted} gptq {g} rtn {r}");
     std::fs::remove_dir_all(&gptq).unwrap();
     std::fs::remove_dir_all(&rtn).unwrap();
 
@@ -667,6 +668,7 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
     // Block 0's expert 3, which no token reaches, scores 0 and goes.
     assert_eq!(removed[0], serde_json::json!([3]), "{settings}");
     assert!(removed.iter().all(|b| b.as_array().unwrap().len() == 1), "{settings}");
+    eprintln!("mixtral figures: experts pruned 4 -> 3: {smaller} (F16 GGUF {smaller_f16}), reference {reference}");
     // Routing picks 2 of the 3 left; the model changes but stays close to the 4-expert one.
     assert!(smaller > reference && smaller < reference * 1.5, "pruned {smaller} vs {reference}");
     transformers_agrees(&pruned.join("st"), &hamlet, smaller);
