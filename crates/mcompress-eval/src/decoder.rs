@@ -593,20 +593,23 @@ impl Decoder {
                     obs.input(&s, a)?;
                 }
                 obs.rewrite(&s, &mut self.block(li, None))?;
-                // down: the gated activations (from gate and up as rewritten).
+                // down: the gated activations (from the norm and gate and up as rewritten: AWQ
+                // divides the norm's gain by the scales it multiplies gate's and up's columns by).
                 // A fused gate/up has no rows of up alone to fold a scale into.
                 let producer = if family.has(Role::Up) { Producer::Rows(Role::Up) } else { Producer::Opaque };
                 let Ffn::Dense { down, .. } = &self.layers[li].ffn else { unreachable!("dense family") };
                 let s = site(&[Role::Down][..], producer, down.inp);
-                for a in &normed {
-                    let Ffn::Dense { gate_up, .. } = &self.layers[li].ffn else { unreachable!("dense family") };
-                    obs.input(&s, &self.mlp_act(gate_up, a)?)?;
+                for x in &xs {
+                    let l = &self.layers[li];
+                    let Ffn::Dense { gate_up, .. } = &l.ffn else { unreachable!("dense family") };
+                    obs.input(&s, &self.mlp_act(gate_up, &self.rms(x, &l.ln_ffn))?)?;
                 }
                 obs.rewrite(&s, &mut self.block(li, None))?;
             }
-            for (x, a) in xs.iter_mut().zip(&normed) {
-                let d = self.mlp(&self.layers[li], a)?;
-                x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
+            drop(normed);
+            // The block's output with every rewrite applied (the norm too).
+            for x in &mut xs {
+                self.add_mlp(&self.layers[li], x)?;
             }
             obs.block_done(li, &mut self.block(li, None))?;
             progress();
@@ -617,7 +620,8 @@ impl Decoder {
     /// The mixture of block `li` on the trace: the router reads every token (its own site: a
     /// scale folded into the shared norm would have to reach every expert); then, expert by
     /// expert, gate and up read the tokens routed to the expert (by the router as rewritten),
-    /// down their activations. An expert no token reached sees sites with no rows.
+    /// down their activations. An expert no token reached sees sites with no rows. No site here
+    /// has a norm for a producer, so `normed` stays what the experts read.
     fn trace_experts(&mut self, li: usize, normed: &[Vec<f32>], obs: &mut dyn Observer) -> Result<()> {
         let (family, hidden) = (self.g.family, self.g.hidden);
         let site = |expert, readers, producer, width| Site { family, layer: li, expert, readers, producer, width };
