@@ -213,8 +213,8 @@ pub struct TargetSection {
     /// Weight dtypes the target's runtimes execute (`f32`, `f16`, `bf16`, `int8`, `int4`, ...).
     pub weight_dtypes: Option<Vec<String>>,
     /// Weight files the bundle ships: `safetensors` (the packed layout, default) and/or `gguf`
-    /// (a llama.cpp file; decoder models: llama, mistral, qwen2, gemma3_text, phi3, mixtral, qwen3_moe). Also what
-    /// the target's runtimes load, for the fit check.
+    /// (a llama.cpp file; decoder models: llama, mistral, qwen2, gemma3_text, phi3, mixtral,
+    /// qwen3_moe). Also what the target's runtimes load, for the fit check.
     pub formats: Option<Vec<String>>,
     /// GGUF tensor types (with `formats = ["gguf"]`): a ggml type (`Q8_0`, `Q4_0`, `Q4_1`, `Q5_0`,
     /// `Q5_1`, `Q4_K`, `Q5_K`, `Q6_K`, `F16`, `F32`) or a llama.cpp mix (`Q4_K_M`, `Q4_K_S`,
