@@ -587,8 +587,11 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
     transformers_agrees(&out.join("st"), &hamlet, int8);
     llama_cpp_agrees(&out.join("f16/model.gguf"), &hamlet, f16);
     if let Some(py) = llama_python() {
+        // Fit picks Q4_1 for nearly every stack (SmolLM2's weights come from a Q4_1 file), whose
+        // dot products llama.cpp runs on 8-bit activations: 0.7–1.1 % apart here, as on
+        // SmolLM2's own Q4_1 file (within 3 %, `end_to_end`).
         let theirs = llama_cpp_ppl(&py, &out.join("fit/model.gguf"), &hamlet);
-        assert!((theirs / fitted - 1.0).abs() < 0.01, "llama.cpp {theirs} vs ours {fitted} on the fitted GGUF");
+        assert!((theirs / fitted - 1.0).abs() < 0.02, "llama.cpp {theirs} vs ours {fitted} on the fitted GGUF");
         let theirs = llama_cpp_ppl(&py, &out.join("q4km/model.gguf"), &hamlet);
         assert!((theirs / q4km - 1.0).abs() < 0.01, "llama.cpp {theirs} vs ours {q4km} on Q4_K_M");
     }
