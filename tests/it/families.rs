@@ -743,6 +743,7 @@ fn test_qwen3_moe_agrees_with_transformers_and_llama_cpp() {
     );
     let (reference, int8) = ppl(&out, "st");
     let (_, f16) = ppl(&out, "f16");
+    eprintln!("qwen3_moe figures: reference {reference} int8 {int8} f16 {f16}");
     assert!((int8 / reference - 1.0).abs() < 0.03 && (f16 / int8 - 1.0).abs() < 0.01, "{reference} {int8} {f16}");
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("st/config.json")).unwrap()).unwrap();
