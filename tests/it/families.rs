@@ -154,13 +154,7 @@ fn tiny_qwen2(dir: &Path, drop: Option<&str>, extra: Option<&str>) {
     }
     let data: Vec<(String, Vec<usize>, Vec<u8>)> =
         tensors.into_iter().map(|(n, s)| (n, s.clone(), vec![0u8; s.iter().product::<usize>() * 4])).collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
-        .iter()
-        .map(|(n, s, d)| {
-            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    write_f32_safetensors(&dir.join("model.safetensors"), &data);
 }
 
 #[test]
@@ -206,6 +200,17 @@ fn test_a_missing_or_extra_tensor_is_refused_before_any_work() {
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Writes f32 tensors (name, shape, little-endian bytes) as a safetensors file.
+fn write_f32_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, s, d)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
 }
 
 /// transformers' perplexity on a bundle equals ours within 0.2 %, every weight loaded.
@@ -363,13 +368,7 @@ fn test_phi3_fused_projections_agree_with_transformers_and_llama_cpp() {
             tensors.push((format!("{p}{fused}"), vec![rows, cols], data));
         }
     }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, s, d)| {
-            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    write_f32_safetensors(&dir.join("model.safetensors"), &tensors);
     config["model_type"] = "phi3".into();
     config["architectures"] = serde_json::json!(["Phi3ForCausalLM"]);
     config["sliding_window"] = serde_json::Value::Null;
@@ -501,13 +500,7 @@ fn smollm2_moe(t: &Path, base: &Path, name: &str, perturb: bool, qwen3: bool) ->
             }
         }
     }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, s, d)| {
-            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    write_f32_safetensors(&dir.join("model.safetensors"), &tensors);
     if qwen3 {
         config["model_type"] = "qwen3_moe".into();
         config["architectures"] = serde_json::json!(["Qwen3MoeForCausalLM"]);
@@ -674,14 +667,19 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
     eprintln!("mixtral figures: experts pruned 4 -> 3: {smaller} (F16 GGUF {smaller_f16}), reference {reference}");
     // Routing picks 2 of the 3 left; the model changes but stays close to the 4-expert one (the
     // experts differ by a few percent of scale: 19.876 against 19.989 here, either side is fair).
-    assert!((smaller / reference - 1.0).abs() < 0.05 && smaller != reference, "pruned {smaller} vs {reference}");
+    assert!(
+        (smaller / reference - 1.0).abs() < 0.05 && (smaller / reference - 1.0).abs() > 1e-4,
+        "pruned {smaller} vs {reference}"
+    );
     transformers_agrees(&pruned.join("st"), &hamlet, smaller);
     llama_cpp_agrees(&pruned.join("f16/model.gguf"), &hamlet, smaller_f16);
     std::fs::remove_dir_all(&pruned).unwrap();
 
     // Distillation of the 3-expert student towards the 4-expert model (routers and experts of
     // blocks 0–1, a few steps on short windows): the loss on the first batch falls, and the
-    // distilled mixture still loads in transformers with our perplexity.
+    // distilled mixture still loads in transformers with our perplexity. The student starts close
+    // (KL 0.0027: the experts differ by a few percent), and AdamW moves every weight by about
+    // `lr` a step, so the step is small (1e-5 already overshoots: 0.0026 -> 0.0032).
     let distilled = t.path().join("moe-distilled");
     let report = {
         run_short(
@@ -691,7 +689,7 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
             &format!(
                 "[[pass]]\ntype = \"prune-structured\"\nunit = \"experts\"\nsparsity = 0.25\n\
                  calibration = {{ set = {hamlet:?}, samples = 8, seq-len = 128 }}\n\n\
-                 [[pass]]\ntype = \"distill\"\nset = {hamlet:?}\nsteps = 4\nbatch = 1\nseq-len = 32\nlr = 1e-4\n\
+                 [[pass]]\ntype = \"distill\"\nset = {hamlet:?}\nsteps = 4\nbatch = 1\nseq-len = 32\nlr = 1e-6\n\
                  targets = [\"re:model\\\\.layers\\\\.[01]\\\\.block_sparse_moe\\\\..*\"]\n",
                 hamlet = hamlet.display().to_string()
             ),

@@ -415,12 +415,17 @@ mod tests {
     fn decoder_matches(rel: &str, ids: &[u32]) {
         let Some(gguf) = fixture(rel) else { return };
         let (config, tensors) = load(&gguf);
+        logits_match(rel, &config, &tensors, ids);
+    }
+
+    /// The burn decoder's logits against the eval's on `ids`, within 1e-4 relative.
+    fn logits_match(label: &str, config: &serde_json::Value, tensors: &mcompress_passes::DenseTensors, ids: &[u32]) {
         let eval =
-            mcompress_eval::decoder::Decoder::load(&config, &Weights::from_dense(tensors.clone()), &EvalDevice::Cpu)
+            mcompress_eval::decoder::Decoder::load(config, &Weights::from_dense(tensors.clone()), &EvalDevice::Cpu)
                 .unwrap();
         let want = eval.logits(ids).unwrap();
         let device = Device::flex();
-        let net = Net::load(Arch::from_config(&config).unwrap(), &tensors, &device).unwrap();
+        let net = Net::load(Arch::from_config(config).unwrap(), tensors, &device).unwrap();
         let t = ids.len();
         let batch = Batch::Tokens {
             ids: Tensor::<2, Int>::from_data(
@@ -432,7 +437,7 @@ mod tests {
             t,
         };
         let got = net.forward(&batch).unwrap().logits.unwrap().into_data().try_to_vec::<f32>().unwrap();
-        assert!(max_rel(&got, &want) < 1e-4, "{rel}: max relative difference {}", max_rel(&got, &want));
+        assert!(max_rel(&got, &want) < 1e-4, "{label}: max relative difference {}", max_rel(&got, &want));
     }
 
     #[test]
@@ -490,28 +495,7 @@ mod tests {
                 config[k] = v.clone();
             }
             let tensors = tiny_moe(&config);
-            let eval = mcompress_eval::decoder::Decoder::load(
-                &config,
-                &Weights::from_dense(tensors.clone()),
-                &EvalDevice::Cpu,
-            )
-            .unwrap();
-            let ids = [1u32, 5, 9, 3, 22, 17, 8, 39, 0, 12];
-            let want = eval.logits(&ids).unwrap();
-            let device = Device::flex();
-            let net = Net::load(Arch::from_config(&config).unwrap(), &tensors, &device).unwrap();
-            let t = ids.len();
-            let batch = Batch::Tokens {
-                ids: Tensor::<2, Int>::from_data(
-                    TensorData::new(ids.iter().map(|&v| i64::from(v)).collect(), [1, t]),
-                    &device,
-                ),
-                mask: Tensor::ones([1, t], &device),
-                b: 1,
-                t,
-            };
-            let got = net.forward(&batch).unwrap().logits.unwrap().into_data().try_to_vec::<f32>().unwrap();
-            assert!(max_rel(&got, &want) < 1e-4, "{model_type}: max relative difference {}", max_rel(&got, &want));
+            logits_match(model_type, &config, &tensors, &[1, 5, 9, 3, 22, 17, 8, 39, 0, 12]);
         }
     }
 
