@@ -7,7 +7,9 @@ tinyllama-1.1b: hidden 2048, intermediate 5632, 22 layers, 32 heads / 4 KV heads
 (1.1B parameters, ~2.2 GB). llama-7b: hidden 4096, intermediate 11008, 32 layers, vocab 32000
 (6.7B, ~13.5 GB). mixtral-synth: a mixture of experts in Mixtral's layout with Qwen3-MoE-like
 expert shapes (hidden 2048, 24 layers, 32 heads / 4 KV heads, 32 experts of width 768 per block,
-4 per token; 4.0B parameters, ~8 GB, largest tensor the 131 MB embedding). Weights are N(0, 0.02) with a few outliers, written tensor by tensor (memory
+4 per token; SmolLM2's vocabulary size 49152 so that scripts/bench-moe.sh can give it SmolLM2's
+tokenizer, which llama.cpp's pre-tokenizer table knows; 4.1B parameters, ~8.2 GB, largest tensor
+the 201 MB embedding). Weights are N(0, 0.02) with a few outliers, written tensor by tensor (memory
 stays at one tensor), seeded, as model.safetensors + config.json, plus a byte-level BPE
 tokenizer.json of the vocabulary's size (256 byte tokens, the rest placeholders; no merges) so
 the GGUF export has a tokenizer to embed.
@@ -23,7 +25,7 @@ import numpy as np
 PRESETS = {
     "tinyllama-1.1b": dict(hidden=2048, inter=5632, layers=22, heads=32, kv=4, vocab=32000),
     "llama-7b": dict(hidden=4096, inter=11008, layers=32, heads=32, kv=32, vocab=32000),
-    "mixtral-synth": dict(hidden=2048, inter=768, layers=24, heads=32, kv=4, vocab=32000, experts=32, used=4),
+    "mixtral-synth": dict(hidden=2048, inter=768, layers=24, heads=32, kv=4, vocab=49152, experts=32, used=4),
 }
 
 
@@ -68,7 +70,8 @@ def write_tokenizer(out, vocab):
     tokens = byte_tokens() + [f"<synthetic_{i}>" for i in range(256, vocab)]
     tok = {"version": "1.0", "added_tokens": [], "normalizer": None,
            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-           "post_processor": None, "decoder": {"type": "ByteLevel"},
+           "post_processor": None,
+           "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
            "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens)}, "merges": []}}
     with open(os.path.join(out, "tokenizer.json"), "w") as f:
         json.dump(tok, f)
