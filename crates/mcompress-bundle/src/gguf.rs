@@ -165,6 +165,14 @@ pub(crate) struct TensorPlan {
     pub expert: Option<(usize, usize)>,
 }
 
+impl TensorPlan {
+    /// Elements of this Hugging Face tensor: the GGUF tensor's, or one expert's share of its
+    /// stack.
+    pub(crate) fn elements(&self) -> u64 {
+        self.dims.iter().product::<u64>() / self.expert.map_or(1, |(_, n)| n.max(1) as u64)
+    }
+}
+
 /// Every tensor of the pipeline's output as it goes into a GGUF, by Hugging Face name.
 pub(crate) fn tensor_plans(
     config: &Value,
@@ -504,7 +512,7 @@ pub(crate) fn summary(
     for (name, p) in plans {
         let t = types[name];
         // One expert of a stack: its share of the stack's parameters; the stack counts once.
-        let n: u64 = p.dims.iter().product::<u64>() / p.expert.map_or(1, |(_, n)| n.max(1) as u64);
+        let n = p.elements();
         let e = by_type.entry(t.name()).or_default();
         e.0 += u64::from(p.expert.is_none_or(|(i, _)| i == 0));
         e.1 += n;

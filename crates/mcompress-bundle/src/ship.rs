@@ -291,31 +291,25 @@ impl GgufTarget {
             let key = head.as_deref().unwrap_or(v.name);
             let m = moments.get(key).filter(|m| m.len() == tp.dims[0] as usize);
             let errs = fit::errors(&w, tp.dims[0] as usize, m.map(Vec::as_slice), &allowed);
-            if let Some((_, experts)) = tp.expert {
-                // One expert's share of the stack (`n` counts the whole stack).
-                let per = n as usize / experts.max(1);
-                if let Some(&i) = stacks.get(&tp.gguf) {
-                    let item = &mut items[i];
-                    for (c, e) in item.choices.iter_mut().zip(errs) {
-                        c.1 += mcompress_core::ggml::nbytes(c.0, per) as u64;
-                        c.2 += e;
-                    }
-                    item.members.push(v.name.to_string());
-                    continue;
+            // An expert's share of its stack (`n` counts the whole stack); a later expert of a
+            // stack already listed adds its bytes and errors to the stack's item.
+            let elems = tp.elements() as usize;
+            if let Some(&i) = tp.expert.and(stacks.get(&tp.gguf)) {
+                let item = &mut items[i];
+                for (c, e) in item.choices.iter_mut().zip(errs) {
+                    c.1 += mcompress_core::ggml::nbytes(c.0, elems) as u64;
+                    c.2 += e;
                 }
-                stacks.insert(tp.gguf.clone(), items.len());
-                let choices = allowed
-                    .iter()
-                    .zip(errs)
-                    .map(|(&ty, e)| (ty, mcompress_core::ggml::nbytes(ty, per) as u64 + PAD, e))
-                    .collect();
-                items.push(fit::Item { name: v.name.to_string(), choices, weight: 1.0, members: Vec::new() });
+                item.members.push(v.name.to_string());
                 continue;
+            }
+            if tp.expert.is_some() {
+                stacks.insert(tp.gguf.clone(), items.len());
             }
             let choices = allowed
                 .iter()
                 .zip(errs)
-                .map(|(&ty, e)| (ty, mcompress_core::ggml::nbytes(ty, n as usize) as u64 + PAD, e))
+                .map(|(&ty, e)| (ty, mcompress_core::ggml::nbytes(ty, elems) as u64 + PAD, e))
                 .collect();
             items.push(fit::Item { name: v.name.to_string(), choices, weight: 1.0, members: Vec::new() });
         }
@@ -345,8 +339,7 @@ impl GgufTarget {
                 let p = &self.plans[n];
                 if p.dims.len() >= 2 {
                     // One expert counts its share of its stack.
-                    let share = p.expert.map_or(1, |(_, e)| e.max(1) as u64);
-                    *by.entry(gguf::ftype_of(*t)).or_default() += p.dims.iter().product::<u64>() / share;
+                    *by.entry(gguf::ftype_of(*t)).or_default() += p.elements();
                 }
             }
             by.into_iter().max_by_key(|(f, p)| (*p, *f)).map_or(0, |(f, _)| f)

@@ -87,6 +87,10 @@ fn routes(router: &Lin, experts: usize, (top_k, norm): (usize, bool), a: &[f32])
     Ok(per_expert)
 }
 
+/// What [`Decoder`]'s mixture shows of each expert that got rows: its index, its (row, weight)
+/// pairs and its output rows.
+type ExpertVisit<'a> = dyn FnMut(usize, &[(usize, f32)], &[f32]) + 'a;
+
 /// Rows `rows` of `x` (`[n, width]`), gathered.
 fn gather(x: &[f32], width: usize, rows: &[usize]) -> Vec<f32> {
     rows.iter().flat_map(|r| &x[r * width..(r + 1) * width]).copied().collect()
@@ -438,25 +442,40 @@ impl Decoder {
     fn mlp(&self, l: &Layer, a: &[f32]) -> Result<Vec<f32>> {
         let y = match &l.ffn {
             Ffn::Dense { gate_up, down } => down.apply(&self.mlp_act(gate_up, a)?)?,
-            Ffn::Moe { router, experts, top_k } => {
-                let h = self.g.hidden;
-                let mut y = vec![0f32; a.len()];
-                for (e, rows) in experts.iter().zip(routes(router, experts.len(), (*top_k, self.g.norm_topk), a)?) {
-                    if rows.is_empty() {
-                        continue;
-                    }
-                    let idx: Vec<usize> = rows.iter().map(|r| r.0).collect();
-                    let out = e.down.apply(&self.expert_act(e, &gather(a, h, &idx))?)?;
-                    for ((t, w), o) in rows.iter().zip(out.chunks(h)) {
-                        for (y, o) in y[t * h..(t + 1) * h].iter_mut().zip(o) {
-                            *y += w * o;
-                        }
-                    }
-                }
-                y
-            }
+            Ffn::Moe { router, experts, top_k } => self.mixture(router, experts, *top_k, a, &mut |_, _, _| {})?,
         };
         Ok(self.post_norm(y, l.post_ffn.as_ref()))
+    }
+
+    /// A mixture's output for its normed input `a`: each expert on the rows routed to it, added
+    /// back weighted, expert by expert in order (the same sums at any thread count). `visit`
+    /// sees each expert that got rows: its index, its (row, weight) pairs and its output rows.
+    fn mixture(
+        &self,
+        router: &Lin,
+        experts: &[Expert],
+        top_k: usize,
+        a: &[f32],
+        visit: &mut ExpertVisit<'_>,
+    ) -> Result<Vec<f32>> {
+        let h = self.g.hidden;
+        let mut y = vec![0f32; a.len()];
+        for (i, (e, rows)) in
+            experts.iter().zip(routes(router, experts.len(), (top_k, self.g.norm_topk), a)?).enumerate()
+        {
+            if rows.is_empty() {
+                continue;
+            }
+            let idx: Vec<usize> = rows.iter().map(|r| r.0).collect();
+            let out = e.down.apply(&self.expert_act(e, &gather(a, h, &idx))?)?;
+            visit(i, &rows, &out);
+            for ((t, w), o) in rows.iter().zip(out.chunks(h)) {
+                for (y, o) in y[t * h..(t + 1) * h].iter_mut().zip(o) {
+                    *y += w * o;
+                }
+            }
+        }
+        Ok(y)
     }
 
     /// `x += attention(x)`: block `l`'s attention half on the residual stream.
@@ -500,20 +519,14 @@ impl Decoder {
             for x in &mut xs {
                 self.add_attention(l, x)?;
                 let a = self.rms(x, &l.ln_ffn);
-                for ((e, rows), acc) in
-                    experts.iter().zip(routes(router, experts.len(), (*top_k, self.g.norm_topk), &a)?).zip(&mut acc)
-                {
-                    if rows.is_empty() {
-                        continue;
+                // The block's output and the scores from one run of the experts.
+                let y = self.mixture(router, experts, *top_k, &a, &mut |e, rows, out| {
+                    for ((_, w), row) in rows.iter().zip(out.chunks(h)) {
+                        acc[e].0 += f64::from(*w) * row.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
                     }
-                    let idx: Vec<usize> = rows.iter().map(|r| r.0).collect();
-                    let y = e.down.apply(&self.expert_act(e, &gather(&a, h, &idx))?)?;
-                    for ((_, w), row) in rows.iter().zip(y.chunks(h)) {
-                        acc.0 += f64::from(*w) * row.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
-                    }
-                    acc.1 += rows.len();
-                }
-                let d = self.mlp(l, &a)?;
+                    acc[e].1 += rows.len();
+                })?;
+                let d = self.post_norm(y, l.post_ffn.as_ref());
                 x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
             }
             out.push(acc);
