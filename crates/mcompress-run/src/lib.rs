@@ -141,8 +141,7 @@ impl Plan {
         if let Some(i) = shipping.iter().position(|s| s.safetensors)
             && !passes.iter().any(|p| p.reshapes())
         {
-            check_experts(&source, &pipeline::plan(&source, &passes).params)
-                .map_err(|m| Error::Recipe(recipe.target_error(i, m)))?;
+            check_experts(&source, &passes).map_err(|m| Error::Recipe(recipe.target_error(i, m)))?;
         }
         Ok(Plan { passes, resolved, shipping, source, warnings })
     }
@@ -225,15 +224,14 @@ fn check_dtypes(
 /// scheme of the first config group): the experts are all quantized with the scheme every other
 /// quantized layer has, or none is. Refused before any work otherwise, naming two tensors that
 /// differ.
-fn check_experts(
-    source: &ModelSource,
-    params: &std::collections::BTreeMap<String, mcompress_passes::ParamMeta>,
-) -> std::result::Result<(), String> {
+fn check_experts(source: &ModelSource, passes: &[Box<dyn Pass>]) -> std::result::Result<(), String> {
     use mcompress_passes::ParamMeta;
     let Some(family) = source.config().and_then(mcompress_core::arch::Family::of_config) else { return Ok(()) };
     if !family.is_moe() {
         return Ok(());
     }
+    // The plan only for a mixture: dense models pay nothing for this check.
+    let params = &pipeline::plan(source, passes).params;
     let scheme = |m: &ParamMeta| match m {
         ParamMeta::Quantized { scheme, .. } => Some(*scheme),
         _ => None,
