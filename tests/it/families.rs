@@ -322,19 +322,12 @@ fn test_mistral_sliding_window_agrees_with_transformers_and_llama_cpp() {
     llama_cpp_agrees(&narrow.join("f16/model.gguf"), &hamlet, f16);
 }
 
-/// Phi-3's layout built from SmolLM2: q/k/v stacked into `qkv_proj`, gate/up into
-/// `gate_up_proj`, `model_type = "phi3"`. The forward pass is the same, so the reference is
-/// SmolLM2's to the last bit; RTN int8 of the fused matrices loads in transformers'
-/// Phi3ForCausalLM with its perplexity, and the GGUF (`phi3`: `attn_qkv`, fused `ffn_up`) loads in
-/// llama.cpp with ours. GPTQ of the fused matrices equals GPTQ of the separate ones (one Hessian
-/// per input, rows independent); structured pruning inside them is refused before any work.
-#[test]
-fn test_phi3_fused_projections_agree_with_transformers_and_llama_cpp() {
-    let Some((t, hamlet, base, llama)) = smollm2_base() else { return };
-
+/// Phi-3's layout built from SmolLM2 (`base/st`): q/k/v stacked into `qkv_proj`, gate/up into
+/// `gate_up_proj`, `model_type = "phi3"`.
+fn smollm2_phi3(t: &Path, base: &Path) -> PathBuf {
     // The fused model. (Not named "phi3": llama.cpp gives Phi-3 SentencePiece token attributes
     // by general.name, which the exporter takes from the model's file name.)
-    let dir = t.path().join("smol-fused");
+    let dir = t.join("smol-fused");
     std::fs::create_dir_all(&dir).unwrap();
     for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
         std::fs::hard_link(base.join("st").join(f), dir.join(f)).unwrap();
@@ -374,6 +367,21 @@ fn test_phi3_fused_projections_agree_with_transformers_and_llama_cpp() {
     config["sliding_window"] = serde_json::Value::Null;
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
 
+    dir
+}
+
+/// Phi-3's layout built from SmolLM2: q/k/v stacked into `qkv_proj`, gate/up into
+/// `gate_up_proj`, `model_type = "phi3"`. The forward pass is the same, so the reference is
+/// SmolLM2's to the last bit; RTN int8 of the fused matrices loads in transformers'
+/// Phi3ForCausalLM with its perplexity, and the GGUF (`phi3`: `attn_qkv`, fused `ffn_up`) loads in
+/// llama.cpp with ours. GPTQ of the fused matrices equals GPTQ of the separate ones (one Hessian
+/// per input, rows independent); so is structured pruning inside them, and distillation trains
+/// through them.
+#[test]
+fn test_phi3_fused_projections_agree_with_transformers_and_llama_cpp() {
+    let Some((t, hamlet, base, llama)) = smollm2_base() else { return };
+
+    let dir = smollm2_phi3(t.path(), &base);
     let out = t.path().join("phi3");
     run_short(
         t.path(),
@@ -411,19 +419,78 @@ fn test_phi3_fused_projections_agree_with_transformers_and_llama_cpp() {
     assert!((fused / separate - 1.0).abs() < 1e-4, "GPTQ fused {fused} vs separate {separate}");
     transformers_agrees(&fused_out.join("st"), &hamlet, fused);
 
-    // Units inside fused matrices are not pruned yet: refused at plan time, the pass named.
-    let recipe = t.path().join("structured.toml");
+    std::fs::remove_dir_all(&fused_out).unwrap();
+
+    // Neurons and heads inside the fused matrices: a unit's rows of gate_up_proj / qkv_proj are
+    // the separate model's rows of gate/up and q, so the same units score the same and go, and
+    // the pruned fused model scores what the pruned separate one does. transformers loads both
+    // prunings, llama.cpp the neuron-pruned GGUF (phi3's ffn_up: 2 × feed_forward_length rows).
+    let calibration =
+        format!("calibration = {{ set = {:?}, samples = 4, seq-len = 128 }}\n", hamlet.display().to_string());
+    let structured = |unit: &str, sparsity: f64| {
+        format!("[[pass]]\ntype = \"prune-structured\"\nunit = \"{unit}\"\nsparsity = {sparsity}\n{calibration}\n")
+    };
+    let pruned = |model: &Path, name: &str, passes: &str, targets: &str| -> PathBuf {
+        let out = t.path().join(name);
+        run_short(t.path(), model, &hamlet, passes, targets, &out);
+        out
+    };
+    let st_f16 = "[[target]]\nname = \"st\"\n\n[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n";
+    for (unit, sparsity, targets) in [("neurons", 0.25, st_f16), ("heads", 0.34, "[[target]]\nname = \"st\"\n")] {
+        let separate = pruned(&base.join("st"), &format!("{unit}-llama"), &structured(unit, sparsity), targets);
+        let fused = pruned(&dir, &format!("{unit}-phi3"), &structured(unit, sparsity), targets);
+        let (s, f) = (ppl(&separate, "st").1, ppl(&fused, "st").1);
+        assert!((f / s - 1.0).abs() < 1e-6, "{unit}: fused {f} vs separate {s}");
+        assert!(f > reference * 1.01, "{unit}: pruning must change the model: {f} vs {reference}");
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fused.join("st/config.json")).unwrap()).unwrap();
+        if unit == "neurons" {
+            assert_eq!(config["intermediate_size"], 1152, "{config}");
+            llama_cpp_agrees(&fused.join("f16/model.gguf"), &hamlet, ppl(&fused, "f16").1);
+        } else {
+            assert_eq!((config["num_attention_heads"].as_u64(), config["head_dim"].as_u64()), (Some(6), Some(64)));
+        }
+        eprintln!("phi3 figures: {unit} {sparsity}: fused {f}, separate {s}, reference {reference}");
+        transformers_agrees(&fused.join("st"), &hamlet, f);
+        std::fs::remove_dir_all(&separate).unwrap();
+        std::fs::remove_dir_all(&fused).unwrap();
+    }
+
+    // Distillation through the fused matrices: neurons pruned, then blocks 0–1 (qkv_proj and
+    // gate_up_proj among them) trained towards the unpruned model; the loss falls and
+    // transformers loads the student with our perplexity.
+    let distilled = pruned(
+        &dir,
+        "phi3-distilled",
+        &format!(
+            "{}[[pass]]\ntype = \"distill\"\nset = {:?}\nsteps = 4\nbatch = 1\nseq-len = 32\nlr = 1e-5\n\
+             targets = [\"re:model\\\\.layers\\\\.[01]\\\\..*_proj\\\\.weight\"]\n",
+            structured("neurons", 0.25),
+            hamlet.display().to_string()
+        ),
+        "[[target]]\nname = \"st\"\n",
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(distilled.join("st/report.json")).unwrap()).unwrap();
+    let tr = &report["passes"][1]["settings"]["trained"];
+    // Per block: qkv_proj, o_proj, gate_up_proj, down_proj.
+    assert_eq!(tr["trained_tensors"], 8, "{tr}");
+    let (before, after) =
+        (tr["loss_on_first_batch_before"].as_f64().unwrap(), tr["loss_on_first_batch_after"].as_f64().unwrap());
+    assert!(after < before, "loss {before} -> {after}");
+    transformers_agrees(&distilled.join("st"), &hamlet, ppl(&distilled, "st").1);
+
+    // A head-pruned Phi-3 cannot be a phi3 GGUF (llama.cpp reads attn_qkv's key part at row
+    // hidden_size): refused at plan time, the pass and the target named.
+    let recipe = t.path().join("heads-gguf.toml");
     std::fs::write(
         &recipe,
-        format!(
-            "[model]\npath = {:?}\n\n[[pass]]\ntype = \"prune-structured\"\nunit = \"neurons\"\nsparsity = 0.25\n",
-            dir.display().to_string()
-        ),
+        format!("[model]\npath = {:?}\n\n{}\n{st_f16}", dir.display().to_string(), structured("heads", 0.34)),
     )
     .unwrap();
     let (code, so, se) = mcompress(&["recipe", "check", recipe.to_str().unwrap()], t.path());
     assert_eq!(code, 2, "{so}{se}");
-    assert!(se.contains("prune-structured on fused projections is not implemented"), "{se}");
+    assert!(se.contains("pass[0]") && se.contains("\"f16\" is GGUF"), "{se}");
 }
 
 /// A Mixtral-layout mixture of experts built from SmolLM2: each block's MLP copied into 4 experts
@@ -709,6 +776,38 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
     transformers_agrees(&distilled.join("st"), &hamlet, ppl(&distilled, "st").1);
     std::fs::remove_dir_all(&distilled).unwrap();
 
+    // Units inside the mixture: a quarter of every expert's neurons (scored on the tokens routed
+    // to it) and a third of the query heads go; num_attention_heads, head_dim and
+    // intermediate_size follow, and both clients load the smaller model with our perplexity.
+    let units = t.path().join("moe-units");
+    run_short(
+        t.path(),
+        &moe,
+        &hamlet,
+        &format!(
+            "[[pass]]\ntype = \"prune-structured\"\nunit = \"neurons\"\nsparsity = 0.25\n\
+             calibration = {{ set = {hamlet:?}, samples = 4, seq-len = 128 }}\n\n\
+             [[pass]]\ntype = \"prune-structured\"\nunit = \"heads\"\nsparsity = 0.34\n\
+             calibration = {{ set = {hamlet:?}, samples = 4, seq-len = 128 }}\n",
+            hamlet = hamlet.display().to_string()
+        ),
+        "[[target]]\nname = \"st\"\n\n[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n",
+        &units,
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(units.join("st/config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (config["intermediate_size"].as_u64(), config["num_attention_heads"].as_u64(), config["head_dim"].as_u64()),
+        (Some(1152), Some(6), Some(64)),
+        "{config}"
+    );
+    let (_, smaller) = ppl(&units, "st");
+    let (_, smaller_f16) = ppl(&units, "f16");
+    eprintln!("mixtral figures: neurons 0.25 + heads 0.34 inside the experts/attention: {smaller} (F16 {smaller_f16})");
+    transformers_agrees(&units.join("st"), &hamlet, smaller);
+    llama_cpp_agrees(&units.join("f16/model.gguf"), &hamlet, smaller_f16);
+    std::fs::remove_dir_all(&units).unwrap();
+
     // Some experts quantized, others dense: transformers could not load it; refused up front.
     let recipe = t.path().join("partial.toml");
     std::fs::write(
@@ -751,6 +850,32 @@ fn test_qwen3_moe_agrees_with_transformers_and_llama_cpp() {
     assert!(ignore.contains("model.layers.0.mlp.gate\""), "routers stay dense: {ignore}");
     transformers_agrees(&out.join("st"), &hamlet, int8);
     llama_cpp_agrees(&out.join("f16/model.gguf"), &hamlet, f16);
+    std::fs::remove_dir_all(&out).unwrap();
+
+    // A quarter of every expert's neurons: moe_intermediate_size (the experts' width) follows,
+    // and GGUF's expert_feed_forward_length with it.
+    let out = t.path().join("qwen3moe-neurons");
+    run_short(
+        t.path(),
+        &moe,
+        &hamlet,
+        &format!(
+            "[[pass]]\ntype = \"prune-structured\"\nunit = \"neurons\"\nsparsity = 0.25\n\
+             calibration = {{ set = {:?}, samples = 4, seq-len = 128 }}\n",
+            hamlet.display().to_string()
+        ),
+        "[[target]]\nname = \"st\"\n\n[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n",
+        &out,
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("st/config.json")).unwrap()).unwrap();
+    assert_eq!(config["moe_intermediate_size"], 1152, "{config}");
+    let (_, pruned) = ppl(&out, "st");
+    let (_, pruned_f16) = ppl(&out, "f16");
+    eprintln!("qwen3_moe figures: neurons 0.25 inside the experts {pruned} (F16 {pruned_f16})");
+    transformers_agrees(&out.join("st"), &hamlet, pruned);
+    llama_cpp_agrees(&out.join("f16/model.gguf"), &hamlet, pruned_f16);
+    std::fs::remove_dir_all(&out).unwrap();
 
     let mut config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(moe.join("config.json")).unwrap()).unwrap();
@@ -771,4 +896,42 @@ fn test_qwen3_moe_agrees_with_transformers_and_llama_cpp() {
     assert!((unnormed / reference - 1.0).abs() > 1e-3, "the weights' sum must matter: {unnormed} vs {reference}");
     transformers_agrees(&out.join("st"), &hamlet, unnormed);
     llama_cpp_agrees(&out.join("f16/model.gguf"), &hamlet, f16);
+}
+
+/// Figures for docs/benchmarks.md, run by hand (about 10 minutes on 2 cores):
+/// `cargo test --test it -- --ignored families::family_figures --nocapture`. Per layout built
+/// from SmolLM2 (Phi-3, Mixtral, Qwen3-MoE): reference, RTN int4 g128 (compressed-tensors,
+/// transformers' perplexity beside ours) and Q4_K_M GGUF (llama.cpp's beside ours).
+#[test]
+#[ignore = "figures for docs/benchmarks.md; minutes"]
+fn family_figures() {
+    let _guard = one_at_a_time();
+    let Some((t, hamlet, base, llama)) = smollm2_base() else { return };
+    eprintln!("figures: SmolLM2 (llama) reference {llama}");
+    for name in ["phi3", "mixtral", "qwen3_moe"] {
+        let model = match name {
+            "phi3" => smollm2_phi3(t.path(), &base),
+            "mixtral" => smollm2_moe(t.path(), &base, "moe", true, false),
+            _ => smollm2_moe(t.path(), &base, "qwen3moe", true, true),
+        };
+        let out = t.path().join(format!("{name}-figures"));
+        let q4 = "[[target]]\nname = \"q4km\"\nformats = [\"gguf\"]\ngguf-type = \"Q4_K_M\"\n";
+        run_short(t.path(), &model, &hamlet, "", q4, &out);
+        let (_, q4km) = ppl(&out, "q4km");
+        let lc = llama_python().map(|py| llama_cpp_ppl(&py, &out.join("q4km/model.gguf"), &hamlet));
+        std::fs::remove_dir_all(&out).unwrap();
+        let passes = "[[pass]]\ntype = \"quantize-rtn\"\nbits = 4\ngroup-size = 128\n";
+        run_short(t.path(), &model, &hamlet, passes, "[[target]]\nname = \"st\"\n", &out);
+        let (reference, int4) = ppl(&out, "st");
+        let hf = hf_python().map(|py| {
+            let r =
+                hf_load(&py, &["causal", out.join("st").to_str().unwrap(), hamlet.to_str().unwrap(), TOKENS, WINDOW]);
+            r["perplexity"].as_f64().unwrap()
+        });
+        eprintln!(
+            "figures: {name}: reference {reference}, RTN int4 g128 {int4} (transformers {hf:?}), Q4_K_M {q4km} (llama.cpp {lc:?})"
+        );
+        std::fs::remove_dir_all(&out).unwrap();
+        std::fs::remove_dir_all(&model).unwrap();
+    }
 }

@@ -1347,10 +1347,13 @@ pub fn config_keeping_layers(config: &Value, kept: &[usize]) -> Value {
 /// one width for every block, `widths[0]`) or `hidden_sizes` (MLP: one per hidden layer).
 pub fn set_ffn_widths(config: &mut Value, widths: &[usize]) {
     let Some(obj) = config.as_object_mut() else { return };
-    if obj.contains_key("intermediate_size")
+    // A Qwen3-MoE's experts are `moe_intermediate_size` wide (its `intermediate_size` is the
+    // dense MLP's, which no block of a mixture we load has).
+    let key = if obj.contains_key("moe_intermediate_size") { "moe_intermediate_size" } else { "intermediate_size" };
+    if obj.contains_key(key)
         && let Some(w) = widths.first()
     {
-        obj.insert("intermediate_size".into(), (*w).into());
+        obj.insert(key.into(), (*w).into());
     }
     if obj.contains_key("hidden_sizes") {
         obj.insert("hidden_sizes".into(), widths.to_vec().into());

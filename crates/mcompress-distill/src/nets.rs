@@ -66,10 +66,6 @@ impl Arch {
                 let g = BertGeometry::from_config(config).map_err(Error::Model)?;
                 Ok(Arch::Bert { layers: g.layers, heads: g.heads, eps: g.eps })
             }
-            Some(ModelKind::Decoder(f)) if f.fuses_projections() => Err(Error::Model(format!(
-                "distillation of {}'s fused projections (qkv_proj, gate_up_proj) is not implemented yet",
-                f.model_type()
-            ))),
             Some(ModelKind::Decoder(_)) => {
                 Ok(Arch::Decoder(Box::new(Geometry::from_config(config).map_err(Error::Model)?)))
             }
@@ -309,9 +305,16 @@ impl Net {
         let module = |r: Role, i: usize| f.hf(r, i).trim_end_matches(".weight").to_string();
         for i in 0..g.layers {
             let hn = self.rms_norm_off(&name(Role::AttnNorm, i), x.clone(), eps, off);
-            let mut q = self.linear(&module(Role::Q, i), hn.clone());
-            let mut k = self.linear(&module(Role::K, i), hn.clone());
-            let v = self.linear(&module(Role::V, i), hn).reshape([b, t, kv_heads, hd]).swap_dims(1, 2);
+            let (mut q, mut k, v) = if f.fuses_projections() {
+                // Phi-3's qkv_proj: the query, key and value rows stacked.
+                let qkv = self.linear(&module(Role::Qkv, i), hn);
+                let (qd, kvd) = (heads * hd, kv_heads * hd);
+                (qkv.clone().narrow(1, 0, qd), qkv.clone().narrow(1, qd, kvd), qkv.narrow(1, qd + kvd, kvd))
+            } else {
+                let q = self.linear(&module(Role::Q, i), hn.clone());
+                (q, self.linear(&module(Role::K, i), hn.clone()), self.linear(&module(Role::V, i), hn))
+            };
+            let v = v.reshape([b, t, kv_heads, hd]).swap_dims(1, 2);
             if f.has(Role::QNorm) {
                 q = self.rms_norm_off(&name(Role::QNorm, i), q.reshape([b * t * heads, hd]), eps, off);
                 k = self.rms_norm_off(&name(Role::KNorm, i), k.reshape([b * t * kv_heads, hd]), eps, off);
@@ -339,7 +342,14 @@ impl Net {
                 x = x + self.experts(g, i, &hn);
                 continue;
             }
-            let gate = self.linear(&module(Role::Gate, i), hn.clone());
+            let (gate, up) = if f.fuses_projections() {
+                // Phi-3's gate_up_proj: the gate rows, then the up rows.
+                let gu = self.linear(&module(Role::GateUp, i), hn);
+                let half = gu.dims()[1] / 2;
+                (gu.clone().narrow(1, 0, half), gu.narrow(1, half, half))
+            } else {
+                (self.linear(&module(Role::Gate, i), hn.clone()), self.linear(&module(Role::Up, i), hn))
+            };
             let act = if f.gelu_mlp() {
                 // GELU, tanh approximation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
                 let inner = (gate.clone() + gate.clone().powi_scalar(3).mul_scalar(0.044_715)).mul_scalar(0.797_884_6);
@@ -347,7 +357,7 @@ impl Net {
             } else {
                 silu(gate)
             };
-            let mut d = self.linear(&module(Role::Down, i), act * self.linear(&module(Role::Up, i), hn));
+            let mut d = self.linear(&module(Role::Down, i), act * up);
             if f.has(Role::PostFfnNorm) {
                 d = self.rms_norm_off(&name(Role::PostFfnNorm, i), d, eps, off);
             }
@@ -461,8 +471,8 @@ mod tests {
         decoder_matches("gemma3/gemma-3-270m-q4_k_m.gguf", &[2, 818, 5279, 529, 7001, 563, 506, 5279, 529, 506, 2891]);
     }
 
-    /// A small mixture of pseudo-random weights (every tensor its config's geometry asks for).
-    fn tiny_moe(config: &serde_json::Value) -> mcompress_passes::DenseTensors {
+    /// A small decoder of pseudo-random weights (every tensor its config's geometry asks for).
+    fn tiny_decoder(config: &serde_json::Value) -> mcompress_passes::DenseTensors {
         let g = Geometry::from_config(config).unwrap();
         let mut seed = 7u64;
         let mut out = mcompress_passes::DenseTensors::new();
@@ -479,9 +489,11 @@ mod tests {
         out
     }
 
+    /// Families no real fixture has: mixtures of experts, and Phi-3's fused projections.
     #[test]
-    fn test_mixtures_match_the_eval_runtime() {
+    fn test_mixtures_and_fused_projections_match_the_eval_runtime() {
         for (model_type, extra) in [
+            ("phi3", serde_json::json!({})),
             ("mixtral", serde_json::json!({"num_local_experts": 4, "num_experts_per_tok": 2})),
             (
                 "qwen3_moe",
@@ -494,7 +506,7 @@ mod tests {
             for (k, v) in extra.as_object().unwrap() {
                 config[k] = v.clone();
             }
-            let tensors = tiny_moe(&config);
+            let tensors = tiny_decoder(&config);
             logits_match(model_type, &config, &tensors, &[1, 5, 9, 3, 22, 17, 8, 39, 0, 12]);
         }
     }

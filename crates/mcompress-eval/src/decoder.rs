@@ -88,8 +88,8 @@ fn routes(router: &Lin, experts: usize, (top_k, norm): (usize, bool), a: &[f32])
 }
 
 /// What [`Decoder`]'s mixture shows of each expert that got rows: its index, its (row, weight)
-/// pairs and its output rows.
-type ExpertVisit<'a> = dyn FnMut(usize, &[(usize, f32)], &[f32]) + 'a;
+/// pairs, its gated activations (its down projection's input) and its output rows.
+type ExpertVisit<'a> = dyn FnMut(usize, &[(usize, f32)], &[f32], &[f32]) + 'a;
 
 /// Rows `rows` of `x` (`[n, width]`), gathered.
 fn gather(x: &[f32], width: usize, rows: &[usize]) -> Vec<f32> {
@@ -442,7 +442,7 @@ impl Decoder {
     fn mlp(&self, l: &Layer, a: &[f32]) -> Result<Vec<f32>> {
         let y = match &l.ffn {
             Ffn::Dense { gate_up, down } => down.apply(&self.mlp_act(gate_up, a)?)?,
-            Ffn::Moe { router, experts, top_k } => self.mixture(router, experts, *top_k, a, &mut |_, _, _| {})?,
+            Ffn::Moe { router, experts, top_k } => self.mixture(router, experts, *top_k, a, &mut |_, _, _, _| {})?,
         };
         Ok(self.post_norm(y, l.post_ffn.as_ref()))
     }
@@ -467,8 +467,9 @@ impl Decoder {
                 continue;
             }
             let idx: Vec<usize> = rows.iter().map(|r| r.0).collect();
-            let out = e.down.apply(&self.expert_act(e, &gather(a, h, &idx))?)?;
-            visit(i, &rows, &out);
+            let act = self.expert_act(e, &gather(a, h, &idx))?;
+            let out = e.down.apply(&act)?;
+            visit(i, &rows, &act, &out);
             for ((t, w), o) in rows.iter().zip(out.chunks(h)) {
                 for (y, o) in y[t * h..(t + 1) * h].iter_mut().zip(o) {
                     *y += w * o;
@@ -520,7 +521,7 @@ impl Decoder {
                 self.add_attention(l, x)?;
                 let a = self.rms(x, &l.ln_ffn);
                 // The block's output and the scores from one run of the experts.
-                let y = self.mixture(router, experts, *top_k, &a, &mut |e, rows, out| {
+                let y = self.mixture(router, experts, *top_k, &a, &mut |e, rows, _, out| {
                     for ((_, w), row) in rows.iter().zip(out.chunks(h)) {
                         acc[e].0 += f64::from(*w) * row.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
                     }
@@ -675,7 +676,8 @@ impl Decoder {
     }
 
     /// `E[x_c²]` of every linear layer's input channels over `windows`, by weight name (one
-    /// dense forward pass, one block's activations at a time).
+    /// dense forward pass, one block's activations at a time). A mixture's experts: over the rows
+    /// routed to each, weighted by the routing weight squared, per token of the windows.
     pub fn input_moments(&self, windows: &[Vec<u32>]) -> Result<BTreeMap<String, Vec<f32>>> {
         fn acc(m: &mut [f64], x: &[f32]) {
             for row in x.chunks_exact(m.len()) {
@@ -684,23 +686,33 @@ impl Decoder {
                 }
             }
         }
-        let f = self.g.family;
-        if f.is_moe() {
-            return Err(Error::Model(format!(
-                "{}: input moments of a mixture of experts are not implemented",
-                f.model_type()
-            )));
+        /// `Σ w² x_c²` over the rows an expert was routed, each row weighted by its routing
+        /// weight squared: what the expert's error adds to the block's output per token.
+        fn acc_routed(m: &mut [f64], rows: &[(usize, f32)], x: &[f32]) {
+            for ((_, w), row) in rows.iter().zip(x.chunks_exact(m.len())) {
+                let w2 = f64::from(*w) * f64::from(*w);
+                for (m, v) in m.iter_mut().zip(row) {
+                    *m += w2 * f64::from(v * v);
+                }
+            }
         }
+        let f = self.g.family;
         let mut xs: Vec<Vec<f32>> = windows.iter().map(|w| self.embed_ids(w)).collect::<Result<_>>()?;
         let tokens = windows.iter().map(Vec::len).sum::<usize>().max(1) as f64;
         let mut out = BTreeMap::new();
         let mut put = |name: String, m: &[f64]| {
             out.insert(name, m.iter().map(|v| (v / tokens) as f32).collect::<Vec<f32>>());
         };
+        let h = self.g.hidden;
         for (li, l) in self.layers.iter().enumerate() {
-            let Ffn::Dense { gate_up, down } = &l.ffn else { unreachable!("dense family") };
-            let (mut m_in, mut m_o) = (vec![0f64; self.g.hidden], vec![0f64; l.o.inp]);
-            let (mut m_post, mut m_down) = (vec![0f64; self.g.hidden], vec![0f64; down.inp]);
+            let (mut m_in, mut m_o, mut m_post) = (vec![0f64; h], vec![0f64; l.o.inp], vec![0f64; h]);
+            // Dense: the down projection's input. A mixture: per expert, its gate/up input and
+            // its down input over the rows routed to it (the router reads m_post).
+            let mut m_down = match &l.ffn {
+                Ffn::Dense { down, .. } => vec![vec![0f64; down.inp]],
+                Ffn::Moe { experts, .. } => experts.iter().map(|e| vec![0f64; e.down.inp]).collect(),
+            };
+            let mut m_expert_in = vec![vec![0f64; h]; m_down.len()];
             for x in &mut xs {
                 acc(&mut m_in, &self.rms(x, &l.ln_in));
                 let c = self.attn_context(l, x)?;
@@ -709,19 +721,40 @@ impl Decoder {
                 x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
                 let a = self.rms(x, &l.ln_ffn);
                 acc(&mut m_post, &a);
-                let act = self.mlp_act(gate_up, &a)?;
-                acc(&mut m_down, &act);
-                let d = self.post_norm(down.apply(&act)?, l.post_ffn.as_ref());
+                let y = match &l.ffn {
+                    Ffn::Dense { gate_up, down } => {
+                        let act = self.mlp_act(gate_up, &a)?;
+                        acc(&mut m_down[0], &act);
+                        down.apply(&act)?
+                    }
+                    Ffn::Moe { router, experts, top_k } => {
+                        self.mixture(router, experts, *top_k, &a, &mut |e, rows, act, _| {
+                            let idx: Vec<usize> = rows.iter().map(|r| r.0).collect();
+                            acc_routed(&mut m_expert_in[e], rows, &gather(&a, h, &idx));
+                            acc_routed(&mut m_down[e], rows, act);
+                        })?
+                    }
+                };
+                let d = self.post_norm(y, l.post_ffn.as_ref());
                 x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
             }
             for &r in f.attn_readers() {
                 put(f.hf(r, li), &m_in);
             }
             put(f.hf(Role::O, li), &m_o);
-            for &r in f.mlp_readers() {
-                put(f.hf(r, li), &m_post);
+            if f.is_moe() {
+                put(f.hf(Role::Router, li), &m_post);
+                for (e, (m_e, m_d)) in m_expert_in.iter().zip(&m_down).enumerate() {
+                    put(f.hf_expert(Role::ExpertGate, li, e), m_e);
+                    put(f.hf_expert(Role::ExpertUp, li, e), m_e);
+                    put(f.hf_expert(Role::ExpertDown, li, e), m_d);
+                }
+            } else {
+                for &r in f.mlp_readers() {
+                    put(f.hf(r, li), &m_post);
+                }
+                put(f.hf(Role::Down, li), &m_down[0]);
             }
-            put(f.hf(Role::Down, li), &m_down);
         }
         // The output head (lm_head, or the tied embedding) reads the final normed stream.
         let mut m = vec![0f64; self.g.hidden];

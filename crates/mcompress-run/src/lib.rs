@@ -131,12 +131,12 @@ impl Plan {
             .collect::<Result<Vec<_>>>()?;
         let source = ModelSource::open(&recipe.model_path)?;
         check_sets(recipe, &passes)?;
-        check_fused(recipe, &passes, &source)?;
         source.check_architecture()?;
         check_output(recipe, out, &source)?;
         let mut warnings =
             if passes.iter().any(|p| p.reshapes()) { Vec::new() } else { pipeline::check_plan(&source, &passes)? };
         warnings.extend(gguf_warnings(recipe, &shipping, &source));
+        check_fused_heads(recipe, &passes, &shipping, &source)?;
         check_dtypes(recipe, &passes, &shipping, &resolved, &source)?;
         if let Some(i) = shipping.iter().position(|s| s.safetensors)
             && !passes.iter().any(|p| p.reshapes())
@@ -147,39 +147,28 @@ impl Plan {
     }
 }
 
-/// A model with fused projections (Phi-3's `qkv_proj`, `gate_up_proj`) or a mixture of experts
-/// (Mixtral) runs the data-free passes, GGUF export and the calibrated passes (GPTQ, AWQ, Wanda,
-/// SparseGPT work on each fused matrix as one layer, on each expert from the tokens routed to
-/// it); a mixture's whole experts and layers can be pruned and a mixture distilled; structured
-/// pruning of units inside fused matrices or experts, and distillation of fused projections, are
-/// refused before any work.
-fn check_fused(recipe: &Recipe, passes: &[Box<dyn Pass>], source: &ModelSource) -> Result<()> {
-    let Some(family) = source.config().and_then(mcompress_core::arch::Family::of_config) else { return Ok(()) };
-    let what = if family.fuses_projections() {
-        "fuses q/k/v (qkv_proj) and gate/up (gate_up_proj)"
-    } else if family.is_moe() {
-        "is a mixture of experts"
-    } else {
+/// Phi-3 with attention heads removed and a GGUF target: llama.cpp's phi3 reads the fused
+/// `attn_qkv` as if its query part were `hidden_size` wide, so such a GGUF would load wrongly (the
+/// export refuses it); refused before any work, the pass and the target named.
+fn check_fused_heads(
+    recipe: &Recipe,
+    passes: &[Box<dyn Pass>],
+    shipping: &[ship::Shipping],
+    source: &ModelSource,
+) -> Result<()> {
+    if !source.config().and_then(mcompress_core::arch::Family::of_config).is_some_and(|f| f.fuses_projections()) {
         return Ok(());
-    };
-    let (on, also) = if family.is_moe() {
-        ("units inside experts", ", prune-structured unit = \"experts\" and \"layers\", distill")
-    } else {
-        ("fused projections", "")
-    };
+    }
+    let Some(t) = shipping.iter().position(|s| s.gguf.is_some()) else { return Ok(()) };
     for (spec, pass) in recipe.passes.iter().zip(passes) {
-        // Whole experts (or layers) of a mixture go without touching the units inside them, and
-        // distillation trains a mixture as the eval runs it.
-        let whole =
-            family.is_moe() && matches!(pass.needs(), Need::ExpertScores(_) | Need::LayerScores(_) | Need::Training(_));
-        if !whole && (!matches!(pass.needs(), Need::Nothing | Need::Calibration(_)) || pass.reshapes()) {
+        if pass.reshapes() && pass.settings()["unit"] == "heads" {
             return Err(Error::Recipe(recipe.pass_error(
                 spec.index,
                 format!(
-                    "model_type {:?} {what}: {} on {on} is not implemented yet (quantization, GPTQ, AWQ, Wanda, \
-                     SparseGPT, magnitude pruning{also} and GGUF targets are)",
-                    family.model_type(),
-                    spec.kind
+                    "removes attention heads of a fused qkv_proj (Phi-3), and target {:?} is GGUF: llama.cpp's phi3 \
+                     reads attn_qkv as if the query part were hidden_size wide; ship safetensors for it, or prune \
+                     neurons or layers",
+                    recipe.targets[t].name
                 ),
             )));
         }

@@ -5,7 +5,8 @@
 //! **Neurons.** A neuron `j` of a feed-forward block is row `j` of the input projection(s)
 //! (llama: `gate_proj` and `up_proj`; BERT: `intermediate.dense` and its bias; MLP: hidden layer
 //! `i`'s weight and bias) and column `j` of the output projection (llama `down_proj`, BERT
-//! `output.dense`, MLP layer `i + 1`).
+//! `output.dense`, MLP layer `i + 1`). In Phi-3's fused `gate_up_proj` it is row `j` of each
+//! half; in a mixture, each expert is a block of its own (the same count goes from each).
 //!
 //! **Heads.** A head is `head_dim` consecutive rows of the query projection (and of the key and
 //! value projections when it has its own KV head: BERT, llama without grouped-query attention)
@@ -61,11 +62,36 @@ pub struct StructuredConfig {
     pub calibration: Option<CalibrationConfig>,
 }
 
+/// A tensor whose rows carry a block's units, and where in its rows each run of the block's
+/// `size × width` unit rows starts: one run at 0 for a plain projection; Phi-3's fused
+/// `gate_up_proj` has two (gate's, up's), its `qkv_proj` one per part that loses rows (the query
+/// part alone under grouped-query attention; the rows of the other parts stay: `extra` of them).
+#[derive(Clone, Debug)]
+struct Rows {
+    name: String,
+    at: Vec<usize>,
+    extra: usize,
+}
+
+impl Rows {
+    fn plain(name: String) -> Rows {
+        Rows { name, at: vec![0], extra: 0 }
+    }
+}
+
+/// Which side of a tensor carries a block's units.
+#[derive(Clone, Debug)]
+enum Side {
+    /// Rows, in runs starting at these rows ([`Rows::at`]).
+    Rows(Vec<usize>),
+    Columns,
+}
+
 /// What a unit of one block is made of: the tensors whose rows carry it and those whose columns
 /// do.
 #[derive(Clone, Debug)]
 struct Block {
-    rows_of: Vec<String>,
+    rows_of: Vec<Rows>,
     cols_of: Vec<String>,
     /// Units in the block (neurons or heads).
     size: usize,
@@ -143,9 +169,8 @@ struct State {
     /// the activation statistics are provided).
     kept: Vec<Vec<usize>>,
     blocks: Vec<Block>,
-    /// Tensor → (block, units on its rows (true) or columns (false)); an MLP's middle layer has
-    /// both roles.
-    role: BTreeMap<String, Vec<(usize, bool)>>,
+    /// Tensor → (block, the side that carries its units); an MLP's middle layer has both roles.
+    role: BTreeMap<String, Vec<(usize, Side)>>,
     /// Heads: the model type and its attention geometry before pruning.
     heads: Option<(ModelKind, Geometry)>,
     /// Layers: how many go, and (once the layer scores are provided) the scores and the map.
@@ -166,11 +191,19 @@ struct Geometry {
     hd: usize,
 }
 
-/// The feed-forward blocks of a llama, BERT or MLP model.
+/// The feed-forward blocks of a decoder (one per layer; one per expert of a mixture), BERT or
+/// MLP model.
 fn neuron_blocks(model: &ModelSource, config: &Value) -> Result<Vec<Block>, String> {
     let has = |n: &str| model.tensors().iter().any(|r| model.info(r).name == n);
-    let size_of = |n: &str| model.tensors().iter().find(|r| model.info(r).name == n).map(|r| model.info(r).shape[0]);
-    let block = |rows_of: Vec<String>, cols_of: Vec<String>, size| Block {
+    let size_of = |n: &str| -> Result<usize, String> {
+        model
+            .tensors()
+            .iter()
+            .find(|r| model.info(r).name == n)
+            .map(|r| model.info(r).shape[0])
+            .ok_or(format!("{n} missing"))
+    };
+    let block = |rows_of: Vec<Rows>, cols_of: Vec<String>, size| Block {
         rows_of,
         cols_of,
         size,
@@ -180,27 +213,47 @@ fn neuron_blocks(model: &ModelSource, config: &Value) -> Result<Vec<Block>, Stri
     };
     let mut out = Vec::new();
     match ModelKind::of_config(config) {
-        Some(ModelKind::Decoder(f)) if f.fuses_projections() => {
-            return Err(format!("{}: pruning neurons inside gate_up_proj is not implemented yet", f.model_type()));
-        }
         Some(ModelKind::Decoder(f)) if f.is_moe() => {
-            return Err(format!("{}: pruning neurons inside experts is not implemented yet", f.model_type()));
+            // Each expert its own block: the same count goes from every expert (one
+            // intermediate size in config.json), which ones per expert.
+            let g = arch::Geometry::from_config(config)?;
+            for i in 0..g.layers {
+                for e in 0..g.experts {
+                    let gate = f.hf_expert(Role::ExpertGate, i, e);
+                    let size = size_of(&gate)?;
+                    let rows = vec![Rows::plain(gate), Rows::plain(f.hf_expert(Role::ExpertUp, i, e))];
+                    out.push(block(rows, vec![f.hf_expert(Role::ExpertDown, i, e)], size));
+                }
+            }
+        }
+        Some(ModelKind::Decoder(f)) if f.fuses_projections() => {
+            // Neuron j is row j of the gate half and row size + j of the up half.
+            for i in 0..ModelKind::Decoder(f).blocks(config)? {
+                let gu = f.hf(Role::GateUp, i);
+                let rows = size_of(&gu)?;
+                if !rows.is_multiple_of(2) {
+                    return Err(format!("{gu}: {rows} rows, an even count (gate and up) expected"));
+                }
+                let size = rows / 2;
+                let rows = vec![Rows { name: gu, at: vec![0, size], extra: 0 }];
+                out.push(block(rows, vec![f.hf(Role::Down, i)], size));
+            }
         }
         Some(ModelKind::Decoder(f)) => {
             for i in 0..ModelKind::Decoder(f).blocks(config)? {
                 let g = f.hf(Role::Gate, i);
-                let size = size_of(&g).ok_or_else(|| format!("{g} missing"))?;
-                out.push(block(vec![g, f.hf(Role::Up, i)], vec![f.hf(Role::Down, i)], size));
+                let size = size_of(&g)?;
+                out.push(block(vec![Rows::plain(g), Rows::plain(f.hf(Role::Up, i))], vec![f.hf(Role::Down, i)], size));
             }
         }
         Some(ModelKind::Bert) => {
             for i in 0..ModelKind::Bert.blocks(config)? {
                 let w = BertRole::Inter.weight(i);
-                let size = size_of(&w).ok_or_else(|| format!("{w} missing"))?;
-                let mut rows_of = vec![w];
+                let size = size_of(&w)?;
+                let mut rows_of = vec![Rows::plain(w)];
                 let b = BertRole::Inter.bias(i);
                 if has(&b) {
-                    rows_of.push(b);
+                    rows_of.push(Rows::plain(b));
                 }
                 out.push(block(rows_of, vec![BertRole::Out.weight(i)], size));
             }
@@ -209,11 +262,11 @@ fn neuron_blocks(model: &ModelSource, config: &Value) -> Result<Vec<Block>, Stri
             let names = MlpGeometry::from_config(config)?.layers;
             for w in names.windows(2) {
                 let (this, next) = (format!("{}.weight", w[0]), format!("{}.weight", w[1]));
-                let size = size_of(&this).ok_or_else(|| format!("{this} missing"))?;
-                let mut rows_of = vec![this];
+                let size = size_of(&this)?;
+                let mut rows_of = vec![Rows::plain(this)];
                 let b = format!("{}.bias", w[0]);
                 if has(&b) {
-                    rows_of.push(b);
+                    rows_of.push(Rows::plain(b));
                 }
                 out.push(block(rows_of, vec![next], size));
             }
@@ -231,48 +284,49 @@ fn neuron_blocks(model: &ModelSource, config: &Value) -> Result<Vec<Block>, Stri
     Ok(out)
 }
 
-/// The attention blocks (one per layer) of a llama or BERT model, and the geometry before
+/// The attention blocks (one per layer) of a decoder or BERT model, and the geometry before
 /// pruning: (heads, KV heads, head width).
 fn head_blocks(model: &ModelSource, config: &Value) -> Result<(Vec<Block>, Geometry), String> {
     let has = |n: &str| model.tensors().iter().any(|r| model.info(r).name == n);
-    // `<module>.weight` of each module, and its `.bias` where the model has one.
-    let with_biases = |modules: &[String]| -> Vec<String> {
+    // `<module>.weight` of each module, and its `.bias` where the model has one, the unit rows
+    // starting at `at`.
+    let with_biases = |modules: &[String], at: &[usize], extra: usize| -> Vec<Rows> {
         let mut v = Vec::new();
         for m in modules {
-            v.push(format!("{m}.weight"));
+            v.push(Rows { name: format!("{m}.weight"), at: at.to_vec(), extra });
             let b = format!("{m}.bias");
             if has(&b) {
-                v.push(b);
+                v.push(Rows { name: b, at: at.to_vec(), extra });
             }
         }
         v
     };
     let rows_of = |n: &str| model.tensors().iter().find(|r| model.info(r).name == n).map(|r| model.info(r).shape[0]);
-    if let Some(ModelKind::Decoder(f)) = ModelKind::of_config(config)
-        && f.fuses_projections()
-    {
-        return Err(format!("{}: pruning heads inside qkv_proj is not implemented yet", f.model_type()));
-    }
     let mut out = Vec::new();
     match ModelKind::of_config(config) {
         Some(ModelKind::Decoder(f)) => {
             let g = arch::Geometry::from_config(config)?;
             let (heads, kv, hd) = (g.heads, g.kv_heads, g.head_dim);
+            let module = |r: Role, i: usize| f.hf(r, i).trim_end_matches(".weight").to_string();
             for i in 0..g.layers {
                 // Query heads that share a KV head are removed alone; a head with its own KV
-                // head takes its key and value rows with it (and their biases, Qwen2's).
-                let mut roles = vec![Role::Q];
-                if kv == heads {
-                    roles.extend([Role::K, Role::V]);
-                }
-                let modules: Vec<String> =
-                    roles.iter().map(|r| f.hf(*r, i).trim_end_matches(".weight").to_string()).collect();
+                // head takes its key and value rows with it (and their biases, Qwen2's). In
+                // Phi-3's qkv_proj those are the runs after the query part.
+                let own_kv = kv == heads;
+                let rows_of = if f.fuses_projections() {
+                    let (at, extra): (&[usize], usize) =
+                        if own_kv { (&[0, heads * hd, 2 * heads * hd], 0) } else { (&[0], 2 * kv * hd) };
+                    with_biases(&[module(Role::Qkv, i)], at, extra)
+                } else {
+                    let roles: &[Role] = if own_kv { &[Role::Q, Role::K, Role::V] } else { &[Role::Q] };
+                    with_biases(&roles.iter().map(|r| module(*r, i)).collect::<Vec<_>>(), &[0], 0)
+                };
                 out.push(Block {
-                    rows_of: with_biases(&modules),
+                    rows_of,
                     cols_of: vec![f.hf(Role::O, i)],
                     size: heads,
                     width: hd,
-                    groups: if kv == heads { 1 } else { kv },
+                    groups: if own_kv { 1 } else { kv },
                     original: Vec::new(),
                 });
             }
@@ -291,7 +345,11 @@ fn head_blocks(model: &ModelSource, config: &Value) -> Result<(Vec<Block>, Geome
                     return Err(format!("{q}: {rows} rows, {} heads of {hd} expected", original.len()));
                 }
                 out.push(Block {
-                    rows_of: with_biases(&[BertRole::Query, BertRole::Key, BertRole::Value].map(|r| r.module(i))),
+                    rows_of: with_biases(
+                        &[BertRole::Query, BertRole::Key, BertRole::Value].map(|r| r.module(i)),
+                        &[0],
+                        0,
+                    ),
                     cols_of: vec![BertRole::AttnOut.weight(i)],
                     size: original.len(),
                     width: hd,
@@ -349,16 +407,20 @@ impl Structured {
             // Σ_c E[x_c²] · ‖P[:, c]‖² over its input columns c of the output projection P.
             let mut act = vec![0f64; n];
             let mut have_act = false;
-            for name in &block.rows_of {
+            for Rows { name, at, extra } in &block.rows_of {
                 let (shape, v) = f32_of(model, name)?;
-                if shape[0] != n * w {
-                    return Err(format!("{name}: {} rows, {} expected ({n} units of {w})", shape[0], n * w));
+                let want = n * w * at.len() + extra;
+                if shape[0] != want {
+                    return Err(format!("{name}: {} rows, {want} expected ({n} units of {w})", shape[0]));
                 }
                 let cols = v.len() / shape[0].max(1);
-                for (r, row) in v.chunks(cols.max(1)).enumerate() {
-                    imp_in[r / w] += row.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>();
+                let rows: Vec<&[f32]> = v.chunks(cols.max(1)).collect();
+                for &a in at {
+                    for (r, row) in rows[a..a + n * w].iter().enumerate() {
+                        imp_in[r / w] += row.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>();
+                    }
                 }
-                st.role.entry(name.clone()).or_default().push((b, true));
+                st.role.entry(name.clone()).or_default().push((b, Side::Rows(at.clone())));
             }
             for name in &block.cols_of {
                 let (shape, v) = f32_of(model, name)?;
@@ -384,7 +446,7 @@ impl Structured {
                     }
                     have_act = true;
                 }
-                st.role.entry(name.clone()).or_default().push((b, false));
+                st.role.entry(name.clone()).or_default().push((b, Side::Columns));
             }
             let score: Vec<f64> =
                 if have_act { act } else { imp_in.iter().zip(&imp_out).map(|(a, b)| (a * b).sqrt()).collect() };
@@ -448,9 +510,9 @@ impl Structured {
             let mut kept = order[..g.experts - st.experts_to_remove].to_vec();
             kept.sort_unstable();
             let router = g.family.hf(Role::Router, b);
-            st.role.insert(router.clone(), vec![(b, true)]);
+            st.role.insert(router.clone(), vec![(b, Side::Rows(vec![0]))]);
             st.blocks.push(Block {
-                rows_of: vec![router],
+                rows_of: vec![Rows::plain(router)],
                 cols_of: Vec::new(),
                 size: g.experts,
                 width: 1,
@@ -659,9 +721,13 @@ impl Pass for Structured {
             return Plan::Skip("already quantized: prune before quantizing".into());
         };
         let mut shape = shape.clone();
-        for &(b, rows) in roles {
-            let block = &st.blocks[b];
-            shape[usize::from(!rows)] = block.keep_count(self.config.sparsity) * block.width;
+        for (b, side) in roles {
+            let block = &st.blocks[*b];
+            let keep = block.keep_count(self.config.sparsity);
+            match side {
+                Side::Rows(at) => shape[0] -= (block.size - keep) * block.width * at.len(),
+                Side::Columns => shape[1] = keep * block.width,
+            }
         }
         Plan::Change(ParamMeta::Dense { dtype: *dtype, shape })
     }
@@ -671,18 +737,24 @@ impl Pass for Structured {
         let st = &self.state;
         let roles = st.role.get(name).cloned().ok_or("not a tensor this pass prunes")?;
         let (mut out, mut new_shape) = (w.clone(), shape.clone());
-        for (b, rows) in roles {
-            let width = st.blocks[b].width;
+        for (b, side) in roles {
+            let (size, width) = (st.blocks[b].size, st.blocks[b].width);
             // Kept units → kept rows (columns).
             let kept: Vec<usize> = st.kept[b].iter().flat_map(|&j| j * width..(j + 1) * width).collect();
-            if rows {
+            if let Side::Rows(at) = side {
+                // Rows outside the unit runs (a fused qkv_proj's key and value parts) stay.
+                let mut keep = vec![true; new_shape[0]];
+                for a in at {
+                    keep[a..a + size * width].iter_mut().for_each(|k| *k = false);
+                    kept.iter().for_each(|r| keep[a + r] = true);
+                }
                 let cols: usize = new_shape[1..].iter().product();
-                let mut next = Vec::with_capacity(kept.len() * cols);
-                for &j in &kept {
-                    next.extend_from_slice(&out[j * cols..(j + 1) * cols]);
+                let mut next = Vec::with_capacity(keep.len() * cols);
+                for (r, _) in keep.iter().enumerate().filter(|k| *k.1) {
+                    next.extend_from_slice(&out[r * cols..(r + 1) * cols]);
                 }
                 out = next;
-                new_shape[0] = kept.len();
+                new_shape[0] = keep.iter().filter(|k| **k).count();
             } else {
                 let cols = new_shape[1];
                 let mut next = Vec::with_capacity(new_shape[0] * kept.len());
@@ -854,6 +926,53 @@ mod tests {
         assert_eq!(b.keep_count(0.67), 3);
         let n = Block { rows_of: vec![], cols_of: vec![], size: 1536, width: 1, groups: 1, original: vec![] };
         assert_eq!(n.keep_count(0.5), 768);
+    }
+
+    /// A fused gate_up_proj (2 neurons of 4 in each half go) and a qkv_proj under grouped-query
+    /// attention (the query part loses a head; the key and value rows stay): the plan's shapes
+    /// are what apply writes, and the rows that stay are the kept units' in every run.
+    #[test]
+    fn fused_matrices_lose_a_units_rows_in_every_run() {
+        let mut st = State::default();
+        // gate_up: 4 neurons, rows 0..4 gate, 4..8 up, 2 columns; row r holds r.
+        st.blocks.push(Block {
+            rows_of: vec![Rows { name: "gu".into(), at: vec![0, 4], extra: 0 }],
+            cols_of: vec![],
+            size: 4,
+            width: 1,
+            groups: 1,
+            original: vec![],
+        });
+        st.kept.push(vec![1, 3]);
+        st.role.insert("gu".into(), vec![(0, Side::Rows(vec![0, 4]))]);
+        // qkv: 2 query heads of width 2, then k and v (2 rows each) that stay.
+        st.blocks.push(Block {
+            rows_of: vec![Rows { name: "qkv".into(), at: vec![0], extra: 4 }],
+            cols_of: vec![],
+            size: 2,
+            width: 2,
+            groups: 1,
+            original: vec![],
+        });
+        st.kept.push(vec![1]);
+        st.role.insert("qkv".into(), vec![(1, Side::Rows(vec![0]))]);
+        let pass = Structured {
+            config: StructuredConfig { unit: "neurons".into(), sparsity: 0.5, calibration: None },
+            state: st,
+        };
+        for (name, rows, want) in [("gu", 8, vec![1.0, 3.0, 5.0, 7.0]), ("qkv", 8, vec![2.0, 3.0, 4.0, 5.0, 6.0, 7.0])]
+        {
+            let data: Vec<f32> = (0..rows).flat_map(|r| [r as f32, r as f32]).collect();
+            let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let meta = ParamMeta::Dense { dtype: mcompress_core::DType::F32, shape: vec![rows, 2] };
+            let Plan::Change(ParamMeta::Dense { shape, .. }) = pass.plan(name, &meta) else { panic!("{name}") };
+            let param = Param::Dense { dtype: mcompress_core::DType::F32, shape: vec![rows, 2], data: bytes.into() };
+            let out = pass.apply(name, param).unwrap().param;
+            let (_, got_shape, got) = out.dense_f32().unwrap();
+            assert_eq!(got_shape, shape, "{name}: plan and apply agree");
+            let firsts: Vec<f32> = got.chunks(2).map(|r| r[0]).collect();
+            assert_eq!(firsts, want, "{name}");
+        }
     }
 
     #[test]
