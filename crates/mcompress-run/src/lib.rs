@@ -156,7 +156,11 @@ fn check_fused_heads(
     shipping: &[ship::Shipping],
     source: &ModelSource,
 ) -> Result<()> {
-    if !source.config().and_then(mcompress_core::arch::Family::of_config).is_some_and(|f| f.fuses_projections()) {
+    if !source
+        .config()
+        .and_then(mcompress_core::arch::Family::of_config)
+        .is_some_and(mcompress_core::arch::Family::fuses_projections)
+    {
         return Ok(());
     }
     let Some(t) = shipping.iter().position(|s| s.gguf.is_some()) else { return Ok(()) };

@@ -746,7 +746,9 @@ impl Pass for Structured {
                 let mut keep = vec![true; new_shape[0]];
                 for a in at {
                     keep[a..a + size * width].iter_mut().for_each(|k| *k = false);
-                    kept.iter().for_each(|r| keep[a + r] = true);
+                    for r in &kept {
+                        keep[a + r] = true;
+                    }
                 }
                 let cols: usize = new_shape[1..].iter().product();
                 let mut next = Vec::with_capacity(keep.len() * cols);
