@@ -15,6 +15,9 @@ use crate::util::{fixture, mcompress, repo, tmp};
 /// missing norm offset moves perplexity by far more than 1 %), short enough for CI's 2 cores.
 const TOKENS: &str = "512";
 const WINDOW: &str = "256";
+/// A safetensors target and an F16 GGUF target: each client reads one.
+const ST_F16: &str =
+    "[[target]]\nname = \"st\"\n\n[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n";
 
 /// llama.cpp's perplexity of a GGUF on Hamlet, scored as our eval scores it.
 fn llama_cpp_ppl(py: &str, gguf: &Path, hamlet: &Path) -> f64 {
@@ -302,14 +305,8 @@ fn test_mistral_sliding_window_agrees_with_transformers_and_llama_cpp() {
     assert_eq!(ppl(&wide, "st").0.to_bits(), llama.to_bits(), "window 4096 over 256-token windows");
 
     let narrow = t.path().join("narrow");
-    let stderr = run_short(
-        t.path(),
-        &mistral(64),
-        &hamlet,
-        "[[pass]]\ntype = \"cast\"\ndtype = \"bf16\"\n",
-        "[[target]]\nname = \"st\"\n\n[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n",
-        &narrow,
-    );
+    let stderr =
+        run_short(t.path(), &mistral(64), &hamlet, "[[pass]]\ntype = \"cast\"\ndtype = \"bf16\"\n", ST_F16, &narrow);
     let (reference, st) = ppl(&narrow, "st");
     let (_, f16) = ppl(&narrow, "f16");
     assert!(reference > llama * 2.0, "a 64-token window must matter: {reference} vs llama {llama}");
@@ -383,14 +380,7 @@ fn test_phi3_fused_projections_agree_with_transformers_and_llama_cpp() {
 
     let dir = smollm2_phi3(t.path(), &base);
     let out = t.path().join("phi3");
-    run_short(
-        t.path(),
-        &dir,
-        &hamlet,
-        "[[pass]]\ntype = \"quantize-rtn\"\nbits = 8\ngroup-size = 0\n",
-        "[[target]]\nname = \"st\"\n\n[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n",
-        &out,
-    );
+    run_short(t.path(), &dir, &hamlet, "[[pass]]\ntype = \"quantize-rtn\"\nbits = 8\ngroup-size = 0\n", ST_F16, &out);
     let (reference, int8) = ppl(&out, "st");
     let (_, f16) = ppl(&out, "f16");
     assert_eq!(reference.to_bits(), llama.to_bits(), "fused {reference} vs separate {llama}");
@@ -435,8 +425,7 @@ fn test_phi3_fused_projections_agree_with_transformers_and_llama_cpp() {
         run_short(t.path(), model, &hamlet, passes, targets, &out);
         out
     };
-    let st_f16 = "[[target]]\nname = \"st\"\n\n[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n";
-    for (unit, sparsity, targets) in [("neurons", 0.25, st_f16), ("heads", 0.34, "[[target]]\nname = \"st\"\n")] {
+    for (unit, sparsity, targets) in [("neurons", 0.25, ST_F16), ("heads", 0.34, "[[target]]\nname = \"st\"\n")] {
         let separate = pruned(&base.join("st"), &format!("{unit}-llama"), &structured(unit, sparsity), targets);
         let fused = pruned(&dir, &format!("{unit}-phi3"), &structured(unit, sparsity), targets);
         let (s, f) = (ppl(&separate, "st").1, ppl(&fused, "st").1);
@@ -485,7 +474,7 @@ fn test_phi3_fused_projections_agree_with_transformers_and_llama_cpp() {
     let recipe = t.path().join("heads-gguf.toml");
     std::fs::write(
         &recipe,
-        format!("[model]\npath = {:?}\n\n{}\n{st_f16}", dir.display().to_string(), structured("heads", 0.34)),
+        format!("[model]\npath = {:?}\n\n{}\n{ST_F16}", dir.display().to_string(), structured("heads", 0.34)),
     )
     .unwrap();
     let (code, so, se) = mcompress(&["recipe", "check", recipe.to_str().unwrap()], t.path());
@@ -718,7 +707,7 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
              calibration = {{ set = {:?}, samples = 8, seq-len = 128 }}\n",
             hamlet.display().to_string()
         ),
-        "[[target]]\nname = \"st\"\n\n[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n",
+        ST_F16,
         &pruned,
     );
     let (reference, smaller) = ppl(&pruned, "st");
@@ -795,7 +784,7 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
              calibration = {{ set = {hamlet:?}, samples = 4, seq-len = 128 }}\n",
             hamlet = hamlet.display().to_string()
         ),
-        "[[target]]\nname = \"st\"\n\n[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n",
+        ST_F16,
         &units,
     );
     let config: serde_json::Value =
@@ -836,14 +825,7 @@ fn test_qwen3_moe_agrees_with_transformers_and_llama_cpp() {
     let Some((t, hamlet, base, _)) = smollm2_base() else { return };
     let moe = smollm2_moe(t.path(), &base, "qwen3moe", true, true, true);
     let out = t.path().join("qwen3moe-int8");
-    run_short(
-        t.path(),
-        &moe,
-        &hamlet,
-        "[[pass]]\ntype = \"quantize-rtn\"\nbits = 8\ngroup-size = 0\n",
-        "[[target]]\nname = \"st\"\n\n[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n",
-        &out,
-    );
+    run_short(t.path(), &moe, &hamlet, "[[pass]]\ntype = \"quantize-rtn\"\nbits = 8\ngroup-size = 0\n", ST_F16, &out);
     let (reference, int8) = ppl(&out, "st");
     let (_, f16) = ppl(&out, "f16");
     eprintln!("qwen3_moe figures: reference {reference} int8 {int8} f16 {f16}");
@@ -870,7 +852,7 @@ fn test_qwen3_moe_agrees_with_transformers_and_llama_cpp() {
              calibration = {{ set = {:?}, samples = 4, seq-len = 128 }}\n",
             hamlet.display().to_string()
         ),
-        "[[target]]\nname = \"st\"\n\n[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n",
+        ST_F16,
         &out,
     );
     let config: serde_json::Value =
@@ -889,14 +871,7 @@ fn test_qwen3_moe_agrees_with_transformers_and_llama_cpp() {
     config["norm_topk_prob"] = false.into();
     std::fs::write(moe.join("config.json"), config.to_string()).unwrap();
     let out = t.path().join("qwen3moe-unnormed");
-    let stderr = run_short(
-        t.path(),
-        &moe,
-        &hamlet,
-        "",
-        "[[target]]\nname = \"st\"\n\n[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n",
-        &out,
-    );
+    let stderr = run_short(t.path(), &moe, &hamlet, "", ST_F16, &out);
     assert!(stderr.contains("renormalizes the chosen experts' weights"), "{stderr}");
     let (unnormed, _) = ppl(&out, "st");
     let (_, f16) = ppl(&out, "f16");
