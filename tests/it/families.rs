@@ -882,7 +882,7 @@ fn test_qwen3_moe_agrees_with_transformers_and_llama_cpp() {
 
 /// Figures for docs/benchmarks.md, run by hand (about 10 minutes on 2 cores):
 /// `cargo test --test it -- --ignored families::family_figures --nocapture`. Per layout built
-/// from SmolLM2 (Phi-3, Mixtral, Qwen3-MoE): reference, RTN int4 g128 (compressed-tensors,
+/// from SmolLM2 (Phi-3, Mixtral, Qwen3-MoE): reference, RTN int4 g64 (compressed-tensors,
 /// transformers' perplexity beside ours) and Q4_K_M GGUF (llama.cpp's beside ours).
 #[test]
 #[ignore = "figures for docs/benchmarks.md; minutes"]
@@ -902,7 +902,7 @@ fn family_figures() {
         let (_, q4km) = ppl(&out, "q4km");
         let lc = llama_python().map(|py| llama_cpp_ppl(&py, &out.join("q4km/model.gguf"), &hamlet));
         std::fs::remove_dir_all(&out).unwrap();
-        let passes = "[[pass]]\ntype = \"quantize-rtn\"\nbits = 4\ngroup-size = 128\n";
+        let passes = "[[pass]]\ntype = \"quantize-rtn\"\nbits = 4\ngroup-size = 64\n";
         run_short(t.path(), &model, &hamlet, passes, "[[target]]\nname = \"st\"\n", &out);
         let (reference, int4) = ppl(&out, "st");
         let hf = hf_python().map(|py| {
@@ -911,7 +911,7 @@ fn family_figures() {
             r["perplexity"].as_f64().unwrap()
         });
         eprintln!(
-            "figures: {name}: reference {reference}, RTN int4 g128 {int4} (transformers {hf:?}), Q4_K_M {q4km} (llama.cpp {lc:?})"
+            "figures: {name}: reference {reference}, RTN int4 g64 {int4} (transformers {hf:?}), Q4_K_M {q4km} (llama.cpp {lc:?})"
         );
         std::fs::remove_dir_all(&out).unwrap();
         std::fs::remove_dir_all(&model).unwrap();
