@@ -244,11 +244,13 @@ pub(crate) fn metadata(model: &ModelSource, config: &Value, ftype: u32) -> Resul
     b.u32(&key("attention.head_count_kv"), dim(g.kv_heads)?);
     let head_dim = dim(g.head_dim)?;
     b.u32(&key("rope.dimension_count"), head_dim);
-    if head_dim * heads != hidden && family.fuses_projections() {
+    if head_dim * heads != hidden && family.gguf_query_spans_hidden() {
         // llama.cpp's phi3 graph reads the key part of attn_qkv at row embedding_length and
         // sizes the tensor from it: a Phi-3 whose query part is narrower would load wrongly.
         return Err(format!(
-            "GGUF export of a {} with {heads} heads of {head_dim} (attention width {}, hidden size {hidden}):              llama.cpp's phi3 reads the fused attn_qkv as if the query part were hidden_size wide;              export safetensors instead (structured pruning of neurons and layers keeps Phi-3 GGUF-loadable)",
+            "GGUF export of a {} with {heads} heads of {head_dim} (attention width {}, hidden size {hidden}): \
+             llama.cpp's phi3 reads the fused attn_qkv as if the query part were hidden_size wide; \
+             export safetensors instead (structured pruning of neurons and layers keeps Phi-3 GGUF-loadable)",
             family.model_type(),
             head_dim * heads,
         ));

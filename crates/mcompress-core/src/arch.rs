@@ -382,6 +382,13 @@ impl Family {
         self == Family::Gemma3
     }
 
+    /// Whether llama.cpp's graph for this family's GGUF reads the fused `attn_qkv` as if its
+    /// query part were `embedding_length` wide (phi3: the key part starts at row `hidden_size`):
+    /// such a GGUF needs `heads × head_dim = hidden`, so attention heads cannot be removed.
+    pub fn gguf_query_spans_hidden(self) -> bool {
+        self.fuses_projections()
+    }
+
     /// Whether transformers' config class for the family refuses a `hidden_size` that is not a
     /// multiple of `num_attention_heads` (LlamaConfig, Gemma3TextConfig in transformers 5.25,
     /// even with `head_dim` set); Qwen2Config does not check.

@@ -159,7 +159,7 @@ fn check_fused_heads(
     if !source
         .config()
         .and_then(mcompress_core::arch::Family::of_config)
-        .is_some_and(mcompress_core::arch::Family::fuses_projections)
+        .is_some_and(mcompress_core::arch::Family::gguf_query_spans_hidden)
     {
         return Ok(());
     }
