@@ -146,6 +146,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     fs_err::rename(&tmp, path).map_err(io)
 }
 
+/// The process's peak resident memory (`VmHWM` of `/proc/self/status`), in bytes, since it
+/// started or since the last [`reset_peak_rss`]. `None` where the kernel does not say (not Linux).
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Resets the peak [`peak_rss`] reports to the current resident memory (Linux: `5` written to
+/// `/proc/self/clear_refs`), so that a later reading is the peak of what ran in between. Whether
+/// it could.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,5 +213,15 @@ mod tests {
             std::env::remove_var("MCOMPRESS_CACHE_DIR");
         }
         out
+    }
+
+    #[test]
+    fn test_peak_rss_follows_an_allocation() {
+        let Some(before) = peak_rss() else { return }; // not Linux
+        assert!(reset_peak_rss());
+        let v = vec![1u8; 64 << 20];
+        std::hint::black_box(&v);
+        let peak = peak_rss().unwrap();
+        assert!(peak >= 64 << 20, "{peak} after touching 64 MiB (was {before})");
     }
 }

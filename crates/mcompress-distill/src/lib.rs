@@ -133,12 +133,17 @@ pub fn run(
     model: &ModelSource,
     pass: &dyn Pass,
     d: &Distillation,
-    prior: Option<Prior>,
+    prior: Option<Prior<'_>>,
     opts: &Options,
 ) -> Result<Trained> {
     let c = &d.config;
     let (student_config, student_tensors, keep_zeros) = match prior {
-        Some(p) => (p.config, p.tensors, p.keep_zeros),
+        Some(p) => {
+            // Training holds the whole student: every tensor, after the earlier passes.
+            let names: Vec<String> = p.tensors.shapes().into_iter().map(|(n, _)| n).collect();
+            let tensors = p.tensors.load(&names).map_err(|e| Error::Model(e.to_string()))?.into_dense();
+            (p.config, tensors, p.keep_zeros)
+        }
         None => (
             model.config().cloned().unwrap_or_default(),
             mcompress_passes::pipeline::transformed_f32(model, &[]).map_err(|e| Error::Model(e.to_string()))?,

@@ -62,12 +62,12 @@ pub fn windows(model: &ModelSource, cal: WindowSpec<'_>) -> Result<Vec<Vec<u32>>
 
 /// The model as the recipe's earlier passes leave it: what a later calibrated pass calibrates on
 /// (a GPTQ after a pruning pass sees the pruned weights and keeps their zeros).
-#[derive(Debug)]
-pub struct Prior {
+pub struct Prior<'a> {
     /// config.json after the earlier passes.
     pub config: serde_json::Value,
-    /// Every float tensor after the earlier passes, as f32, with its shape.
-    pub tensors: mcompress_format::DenseTensors,
+    /// Every float tensor after the earlier passes, as f32, with its shape, produced on demand
+    /// (a block at a time for calibration).
+    pub tensors: &'a dyn weights::TensorSource,
     /// An earlier pass pruned: exact zeros are pruned weights that quantization must keep zero.
     pub keep_zeros: bool,
 }
@@ -81,7 +81,8 @@ pub fn input_moments(model: &ModelSource, spec: WindowSpec<'_>) -> Result<BTreeM
     match ModelKind::of_config(&config) {
         Some(ModelKind::Decoder(_)) => {
             let windows = windows(model, spec)?;
-            decoder::Decoder::load(&config, &weights::from_model(model), &Device::Cpu)?.input_moments(&windows)
+            let source = weights::ModelTensors::new(model);
+            decoder::Decoder::streamed(&config, &source)?.input_moments(&windows)
         }
         Some(ModelKind::Bert) => {
             let windows = windows(model, spec)?;
@@ -103,10 +104,14 @@ pub fn input_moments(model: &ModelSource, spec: WindowSpec<'_>) -> Result<BTreeM
 pub fn layer_scores(model: &ModelSource, spec: WindowSpec<'_>) -> Result<Vec<f64>> {
     let config = model.config().cloned().unwrap_or_default();
     let windows = windows(model, spec)?;
-    let w = weights::from_model(model);
     let cosines = match ModelKind::of_config(&config) {
-        Some(ModelKind::Decoder(_)) => decoder::Decoder::load(&config, &w, &Device::Cpu)?.layer_cosines(&windows)?,
-        Some(ModelKind::Bert) => crate::bert::Bert::load(&config, &w, &Device::Cpu)?.layer_cosines(&windows)?,
+        Some(ModelKind::Decoder(_)) => {
+            let source = weights::ModelTensors::new(model);
+            decoder::Decoder::streamed(&config, &source)?.layer_cosines(&windows)?
+        }
+        Some(ModelKind::Bert) => {
+            crate::bert::Bert::load(&config, &weights::from_model(model), &Device::Cpu)?.layer_cosines(&windows)?
+        }
         _ => {
             return Err(Error::Model(format!(
                 "{}: layer scores are computed for decoder ({DECODERS}) and bert models; this model_type is {:?}",
@@ -135,8 +140,8 @@ pub fn expert_scores(model: &ModelSource, spec: WindowSpec<'_>) -> Result<Vec<Ve
     }
     let windows = windows(model, spec)?;
     let tokens = windows.iter().map(Vec::len).sum::<usize>().max(1) as f64;
-    let w = weights::from_model(model);
-    let scores = decoder::Decoder::load(&config, &w, &Device::Cpu)?.expert_scores(&windows)?;
+    let source = weights::ModelTensors::new(model);
+    let scores = decoder::Decoder::streamed(&config, &source)?.expert_scores(&windows)?;
     Ok(scores.into_iter().map(|b| b.into_iter().map(|(s, n)| (s / tokens, n)).collect()).collect())
 }
 

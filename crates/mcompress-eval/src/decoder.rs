@@ -15,7 +15,7 @@ use mcompress_core::arch::{Family, Geometry, Role};
 
 use crate::linalg::{Strides, sgemm};
 use crate::linear::{Device, Lin};
-use crate::weights::Weights;
+use crate::weights::{TensorSource, Weights};
 use crate::{Error, Result};
 
 /// q, k and v: three layers, or one fused layer (Phi-3's `qkv_proj`) whose output columns are
@@ -131,25 +131,34 @@ struct Layer {
     inv_freq: Vec<f64>,
 }
 
-/// A loaded decoder.
-pub struct Decoder {
+/// A loaded decoder: every block in memory ([`Decoder::load`]), or streamed from a
+/// [`TensorSource`] one block at a time ([`Decoder::streamed`]: the block-by-block passes —
+/// [`Decoder::trace`], [`Decoder::input_moments`], [`Decoder::layer_cosines`],
+/// [`Decoder::expert_scores`] — load block `i` when they reach it and drop it when they leave
+/// it, so a model larger than memory calibrates within one block's f32 weights).
+pub struct Decoder<'s> {
     g: Geometry,
     embed: Vec<f32>,
-    lm_head: Lin,
-    layers: Vec<Layer>,
+    /// The output head; `None` when streamed (the block-by-block passes do not read it).
+    lm_head: Option<Lin>,
+    /// Every block; a streamed decoder holds the one in flight.
+    layers: Vec<Option<Layer>>,
     norm: Vec<f32>,
     /// Added to every norm gain at load (Gemma's `1 + w`), taken off again when norms are
     /// written back (AWQ).
     norm_add: f32,
     eps: f32,
+    /// Where a streamed decoder's blocks come from, and each block's tensor names.
+    source: Option<(&'s dyn TensorSource, Vec<Vec<String>>)>,
 }
 
-impl std::fmt::Debug for Decoder {
+impl std::fmt::Debug for Decoder<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Decoder")
             .field("family", &self.g.family)
             .field("layers", &self.layers.len())
             .field("hidden", &self.g.hidden)
+            .field("streamed", &self.source.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -158,7 +167,100 @@ fn inv_freq(theta: f64, hd: usize) -> Vec<f64> {
     (0..hd / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / hd as f64)).collect()
 }
 
-impl Decoder {
+/// Builds a decoder's parts from named weights (shapes checked against the geometry).
+struct Parts<'a> {
+    g: &'a Geometry,
+    w: &'a Weights,
+    device: &'a Device,
+}
+
+impl Parts<'_> {
+    fn bad(&self, m: String) -> Error {
+        Error::Model(format!("{}: {m}", self.g.family.model_type()))
+    }
+
+    /// A tensor as f32 (a norm with the family's gain offset added).
+    fn get(&self, role: Role, l: usize) -> Result<Vec<f32>> {
+        let f = self.g.family;
+        let mut v = self.w.get(&f.hf(role, l), &self.g.shape(role)).map_err(|m| self.bad(m))?;
+        let norm_add = f.gguf_norm_offset();
+        if role.is_norm() && norm_add != 0.0 {
+            for x in &mut v {
+                *x += norm_add;
+            }
+        }
+        Ok(v)
+    }
+
+    fn opt(&self, role: Role, l: usize) -> Result<Option<Vec<f32>>> {
+        if self.g.family.has(role) { self.get(role, l).map(Some) } else { Ok(None) }
+    }
+
+    fn lin_named(&self, name: &str, role: Role, bias: Option<Vec<f32>>) -> Result<Lin> {
+        let s = self.g.shape(role);
+        Lin::new(self.w.matrix(name, s[0], s[1]).map_err(|m| self.bad(m))?, s[0], s[1], bias, self.device)
+    }
+
+    fn lin(&self, role: Role, bias: Option<Role>, l: usize) -> Result<Lin> {
+        let b = match bias {
+            Some(b) if self.g.family.has(b) => Some(self.get(b, l)?),
+            _ => None,
+        };
+        self.lin_named(&self.g.family.hf(role, l), role, b)
+    }
+
+    /// Block `i`.
+    fn layer(&self, i: usize) -> Result<Layer> {
+        let (g, f) = (self.g, self.g.family);
+        let (qd, kvd) = (g.heads * g.head_dim, g.kv_heads * g.head_dim);
+        let qkv = if f.has(Role::Qkv) {
+            Qkv::Fused(self.lin(Role::Qkv, None, i)?, [qd, kvd, kvd])
+        } else {
+            Qkv::Split([
+                self.lin(Role::Q, Some(Role::QBias), i)?,
+                self.lin(Role::K, Some(Role::KBias), i)?,
+                self.lin(Role::V, Some(Role::VBias), i)?,
+            ])
+        };
+        let ffn = if f.is_moe() {
+            let expert = |e: usize| {
+                let lin = |role: Role| self.lin_named(&f.hf_expert(role, i, e), role, None);
+                Ok::<_, Error>(Expert {
+                    gate: lin(Role::ExpertGate)?,
+                    up: lin(Role::ExpertUp)?,
+                    down: lin(Role::ExpertDown)?,
+                })
+            };
+            Ffn::Moe {
+                router: self.lin(Role::Router, None, i)?,
+                experts: (0..g.experts).map(expert).collect::<Result<_>>()?,
+                top_k: g.experts_used,
+            }
+        } else {
+            let gate_up = if f.has(Role::GateUp) {
+                GateUp::Fused(self.lin(Role::GateUp, None, i)?)
+            } else {
+                GateUp::Split([self.lin(Role::Gate, None, i)?, self.lin(Role::Up, None, i)?])
+            };
+            Ffn::Dense { gate_up, down: self.lin(Role::Down, None, i)? }
+        };
+        Ok(Layer {
+            ln_in: self.get(Role::AttnNorm, i)?,
+            qkv,
+            o: self.lin(Role::O, None, i)?,
+            q_norm: self.opt(Role::QNorm, i)?,
+            k_norm: self.opt(Role::KNorm, i)?,
+            post_attn: self.opt(Role::PostAttnNorm, i)?,
+            ln_ffn: self.get(Role::FfnNorm, i)?,
+            post_ffn: self.opt(Role::PostFfnNorm, i)?,
+            ffn,
+            window: g.windows[i],
+            inv_freq: inv_freq(g.layer_rope_theta(i), g.head_dim),
+        })
+    }
+}
+
+impl Decoder<'static> {
     /// Builds the model from config.json and weights (names as transformers' `…ForCausalLM` of
     /// the family has them), with its linear layers (and lm_head, tied or not) on `device`.
     /// Every tensor must be accounted for: one the forward pass would not read is an error (a
@@ -166,93 +268,97 @@ impl Decoder {
     pub fn load(config: &serde_json::Value, w: &Weights, device: &Device) -> Result<Self> {
         let g = Geometry::from_config(config).map_err(|e| Error::Model(format!("decoder: {e}")))?;
         let f = g.family;
-        let bad = |m: String| Error::Model(format!("{}: {m}", f.model_type()));
-        g.check_tensors(w.shapes()).map_err(bad)?;
-        let norm_add = f.gguf_norm_offset();
-        let get = |role: Role, l: usize| {
-            let mut v = w.get(&f.hf(role, l), &g.shape(role)).map_err(bad)?;
-            if role.is_norm() && norm_add != 0.0 {
-                for x in &mut v {
-                    *x += norm_add;
-                }
-            }
-            Ok::<_, Error>(v)
-        };
-        let opt = |role: Role, l: usize| if f.has(role) { get(role, l).map(Some) } else { Ok(None) };
-        let lin = |role: Role, bias: Option<Role>, l: usize| {
-            let s = g.shape(role);
-            let b = match bias {
-                Some(b) if f.has(b) => Some(get(b, l)?),
-                _ => None,
-            };
-            Lin::new(w.matrix(&f.hf(role, l), s[0], s[1]).map_err(bad)?, s[0], s[1], b, device)
-        };
-        let (qd, kvd) = (g.heads * g.head_dim, g.kv_heads * g.head_dim);
-        let layers = (0..g.layers)
-            .map(|i| {
-                let window = g.windows[i];
-                let qkv = if f.has(Role::Qkv) {
-                    Qkv::Fused(lin(Role::Qkv, None, i)?, [qd, kvd, kvd])
-                } else {
-                    Qkv::Split([
-                        lin(Role::Q, Some(Role::QBias), i)?,
-                        lin(Role::K, Some(Role::KBias), i)?,
-                        lin(Role::V, Some(Role::VBias), i)?,
-                    ])
-                };
-                let ffn = if f.is_moe() {
-                    let expert = |e: usize| {
-                        let lin = |role: Role| {
-                            let s = g.shape(role);
-                            Lin::new(
-                                w.matrix(&f.hf_expert(role, i, e), s[0], s[1]).map_err(bad)?,
-                                s[0],
-                                s[1],
-                                None,
-                                device,
-                            )
-                        };
-                        Ok::<_, Error>(Expert {
-                            gate: lin(Role::ExpertGate)?,
-                            up: lin(Role::ExpertUp)?,
-                            down: lin(Role::ExpertDown)?,
-                        })
-                    };
-                    Ffn::Moe {
-                        router: lin(Role::Router, None, i)?,
-                        experts: (0..g.experts).map(expert).collect::<Result<_>>()?,
-                        top_k: g.experts_used,
-                    }
-                } else {
-                    let gate_up = if f.has(Role::GateUp) {
-                        GateUp::Fused(lin(Role::GateUp, None, i)?)
-                    } else {
-                        GateUp::Split([lin(Role::Gate, None, i)?, lin(Role::Up, None, i)?])
-                    };
-                    Ffn::Dense { gate_up, down: lin(Role::Down, None, i)? }
-                };
-                Ok(Layer {
-                    ln_in: get(Role::AttnNorm, i)?,
-                    qkv,
-                    o: lin(Role::O, None, i)?,
-                    q_norm: opt(Role::QNorm, i)?,
-                    k_norm: opt(Role::KNorm, i)?,
-                    post_attn: opt(Role::PostAttnNorm, i)?,
-                    ln_ffn: get(Role::FfnNorm, i)?,
-                    post_ffn: opt(Role::PostFfnNorm, i)?,
-                    ffn,
-                    window,
-                    inv_freq: inv_freq(g.layer_rope_theta(i), g.head_dim),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let embed = get(Role::Embed, 0)?;
+        let parts = Parts { g: &g, w, device };
+        g.check_tensors(w.shapes()).map_err(|m| parts.bad(m))?;
+        let layers = (0..g.layers).map(|i| parts.layer(i).map(Some)).collect::<Result<Vec<_>>>()?;
+        let embed = parts.get(Role::Embed, 0)?;
         // Tied embeddings: lm_head is the embedding matrix (kept packed if the bundle quantized it).
         let head = if w.contains(&f.hf(Role::Output, 0)) { Role::Output } else { Role::Embed };
-        let s = g.shape(Role::Output);
-        let lm_head = Lin::new(w.matrix(&f.hf(head, 0), s[0], s[1]).map_err(bad)?, s[0], s[1], None, device)?;
+        let lm_head = parts.lin_named(&f.hf(head, 0), Role::Output, None)?;
+        let norm = parts.get(Role::OutputNorm, 0)?;
         #[allow(clippy::cast_possible_truncation)]
-        Ok(Decoder { embed, lm_head, layers, norm: get(Role::OutputNorm, 0)?, norm_add, eps: g.eps as f32, g })
+        let eps = g.eps as f32;
+        Ok(Decoder {
+            embed,
+            lm_head: Some(lm_head),
+            layers,
+            norm,
+            norm_add: f.gguf_norm_offset(),
+            eps,
+            g,
+            source: None,
+        })
+    }
+}
+
+impl<'s> Decoder<'s> {
+    /// The model of config.json over `source`, on the CPU, its blocks loaded one at a time by the
+    /// block-by-block passes (the embedding and the final norm are held; the output head is not
+    /// loaded). The completeness check reads the source's names and shapes, before any data.
+    pub fn streamed(config: &serde_json::Value, source: &'s dyn TensorSource) -> Result<Self> {
+        let g = Geometry::from_config(config).map_err(|e| Error::Model(format!("decoder: {e}")))?;
+        let f = g.family;
+        let shapes = source.shapes();
+        g.check_tensors(shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())))
+            .map_err(|m| Error::Model(format!("{}: {m}", f.model_type())))?;
+        let mut blocks = vec![Vec::new(); g.layers];
+        let mut top = Vec::new();
+        for (name, _) in shapes {
+            match f.parse_hf(&name) {
+                Some((_, Some(l))) if l < g.layers => blocks[l].push(name),
+                Some((Role::Embed | Role::OutputNorm, None)) => top.push(name),
+                _ => {}
+            }
+        }
+        let w = source.load(&top)?;
+        let parts = Parts { g: &g, w: &w, device: &Device::Cpu };
+        let (embed, norm) = (parts.get(Role::Embed, 0)?, parts.get(Role::OutputNorm, 0)?);
+        #[allow(clippy::cast_possible_truncation)]
+        let eps = g.eps as f32;
+        Ok(Decoder {
+            embed,
+            lm_head: None,
+            layers: (0..g.layers).map(|_| None).collect(),
+            norm,
+            norm_add: f.gguf_norm_offset(),
+            eps,
+            g,
+            source: Some((source, blocks)),
+        })
+    }
+
+    /// Loads block `li` from the source of a streamed decoder (a loaded one has it).
+    fn fetch(&mut self, li: usize) -> Result<()> {
+        if self.layers[li].is_some() {
+            return Ok(());
+        }
+        let Some((source, blocks)) = &self.source else {
+            return Err(Error::Model(format!("decoder: block {li} is not loaded")));
+        };
+        let w = source.load(&blocks[li])?;
+        let layer = Parts { g: &self.g, w: &w, device: &Device::Cpu }.layer(li)?;
+        self.layers[li] = Some(layer);
+        Ok(())
+    }
+
+    /// Drops block `li` of a streamed decoder (a loaded one keeps it).
+    fn evict(&mut self, li: usize) {
+        if self.source.is_some() {
+            self.layers[li] = None;
+        }
+    }
+
+    /// Block `li`, loaded ([`Decoder::fetch`]).
+    fn layer(&self, li: usize) -> &Layer {
+        self.layers[li].as_ref().expect("block fetched before use")
+    }
+
+    /// Every block, for passes that run a window through the whole model (a loaded decoder).
+    fn all_layers(&self) -> Result<Vec<&Layer>> {
+        self.layers
+            .iter()
+            .map(|l| l.as_ref().ok_or_else(|| Error::Model("decoder: streamed block by block; load it whole".into())))
+            .collect()
     }
 
     /// Vocabulary size.
@@ -496,23 +602,25 @@ impl Decoder {
     /// Logits `[n, vocab]` for a token sequence (causal, positions from 0).
     pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let mut x = self.embed_ids(ids)?;
-        for l in &self.layers {
+        for l in self.all_layers()? {
             self.add_attention(l, &mut x)?;
             self.add_mlp(l, &mut x)?;
         }
         let x = self.rms(&x, &self.norm);
-        self.lm_head.apply(&x)
+        self.lm_head.as_ref().ok_or_else(|| Error::Model("decoder: streamed without its output head".into()))?.apply(&x)
     }
 
     /// Per block of a mixture, per expert: `(Σ g · ‖f_e(x)‖₂, tokens)` over the tokens routed to
     /// the expert in every window — its router weight `g` times the norm of its output, summed
     /// (the router-weighted activation that expert pruning ranks by; REAP, Lasby et al. 2025),
     /// and how many tokens reached it. Windows run block by block with the model as it is.
-    pub fn expert_scores(&self, windows: &[Vec<u32>]) -> Result<Vec<Vec<(f64, usize)>>> {
+    pub fn expert_scores(&mut self, windows: &[Vec<u32>]) -> Result<Vec<Vec<(f64, usize)>>> {
         let h = self.g.hidden;
         let mut out = Vec::with_capacity(self.layers.len());
         let mut xs: Vec<Vec<f32>> = windows.iter().map(|w| self.embed_ids(w)).collect::<Result<_>>()?;
-        for l in &self.layers {
+        for li in 0..self.layers.len() {
+            self.fetch(li)?;
+            let l = self.layer(li);
             let Ffn::Moe { router, experts, top_k } = &l.ffn else {
                 return Err(Error::Model(format!("{}: expert scores of a dense MLP", self.g.family.model_type())));
             };
@@ -531,24 +639,31 @@ impl Decoder {
                 x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
             }
             out.push(acc);
+            self.evict(li);
         }
         Ok(out)
     }
 
     /// Per layer, the mean cosine between each token's residual stream before and after the
-    /// layer, over every window (what block influence is computed from).
-    pub fn layer_cosines(&self, windows: &[Vec<u32>]) -> Result<Vec<f64>> {
-        let mut acc = vec![crate::calibrate::CosMean::default(); self.layers.len()];
-        for w in windows {
-            let mut x = self.embed_ids(w)?;
-            for (l, a) in self.layers.iter().zip(&mut acc) {
+    /// layer, over every window (what block influence is computed from). Block by block, every
+    /// window's stream held.
+    pub fn layer_cosines(&mut self, windows: &[Vec<u32>]) -> Result<Vec<f64>> {
+        let mut xs: Vec<Vec<f32>> = windows.iter().map(|w| self.embed_ids(w)).collect::<Result<_>>()?;
+        let mut out = Vec::with_capacity(self.layers.len());
+        for li in 0..self.layers.len() {
+            self.fetch(li)?;
+            let l = self.layer(li);
+            let mut acc = crate::calibrate::CosMean::default();
+            for x in &mut xs {
                 let before = x.clone();
-                self.add_attention(l, &mut x)?;
-                self.add_mlp(l, &mut x)?;
-                a.add(&before, &x, self.g.hidden);
+                self.add_attention(l, x)?;
+                self.add_mlp(l, x)?;
+                acc.add(&before, x, self.g.hidden);
             }
+            out.push(acc.mean());
+            self.evict(li);
         }
-        Ok(acc.into_iter().map(crate::calibrate::CosMean::mean).collect())
+        Ok(out)
     }
 
     /// Greedy decoding: `ids` followed by `steps` argmax tokens (full recompute per step; a
@@ -577,27 +692,27 @@ impl Decoder {
         let mut xs: Vec<Vec<f32>> = windows.iter().map(|w| self.embed_ids(w)).collect::<Result<_>>()?;
         let hidden = self.g.hidden;
         for li in 0..self.layers.len() {
+            self.fetch(li)?;
             let site = |readers, producer, width| Site { family, layer: li, expert: None, readers, producer, width };
             // q, k, v: the normed residual stream.
             let s = site(family.attn_readers(), Producer::Norm(Role::AttnNorm), hidden);
             for x in &xs {
-                obs.input(&s, &self.rms(x, &self.layers[li].ln_in))?;
+                obs.input(&s, &self.rms(x, &self.layer(li).ln_in))?;
             }
             obs.rewrite(&s, &mut self.block(li, None))?;
             // o: the attention contexts (from q, k, v as rewritten).
-            let ctxs: Vec<Vec<f32>> =
-                xs.iter().map(|x| self.attn_context(&self.layers[li], x)).collect::<Result<_>>()?;
-            let s = site(&[Role::O][..], Producer::Opaque, self.layers[li].o.inp);
+            let ctxs: Vec<Vec<f32>> = xs.iter().map(|x| self.attn_context(self.layer(li), x)).collect::<Result<_>>()?;
+            let s = site(&[Role::O][..], Producer::Opaque, self.layer(li).o.inp);
             for c in &ctxs {
                 obs.input(&s, c)?;
             }
             obs.rewrite(&s, &mut self.block(li, None))?;
             for (x, c) in xs.iter_mut().zip(&ctxs) {
-                let o = self.attn_out(&self.layers[li], c)?;
+                let o = self.attn_out(self.layer(li), c)?;
                 x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             }
             drop(ctxs);
-            let normed: Vec<Vec<f32>> = xs.iter().map(|x| self.rms(x, &self.layers[li].ln_ffn)).collect();
+            let normed: Vec<Vec<f32>> = xs.iter().map(|x| self.rms(x, &self.layer(li).ln_ffn)).collect();
             if family.is_moe() {
                 self.trace_experts(li, &normed, obs)?;
             } else {
@@ -611,10 +726,10 @@ impl Decoder {
                 // divides the norm's gain by the scales it multiplies gate's and up's columns by).
                 // A fused gate/up has no rows of up alone to fold a scale into.
                 let producer = if family.has(Role::Up) { Producer::Rows(Role::Up) } else { Producer::Opaque };
-                let Ffn::Dense { down, .. } = &self.layers[li].ffn else { unreachable!("dense family") };
+                let Ffn::Dense { down, .. } = &self.layer(li).ffn else { unreachable!("dense family") };
                 let s = site(&[Role::Down][..], producer, down.inp);
                 for x in &xs {
-                    let l = &self.layers[li];
+                    let l = self.layer(li);
                     let Ffn::Dense { gate_up, .. } = &l.ffn else { unreachable!("dense family") };
                     obs.input(&s, &self.mlp_act(gate_up, &self.rms(x, &l.ln_ffn))?)?;
                 }
@@ -623,9 +738,10 @@ impl Decoder {
             drop(normed);
             // The block's output with every rewrite applied (the norm too).
             for x in &mut xs {
-                self.add_mlp(&self.layers[li], x)?;
+                self.add_mlp(self.layer(li), x)?;
             }
             obs.block_done(li, &mut self.block(li, None))?;
+            self.evict(li);
             progress();
         }
         Ok(())
@@ -644,7 +760,7 @@ impl Decoder {
             obs.input(&s, a)?;
         }
         obs.rewrite(&s, &mut self.block(li, None))?;
-        let Ffn::Moe { router, experts, top_k } = &self.layers[li].ffn else { unreachable!("mixture family") };
+        let Ffn::Moe { router, experts, top_k } = &self.layer(li).ffn else { unreachable!("mixture family") };
         let routes: Vec<Vec<Vec<usize>>> = normed
             .iter()
             .map(|a| {
@@ -659,7 +775,7 @@ impl Decoder {
                 obs.input(&s, &gather(a, hidden, &r[e]))?;
             }
             obs.rewrite(&s, &mut self.block(li, Some(e)))?;
-            let Ffn::Moe { experts, .. } = &self.layers[li].ffn else { unreachable!("mixture family") };
+            let Ffn::Moe { experts, .. } = &self.layer(li).ffn else { unreachable!("mixture family") };
             let ex = &experts[e];
             let s = site(Some(e), &[Role::ExpertDown][..], Producer::Rows(Role::ExpertUp), ex.down.inp);
             for (a, r) in normed.iter().zip(&routes) {
@@ -672,13 +788,19 @@ impl Decoder {
 
     /// Block `li`'s weights, for an observer to read and rewrite.
     fn block(&mut self, li: usize, expert: Option<usize>) -> Block<'_> {
-        Block { layer: &mut self.layers[li], index: li, expert, family: self.g.family, norm_add: self.norm_add }
+        Block {
+            layer: self.layers[li].as_mut().expect("block fetched before use"),
+            index: li,
+            expert,
+            family: self.g.family,
+            norm_add: self.norm_add,
+        }
     }
 
     /// `E[x_c²]` of every linear layer's input channels over `windows`, by weight name (one
     /// dense forward pass, one block's activations at a time). A mixture's experts: over the rows
     /// routed to each, weighted by the routing weight squared, per token of the windows.
-    pub fn input_moments(&self, windows: &[Vec<u32>]) -> Result<BTreeMap<String, Vec<f32>>> {
+    pub fn input_moments(&mut self, windows: &[Vec<u32>]) -> Result<BTreeMap<String, Vec<f32>>> {
         fn acc(m: &mut [f64], x: &[f32]) {
             for row in x.chunks_exact(m.len()) {
                 for (m, v) in m.iter_mut().zip(row) {
@@ -704,7 +826,9 @@ impl Decoder {
             out.insert(name, m.iter().map(|v| (v / tokens) as f32).collect::<Vec<f32>>());
         };
         let h = self.g.hidden;
-        for (li, l) in self.layers.iter().enumerate() {
+        for li in 0..self.layers.len() {
+            self.fetch(li)?;
+            let l = self.layer(li);
             let (mut m_in, mut m_o, mut m_post) = (vec![0f64; h], vec![0f64; l.o.inp], vec![0f64; h]);
             // Dense: the down projection's input. A mixture: per expert, its gate/up input and
             // its down input over the rows routed to it (the router reads m_post).
@@ -755,6 +879,7 @@ impl Decoder {
                 }
                 put(f.hf(Role::Down, li), &m_down[0]);
             }
+            self.evict(li);
         }
         // The output head (lm_head, or the tied embedding) reads the final normed stream.
         let mut m = vec![0f64; self.g.hidden];

@@ -24,6 +24,58 @@ impl Weights {
     }
 }
 
+/// A model's float tensors one at a time, as f32: what a decoder streamed block by block reads
+/// ([`crate::decoder::Decoder::streamed`]), so that only the block in flight is held in f32.
+pub trait TensorSource: Sync {
+    /// Every float tensor's name and shape (what the completeness check reads).
+    fn shapes(&self) -> Vec<(String, Vec<usize>)>;
+    /// The named tensors as f32 (each one's input pages released once read). A name the source
+    /// does not have is left out (the caller's shape check names it).
+    ///
+    /// # Errors
+    /// A tensor that cannot be produced (an earlier pass failed on it), named.
+    fn load(&self, names: &[String]) -> Result<Weights>;
+}
+
+/// The float tensors of a model file as they are.
+pub struct ModelTensors<'a> {
+    model: &'a ModelSource,
+    refs: BTreeMap<String, mcompress_core::TensorRef>,
+}
+
+impl<'a> ModelTensors<'a> {
+    /// Every float tensor of `model` (integer tensors are left out, as [`from_model`] does).
+    pub fn new(model: &'a ModelSource) -> Self {
+        let refs = model
+            .tensors()
+            .iter()
+            .filter(|r| model.info(r).dtype.is_float())
+            .map(|r| (model.info(r).name.clone(), *r))
+            .collect();
+        ModelTensors { model, refs }
+    }
+}
+
+impl TensorSource for ModelTensors<'_> {
+    fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.refs.iter().map(|(n, r)| (n.clone(), self.model.info(r).shape.clone())).collect()
+    }
+
+    fn load(&self, names: &[String]) -> Result<Weights> {
+        let mut dense = BTreeMap::new();
+        for name in names {
+            let Some(r) = self.refs.get(name) else { continue };
+            let v = self.model.view(r);
+            if let Some(data) = v.to_f32() {
+                dense.insert(name.clone(), (v.shape.to_vec(), data));
+            }
+            drop(v);
+            self.model.release(r);
+        }
+        Ok(Weights { dense, packed: BTreeMap::new() })
+    }
+}
+
 /// Every float tensor of a model, as f32.
 pub fn from_model(model: &ModelSource) -> Weights {
     let dense = model
@@ -76,6 +128,11 @@ pub fn from_bundle(bundle: &ModelSource) -> Result<Weights> {
 }
 
 impl Weights {
+    /// The dense tensors, by name (what a training pass takes over).
+    pub fn into_dense(self) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+        self.dense
+    }
+
     /// Whether a tensor of this name exists (dense or packed).
     pub fn contains(&self, name: &str) -> bool {
         self.dense.contains_key(name) || self.packed.contains_key(name)

@@ -12,7 +12,6 @@ use mcompress_core::arch::{DECODERS, Family};
 use mcompress_eval::calibrate::{Prior, WindowSpec, windows};
 use mcompress_eval::decoder::{Block, Decoder, Observer, Site};
 use mcompress_eval::linalg::{Strides, sgemm};
-use mcompress_eval::linear::Device;
 use mcompress_eval::{Error, Result, weights};
 
 use crate::quant::gptq;
@@ -38,7 +37,7 @@ pub fn run(
     model: &ModelSource,
     pass: &dyn Pass,
     cal: &Calibration,
-    prior: Option<Prior>,
+    prior: Option<Prior<'_>>,
     progress: bool,
 ) -> Result<(BTreeMap<String, Calibrated>, Vec<String>)> {
     let config = prior.as_ref().map_or_else(|| model.config().cloned().unwrap_or_default(), |p| p.config.clone());
@@ -50,28 +49,21 @@ pub fn run(
         )));
     }
     let windows = windows(model, window_spec(cal))?;
-    let mut dtypes: BTreeMap<String, (mcompress_core::DType, Vec<usize>)> = model
+    let as_given = weights::ModelTensors::new(model);
+    let source: &dyn weights::TensorSource = prior.as_ref().map_or(&as_given, |p| p.tensors);
+    // Each tensor's dtype in the input and its shape as the calibration sees it (after the
+    // earlier passes).
+    let shapes: BTreeMap<String, Vec<usize>> = source.shapes().into_iter().collect();
+    let dtypes: BTreeMap<String, (mcompress_core::DType, Vec<usize>)> = model
         .tensors()
         .iter()
-        .map(|r| {
+        .filter_map(|r| {
             let i = model.info(r);
-            (i.name.clone(), (i.dtype, i.shape.clone()))
+            Some((i.name.clone(), (i.dtype, shapes.get(&i.name)?.clone())))
         })
         .collect();
     let keep_zeros = prior.as_ref().is_some_and(|p| p.keep_zeros);
-    let weights = match prior {
-        Some(p) => {
-            for (name, (shape, _)) in &p.tensors {
-                if let Some(d) = dtypes.get_mut(name) {
-                    d.1.clone_from(shape);
-                }
-            }
-            weights::Weights::from_dense(p.tensors)
-        }
-        None => weights::from_model(model),
-    };
-    let mut llama = Decoder::load(&config, &weights, &Device::Cpu)?;
-    drop(weights);
+    let mut llama = Decoder::streamed(&config, source)?;
     // Selected for quantization: the scale dtype its pass would give it.
     let selected = |name: &str| -> Option<(mcompress_core::DType, Vec<usize>)> {
         let (dtype, shape) = dtypes.get(name)?;

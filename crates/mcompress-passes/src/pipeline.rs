@@ -49,6 +49,10 @@ pub struct PassReport {
     /// calibration or training before the weights stream (measured; `None` in reproducible
     /// mode).
     pub seconds: Option<f64>,
+    /// Peak resident memory, in bytes, while this pass's calibration, scoring or training ran
+    /// before the weights streamed (in `mcompress run`, on Linux; `None` for passes that only
+    /// rewrite tensors as they stream, and in reproducible mode).
+    pub peak_rss: Option<u64>,
     /// Tensors rewritten, with their error.
     pub tensors: Vec<TensorStat>,
     /// Largest relative RMSE.
@@ -225,6 +229,7 @@ pub fn run(
                 kind: p.name(),
                 settings: p.settings(),
                 seconds: measure_time.then_some(seconds[i]),
+                peak_rss: None,
                 tensors,
                 rel_rmse_max: max,
                 rel_rmse_mean: mean,
@@ -235,16 +240,40 @@ pub fn run(
     Ok(Output { passes: reports, params: planned.params, bytes })
 }
 
-/// Every float tensor of `model` as `passes` leave it, as f32 (quantized ones dequantized, sparse
-/// ones expanded), by name: what a calibrated pass later in the recipe calibrates on. Holds the
-/// whole model in memory (as calibration does).
-pub fn transformed_f32(model: &ModelSource, passes: &[Box<dyn Pass>]) -> Result<DenseTensors> {
-    let mut out = BTreeMap::new();
-    for r in model.tensors() {
-        let view = model.view(r);
+/// The float tensors of a model as `passes` leave it, one at a time, as f32 (quantized ones
+/// dequantized, sparse ones expanded): what a calibrated pass later in the recipe calibrates on,
+/// read block by block ([`mcompress_eval::decoder::Decoder::streamed`]) so that the transformed
+/// model is never held whole.
+pub struct Transformed<'a> {
+    model: &'a ModelSource,
+    passes: &'a [Box<dyn Pass>],
+    refs: BTreeMap<String, TensorRef>,
+    shapes: Vec<(String, Vec<usize>)>,
+}
+
+impl<'a> Transformed<'a> {
+    /// `model` after `passes` (planned: shapes are the passes' output shapes).
+    pub fn new(model: &'a ModelSource, passes: &'a [Box<dyn Pass>]) -> Self {
+        let planned = plan(model, passes);
+        let refs = model.tensors().iter().map(|r| (model.info(r).name.clone(), *r)).collect();
+        let shapes = planned
+            .params
+            .iter()
+            .filter(|(_, m)| match m {
+                ParamMeta::Dense { dtype, .. } | ParamMeta::Sparse { dtype, .. } => dtype.is_float(),
+                ParamMeta::Quantized { .. } => true,
+            })
+            .map(|(n, m)| (n.clone(), m.shape().to_vec()))
+            .collect();
+        Transformed { model, passes, refs, shapes }
+    }
+
+    /// One tensor after the passes, as f32 with its shape (`None`: not a float tensor).
+    fn tensor(&self, r: &TensorRef) -> Result<Option<(Vec<usize>, Vec<f32>)>> {
+        let view = self.model.view(r);
         let mut meta = ParamMeta::Dense { dtype: view.dtype, shape: view.shape.to_vec() };
         let mut param = Param::Dense { dtype: view.dtype, shape: view.shape.to_vec(), data: view.data };
-        for (pi, p) in passes.iter().enumerate() {
+        for (pi, p) in self.passes.iter().enumerate() {
             if let Plan::Change(m) = p.plan(view.name, &meta) {
                 param = p
                     .apply(view.name, param)
@@ -262,12 +291,50 @@ pub fn transformed_f32(model: &ModelSource, passes: &[Box<dyn Pass>]) -> Result<
             Param::Quantized(q) => Some((q.shape.clone(), q.dequantize())),
             other => other.dense_f32().map(|(_, shape, v)| (shape, v)),
         };
-        if let Some(v) = values {
-            out.insert(view.name.to_string(), v);
-        }
-        model.release(r);
+        drop(param);
+        self.model.release(r);
+        Ok(values)
     }
-    Ok(out)
+
+    /// Every float tensor, by name (the whole model in memory: what training takes).
+    ///
+    /// # Errors
+    /// A pass that fails on a tensor, named.
+    pub fn all(&self) -> Result<DenseTensors> {
+        let mut out = BTreeMap::new();
+        for r in self.model.tensors() {
+            if let Some(v) = self.tensor(r)? {
+                out.insert(self.model.info(r).name.clone(), v);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl mcompress_eval::weights::TensorSource for Transformed<'_> {
+    fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.shapes.clone()
+    }
+
+    fn load(&self, names: &[String]) -> mcompress_eval::Result<mcompress_eval::weights::Weights> {
+        let mut dense = BTreeMap::new();
+        for name in names {
+            let Some(r) = self.refs.get(name) else { continue };
+            if let Some(v) = self.tensor(r).map_err(|e| mcompress_eval::Error::Model(e.to_string()))? {
+                dense.insert(name.clone(), v);
+            }
+        }
+        Ok(mcompress_eval::weights::Weights::from_dense(dense))
+    }
+}
+
+/// Every float tensor of `model` as `passes` leave it, as f32, by name ([`Transformed::all`]):
+/// the whole model in memory (what training takes).
+///
+/// # Errors
+/// A pass that fails on a tensor, named.
+pub fn transformed_f32(model: &ModelSource, passes: &[Box<dyn Pass>]) -> Result<DenseTensors> {
+    Transformed::new(model, passes).all()
 }
 
 /// The model's config.json as the passes leave it (structured pruning shrinks sizes).

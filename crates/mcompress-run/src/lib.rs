@@ -292,6 +292,9 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
     // Per pass: wall seconds before the weights stream (scoring, calibration, training), added
     // to its streaming time in the report.
     let mut pre_seconds = vec![0f64; passes.len()];
+    // Per pass: peak resident memory while that work ran (the kernel's high-water mark, reset
+    // before each).
+    let mut pre_rss: Vec<Option<u64>> = vec![None; passes.len()];
     // Per pass: layers its calibration rewrote without data (experts no token reached), for the
     // report.
     let mut uncalibrated: Vec<Vec<String>> = vec![Vec::new(); passes.len()];
@@ -303,6 +306,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         && let Need::LayerScores(c) | Need::ExpertScores(c) = first.needs()
     {
         let t0 = Instant::now();
+        mcompress_core::fsutil::reset_peak_rss();
         let experts = matches!(first.needs(), Need::ExpertScores(_));
         let c = c.clone();
         let spec = mcompress_passes::calibrate::config_window_spec(&c);
@@ -319,6 +323,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         let config = map.config(&source.config().cloned().unwrap_or_default());
         restructured = Some(ModelSource::open(&recipe.model_path)?.restructured(|n| map.rename(n), config)?);
         pre_seconds[0] += t0.elapsed().as_secs_f64();
+        pre_rss[0] = mcompress_core::fsutil::peak_rss();
     }
     let model = restructured.as_ref().unwrap_or(&source);
     // Passes that read the whole model first (structured pruning's importances).
@@ -346,12 +351,14 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         let t0 = Instant::now();
         pass.prepare(model).map_err(|e| prepare_err(i, e))?;
         if let Need::Moments(c) = pass.needs() {
+            mcompress_core::fsutil::reset_peak_rss();
             let moments =
                 mcompress_eval::calibrate::input_moments(model, mcompress_passes::calibrate::config_window_spec(c))
                     .map_err(|e| {
                         Error::Calibration(format!("pass[{i}] {}: calibration: {e}", recipe.passes[i].kind))
                     })?;
             pass.provide(model, Provided::Moments(moments)).map_err(|e| prepare_err(i, e))?;
+            pre_rss[i] = mcompress_core::fsutil::peak_rss();
         }
         pre_seconds[i] += t0.elapsed().as_secs_f64();
     }
@@ -390,15 +397,18 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         }
         let spec = &recipe.passes[i];
         let t0 = Instant::now();
+        mcompress_core::fsutil::reset_peak_rss();
         // Each calibrates or trains on the model as the passes before it leave it.
         let (earlier, rest) = passes.split_at_mut(i);
         let pass = &mut rest[0];
+        // The earlier passes apply per tensor as the calibration reaches each block.
+        let transformed = pipeline::Transformed::new(model, earlier);
         let prior = if earlier.is_empty() {
             None
         } else {
             Some(mcompress_eval::calibrate::Prior {
                 config: pipeline::output_config(model, earlier).unwrap_or_default(),
-                tensors: pipeline::transformed_f32(model, earlier)?,
+                tensors: &transformed,
                 // Unstructured and N:M pruning leave exact zeros that must stay zero; structured
                 // pruning leaves none (its removed units are gone), and a zero it did not make
                 // (a quantized input's grid point) must stay trainable.
@@ -445,6 +455,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         };
         pass.provide(model, provided).map_err(|e| prepare_err(i, e))?;
         pre_seconds[i] += t0.elapsed().as_secs_f64();
+        pre_rss[i] = pre_rss[i].max(mcompress_core::fsutil::peak_rss());
     }
     for t in &recipe.targets {
         check_output_safe(&out_dir.join(&t.name), model)?;
@@ -510,9 +521,10 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
             (h.join().expect("hash thread does not panic"), out)
         });
         let (hashes, mut output): (_, pipeline::Output) = (hashes?, output?);
-        for ((r, pre), unseen) in output.passes.iter_mut().zip(&pre_seconds).zip(&uncalibrated) {
+        for (((r, pre), unseen), rss) in output.passes.iter_mut().zip(&pre_seconds).zip(&uncalibrated).zip(&pre_rss) {
             if let Some(sec) = &mut r.seconds {
                 *sec += pre;
+                r.peak_rss = *rss;
             }
             if !unseen.is_empty()
                 && let Some(s) = r.settings.as_object_mut()
