@@ -51,6 +51,17 @@ pub(crate) struct Args {
     /// fail (exit 2); `--resume` continues. For testing interrupted runs.
     #[arg(long, value_name = "N", hide = true)]
     distill_stop_after: Option<usize>,
+    /// Activations a calibrated pass (GPTQ, AWQ, Wanda, SparseGPT) keeps in memory, as
+    /// "512MiB", "4GB" or bytes; past it they go to an unlinked scratch file in the output
+    /// directory (same results, more disk reads). Default 1GiB.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    calibration_memory: Option<u64>,
+}
+
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    mcompress_recipe::ByteSize::parse(s)
+        .map(|b| b.0)
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 512MiB, 4GB, 1073741824)"))
 }
 
 pub(crate) fn exec(args: Args, mut out: impl Write) -> Result<Status> {
@@ -67,6 +78,7 @@ pub(crate) fn exec(args: Args, mut out: impl Write) -> Result<Status> {
         resume,
         distill_device,
         distill_stop_after,
+        calibration_memory,
     } = args;
 
     if let Some(n) = threads {
@@ -97,6 +109,7 @@ pub(crate) fn exec(args: Args, mut out: impl Write) -> Result<Status> {
             DistillDeviceArg::Wgpu => mcompress_passes::distill::TrainDevice::Wgpu,
         }),
         distill_stop_after,
+        calibration_memory,
     };
     let mut progress = ProgressOut::new(quiet || json);
     let summary = mcompress_run::run(&loaded, &opts, &mut |p| progress.update(p))?;

@@ -15,6 +15,7 @@ use mcompress_core::arch::{Family, Geometry, Role};
 
 use crate::linalg::{Strides, sgemm};
 use crate::linear::{Device, Lin};
+use crate::spill::{self, Scratch};
 use crate::weights::{TensorSource, Weights};
 use crate::{Error, Result};
 
@@ -150,6 +151,8 @@ pub struct Decoder<'s> {
     eps: f32,
     /// Where a streamed decoder's blocks come from, and each block's tensor names.
     source: Option<(&'s dyn TensorSource, Vec<Vec<String>>)>,
+    /// Where the trace's activations go past their memory budget.
+    scratch: Scratch,
 }
 
 impl std::fmt::Debug for Decoder<'_> {
@@ -175,14 +178,14 @@ struct Parts<'a> {
 }
 
 impl Parts<'_> {
-    fn bad(&self, m: String) -> Error {
+    fn bad(&self, m: &str) -> Error {
         Error::Model(format!("{}: {m}", self.g.family.model_type()))
     }
 
     /// A tensor as f32 (a norm with the family's gain offset added).
     fn get(&self, role: Role, l: usize) -> Result<Vec<f32>> {
         let f = self.g.family;
-        let mut v = self.w.get(&f.hf(role, l), &self.g.shape(role)).map_err(|m| self.bad(m))?;
+        let mut v = self.w.get(&f.hf(role, l), &self.g.shape(role)).map_err(|m| self.bad(&m))?;
         let norm_add = f.gguf_norm_offset();
         if role.is_norm() && norm_add != 0.0 {
             for x in &mut v {
@@ -198,7 +201,7 @@ impl Parts<'_> {
 
     fn lin_named(&self, name: &str, role: Role, bias: Option<Vec<f32>>) -> Result<Lin> {
         let s = self.g.shape(role);
-        Lin::new(self.w.matrix(name, s[0], s[1]).map_err(|m| self.bad(m))?, s[0], s[1], bias, self.device)
+        Lin::new(self.w.matrix(name, s[0], s[1]).map_err(|m| self.bad(&m))?, s[0], s[1], bias, self.device)
     }
 
     fn lin(&self, role: Role, bias: Option<Role>, l: usize) -> Result<Lin> {
@@ -269,7 +272,7 @@ impl Decoder<'static> {
         let g = Geometry::from_config(config).map_err(|e| Error::Model(format!("decoder: {e}")))?;
         let f = g.family;
         let parts = Parts { g: &g, w, device };
-        g.check_tensors(w.shapes()).map_err(|m| parts.bad(m))?;
+        g.check_tensors(w.shapes()).map_err(|m| parts.bad(&m))?;
         let layers = (0..g.layers).map(|i| parts.layer(i).map(Some)).collect::<Result<Vec<_>>>()?;
         let embed = parts.get(Role::Embed, 0)?;
         // Tied embeddings: lm_head is the embedding matrix (kept packed if the bundle quantized it).
@@ -287,6 +290,7 @@ impl Decoder<'static> {
             eps,
             g,
             source: None,
+            scratch: Scratch::default(),
         })
     }
 }
@@ -324,7 +328,27 @@ impl<'s> Decoder<'s> {
             eps,
             g,
             source: Some((source, blocks)),
+            scratch: Scratch::default(),
         })
+    }
+
+    /// Keeps the trace's activations within `scratch.budget` bytes of memory, the rest in a
+    /// scratch file in `scratch.dir` ([`Decoder::trace`]; the results are the same).
+    #[must_use]
+    pub fn with_scratch(mut self, scratch: Scratch) -> Self {
+        self.scratch = scratch;
+        self
+    }
+
+    /// Every window's embeddings, the residual streams the block-by-block passes carry (within
+    /// the scratch budget).
+    fn streams(&self, windows: &[Vec<u32>]) -> Result<spill::Windows> {
+        let lens = windows.iter().map(|w| w.len() * self.g.hidden).collect();
+        let mut xs = spill::Windows::new(lens, &self.scratch, self.scratch.budget)?;
+        for (i, w) in windows.iter().enumerate() {
+            xs.set(i, self.embed_ids(w)?)?;
+        }
+        Ok(xs)
     }
 
     /// Loads block `li` from the source of a streamed decoder (a loaded one has it).
@@ -617,7 +641,7 @@ impl<'s> Decoder<'s> {
     pub fn expert_scores(&mut self, windows: &[Vec<u32>]) -> Result<Vec<Vec<(f64, usize)>>> {
         let h = self.g.hidden;
         let mut out = Vec::with_capacity(self.layers.len());
-        let mut xs: Vec<Vec<f32>> = windows.iter().map(|w| self.embed_ids(w)).collect::<Result<_>>()?;
+        let mut xs = self.streams(windows)?;
         for li in 0..self.layers.len() {
             self.fetch(li)?;
             let l = self.layer(li);
@@ -625,18 +649,21 @@ impl<'s> Decoder<'s> {
                 return Err(Error::Model(format!("{}: expert scores of a dense MLP", self.g.family.model_type())));
             };
             let mut acc = vec![(0f64, 0usize); experts.len()];
-            for x in &mut xs {
-                self.add_attention(l, x)?;
-                let a = self.rms(x, &l.ln_ffn);
-                // The block's output and the scores from one run of the experts.
-                let y = self.mixture(router, experts, *top_k, &a, &mut |e, rows, _, out| {
-                    for ((_, w), row) in rows.iter().zip(out.chunks(h)) {
-                        acc[e].0 += f64::from(*w) * row.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
-                    }
-                    acc[e].1 += rows.len();
+            for i in 0..xs.len() {
+                xs.update(i, |x| {
+                    self.add_attention(l, x)?;
+                    let a = self.rms(x, &l.ln_ffn);
+                    // The block's output and the scores from one run of the experts.
+                    let y = self.mixture(router, experts, *top_k, &a, &mut |e, rows, _, out| {
+                        for ((_, w), row) in rows.iter().zip(out.chunks(h)) {
+                            acc[e].0 += f64::from(*w) * row.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+                        }
+                        acc[e].1 += rows.len();
+                    })?;
+                    let d = self.post_norm(y, l.post_ffn.as_ref());
+                    x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
+                    Ok(())
                 })?;
-                let d = self.post_norm(y, l.post_ffn.as_ref());
-                x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
             }
             out.push(acc);
             self.evict(li);
@@ -648,17 +675,20 @@ impl<'s> Decoder<'s> {
     /// layer, over every window (what block influence is computed from). Block by block, every
     /// window's stream held.
     pub fn layer_cosines(&mut self, windows: &[Vec<u32>]) -> Result<Vec<f64>> {
-        let mut xs: Vec<Vec<f32>> = windows.iter().map(|w| self.embed_ids(w)).collect::<Result<_>>()?;
+        let mut xs = self.streams(windows)?;
         let mut out = Vec::with_capacity(self.layers.len());
         for li in 0..self.layers.len() {
             self.fetch(li)?;
             let l = self.layer(li);
             let mut acc = crate::calibrate::CosMean::default();
-            for x in &mut xs {
-                let before = x.clone();
-                self.add_attention(l, x)?;
-                self.add_mlp(l, x)?;
-                acc.add(&before, x, self.g.hidden);
+            for i in 0..xs.len() {
+                xs.update(i, |x| {
+                    let before = x.clone();
+                    self.add_attention(l, x)?;
+                    self.add_mlp(l, x)?;
+                    acc.add(&before, x, self.g.hidden);
+                    Ok(())
+                })?;
             }
             out.push(acc.mean());
             self.evict(li);
@@ -689,37 +719,54 @@ impl<'s> Decoder<'s> {
     /// architecture; the observer sees roles, names and matrices only.
     pub fn trace(&mut self, windows: &[Vec<u32>], obs: &mut dyn Observer, progress: &dyn Fn()) -> Result<()> {
         let family = self.g.family;
-        let mut xs: Vec<Vec<f32>> = windows.iter().map(|w| self.embed_ids(w)).collect::<Result<_>>()?;
         let hidden = self.g.hidden;
+        // The three sets held at once (residual streams, attention contexts, normed streams)
+        // share the activation budget.
+        let budget = self.scratch.budget / 3;
+        let tokens: Vec<usize> = windows.iter().map(Vec::len).collect();
+        let mut xs = spill::Windows::new(tokens.iter().map(|t| t * hidden).collect(), &self.scratch, budget)?;
+        for (i, w) in windows.iter().enumerate() {
+            xs.set(i, self.embed_ids(w)?)?;
+        }
         for li in 0..self.layers.len() {
             self.fetch(li)?;
             let site = |readers, producer, width| Site { family, layer: li, expert: None, readers, producer, width };
             // q, k, v: the normed residual stream.
             let s = site(family.attn_readers(), Producer::Norm(Role::AttnNorm), hidden);
-            for x in &xs {
-                obs.input(&s, &self.rms(x, &self.layer(li).ln_in))?;
+            for i in 0..xs.len() {
+                obs.input(&s, &self.rms(&xs.get(i)?, &self.layer(li).ln_in))?;
             }
             obs.rewrite(&s, &mut self.block(li, None))?;
             // o: the attention contexts (from q, k, v as rewritten).
-            let ctxs: Vec<Vec<f32>> = xs.iter().map(|x| self.attn_context(self.layer(li), x)).collect::<Result<_>>()?;
-            let s = site(&[Role::O][..], Producer::Opaque, self.layer(li).o.inp);
-            for c in &ctxs {
-                obs.input(&s, c)?;
+            let width = self.layer(li).o.inp;
+            let mut ctxs = spill::Windows::new(tokens.iter().map(|t| t * width).collect(), &self.scratch, budget)?;
+            for i in 0..xs.len() {
+                ctxs.set(i, self.attn_context(self.layer(li), &xs.get(i)?)?)?;
+            }
+            let s = site(&[Role::O][..], Producer::Opaque, width);
+            for i in 0..ctxs.len() {
+                obs.input(&s, &ctxs.get(i)?)?;
             }
             obs.rewrite(&s, &mut self.block(li, None))?;
-            for (x, c) in xs.iter_mut().zip(&ctxs) {
-                let o = self.attn_out(self.layer(li), c)?;
-                x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            for i in 0..xs.len() {
+                let o = self.attn_out(self.layer(li), &ctxs.get(i)?)?;
+                xs.update(i, |x| {
+                    x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+                    Ok(())
+                })?;
             }
             drop(ctxs);
-            let normed: Vec<Vec<f32>> = xs.iter().map(|x| self.rms(x, &self.layer(li).ln_ffn)).collect();
+            let mut normed = spill::Windows::new(tokens.iter().map(|t| t * hidden).collect(), &self.scratch, budget)?;
+            for i in 0..xs.len() {
+                normed.set(i, self.rms(&xs.get(i)?, &self.layer(li).ln_ffn))?;
+            }
             if family.is_moe() {
                 self.trace_experts(li, &normed, obs)?;
             } else {
                 // gate, up: the normed stream after attention.
                 let s = site(family.mlp_readers(), Producer::Norm(Role::FfnNorm), hidden);
-                for a in &normed {
-                    obs.input(&s, a)?;
+                for i in 0..normed.len() {
+                    obs.input(&s, &normed.get(i)?)?;
                 }
                 obs.rewrite(&s, &mut self.block(li, None))?;
                 // down: the gated activations (from the norm and gate and up as rewritten: AWQ
@@ -728,17 +775,17 @@ impl<'s> Decoder<'s> {
                 let producer = if family.has(Role::Up) { Producer::Rows(Role::Up) } else { Producer::Opaque };
                 let Ffn::Dense { down, .. } = &self.layer(li).ffn else { unreachable!("dense family") };
                 let s = site(&[Role::Down][..], producer, down.inp);
-                for x in &xs {
+                for i in 0..xs.len() {
                     let l = self.layer(li);
                     let Ffn::Dense { gate_up, .. } = &l.ffn else { unreachable!("dense family") };
-                    obs.input(&s, &self.mlp_act(gate_up, &self.rms(x, &l.ln_ffn))?)?;
+                    obs.input(&s, &self.mlp_act(gate_up, &self.rms(&xs.get(i)?, &l.ln_ffn))?)?;
                 }
                 obs.rewrite(&s, &mut self.block(li, None))?;
             }
             drop(normed);
             // The block's output with every rewrite applied (the norm too).
-            for x in &mut xs {
-                self.add_mlp(self.layer(li), x)?;
+            for i in 0..xs.len() {
+                xs.update(i, |x| self.add_mlp(self.layer(li), x))?;
             }
             obs.block_done(li, &mut self.block(li, None))?;
             self.evict(li);
@@ -752,34 +799,33 @@ impl<'s> Decoder<'s> {
     /// expert, gate and up read the tokens routed to the expert (by the router as rewritten),
     /// down their activations. An expert no token reached sees sites with no rows. No site here
     /// has a norm for a producer, so `normed` stays what the experts read.
-    fn trace_experts(&mut self, li: usize, normed: &[Vec<f32>], obs: &mut dyn Observer) -> Result<()> {
+    fn trace_experts(&mut self, li: usize, normed: &spill::Windows, obs: &mut dyn Observer) -> Result<()> {
         let (family, hidden) = (self.g.family, self.g.hidden);
         let site = |expert, readers, producer, width| Site { family, layer: li, expert, readers, producer, width };
         let s = site(None, &[Role::Router][..], Producer::Opaque, hidden);
-        for a in normed {
-            obs.input(&s, a)?;
+        for i in 0..normed.len() {
+            obs.input(&s, &normed.get(i)?)?;
         }
         obs.rewrite(&s, &mut self.block(li, None))?;
         let Ffn::Moe { router, experts, top_k } = &self.layer(li).ffn else { unreachable!("mixture family") };
-        let routes: Vec<Vec<Vec<usize>>> = normed
-            .iter()
-            .map(|a| {
-                let r = routes(router, experts.len(), (*top_k, self.g.norm_topk), a)?;
+        let routes: Vec<Vec<Vec<usize>>> = (0..normed.len())
+            .map(|i| {
+                let r = routes(router, experts.len(), (*top_k, self.g.norm_topk), &normed.get(i)?)?;
                 Ok(r.into_iter().map(|rows| rows.into_iter().map(|(t, _)| t).collect()).collect())
             })
             .collect::<Result<_>>()?;
         let n_experts = experts.len();
         for e in 0..n_experts {
             let s = site(Some(e), &[Role::ExpertGate, Role::ExpertUp][..], Producer::Opaque, hidden);
-            for (a, r) in normed.iter().zip(&routes) {
-                obs.input(&s, &gather(a, hidden, &r[e]))?;
+            for (i, r) in routes.iter().enumerate() {
+                obs.input(&s, &gather(&normed.get(i)?, hidden, &r[e]))?;
             }
             obs.rewrite(&s, &mut self.block(li, Some(e)))?;
             let Ffn::Moe { experts, .. } = &self.layer(li).ffn else { unreachable!("mixture family") };
             let ex = &experts[e];
             let s = site(Some(e), &[Role::ExpertDown][..], Producer::Rows(Role::ExpertUp), ex.down.inp);
-            for (a, r) in normed.iter().zip(&routes) {
-                obs.input(&s, &self.expert_act(ex, &gather(a, hidden, &r[e]))?)?;
+            for (i, r) in routes.iter().enumerate() {
+                obs.input(&s, &self.expert_act(ex, &gather(&normed.get(i)?, hidden, &r[e]))?)?;
             }
             obs.rewrite(&s, &mut self.block(li, Some(e)))?;
         }
@@ -819,7 +865,7 @@ impl<'s> Decoder<'s> {
             }
         }
         let f = self.g.family;
-        let mut xs: Vec<Vec<f32>> = windows.iter().map(|w| self.embed_ids(w)).collect::<Result<_>>()?;
+        let mut xs = self.streams(windows)?;
         let tokens = windows.iter().map(Vec::len).sum::<usize>().max(1) as f64;
         let mut out = BTreeMap::new();
         let mut put = |name: String, m: &[f64]| {
@@ -837,30 +883,33 @@ impl<'s> Decoder<'s> {
                 Ffn::Moe { experts, .. } => experts.iter().map(|e| vec![0f64; e.down.inp]).collect(),
             };
             let mut m_expert_in = vec![vec![0f64; h]; m_down.len()];
-            for x in &mut xs {
-                acc(&mut m_in, &self.rms(x, &l.ln_in));
-                let c = self.attn_context(l, x)?;
-                acc(&mut m_o, &c);
-                let o = self.attn_out(l, &c)?;
-                x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
-                let a = self.rms(x, &l.ln_ffn);
-                acc(&mut m_post, &a);
-                let y = match &l.ffn {
-                    Ffn::Dense { gate_up, down } => {
-                        let act = self.mlp_act(gate_up, &a)?;
-                        acc(&mut m_down[0], &act);
-                        down.apply(&act)?
-                    }
-                    Ffn::Moe { router, experts, top_k } => {
-                        self.mixture(router, experts, *top_k, &a, &mut |e, rows, act, _| {
-                            let idx: Vec<usize> = rows.iter().map(|r| r.0).collect();
-                            acc_routed(&mut m_expert_in[e], rows, &gather(&a, h, &idx));
-                            acc_routed(&mut m_down[e], rows, act);
-                        })?
-                    }
-                };
-                let d = self.post_norm(y, l.post_ffn.as_ref());
-                x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
+            for i in 0..xs.len() {
+                xs.update(i, |x| {
+                    acc(&mut m_in, &self.rms(x, &l.ln_in));
+                    let c = self.attn_context(l, x)?;
+                    acc(&mut m_o, &c);
+                    let o = self.attn_out(l, &c)?;
+                    x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+                    let a = self.rms(x, &l.ln_ffn);
+                    acc(&mut m_post, &a);
+                    let y = match &l.ffn {
+                        Ffn::Dense { gate_up, down } => {
+                            let act = self.mlp_act(gate_up, &a)?;
+                            acc(&mut m_down[0], &act);
+                            down.apply(&act)?
+                        }
+                        Ffn::Moe { router, experts, top_k } => {
+                            self.mixture(router, experts, *top_k, &a, &mut |e, rows, act, _| {
+                                let idx: Vec<usize> = rows.iter().map(|r| r.0).collect();
+                                acc_routed(&mut m_expert_in[e], rows, &gather(&a, h, &idx));
+                                acc_routed(&mut m_down[e], rows, act);
+                            })?
+                        }
+                    };
+                    let d = self.post_norm(y, l.post_ffn.as_ref());
+                    x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
+                    Ok(())
+                })?;
             }
             for &r in f.attn_readers() {
                 put(f.hf(r, li), &m_in);
@@ -883,8 +932,8 @@ impl<'s> Decoder<'s> {
         }
         // The output head (lm_head, or the tied embedding) reads the final normed stream.
         let mut m = vec![0f64; self.g.hidden];
-        for x in &xs {
-            acc(&mut m, &self.rms(x, &self.norm));
+        for i in 0..xs.len() {
+            acc(&mut m, &self.rms(&xs.get(i)?, &self.norm));
         }
         put(f.hf(Role::Output, 0), &m);
         Ok(out)
@@ -1124,5 +1173,128 @@ impl Block<'_> {
             *g /= s;
         }
         Ok(gain.iter().map(|v| v - self.norm_add).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Random weights of every tensor a config's model has.
+    fn tiny(config: &serde_json::Value) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+        let g = Geometry::from_config(config).unwrap();
+        let mut seed = 11u64;
+        g.expected()
+            .into_iter()
+            .map(|(name, role, shape)| {
+                let v = (0..shape.iter().product::<usize>())
+                    .map(|_| {
+                        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                        let u = (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                        if role.is_norm() { 1.0 + 0.2 * u } else { u * 0.6 }
+                    })
+                    .collect();
+                (name, (shape, v))
+            })
+            .collect()
+    }
+
+    /// A source that records what each load asked for.
+    struct Recorded {
+        tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+        loads: Mutex<Vec<Vec<String>>>,
+    }
+
+    impl TensorSource for Recorded {
+        fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+            self.tensors.iter().map(|(n, (s, _))| (n.clone(), s.clone())).collect()
+        }
+
+        fn load(&self, names: &[String]) -> Result<Weights> {
+            self.loads.lock().unwrap().push(names.to_vec());
+            Ok(Weights::from_dense(names.iter().map(|n| (n.clone(), self.tensors[n].clone())).collect()))
+        }
+    }
+
+    /// Records every input it sees and halves every reader's weights (so that a rewrite changes
+    /// what later sites and blocks see).
+    #[derive(Default)]
+    struct Halve {
+        seen: Vec<(String, Vec<u32>)>,
+    }
+
+    impl Observer for Halve {
+        fn input(&mut self, site: &Site, x: &[f32]) -> Result<()> {
+            self.seen.push((site.name(site.readers[0]), x.iter().map(|v| v.to_bits()).collect()));
+            Ok(())
+        }
+
+        fn rewrite(&mut self, site: &Site, block: &mut Block<'_>) -> Result<()> {
+            for &role in site.readers {
+                let w: Vec<f32> = block.weights(role)?.iter().map(|v| v * 0.5).collect();
+                block.set_weights(role, w)?;
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn test_streamed_and_spilled_passes_equal_the_loaded_model_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let windows = vec![vec![1u32, 5, 9, 3, 22, 17], vec![8, 39, 0, 12, 4, 4], vec![30, 2, 2]];
+        for (model_type, extra) in [
+            ("llama", serde_json::json!({})),
+            ("phi3", serde_json::json!({})),
+            ("mixtral", serde_json::json!({"num_local_experts": 4, "num_experts_per_tok": 2})),
+        ] {
+            let mut config = serde_json::json!({"model_type": model_type, "hidden_size": 16, "num_attention_heads": 2,
+                "num_key_value_heads": 1, "num_hidden_layers": 3, "intermediate_size": 24, "vocab_size": 40});
+            for (k, v) in extra.as_object().unwrap() {
+                config[k] = v.clone();
+            }
+            let tensors = tiny(&config);
+            let source = Recorded { tensors: tensors.clone(), loads: Mutex::new(Vec::new()) };
+            let loaded = || Decoder::load(&config, &Weights::from_dense(tensors.clone()), &Device::Cpu).unwrap();
+            let trace = |mut d: Decoder<'_>| {
+                let mut obs = Halve::default();
+                d.trace(&windows, &mut obs, &|| {}).unwrap();
+                obs.seen
+            };
+            let expected = trace(loaded());
+            assert!(!expected.is_empty());
+            let streamed = Decoder::streamed(&config, &source).unwrap();
+            assert_eq!(trace(streamed), expected, "{model_type}: streamed");
+            let spilled = Decoder::streamed(&config, &source)
+                .unwrap()
+                .with_scratch(Scratch { dir: dir.path().to_path_buf(), budget: 0 });
+            assert_eq!(trace(spilled), expected, "{model_type}: streamed, activations in the scratch file");
+            // After the embedding and the final norm, one block per load, each once per pass.
+            let loads = source.loads.lock().unwrap().clone();
+            assert_eq!(loads.len(), 2 * (1 + 3), "{model_type}: {loads:?}");
+            for (i, names) in loads[1..4].iter().enumerate() {
+                let prefix = format!("model.layers.{i}.");
+                assert!(names.iter().all(|n| n.starts_with(&prefix)), "{model_type}: {names:?}");
+            }
+            let moments = loaded().input_moments(&windows).unwrap();
+            let mut spilled = Decoder::streamed(&config, &source)
+                .unwrap()
+                .with_scratch(Scratch { dir: dir.path().to_path_buf(), budget: 0 });
+            assert_eq!(spilled.input_moments(&windows).unwrap(), moments, "{model_type}: moments");
+            assert_eq!(
+                Decoder::streamed(&config, &source).unwrap().layer_cosines(&windows).unwrap(),
+                loaded().layer_cosines(&windows).unwrap(),
+                "{model_type}: layer cosines"
+            );
+            if model_type == "mixtral" {
+                assert_eq!(
+                    Decoder::streamed(&config, &source).unwrap().expert_scores(&windows).unwrap(),
+                    loaded().expert_scores(&windows).unwrap()
+                );
+            }
+            assert!(Decoder::streamed(&config, &source).unwrap().logits(&[1, 2]).is_err(), "no head when streamed");
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "scratch files leave nothing behind");
     }
 }

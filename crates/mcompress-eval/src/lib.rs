@@ -32,6 +32,7 @@ pub mod linalg;
 pub mod linear;
 pub mod mlp;
 pub mod sets;
+pub mod spill;
 pub mod weights;
 
 use std::path::Path;

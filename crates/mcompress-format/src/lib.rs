@@ -10,6 +10,7 @@
 
 pub mod compressed_tensors;
 pub mod quant;
+pub mod results;
 pub mod sparse;
 
 use std::borrow::Cow;
@@ -18,6 +19,7 @@ use std::collections::BTreeMap;
 use mcompress_core::{DType, TensorEntry};
 
 pub use quant::{Fp4Format, Fp8Strategy, QKind, QScheme, Quantized};
+pub use results::{ResultKind, Results};
 
 /// Tensors by name: shape and f32 values.
 pub type DenseTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;

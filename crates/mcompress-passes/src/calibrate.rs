@@ -32,15 +32,18 @@ pub fn config_window_spec(c: &crate::quant::CalibrationConfig) -> WindowSpec<'_>
 /// passes): the tensors it produced, by name, for [`Pass::provide`], and the layers whose input
 /// had no calibration row (experts no token was routed to), which GPTQ, Wanda and SparseGPT
 /// rewrote without data (an identity Hessian: round-to-nearest, magnitude pruning). Decoder
-/// families of [`Family`] only.
+/// families of [`Family`] only. The model streams block by block ([`Decoder::streamed`]): one
+/// block's weights in f32 at a time, earlier passes applied per tensor as it is read, and the
+/// windows' activations within `scratch`'s budget (the rest in its scratch file).
 pub fn run(
     model: &ModelSource,
     pass: &dyn Pass,
     cal: &Calibration,
-    prior: Option<Prior<'_>>,
+    prior: Option<&Prior<'_>>,
+    scratch: &mcompress_eval::spill::Scratch,
     progress: bool,
-) -> Result<(BTreeMap<String, Calibrated>, Vec<String>)> {
-    let config = prior.as_ref().map_or_else(|| model.config().cloned().unwrap_or_default(), |p| p.config.clone());
+) -> Result<(crate::Results, Vec<String>)> {
+    let config = prior.map_or_else(|| model.config().cloned().unwrap_or_default(), |p| p.config.clone());
     if Family::of_config(&config).is_none() {
         return Err(Error::Model(format!(
             "{}: calibration runs decoder models ({DECODERS}); this model_type is {:?}",
@@ -50,7 +53,7 @@ pub fn run(
     }
     let windows = windows(model, window_spec(cal))?;
     let as_given = weights::ModelTensors::new(model);
-    let source: &dyn weights::TensorSource = prior.as_ref().map_or(&as_given, |p| p.tensors);
+    let source: &dyn weights::TensorSource = prior.map_or(&as_given, |p| p.tensors);
     // Each tensor's dtype in the input and its shape as the calibration sees it (after the
     // earlier passes).
     let shapes: BTreeMap<String, Vec<usize>> = source.shapes().into_iter().collect();
@@ -62,8 +65,8 @@ pub fn run(
             Some((i.name.clone(), (i.dtype, shapes.get(&i.name)?.clone())))
         })
         .collect();
-    let keep_zeros = prior.as_ref().is_some_and(|p| p.keep_zeros);
-    let mut llama = Decoder::streamed(&config, source)?;
+    let keep_zeros = prior.is_some_and(|p| p.keep_zeros);
+    let mut llama = Decoder::streamed(&config, source)?.with_scratch(scratch.clone());
     // Selected for quantization: the scale dtype its pass would give it.
     let selected = |name: &str| -> Option<(mcompress_core::DType, Vec<usize>)> {
         let (dtype, shape) = dtypes.get(name)?;
@@ -77,10 +80,12 @@ pub fn run(
             .progress_chars("=> "),
     );
     let tick = || bar.inc(1);
+    // Results past the memory budget wait for the weights to stream in the scratch file.
+    let results = || crate::Results::spilling(scratch.dir.clone(), scratch.budget);
     let out = match cal.method {
         CalibrationMethod::Gptq(opts, scheme) => {
             bar.set_message(format!("gptq, {} x {} tokens", cal.samples, cal.seq_len));
-            let mut obs = Rewrite::new(|name: &str, w: &[f32], _: (usize, usize), h: Vec<f64>| {
+            let mut obs = Rewrite::new(results(), |name: &str, w: &[f32], _: (usize, usize), h: Vec<f64>| {
                 let Some((dtype, shape)) = selected(name) else { return Ok(None) };
                 // After pruning: the zeros stay zeros (their codes are the zero point).
                 let keep: Option<Vec<bool>> =
@@ -95,7 +100,13 @@ pub fn run(
         }
         CalibrationMethod::Awq { grid, scheme } => {
             bar.set_message(format!("awq, {} x {} tokens", cal.samples, cal.seq_len));
-            let mut obs = crate::quant::awq::Awq::new(scheme, grid, &selected);
+            let mut obs = crate::quant::awq::Awq::new(
+                scheme,
+                grid,
+                &selected,
+                results(),
+                (scratch.dir.clone(), scratch.budget / 3),
+            );
             llama.trace(&windows, &mut obs, &tick)?;
             obs.into_results()
         }
@@ -111,7 +122,7 @@ pub fn run(
                 cal.seq_len
             ));
             // Each pruned layer feeds the next one's inputs (block by block, as GPTQ).
-            let mut obs = Rewrite::new(|name: &str, w: &[f32], (_, cols): (usize, usize), h: Vec<f64>| {
+            let mut obs = Rewrite::new(results(), |name: &str, w: &[f32], (_, cols): (usize, usize), h: Vec<f64>| {
                 if selected(name).is_none() {
                     return Ok(None);
                 }
@@ -181,17 +192,18 @@ type RewriteFn<'a> = dyn FnMut(&str, &[f32], (usize, usize), Vec<f64>) -> std::r
 struct Rewrite<'a> {
     hessian: Option<Hessian>,
     f: Box<RewriteFn<'a>>,
-    out: BTreeMap<String, Calibrated>,
+    out: crate::Results,
     /// Layers rewritten without data (their input had no row).
     unseen: Vec<String>,
 }
 
 impl<'a> Rewrite<'a> {
     fn new(
+        out: crate::Results,
         f: impl FnMut(&str, &[f32], (usize, usize), Vec<f64>) -> std::result::Result<Option<(Calibrated, Vec<f32>)>, String>
         + 'a,
     ) -> Self {
-        Rewrite { hessian: None, f: Box::new(f), out: BTreeMap::new(), unseen: Vec::new() }
+        Rewrite { hessian: None, f: Box::new(f), out, unseen: Vec::new() }
     }
 }
 
@@ -214,7 +226,7 @@ impl Observer for Rewrite<'_> {
             if !seen {
                 self.unseen.push(name.clone());
             }
-            self.out.insert(name, result);
+            self.out.insert(name, result).map_err(|e| Error::Model(e.to_string()))?;
         }
         Ok(())
     }

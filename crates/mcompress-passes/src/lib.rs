@@ -28,7 +28,7 @@ use std::fmt;
 
 use mcompress_recipe::Recipe;
 
-pub use mcompress_format::{Calibrated, DenseTensors, Param, ParamMeta, sparse};
+pub use mcompress_format::{Calibrated, DenseTensors, Param, ParamMeta, ResultKind, Results, sparse};
 pub use quant::{Fp4Format, Fp8Strategy, QKind, QScheme, Quantized};
 pub use select::ParamSelector;
 
@@ -175,7 +175,7 @@ pub enum Provided {
     /// For [`Need::ExpertScores`]: per block, per expert, (score, tokens routed to it).
     ExpertScores(Vec<Vec<(f64, usize)>>),
     /// For [`Need::Calibration`]: what the calibration produced, by tensor name.
-    Tensors(std::collections::BTreeMap<String, Calibrated>),
+    Tensors(Results),
     /// For [`Need::Training`]: the trained tensors, and what the training measured (steps,
     /// losses, speed) for the report.
     Trained {

@@ -64,7 +64,13 @@ pub struct RunOptions {
     /// `distill` passes stop after this many steps of this process, leaving a checkpoint (the
     /// run then fails; `--resume` continues). For tests of interrupted runs.
     pub distill_stop_after: Option<usize>,
+    /// Bytes of activations a calibrated pass keeps in memory; past it they go to an unlinked
+    /// scratch file in the output directory. `None`: [`DEFAULT_CALIBRATION_MEMORY`].
+    pub calibration_memory: Option<u64>,
 }
+
+/// What a calibrated pass keeps of its activations in memory when the run does not say: 1 GiB.
+pub const DEFAULT_CALIBRATION_MEMORY: u64 = 1 << 30;
 
 /// Outcome for one target.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -389,6 +395,11 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
             checkpoint_dirs.insert(d.index, (dir, keep_dir));
         }
     }
+    // Calibration activations past their memory budget go next to the bundles.
+    let scratch = mcompress_eval::spill::Scratch {
+        dir: out_dir.clone(),
+        budget: opts.calibration_memory.unwrap_or(DEFAULT_CALIBRATION_MEMORY),
+    };
     // Calibrated passes (GPTQ, AWQ, Wanda, SparseGPT) and training passes (distill) run on the
     // model before anything streams, in recipe order.
     for i in 0..passes.len() {
@@ -417,10 +428,15 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         };
         let provided = match pass.needs() {
             Need::Calibration(cal) => {
-                let (tensors, unseen) =
-                    mcompress_passes::calibrate::run(model, pass.as_ref(), cal, prior, opts.progress).map_err(|e| {
-                        Error::Calibration(format!("pass[{}] {}: calibration: {e}", spec.index, spec.kind))
-                    })?;
+                let (tensors, unseen) = mcompress_passes::calibrate::run(
+                    model,
+                    pass.as_ref(),
+                    cal,
+                    prior.as_ref(),
+                    &scratch,
+                    opts.progress,
+                )
+                .map_err(|e| Error::Calibration(format!("pass[{}] {}: calibration: {e}", spec.index, spec.kind)))?;
                 if !unseen.is_empty() {
                     uncalibrated[i].clone_from(&unseen);
                     early_warnings.push(format!(

@@ -468,7 +468,7 @@ pub struct CalibratedPrune {
     select: Select,
     calibration: Calibration,
     /// The masks and compensated values, by tensor name; `None` until provided.
-    results: Option<std::collections::BTreeMap<String, Calibrated>>,
+    results: Option<crate::Results>,
 }
 
 impl Pass for CalibratedPrune {
@@ -487,7 +487,7 @@ impl Pass for CalibratedPrune {
         let plan = self.select.plan(name, meta);
         let Some(results) = self.results.as_ref() else { return plan };
         match plan {
-            Plan::Change(_) if !results.contains_key(name) => Plan::Skip(
+            Plan::Change(_) if results.kind(name).is_none() => Plan::Skip(
                 "not a linear layer of a decoder block (calibrated pruning reaches those; prune-magnitude prunes any matrix)"
                     .into(),
             ),
@@ -498,7 +498,14 @@ impl Pass for CalibratedPrune {
     fn apply<'a>(&self, name: &str, param: Param<'a>) -> Result<Applied<'a>, String> {
         let (dtype, shape, before) =
             param.dense_f32().ok_or("already quantized (prune before quantizing) or not a float tensor")?;
-        let Some(Calibrated::Pruned { values, keep }) = self.results.as_ref().and_then(|r| r.get(name)).cloned() else {
+        let result = self
+            .results
+            .as_ref()
+            .map(|r| r.get(name))
+            .transpose()
+            .map_err(|e| format!("reading its calibrated result back: {e}"))?
+            .flatten();
+        let Some(Calibrated::Pruned { values, keep }) = result else {
             return Err("no calibrated result: the calibration did not reach this tensor".into());
         };
         let rel = stat(&before, &values);

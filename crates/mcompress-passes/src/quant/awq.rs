@@ -7,8 +7,6 @@
 //! block (scaling is exact up to rounding), as the reference implementation does. Which layers
 //! share an input and what produces it come from the runtime ([`Site`]), not from here.
 
-use std::collections::BTreeMap;
-
 use mcompress_core::DType;
 use mcompress_eval::decoder::{Block, Observer, Producer, Site};
 use mcompress_eval::linalg::linear;
@@ -23,27 +21,95 @@ pub type Selected<'a> = &'a dyn Fn(&str) -> Option<(DType, Vec<usize>)>;
 /// Rows of calibration input the scale search scores each candidate on.
 const AWQ_ROWS: usize = 2048;
 
+/// A site's inputs as AWQ reads them: `Σ|x_c|` per channel over every row, and the rows
+/// themselves (in memory up to a budget, past it appended to an unlinked scratch file), from
+/// which the search draws its stride sample once the row count is known.
+struct Acts {
+    mean: Vec<f64>,
+    rows: usize,
+    mem: Vec<f32>,
+    /// The scratch file and the rows in it (they follow the rows in memory).
+    file: Option<(std::fs::File, usize)>,
+    scratch: (std::path::PathBuf, u64),
+}
+
+impl Acts {
+    fn new(scratch: (std::path::PathBuf, u64)) -> Self {
+        Acts { mean: Vec::new(), rows: 0, mem: Vec::new(), file: None, scratch }
+    }
+
+    fn add(&mut self, x: &[f32], k: usize) -> Result<()> {
+        if self.mean.len() != k {
+            self.mean = vec![0f64; k];
+        }
+        for row in x.chunks(k) {
+            for (m, v) in self.mean.iter_mut().zip(row) {
+                *m += f64::from(v.abs());
+            }
+        }
+        self.rows += x.len() / k;
+        let io = |e: std::io::Error| Error::Model(format!("AWQ activations scratch file: {e}"));
+        if self.file.is_none() && ((self.mem.len() + x.len()) * 4) as u64 <= self.scratch.1 {
+            self.mem.extend_from_slice(x);
+            return Ok(());
+        }
+        if self.file.is_none() {
+            self.file = Some((tempfile::tempfile_in(&self.scratch.0).map_err(io)?, 0));
+        }
+        let (f, n) = self.file.as_mut().expect("opened");
+        let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::os::unix::fs::FileExt::write_all_at(f, &bytes, (*n * k * 4) as u64).map_err(io)?;
+        *n += x.len() / k;
+        Ok(())
+    }
+
+    /// Every `stride`-th row (from row 0), `[⌈rows / stride⌉, k]`.
+    fn sample(&self, k: usize, stride: usize) -> Result<Vec<f32>> {
+        let in_mem = self.mem.len() / k.max(1);
+        let mut out = Vec::new();
+        let mut row = vec![0u8; k * 4];
+        for r in (0..self.rows).step_by(stride.max(1)) {
+            if r < in_mem {
+                out.extend_from_slice(&self.mem[r * k..(r + 1) * k]);
+            } else {
+                let (f, _) = self.file.as_ref().expect("rows past memory are in the file");
+                std::os::unix::fs::FileExt::read_exact_at(f, &mut row, ((r - in_mem) * k * 4) as u64)
+                    .map_err(|e| Error::Model(format!("AWQ activations scratch file: {e}")))?;
+                out.extend(row.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// The AWQ observer: scales per site, then the rounded matrices per block.
 pub struct Awq<'a> {
     scheme: QScheme,
     grid: usize,
     selected: Selected<'a>,
-    /// The current site's inputs, every window's rows (only for a site AWQ scales).
-    acts: Vec<f32>,
-    out: BTreeMap<String, Calibrated>,
+    /// The current site's inputs (only for a site AWQ scales).
+    acts: Acts,
+    out: crate::Results,
     /// Layers whose site had no row (experts no token reached): rounded unscaled.
     unseen: Vec<String>,
 }
 
 impl<'a> Awq<'a> {
     /// AWQ to `scheme` with `grid` exponents, on the tensors `selected` names.
-    pub fn new(scheme: QScheme, grid: usize, selected: Selected<'a>) -> Self {
-        Awq { scheme, grid, selected, acts: Vec::new(), out: BTreeMap::new(), unseen: Vec::new() }
+    /// Inputs past `scratch.1` bytes wait in a scratch file in `scratch.0`.
+    pub fn new(
+        scheme: QScheme,
+        grid: usize,
+        selected: Selected<'a>,
+        out: crate::Results,
+        scratch: (std::path::PathBuf, u64),
+    ) -> Self {
+        Awq { scheme, grid, selected, acts: Acts::new(scratch), out, unseen: Vec::new() }
     }
 
     /// The quantized matrices and the rewritten dense tensors (norms, `up_proj`), by name; and
     /// the layers that were rounded without scales because their input had no row.
-    pub fn into_results(self) -> (BTreeMap<String, Calibrated>, Vec<String>) {
+    pub fn into_results(self) -> (crate::Results, Vec<String>) {
         (self.out, self.unseen)
     }
 
@@ -55,8 +121,7 @@ impl<'a> Awq<'a> {
             .encode_f32(block.weights(role)?)
             .ok_or_else(|| Error::Model(format!("{full}: cannot encode as {dtype}")))?;
         let q = quantize(&self.scheme, dtype, &shape, &bytes).map_err(|e| Error::Model(format!("{full}: {e:?}")))?;
-        self.out.insert(full, Calibrated::Quantized(q));
-        Ok(())
+        self.out.insert(full, Calibrated::Quantized(q)).map_err(|e| Error::Model(e.to_string()))
     }
 
     /// Whether AWQ scales at `site`: every reader selected and a producer to fold into.
@@ -74,29 +139,34 @@ impl std::fmt::Debug for Awq<'_> {
 impl Observer for Awq<'_> {
     fn input(&mut self, site: &Site, x: &[f32]) -> Result<()> {
         if self.scales(site) {
-            self.acts.extend_from_slice(x);
+            self.acts.add(x, site.width)?;
         }
         Ok(())
     }
 
     fn rewrite(&mut self, site: &Site, block: &mut Block<'_>) -> Result<()> {
-        let acts = std::mem::take(&mut self.acts);
+        let fresh = Acts::new(self.acts.scratch.clone());
+        let acts = std::mem::replace(&mut self.acts, fresh);
         if !self.scales(site) {
             return Ok(());
         }
-        if acts.is_empty() {
+        if acts.rows == 0 {
             self.unseen.extend(site.readers.iter().map(|r| site.name(*r)));
             return Ok(());
         }
         let ws = site.readers.iter().map(|r| block.weights(*r)).collect::<Result<Vec<_>>>()?;
-        let s = awq_search(&acts, site.width, &ws, &self.scheme, self.grid);
+        let k = site.width;
+        let xs = acts.sample(k, acts.rows.div_ceil(AWQ_ROWS).max(1))?;
+        let s = awq_search(&acts.mean, acts.rows, &xs, k, &ws, &self.scheme, self.grid);
         match site.producer {
             Producer::Norm(norm) => {
                 let stored = block.divide_norm(norm, &s)?;
                 for &r in site.readers {
                     block.scale_columns(r, &s)?;
                 }
-                self.out.insert(block.name(norm), Calibrated::Dense(stored));
+                self.out
+                    .insert(block.name(norm), Calibrated::Dense(stored))
+                    .map_err(|e| Error::Model(e.to_string()))?;
             }
             Producer::Rows(producer) => {
                 for &r in site.readers {
@@ -107,7 +177,8 @@ impl Observer for Awq<'_> {
                 // A producer that is not itself quantized ships with its rows rescaled.
                 let name = block.name(producer);
                 if (self.selected)(&name).is_none() {
-                    self.out.insert(name, Calibrated::Dense(block.weights(producer)?.to_vec()));
+                    let w = block.weights(producer)?.to_vec();
+                    self.out.insert(name, Calibrated::Dense(w)).map_err(|e| Error::Model(e.to_string()))?;
                 }
             }
             Producer::Opaque => {}
@@ -130,21 +201,21 @@ impl Observer for Awq<'_> {
     }
 }
 
-/// AWQ's scale search for layers `ws` (each `[m_i, k]`) sharing input `x` (`[n, k]`): per-channel
-/// `s = mean|x|^α`, normalised by `sqrt(max·min)`, for α on the grid; the α whose rounded
-/// `Q(W·diag(s))·diag(1/s)` gives the smallest summed squared output error on (a stride sample
-/// of) `x` wins.
-pub fn awq_search(x: &[f32], k: usize, ws: &[&[f32]], scheme: &QScheme, grid: usize) -> Vec<f32> {
-    let rows = x.len() / k;
-    let mut mean = vec![0f64; k];
-    for row in x.chunks(k) {
-        for (m, v) in mean.iter_mut().zip(row) {
-            *m += f64::from(v.abs());
-        }
-    }
-    let stride = rows.div_ceil(AWQ_ROWS).max(1);
-    let xs: Vec<f32> = x.chunks(k).step_by(stride).flatten().copied().collect();
-    let base: Vec<Vec<f32>> = ws.iter().map(|w| linear(&xs, w, None, k, w.len() / k)).collect();
+/// AWQ's scale search for layers `ws` (each `[m_i, k]`) sharing an input of `rows` rows whose
+/// channels sum to `abs_sum` in absolute value: per-channel `s = mean|x|^α`, normalised by
+/// `sqrt(max·min)`, for α on the grid; the α whose rounded `Q(W·diag(s))·diag(1/s)` gives the
+/// smallest summed squared output error on `xs` (a stride sample of the input's rows) wins.
+pub fn awq_search(
+    abs_sum: &[f64],
+    rows: usize,
+    xs: &[f32],
+    k: usize,
+    ws: &[&[f32]],
+    scheme: &QScheme,
+    grid: usize,
+) -> Vec<f32> {
+    let mean = abs_sum;
+    let base: Vec<Vec<f32>> = ws.iter().map(|w| linear(xs, w, None, k, w.len() / k)).collect();
     let (mut best, mut best_err) = (vec![1f32; k], f64::INFINITY);
     for g in 0..grid.max(1) {
         let alpha = g as f64 / grid.max(1) as f64;

@@ -366,7 +366,7 @@ pub struct CalibratedQuant {
     /// What the calibration produced, by name (quantized matrices; rewritten dense weights such
     /// as a norm with AWQ's scales folded in); `None` until provided. Selected tensors outside
     /// it are skipped with a reason instead of failing.
-    results: Option<std::collections::BTreeMap<String, Calibrated>>,
+    results: Option<crate::Results>,
 }
 
 /// Validates the shared calibration settings and resolves the set's path.
@@ -523,8 +523,8 @@ impl Pass for CalibratedQuant {
     fn plan(&self, name: &str, meta: &ParamMeta) -> Plan {
         let plan = self.rtn.plan(name, meta);
         let Some(done) = self.results.as_ref() else { return plan };
-        match (done.get(name), plan, meta) {
-            (Some(Calibrated::Dense(_)), _, ParamMeta::Dense { .. }) => Plan::Change(meta.clone()),
+        match (done.kind(name), plan, meta) {
+            (Some(crate::ResultKind::Dense), _, ParamMeta::Dense { .. }) => Plan::Change(meta.clone()),
             (None, Plan::Change(_), _) => Plan::Skip(
                 "not a linear layer of a decoder block (calibrated passes reach those; use quantize-rtn for the rest)"
                     .into(),
@@ -542,8 +542,10 @@ impl Pass for CalibratedQuant {
         let result = self
             .results
             .as_ref()
-            .and_then(|r| r.get(name))
-            .cloned()
+            .map(|r| r.get(name))
+            .transpose()
+            .map_err(|e| format!("reading its calibrated result back: {e}"))?
+            .flatten()
             .ok_or("no calibrated result: the calibration did not reach this tensor")?;
         match result {
             Calibrated::Quantized(q) => {
