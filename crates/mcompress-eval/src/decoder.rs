@@ -718,6 +718,22 @@ impl<'s> Decoder<'s> {
     /// windows' residual streams and one block's attention contexts. The runtime knows the
     /// architecture; the observer sees roles, names and matrices only.
     pub fn trace(&mut self, windows: &[Vec<u32>], obs: &mut dyn Observer, progress: &dyn Fn()) -> Result<()> {
+        self.trace_from(windows, obs, progress, None)
+    }
+
+    /// [`Decoder::trace`] from block `start.block` on, with every window's residual stream
+    /// entering it (a checkpoint's, [`Observer::checkpoint`]): blocks before it are neither
+    /// loaded nor run. `None` starts at block 0.
+    ///
+    /// # Errors
+    /// Streams that do not fit the windows, and what the trace reports.
+    pub fn trace_from(
+        &mut self,
+        windows: &[Vec<u32>],
+        obs: &mut dyn Observer,
+        progress: &dyn Fn(),
+        start: Option<TraceStart>,
+    ) -> Result<()> {
         let family = self.g.family;
         let hidden = self.g.hidden;
         // The three sets held at once (residual streams, attention contexts, normed streams)
@@ -725,10 +741,33 @@ impl<'s> Decoder<'s> {
         let budget = self.scratch.budget / 3;
         let tokens: Vec<usize> = windows.iter().map(Vec::len).collect();
         let mut xs = spill::Windows::new(tokens.iter().map(|t| t * hidden).collect(), &self.scratch, budget)?;
-        for (i, w) in windows.iter().enumerate() {
-            xs.set(i, self.embed_ids(w)?)?;
-        }
-        for li in 0..self.layers.len() {
+        let first = match start {
+            None => {
+                for (i, w) in windows.iter().enumerate() {
+                    xs.set(i, self.embed_ids(w)?)?;
+                }
+                0
+            }
+            Some(TraceStart { block, streams }) => {
+                let fits = block <= self.layers.len()
+                    && streams.len() == windows.len()
+                    && streams.iter().zip(&tokens).all(|(s, t)| s.len() == t * hidden);
+                if !fits {
+                    return Err(Error::Model(format!(
+                        "resuming at block {block}: the saved streams do not fit {} windows of this model",
+                        windows.len()
+                    )));
+                }
+                for (i, x) in streams.into_iter().enumerate() {
+                    xs.set(i, x)?;
+                }
+                for _ in 0..block {
+                    progress();
+                }
+                block
+            }
+        };
+        for li in first..self.layers.len() {
             self.fetch(li)?;
             let site = |readers, producer, width| Site { family, layer: li, expert: None, readers, producer, width };
             // q, k, v: the normed residual stream.
@@ -789,6 +828,7 @@ impl<'s> Decoder<'s> {
             }
             obs.block_done(li, &mut self.block(li, None))?;
             self.evict(li);
+            obs.checkpoint(li, &xs)?;
             progress();
         }
         Ok(())
@@ -1014,6 +1054,36 @@ fn name(family: Family, role: Role, layer: usize, expert: Option<usize>) -> Stri
     }
 }
 
+/// Every window's residual stream between two blocks of a trace, as a checkpoint saves it.
+pub trait Streams {
+    /// Windows.
+    fn count(&self) -> usize;
+    /// Window `i`'s stream, `[tokens, hidden]`.
+    ///
+    /// # Errors
+    /// Reading it back from the scratch file failed.
+    fn window(&self, i: usize) -> Result<Vec<f32>>;
+}
+
+impl Streams for spill::Windows {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn window(&self, i: usize) -> Result<Vec<f32>> {
+        self.get(i).map(std::borrow::Cow::into_owned)
+    }
+}
+
+/// Where [`Decoder::trace_from`] starts.
+#[derive(Debug)]
+pub struct TraceStart {
+    /// The first block to run.
+    pub block: usize,
+    /// Every window's residual stream entering it.
+    pub streams: Vec<Vec<f32>>,
+}
+
 /// A calibrated pass attached to [`Decoder::trace`].
 pub trait Observer {
     /// One window's input at `site`, `[tokens, width]` row-major; windows come in order.
@@ -1022,6 +1092,11 @@ pub trait Observer {
     fn rewrite(&mut self, site: &Site, block: &mut Block<'_>) -> Result<()>;
     /// Block `layer`'s output is computed (what the next block reads no longer changes).
     fn block_done(&mut self, _layer: usize, _block: &mut Block<'_>) -> Result<()> {
+        Ok(())
+    }
+    /// Block `layer` is finished and dropped; `streams` are what block `layer + 1` reads (what a
+    /// checkpoint saves to resume from, with the observer's results so far).
+    fn checkpoint(&mut self, _layer: usize, _streams: &dyn Streams) -> Result<()> {
         Ok(())
     }
 }
@@ -1223,6 +1298,8 @@ mod tests {
     #[derive(Default)]
     struct Halve {
         seen: Vec<(String, Vec<u32>)>,
+        /// The streams after each block.
+        saved: Vec<Vec<Vec<f32>>>,
     }
 
     impl Observer for Halve {
@@ -1236,6 +1313,11 @@ mod tests {
                 let w: Vec<f32> = block.weights(role)?.iter().map(|v| v * 0.5).collect();
                 block.set_weights(role, w)?;
             }
+            Ok(())
+        }
+
+        fn checkpoint(&mut self, _layer: usize, streams: &dyn Streams) -> Result<()> {
+            self.saved.push((0..streams.count()).map(|i| streams.window(i)).collect::<Result<_>>()?);
             Ok(())
         }
     }
@@ -1262,8 +1344,18 @@ mod tests {
                 d.trace(&windows, &mut obs, &|| {}).unwrap();
                 obs.seen
             };
-            let expected = trace(loaded());
+            let mut full = Halve::default();
+            loaded().trace(&windows, &mut full, &|| {}).unwrap();
+            let expected = full.seen.clone();
             assert!(!expected.is_empty());
+            // Resumed after block 1 from the streams saved there: blocks 2… see what they saw.
+            let mut resumed = Halve::default();
+            let start = TraceStart { block: 2, streams: full.saved[1].clone() };
+            loaded().trace_from(&windows, &mut resumed, &|| {}, Some(start)).unwrap();
+            let tail = &expected[expected.len() - resumed.seen.len()..];
+            assert!(resumed.seen.len() < expected.len() && !resumed.seen.is_empty());
+            assert!(tail[0].0.starts_with("model.layers.2."), "{model_type}: {}", tail[0].0);
+            assert_eq!(resumed.seen, tail, "{model_type}: resumed");
             let streamed = Decoder::streamed(&config, &source).unwrap();
             assert_eq!(trace(streamed), expected, "{model_type}: streamed");
             let spilled = Decoder::streamed(&config, &source)

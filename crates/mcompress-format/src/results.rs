@@ -9,31 +9,75 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use crate::Calibrated;
+use mcompress_core::DType;
+use serde::{Deserialize, Serialize};
 
-/// Where a byte range lives.
-#[derive(Clone, Copy, Debug)]
-struct Blob {
+use crate::{Calibrated, QScheme, Quantized};
+
+/// Where a byte range lives in the file.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Blob {
     offset: u64,
     len: u64,
+}
+
+/// A result whose arrays are in the file (floats kept as their bits, so that a checkpoint reads
+/// back exactly what was written).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Record {
+    /// A quantized matrix.
+    Quantized {
+        /// Scheme.
+        scheme: QScheme,
+        /// Shape.
+        shape: Vec<usize>,
+        /// Rows and columns.
+        rows: usize,
+        /// Columns.
+        cols: usize,
+        /// Scale dtype.
+        scale_dtype: DType,
+        /// NVFP4's global scale, as f32 bits.
+        global_scale: Option<u32>,
+        /// Σ error² and Σ w², as f64 bits.
+        err2: u64,
+        /// Σ w², as f64 bits.
+        ref2: u64,
+        /// Packed codes.
+        packed: Blob,
+        /// Scales (f32 little-endian).
+        scale: Blob,
+        /// Zero points (i8).
+        zero_point: Option<Blob>,
+    },
+    /// Dense values (f32 little-endian).
+    Dense(Blob),
+    /// Pruned values (f32) and the mask (one byte per value).
+    Pruned {
+        /// Values.
+        values: Blob,
+        /// Mask.
+        keep: Blob,
+    },
 }
 
 #[derive(Debug)]
 enum Entry {
     Memory(Calibrated),
-    /// A quantized matrix with its packed codes in the file (`packed` emptied here).
-    Quantized(crate::Quantized, Blob),
-    Dense(Blob),
-    Pruned(Blob, Blob),
+    Disk(Record),
 }
 
 /// Calibrated tensors by name.
 #[derive(Debug, Default)]
 pub struct Results {
     entries: BTreeMap<String, Entry>,
-    /// Where bulk goes past the budget, and bytes held in memory so far.
-    spill: Option<(PathBuf, u64)>,
+    /// Bulk in memory at most (`None`: no limit), and what is held so far.
+    budget: Option<u64>,
     held: u64,
+    /// Where the file is created when first needed (`None`: it was given).
+    dir: Option<PathBuf>,
+    /// The file and its length.
     file: Option<(File, u64)>,
 }
 
@@ -62,12 +106,41 @@ impl Results {
     /// In memory up to `budget` bytes of bulk, the rest in a scratch file in `dir` (created
     /// unlinked when first needed: nothing is left behind, even on a kill).
     pub fn spilling(dir: PathBuf, budget: u64) -> Self {
-        Results { spill: Some((dir, budget)), ..Results::default() }
+        Results { budget: Some(budget), dir: Some(dir), ..Results::default() }
+    }
+
+    /// Everything in `file` (a checkpoint's), which holds `len` bytes of the `records` already
+    /// written (a resumed calibration; empty for a new one). What follows `len` is cut off.
+    ///
+    /// # Errors
+    /// The file cannot be truncated.
+    pub fn persistent(file: File, len: u64, records: Vec<(String, Record)>) -> std::io::Result<Self> {
+        file.set_len(len)?;
+        Ok(Results {
+            entries: records.into_iter().map(|(n, r)| (n, Entry::Disk(r))).collect(),
+            budget: Some(0),
+            file: Some((file, len)),
+            ..Results::default()
+        })
+    }
+
+    /// The file's length and every result's record: what a checkpoint stores to reopen them
+    /// with [`Results::persistent`]. `None` if a result is held in memory (not persistent).
+    pub fn records(&self) -> Option<(u64, Vec<(String, Record)>)> {
+        let records = self
+            .entries
+            .iter()
+            .map(|(n, e)| match e {
+                Entry::Disk(r) => Some((n.clone(), r.clone())),
+                Entry::Memory(_) => None,
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some((self.file.as_ref().map_or(0, |f| f.1), records))
     }
 
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<Blob> {
         if self.file.is_none() {
-            let dir = &self.spill.as_ref().expect("spilling").0;
+            let dir = self.dir.as_ref().ok_or_else(|| std::io::Error::other("no scratch directory"))?;
             let f = tempfile::tempfile_in(dir).map_err(|e| {
                 std::io::Error::new(e.kind(), format!("calibration results scratch file in {}: {e}", dir.display()))
             })?;
@@ -81,10 +154,37 @@ impl Results {
     }
 
     fn read(&self, b: Blob) -> std::io::Result<Vec<u8>> {
-        let (f, _) = self.file.as_ref().expect("a blob implies the file");
+        let (f, _) = self.file.as_ref().ok_or_else(|| std::io::Error::other("no results file"))?;
         let mut out = vec![0u8; usize::try_from(b.len).map_err(std::io::Error::other)?];
         f.read_exact_at(&mut out, b.offset)?;
         Ok(out)
+    }
+
+    fn record(&mut self, c: Calibrated) -> std::io::Result<Record> {
+        Ok(match c {
+            Calibrated::Quantized(q) => Record::Quantized {
+                packed: self.write(&q.packed)?,
+                scale: self.write(&f32_bytes(&q.scale))?,
+                zero_point: match &q.zero_point {
+                    Some(z) => Some(self.write(&z.iter().map(|v| v.to_le_bytes()[0]).collect::<Vec<u8>>())?),
+                    None => None,
+                },
+                scheme: q.scheme,
+                shape: q.shape,
+                rows: q.rows,
+                cols: q.cols,
+                scale_dtype: q.scale_dtype,
+                global_scale: q.global_scale.map(f32::to_bits),
+                err2: q.err2.to_bits(),
+                ref2: q.ref2.to_bits(),
+            },
+            Calibrated::Dense(v) => Record::Dense(self.write(&f32_bytes(&v))?),
+            Calibrated::Pruned { values, keep } => {
+                let values = self.write(&f32_bytes(&values))?;
+                let k: Vec<u8> = keep.iter().map(|b| u8::from(*b)).collect();
+                Record::Pruned { values, keep: self.write(&k)? }
+            }
+        })
     }
 
     /// Adds (or replaces) one tensor's result.
@@ -93,23 +193,12 @@ impl Results {
     /// The scratch file could not be created or written.
     pub fn insert(&mut self, name: String, c: Calibrated) -> std::io::Result<()> {
         let size = bulk(&c);
-        let fits = self.spill.as_ref().is_none_or(|(_, budget)| self.held + size <= *budget);
+        let fits = self.budget.is_none_or(|budget| self.held + size <= budget);
         let entry = if fits {
             self.held += size;
             Entry::Memory(c)
         } else {
-            match c {
-                Calibrated::Quantized(mut q) => {
-                    let packed = std::mem::take(&mut q.packed);
-                    Entry::Quantized(q, self.write(&packed)?)
-                }
-                Calibrated::Dense(v) => Entry::Dense(self.write(&f32_bytes(&v))?),
-                Calibrated::Pruned { values, keep } => {
-                    let v = self.write(&f32_bytes(&values))?;
-                    let k: Vec<u8> = keep.iter().map(|b| u8::from(*b)).collect();
-                    Entry::Pruned(v, self.write(&k)?)
-                }
-            }
+            Entry::Disk(self.record(c)?)
         };
         if let Some(Entry::Memory(old)) = self.entries.insert(name, entry) {
             self.held -= bulk(&old);
@@ -117,23 +206,46 @@ impl Results {
         Ok(())
     }
 
-    /// One tensor's result (read back from the scratch file if it went there).
+    /// One tensor's result (read back from the file if it went there).
     ///
     /// # Errors
-    /// The scratch file could not be read.
+    /// The file could not be read.
     pub fn get(&self, name: &str) -> std::io::Result<Option<Calibrated>> {
         let Some(e) = self.entries.get(name) else { return Ok(None) };
         Ok(Some(match e {
             Entry::Memory(c) => c.clone(),
-            Entry::Quantized(q, b) => {
-                let mut q = q.clone();
-                q.packed = self.read(*b)?;
-                Calibrated::Quantized(q)
-            }
-            Entry::Dense(b) => Calibrated::Dense(f32s(&self.read(*b)?)),
-            Entry::Pruned(v, k) => Calibrated::Pruned {
-                values: f32s(&self.read(*v)?),
-                keep: self.read(*k)?.into_iter().map(|b| b != 0).collect(),
+            Entry::Disk(Record::Quantized {
+                scheme,
+                shape,
+                rows,
+                cols,
+                scale_dtype,
+                global_scale,
+                err2,
+                ref2,
+                packed,
+                scale,
+                zero_point,
+            }) => Calibrated::Quantized(Quantized {
+                scheme: *scheme,
+                shape: shape.clone(),
+                rows: *rows,
+                cols: *cols,
+                packed: self.read(*packed)?,
+                scale: f32s(&self.read(*scale)?),
+                scale_dtype: *scale_dtype,
+                zero_point: match zero_point {
+                    Some(z) => Some(self.read(*z)?.into_iter().map(|b| i8::from_le_bytes([b])).collect()),
+                    None => None,
+                },
+                global_scale: global_scale.map(f32::from_bits),
+                err2: f64::from_bits(*err2),
+                ref2: f64::from_bits(*ref2),
+            }),
+            Entry::Disk(Record::Dense(b)) => Calibrated::Dense(f32s(&self.read(*b)?)),
+            Entry::Disk(Record::Pruned { values, keep }) => Calibrated::Pruned {
+                values: f32s(&self.read(*values)?),
+                keep: self.read(*keep)?.into_iter().map(|b| b != 0).collect(),
             },
         }))
     }
@@ -142,9 +254,9 @@ impl Results {
     /// than a quantized or pruned matrix.
     pub fn kind(&self, name: &str) -> Option<ResultKind> {
         Some(match self.entries.get(name)? {
-            Entry::Memory(Calibrated::Quantized(_)) | Entry::Quantized(..) => ResultKind::Quantized,
-            Entry::Memory(Calibrated::Dense(_)) | Entry::Dense(_) => ResultKind::Dense,
-            Entry::Memory(Calibrated::Pruned { .. }) | Entry::Pruned(..) => ResultKind::Pruned,
+            Entry::Memory(Calibrated::Quantized(_)) | Entry::Disk(Record::Quantized { .. }) => ResultKind::Quantized,
+            Entry::Memory(Calibrated::Dense(_)) | Entry::Disk(Record::Dense(_)) => ResultKind::Dense,
+            Entry::Memory(Calibrated::Pruned { .. }) | Entry::Disk(Record::Pruned { .. }) => ResultKind::Pruned,
         })
     }
 
@@ -183,7 +295,6 @@ pub enum ResultKind {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::QScheme;
 
     #[test]
     fn test_spilled_results_read_back_equal() {
@@ -212,5 +323,28 @@ mod tests {
         assert_eq!(r.kind("p"), Some(ResultKind::Pruned));
         assert_eq!(r.kind("x"), None);
         assert_eq!(r.names().collect::<Vec<_>>(), ["d", "p", "q"]);
+    }
+
+    #[test]
+    fn test_a_checkpoint_reopens_what_it_recorded_and_drops_what_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("results.bin");
+        let open =
+            || std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).unwrap();
+        let w: Vec<u8> = (0..8 * 32).flat_map(|i| ((i as f32 * 0.11).cos()).to_le_bytes()).collect();
+        let q = crate::quant::quantize(&QScheme::int(3, 16, false), DType::F32, &[8, 32], &w).unwrap();
+        let mut r = Results::persistent(open(), 0, Vec::new()).unwrap();
+        r.insert("a".into(), Calibrated::Quantized(q.clone())).unwrap();
+        let (len, records) = r.records().unwrap();
+        let json = serde_json::to_string(&records).unwrap();
+        // Written after the checkpoint, then lost with the process.
+        r.insert("b".into(), Calibrated::Dense(vec![1.0; 100])).unwrap();
+        drop(r);
+        let records: Vec<(String, Record)> = serde_json::from_str(&json).unwrap();
+        let back = Results::persistent(open(), len, records).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+        assert_eq!(back.names().collect::<Vec<_>>(), ["a"]);
+        let Some(Calibrated::Quantized(a)) = back.get("a").unwrap() else { panic!() };
+        assert_eq!(a, q, "bit for bit, zero points and statistics included");
     }
 }

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mcompress_core::ModelSource;
 use mcompress_core::arch::{DECODERS, Family};
 use mcompress_eval::calibrate::{Prior, WindowSpec, windows};
-use mcompress_eval::decoder::{Block, Decoder, Observer, Site};
+use mcompress_eval::decoder::{Block, Decoder, Observer, Site, Streams, TraceStart};
 use mcompress_eval::linalg::{Strides, sgemm};
 use mcompress_eval::{Error, Result, weights};
 
@@ -41,6 +41,7 @@ pub fn run(
     cal: &Calibration,
     prior: Option<&Prior<'_>>,
     scratch: &mcompress_eval::spill::Scratch,
+    checkpoint: Option<&Checkpoint>,
     progress: bool,
 ) -> Result<(crate::Results, Vec<String>)> {
     let config = prior.map_or_else(|| model.config().cloned().unwrap_or_default(), |p| p.config.clone());
@@ -80,12 +81,18 @@ pub fn run(
             .progress_chars("=> "),
     );
     let tick = || bar.inc(1);
-    // Results past the memory budget wait for the weights to stream in the scratch file.
-    let results = || crate::Results::spilling(scratch.dir.clone(), scratch.budget);
+    // With a checkpoint, results go to its file as they are produced (and a resumed run starts
+    // after its last saved block); without, past the memory budget into a scratch file.
+    let hidden = llama.geometry().hidden;
+    let (initial, unseen, start) = match checkpoint {
+        Some(c) => c.open(&windows, hidden)?,
+        None => (crate::Results::spilling(scratch.dir.clone(), scratch.budget), Vec::new(), None),
+    };
+    let saver = checkpoint.map(|c| Saver::new(c, llama.layers()));
     let out = match cal.method {
         CalibrationMethod::Gptq(opts, scheme) => {
             bar.set_message(format!("gptq, {} x {} tokens", cal.samples, cal.seq_len));
-            let mut obs = Rewrite::new(results(), |name: &str, w: &[f32], _: (usize, usize), h: Vec<f64>| {
+            let obs = Rewrite::new(initial, |name: &str, w: &[f32], _: (usize, usize), h: Vec<f64>| {
                 let Some((dtype, shape)) = selected(name) else { return Ok(None) };
                 // After pruning: the zeros stay zeros (their codes are the zero point).
                 let keep: Option<Vec<bool>> =
@@ -95,20 +102,23 @@ pub fn run(
                 let deq = q.dequantize();
                 Ok(Some((Calibrated::Quantized(q), deq)))
             });
-            llama.trace(&windows, &mut obs, &tick)?;
-            (obs.out, obs.unseen)
+            let mut obs = Checkpointed::new(obs, saver, unseen);
+            llama.trace_from(&windows, &mut obs, &tick, start)?;
+            let mut obs = obs.inner;
+            (obs.out, std::mem::take(&mut obs.unseen))
         }
         CalibrationMethod::Awq { grid, scheme } => {
             bar.set_message(format!("awq, {} x {} tokens", cal.samples, cal.seq_len));
-            let mut obs = crate::quant::awq::Awq::new(
+            let obs = crate::quant::awq::Awq::new(
                 scheme,
                 grid,
                 &selected,
-                results(),
+                initial,
                 (scratch.dir.clone(), scratch.budget / 3),
             );
-            llama.trace(&windows, &mut obs, &tick)?;
-            obs.into_results()
+            let mut obs = Checkpointed::new(obs, saver, unseen);
+            llama.trace_from(&windows, &mut obs, &tick, start)?;
+            obs.inner.into_results()
         }
         CalibrationMethod::Wanda(pattern) | CalibrationMethod::SparseGpt { pattern, .. } => {
             let sparsegpt = match cal.method {
@@ -122,7 +132,7 @@ pub fn run(
                 cal.seq_len
             ));
             // Each pruned layer feeds the next one's inputs (block by block, as GPTQ).
-            let mut obs = Rewrite::new(results(), |name: &str, w: &[f32], (_, cols): (usize, usize), h: Vec<f64>| {
+            let obs = Rewrite::new(initial, |name: &str, w: &[f32], (_, cols): (usize, usize), h: Vec<f64>| {
                 if selected(name).is_none() {
                     return Ok(None);
                 }
@@ -137,12 +147,293 @@ pub fn run(
                 };
                 Ok(Some((Calibrated::Pruned { values: pruned.clone(), keep }, pruned)))
             });
-            llama.trace(&windows, &mut obs, &tick)?;
-            (obs.out, obs.unseen)
+            let mut obs = Checkpointed::new(obs, saver, unseen);
+            llama.trace_from(&windows, &mut obs, &tick, start)?;
+            let mut obs = obs.inner;
+            (obs.out, std::mem::take(&mut obs.unseen))
         }
     };
     bar.finish_and_clear();
     Ok(out)
+}
+
+/// Format tag of a calibration checkpoint's `state.json`.
+pub const CHECKPOINT_FORMAT: &str = "mcompress-calibration-checkpoint/1";
+
+/// A calibrated pass's checkpoint: every result in `results.bin` as it is produced, and, after a
+/// block at most every `interval` (and after the last block), the windows' residual streams
+/// entering the next block (`streams-<block>.bin`) with `state.json` naming them, each written
+/// to a temporary name and renamed, so a kill at any point leaves the last complete checkpoint.
+/// A resumed run reads it, cuts `results.bin` back to what the state recorded and runs the
+/// remaining blocks: the same results, byte for byte, as an uninterrupted run.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    /// The directory (absent, empty or a checkpoint: [`Checkpoint::problem`]).
+    pub dir: std::path::PathBuf,
+    /// What the checkpoint must have been made with (model, recipe passes up to this one): a
+    /// checkpoint of anything else is refused on resume.
+    pub fingerprint: String,
+    /// Continue from the checkpoint if there is one (else start over).
+    pub resume: bool,
+    /// Stop after this many blocks run by this process, leaving a checkpoint (tests).
+    pub stop_after: Option<usize>,
+    /// Least time between two saves of the streams.
+    pub interval: std::time::Duration,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct State {
+    format: String,
+    fingerprint: String,
+    /// The last block finished.
+    block: usize,
+    /// The streams entering block `block + 1`.
+    streams: String,
+    results_len: u64,
+    records: Vec<(String, mcompress_format::results::Record)>,
+    unseen: Vec<String>,
+}
+
+fn is_checkpoint_file(name: &str) -> bool {
+    let base = name.strip_suffix(".tmp").unwrap_or(name);
+    base == "state.json"
+        || base == "results.bin"
+        || base
+            .strip_prefix("streams-")
+            .and_then(|b| b.strip_suffix(".bin"))
+            .is_some_and(|n| n.parse::<usize>().is_ok())
+}
+
+impl Checkpoint {
+    /// Why `dir` cannot hold a calibration checkpoint: something else in it (a checkpoint
+    /// replaces the directory's contents), or not a directory. `None`: absent, empty or ours.
+    pub fn problem(dir: &std::path::Path) -> Option<String> {
+        let meta = match std::fs::symlink_metadata(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => return Some(e.to_string()),
+            Ok(m) => m,
+        };
+        if !meta.is_dir() {
+            return Some("exists and is not a directory".into());
+        }
+        let entries = match std::fs::read_dir(dir) {
+            Ok(rd) => rd,
+            Err(e) => return Some(e.to_string()),
+        };
+        for e in entries {
+            let e = match e {
+                Ok(e) => e,
+                Err(e) => return Some(e.to_string()),
+            };
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !is_checkpoint_file(&name) || !e.file_type().is_ok_and(|t| t.is_file()) {
+                return Some(format!(
+                    "holds {name:?}, which is not part of a calibration checkpoint: checkpoints replace this \
+                     directory's contents, so it must be absent, empty or a checkpoint of mcompress"
+                ));
+            }
+        }
+        None
+    }
+
+    /// The checkpoint's files (to remove once the bundles are written).
+    pub fn files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| is_checkpoint_file(&e.file_name().to_string_lossy()))
+            .map(|e| e.path())
+            .collect()
+    }
+
+    fn err(&self, what: &str, e: impl std::fmt::Display) -> Error {
+        Error::Model(format!("calibration checkpoint {}: {what}: {e}", self.dir.display()))
+    }
+
+    /// The results store, the layers rewritten without data so far and where the trace starts:
+    /// from the saved state when resuming (its fingerprint must match), else from nothing (the
+    /// directory's checkpoint files removed).
+    fn open(&self, windows: &[Vec<u32>], hidden: usize) -> Result<(crate::Results, Vec<String>, Option<TraceStart>)> {
+        if let Some(p) = Checkpoint::problem(&self.dir) {
+            return Err(self.err("unusable", p));
+        }
+        std::fs::create_dir_all(&self.dir).map_err(|e| self.err("creating it", e))?;
+        let state_path = self.dir.join("state.json");
+        let results_file = |truncate: bool| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(truncate)
+                .read(true)
+                .write(true)
+                .open(self.dir.join("results.bin"))
+                .map_err(|e| self.err("results.bin", e))
+        };
+        if self.resume && state_path.exists() {
+            let bytes =
+                mcompress_core::fsutil::read_regular(&state_path, 1 << 30).map_err(|e| self.err("state.json", e))?;
+            let state: State = serde_json::from_slice(&bytes).map_err(|e| self.err("state.json", e))?;
+            if state.format != CHECKPOINT_FORMAT || state.fingerprint != self.fingerprint {
+                return Err(self.err(
+                    "state.json",
+                    "made with another model or other pass settings; run without --resume to start over",
+                ));
+            }
+            let results = crate::Results::persistent(results_file(false)?, state.results_len, state.records)
+                .map_err(|e| self.err("results.bin", e))?;
+            let path = self.dir.join(&state.streams);
+            let want: u64 = windows.iter().map(|w| (w.len() * hidden * 4) as u64).sum();
+            let bytes = mcompress_core::fsutil::read_regular(&path, want).map_err(|e| self.err(&state.streams, e))?;
+            if bytes.len() as u64 != want {
+                return Err(self.err(&state.streams, format!("{} bytes, expected {want}", bytes.len())));
+            }
+            let mut at = 0;
+            let streams = windows
+                .iter()
+                .map(|w| {
+                    let n = w.len() * hidden * 4;
+                    let v = bytes[at..at + n]
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect();
+                    at += n;
+                    v
+                })
+                .collect();
+            return Ok((results, state.unseen, Some(TraceStart { block: state.block + 1, streams })));
+        }
+        for f in Checkpoint::files(&self.dir) {
+            std::fs::remove_file(&f).map_err(|e| self.err("clearing it", e))?;
+        }
+        let results =
+            crate::Results::persistent(results_file(true)?, 0, Vec::new()).map_err(|e| self.err("results.bin", e))?;
+        Ok((results, Vec::new(), None))
+    }
+}
+
+/// Saves a [`Checkpoint`] after blocks.
+struct Saver<'a> {
+    ckpt: &'a Checkpoint,
+    layers: usize,
+    /// Blocks run by this process, and when the streams were last saved.
+    run: usize,
+    last: std::time::Instant,
+}
+
+impl<'a> Saver<'a> {
+    fn new(ckpt: &'a Checkpoint, layers: usize) -> Self {
+        Saver { ckpt, layers, run: 0, last: std::time::Instant::now() }
+    }
+
+    fn after_block(
+        &mut self,
+        layer: usize,
+        streams: &dyn Streams,
+        results: &crate::Results,
+        unseen: &[String],
+    ) -> Result<()> {
+        self.run += 1;
+        let stop = self.ckpt.stop_after.is_some_and(|n| self.run >= n);
+        if !(stop || layer + 1 == self.layers || self.last.elapsed() >= self.ckpt.interval) {
+            return Ok(());
+        }
+        let c = self.ckpt;
+        let name = format!("streams-{layer}.bin");
+        let tmp = c.dir.join(format!("{name}.tmp"));
+        {
+            use std::io::Write;
+            let f = std::fs::File::create(&tmp).map_err(|e| c.err(&name, e))?;
+            let mut w = std::io::BufWriter::new(f);
+            for i in 0..streams.count() {
+                let bytes: Vec<u8> = streams.window(i)?.iter().flat_map(|v| v.to_le_bytes()).collect();
+                w.write_all(&bytes).map_err(|e| c.err(&name, e))?;
+            }
+            w.flush().map_err(|e| c.err(&name, e))?;
+        }
+        std::fs::rename(&tmp, c.dir.join(&name)).map_err(|e| c.err(&name, e))?;
+        let (results_len, records) =
+            results.records().ok_or_else(|| c.err("results", "held in memory, not in the checkpoint's file"))?;
+        let state = State {
+            format: CHECKPOINT_FORMAT.into(),
+            fingerprint: c.fingerprint.clone(),
+            block: layer,
+            streams: name.clone(),
+            results_len,
+            records,
+            unseen: unseen.to_vec(),
+        };
+        let json = serde_json::to_vec(&state).map_err(|e| c.err("state.json", e))?;
+        let tmp = c.dir.join("state.json.tmp");
+        std::fs::write(&tmp, json).map_err(|e| c.err("state.json", e))?;
+        std::fs::rename(&tmp, c.dir.join("state.json")).map_err(|e| c.err("state.json", e))?;
+        for f in Checkpoint::files(&c.dir) {
+            let n = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if n.starts_with("streams-") && n != name {
+                let _ = std::fs::remove_file(&f);
+            }
+        }
+        self.last = std::time::Instant::now();
+        if stop {
+            return Err(Error::Model(format!(
+                "stopped after {} block(s) as asked, checkpoint saved at block {layer} in {} (--resume continues)",
+                self.run,
+                c.dir.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What a calibration observer has produced: its results and the layers it rewrote without
+/// data.
+trait Outputs {
+    fn outputs(&mut self) -> (&crate::Results, &mut Vec<String>);
+}
+
+impl Outputs for Rewrite<'_> {
+    fn outputs(&mut self) -> (&crate::Results, &mut Vec<String>) {
+        (&self.out, &mut self.unseen)
+    }
+}
+
+impl Outputs for crate::quant::awq::Awq<'_> {
+    fn outputs(&mut self) -> (&crate::Results, &mut Vec<String>) {
+        self.outputs_mut()
+    }
+}
+
+/// An observer whose results are checkpointed after each block.
+struct Checkpointed<'a, O> {
+    inner: O,
+    saver: Option<Saver<'a>>,
+}
+
+impl<'a, O: Observer + Outputs> Checkpointed<'a, O> {
+    /// `inner`, continuing from the layers a resumed checkpoint rewrote without data.
+    fn new(mut inner: O, saver: Option<Saver<'a>>, unseen: Vec<String>) -> Self {
+        *inner.outputs().1 = unseen;
+        Checkpointed { inner, saver }
+    }
+}
+
+impl<O: Observer + Outputs> Observer for Checkpointed<'_, O> {
+    fn input(&mut self, site: &Site, x: &[f32]) -> Result<()> {
+        self.inner.input(site, x)
+    }
+
+    fn rewrite(&mut self, site: &Site, block: &mut Block<'_>) -> Result<()> {
+        self.inner.rewrite(site, block)
+    }
+
+    fn block_done(&mut self, layer: usize, block: &mut Block<'_>) -> Result<()> {
+        self.inner.block_done(layer, block)
+    }
+
+    fn checkpoint(&mut self, layer: usize, streams: &dyn Streams) -> Result<()> {
+        let Some(saver) = &mut self.saver else { return Ok(()) };
+        let (results, unseen) = self.inner.outputs();
+        saver.after_block(layer, streams, results, unseen)
+    }
 }
 
 /// `Σ xᵀx` over the rows of every input seen, in f64 (each call's product in f32 by sgemm).

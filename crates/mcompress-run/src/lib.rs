@@ -67,7 +67,14 @@ pub struct RunOptions {
     /// Bytes of activations a calibrated pass keeps in memory; past it they go to an unlinked
     /// scratch file in the output directory. `None`: [`DEFAULT_CALIBRATION_MEMORY`].
     pub calibration_memory: Option<u64>,
+    /// Calibrated passes stop after this many blocks of this process, leaving a checkpoint
+    /// (the run then fails; `--resume` continues). For tests of interrupted runs.
+    pub calibrate_stop_after: Option<usize>,
 }
+
+/// Least time between two checkpoints of a calibrated pass's activations (its results are
+/// written as they are produced; a checkpoint also follows the last block).
+pub const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What a calibrated pass keeps of its activations in memory when the run does not say: 1 GiB.
 pub const DEFAULT_CALIBRATION_MEMORY: u64 = 1 << 30;
@@ -395,6 +402,40 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
             checkpoint_dirs.insert(d.index, (dir, keep_dir));
         }
     }
+    // Each calibrated pass's checkpoint directory (`.calibrate-pass<i>` beside the bundles):
+    // absent, empty or ours, checked before any work.
+    let mut calibration_checkpoints = std::collections::BTreeMap::new();
+    for (i, pass) in passes.iter().enumerate() {
+        if let Need::Calibration(_) = pass.needs() {
+            let dir = out_dir.join(format!(".calibrate-pass{i}"));
+            if let Some(problem) = mcompress_passes::calibrate::Checkpoint::problem(&dir) {
+                return Err(Error::UnsafeOutput {
+                    path: dir,
+                    reason: format!("pass[{i}] calibration checkpoint directory: {problem}"),
+                });
+            }
+            // What the checkpoint is of: the model and every pass up to this one.
+            let settings: Vec<serde_json::Value> =
+                passes[..=i].iter().map(|p| serde_json::json!([p.name(), p.settings()])).collect();
+            let fingerprint = serde_json::json!({
+                "model": recipe.model_path,
+                "bytes": model.weight_bytes(),
+                "tensors": model.tensors().len(),
+                "passes": settings,
+            })
+            .to_string();
+            calibration_checkpoints.insert(
+                i,
+                mcompress_passes::calibrate::Checkpoint {
+                    dir,
+                    fingerprint,
+                    resume: opts.resume,
+                    stop_after: opts.calibrate_stop_after,
+                    interval: CHECKPOINT_INTERVAL,
+                },
+            );
+        }
+    }
     // Calibration activations past their memory budget go next to the bundles.
     let scratch = mcompress_eval::spill::Scratch {
         dir: out_dir.clone(),
@@ -434,6 +475,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
                     cal,
                     prior.as_ref(),
                     &scratch,
+                    calibration_checkpoints.get(&i),
                     opts.progress,
                 )
                 .map_err(|e| Error::Calibration(format!("pass[{}] {}: calibration: {e}", spec.index, spec.kind)))?;
@@ -713,6 +755,12 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
                 if !keep_dir {
                     let _ = fs_err::remove_dir(c);
                 }
+            }
+            for c in calibration_checkpoints.values() {
+                for f in mcompress_passes::calibrate::Checkpoint::files(&c.dir) {
+                    let _ = fs_err::remove_file(f);
+                }
+                let _ = fs_err::remove_dir(&c.dir);
             }
             t
         }

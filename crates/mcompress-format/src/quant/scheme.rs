@@ -15,10 +15,10 @@
 //! Dequantization: `w = (q - zero_point) * scale`, with the group of column `c` being `c / group_size`.
 
 use mcompress_core::DType;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Which scales an FP8 weight has.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Fp8Strategy {
     /// One scale for the whole matrix (stored `[1]`).
@@ -30,7 +30,7 @@ pub enum Fp8Strategy {
 }
 
 /// Which FP4 block format a weight is stored in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Fp4Format {
     /// NVFP4: groups of 16, FP8 E4M3 group scales under a per-tensor F32 global scale.
@@ -40,7 +40,7 @@ pub enum Fp4Format {
 }
 
 /// The number format of the codes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum QKind {
     /// Integers of `bits` bits, offset and packed into int32 words (`pack-quantized`).
@@ -62,7 +62,7 @@ pub enum QKind {
 }
 
 /// Bits, grouping and symmetry of a quantizer, and its number format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct QScheme {
     /// 2, 3, 4 or 8.
     pub bits: u8,

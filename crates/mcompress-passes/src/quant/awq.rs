@@ -113,6 +113,11 @@ impl<'a> Awq<'a> {
         (self.out, self.unseen)
     }
 
+    /// The results so far and the layers rounded without scales (a checkpoint's view).
+    pub(crate) fn outputs_mut(&mut self) -> (&crate::Results, &mut Vec<String>) {
+        (&self.out, &mut self.unseen)
+    }
+
     /// Rounds a layer of the block, if selected, into the results.
     fn round(&mut self, block: &Block<'_>, role: mcompress_core::arch::Role) -> Result<()> {
         let full = block.name(role);
