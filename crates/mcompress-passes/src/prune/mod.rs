@@ -210,6 +210,7 @@ pub fn sparsegpt(
     let mut h = h;
     let mut wt = gptq::columns(w, rows, cols, &mut h);
     let u = gptq::inverse_cholesky_upper(&h, cols, opts.dampening)?;
+    drop(h);
     let bs = match p {
         // Groups must not straddle blocks.
         Pattern::NofM { m, .. } => opts.block_size.max(1).div_ceil(m) * m,

@@ -119,6 +119,7 @@ pub fn gptq_masked(
         }
     }
     let u = inverse_cholesky_upper(&h, cols, opts.dampening)?;
+    drop(h);
 
     let mut scale = float_q.as_ref().map_or_else(|| vec![0f32; rows * groups], |q| q.scale.clone());
     let mut zero = vec![0i8; rows * groups];
@@ -259,18 +260,22 @@ pub(crate) fn inverse_cholesky_upper(h: &[f64], n: usize, dampening: f64) -> Res
         for i in 0..n {
             a[i * n + i] += damp;
         }
+        // At most three n × n matrices at once (with the caller's H): each intermediate is
+        // dropped as soon as the next one is made, and U is L2ᵀ transposed in place.
         if cholesky_lower(&mut a, n).is_ok() {
             let linv_t = lower_inverse_transposed(&a, n);
+            drop(a);
             let mut hinv = gram_of_rows(&linv_t, n);
+            drop(linv_t);
             if cholesky_lower(&mut hinv, n).is_ok() {
-                // U = L2ᵀ.
-                let mut u = vec![0f64; n * n];
+                // U = L2ᵀ: the lower triangle moved to the upper (cholesky_lower zeroed it).
                 for i in 0..n {
-                    for j in 0..=i {
-                        u[j * n + i] = hinv[i * n + j];
+                    for j in 0..i {
+                        hinv[j * n + i] = hinv[i * n + j];
+                        hinv[i * n + j] = 0.0;
                     }
                 }
-                return Ok(u);
+                return Ok(hinv);
             }
         }
         damp = if damp > 0.0 { damp * 10.0 } else { 1e-6 * mean_diag.max(1e-12) };
