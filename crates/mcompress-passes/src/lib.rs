@@ -217,6 +217,17 @@ pub enum PassError {
     Provided(String),
 }
 
+/// The calibrated result `provide` gave a pass for tensor `name` (read back from its file if it
+/// went there), or why there is none: what [`Pass::apply`] of a calibrated pass starts from.
+fn calibrated_result(results: Option<&Results>, name: &str) -> std::result::Result<Calibrated, String> {
+    results
+        .map(|r| r.get(name))
+        .transpose()
+        .map_err(|e| format!("reading its calibrated result back: {e}"))?
+        .flatten()
+        .ok_or_else(|| "no calibrated result: the calibration did not reach this tensor".into())
+}
+
 /// What a calibration computes.
 #[derive(Clone, Copy, Debug)]
 pub enum CalibrationMethod {

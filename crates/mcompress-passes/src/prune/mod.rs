@@ -499,15 +499,8 @@ impl Pass for CalibratedPrune {
     fn apply<'a>(&self, name: &str, param: Param<'a>) -> Result<Applied<'a>, String> {
         let (dtype, shape, before) =
             param.dense_f32().ok_or("already quantized (prune before quantizing) or not a float tensor")?;
-        let result = self
-            .results
-            .as_ref()
-            .map(|r| r.get(name))
-            .transpose()
-            .map_err(|e| format!("reading its calibrated result back: {e}"))?
-            .flatten();
-        let Some(Calibrated::Pruned { values, keep }) = result else {
-            return Err("no calibrated result: the calibration did not reach this tensor".into());
+        let Calibrated::Pruned { values, keep } = crate::calibrated_result(self.results.as_ref(), name)? else {
+            return Err("a quantization result given to a pruning pass".into());
         };
         let rel = stat(&before, &values);
         Ok(Applied { param: self.select.store(dtype, shape, &values, &keep)?, rel_rmse: Some(rel) })

@@ -539,15 +539,7 @@ impl Pass for CalibratedQuant {
             Param::Sparse(t) => (t.dtype, t.shape),
             Param::Quantized(_) => return Err("already quantized".into()),
         };
-        let result = self
-            .results
-            .as_ref()
-            .map(|r| r.get(name))
-            .transpose()
-            .map_err(|e| format!("reading its calibrated result back: {e}"))?
-            .flatten()
-            .ok_or("no calibrated result: the calibration did not reach this tensor")?;
-        match result {
+        match crate::calibrated_result(self.results.as_ref(), name)? {
             Calibrated::Quantized(q) => {
                 let rel = q.rel_rmse();
                 Ok(Applied { param: Param::Quantized(q), rel_rmse: Some(rel) })
