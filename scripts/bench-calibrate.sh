@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Calibration at real size (issue 18): GPTQ int4 g128 (or METHOD=wanda / sparsegpt at 50 %) on
-# every linear layer of a synthetic BF16 llama (scripts/gen_synthetic.py), calibrated on Macbeth,
-# no eval. Not a test: prints figures.
+# Calibration at real size (issue 18): GPTQ int4 g128 (or METHOD=awq, int4 g128 asymmetric; or
+# METHOD=wanda / sparsegpt at 50 %) on every linear layer of a synthetic BF16 llama or mixture
+# (scripts/gen_synthetic.py), calibrated on Macbeth, no eval. Not a test: prints figures.
 #
 #   scripts/bench-calibrate.sh                    # llama-7b preset, 128 x 2048 tokens (hours on 2 cores)
 #   PRESET=tinyllama-1.1b METHOD=wanda SAMPLES=8 SEQ_LEN=256 KILL_AT_BLOCK=3 scripts/bench-calibrate.sh
 #   PRESET=mixtral-synth METHOD=wanda SAMPLES=4 SEQ_LEN=256 KILL_AT_BLOCK=3 scripts/bench-calibrate.sh
 #   PRESET=tinyllama-1.1b BLOCKS='0|1' SAMPLES=8 SEQ_LEN=256 KILL_AT_BLOCK=5 scripts/bench-calibrate.sh
+#   PRESET=qwen3-moe-synth METHOD=awq GRID=10 SAMPLES=4 SEQ_LEN=256 KILL_AT_BLOCK=none scripts/bench-calibrate.sh
+#       (a 32 GB mixture, larger than a 24 GiB machine; ~9 GB of output)
 #
 # 1. One uninterrupted run under /usr/bin/time: wall, CPU, peak RSS of the process, and the
 #    report's calibration figures (passes[0].seconds, passes[0].peak_rss).
-# 2. The same run killed with SIGKILL once its checkpoint has passed block KILL_AT_BLOCK
+# 2. (Unless KILL_AT_BLOCK=none.) The same run killed with SIGKILL once its checkpoint has passed block KILL_AT_BLOCK
 #    (.calibrate-pass0/state.json), then `--resume`: model.safetensors must be byte-identical
 #    to 1's.
 # Needs the shakespeare fixture (scripts/fetch-fixtures.sh shakespeare), GNU time, python3 with
@@ -32,7 +34,7 @@ command -v /usr/bin/time >/dev/null || { echo "needs GNU time (apt-get install t
 # The directories scripts/bench.sh and scripts/bench-moe.sh use for the same presets.
 case "$preset" in
   tinyllama-1.1b) name=tinyllama-synth ;;
-  mixtral-synth) name=mixtral-synth ;;
+  mixtral-synth|qwen3-moe-synth) name=$preset ;;
   *) name="$preset-synth" ;;
 esac
 model="${MCOMPRESS_BENCH_DIR:-$HOME/.cache/mcompress/bench}/$name"
@@ -45,9 +47,14 @@ case "$method" in
   gptq) pass='type = "quantize-gptq"
 bits = 4
 group-size = 128' ;;
+  awq) pass="type = \"quantize-awq\"
+bits = 4
+group-size = 128
+symmetric = false
+grid = ${GRID:-20}" ;;
   wanda|sparsegpt) pass="type = \"prune-$method\"
 sparsity = 0.5" ;;
-  *) echo "METHOD: gptq, wanda or sparsegpt" >&2; exit 2 ;;
+  *) echo "METHOD: gptq, awq, wanda or sparsegpt" >&2; exit 2 ;;
 esac
 cat > "$work/gptq.toml" <<TOML
 [model]
@@ -78,6 +85,7 @@ print(f"calibrated pass (report): {p['seconds']:.0f} s, "
 PY
 
 # Interrupted at block KILL_AT_BLOCK by SIGKILL, then resumed.
+[ "$kill_at" = none ] && exit 0
 "$bin" run -q --out "$work/parts" "$work/gptq.toml" &
 pid=$!
 state="$work/parts/.calibrate-pass0/state.json"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write a synthetic BF16 llama-shaped model for benchmarks (no download needed).
 
-    gen_synthetic.py OUT_DIR [--preset tinyllama-1.1b|llama-7b|mixtral-synth]
+    gen_synthetic.py OUT_DIR [--preset tinyllama-1.1b|llama-7b|mixtral-synth|qwen3-moe-synth]
 
 tinyllama-1.1b: hidden 2048, intermediate 5632, 22 layers, 32 heads / 4 KV heads, vocab 32000
 (1.1B parameters, ~2.2 GB). llama-7b: hidden 4096, intermediate 11008, 32 layers, vocab 32000
@@ -9,7 +9,10 @@ tinyllama-1.1b: hidden 2048, intermediate 5632, 22 layers, 32 heads / 4 KV heads
 expert shapes (hidden 2048, 24 layers, 32 heads / 4 KV heads, 32 experts of width 768 per block,
 4 per token; SmolLM2's vocabulary size 49152 so that scripts/bench-moe.sh can give it SmolLM2's
 tokenizer, which llama.cpp's pre-tokenizer table knows; 4.1B parameters, ~8.2 GB, largest tensor
-the 201 MB embedding). Weights are N(0, 0.02) with a few outliers, written tensor by tensor (memory
+the 201 MB embedding). qwen3-moe-synth: Qwen3-30B-A3B's layout and geometry (qwen3_moe, hidden 2048,
+48 layers, 32 heads of 128 / 4 KV heads, q/k norms, vocab 151936, experts of width 768, 8 per
+token) with 64 experts per block instead of 128: 16.0B parameters, ~32 GB, larger than a 24 GiB
+machine's memory; largest tensor the 622 MB embedding. Weights are N(0, 0.02) with a few outliers, written tensor by tensor (memory
 stays at one tensor), seeded, as model.safetensors + config.json, plus a byte-level BPE
 tokenizer.json of the vocabulary's size (256 byte tokens, the rest placeholders; no merges) so
 the GGUF export has a tokenizer to embed.
@@ -26,20 +29,34 @@ PRESETS = {
     "tinyllama-1.1b": dict(hidden=2048, inter=5632, layers=22, heads=32, kv=4, vocab=32000),
     "llama-7b": dict(hidden=4096, inter=11008, layers=32, heads=32, kv=32, vocab=32000),
     "mixtral-synth": dict(hidden=2048, inter=768, layers=24, heads=32, kv=4, vocab=49152, experts=32, used=4),
+    # Qwen3-30B-A3B's geometry with half its experts (64 of 128): larger than a 24 GiB machine.
+    "qwen3-moe-synth": dict(hidden=2048, inter=768, layers=48, heads=32, kv=4, vocab=151936, experts=64, used=8,
+                            head_dim=128, qwen3=True),
 }
 
 
 def tensors(p):
-    h, i, hd = p["hidden"], p["inter"], p["hidden"] // p["heads"]
+    h, i = p["hidden"], p["inter"]
+    hd = p.get("head_dim", h // p["heads"])
+    q = p["heads"] * hd
     yield "model.embed_tokens.weight", (p["vocab"], h)
     for l in range(p["layers"]):
         pre = f"model.layers.{l}."
         yield pre + "input_layernorm.weight", (h,)
-        yield pre + "self_attn.q_proj.weight", (h, h)
+        yield pre + "self_attn.q_proj.weight", (q, h)
         yield pre + "self_attn.k_proj.weight", (p["kv"] * hd, h)
         yield pre + "self_attn.v_proj.weight", (p["kv"] * hd, h)
-        yield pre + "self_attn.o_proj.weight", (h, h)
+        yield pre + "self_attn.o_proj.weight", (h, q)
         yield pre + "post_attention_layernorm.weight", (h,)
+        if p.get("qwen3"):
+            yield pre + "self_attn.q_norm.weight", (hd,)
+            yield pre + "self_attn.k_norm.weight", (hd,)
+            yield pre + "mlp.gate.weight", (p["experts"], h)
+            for e in range(p["experts"]):
+                yield pre + f"mlp.experts.{e}.gate_proj.weight", (i, h)
+                yield pre + f"mlp.experts.{e}.up_proj.weight", (i, h)
+                yield pre + f"mlp.experts.{e}.down_proj.weight", (h, i)
+            continue
         if "experts" in p:
             yield pre + "block_sparse_moe.gate.weight", (p["experts"], h)
             for e in range(p["experts"]):
@@ -116,7 +133,13 @@ def main():
         "num_key_value_heads": p["kv"], "vocab_size": p["vocab"], "rms_norm_eps": 1e-5,
         "tie_word_embeddings": False, "torch_dtype": "bfloat16", "synthetic": preset,
     }
-    if "experts" in p:
+    if p.get("qwen3"):
+        config.update({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "head_dim": p["head_dim"],
+                       "num_experts": p["experts"], "num_experts_per_tok": p["used"], "moe_intermediate_size": p["inter"],
+                       "intermediate_size": 6144, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                       "mlp_only_layers": [], "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                       "attention_bias": False})
+    elif "experts" in p:
         config.update({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
                        "num_local_experts": p["experts"], "num_experts_per_tok": p["used"], "sliding_window": None})
     with open(os.path.join(out, "config.json"), "w") as f:

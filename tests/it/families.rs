@@ -690,8 +690,30 @@ fn test_mixtral_experts_agree_with_transformers_and_llama_cpp() {
     );
     let (g, r) = (ppl(&gptq, "f16").1, ppl(&rtn, "f16").1);
     assert!(g < r, "GPTQ of the experts {g} must beat RTN {r}");
-    eprintln!("mixtral figures: reference {reference} int8 {int8} f16 {f16} q4km {q4km} fit {fitted} gptq {g} rtn {r}");
     std::fs::remove_dir_all(&gptq).unwrap();
+    // AWQ: one scale for the norm in front of the router and every expert, searched on each
+    // expert's routed rows, folded into the norm, the router's columns and every gate/up.
+    let awq = t.path().join("moe-awq");
+    let awq_passes = gptq_passes("0-1").replace("quantize-gptq", "quantize-awq");
+    run_short(
+        t.path(),
+        &moe,
+        &hamlet,
+        &awq_passes,
+        "[[target]]\nname = \"f16\"\nformats = [\"gguf\"]\ngguf-type = \"F16\"\n",
+        &awq,
+    );
+    let a = ppl(&awq, "f16").1;
+    assert!(a < r, "AWQ of the experts {a} must beat RTN {r}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(awq.join("f16/report.json")).unwrap()).unwrap();
+    let uncalibrated = report["passes"][0]["settings"]["uncalibrated"].to_string();
+    assert!(uncalibrated.contains(never) && !uncalibrated.contains("experts.2."), "{uncalibrated}");
+    llama_cpp_agrees(&awq.join("f16/model.gguf"), &hamlet, a);
+    eprintln!(
+        "mixtral figures: reference {reference} int8 {int8} f16 {f16} q4km {q4km} fit {fitted} gptq {g} awq {a} rtn {r}"
+    );
+    std::fs::remove_dir_all(&awq).unwrap();
     std::fs::remove_dir_all(&rtn).unwrap();
 
     // Expert pruning: a quarter of the experts (1 of 4 per block) by router-weighted activation on

@@ -800,6 +800,26 @@ impl<'s> Decoder<'s> {
                 normed.set(i, self.rms(&xs.get(i)?, &self.layer(li).ln_ffn))?;
             }
             if family.is_moe() {
+                // The norm the router and every expert read: a pass may fold one scale into it
+                // (AWQ), and then the experts read the stream it leaves.
+                let gain = self.layer(li).ln_ffn.clone();
+                let Ffn::Moe { router, experts, top_k } = &self.layer(li).ffn else { unreachable!("mixture family") };
+                let routes = (0..normed.len())
+                    .map(|i| routes(router, experts.len(), (*top_k, self.g.norm_topk), &normed.get(i)?))
+                    .collect::<Result<Vec<_>>>()?;
+                let input = MixtureInput {
+                    layer: li,
+                    width: hidden,
+                    rows: tokens.iter().sum(),
+                    normed: &normed,
+                    routes: &routes,
+                };
+                obs.mixture(&input, &mut self.block(li, None))?;
+                if self.layer(li).ln_ffn != gain {
+                    for i in 0..xs.len() {
+                        normed.set(i, self.rms(&xs.get(i)?, &self.layer(li).ln_ffn))?;
+                    }
+                }
                 self.trace_experts(li, &normed, obs)?;
             } else {
                 // gate, up: the normed stream after attention.
@@ -834,9 +854,9 @@ impl<'s> Decoder<'s> {
         Ok(())
     }
 
-    /// The mixture of block `li` on the trace: the router reads every token (its own site: a
-    /// scale folded into the shared norm would have to reach every expert); then, expert by
-    /// expert, gate and up read the tokens routed to the expert (by the router as rewritten),
+    /// The mixture of block `li` on the trace: the router reads every token (its own site; a
+    /// scale folded into the shared norm is [`Observer::mixture`]'s, before this); then, expert
+    /// by expert, gate and up read the tokens routed to the expert (by the router as rewritten),
     /// down their activations. An expert no token reached sees sites with no rows. No site here
     /// has a norm for a producer, so `normed` stays what the experts read.
     fn trace_experts(&mut self, li: usize, normed: &spill::Windows, obs: &mut dyn Observer) -> Result<()> {
@@ -1084,12 +1104,34 @@ pub struct TraceStart {
     pub streams: Vec<Vec<f32>>,
 }
 
+/// A mixture block's MLP input as [`Observer::mixture`] sees it: the normed stream the router
+/// and every expert read, and where the router (as the block has it then) sends each row.
+pub struct MixtureInput<'a> {
+    /// Block index.
+    pub layer: usize,
+    /// Input width (hidden size).
+    pub width: usize,
+    /// Rows over every window.
+    pub rows: usize,
+    /// Every window's normed stream, `[tokens, width]`.
+    pub normed: &'a dyn Streams,
+    /// Per window, per expert: `(row, routing weight)` of each row routed to it.
+    pub routes: &'a [Vec<Vec<(usize, f32)>>],
+}
+
 /// A calibrated pass attached to [`Decoder::trace`].
 pub trait Observer {
     /// One window's input at `site`, `[tokens, width]` row-major; windows come in order.
     fn input(&mut self, site: &Site, x: &[f32]) -> Result<()>;
     /// Every window's input at `site` was seen: rewrite what the pass changes.
     fn rewrite(&mut self, site: &Site, block: &mut Block<'_>) -> Result<()>;
+    /// A mixture block's MLP input, before its router's and experts' sites: a pass that folds
+    /// one per-channel scale into the norm in front of the router and every expert (AWQ)
+    /// rewrites the norm, the router's columns and each expert's gate and up columns here; the
+    /// experts then read the stream the rewritten norm gives.
+    fn mixture(&mut self, _input: &MixtureInput<'_>, _block: &mut Block<'_>) -> Result<()> {
+        Ok(())
+    }
     /// Block `layer`'s output is computed (what the next block reads no longer changes).
     fn block_done(&mut self, _layer: usize, _block: &mut Block<'_>) -> Result<()> {
         Ok(())
@@ -1136,6 +1178,10 @@ impl Block<'_> {
     }
 
     fn lin(&self, role: Role) -> Result<&Lin> {
+        self.lin_at(role, self.expert)
+    }
+
+    fn lin_at(&self, role: Role, expert: Option<usize>) -> Result<&Lin> {
         let l = &*self.layer;
         let missing = || Error::Model(format!("{role:?} is not a linear layer of this block"));
         Ok(match (role, &l.qkv, &l.ffn) {
@@ -1149,7 +1195,7 @@ impl Block<'_> {
             (Role::Down, _, Ffn::Dense { down, .. }) => down,
             (Role::Router, _, Ffn::Moe { router, .. }) => router,
             (Role::ExpertGate | Role::ExpertUp | Role::ExpertDown, _, Ffn::Moe { experts, .. }) => {
-                let e = experts.get(self.expert.ok_or_else(missing)?).ok_or_else(missing)?;
+                let e = experts.get(expert.ok_or_else(missing)?).ok_or_else(missing)?;
                 match role {
                     Role::ExpertGate => &e.gate,
                     Role::ExpertUp => &e.up,
@@ -1199,6 +1245,14 @@ impl Block<'_> {
     /// A linear layer's dense weights, or an error naming the need.
     pub fn weights(&self, role: Role) -> Result<&[f32]> {
         self.dense(role)?.ok_or_else(|| Error::Model("calibration needs dense f32 weights on the CPU".into()))
+    }
+
+    /// Expert `e`'s dense weights of a per-expert role (every expert's at once, where
+    /// [`Block::expert`] gives one at a time).
+    pub fn expert_weights(&self, e: usize, role: Role) -> Result<&[f32]> {
+        self.lin_at(role, Some(e))?
+            .dense()
+            .ok_or_else(|| Error::Model("calibration needs dense f32 weights on the CPU".into()))
     }
 
     /// Replaces a linear layer's weights (its bias stays).
@@ -1319,6 +1373,73 @@ mod tests {
         fn checkpoint(&mut self, _layer: usize, streams: &dyn Streams) -> Result<()> {
             self.saved.push((0..streams.count()).map(|i| streams.window(i)).collect::<Result<_>>()?);
             Ok(())
+        }
+    }
+
+    /// Folds a per-channel scale into a mixture's shared norm (AWQ's fold, without rounding),
+    /// recording the rows each expert's gate/up site sees and the streams after each block.
+    struct Fold {
+        scale: bool,
+        seen: Vec<(String, usize)>,
+        routed_rows: usize,
+        saved: Vec<Vec<Vec<f32>>>,
+    }
+
+    impl Observer for Fold {
+        fn input(&mut self, site: &Site, x: &[f32]) -> Result<()> {
+            self.seen.push((site.name(site.readers[0]), x.len() / site.width));
+            Ok(())
+        }
+
+        fn rewrite(&mut self, _site: &Site, _block: &mut Block<'_>) -> Result<()> {
+            Ok(())
+        }
+
+        fn mixture(&mut self, input: &MixtureInput<'_>, block: &mut Block<'_>) -> Result<()> {
+            self.routed_rows += input.routes.iter().flatten().map(Vec::len).sum::<usize>();
+            assert_eq!(
+                input.rows,
+                (0..input.normed.count()).map(|i| input.normed.window(i).unwrap().len()).sum::<usize>() / input.width
+            );
+            if self.scale {
+                let s: Vec<f32> = (0..input.width).map(|c| 0.25 + (c % 7) as f32 * 0.5).collect();
+                block.divide_norm(Role::FfnNorm, &s)?;
+                block.scale_columns(Role::Router, &s)?;
+                for e in 0..block.experts() {
+                    block.expert(e).scale_columns(Role::ExpertGate, &s)?;
+                    block.expert(e).scale_columns(Role::ExpertUp, &s)?;
+                }
+            }
+            Ok(())
+        }
+
+        fn checkpoint(&mut self, _layer: usize, streams: &dyn Streams) -> Result<()> {
+            self.saved.push((0..streams.count()).map(|i| streams.window(i)).collect::<Result<_>>()?);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn test_a_scale_folded_into_a_mixtures_norm_leaves_its_function_and_routing() {
+        let windows = vec![vec![1u32, 5, 9, 3, 22, 17], vec![8, 39, 0, 12, 4, 4]];
+        for (model_type, experts) in [("mixtral", "num_local_experts"), ("qwen3_moe", "num_experts")] {
+            let config = serde_json::json!({"model_type": model_type, "hidden_size": 16, "num_attention_heads": 2,
+                "num_key_value_heads": 1, "num_hidden_layers": 2, "intermediate_size": 24, "moe_intermediate_size": 12,
+                "vocab_size": 40, experts: 4, "num_experts_per_tok": 2, "head_dim": 8});
+            let tensors = tiny(&config);
+            let run = |scale| {
+                let mut d = Decoder::load(&config, &Weights::from_dense(tensors.clone()), &Device::Cpu).unwrap();
+                let mut obs = Fold { scale, seen: Vec::new(), routed_rows: 0, saved: Vec::new() };
+                d.trace(&windows, &mut obs, &|| {}).unwrap();
+                obs
+            };
+            let (plain, folded) = (run(false), run(true));
+            // Every row routed to top-2 experts, both times to the same experts.
+            assert_eq!(plain.routed_rows, 2 * 2 * 12, "{model_type}");
+            assert_eq!(folded.seen, plain.seen, "{model_type}: the same rows reach the same experts");
+            for (a, b) in plain.saved.iter().flatten().flatten().zip(folded.saved.iter().flatten().flatten()) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{model_type}: stream {a} vs {b} after the fold");
+            }
         }
     }
 

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mcompress_core::ModelSource;
 use mcompress_core::arch::{DECODERS, Family};
 use mcompress_eval::calibrate::{Prior, WindowSpec, windows};
-use mcompress_eval::decoder::{Block, Decoder, Observer, Site, Streams, TraceStart};
+use mcompress_eval::decoder::{Block, Decoder, MixtureInput, Observer, Site, Streams, TraceStart};
 use mcompress_eval::linalg::{Strides, sgemm};
 use mcompress_eval::{Error, Result, weights};
 
@@ -431,6 +431,10 @@ impl<O: Observer + Outputs> Observer for Checkpointed<'_, O> {
 
     fn rewrite(&mut self, site: &Site, block: &mut Block<'_>) -> Result<()> {
         self.inner.rewrite(site, block)
+    }
+
+    fn mixture(&mut self, input: &MixtureInput<'_>, block: &mut Block<'_>) -> Result<()> {
+        self.inner.mixture(input, block)
     }
 
     fn block_done(&mut self, layer: usize, block: &mut Block<'_>) -> Result<()> {

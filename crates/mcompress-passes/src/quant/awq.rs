@@ -6,9 +6,16 @@
 //! block is done round every selected matrix. The trace continues with the scaled, unrounded
 //! block (scaling is exact up to rounding), as the reference implementation does. Which layers
 //! share an input and what produces it come from the runtime ([`Site`]), not from here.
+//!
+//! A mixture's norm in front of the MLP feeds the router and every expert's gate and up: one
+//! scale for all of them ([`Observer::mixture`]), searched on the summed error of every expert
+//! on the rows routed to it (each row weighted by its routing weight squared, what the expert's
+//! error adds to the block's output), folded into the norm, the router's columns and every
+//! expert's gate and up columns, as AutoAWQ scales Mixtral's `w1`/`w3` through the MoE block.
 
 use mcompress_core::DType;
-use mcompress_eval::decoder::{Block, Observer, Producer, Site};
+use mcompress_core::arch::Role;
+use mcompress_eval::decoder::{Block, MixtureInput, Observer, Producer, Site};
 use mcompress_eval::linalg::linear;
 use mcompress_eval::{Error, Result};
 
@@ -162,7 +169,8 @@ impl Observer for Awq<'_> {
         let ws = site.readers.iter().map(|r| block.weights(*r)).collect::<Result<Vec<_>>>()?;
         let k = site.width;
         let xs = acts.sample(k, acts.rows.div_ceil(AWQ_ROWS).max(1))?;
-        let s = awq_search(&acts.mean, acts.rows, &xs, k, &ws, &self.scheme, self.grid);
+        let group = Readers { xs: &xs, weights: None, ws };
+        let s = awq_search(&acts.mean, acts.rows, k, &[group], &self.scheme, self.grid);
         match site.producer {
             Producer::Norm(norm) => {
                 let stored = block.divide_norm(norm, &s)?;
@@ -191,6 +199,82 @@ impl Observer for Awq<'_> {
         Ok(())
     }
 
+    fn mixture(&mut self, input: &MixtureInput<'_>, block: &mut Block<'_>) -> Result<()> {
+        let (family, k, n) = (block.family(), input.width, block.experts());
+        let selected = |role, e| (self.selected)(&family.hf_expert(role, input.layer, e)).is_some();
+        if n == 0 || !(0..n).all(|e| selected(Role::ExpertGate, e) && selected(Role::ExpertUp, e)) {
+            return Ok(());
+        }
+        // Σ|x| over every row, the stride sample, and each expert's sampled rows with weights.
+        let stride = input.rows.div_ceil(AWQ_ROWS).max(1);
+        let (mut abs_sum, mut xs, mut rows) = (vec![0f64; k], Vec::new(), 0usize);
+        let mut routed: Vec<(Vec<usize>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); n];
+        let mut reached = vec![false; n];
+        for (i, per_expert) in (0..input.normed.count()).zip(input.routes) {
+            let x = input.normed.window(i)?;
+            let first = rows;
+            let mut at = Vec::new();
+            for (t, row) in x.chunks_exact(k).enumerate() {
+                for (m, v) in abs_sum.iter_mut().zip(row) {
+                    *m += f64::from(v.abs());
+                }
+                at.push(((first + t) % stride == 0).then(|| xs.len() / k));
+                if (first + t) % stride == 0 {
+                    xs.extend_from_slice(row);
+                }
+            }
+            rows += at.len();
+            for (e, picks) in per_expert.iter().enumerate() {
+                reached[e] |= !picks.is_empty();
+                for (t, w) in picks {
+                    if let Some(Some(r)) = at.get(*t) {
+                        routed[e].0.push(*r);
+                        routed[e].1.push(*w * *w);
+                    }
+                }
+            }
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let router_selected = (self.selected)(&block.name(Role::Router)).is_some();
+        let inputs: Vec<Vec<f32>> =
+            routed.iter().map(|(r, _)| r.iter().flat_map(|r| &xs[r * k..(r + 1) * k]).copied().collect()).collect();
+        let s = {
+            let mut groups = Vec::new();
+            if router_selected {
+                groups.push(Readers { xs: &xs, weights: None, ws: vec![block.weights(Role::Router)?] });
+            }
+            for (e, (x, (_, w))) in inputs.iter().zip(&routed).enumerate() {
+                if !w.is_empty() {
+                    let ws = vec![block.expert_weights(e, Role::ExpertGate)?, block.expert_weights(e, Role::ExpertUp)?];
+                    groups.push(Readers { xs: x, weights: Some(w), ws });
+                }
+            }
+            awq_search(&abs_sum, rows, k, &groups, &self.scheme, self.grid)
+        };
+        let stored = block.divide_norm(Role::FfnNorm, &s)?;
+        self.out
+            .insert(block.name(Role::FfnNorm), Calibrated::Dense(stored))
+            .map_err(|e| Error::Model(e.to_string()))?;
+        block.scale_columns(Role::Router, &s)?;
+        if !router_selected {
+            // The router ships with its columns rescaled (it is rounded in block_done otherwise).
+            let w = block.weights(Role::Router)?.to_vec();
+            self.out.insert(block.name(Role::Router), Calibrated::Dense(w)).map_err(|e| Error::Model(e.to_string()))?;
+        }
+        for (e, reached) in reached.into_iter().enumerate() {
+            let mut ex = block.expert(e);
+            ex.scale_columns(Role::ExpertGate, &s)?;
+            ex.scale_columns(Role::ExpertUp, &s)?;
+            if !reached {
+                // Scaled with the rest, but no row of its own was in the search.
+                self.unseen.extend([Role::ExpertGate, Role::ExpertUp].map(|r| ex.name(r)));
+            }
+        }
+        Ok(())
+    }
+
     fn block_done(&mut self, _layer: usize, block: &mut Block<'_>) -> Result<()> {
         // Round every selected matrix of the block, scaled or not.
         for role in block.family().linear_roles() {
@@ -206,21 +290,32 @@ impl Observer for Awq<'_> {
     }
 }
 
-/// AWQ's scale search for layers `ws` (each `[m_i, k]`) sharing an input of `rows` rows whose
-/// channels sum to `abs_sum` in absolute value: per-channel `s = mean|x|^α`, normalised by
-/// `sqrt(max·min)`, for α on the grid; the α whose rounded `Q(W·diag(s))·diag(1/s)` gives the
-/// smallest summed squared output error on `xs` (a stride sample of the input's rows) wins.
+/// Layers that read one sample of a site's input, for [`awq_search`].
+pub struct Readers<'a> {
+    /// The sampled input rows, `[n, k]`.
+    pub xs: &'a [f32],
+    /// Each row's weight in the squared error (`None`: every row 1).
+    pub weights: Option<&'a [f32]>,
+    /// The layers' weights, each `[m_i, k]`.
+    pub ws: Vec<&'a [f32]>,
+}
+
+/// AWQ's scale search for layers sharing an input of `rows` rows whose channels sum to
+/// `abs_sum` in absolute value: per-channel `s = mean|x|^α`, normalised by `sqrt(max·min)`, for
+/// α on the grid; the α whose rounded `Q(W·diag(s))·diag(1/s)` gives the smallest summed
+/// (row-weighted) squared output error over `groups` (each a sample of the input's rows and
+/// the layers scored on it) wins.
 pub fn awq_search(
     abs_sum: &[f64],
     rows: usize,
-    xs: &[f32],
     k: usize,
-    ws: &[&[f32]],
+    groups: &[Readers<'_>],
     scheme: &QScheme,
     grid: usize,
 ) -> Vec<f32> {
     let mean = abs_sum;
-    let base: Vec<Vec<f32>> = ws.iter().map(|w| linear(xs, w, None, k, w.len() / k)).collect();
+    let base: Vec<Vec<Vec<f32>>> =
+        groups.iter().map(|g| g.ws.iter().map(|w| linear(g.xs, w, None, k, w.len() / k)).collect()).collect();
     let (mut best, mut best_err) = (vec![1f32; k], f64::INFINITY);
     for g in 0..grid.max(1) {
         let alpha = g as f64 / grid.max(1) as f64;
@@ -231,15 +326,27 @@ pub fn awq_search(
             *v /= norm;
         }
         let s: Vec<f32> = s.iter().map(|v| *v as f32).collect();
-        let x_div: Vec<f32> = xs.chunks(k).flat_map(|r| r.iter().zip(&s).map(|(v, s)| v / s)).collect();
         let mut err = 0f64;
-        for (w, y) in ws.iter().zip(&base) {
-            let out = w.len() / k;
-            let scaled: Vec<u8> =
-                w.chunks(k).flat_map(|r| r.iter().zip(&s).flat_map(|(v, s)| (v * s).to_le_bytes())).collect();
-            let Ok(q) = quantize(scheme, DType::F32, &[out, k], &scaled) else { return vec![1f32; k] };
-            let yq = linear(&x_div, &q.dequantize(), None, k, out);
-            err += y.iter().zip(&yq).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>();
+        for (group, base) in groups.iter().zip(&base) {
+            let x_div: Vec<f32> = group.xs.chunks(k).flat_map(|r| r.iter().zip(&s).map(|(v, s)| v / s)).collect();
+            for (w, y) in group.ws.iter().zip(base) {
+                let out = w.len() / k;
+                let scaled: Vec<u8> =
+                    w.chunks(k).flat_map(|r| r.iter().zip(&s).flat_map(|(v, s)| (v * s).to_le_bytes())).collect();
+                let Ok(q) = quantize(scheme, DType::F32, &[out, k], &scaled) else { return vec![1f32; k] };
+                let yq = linear(&x_div, &q.dequantize(), None, k, out);
+                err += match group.weights {
+                    None => y.iter().zip(&yq).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>(),
+                    Some(rw) => y
+                        .chunks(out.max(1))
+                        .zip(yq.chunks(out.max(1)))
+                        .zip(rw)
+                        .map(|((a, b), w)| {
+                            f64::from(*w) * a.iter().zip(b).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>()
+                        })
+                        .sum::<f64>(),
+                };
+            }
         }
         if err < best_err {
             (best, best_err) = (s, err);
