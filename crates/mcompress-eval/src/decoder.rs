@@ -716,7 +716,9 @@ impl<'s> Decoder<'s> {
     /// trace continues with what it leaves, so a rewritten layer feeds the next site and block
     /// `i + 1`. [`Observer::block_done`] comes after the block's output is computed. Memory: the
     /// windows' residual streams and one block's attention contexts. The runtime knows the
-    /// architecture; the observer sees roles, names and matrices only.
+    /// architecture; the observer sees roles, names and matrices only. The trace ends after the
+    /// last block with a linear layer the observer rewrites ([`Observer::rewrites`]): what later
+    /// blocks would compute changes nothing it produces.
     pub fn trace(&mut self, windows: &[Vec<u32>], obs: &mut dyn Observer, progress: &dyn Fn()) -> Result<()> {
         self.trace_from(windows, obs, progress, None)
     }
@@ -736,6 +738,16 @@ impl<'s> Decoder<'s> {
     ) -> Result<()> {
         let family = self.g.family;
         let hidden = self.g.hidden;
+        let rewritten = |b: usize| {
+            family.linear_roles().any(|r| {
+                if r.per_expert() {
+                    (0..self.g.experts).any(|e| obs.rewrites(&family.hf_expert(r, b, e)))
+                } else {
+                    obs.rewrites(&family.hf(r, b))
+                }
+            })
+        };
+        let end = (0..self.layers.len()).rev().find(|b| rewritten(*b)).map_or(0, |b| b + 1);
         // The three sets held at once (residual streams, attention contexts, normed streams)
         // share the activation budget.
         let budget = self.scratch.budget / 3;
@@ -767,7 +779,10 @@ impl<'s> Decoder<'s> {
                 block
             }
         };
-        for li in first..self.layers.len() {
+        for _ in end.max(first)..self.layers.len() {
+            progress();
+        }
+        for li in first..end {
             self.fetch(li)?;
             let site = |readers, producer, width| Site { family, layer: li, expert: None, readers, producer, width };
             // q, k, v: the normed residual stream.
@@ -1125,6 +1140,11 @@ pub trait Observer {
     fn input(&mut self, site: &Site, x: &[f32]) -> Result<()>;
     /// Every window's input at `site` was seen: rewrite what the pass changes.
     fn rewrite(&mut self, site: &Site, block: &mut Block<'_>) -> Result<()>;
+    /// Whether the pass rewrites the linear layer `name` (the trace runs no block after the
+    /// last one with such a layer). Default: every layer.
+    fn rewrites(&self, _name: &str) -> bool {
+        true
+    }
     /// A mixture block's MLP input, before its router's and experts' sites: a pass that folds
     /// one per-channel scale into the norm in front of the router and every expert (AWQ)
     /// rewrites the norm, the router's columns and each expert's gate and up columns here; the
@@ -1417,6 +1437,41 @@ mod tests {
             self.saved.push((0..streams.count()).map(|i| streams.window(i)).collect::<Result<_>>()?);
             Ok(())
         }
+    }
+
+    /// Rewrites the layers of one block only.
+    struct OnlyBlock(&'static str, Halve);
+
+    impl Observer for OnlyBlock {
+        fn rewrites(&self, name: &str) -> bool {
+            name.starts_with(self.0)
+        }
+
+        fn input(&mut self, site: &Site, x: &[f32]) -> Result<()> {
+            self.1.input(site, x)
+        }
+
+        fn rewrite(&mut self, site: &Site, block: &mut Block<'_>) -> Result<()> {
+            self.1.rewrite(site, block)
+        }
+    }
+
+    #[test]
+    fn test_the_trace_ends_after_the_last_block_the_observer_rewrites() {
+        let config = serde_json::json!({"model_type": "mixtral", "hidden_size": 16, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "num_hidden_layers": 4, "intermediate_size": 24, "vocab_size": 40,
+            "num_local_experts": 4, "num_experts_per_tok": 2});
+        let source = Recorded { tensors: tiny(&config), loads: Mutex::new(Vec::new()) };
+        let ticks = std::cell::Cell::new(0);
+        let mut obs = OnlyBlock("model.layers.1.block_sparse_moe.experts.3.", Halve::default());
+        let mut d = Decoder::streamed(&config, &source).unwrap();
+        d.trace(&[vec![1, 2, 3]], &mut obs, &|| ticks.set(ticks.get() + 1)).unwrap();
+        // Embedding and final norm, blocks 0 and 1; the bar still reaches every block.
+        let loads = source.loads.lock().unwrap().clone();
+        assert_eq!(loads.len(), 3, "{loads:?}");
+        assert!(loads[2].iter().all(|n| n.starts_with("model.layers.1.")));
+        assert!(obs.1.seen.iter().any(|(n, _)| n.starts_with("model.layers.1.")));
+        assert_eq!(ticks.get(), 4);
     }
 
     #[test]

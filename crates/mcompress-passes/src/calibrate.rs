@@ -433,6 +433,10 @@ impl<O: Observer + Outputs> Observer for Checkpointed<'_, O> {
         self.inner.rewrite(site, block)
     }
 
+    fn rewrites(&self, name: &str) -> bool {
+        self.inner.rewrites(name)
+    }
+
     fn mixture(&mut self, input: &MixtureInput<'_>, block: &mut Block<'_>) -> Result<()> {
         self.inner.mixture(input, block)
     }
@@ -519,6 +523,10 @@ impl<'a> Rewrite<'a> {
 }
 
 impl Observer for Rewrite<'_> {
+    fn rewrites(&self, name: &str) -> bool {
+        (self.wants)(name)
+    }
+
     fn input(&mut self, site: &Site, x: &[f32]) -> Result<()> {
         if self.wanted(site) {
             self.hessian.get_or_insert_with(|| Hessian::new(site.width)).add(x);

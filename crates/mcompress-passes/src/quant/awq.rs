@@ -149,6 +149,10 @@ impl std::fmt::Debug for Awq<'_> {
 }
 
 impl Observer for Awq<'_> {
+    fn rewrites(&self, name: &str) -> bool {
+        (self.selected)(name).is_some()
+    }
+
     fn input(&mut self, site: &Site, x: &[f32]) -> Result<()> {
         if self.scales(site) {
             self.acts.add(x, site.width)?;
