@@ -139,6 +139,8 @@ struct Layer {
 /// it, so a model larger than memory calibrates within one block's f32 weights).
 pub struct Decoder<'s> {
     g: Geometry,
+    /// The token embedding; empty in a streamed decoder except while its windows are embedded
+    /// ([`Decoder::embedded`]).
     embed: Vec<f32>,
     /// The output head; `None` when streamed (the block-by-block passes do not read it).
     lm_head: Option<Lin>,
@@ -310,17 +312,16 @@ impl<'s> Decoder<'s> {
         for (name, _) in shapes {
             match f.parse_hf(&name) {
                 Some((_, Some(l))) if l < g.layers => blocks[l].push(name),
-                Some((Role::Embed | Role::OutputNorm, None)) => top.push(name),
+                Some((Role::OutputNorm, None)) => top.push(name),
                 _ => {}
             }
         }
         let w = source.load(&top)?;
-        let parts = Parts { g: &g, w: &w, device: &Device::Cpu };
-        let (embed, norm) = (parts.get(Role::Embed, 0)?, parts.get(Role::OutputNorm, 0)?);
+        let norm = Parts { g: &g, w: &w, device: &Device::Cpu }.get(Role::OutputNorm, 0)?;
         #[allow(clippy::cast_possible_truncation)]
         let eps = g.eps as f32;
         Ok(Decoder {
-            embed,
+            embed: Vec::new(),
             lm_head: None,
             layers: (0..g.layers).map(|_| None).collect(),
             norm,
@@ -342,13 +343,27 @@ impl<'s> Decoder<'s> {
 
     /// Every window's embeddings, the residual streams the block-by-block passes carry (within
     /// the scratch budget).
-    fn streams(&self, windows: &[Vec<u32>]) -> Result<spill::Windows> {
+    fn streams(&mut self, windows: &[Vec<u32>]) -> Result<spill::Windows> {
         let lens = windows.iter().map(|w| w.len() * self.g.hidden).collect();
         let mut xs = spill::Windows::new(lens, &self.scratch, self.scratch.budget)?;
-        for (i, w) in windows.iter().enumerate() {
-            xs.set(i, self.embed_ids(w)?)?;
-        }
+        self.embedded(windows, &mut xs)?;
         Ok(xs)
+    }
+
+    /// Every window's embedded tokens into `xs`. A streamed decoder loads the embedding for
+    /// this and drops it after (the block-by-block passes read it once, at the start).
+    fn embedded(&mut self, windows: &[Vec<u32>], xs: &mut spill::Windows) -> Result<()> {
+        let load = self.embed.is_empty() && self.source.is_some();
+        if let Some((source, _)) = self.source.as_ref().filter(|_| load) {
+            let name = self.g.family.hf(Role::Embed, 0);
+            let w = source.load(std::slice::from_ref(&name))?;
+            self.embed = Parts { g: &self.g, w: &w, device: &Device::Cpu }.get(Role::Embed, 0)?;
+        }
+        let done = windows.iter().enumerate().try_for_each(|(i, w)| xs.set(i, self.embed_ids(w)?));
+        if load {
+            self.embed = Vec::new();
+        }
+        done
     }
 
     /// Loads block `li` from the source of a streamed decoder (a loaded one has it).
@@ -490,6 +505,9 @@ impl<'s> Decoder<'s> {
     /// Embeddings of a token sequence, `[n, hidden]`.
     fn embed_ids(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let (h, scale) = (self.g.hidden, self.g.embed_scale());
+        if self.embed.len() < self.g.vocab * h {
+            return Err(Error::Model("decoder: a streamed decoder holds no embedding outside its passes".into()));
+        }
         let mut x = Vec::with_capacity(ids.len() * h);
         for &id in ids {
             let id = id as usize;
@@ -755,9 +773,7 @@ impl<'s> Decoder<'s> {
         let mut xs = spill::Windows::new(tokens.iter().map(|t| t * hidden).collect(), &self.scratch, budget)?;
         let first = match start {
             None => {
-                for (i, w) in windows.iter().enumerate() {
-                    xs.set(i, self.embed_ids(w)?)?;
-                }
+                self.embedded(windows, &mut xs)?;
                 0
             }
             Some(TraceStart { block, streams }) => {
@@ -1466,10 +1482,10 @@ mod tests {
         let mut obs = OnlyBlock("model.layers.1.block_sparse_moe.experts.3.", Halve::default());
         let mut d = Decoder::streamed(&config, &source).unwrap();
         d.trace(&[vec![1, 2, 3]], &mut obs, &|| ticks.set(ticks.get() + 1)).unwrap();
-        // Embedding and final norm, blocks 0 and 1; the bar still reaches every block.
+        // The final norm, the embedding, blocks 0 and 1; the bar still reaches every block.
         let loads = source.loads.lock().unwrap().clone();
-        assert_eq!(loads.len(), 3, "{loads:?}");
-        assert!(loads[2].iter().all(|n| n.starts_with("model.layers.1.")));
+        assert_eq!(loads.len(), 4, "{loads:?}");
+        assert!(loads[3].iter().all(|n| n.starts_with("model.layers.1.")));
         assert!(obs.1.seen.iter().any(|(n, _)| n.starts_with("model.layers.1.")));
         assert_eq!(ticks.get(), 4);
     }
@@ -1538,10 +1554,12 @@ mod tests {
                 .unwrap()
                 .with_scratch(Scratch { dir: dir.path().to_path_buf(), budget: 0 });
             assert_eq!(trace(spilled), expected, "{model_type}: streamed, activations in the scratch file");
-            // After the embedding and the final norm, one block per load, each once per pass.
+            // The final norm, the embedding (dropped once the windows are embedded), then one
+            // block per load, each once per pass.
             let loads = source.loads.lock().unwrap().clone();
-            assert_eq!(loads.len(), 2 * (1 + 3), "{model_type}: {loads:?}");
-            for (i, names) in loads[1..4].iter().enumerate() {
+            assert_eq!(loads.len(), 2 * (2 + 3), "{model_type}: {loads:?}");
+            assert_eq!(loads[1], ["model.embed_tokens.weight"], "{model_type}");
+            for (i, names) in loads[2..5].iter().enumerate() {
                 let prefix = format!("model.layers.{i}.");
                 assert!(names.iter().all(|n| n.starts_with(&prefix)), "{model_type}: {names:?}");
             }
