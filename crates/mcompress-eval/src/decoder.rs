@@ -155,6 +155,8 @@ pub struct Decoder<'s> {
     source: Option<(&'s dyn TensorSource, Vec<Vec<String>>)>,
     /// Where the trace's activations go past their memory budget.
     scratch: Scratch,
+    /// Where a streamed decoder's blocks multiply ([`Decoder::on`]).
+    device: Device,
 }
 
 impl std::fmt::Debug for Decoder<'_> {
@@ -177,6 +179,9 @@ struct Parts<'a> {
     g: &'a Geometry,
     w: &'a Weights,
     device: &'a Device,
+    /// Linear layers as [`Lin::mirrored`]: dense on the CPU for calibration, multiplied on
+    /// `device`.
+    mirror: bool,
 }
 
 impl Parts<'_> {
@@ -203,7 +208,10 @@ impl Parts<'_> {
 
     fn lin_named(&self, name: &str, role: Role, bias: Option<Vec<f32>>) -> Result<Lin> {
         let s = self.g.shape(role);
-        Lin::new(self.w.matrix(name, s[0], s[1]).map_err(|m| self.bad(&m))?, s[0], s[1], bias, self.device)
+        match self.w.matrix(name, s[0], s[1]).map_err(|m| self.bad(&m))? {
+            crate::linear::Matrix::Dense(w) if self.mirror => Lin::mirrored(w, s[0], s[1], bias, self.device),
+            m => Lin::new(m, s[0], s[1], bias, self.device),
+        }
     }
 
     fn lin(&self, role: Role, bias: Option<Role>, l: usize) -> Result<Lin> {
@@ -273,7 +281,7 @@ impl Decoder<'static> {
     pub fn load(config: &serde_json::Value, w: &Weights, device: &Device) -> Result<Self> {
         let g = Geometry::from_config(config).map_err(|e| Error::Model(format!("decoder: {e}")))?;
         let f = g.family;
-        let parts = Parts { g: &g, w, device };
+        let parts = Parts { g: &g, w, device, mirror: false };
         g.check_tensors(w.shapes()).map_err(|m| parts.bad(&m))?;
         let layers = (0..g.layers).map(|i| parts.layer(i).map(Some)).collect::<Result<Vec<_>>>()?;
         let embed = parts.get(Role::Embed, 0)?;
@@ -293,6 +301,7 @@ impl Decoder<'static> {
             g,
             source: None,
             scratch: Scratch::default(),
+            device: device.clone(),
         })
     }
 }
@@ -317,7 +326,7 @@ impl<'s> Decoder<'s> {
             }
         }
         let w = source.load(&top)?;
-        let norm = Parts { g: &g, w: &w, device: &Device::Cpu }.get(Role::OutputNorm, 0)?;
+        let norm = Parts { g: &g, w: &w, device: &Device::Cpu, mirror: false }.get(Role::OutputNorm, 0)?;
         #[allow(clippy::cast_possible_truncation)]
         let eps = g.eps as f32;
         Ok(Decoder {
@@ -330,7 +339,17 @@ impl<'s> Decoder<'s> {
             g,
             source: Some((source, blocks)),
             scratch: Scratch::default(),
+            device: Device::Cpu,
         })
+    }
+
+    /// Runs a streamed decoder's linear layers on `device` (their weights stay on the CPU too,
+    /// for the passes to read and rewrite; on the CPU the results do not depend on threads, on
+    /// a GPU they agree to float tolerance).
+    #[must_use]
+    pub fn on(mut self, device: Device) -> Self {
+        self.device = device;
+        self
     }
 
     /// Keeps the trace's activations within `scratch.budget` bytes of memory, the rest in a
@@ -357,7 +376,7 @@ impl<'s> Decoder<'s> {
         if let Some((source, _)) = self.source.as_ref().filter(|_| load) {
             let name = self.g.family.hf(Role::Embed, 0);
             let w = source.load(std::slice::from_ref(&name))?;
-            self.embed = Parts { g: &self.g, w: &w, device: &Device::Cpu }.get(Role::Embed, 0)?;
+            self.embed = Parts { g: &self.g, w: &w, device: &Device::Cpu, mirror: false }.get(Role::Embed, 0)?;
         }
         let done = windows.iter().enumerate().try_for_each(|(i, w)| xs.set(i, self.embed_ids(w)?));
         if load {
@@ -375,7 +394,7 @@ impl<'s> Decoder<'s> {
             return Err(Error::Model(format!("decoder: block {li} is not loaded")));
         };
         let w = source.load(&blocks[li])?;
-        let layer = Parts { g: &self.g, w: &w, device: &Device::Cpu }.layer(li)?;
+        let layer = Parts { g: &self.g, w: &w, device: &self.device, mirror: true }.layer(li)?;
         self.layers[li] = Some(layer);
         Ok(())
     }
@@ -1320,9 +1339,10 @@ impl Block<'_> {
                 *v *= s;
             }
         }
+        debug_assert_eq!(w.len(), out * inp);
         let lin = self.lin_mut(role)?;
         let bias = lin.bias().map(|b| b.iter().zip(s).map(|(b, s)| b * s).collect());
-        *lin = Lin::new(crate::linear::Matrix::Dense(w), out, inp, bias, &Device::Cpu)?;
+        *lin = lin.with_dense_bias(w, bias)?;
         Ok(())
     }
 

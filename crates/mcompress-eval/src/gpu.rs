@@ -277,6 +277,11 @@ impl GpuLinear {
         Ok(GpuLinear { gpu: Arc::clone(gpu), chunks, out, inp, layout, has_bias: bias.is_some(), limit })
     }
 
+    /// The device the weights live on.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
     /// `x [n, inp] · Wᵀ (+ b)` → `[n, out]`, computed on the device.
     pub fn apply(&self, x: &[f32]) -> Result<Vec<f32>> {
         let (k, m) = (self.inp, self.out);

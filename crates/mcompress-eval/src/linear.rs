@@ -41,6 +41,41 @@ impl Device {
             Device::Wgpu(g) => g.describe(),
         }
     }
+
+    /// `xᵀx` of `x [n, k]`, `[k, k]` in f32: on the CPU one sgemm (the same sums at any thread
+    /// count); on wgpu the matmul kernel with `xᵀ` as both operands.
+    ///
+    /// # Errors
+    /// The GPU failed.
+    pub fn gram(&self, x: &[f32], k: usize) -> Result<Vec<f32>> {
+        let n = x.len() / k.max(1);
+        match self {
+            Device::Cpu => {
+                let mut g = vec![0f32; k * k];
+                linalg::sgemm(
+                    (k, n, k),
+                    x,
+                    linalg::Strides::transposed(k),
+                    x,
+                    linalg::Strides::row_major(k),
+                    &mut g,
+                    linalg::Strides::row_major(k),
+                    false,
+                );
+                Ok(g)
+            }
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(gpu) => {
+                let mut xt = vec![0f32; n * k];
+                for (r, row) in x.chunks_exact(k).enumerate() {
+                    for (c, v) in row.iter().enumerate() {
+                        xt[c * n + r] = *v;
+                    }
+                }
+                crate::gpu::GpuLinear::dense(gpu, &xt, k, n, None)?.apply(&xt)
+            }
+        }
+    }
 }
 
 /// A weight matrix `[out, inp]`.
@@ -57,6 +92,9 @@ enum Exec {
     Cpu(Matrix),
     #[cfg(feature = "wgpu")]
     Gpu(crate::gpu::GpuLinear),
+    /// Dense f32 kept on the CPU (calibration reads and rewrites it) and multiplied on the GPU.
+    #[cfg(feature = "wgpu")]
+    Mirror(Vec<f32>, crate::gpu::GpuLinear),
 }
 
 /// A linear layer `y = x · Wᵀ (+ b)`, PyTorch layout, placed on a device.
@@ -92,15 +130,41 @@ impl Lin {
         self.bias.as_deref()
     }
 
-    /// The same layer (bias kept) with other dense weights, on the CPU.
+    /// Dense weights held on the CPU for a calibrated pass to read and rewrite, multiplied on
+    /// `device` (on wgpu: a copy uploaded beside them).
+    pub fn mirrored(w: Vec<f32>, out: usize, inp: usize, bias: Option<Vec<f32>>, device: &Device) -> Result<Self> {
+        let exec = match device {
+            Device::Cpu => Exec::Cpu(Matrix::Dense(w)),
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(g) => {
+                let gpu = crate::gpu::GpuLinear::dense(g, &w, out, inp, bias.as_deref())?;
+                Exec::Mirror(w, gpu)
+            }
+        };
+        Ok(Lin { out, inp, bias, exec, act_fp8: false })
+    }
+
+    /// The same layer with other dense weights and bias, where it ran: a mirrored layer stays
+    /// mirrored (the GPU copy uploaded again), any other lands on the CPU.
+    pub fn with_dense_bias(&self, w: Vec<f32>, bias: Option<Vec<f32>>) -> Result<Lin> {
+        match &self.exec {
+            #[cfg(feature = "wgpu")]
+            Exec::Mirror(_, g) => Lin::mirrored(w, self.out, self.inp, bias, &Device::Wgpu(Arc::clone(g.gpu()))),
+            _ => Lin::new(Matrix::Dense(w), self.out, self.inp, bias, &Device::Cpu),
+        }
+    }
+
+    /// The same layer (bias kept) with other dense weights ([`Lin::with_dense_bias`]).
     pub fn with_dense(&self, w: Vec<f32>) -> Result<Lin> {
-        Lin::new(Matrix::Dense(w), self.out, self.inp, self.bias.clone(), &Device::Cpu)
+        self.with_dense_bias(w, self.bias.clone())
     }
 
     /// The weights, when they are dense f32 on the CPU.
     pub fn dense(&self) -> Option<&[f32]> {
         match &self.exec {
             Exec::Cpu(Matrix::Dense(w)) => Some(w),
+            #[cfg(feature = "wgpu")]
+            Exec::Mirror(w, _) => Some(w),
             _ => None,
         }
     }
@@ -118,7 +182,7 @@ impl Lin {
             Exec::Cpu(Matrix::Dense(w)) => Ok(linalg::linear(x, w, self.bias.as_deref(), self.inp, self.out)),
             Exec::Cpu(Matrix::Packed(q)) => Ok(linear_packed(x, q, self.bias.as_deref())),
             #[cfg(feature = "wgpu")]
-            Exec::Gpu(g) => g.apply(x),
+            Exec::Gpu(g) | Exec::Mirror(_, g) => g.apply(x),
         }
     }
 }
@@ -192,6 +256,37 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::{cases, quantized, values};
     use super::*;
+
+    /// The Hessian products of calibration on wgpu (llvmpipe where no GPU exists) agree with
+    /// the CPU's, and a mirrored layer multiplies on the GPU what it holds on the CPU.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn test_gram_and_mirrored_layers_on_wgpu_match_the_cpu() {
+        let Ok(gpu) = crate::gpu::device() else { return };
+        let dev = Device::Wgpu(gpu);
+        for (n, k) in [(1, 5), (37, 64), (300, 96)] {
+            let x = values(n * k, 4);
+            let (want, got) = (Device::Cpu.gram(&x, k).unwrap(), dev.gram(&x, k).unwrap());
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (a, b) in want.iter().zip(&got) {
+                assert!((a - b).abs() <= 1e-5 * scale, "gram {n}x{k}: {a} vs {b}");
+            }
+        }
+        let (rows, cols) = (33, 48);
+        let (w, bias, x) = (values(rows * cols, 5), values(rows, 6), values(7 * cols, 7));
+        let cpu = Lin::new(Matrix::Dense(w.clone()), rows, cols, Some(bias.clone()), &Device::Cpu).unwrap();
+        let mut lin = Lin::mirrored(w.clone(), rows, cols, Some(bias.clone()), &dev).unwrap();
+        assert_eq!(lin.dense(), Some(&w[..]));
+        let w2: Vec<f32> = w.iter().map(|v| v * 0.5).collect();
+        for _ in 0..2 {
+            let want = cpu.with_dense(lin.dense().unwrap().to_vec()).unwrap().apply(&x).unwrap();
+            for (a, b) in want.iter().zip(&lin.apply(&x).unwrap()) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "mirrored: {a} vs {b}");
+            }
+            lin = lin.with_dense(w2.clone()).unwrap();
+            assert!(matches!(lin.exec, Exec::Mirror(..)), "a rewritten mirrored layer stays on the GPU");
+        }
+    }
 
     #[test]
     fn test_fused_cpu_matches_dequantize_then_matmul() {

@@ -11,7 +11,7 @@ use mcompress_core::ModelSource;
 use mcompress_core::arch::{DECODERS, Family};
 use mcompress_eval::calibrate::{Prior, WindowSpec, windows};
 use mcompress_eval::decoder::{Block, Decoder, MixtureInput, Observer, Site, Streams, TraceStart};
-use mcompress_eval::linalg::{Strides, sgemm};
+use mcompress_eval::linear::Device;
 use mcompress_eval::{Error, Result, weights};
 
 use crate::quant::gptq;
@@ -34,7 +34,10 @@ pub fn config_window_spec(c: &crate::quant::CalibrationConfig) -> WindowSpec<'_>
 /// rewrote without data (an identity Hessian: round-to-nearest, magnitude pruning). Decoder
 /// families of [`Family`] only. The model streams block by block ([`Decoder::streamed`]): one
 /// block's weights in f32 at a time, earlier passes applied per tensor as it is read, and the
-/// windows' activations within `scratch`'s budget (the rest in its scratch file).
+/// windows' activations within `scratch`'s budget (the rest in its scratch file). The blocks'
+/// matmuls and the Hessians run on `device` (on the CPU the results are the same at any thread
+/// count; on wgpu they agree with the CPU's to float tolerance); the rest on the CPU.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     model: &ModelSource,
     pass: &dyn Pass,
@@ -42,6 +45,7 @@ pub fn run(
     prior: Option<&Prior<'_>>,
     scratch: &mcompress_eval::spill::Scratch,
     checkpoint: Option<&Checkpoint>,
+    device: &Device,
     progress: bool,
 ) -> Result<(crate::Results, Vec<String>)> {
     let config = prior.map_or_else(|| model.config().cloned().unwrap_or_default(), |p| p.config.clone());
@@ -67,7 +71,7 @@ pub fn run(
         })
         .collect();
     let keep_zeros = prior.is_some_and(|p| p.keep_zeros);
-    let mut llama = Decoder::streamed(&config, source)?.with_scratch(scratch.clone());
+    let mut llama = Decoder::streamed(&config, source)?.with_scratch(scratch.clone()).on(device.clone());
     // Selected for quantization: the scale dtype its pass would give it.
     let selected = |name: &str| -> Option<(mcompress_core::DType, Vec<usize>)> {
         let (dtype, shape) = dtypes.get(name)?;
@@ -94,6 +98,7 @@ pub fn run(
             bar.set_message(format!("gptq, {} x {} tokens", cal.samples, cal.seq_len));
             let obs = Rewrite::new(
                 initial,
+                device.clone(),
                 |name: &str| selected(name).is_some(),
                 |name: &str, w: &[f32], _: (usize, usize), h: Vec<f64>| {
                     let Some((dtype, shape)) = selected(name) else { return Ok(None) };
@@ -138,6 +143,7 @@ pub fn run(
             // Each pruned layer feeds the next one's inputs (block by block, as GPTQ).
             let obs = Rewrite::new(
                 initial,
+                device.clone(),
                 |name: &str| selected(name).is_some(),
                 |name: &str, w: &[f32], (_, cols): (usize, usize), h: Vec<f64>| {
                     if selected(name).is_none() {
@@ -452,7 +458,8 @@ impl<O: Observer + Outputs> Observer for Checkpointed<'_, O> {
     }
 }
 
-/// `Σ xᵀx` over the rows of every input seen, in f64 (each call's product in f32 by sgemm).
+/// `Σ xᵀx` over the rows of every input seen, in f64 (each call's product in f32, on the
+/// calibration's device: [`Device::gram`]).
 struct Hessian {
     k: usize,
     h: Vec<f64>,
@@ -474,18 +481,18 @@ impl Hessian {
         h
     }
 
-    fn add(&mut self, x: &[f32]) {
+    fn add(&mut self, x: &[f32], device: &Device) -> Result<()> {
         let k = self.k;
         let n = x.len() / k;
         if n == 0 {
-            return;
+            return Ok(());
         }
         self.rows += n;
-        let mut g = vec![0f32; k * k];
-        sgemm((k, n, k), x, Strides::transposed(k), x, Strides::row_major(k), &mut g, Strides::row_major(k), false);
+        let g = device.gram(x, k)?;
         for (h, g) in self.h.iter_mut().zip(&g) {
             *h += f64::from(*g);
         }
+        Ok(())
     }
 }
 
@@ -498,6 +505,8 @@ type RewriteFn<'a> = dyn FnMut(&str, &[f32], (usize, usize), Vec<f64>) -> std::r
 /// layer rewritten in turn (the rewritten layer is what later sites and blocks see).
 struct Rewrite<'a> {
     hessian: Option<Hessian>,
+    /// Where the Hessians accumulate.
+    device: Device,
     /// Whether the pass rewrites a tensor: a site none of whose readers it rewrites needs no
     /// Hessian (the trace still runs it, for what later blocks read).
     wants: Box<dyn Fn(&str) -> bool + 'a>,
@@ -510,11 +519,12 @@ struct Rewrite<'a> {
 impl<'a> Rewrite<'a> {
     fn new(
         out: crate::Results,
+        device: Device,
         wants: impl Fn(&str) -> bool + 'a,
         f: impl FnMut(&str, &[f32], (usize, usize), Vec<f64>) -> std::result::Result<Option<(Calibrated, Vec<f32>)>, String>
         + 'a,
     ) -> Self {
-        Rewrite { hessian: None, wants: Box::new(wants), f: Box::new(f), out, unseen: Vec::new() }
+        Rewrite { hessian: None, device, wants: Box::new(wants), f: Box::new(f), out, unseen: Vec::new() }
     }
 
     fn wanted(&self, site: &Site) -> bool {
@@ -529,7 +539,7 @@ impl Observer for Rewrite<'_> {
 
     fn input(&mut self, site: &Site, x: &[f32]) -> Result<()> {
         if self.wanted(site) {
-            self.hessian.get_or_insert_with(|| Hessian::new(site.width)).add(x);
+            self.hessian.get_or_insert_with(|| Hessian::new(site.width)).add(x, &self.device)?;
         }
         Ok(())
     }

@@ -53,6 +53,10 @@ pub struct PassReport {
     /// before the weights streamed (in `mcompress run`, on Linux; `None` for passes that only
     /// rewrite tensors as they stream, and in reproducible mode).
     pub peak_rss: Option<u64>,
+    /// Where a calibrated pass's calibration ran (its blocks' matmuls and Hessians): `cpu`, or
+    /// `wgpu` with the adapter (the adapter left out in reproducible mode); `None` for other
+    /// passes. `--backend` / `[eval] backend` choose it.
+    pub backend: Option<String>,
     /// Tensors rewritten, with their error.
     pub tensors: Vec<TensorStat>,
     /// Largest relative RMSE.
@@ -230,6 +234,7 @@ pub fn run(
                 settings: p.settings(),
                 seconds: measure_time.then_some(seconds[i]),
                 peak_rss: None,
+                backend: None,
                 tensors,
                 rel_rmse_max: max,
                 rel_rmse_mean: mean,

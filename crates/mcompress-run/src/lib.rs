@@ -441,6 +441,10 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         dir: out_dir.clone(),
         budget: opts.calibration_memory.unwrap_or(DEFAULT_CALIBRATION_MEMORY),
     };
+    // Calibration runs where the eval does (`--backend`, else `[eval] backend`, else auto: a
+    // hardware GPU if there is one).
+    let mut cal_device: Option<(mcompress_eval::linear::Device, String)> = None;
+    let mut cal_backend: Vec<Option<String>> = vec![None; passes.len()];
     // Calibrated passes (GPTQ, AWQ, Wanda, SparseGPT) and training passes (distill) run on the
     // model before anything streams, in recipe order.
     for i in 0..passes.len() {
@@ -469,6 +473,20 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
         };
         let provided = match pass.needs() {
             Need::Calibration(cal) => {
+                if cal_device.is_none() {
+                    let requested = opts.backend.or(recipe.eval.as_ref().map(|e| e.backend)).unwrap_or_default();
+                    let (device, _) = mcompress_eval::resolve_device(requested).map_err(|e| {
+                        Error::Calibration(format!("pass[{}] {}: calibration: {e}", spec.index, spec.kind))
+                    })?;
+                    let name = if opts.reproducible || matches!(device, mcompress_eval::linear::Device::Cpu) {
+                        device.name().to_string()
+                    } else {
+                        format!("{} ({})", device.name(), device.adapter())
+                    };
+                    cal_device = Some((device, name));
+                }
+                let (device, name) = cal_device.as_ref().expect("resolved above");
+                cal_backend[i] = Some(name.clone());
                 let (tensors, unseen) = mcompress_passes::calibrate::run(
                     model,
                     pass.as_ref(),
@@ -476,6 +494,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
                     prior.as_ref(),
                     &scratch,
                     calibration_checkpoints.get(&i),
+                    device,
                     opts.progress,
                 )
                 .map_err(|e| Error::Calibration(format!("pass[{}] {}: calibration: {e}", spec.index, spec.kind)))?;
@@ -579,7 +598,10 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, progress: &mut dyn FnMut(Progress
             (h.join().expect("hash thread does not panic"), out)
         });
         let (hashes, mut output): (_, pipeline::Output) = (hashes?, output?);
-        for (((r, pre), unseen), rss) in output.passes.iter_mut().zip(&pre_seconds).zip(&uncalibrated).zip(&pre_rss) {
+        for ((((r, pre), unseen), rss), backend) in
+            output.passes.iter_mut().zip(&pre_seconds).zip(&uncalibrated).zip(&pre_rss).zip(&cal_backend)
+        {
+            r.backend.clone_from(backend);
             if let Some(sec) = &mut r.seconds {
                 *sec += pre;
                 r.peak_rss = *rss;
