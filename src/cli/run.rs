@@ -36,8 +36,9 @@ pub(crate) struct Args {
     /// Sign each bundle's manifest with this Ed25519 secret key (PKCS#8 PEM from `keygen`).
     #[arg(long, value_name = "KEY")]
     sign: Option<PathBuf>,
-    /// Eval backend, overriding `[eval] backend`: auto (a hardware GPU if there is one, else
-    /// the CPU), wgpu (any wgpu adapter, Mesa's llvmpipe included) or cpu.
+    /// Backend of the eval and of calibrated passes (their blocks' matmuls and Hessians),
+    /// overriding `[eval] backend`: auto (a hardware GPU if there is one, else the CPU), wgpu
+    /// (any wgpu adapter, Mesa's llvmpipe included) or cpu (calibration bit-reproducible).
     #[arg(long, value_enum)]
     backend: Option<BackendArg>,
     /// Continue `distill` and calibrated (GPTQ, AWQ, Wanda, SparseGPT) passes from their last
