@@ -51,18 +51,15 @@ def tensors(p):
         if p.get("qwen3"):
             yield pre + "self_attn.q_norm.weight", (hd,)
             yield pre + "self_attn.k_norm.weight", (hd,)
-            yield pre + "mlp.gate.weight", (p["experts"], h)
-            for e in range(p["experts"]):
-                yield pre + f"mlp.experts.{e}.gate_proj.weight", (i, h)
-                yield pre + f"mlp.experts.{e}.up_proj.weight", (i, h)
-                yield pre + f"mlp.experts.{e}.down_proj.weight", (h, i)
-            continue
         if "experts" in p:
-            yield pre + "block_sparse_moe.gate.weight", (p["experts"], h)
+            # Router and experts in file order: Mixtral's w1 (gate), w2 (down), w3 (up);
+            # Qwen3-MoE's gate, up, down.
+            router, experts = ("mlp.gate", "mlp.experts.{}.") if p.get("qwen3") else ("block_sparse_moe.gate", "block_sparse_moe.experts.{}.")
+            parts = [("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))] if p.get("qwen3") else [("w1", (i, h)), ("w2", (h, i)), ("w3", (i, h))]
+            yield pre + router + ".weight", (p["experts"], h)
             for e in range(p["experts"]):
-                yield pre + f"block_sparse_moe.experts.{e}.w1.weight", (i, h)
-                yield pre + f"block_sparse_moe.experts.{e}.w2.weight", (h, i)
-                yield pre + f"block_sparse_moe.experts.{e}.w3.weight", (i, h)
+                for name, shape in parts:
+                    yield pre + experts.format(e) + name + ".weight", shape
             continue
         yield pre + "mlp.gate_proj.weight", (i, h)
         yield pre + "mlp.up_proj.weight", (i, h)
