@@ -146,6 +146,38 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     fs_err::rename(&tmp, path).map_err(io)
 }
 
+/// Why `dir` cannot be a directory this tool fills and clears (a checkpoint: its contents are
+/// replaced), or `None` when it is absent, empty, or holds only regular files whose names `ours`
+/// accepts. `what` names the directory's kind in the message.
+pub fn own_dir_problem(dir: &Path, what: &str, ours: impl Fn(&str) -> bool) -> Option<String> {
+    let meta = match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(e.to_string()),
+        Ok(m) => m,
+    };
+    if !meta.is_dir() {
+        return Some("exists and is not a directory".into());
+    }
+    let entries = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) => return Some(e.to_string()),
+    };
+    for e in entries {
+        let e = match e {
+            Ok(e) => e,
+            Err(e) => return Some(e.to_string()),
+        };
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !ours(&name) || !e.file_type().is_ok_and(|t| t.is_file()) {
+            return Some(format!(
+                "holds {name:?}, which is not part of a {what}: checkpoints replace this directory's contents, \
+                 so it must be absent, empty or a checkpoint of mcompress"
+            ));
+        }
+    }
+    None
+}
+
 /// The process's peak resident memory (`VmHWM` of `/proc/self/status`), in bytes, since it
 /// started or since the last [`reset_peak_rss`]. `None` where the kernel does not say (not Linux).
 pub fn peak_rss() -> Option<u64> {
@@ -165,6 +197,32 @@ pub fn reset_peak_rss() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_own_dir_problem_accepts_only_our_regular_files() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("ckpt");
+        let ours = |n: &str| n == "state.json";
+        assert_eq!(own_dir_problem(&dir, "x checkpoint", ours), None, "absent");
+        std::fs::create_dir(&dir).unwrap();
+        assert_eq!(own_dir_problem(&dir, "x checkpoint", ours), None, "empty");
+        std::fs::write(dir.join("state.json"), "{}").unwrap();
+        assert_eq!(own_dir_problem(&dir, "x checkpoint", ours), None, "ours");
+        std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+        let p = own_dir_problem(&dir, "x checkpoint", ours).unwrap();
+        assert!(p.contains("\"notes.txt\"") && p.contains("not part of a x checkpoint"), "{p}");
+        std::fs::remove_file(dir.join("notes.txt")).unwrap();
+        // Our name, but a link: refused (the tool would write through it).
+        std::fs::remove_file(dir.join("state.json")).unwrap();
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(t.path().join("elsewhere"), dir.join("state.json")).unwrap();
+            assert!(own_dir_problem(&dir, "x checkpoint", ours).is_some(), "a symlink");
+        }
+        let file = t.path().join("f");
+        std::fs::write(&file, "").unwrap();
+        assert_eq!(own_dir_problem(&file, "x checkpoint", ours).as_deref(), Some("exists and is not a directory"));
+    }
 
     #[test]
     fn test_read_regular_refuses_fifos_and_large_files() {

@@ -222,32 +222,7 @@ impl Checkpoint {
     /// Why `dir` cannot hold a calibration checkpoint: something else in it (a checkpoint
     /// replaces the directory's contents), or not a directory. `None`: absent, empty or ours.
     pub fn problem(dir: &std::path::Path) -> Option<String> {
-        let meta = match std::fs::symlink_metadata(dir) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-            Err(e) => return Some(e.to_string()),
-            Ok(m) => m,
-        };
-        if !meta.is_dir() {
-            return Some("exists and is not a directory".into());
-        }
-        let entries = match std::fs::read_dir(dir) {
-            Ok(rd) => rd,
-            Err(e) => return Some(e.to_string()),
-        };
-        for e in entries {
-            let e = match e {
-                Ok(e) => e,
-                Err(e) => return Some(e.to_string()),
-            };
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !is_checkpoint_file(&name) || !e.file_type().is_ok_and(|t| t.is_file()) {
-                return Some(format!(
-                    "holds {name:?}, which is not part of a calibration checkpoint: checkpoints replace this \
-                     directory's contents, so it must be absent, empty or a checkpoint of mcompress"
-                ));
-            }
-        }
-        None
+        mcompress_core::fsutil::own_dir_problem(dir, "calibration checkpoint", is_checkpoint_file)
     }
 
     /// The checkpoint's files (to remove once the bundles are written).

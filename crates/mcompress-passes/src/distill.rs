@@ -80,29 +80,10 @@ pub const CHECKPOINT_FILES: [&str; 2] = ["checkpoint.json", "state.safetensors"]
 /// empty directory, or a checkpoint this tool wrote. Checkpoints replace the directory's contents
 /// and are removed when the bundle is done, so anything else there would be lost.
 pub fn checkpoint_dir_problem(dir: &std::path::Path) -> Option<String> {
-    let meta = match std::fs::symlink_metadata(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => return Some(e.to_string()),
-        Ok(m) => m,
-    };
-    if !meta.is_dir() {
-        return Some("exists and is not a directory".into());
-    }
-    let entries = match std::fs::read_dir(dir) {
-        Ok(rd) => rd,
-        Err(e) => return Some(e.to_string()),
-    };
-    for e in entries {
-        let name = match e {
-            Ok(e) => e.file_name().to_string_lossy().into_owned(),
-            Err(e) => return Some(e.to_string()),
-        };
-        if !CHECKPOINT_FILES.contains(&name.as_str()) {
-            return Some(format!(
-                "holds {name:?}, which is not part of a distill checkpoint: checkpoints replace this \
-                 directory's contents, so it must be absent, empty or a checkpoint of mcompress"
-            ));
-        }
+    if let Some(problem) =
+        mcompress_core::fsutil::own_dir_problem(dir, "distill checkpoint", |n| CHECKPOINT_FILES.contains(&n))
+    {
+        return Some(problem);
     }
     let json = dir.join(CHECKPOINT_FILES[0]);
     if json.exists() {

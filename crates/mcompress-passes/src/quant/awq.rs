@@ -222,8 +222,9 @@ impl Observer for Awq<'_> {
                 for (m, v) in abs_sum.iter_mut().zip(row) {
                     *m += f64::from(v.abs());
                 }
-                at.push(((first + t) % stride == 0).then(|| xs.len() / k));
-                if (first + t) % stride == 0 {
+                let sampled = (first + t).is_multiple_of(stride);
+                at.push(sampled.then(|| xs.len() / k));
+                if sampled {
                     xs.extend_from_slice(row);
                 }
             }
