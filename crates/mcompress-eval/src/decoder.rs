@@ -1299,13 +1299,17 @@ impl Block<'_> {
 
     /// A linear layer's dense weights, or an error naming the need.
     pub fn weights(&self, role: Role) -> Result<&[f32]> {
-        self.dense(role)?.ok_or_else(|| Error::Model("calibration needs dense f32 weights on the CPU".into()))
+        self.weights_at(role, self.expert)
     }
 
     /// Expert `e`'s dense weights of a per-expert role (every expert's at once, where
     /// [`Block::expert`] gives one at a time).
     pub fn expert_weights(&self, e: usize, role: Role) -> Result<&[f32]> {
-        self.lin_at(role, Some(e))?
+        self.weights_at(role, Some(e))
+    }
+
+    fn weights_at(&self, role: Role, expert: Option<usize>) -> Result<&[f32]> {
+        self.lin_at(role, expert)?
             .dense()
             .ok_or_else(|| Error::Model("calibration needs dense f32 weights on the CPU".into()))
     }
